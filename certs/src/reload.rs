@@ -1,0 +1,370 @@
+//! TLS material from PEM files, reloaded when the files change.
+//!
+//! A [`Reloader`] holds the current certificate, key and trust bundle. The rustls configs it
+//! builds look the material up at every handshake, so a rotated certificate (or a trust bundle
+//! that now holds an old and a new CA, for rotation with overlap) is used from the next
+//! connection on, with no restart and no dropped connection. New files that do not parse, or
+//! whose key does not match the certificate, are refused with a log line: the last good
+//! material stays in use.
+//!
+//! Must not decide authorization; servers read the peer's [`crate::MeshIdentity`] themselves.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::{Error, MeshIdentity, Result};
+
+/// Where a component's TLS material lives: its certificate (chain), its key, and the trust
+/// bundle (one or more CA certificates) it verifies the other side against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM trust bundle.
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// `tls.crt`, `tls.key` and `ca.crt` in `dir`: the layout of a Kubernetes TLS Secret.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
+
+    fn read(path: &Path) -> Result<Vec<u8>> {
+        std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// One consistent set of loaded material.
+struct Material {
+    key: Arc<CertifiedKey>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<WebPkiServerVerifier>,
+    identity: Option<MeshIdentity>,
+    not_after_unix: i64,
+    raw: (Vec<u8>, Vec<u8>, Vec<u8>),
+}
+
+impl Material {
+    fn load(files: &TlsFiles) -> Result<Self> {
+        let raw = (
+            TlsFiles::read(&files.cert)?,
+            TlsFiles::read(&files.key)?,
+            TlsFiles::read(&files.ca)?,
+        );
+        Self::from_raw(files, raw)
+    }
+
+    fn from_raw(files: &TlsFiles, raw: (Vec<u8>, Vec<u8>, Vec<u8>)) -> Result<Self> {
+        let pem_err = |path: &Path, reason: String| Error::Pem {
+            path: path.to_owned(),
+            reason,
+        };
+        let chain = CertificateDer::pem_slice_iter(&raw.0)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(&files.cert, e.to_string()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| pem_err(&files.cert, "no certificate in file".into()))?;
+        let info = crate::identity::CertInfo::from_der(leaf)?;
+        let identity = MeshIdentity::from_cert_der(leaf).ok();
+        let key = PrivateKeyDer::from_pem_slice(&raw.1)
+            .map_err(|e| pem_err(&files.key, e.to_string()))?;
+        let provider = provider();
+        let key = CertifiedKey::from_der(chain, key, &provider).map_err(|source| Error::Tls {
+            cert: files.cert.clone(),
+            source,
+        })?;
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&raw.2) {
+            let ca = ca.map_err(|e| pem_err(&files.ca, e.to_string()))?;
+            roots.add(ca).map_err(|e| Error::Trust {
+                ca: files.ca.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(pem_err(&files.ca, "no CA certificate in file".into()));
+        }
+        let roots = Arc::new(roots);
+        let trust = |e: rustls::server::VerifierBuilderError| Error::Trust {
+            ca: files.ca.clone(),
+            reason: e.to_string(),
+        };
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(trust)?;
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(trust)?;
+        Ok(Self {
+            key: Arc::new(key),
+            client_verifier,
+            server_verifier,
+            identity,
+            not_after_unix: info.not_after_unix,
+            raw,
+        })
+    }
+}
+
+/// TLS material that follows its files. Cheap to share: clone the `Arc`.
+pub struct Reloader {
+    files: TlsFiles,
+    current: RwLock<Arc<Material>>,
+}
+
+impl fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reloader")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl Reloader {
+    /// Loads the files; fails if they are not a usable set.
+    pub fn load(files: TlsFiles) -> Result<Arc<Self>> {
+        let material = Material::load(&files)?;
+        Ok(Arc::new(Self {
+            files,
+            current: RwLock::new(Arc::new(material)),
+        }))
+    }
+
+    fn current(&self) -> Arc<Material> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Re-reads the files. Returns `Ok(true)` if they changed and the new material is in use,
+    /// `Ok(false)` if nothing changed, and an error (keeping the old material) if the new
+    /// files are not usable.
+    pub fn reload(&self) -> Result<bool> {
+        let raw = (
+            TlsFiles::read(&self.files.cert)?,
+            TlsFiles::read(&self.files.key)?,
+            TlsFiles::read(&self.files.ca)?,
+        );
+        if raw == self.current().raw {
+            return Ok(false);
+        }
+        let material = Material::from_raw(&self.files, raw)?;
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(material),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(material),
+        }
+        Ok(true)
+    }
+
+    /// Polls the files every `interval` until the returned task is aborted or dropped with the
+    /// runtime. Errors are logged and the last good material stays in use.
+    pub fn spawn_watch(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match this.reload() {
+                    Ok(true) => tracing::info!(
+                        cert = %this.files.cert.display(),
+                        identity = ?this.identity().map(|i| i.to_uri()),
+                        not_after_unix = this.not_after_unix(),
+                        "tls material reloaded"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(
+                        cert = %this.files.cert.display(),
+                        error = %e,
+                        "new tls material refused; keeping the previous one"
+                    ),
+                }
+            }
+        })
+    }
+
+    /// The mesh identity of the current certificate, if it carries one.
+    pub fn identity(&self) -> Option<MeshIdentity> {
+        self.current().identity.clone()
+    }
+
+    /// End of validity of the current certificate, seconds since the Unix epoch.
+    pub fn not_after_unix(&self) -> i64 {
+        self.current().not_after_unix
+    }
+
+    /// The files this reloader follows.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// A server config that presents the current certificate and requires a client
+    /// certificate signed by the current trust bundle. ALPN is left to the caller.
+    pub fn server_config(self: &Arc<Self>) -> rustls::ServerConfig {
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+            .with_client_cert_verifier(Arc::new(Dynamic(Arc::clone(self))))
+            .with_cert_resolver(Arc::new(Dynamic(Arc::clone(self))))
+    }
+
+    /// A client config that verifies the server against the current trust bundle and presents
+    /// the current certificate.
+    pub fn client_config(self: &Arc<Self>) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Dynamic(Arc::clone(self))))
+            .with_client_cert_resolver(Arc::new(Dynamic(Arc::clone(self))))
+    }
+}
+
+/// Looks the current material up at every use.
+struct Dynamic(Arc<Reloader>);
+
+impl fmt::Debug for Dynamic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Dynamic").field(&self.0.files.cert).finish()
+    }
+}
+
+impl ResolvesServerCert for Dynamic {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().key.clone())
+    }
+}
+
+impl ResolvesClientCert for Dynamic {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ClientCertVerifier for Dynamic {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints would borrow from material that may be swapped; clients send their one
+        // certificate anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .current()
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current()
+            .client_verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current()
+            .client_verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.current().client_verifier.supported_verify_schemes()
+    }
+}
+
+impl ServerCertVerifier for Dynamic {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0.current().server_verifier.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current()
+            .server_verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current()
+            .server_verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.current().server_verifier.supported_verify_schemes()
+    }
+}

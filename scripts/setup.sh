@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything this repository needs on a fresh Debian 12 machine (run as root).
+# Idempotent: safe to run again; each step is skipped when already done.
+set -euo pipefail
+
+need_pkgs=(etcd-server etcd-client clang llvm libbpf-dev bpftool iproute2 iputils-ping
+           protobuf-compiler libprotobuf-dev iptables procps psmisc)
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Debian starts an etcd service on install; our tests start their own, on random ports.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+  systemctl stop etcd || true
+  systemctl disable etcd >/dev/null 2>&1 || true
+fi
+
+# bpffs is not mounted at boot on these machines.
+if ! mount | grep -q 'type bpf on /sys/fs/bpf\|on /sys/fs/bpf type bpf'; then
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# cgroup v2 must be available for the socket-LB datapath.
+if ! mount | grep -q 'type cgroup2'; then
+  mkdir -p /sys/fs/cgroup/unified
+  mount -t cgroup2 none /sys/fs/cgroup/unified
+fi
+
+echo "setup: ok (etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}'), clang $(clang --version | head -1 | awk '{print $4}'), protoc $(protoc --version | awk '{print $2}'))"
