@@ -3,9 +3,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() && which("protoc").is_none() {
-        return Err("protoc not found: install it with `apt-get install protobuf-compiler` \
+        return Err(
+            "protoc not found: install it with `apt-get install protobuf-compiler` \
                     (scripts/setup.sh does) or point PROTOC at it"
-            .into());
+                .into(),
+        );
     }
     tonic_prost_build::configure()
         .build_server(true)

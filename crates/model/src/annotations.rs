@@ -204,23 +204,44 @@ mod tests {
             assert_eq!(p.affinity, want, "affinity {v:?}");
         }
         let invalid_bools = [
-            "yes please", "True", "TRUE", "yes", "1", "0", "", " true", "true ", "on",
+            "yes please",
+            "True",
+            "TRUE",
+            "yes",
+            "1",
+            "0",
+            "",
+            " true",
+            "true ",
+            "on",
         ];
         for key in [GLOBAL, SHARED] {
             for v in invalid_bools {
                 let e = parse(&name(), &map(&[(key, v)]), None).unwrap_err();
                 let text = e.to_string();
                 assert!(
-                    text.contains("shop/cart") && text.contains(key) && text.contains(&format!("{v:?}")),
+                    text.contains("shop/cart")
+                        && text.contains(key)
+                        && text.contains(&format!("{v:?}")),
                     "{key}={v:?}: {text}"
                 );
             }
         }
-        for v in ["sideways", "Local", "LOCAL", "", "local ", "remote,local", "preferred"] {
+        for v in [
+            "sideways",
+            "Local",
+            "LOCAL",
+            "",
+            "local ",
+            "remote,local",
+            "preferred",
+        ] {
             let e = parse(&name(), &map(&[(GLOBAL, "true"), (AFFINITY, v)]), None).unwrap_err();
             let text = e.to_string();
             assert!(
-                text.contains("shop/cart") && text.contains(AFFINITY) && text.contains(&format!("{v:?}")),
+                text.contains("shop/cart")
+                    && text.contains(AFFINITY)
+                    && text.contains(&format!("{v:?}")),
                 "affinity={v:?}: {text}"
             );
         }
@@ -245,7 +266,11 @@ mod tests {
     fn all_problems_of_a_service_are_reported_together() {
         let e = parse(
             &name(),
-            &map(&[(GLOBAL, "yes please"), (SHARED, "nope"), (AFFINITY, "sideways")]),
+            &map(&[
+                (GLOBAL, "yes please"),
+                (SHARED, "nope"),
+                (AFFINITY, "sideways"),
+            ]),
             None,
         )
         .unwrap_err();
@@ -259,18 +284,35 @@ mod tests {
     fn namespace_annotation_makes_services_global_unless_they_opt_out() {
         let ns = map(&[(NAMESPACE_GLOBAL, "true")]);
         assert!(parse(&name(), &map(&[]), Some(&ns)).unwrap().global);
-        assert!(!parse(&name(), &map(&[(GLOBAL, "false")]), Some(&ns)).unwrap().global);
+        assert!(
+            !parse(&name(), &map(&[(GLOBAL, "false")]), Some(&ns))
+                .unwrap()
+                .global
+        );
         let ns_off = map(&[(NAMESPACE_GLOBAL, "false")]);
         assert!(!parse(&name(), &map(&[]), Some(&ns_off)).unwrap().global);
-        assert!(parse(&name(), &map(&[(GLOBAL, "true")]), Some(&ns_off)).unwrap().global);
+        assert!(
+            parse(&name(), &map(&[(GLOBAL, "true")]), Some(&ns_off))
+                .unwrap()
+                .global
+        );
     }
 
     #[test]
     fn an_invalid_namespace_annotation_names_the_namespace() {
         let ns = map(&[(NAMESPACE_GLOBAL, "maybe")]);
-        let e = parse(&name(), &map(&[]), Some(&ns)).unwrap_err().to_string();
-        assert!(e.contains("namespace shop") && e.contains("\"maybe\""), "{e}");
+        let e = parse(&name(), &map(&[]), Some(&ns))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("namespace shop") && e.contains("\"maybe\""),
+            "{e}"
+        );
         // An explicit service annotation does not depend on the namespace's.
-        assert!(parse(&name(), &map(&[(GLOBAL, "true")]), Some(&ns)).unwrap().global);
+        assert!(
+            parse(&name(), &map(&[(GLOBAL, "true")]), Some(&ns))
+                .unwrap()
+                .global
+        );
     }
 }

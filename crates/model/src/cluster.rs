@@ -82,9 +82,7 @@ impl ClusterName {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Err(syntax(
-                "only lowercase letters, digits and '-' are allowed",
-            ));
+            return Err(syntax("only lowercase letters, digits and '-' are allowed"));
         }
         if name.starts_with('-') || name.ends_with('-') {
             return Err(syntax("must start and end with a letter or digit"));
@@ -246,6 +244,9 @@ mod tests {
         assert_eq!(n.as_str(), "west");
         assert!(serde_json::from_str::<ClusterName>("\"West\"").is_err());
         assert!(serde_json::from_str::<ClusterId>("0").is_err());
-        assert_eq!(serde_json::to_string(&ClusterId::new(9).unwrap()).unwrap(), "9");
+        assert_eq!(
+            serde_json::to_string(&ClusterId::new(9).unwrap()).unwrap(),
+            "9"
+        );
     }
 }

@@ -60,13 +60,17 @@ pub enum Error {
         source_name: String,
     },
     /// A label key is empty or holds a forbidden character.
-    #[error("label key {key:?} must be non-empty and hold no whitespace, control characters, '=' or ';'")]
+    #[error(
+        "label key {key:?} must be non-empty and hold no whitespace, control characters, '=' or ';'"
+    )]
     LabelKey {
         /// The refused key.
         key: String,
     },
     /// A label value holds a forbidden character.
-    #[error("label value {value:?} of key {key:?} must hold no whitespace, control characters or ';'")]
+    #[error(
+        "label value {value:?} of key {key:?} must hold no whitespace, control characters or ';'"
+    )]
     LabelValue {
         /// The key it belongs to.
         key: String,
@@ -145,7 +149,8 @@ impl NumericIdentity {
     ///
     /// Returns `None` when `local` is 0.
     pub fn scoped(cluster: ClusterId, local: u16) -> Option<Self> {
-        (local != 0).then(|| Self((u32::from(cluster.get()) << Self::LOCAL_BITS) | u32::from(local)))
+        (local != 0)
+            .then(|| Self((u32::from(cluster.get()) << Self::LOCAL_BITS) | u32::from(local)))
     }
 
     /// The cluster that allocated this identity, `None` for reserved identities.
@@ -415,7 +420,7 @@ mod tests {
             (0, false),
             (1, true),
             (255, true),
-            (256, false),       // reserved space ends at 255
+            (256, false),         // reserved space ends at 255
             (0x0001_0000, false), // local part 0
             (0x0001_0001, true),
             (0x0FFF_FFFF, true),

@@ -40,7 +40,12 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 4] = [Kind::Services, Kind::Endpoints, Kind::Identities, Kind::Nodes];
+    pub const ALL: [Kind; 4] = [
+        Kind::Services,
+        Kind::Endpoints,
+        Kind::Identities,
+        Kind::Nodes,
+    ];
 
     /// The key segment.
     pub fn as_str(self) -> &'static str {
@@ -266,7 +271,10 @@ mod tests {
         assert!(!synced(Scope::State, &east(), Kind::Services).starts_with(&p));
         // A cluster prefix never covers a cluster whose name extends it.
         let other = ClusterName::new("east-2").unwrap();
-        assert!(!cluster_prefix(Scope::State, &other).starts_with(&cluster_prefix(Scope::State, &east())));
+        assert!(
+            !cluster_prefix(Scope::State, &other)
+                .starts_with(&cluster_prefix(Scope::State, &east()))
+        );
     }
 
     #[test]

@@ -48,7 +48,9 @@ pub enum Error {
         ip: IpAddr,
     },
     /// A service that is not shared carries backends.
-    #[error("service {service} is not shared (service.cilium.io/shared: \"false\") but carries {count} backends")]
+    #[error(
+        "service {service} is not shared (service.cilium.io/shared: \"false\") but carries {count} backends"
+    )]
     UnsharedWithBackends {
         /// The service.
         service: ServiceName,
@@ -76,8 +78,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub(crate) fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -170,7 +171,9 @@ impl FromStr for Protocol {
 }
 
 /// Which clusters' backends a client should prefer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Affinity {
     /// All backends in one tier.
@@ -236,7 +239,9 @@ pub struct BackendPort {
 }
 
 /// The EndpointSlice conditions of a backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct BackendConditions {
     /// Ready to receive new connections.
     pub ready: bool,
