@@ -1,6 +1,8 @@
 //! Real TLS handshakes over loopback with material from this crate: mutual authentication,
 //! refusal of foreign and expired certificates, and hot reload.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

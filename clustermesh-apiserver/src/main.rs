@@ -1,1 +1,41 @@
-fn main() {}
+//! The `clustermesh-apiserver` binary: flags, logging, signals; the work is in the library.
+
+use clap::Parser;
+use clustermesh_apiserver::config::Args;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Err(e) = telemetry::init(&args.log) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = match args.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match clustermesh_apiserver::run(config, shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "apiserver failed");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -247,10 +247,10 @@ async fn keep_alive(client: Client, ttl: Duration, state: Arc<Mutex<State>>) {
             backoff = Duration::from_millis(100);
             if resp.ttl() <= 0 {
                 let mut guard = state.lock().await;
-                if guard.lease == lease {
-                    if let Err(e) = recreate(&client, ttl, &mut guard).await {
-                        tracing::error!(error = %e, "cannot re-create the lease; retrying");
-                    }
+                if guard.lease == lease
+                    && let Err(e) = recreate(&client, ttl, &mut guard).await
+                {
+                    tracing::error!(error = %e, "cannot re-create the lease; retrying");
                 }
                 break;
             }

@@ -58,7 +58,7 @@ pub struct Watcher {
     /// Every key reported as present, with the revision it was reported at.
     known: HashMap<String, Revision>,
     /// The last revision received; the watch resumes after it.
-    revision: Revision,
+    received: Revision,
     /// The revision of the last event handed to the caller.
     reported: Revision,
     listed: bool,
@@ -72,7 +72,7 @@ impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watcher")
             .field("prefix", &self.prefix)
-            .field("revision", &self.revision)
+            .field("received", &self.received)
             .field("known", &self.known.len())
             .finish()
     }
@@ -88,7 +88,7 @@ impl Watcher {
             client: client.clone(),
             prefix: prefix.into(),
             known: HashMap::new(),
-            revision: 0,
+            received: 0,
             reported: 0,
             listed: false,
             stream: None,
@@ -116,14 +116,14 @@ impl Watcher {
         loop {
             if let Some(e) = self.pending.pop_front() {
                 if self.pending.is_empty() {
-                    self.reported = self.revision;
+                    self.reported = self.received;
                 }
                 return Ok(e);
             }
             if !self.listed {
                 match self.list().await {
                     Ok(()) => continue,
-                    Err(e) if self.revision == 0 => return Err(e),
+                    Err(e) if self.received == 0 => return Err(e),
                     Err(e) => {
                         tracing::warn!(prefix = %self.prefix, error = %e, "relist failed; retrying");
                         self.sleep_backoff().await;
@@ -141,7 +141,7 @@ impl Watcher {
                         if resp.compact_revision() > 0 {
                             tracing::info!(
                                 prefix = %self.prefix,
-                                revision = self.revision,
+                                revision = self.received,
                                 compacted = resp.compact_revision(),
                                 "watch revision compacted; relisting"
                             );
@@ -157,7 +157,7 @@ impl Watcher {
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let kv = Kv::from_etcd(kv);
-                        self.revision = self.revision.max(kv.mod_revision);
+                        self.received = self.received.max(kv.mod_revision);
                         match ev.event_type() {
                             EventType::Put => {
                                 self.known.insert(kv.key.clone(), kv.mod_revision);
@@ -174,7 +174,7 @@ impl Watcher {
                     }
                 }
                 Ok(None) | Err(_) => {
-                    tracing::debug!(prefix = %self.prefix, revision = self.revision, "watch stream broke; resuming");
+                    tracing::debug!(prefix = %self.prefix, revision = self.received, "watch stream broke; resuming");
                     self.stream = None;
                     self.stats.reconnects += 1;
                     self.sleep_backoff().await;
@@ -187,7 +187,7 @@ impl Watcher {
     /// compaction), reports only the differences against what was known.
     async fn list(&mut self) -> Result<()> {
         let (kvs, revision) = self.client.list_raw(&self.prefix).await?;
-        let first = self.revision == 0;
+        let first = self.received == 0;
         if first {
             self.pending.push_back(Event::Init);
         }
@@ -217,7 +217,7 @@ impl Watcher {
             }
         }
         self.known = seen;
-        self.revision = revision;
+        self.received = revision;
         self.listed = true;
         self.stream = None;
         Ok(())
@@ -226,7 +226,7 @@ impl Watcher {
     async fn open(&mut self) {
         let opts = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(self.revision + 1);
+            .with_start_revision(self.received + 1);
         match self
             .client
             .etcd()

@@ -1,5 +1,7 @@
 //! The store against a real etcd with mTLS.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 

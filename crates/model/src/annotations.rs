@@ -65,7 +65,7 @@ pub enum Error {
         /// The Service being evaluated.
         service: ServiceName,
         /// The invalid annotation.
-        problem: Problem,
+        problem: Box<Problem>,
     },
 }
 
@@ -154,7 +154,7 @@ pub fn parse(
                 return Err(Error::Namespace {
                     namespace: service.namespace().to_owned(),
                     service: service.clone(),
-                    problem,
+                    problem: Box::new(problem),
                 });
             }
         },

@@ -134,10 +134,10 @@ impl Etcd {
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("etcd exited with {status}; log:\n{}", self.log_tail());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("etcd exited with {status}; log:\n{}", self.log_tail());
             }
             let mut config = self.config();
             config.connect_timeout = Duration::from_millis(500);

@@ -1,0 +1,98 @@
+//! The real binary against a real etcd.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use model::{ClusterName, keys};
+use test_support::{Etcd, eventually};
+
+const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
+
+fn tls_dir(etcd: &Etcd) -> std::path::PathBuf {
+    etcd.client_files().cert.parent().unwrap().to_owned()
+}
+
+#[test]
+fn bad_flags_exit_non_zero_naming_every_problem() {
+    let out = Command::new(BIN)
+        .args(["--cluster-name", "Bad_Name", "--cluster-id", "99999"])
+        .args([
+            "--etcd-endpoints",
+            "127.0.0.1:2379",
+            "--etcd-tls-dir",
+            "/nonexistent",
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "--cluster-name",
+        "--cluster-id",
+        "--etcd-endpoints",
+        "--etcd-tls-dir",
+    ] {
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+    let out = Command::new(BIN).arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("CLUSTERMESH_CLUSTER_ID"));
+}
+
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn registers_its_cluster_and_refuses_a_conflicting_id() {
+    let etcd = Etcd::start().await.unwrap();
+    let spawn = |id: &str| {
+        Command::new(BIN)
+            .args(["--cluster-name", "east", "--cluster-id", id])
+            .args(["--etcd-endpoints", &etcd.endpoint()])
+            .arg("--etcd-tls-dir")
+            .arg(tls_dir(&etcd))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = Killed(spawn("3"));
+    let c = etcd.client().await.unwrap();
+    let key = keys::cluster_config(&ClusterName::new("east").unwrap());
+    let record = eventually(
+        "cluster record written",
+        Duration::from_secs(20),
+        || async { c.get_raw(&key).await.ok().flatten() },
+    )
+    .await;
+    assert_eq!(
+        wire::ClusterConfig::decode(&record.value).unwrap().id.get(),
+        3
+    );
+    drop(first);
+
+    let second = spawn("4");
+    let out = tokio::task::spawn_blocking(move || second.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to register it as ID 4"), "{err}");
+    let record = c.get_raw(&key).await.unwrap().unwrap();
+    assert_eq!(
+        wire::ClusterConfig::decode(&record.value).unwrap().id.get(),
+        3,
+        "good state untouched"
+    );
+}

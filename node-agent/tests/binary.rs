@@ -1,0 +1,75 @@
+//! The real binary's configuration checks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_node-agent");
+
+#[test]
+fn bad_flags_exit_non_zero_naming_every_problem() {
+    let out = Command::new(BIN)
+        .args([
+            "--cluster-name",
+            "East",
+            "--cluster-id",
+            "5000",
+            "--node-name",
+            "Node_1",
+        ])
+        .args(["--cgroup", "/nonexistent/cg", "--bpffs", "/proc", "--check"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "--cluster-name",
+        "--cluster-id",
+        "--node-name",
+        "--cgroup",
+        "not bpffs",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert!(
+        Command::new(BIN)
+            .arg("--help")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    assert_eq!(
+        Command::new(BIN)
+            .arg("--bogus")
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn a_cgroup_v2_root_is_refused() {
+    let root = "/sys/fs/cgroup/unified";
+    assert!(
+        std::path::Path::new(root).is_dir(),
+        "scripts/setup.sh mounts cgroup v2 at {root}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "node-1",
+        ])
+        .args(["--cgroup", root, "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("child cgroup"));
+}
