@@ -111,7 +111,8 @@ pub fn init(args: &LogArgs) -> Result<(), Error> {
         })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (tests) keeps the first subscriber.
     let _ = match args.log_format {
         Format::Plain => builder.try_init(),
