@@ -56,8 +56,12 @@ async fn raw(etcd: &test_support::Etcd) -> Result<Vec<Duration>> {
     for i in 0..N {
         let key = format!("{prefix}{i}");
         let t0 = Instant::now();
-        c.put(key.as_str(), vec![1u8; 64], Some(etcd_client::PutOptions::new().with_lease(lease)))
-            .await?;
+        c.put(
+            key.as_str(),
+            vec![1u8; 64],
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await?;
         'wait: loop {
             let resp = stream.message().await?.context("raw watch ended")?;
             for ev in resp.events() {
