@@ -17,6 +17,7 @@
 //! phase, validation beyond names, finalizers, server-side apply, authorization.
 
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod selectors;
 pub mod server;

@@ -588,6 +588,14 @@ async fn read_body(req: Request<Incoming>) -> Result<(Option<String>, Vec<u8>), 
         .await
         .map_err(|e| ApiError::new(413, "RequestEntityTooLarge", format!("request body: {e}")))?
         .to_bytes();
+    // kubectl's typed `create` commands send protobuf: decode what they send into JSON.
+    if let Some(c) = &ct
+        && c.starts_with("application/vnd.kubernetes.protobuf")
+    {
+        let v = crate::protobuf::to_json(&bytes)
+            .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e))?;
+        return Ok((Some("application/json".into()), v.to_string().into_bytes()));
+    }
     Ok((ct, bytes.to_vec()))
 }
 

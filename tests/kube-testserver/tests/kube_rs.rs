@@ -586,3 +586,74 @@ async fn concurrent_writers_gap_free_resource_versions() {
         );
     }
 }
+
+/// A CRD registers a new resource at runtime: no new code in the server.
+#[tokio::test]
+async fn custom_resources_from_a_crd() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    use kube::discovery::Discovery;
+
+    let h = common::start().await;
+    let client = common::client(&h, h.context()).await;
+    let crds: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+            "customresourcedefinitions",
+        ),
+    );
+    let crd: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "serviceexports.multicluster.x-k8s.io"},
+        "spec": {
+            "group": "multicluster.x-k8s.io", "scope": "Namespaced",
+            "names": {"plural": "serviceexports", "singular": "serviceexport", "kind": "ServiceExport", "shortNames": ["svcex"]},
+            "versions": [{"name": "v1alpha1", "served": true, "storage": true}]
+        }
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let (ar, _) = discovery
+        .resolve_gvk(&GroupVersionKind::gvk(
+            "multicluster.x-k8s.io",
+            "v1alpha1",
+            "ServiceExport",
+        ))
+        .expect("the CRD's resource is discoverable");
+    assert_eq!(ar.plural, "serviceexports");
+    let api: Api<DynamicObject> = Api::default_namespaced_with(client.clone(), &ar);
+    let mut events = api
+        .watch(&WatchParams::default().timeout(30), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": {"name": "web"}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap();
+    match tokio::time::timeout(T, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Added(o)) => assert_eq!(o.name_any(), "web"),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    assert_eq!(
+        api.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    api.delete("web", &DeleteParams::default()).await.unwrap();
+    match tokio::time::timeout(T, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Deleted(o)) => assert_eq!(o.name_any(), "web"),
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+}
