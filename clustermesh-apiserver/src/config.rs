@@ -2,6 +2,7 @@
 //!
 //! Every invalid setting is reported at once, not one per restart.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,6 +38,29 @@ pub struct Args {
     /// seeing this cluster's exports after the apiserver dies.
     #[arg(long, env = env::LEASE_TTL, default_value_t = 30)]
     pub lease_ttl: u64,
+    /// Kubeconfig of this cluster's Kubernetes API (unset: the in-cluster service account, then
+    /// `~/.kube/config`).
+    #[arg(long, env = env::KUBECONFIG)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (unset: its current context).
+    #[arg(long, env = env::KUBE_CONTEXT)]
+    pub kube_context: Option<String>,
+    /// The namespace this apiserver runs in: it holds the leader Lease.
+    #[arg(long, env = env::NAMESPACE, default_value = "kube-system")]
+    pub namespace: String,
+    /// This replica's name in leader election (default: the host name).
+    #[arg(long, env = env::REPLICA)]
+    pub replica: Option<String>,
+    /// Leader lease duration in seconds: how long a dead leader blocks a takeover.
+    #[arg(long, env = env::LEADER_LEASE, default_value_t = 15)]
+    pub leader_lease: u64,
+    /// Seconds an identity no pod uses is kept before it is released (pods that come back
+    /// within it keep their ID).
+    #[arg(long, env = env::IDENTITY_GC_GRACE, default_value_t = 300)]
+    pub identity_gc_grace: u64,
+    /// Address of the `/metrics`, `/healthz` and `/readyz` server.
+    #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9880")]
+    pub health_bind: String,
     #[command(flatten)]
     pub log: telemetry::LogArgs,
 }
@@ -52,6 +76,20 @@ pub struct Config {
     pub etcd: kvstore::Config,
     /// Lease TTL.
     pub lease_ttl: Duration,
+    /// Kubeconfig path, `None` for in-cluster or the default file.
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    pub kube_context: Option<String>,
+    /// Namespace of the leader Lease.
+    pub namespace: String,
+    /// This replica's name.
+    pub replica: String,
+    /// Leader lease duration.
+    pub leader_lease: Duration,
+    /// Grace period of unused identities.
+    pub identity_gc_grace: Duration,
+    /// Health and metrics address.
+    pub health_bind: SocketAddr,
 }
 
 /// Every problem found in the flags.
@@ -96,16 +134,79 @@ impl Args {
                 self.lease_ttl
             ));
         }
-        match (cluster_name, cluster_id) {
-            (Some(cluster_name), Some(cluster_id)) if problems.is_empty() => Ok(Config {
-                cluster_name,
-                cluster_id,
-                etcd: kvstore::Config::new(self.etcd_endpoints.clone(), Some(tls)),
-                lease_ttl: Duration::from_secs(self.lease_ttl),
-            }),
+        if let Some(k) = &self.kubeconfig
+            && !k.is_file()
+        {
+            problems.push(format!("--kubeconfig: {} does not exist", k.display()));
+        }
+        if !is_dns_label(&self.namespace) {
+            problems.push(format!(
+                "--namespace: {:?} is not a valid namespace name",
+                self.namespace
+            ));
+        }
+        let replica = self.replica.clone().unwrap_or_else(hostname);
+        if replica.is_empty() || replica.len() > 253 {
+            problems.push(format!(
+                "--replica: {replica:?} must be 1 to 253 characters"
+            ));
+        }
+        if !(2..=300).contains(&self.leader_lease) {
+            problems.push(format!(
+                "--leader-lease: {} is out of range 2..=300 seconds",
+                self.leader_lease
+            ));
+        }
+        if !(1..=86_400).contains(&self.identity_gc_grace) {
+            problems.push(format!(
+                "--identity-gc-grace: {} is out of range 1..=86400 seconds",
+                self.identity_gc_grace
+            ));
+        }
+        let health_bind = self
+            .health_bind
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                problems.push(format!(
+                    "--health-bind: {:?} is not an address:port",
+                    self.health_bind
+                ))
+            })
+            .ok();
+        match (cluster_name, cluster_id, health_bind) {
+            (Some(cluster_name), Some(cluster_id), Some(health_bind)) if problems.is_empty() => {
+                Ok(Config {
+                    cluster_name,
+                    cluster_id,
+                    etcd: kvstore::Config::new(self.etcd_endpoints.clone(), Some(tls)),
+                    lease_ttl: Duration::from_secs(self.lease_ttl),
+                    kubeconfig: self.kubeconfig.clone(),
+                    kube_context: self.kube_context.clone(),
+                    namespace: self.namespace.clone(),
+                    replica,
+                    leader_lease: Duration::from_secs(self.leader_lease),
+                    identity_gc_grace: Duration::from_secs(self.identity_gc_grace),
+                    health_bind,
+                })
+            }
             _ => Err(Error { problems }),
         }
     }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -126,17 +227,32 @@ mod tests {
             "/nonexistent",
             "--lease-ttl",
             "1",
+            "--namespace",
+            "Kube_System",
+            "--leader-lease",
+            "1",
+            "--identity-gc-grace",
+            "0",
+            "--health-bind",
+            "nowhere",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
         ])
         .unwrap();
         let e = args.validate().unwrap_err();
         let text = e.to_string();
-        assert_eq!(e.problems.len(), 7, "{text}");
+        assert_eq!(e.problems.len(), 12, "{text}");
         for needle in [
             "--cluster-name",
             "--cluster-id",
             "https://",
             "tls.crt",
             "--lease-ttl",
+            "--namespace",
+            "--leader-lease",
+            "--identity-gc-grace",
+            "--health-bind",
+            "--kubeconfig",
         ] {
             assert!(text.contains(needle), "{needle}: {text}");
         }

@@ -1,38 +1,246 @@
 //! clustermesh-apiserver: one per cluster; the only writer of the cluster's etcd.
 //!
-//! Today it validates its configuration, connects to etcd over mTLS and registers the cluster
-//! (name and ID) in etcd, refusing to start if that etcd already belongs to a cluster of the
-//! same name with another ID. The exporter (Kubernetes → etcd), the Mesh API and the importer
-//! build on this.
+//! It registers the cluster (name and ID) in etcd, refusing to start if that etcd already
+//! belongs to a cluster of the same name with another ID; elects one leader among its replicas
+//! through a Kubernetes Lease; and, while leading, runs the [`exporter`]: this cluster's
+//! Services, EndpointSlices, Pods, Namespaces and Nodes become global services, endpoints,
+//! identities and nodes in etcd. `/metrics`, `/healthz` and `/readyz` are served by every
+//! replica.
 //!
 //! Must not talk to a peer's etcd (peers talk through the Mesh API only).
 
 pub mod config;
+pub mod exporter;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
+use exporter::leader::{Elector, Leadership};
+use k8s_openapi::api::coordination::v1::Lease;
+use telemetry::metrics::Registry;
+use tokio::sync::watch;
+
+/// Name of the leader election Lease.
+pub const LEADER_LEASE_NAME: &str = "clustermesh-apiserver";
+
+/// A running apiserver.
+#[derive(Debug)]
+pub struct Running {
+    health: SocketAddr,
+    ready: watch::Receiver<Result<(), String>>,
+    leadership: watch::Receiver<Leadership>,
+    metrics: Registry,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// The `/metrics`, `/healthz`, `/readyz` address.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health
+    }
+
+    /// `Ok` once this replica leads and its initial state is exported; the reason otherwise.
+    pub fn ready(&self) -> watch::Receiver<Result<(), String>> {
+        self.ready.clone()
+    }
+
+    /// This replica's view of the election.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Registry {
+        &self.metrics
+    }
+
+    /// Stops gracefully: the exporter stops, the leader Lease is released.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        (&mut self.task).await.context("apiserver task")?
+    }
+
+    /// Stops like a crash: nothing is released or cleaned up (for tests of failover).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    /// Waits until the apiserver stops by itself (a fatal error).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("apiserver task")?
+    }
+}
+
+async fn kube_client(config: &config::Config) -> anyhow::Result<kube::Client> {
+    let kc = match &config.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            let opts = kube::config::KubeConfigOptions {
+                context: config.kube_context.clone(),
+                ..Default::default()
+            };
+            kube::Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .context("load the kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("find a Kubernetes API (in-cluster or ~/.kube/config)")?,
+    };
+    kube::Client::try_from(kc).context("Kubernetes client")
+}
+
+/// Starts the apiserver: health server, etcd registration, leader election, exporter.
+pub async fn start(config: config::Config) -> anyhow::Result<Running> {
+    let metrics = metrics::registry();
+    let (ready_tx, ready) = watch::channel(Err("starting".to_owned()));
+    let health = telemetry::metrics::spawn(config.health_bind, metrics.clone(), ready.clone())
+        .await
+        .with_context(|| format!("listen on {}", config.health_bind))?;
+    let kv = kvstore::Client::connect(config.etcd.clone())
+        .await
+        .context("connect to etcd")?;
+    kv.register_cluster(&wire::ClusterConfig {
+        name: config.cluster_name.clone(),
+        id: config.cluster_id,
+        capabilities: Vec::new(),
+    })
+    .await
+    .context("register cluster")?;
+    let client = kube_client(&config).await?;
+    tracing::info!(
+        cluster = %config.cluster_name,
+        cluster_id = %config.cluster_id,
+        replica = %config.replica,
+        health = %health,
+        "registered in etcd; electing a leader"
+    );
+    let elector = Elector::new(
+        kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
+        LEADER_LEASE_NAME,
+        config.replica.clone(),
+        config.leader_lease,
+        metrics.clone(),
+    );
+    let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let settings = exporter::Settings {
+        cluster: config.cluster_name.clone(),
+        cluster_id: config.cluster_id,
+        lease_ttl: config.lease_ttl,
+        identity_gc_grace: config.identity_gc_grace,
+    };
+    let task = tokio::spawn(supervise(
+        elector,
+        lead_tx,
+        settings,
+        client,
+        kv,
+        metrics.clone(),
+        ready_tx,
+        stop_rx,
+    ));
+    Ok(Running {
+        health,
+        ready,
+        leadership,
+        metrics,
+        stop: Some(stop),
+        task,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    elector: Elector,
+    lead_tx: watch::Sender<Leadership>,
+    settings: exporter::Settings,
+    client: kube::Client,
+    kv: kvstore::Client,
+    metrics: Registry,
+    ready: watch::Sender<Result<(), String>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<()> {
+    let mut leadership = lead_tx.subscribe();
+    let election = tokio::spawn(elector.clone().run(lead_tx));
+    let _abort = AbortOnDrop(election);
+    loop {
+        // Follow until this replica leads.
+        let follower_reason = |l: &Leadership| match l {
+            Leadership::Follower(Some(h)) => format!("standby: {h} leads"),
+            _ => "standby: no leader yet".to_owned(),
+        };
+        let _ = ready.send_replace(Err(follower_reason(&leadership.borrow())));
+        loop {
+            if *leadership.borrow_and_update() == Leadership::Leader {
+                break;
+            }
+            tokio::select! {
+                changed = leadership.changed() => {
+                    changed.context("leader election stopped")?;
+                    let _ = ready.send_replace(Err(follower_reason(&leadership.borrow())));
+                }
+                _ = &mut stop => return Ok(()),
+            }
+        }
+        // Lead until leadership is lost: dropping the exporter stops every write at once.
+        let run = exporter::run(
+            settings.clone(),
+            client.clone(),
+            kv.clone(),
+            metrics.clone(),
+            ready.clone(),
+        );
+        tokio::pin!(run);
+        let lost = async {
+            loop {
+                if leadership.changed().await.is_err() || *leadership.borrow() != Leadership::Leader
+                {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            result = &mut run => {
+                if let Err(e) = result {
+                    metrics.inc(metrics::ERRORS, &["exporter"]);
+                    tracing::error!(error = format!("{e:#}"), "exporter failed; restarting it");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            () = lost => tracing::warn!("lost leadership; stopped exporting"),
+            _ = &mut stop => {
+                elector.release().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Runs the apiserver until `shutdown` resolves.
 pub async fn run(
     config: config::Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let client = kvstore::Client::connect(config.etcd.clone())
-        .await
-        .context("connect to etcd")?;
-    client
-        .register_cluster(&wire::ClusterConfig {
-            name: config.cluster_name.clone(),
-            id: config.cluster_id,
-            capabilities: Vec::new(),
-        })
-        .await
-        .context("register cluster")?;
-    tracing::info!(
-        cluster = %config.cluster_name,
-        cluster_id = %config.cluster_id,
-        "registered in etcd; running"
-    );
-    shutdown.await;
+    let mut running = start(config).await?;
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut running.task => return result.context("apiserver task")?,
+    }
     tracing::info!("shutting down");
-    Ok(())
+    running.stop().await
 }

@@ -78,6 +78,61 @@ impl Session {
         })
     }
 
+    /// Adopts the lease recorded at `record_key` if it is still alive, taking over the keys
+    /// under `held_prefix` that are attached to it (so that unchanged keys are not rewritten);
+    /// otherwise starts a new lease. Either way the record then names this session's lease.
+    /// Returns the session and whether it adopted a lease.
+    pub async fn resume(
+        client: &Client,
+        ttl: Duration,
+        record_key: &str,
+        held_prefix: &str,
+    ) -> Result<(Self, bool)> {
+        let recorded = client
+            .get_raw(record_key)
+            .await?
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i64>().ok());
+        let mut adopted = None;
+        if let Some(lease) = recorded {
+            let alive = client
+                .etcd()
+                .lease_time_to_live(lease, None)
+                .await
+                .map(|r| r.ttl() > 0)
+                .unwrap_or(false);
+            if alive {
+                let (kvs, _) = client.list_raw(held_prefix).await?;
+                let keys: BTreeMap<String, Vec<u8>> = kvs
+                    .into_iter()
+                    .filter(|kv| kv.lease == lease)
+                    .map(|kv| (kv.key, kv.value))
+                    .collect();
+                adopted = Some((lease, keys));
+            }
+        }
+        let was_adopted = adopted.is_some();
+        let (lease, keys) = match adopted {
+            Some(a) => a,
+            None => (grant(client, ttl).await?, BTreeMap::new()),
+        };
+        let state = Arc::new(Mutex::new(State {
+            lease,
+            keys,
+            recreated: 0,
+        }));
+        let keepalive = tokio::spawn(keep_alive(client.clone(), ttl, Arc::clone(&state)));
+        let session = Self {
+            client: client.clone(),
+            ttl,
+            state,
+            keepalive,
+        };
+        session
+            .put(record_key.to_owned(), lease.to_string().into_bytes())
+            .await?;
+        Ok((session, was_adopted))
+    }
+
     /// The current lease ID.
     pub async fn lease(&self) -> i64 {
         self.state.lock().await.lease

@@ -9,6 +9,7 @@
 //! /clustermesh/v1/cache/<peer>/synced/<kind>               the peer's synced marker, mirrored
 //! /clustermesh/v1/alloc/<cluster>/ids/<id>                 identity allocator: ID -> labels
 //! /clustermesh/v1/alloc/<cluster>/labels/<sha256 hex>      identity allocator: labels -> ID
+//! /clustermesh/v1/sessions/<cluster>                       the exporter's lease ID (leased)
 //! ```
 //!
 //! `<kind>` is one of `services`, `endpoints`, `identities`, `nodes`; `<name>` is
@@ -174,6 +175,13 @@ pub fn alloc_id(cluster: &ClusterName, id: crate::NumericIdentity) -> String {
 /// The allocator's record of one label set (value: the ID), by the SHA-256 of its canonical text.
 pub fn alloc_labels(cluster: &ClusterName, labels_sha256_hex: &str) -> String {
     format!("{ROOT}alloc/{cluster}/labels/{labels_sha256_hex}")
+}
+
+/// Key of the record of the lease a cluster's exported state is attached to (value: the lease
+/// ID in decimal; the record is attached to that lease). A new leader adopts the lease while it
+/// is alive instead of rewriting every key.
+pub fn session(cluster: &ClusterName) -> String {
+    format!("{ROOT}sessions/{cluster}")
 }
 
 /// What a key under `state/` or `cache/` names.

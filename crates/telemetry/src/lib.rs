@@ -3,6 +3,8 @@
 //!
 //! Must not hold business logic; binaries call [`init`] first thing in `main`.
 
+pub mod metrics;
+
 use std::fmt;
 
 use clap::ValueEnum;
@@ -27,6 +29,20 @@ pub mod env {
     pub const NODE_NAME: &str = "CLUSTERMESH_NODE_NAME";
     /// The cgroup (v2) the node agent attaches its programs to.
     pub const CGROUP: &str = "CLUSTERMESH_CGROUP";
+    /// Path of the kubeconfig (unset: in-cluster config or `~/.kube/config`).
+    pub const KUBECONFIG: &str = "KUBECONFIG";
+    /// The kubeconfig context to use.
+    pub const KUBE_CONTEXT: &str = "CLUSTERMESH_KUBE_CONTEXT";
+    /// The namespace the apiserver runs in (its leader Lease and Events about itself).
+    pub const NAMESPACE: &str = "CLUSTERMESH_NAMESPACE";
+    /// This replica's name in leader election.
+    pub const REPLICA: &str = "CLUSTERMESH_REPLICA";
+    /// Leader lease duration, seconds.
+    pub const LEADER_LEASE: &str = "CLUSTERMESH_LEADER_LEASE";
+    /// How long an unused identity is kept before it is released, seconds.
+    pub const IDENTITY_GC_GRACE: &str = "CLUSTERMESH_IDENTITY_GC_GRACE";
+    /// Address of the `/metrics`, `/healthz`, `/readyz` server.
+    pub const HEALTH_BIND: &str = "CLUSTERMESH_HEALTH_BIND";
     /// Where bpffs is mounted.
     pub const BPFFS: &str = "CLUSTERMESH_BPFFS";
     /// The local apiserver's Mesh API address, for node agents.

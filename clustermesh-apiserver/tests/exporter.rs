@@ -1,0 +1,694 @@
+//! The exporter against the Kubernetes API test server and a real etcd with mTLS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clustermesh_apiserver::config::Config;
+use clustermesh_apiserver::exporter::leader::Leadership;
+use clustermesh_apiserver::{Running, metrics as m};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kvstore::watch::{Event as KvEvent, Watcher};
+use model::keys::{self, Kind, Scope};
+use model::{ClusterId, ClusterName, Endpoint, GlobalService, Identity};
+use serde_json::json;
+use test_support::{Etcd, eventually};
+use wire::Codec;
+
+const T: Duration = Duration::from_secs(30);
+
+struct Lab {
+    etcd: Etcd,
+    kube: kube_testserver::Handle,
+    client: kube::Client,
+    kv: kvstore::Client,
+    cluster: ClusterName,
+}
+
+impl Lab {
+    async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let etcd = Etcd::start().await.unwrap();
+        let cluster = ClusterName::new("east").unwrap();
+        let kube = kube_testserver::start(kube_testserver::Config::new(cluster.clone()))
+            .await
+            .unwrap();
+        let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig()).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        let client = kube::Client::try_from(cfg).unwrap();
+        let kv = etcd.client().await.unwrap();
+        Self {
+            etcd,
+            kube,
+            client,
+            kv,
+            cluster,
+        }
+    }
+
+    fn config(&self, replica: &str) -> Config {
+        Config {
+            cluster_name: self.cluster.clone(),
+            cluster_id: ClusterId::new(7).unwrap(),
+            etcd: self.etcd.config(),
+            lease_ttl: Duration::from_secs(10),
+            kubeconfig: Some(self.kube.kubeconfig().to_owned()),
+            kube_context: None,
+            namespace: "kube-system".into(),
+            replica: replica.into(),
+            leader_lease: Duration::from_secs(2),
+            identity_gc_grace: Duration::from_secs(1),
+            health_bind: "127.0.0.1:0".parse().unwrap(),
+        }
+    }
+
+    async fn apiserver(&self, replica: &str) -> Running {
+        clustermesh_apiserver::start(self.config(replica))
+            .await
+            .unwrap()
+    }
+
+    /// Every exported key of one kind with its value.
+    async fn state(&self, kind: Kind) -> BTreeMap<String, Vec<u8>> {
+        let prefix = keys::kind_prefix(Scope::State, &self.cluster, kind);
+        let (kvs, _) = self.kv.list_raw(&prefix).await.unwrap();
+        kvs.into_iter()
+            .map(|kv| (kv.key[prefix.len()..].to_owned(), kv.value))
+            .collect()
+    }
+
+    async fn services(&self) -> BTreeMap<String, GlobalService> {
+        self.state(Kind::Services)
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, GlobalService::decode(&v).unwrap()))
+            .collect()
+    }
+
+    async fn endpoints(&self) -> BTreeMap<String, Endpoint> {
+        self.state(Kind::Endpoints)
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, Endpoint::decode(&v).unwrap()))
+            .collect()
+    }
+
+    async fn identities(&self) -> BTreeMap<String, Identity> {
+        self.state(Kind::Identities)
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, Identity::decode(&v).unwrap()))
+            .collect()
+    }
+
+    async fn apply<K>(&self, ns: Option<&str>, obj: serde_json::Value)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns.unwrap_or("default"));
+        let obj: K = serde_json::from_value(obj).unwrap();
+        api.create(&PostParams::default(), &obj).await.unwrap();
+    }
+}
+
+async fn ready(r: &Running) {
+    let mut rx = r.ready();
+    tokio::time::timeout(T, rx.wait_for(Result::is_ok))
+        .await
+        .expect("apiserver ready in time")
+        .unwrap();
+}
+
+fn pod(name: &str, ip: &str, app: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    })
+}
+
+fn global_service(name: &str, annotations: serde_json::Value) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    })
+}
+
+fn slice(name: &str, service: &str, endpoints: serde_json::Value) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+async fn create_namespace(lab: &Lab, name: &str, annotations: serde_json::Value) {
+    let api: Api<Namespace> = Api::all(lab.client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name, "labels": {"team": name}, "annotations": annotations}})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_services_endpoints_identities_nodes_and_converges() {
+    let lab = Lab::start().await;
+    create_namespace(&lab, "shop", json!({})).await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "node-1"},
+                "spec": {"podCIDRs": ["10.1.1.0/24"]},
+                "status": {"addresses": [{"type": "InternalIP", "address": "192.168.10.1"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    lab.apply::<Service>(
+        Some("shop"),
+        global_service(
+            "web",
+            json!({"service.cilium.io/global": "true", "service.cilium.io/affinity": "local"}),
+        ),
+    )
+    .await;
+    lab.apply::<Service>(Some("shop"), global_service("private", json!({})))
+        .await;
+    lab.apply::<EndpointSlice>(
+        Some("shop"),
+        slice("web-1", "web", json!([
+            {"addresses": ["10.1.1.10"], "conditions": {"ready": true}, "nodeName": "node-1", "zone": "a"},
+            {"addresses": ["10.1.1.11"], "conditions": {"ready": true}, "nodeName": "node-1", "zone": "a"}
+        ])),
+    )
+    .await;
+    lab.apply::<Pod>(Some("shop"), pod("web-a", "10.1.1.10", "web"))
+        .await;
+    lab.apply::<Pod>(Some("shop"), pod("web-b", "10.1.1.11", "web"))
+        .await;
+
+    let apiserver = lab.apiserver("r1").await;
+    ready(&apiserver).await;
+
+    // Initial state, read from etcd directly.
+    let services = lab.services().await;
+    assert_eq!(services.keys().collect::<Vec<_>>(), ["shop/web"]);
+    let web = &services["shop/web"];
+    assert_eq!(web.affinity, model::service::Affinity::Local);
+    assert_eq!(
+        web.backends
+            .iter()
+            .map(|b| b.ip.to_string())
+            .collect::<Vec<_>>(),
+        ["10.1.1.10", "10.1.1.11"]
+    );
+    assert_eq!(
+        web.cluster_ips.len(),
+        1,
+        "the Service's cluster IP is carried"
+    );
+    let endpoints = lab.endpoints().await;
+    assert_eq!(
+        endpoints.keys().collect::<Vec<_>>(),
+        ["10.1.1.10", "10.1.1.11"]
+    );
+    assert_eq!(
+        endpoints["10.1.1.10"].identity, endpoints["10.1.1.11"].identity,
+        "same labels, same identity"
+    );
+    let identities = lab.identities().await;
+    assert_eq!(identities.len(), 1);
+    let id = identities.values().next().unwrap();
+    assert_eq!(id.id.cluster(), Some(ClusterId::new(7).unwrap()));
+    let canonical = id.labels.canonical();
+    for l in [
+        "k8s:app=web",
+        "k8s-ns:team=shop",
+        "mesh:cluster=east",
+        "mesh:namespace=shop",
+    ] {
+        assert!(canonical.contains(l), "{canonical}");
+    }
+    let node_state = lab.state(Kind::Nodes).await;
+    let node = model::Node::decode(&node_state["node-1"]).unwrap();
+    assert_eq!(node.pod_cidrs[0].to_string(), "10.1.1.0/24");
+    for kind in Kind::ALL {
+        assert!(
+            lab.kv
+                .get_raw(&keys::synced(Scope::State, &lab.cluster, kind))
+                .await
+                .unwrap()
+                .is_some(),
+            "synced marker for {kind}"
+        );
+    }
+
+    // Scale up: a new pod and its backend; one backend stops being ready.
+    lab.apply::<Pod>(Some("shop"), pod("web-c", "10.1.1.12", "web"))
+        .await;
+    let slices: Api<EndpointSlice> = Api::namespaced(lab.client.clone(), "shop");
+    slices
+        .patch(
+            "web-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"endpoints": [
+                {"addresses": ["10.1.1.10"], "conditions": {"ready": false, "serving": false, "terminating": true}, "nodeName": "node-1"},
+                {"addresses": ["10.1.1.11"], "conditions": {"ready": true}, "nodeName": "node-1"},
+                {"addresses": ["10.1.1.12"], "conditions": {"ready": true}, "nodeName": "node-1"}
+            ]})),
+        )
+        .await
+        .unwrap();
+    eventually("three backends, one terminating", T, || async {
+        let s = lab.services().await;
+        let web = s.get("shop/web")?;
+        (web.backends.len() == 3
+            && web.backends[0].conditions.terminating
+            && !web.backends[0].conditions.ready)
+            .then_some(())
+    })
+    .await;
+    eventually("three endpoints", T, || async {
+        (lab.endpoints().await.len() == 3).then_some(())
+    })
+    .await;
+
+    // shared=false: exported without backends.
+    let svcs: Api<Service> = Api::namespaced(lab.client.clone(), "shop");
+    svcs.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"service.cilium.io/shared": "false"}}})),
+    )
+    .await
+    .unwrap();
+    eventually("unshared service without backends", T, || async {
+        let s = lab.services().await;
+        let web = s.get("shop/web")?;
+        (!web.shared && web.backends.is_empty()).then_some(())
+    })
+    .await;
+
+    // A malformed annotation: not exported, a Warning Event, a metric; others unaffected.
+    lab.apply::<Service>(
+        Some("shop"),
+        global_service(
+            "bad",
+            json!({"service.cilium.io/global": "true", "service.cilium.io/affinity": "sideways"}),
+        ),
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(lab.client.clone(), "shop");
+    let ev = eventually("a Warning event about shop/bad", T, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| e.involved_object.name.as_deref() == Some("bad"))
+    })
+    .await;
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    assert_eq!(ev.reason.as_deref(), Some("InvalidGlobalServiceAnnotation"));
+    assert!(ev.message.as_deref().unwrap().contains("sideways"));
+    assert_eq!(
+        apiserver
+            .metrics()
+            .value(m::INVALID_SERVICES, &["InvalidGlobalServiceAnnotation"]),
+        1.0
+    );
+    assert!(!lab.services().await.contains_key("shop/bad"));
+    assert!(lab.services().await.contains_key("shop/web"));
+    // Fixing the annotation exports it.
+    svcs.patch(
+        "bad",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"service.cilium.io/affinity": "remote"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    eventually("fixed service exported", T, || async {
+        lab.services().await.contains_key("shop/bad").then_some(())
+    })
+    .await;
+
+    // A namespace default makes its services global; a service opts out.
+    create_namespace(
+        &lab,
+        "all-global",
+        json!({"clustermesh.dev/global-services": "true"}),
+    )
+    .await;
+    lab.apply::<Service>(Some("all-global"), global_service("a", json!({})))
+        .await;
+    lab.apply::<Service>(
+        Some("all-global"),
+        global_service("b", json!({"service.cilium.io/global": "false"})),
+    )
+    .await;
+    eventually(
+        "namespace-default service exported, opted-out one not",
+        T,
+        || async {
+            let s = lab.services().await;
+            (s.contains_key("all-global/a") && !s.contains_key("all-global/b")).then_some(())
+        },
+    )
+    .await;
+
+    // Withdraw: annotation removed, service deleted.
+    svcs.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"service.cilium.io/global": null}}})),
+    )
+    .await
+    .unwrap();
+    svcs.delete("bad", &DeleteParams::default()).await.unwrap();
+    eventually("withdrawn services", T, || async {
+        let s = lab.services().await;
+        (!s.contains_key("shop/web") && !s.contains_key("shop/bad")).then_some(())
+    })
+    .await;
+
+    // Pods go: endpoints withdrawn at once, the identity after its grace period.
+    let pods: Api<Pod> = Api::namespaced(lab.client.clone(), "shop");
+    for p in ["web-a", "web-b", "web-c"] {
+        pods.delete(p, &DeleteParams::default()).await.unwrap();
+    }
+    eventually("endpoints withdrawn", T, || async {
+        lab.endpoints().await.is_empty().then_some(())
+    })
+    .await;
+    eventually("unused identity released", T, || async {
+        lab.identities().await.is_empty().then_some(())
+    })
+    .await;
+    assert!(apiserver.metrics().value(m::IDENTITIES_RELEASED, &[]) >= 1.0);
+
+    // /metrics, /healthz, /readyz over HTTP.
+    let body = http_get(apiserver.health_addr(), "/metrics").await;
+    assert!(
+        body.contains("clustermesh_exported_objects{kind=\"services\"}"),
+        "{body}"
+    );
+    assert!(body.contains("clustermesh_leader 1"), "{body}");
+    assert!(
+        http_get(apiserver.health_addr(), "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    apiserver.stop().await.unwrap();
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Records every etcd event under the cluster's state prefix.
+fn record(lab: &Lab) -> (Arc<Mutex<Vec<KvEvent>>>, tokio::task::JoinHandle<()>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut w = Watcher::new(&lab.kv, keys::cluster_prefix(Scope::State, &lab.cluster));
+    let sink = Arc::clone(&events);
+    let task = tokio::spawn(async move {
+        while let Ok(e) = w.next().await {
+            sink.lock().unwrap().push(e);
+        }
+    });
+    (events, task)
+}
+
+fn deletes(events: &Mutex<Vec<KvEvent>>) -> Vec<String> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            KvEvent::Delete { key, .. } => Some(key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn churn_pods(client: kube::Client, from: usize, to: usize) {
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    for i in from..to {
+        let p: Pod = serde_json::from_value(pod(
+            &format!("churn-{i}"),
+            &format!("10.2.{}.{}", i / 250, i % 250 + 1),
+            &format!("app{}", i % 5),
+        ))
+        .unwrap();
+        pods.create(&PostParams::default(), &p).await.unwrap();
+    }
+}
+
+/// Restart (graceful and crash) in the middle of churn: zero spurious deletes, exact state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_during_churn_has_no_spurious_deletes() {
+    let lab = Lab::start().await;
+    lab.apply::<Service>(
+        None,
+        global_service("web", json!({"service.cilium.io/global": "true"})),
+    )
+    .await;
+    lab.apply::<EndpointSlice>(
+        None,
+        slice(
+            "web-1",
+            "web",
+            json!([{"addresses": ["10.2.0.1"], "nodeName": "node-1"}]),
+        ),
+    )
+    .await;
+    churn_pods(lab.client.clone(), 0, 100).await;
+    let first = lab.apiserver("r1").await;
+    ready(&first).await;
+    eventually("100 endpoints", T, || async {
+        (lab.endpoints().await.len() == 100).then_some(())
+    })
+    .await;
+    let (events, recorder) = record(&lab);
+    eventually("recorder listed", T, || async {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, KvEvent::InitDone { .. }))
+            .then_some(())
+    })
+    .await;
+
+    // Graceful restart while pods are being created.
+    let churn = tokio::spawn(churn_pods(lab.client.clone(), 100, 200));
+    first.stop().await.unwrap();
+    let second = lab.apiserver("r2").await;
+    ready(&second).await;
+    churn.await.unwrap();
+    eventually("200 endpoints", T, || async {
+        (lab.endpoints().await.len() == 200).then_some(())
+    })
+    .await;
+
+    // Crash while pods are being created.
+    let churn = tokio::spawn(churn_pods(lab.client.clone(), 200, 300));
+    second.kill();
+    let third = lab.apiserver("r3").await;
+    ready(&third).await;
+    churn.await.unwrap();
+    eventually("300 endpoints", T, || async {
+        (lab.endpoints().await.len() == 300).then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        deletes(&events),
+        Vec::<String>::new(),
+        "no key was deleted across the restarts"
+    );
+    // Unchanged keys were not rewritten either: the service key kept its revision.
+    let svc_key = keys::object_key(Scope::State, &lab.cluster, Kind::Services, "default/web");
+    let rewrites = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, KvEvent::Apply(kv) if kv.key == svc_key))
+        .count();
+    assert_eq!(
+        rewrites, 0,
+        "an unchanged service is not rewritten by a restarted exporter"
+    );
+    assert_eq!(lab.identities().await.len(), 5);
+    recorder.abort();
+    third.stop().await.unwrap();
+}
+
+/// Two replicas: one leads; killing it hands over within the lease; a replica whose lease is
+/// taken stops exporting; no identity ID is ever given to two label sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_and_step_down() {
+    let lab = Lab::start().await;
+    churn_pods(lab.client.clone(), 0, 20).await;
+    let a = lab.apiserver("replica-a").await;
+    ready(&a).await;
+    let b = lab.apiserver("replica-b").await;
+    let mut b_lead = b.leadership();
+    tokio::time::timeout(
+        T,
+        b_lead.wait_for(|l| *l == Leadership::Follower(Some("replica-a".into()))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(b.ready().borrow().as_ref().unwrap_err().contains("standby"));
+
+    // Kill the leader: B takes over once A's lease runs out, and exports new pods.
+    a.kill();
+    tokio::time::timeout(T, b_lead.wait_for(|l| *l == Leadership::Leader))
+        .await
+        .unwrap()
+        .unwrap();
+    ready(&b).await;
+    churn_pods(lab.client.clone(), 20, 40).await;
+    eventually("40 endpoints after failover", T, || async {
+        (lab.endpoints().await.len() == 40).then_some(())
+    })
+    .await;
+
+    // Someone else takes the Lease: B steps down and stops exporting at once.
+    let leases: Api<Lease> = Api::namespaced(lab.client.clone(), "kube-system");
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    leases
+        .patch(
+            clustermesh_apiserver::LEADER_LEASE_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": "intruder", "renewTime": now, "leaseDurationSeconds": 3}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        T,
+        b_lead.wait_for(|l| *l == Leadership::Follower(Some("intruder".into()))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(b.metrics().value(m::LEADER, &[]), 0.0);
+    let mut b_ready = b.ready();
+    tokio::time::timeout(T, b_ready.wait_for(Result::is_err))
+        .await
+        .unwrap()
+        .unwrap();
+    // The intruder never renews: B takes over again and exports what changed meanwhile.
+    churn_pods(lab.client.clone(), 40, 50).await;
+    tokio::time::timeout(T, b_lead.wait_for(|l| *l == Leadership::Leader))
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("50 endpoints", T, || async {
+        (lab.endpoints().await.len() == 50).then_some(())
+    })
+    .await;
+
+    // No ID was handed out twice: allocator records and exported identities agree 1:1.
+    let (ids, _) = lab
+        .kv
+        .list_raw(&keys::alloc_ids_prefix(&lab.cluster))
+        .await
+        .unwrap();
+    let labels: BTreeSet<Vec<u8>> = ids.iter().map(|kv| kv.value.clone()).collect();
+    assert_eq!(labels.len(), ids.len(), "one label set per ID");
+    let exported = lab.identities().await;
+    let by_labels: BTreeSet<String> = exported.values().map(|i| i.labels.canonical()).collect();
+    assert_eq!(by_labels.len(), exported.len(), "one ID per label set");
+    b.stop().await.unwrap();
+}
+
+/// 10,000 pods become endpoint keys in batches, not one round trip each; deleting them all is
+/// again a few batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_are_batched() {
+    const PODS: usize = 10_000;
+    let lab = Lab::start().await;
+    let pods: Api<Pod> = Api::namespaced(lab.client.clone(), "default");
+    futures::stream::iter(0..PODS)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let p: Pod = serde_json::from_value(pod(
+                    &format!("p{i}"),
+                    &format!("10.3.{}.{}", i / 250, i % 250 + 1),
+                    "burst",
+                ))
+                .unwrap();
+                pods.create(&PostParams::default(), &p).await.unwrap();
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let apiserver = lab.apiserver("r1").await;
+    ready(&apiserver).await;
+    assert_eq!(lab.endpoints().await.len(), PODS);
+    let batches_before = apiserver
+        .metrics()
+        .observations(m::WRITE_SECONDS, &["endpoints"]);
+    assert!(
+        batches_before <= 2,
+        "the initial 10,000 endpoints went out in one batch: {batches_before}"
+    );
+
+    pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "all endpoints withdrawn",
+        Duration::from_secs(120),
+        || async { lab.endpoints().await.is_empty().then_some(()) },
+    )
+    .await;
+    let batches = apiserver
+        .metrics()
+        .observations(m::WRITE_SECONDS, &["endpoints"])
+        - batches_before;
+    let deleted = apiserver
+        .metrics()
+        .value(m::KEYS_WRITTEN, &["endpoints", "delete"]);
+    assert_eq!(deleted, PODS as f64);
+    println!("10,000 pod deletions: {batches} write batches");
+    assert!(
+        batches <= 100,
+        "10,000 deletions took {batches} write batches"
+    );
+    apiserver.stop().await.unwrap();
+}
