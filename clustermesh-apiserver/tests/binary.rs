@@ -59,6 +59,7 @@ async fn registers_its_cluster_and_refuses_a_conflicting_id() {
         Command::new(BIN)
             .args(["--cluster-name", "east", "--cluster-id", id])
             .args(["--etcd-endpoints", &etcd.endpoint()])
+            .args(["--health-bind", "127.0.0.1:0"])
             .arg("--etcd-tls-dir")
             .arg(tls_dir(&etcd))
             .stdout(Stdio::null())
@@ -95,4 +96,101 @@ async fn registers_its_cluster_and_refuses_a_conflicting_id() {
         3,
         "good state untouched"
     );
+}
+
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) {
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .env("HOME", kubeconfig.parent().unwrap())
+        .output()
+        .expect("kubectl must be installed");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The binary as a real process, driven by `kubectl annotate`: the service is exported, then
+/// withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_annotate_exports_and_withdraws_a_service() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let etcd = Etcd::start().await.unwrap();
+    let cluster = ClusterName::new("west").unwrap();
+    let kube = kube_testserver::start(kube_testserver::Config::new(cluster.clone()))
+        .await
+        .unwrap();
+    let kc = kube.kubeconfig().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("svc.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  ports: [{name: http, port: 80}]\n",
+    )
+    .unwrap();
+    kubectl(
+        &kc,
+        &[
+            "apply",
+            "--validate=false",
+            "-f",
+            manifest.to_str().unwrap(),
+        ],
+    );
+    let _apiserver = Killed(
+        Command::new(BIN)
+            .args(["--cluster-name", "west", "--cluster-id", "9"])
+            .args(["--etcd-endpoints", &etcd.endpoint()])
+            .arg("--etcd-tls-dir")
+            .arg(tls_dir(&etcd))
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["--health-bind", "127.0.0.1:0", "--replica", "only"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = etcd.client().await.unwrap();
+    let marker = keys::synced(keys::Scope::State, &cluster, keys::Kind::Services);
+    eventually("initial sync", Duration::from_secs(30), || async {
+        c.get_raw(&marker).await.ok().flatten()
+    })
+    .await;
+    let key = keys::object_key(
+        keys::Scope::State,
+        &cluster,
+        keys::Kind::Services,
+        "default/web",
+    );
+    assert!(c.get_raw(&key).await.unwrap().is_none(), "not global yet");
+
+    kubectl(
+        &kc,
+        &[
+            "annotate",
+            "service",
+            "web",
+            "service.cilium.io/global=true",
+        ],
+    );
+    eventually("exported", Duration::from_secs(30), || async {
+        c.get_raw(&key).await.ok().flatten()
+    })
+    .await;
+    kubectl(
+        &kc,
+        &["annotate", "service", "web", "service.cilium.io/global-"],
+    );
+    eventually("withdrawn", Duration::from_secs(30), || async {
+        c.get_raw(&key)
+            .await
+            .ok()
+            .map(|v| v.is_none())
+            .filter(|gone| *gone)
+    })
+    .await;
 }
