@@ -686,8 +686,9 @@ async fn bursts_are_batched() {
         .value(m::KEYS_WRITTEN, &["endpoints", "delete"]);
     assert_eq!(deleted, PODS as f64);
     println!("10,000 pod deletions: {batches} write batches");
+    // Not one round trip per change: on average at least ten changes per write.
     assert!(
-        batches <= 100,
+        batches <= (PODS / 10) as u64,
         "10,000 deletions took {batches} write batches"
     );
     apiserver.stop().await.unwrap();

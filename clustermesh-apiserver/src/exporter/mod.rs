@@ -15,7 +15,7 @@
 pub mod desired;
 pub mod leader;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::PostParams;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use kvstore::Session;
@@ -54,20 +54,41 @@ pub struct Settings {
 }
 
 const DIRTY_SERVICES: u8 = 1;
+/// Every pod: a full recompute of endpoints (relist, namespace labels changed).
 const DIRTY_PODS: u8 = 2;
 const DIRTY_NODES: u8 = 4;
+/// Only the pods in [`Dirty::pods`].
+const DIRTY_POD_SET: u8 = 8;
+/// Identity garbage collection.
+const DIRTY_GC: u8 = 16;
 
 /// Which kinds need a recompute, and a wake-up for the loop.
 #[derive(Debug, Default)]
 struct Dirty {
     bits: AtomicU8,
     notify: Notify,
+    pods: std::sync::Mutex<HashSet<ObjectRef<Pod>>>,
 }
 
 impl Dirty {
     fn mark(&self, bits: u8) {
         self.bits.fetch_or(bits, Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    fn pod(&self, pod: &Pod) {
+        match self.pods.lock() {
+            Ok(mut g) => g.insert(ObjectRef::from_obj(pod)),
+            Err(p) => p.into_inner().insert(ObjectRef::from_obj(pod)),
+        };
+        self.mark(DIRTY_POD_SET);
+    }
+
+    fn take_pods(&self) -> HashSet<ObjectRef<Pod>> {
+        match self.pods.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        }
     }
 
     fn take(&self) -> u8 {
@@ -88,8 +109,7 @@ impl Drop for Tasks {
 
 fn reflect<K>(
     api: Api<K>,
-    dirty: Arc<Dirty>,
-    bits: u8,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
     metrics: Registry,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
@@ -109,8 +129,8 @@ where
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => dirty.mark(bits),
+                // The store already holds the change when the event comes out.
+                Ok(ev) => on_event(&ev),
                 Err(e) => {
                     metrics.inc(m::ERRORS, &["kubernetes"]);
                     tracing::warn!(kind = K::kind(&K::DynamicType::default()).as_ref(), error = %e, "watch failed; retrying");
@@ -124,7 +144,19 @@ where
 struct IdentityEntry {
     id: NumericIdentity,
     labels: Labels,
+    /// Pods using it.
+    users: usize,
     unused_since: Option<Instant>,
+}
+
+/// Marks `bits` dirty on every change after the initial listing.
+fn on_change<K>(dirty: &Arc<Dirty>, bits: u8) -> impl Fn(&watcher::Event<K>) + Send + 'static {
+    let dirty = Arc::clone(dirty);
+    move |ev| {
+        if !matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_)) {
+            dirty.mark(bits);
+        }
+    }
 }
 
 /// The exporter while it leads.
@@ -144,6 +176,11 @@ struct Exporter {
     identities: BTreeMap<String, IdentityEntry>,
     /// Services reported as invalid, with the message, so each problem is reported once.
     reported: HashMap<String, String>,
+    dirty: Arc<Dirty>,
+    /// The endpoint keys of each pod, and its identity's canonical labels.
+    pod_keys: HashMap<ObjectRef<Pod>, (Vec<String>, String)>,
+    /// Which pod an endpoint key belongs to (an address can move between pods).
+    key_owner: HashMap<String, ObjectRef<Pod>>,
 }
 
 /// Runs the exporter until an unrecoverable error; stop it by dropping the future. `ready` is
@@ -173,32 +210,34 @@ pub async fn run(
     let dirty = Arc::new(Dirty::default());
     let (services, t1) = reflect(
         Api::<Service>::all(client.clone()),
-        Arc::clone(&dirty),
-        DIRTY_SERVICES,
+        on_change(&dirty, DIRTY_SERVICES),
         metrics.clone(),
     );
     let (slices, t2) = reflect(
         Api::<EndpointSlice>::all(client.clone()),
-        Arc::clone(&dirty),
-        DIRTY_SERVICES,
+        on_change(&dirty, DIRTY_SERVICES),
         metrics.clone(),
     );
     let (pods, t3) = reflect(
         Api::<Pod>::all(client.clone()),
-        Arc::clone(&dirty),
-        DIRTY_PODS,
+        {
+            let dirty = Arc::clone(&dirty);
+            move |ev: &watcher::Event<Pod>| match ev {
+                watcher::Event::Apply(p) | watcher::Event::Delete(p) => dirty.pod(p),
+                watcher::Event::InitDone => dirty.mark(DIRTY_PODS),
+                watcher::Event::Init | watcher::Event::InitApply(_) => {}
+            }
+        },
         metrics.clone(),
     );
     let (namespaces, t4) = reflect(
         Api::<Namespace>::all(client.clone()),
-        Arc::clone(&dirty),
-        DIRTY_SERVICES | DIRTY_PODS,
+        on_change(&dirty, DIRTY_SERVICES | DIRTY_PODS),
         metrics.clone(),
     );
     let (nodes, t5) = reflect(
         Api::<K8sNode>::all(client.clone()),
-        Arc::clone(&dirty),
-        DIRTY_NODES,
+        on_change(&dirty, DIRTY_NODES),
         metrics.clone(),
     );
     let _tasks = Tasks(vec![t1, t2, t3, t4, t5]);
@@ -228,7 +267,12 @@ pub async fn run(
         nodes,
         identities: BTreeMap::new(),
         reported: HashMap::new(),
+        dirty: Arc::clone(&dirty),
+        pod_keys: HashMap::new(),
+        key_owner: HashMap::new(),
     };
+    // The initial pass covers every pod.
+    dirty.take_pods();
     let _ = ready.send_replace(Err("writing the initial state".into()));
     ex.initial_sync().await?;
     let _ = ready.send_replace(Ok(()));
@@ -240,7 +284,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = dirty.notify.notified() => {}
-            _ = gc.tick() => dirty.mark(DIRTY_PODS),
+            _ = gc.tick() => dirty.mark(DIRTY_GC),
         }
         let bits = dirty.take();
         if bits == 0 {
@@ -251,7 +295,13 @@ pub async fn run(
             // Keep what was written; the failed kinds are retried on the next pass.
             ex.metrics.inc(m::ERRORS, &["etcd"]);
             tracing::warn!(error = format!("{e:#}"), "reconcile pass failed; retrying");
-            dirty.mark(bits);
+            // Incremental state may be ahead of etcd: recompute everything affected.
+            let full = if bits & DIRTY_POD_SET != 0 {
+                DIRTY_PODS
+            } else {
+                0
+            };
+            dirty.mark(bits | full);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -282,6 +332,7 @@ impl Exporter {
                     IdentityEntry {
                         id: identity.id,
                         labels: identity.labels,
+                        users: 0,
                         unused_since: Some(now),
                     },
                 );
@@ -352,6 +403,15 @@ impl Exporter {
 
     /// Recomputes the dirty kinds and writes the differences.
     async fn pass(&mut self, bits: u8) -> anyhow::Result<()> {
+        if bits & DIRTY_PODS != 0 {
+            // A full recompute covers the pods that changed individually.
+            self.dirty.take_pods();
+        } else if bits & DIRTY_POD_SET != 0 {
+            self.pods_incremental().await?;
+        } else if bits & (DIRTY_PODS | DIRTY_GC) == DIRTY_GC {
+            let (identities, _) = self.desired(Kind::Identities).await?;
+            self.apply(Kind::Identities, identities).await?;
+        }
         let mut kinds = Vec::new();
         if bits & DIRTY_PODS != 0 {
             // Identities before the endpoints that use them.
@@ -547,20 +607,77 @@ impl Exporter {
             IdentityEntry {
                 id,
                 labels,
+                users: 0,
                 unused_since: None,
             },
         );
         Ok(id)
     }
 
+    fn use_identity(&mut self, canonical: &str) {
+        if let Some(e) = self.identities.get_mut(canonical) {
+            e.users += 1;
+            e.unused_since = None;
+        }
+    }
+
+    fn unuse_identity(&mut self, canonical: &str) {
+        if let Some(e) = self.identities.get_mut(canonical) {
+            e.users = e.users.saturating_sub(1);
+            if e.users == 0 {
+                e.unused_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// The endpoint keys and values of one pod and its identity's canonical labels; allocates
+    /// the identity if it is new. `None` for pods without endpoints.
+    async fn pod_export(
+        &mut self,
+        pod: &Pod,
+    ) -> anyhow::Result<Option<(Vec<(String, Vec<u8>)>, String)>> {
+        let Some((node, ips)) = desired::pod_addresses(pod) else {
+            return Ok(None);
+        };
+        let ns = pod.namespace().unwrap_or_default();
+        let namespace = self.namespace(&ns);
+        let labels = match desired::pod_labels(&self.settings.cluster, pod, namespace.as_deref()) {
+            Ok(l) => l,
+            Err(e) => {
+                self.metrics.inc(m::SKIPPED_PODS, &["invalid-labels"]);
+                tracing::warn!(pod = format!("{ns}/{}", pod.name_any()), error = %e, "pod has no endpoint");
+                return Ok(None);
+            }
+        };
+        let canonical = labels.canonical();
+        let identity = self.identity_for(labels).await?;
+        let mut items = Vec::with_capacity(ips.len());
+        for ip in ips {
+            let ep = Endpoint {
+                cluster: self.settings.cluster.clone(),
+                ip,
+                identity,
+                node: node.clone(),
+                pod: Some(PodRef {
+                    namespace: ns.clone(),
+                    name: pod.name_any(),
+                }),
+            };
+            items.push((keys::object(Scope::State, &ep), ep.encode()));
+        }
+        Ok(Some((items, canonical)))
+    }
+
+    /// Every pod from scratch.
     async fn desired_endpoints(
         &mut self,
         out: &mut BTreeMap<String, Vec<u8>>,
     ) -> anyhow::Result<()> {
-        let now = Instant::now();
         for e in self.identities.values_mut() {
-            e.unused_since.get_or_insert(now);
+            e.users = 0;
         }
+        self.pod_keys.clear();
+        self.key_owner.clear();
         let mut pods = self.pods.state();
         // Deterministic when two pods claim one address (a reused IP): the newest wins.
         pods.sort_by(|a, b| {
@@ -569,40 +686,96 @@ impl Exporter {
                 .cmp(&b.metadata.creation_timestamp)
         });
         for pod in pods {
-            let Some((node, ips)) = desired::pod_addresses(&pod) else {
+            let Some((items, canonical)) = self.pod_export(&pod).await? else {
                 continue;
             };
-            let ns = pod.namespace().unwrap_or_default();
-            let namespace = self.namespace(&ns);
-            let labels = match desired::pod_labels(
-                &self.settings.cluster,
-                &pod,
-                namespace.as_deref(),
-            ) {
-                Ok(l) => l,
-                Err(e) => {
-                    self.metrics.inc(m::SKIPPED_PODS, &["invalid-labels"]);
-                    tracing::warn!(pod = format!("{ns}/{}", pod.name_any()), error = %e, "pod has no endpoint");
-                    continue;
-                }
-            };
-            let identity = self.identity_for(labels).await?;
-            for ip in ips {
-                encode(
-                    out,
-                    &Endpoint {
-                        cluster: self.settings.cluster.clone(),
-                        ip,
-                        identity,
-                        node: node.clone(),
-                        pod: Some(PodRef {
-                            namespace: ns.clone(),
-                            name: pod.name_any(),
-                        }),
-                    },
-                );
+            self.use_identity(&canonical);
+            let r = ObjectRef::from_obj(pod.as_ref());
+            let keys = items.iter().map(|(k, _)| k.clone()).collect();
+            for (k, v) in items {
+                self.key_owner.insert(k.clone(), r.clone());
+                out.insert(k, v);
+            }
+            self.pod_keys.insert(r, (keys, canonical));
+        }
+        let now = Instant::now();
+        for e in self.identities.values_mut() {
+            if e.users == 0 {
+                e.unused_since.get_or_insert(now);
             }
         }
+        Ok(())
+    }
+
+    /// Only the pods that changed: their endpoints are written or removed, the identities
+    /// they use are updated; nothing else is recomputed.
+    async fn pods_incremental(&mut self) -> anyhow::Result<()> {
+        // The reflector task adds to the set; this pass takes what is there now.
+        let refs = self.dirty.take_pods();
+        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut candidates = Vec::new();
+        for r in refs {
+            if let Some((keys, canonical)) = self.pod_keys.remove(&r) {
+                for k in keys {
+                    if self.key_owner.get(&k) == Some(&r) {
+                        self.key_owner.remove(&k);
+                        candidates.push(k);
+                    }
+                }
+                self.unuse_identity(&canonical);
+            }
+            let Some(pod) = self.pods.get(&r) else {
+                continue;
+            };
+            let Some((items, canonical)) = self.pod_export(&pod).await? else {
+                continue;
+            };
+            self.use_identity(&canonical);
+            let keys = items.iter().map(|(k, _)| k.clone()).collect();
+            for (k, v) in items {
+                self.key_owner.insert(k.clone(), r.clone());
+                puts.push((k, v));
+            }
+            self.pod_keys.insert(r, (keys, canonical));
+        }
+        let deletes: Vec<String> = candidates
+            .into_iter()
+            .filter(|k| !self.key_owner.contains_key(k))
+            .collect();
+        // Identities first, so that an endpoint is never exported before its identity.
+        let (identities, _) = self.desired(Kind::Identities).await?;
+        self.apply(Kind::Identities, identities).await?;
+        let started = Instant::now();
+        let wrote = !puts.is_empty() || !deletes.is_empty();
+        if !puts.is_empty() {
+            let n = puts.len();
+            self.session
+                .put_many(puts)
+                .await
+                .context("write endpoints")?;
+            self.metrics
+                .add(m::KEYS_WRITTEN, &["endpoints", "put"], n as f64);
+        }
+        if !deletes.is_empty() {
+            self.session
+                .delete_many(&deletes)
+                .await
+                .context("delete endpoints")?;
+            self.metrics.add(
+                m::KEYS_WRITTEN,
+                &["endpoints", "delete"],
+                deletes.len() as f64,
+            );
+        }
+        if wrote {
+            self.metrics.observe(
+                m::WRITE_SECONDS,
+                &["endpoints"],
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        self.metrics
+            .set(m::EXPORTED, &["endpoints"], self.key_owner.len() as f64);
         Ok(())
     }
 
