@@ -109,6 +109,7 @@ impl Drop for Tasks {
 
 fn reflect<K>(
     api: Api<K>,
+    slim: fn(&mut K),
     on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
     metrics: Registry,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
@@ -123,8 +124,12 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    // Only what the exporter reads is kept in memory.
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(slim),
+    )
+    .default_backoff();
     let task = tokio::spawn(async move {
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
@@ -139,6 +144,30 @@ where
         }
     });
     (reader, task)
+}
+
+/// Drops what no exporter path reads: managed fields (often the largest part of an object).
+fn slim_meta<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
+
+/// A pod as the exporter needs it: identity labels, node, host networking, phase, addresses.
+fn slim_pod(p: &mut Pod) {
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    p.metadata.owner_references = None;
+    p.spec = p.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        host_network: s.host_network,
+        ..Default::default()
+    });
+    p.status = p.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..Default::default()
+    });
 }
 
 struct IdentityEntry {
@@ -210,16 +239,19 @@ pub async fn run(
     let dirty = Arc::new(Dirty::default());
     let (services, t1) = reflect(
         Api::<Service>::all(client.clone()),
+        slim_meta,
         on_change(&dirty, DIRTY_SERVICES),
         metrics.clone(),
     );
     let (slices, t2) = reflect(
         Api::<EndpointSlice>::all(client.clone()),
+        slim_meta,
         on_change(&dirty, DIRTY_SERVICES),
         metrics.clone(),
     );
     let (pods, t3) = reflect(
         Api::<Pod>::all(client.clone()),
+        slim_pod,
         {
             let dirty = Arc::clone(&dirty);
             move |ev: &watcher::Event<Pod>| match ev {
@@ -232,11 +264,13 @@ pub async fn run(
     );
     let (namespaces, t4) = reflect(
         Api::<Namespace>::all(client.clone()),
+        slim_meta,
         on_change(&dirty, DIRTY_SERVICES | DIRTY_PODS),
         metrics.clone(),
     );
     let (nodes, t5) = reflect(
         Api::<K8sNode>::all(client.clone()),
+        slim_meta,
         on_change(&dirty, DIRTY_NODES),
         metrics.clone(),
     );
