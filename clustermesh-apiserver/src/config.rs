@@ -61,6 +61,18 @@ pub struct Args {
     /// Address of the `/metrics`, `/healthz` and `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9880")]
     pub health_bind: String,
+    /// Address of the Mesh API (gRPC over mutual TLS) served to peers and node agents.
+    #[arg(long, env = env::MESH_BIND, default_value = "0.0.0.0:4240")]
+    pub mesh_bind: String,
+    /// Directory with this apiserver's Mesh API certificate (`tls.crt`, `tls.key`) and the
+    /// cluster CA it trusts for clients (`ca.crt`). Unset: no Mesh API is served.
+    #[arg(long, env = env::MESH_TLS_DIR)]
+    pub mesh_tls_dir: Option<PathBuf>,
+    /// Directory of peer configurations, one sub-directory per peer cluster (named after it)
+    /// with `endpoints`, `ca.crt`, `tls.crt`, `tls.key` and optionally `cluster-id`; watched
+    /// for changes. Unset: no peers are imported.
+    #[arg(long, env = env::PEERS_DIR)]
+    pub peers_dir: Option<PathBuf>,
     #[command(flatten)]
     pub log: telemetry::LogArgs,
 }
@@ -90,6 +102,12 @@ pub struct Config {
     pub identity_gc_grace: Duration,
     /// Health and metrics address.
     pub health_bind: SocketAddr,
+    /// Mesh API address.
+    pub mesh_bind: SocketAddr,
+    /// Mesh API TLS files, `None` for no Mesh API.
+    pub mesh_tls: Option<certs::TlsFiles>,
+    /// Peer configurations, `None` for no importer.
+    pub peers_dir: Option<PathBuf>,
 }
 
 /// Every problem found in the flags.
@@ -173,8 +191,26 @@ impl Args {
                 ))
             })
             .ok();
-        match (cluster_name, cluster_id, health_bind) {
-            (Some(cluster_name), Some(cluster_id), Some(health_bind)) if problems.is_empty() => {
+        let mesh_bind = self
+            .mesh_bind
+            .parse::<SocketAddr>()
+            .map_err(|_| problems.push(format!("--mesh-bind: {:?} is not an address:port", self.mesh_bind)))
+            .ok();
+        let mesh_tls = self.mesh_tls_dir.as_ref().map(|d| certs::TlsFiles::in_dir(d));
+        for f in mesh_tls.iter().flat_map(|t| [&t.cert, &t.key, &t.ca]) {
+            if !f.is_file() {
+                problems.push(format!("--mesh-tls-dir: {} does not exist", f.display()));
+            }
+        }
+        if let Some(d) = &self.peers_dir
+            && !d.is_dir()
+        {
+            problems.push(format!("--peers-dir: {} is not a directory", d.display()));
+        }
+        match (cluster_name, cluster_id, health_bind, mesh_bind) {
+            (Some(cluster_name), Some(cluster_id), Some(health_bind), Some(mesh_bind))
+                if problems.is_empty() =>
+            {
                 Ok(Config {
                     cluster_name,
                     cluster_id,
@@ -187,6 +223,9 @@ impl Args {
                     leader_lease: Duration::from_secs(self.leader_lease),
                     identity_gc_grace: Duration::from_secs(self.identity_gc_grace),
                     health_bind,
+                    mesh_bind,
+                    mesh_tls,
+                    peers_dir: self.peers_dir.clone(),
                 })
             }
             _ => Err(Error { problems }),

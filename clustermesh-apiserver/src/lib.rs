@@ -11,12 +11,15 @@
 
 pub mod config;
 pub mod exporter;
+pub mod mesh;
 pub mod metrics;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rustls_pki_types::pem::PemObject;
 use exporter::leader::{Elector, Leadership};
 use k8s_openapi::api::coordination::v1::Lease;
 use telemetry::metrics::Registry;
@@ -29,6 +32,9 @@ pub const LEADER_LEASE_NAME: &str = "clustermesh-apiserver";
 #[derive(Debug)]
 pub struct Running {
     health: SocketAddr,
+    mesh: Option<SocketAddr>,
+    peers: Arc<mesh::importer::Board>,
+    _mesh_tasks: Vec<AbortOnDrop>,
     ready: watch::Receiver<Result<(), String>>,
     leadership: watch::Receiver<Leadership>,
     metrics: Registry,
@@ -50,6 +56,16 @@ impl Running {
     /// This replica's view of the election.
     pub fn leadership(&self) -> watch::Receiver<Leadership> {
         self.leadership.clone()
+    }
+
+    /// The Mesh API address, when served.
+    pub fn mesh_addr(&self) -> Option<SocketAddr> {
+        self.mesh
+    }
+
+    /// The status of every peer.
+    pub fn peers(&self) -> &Arc<mesh::importer::Board> {
+        &self.peers
     }
 
     /// The metrics.
@@ -96,16 +112,48 @@ async fn kube_client(config: &config::Config) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(kc).context("Kubernetes client")
 }
 
-/// Starts the apiserver: health server, etcd registration, leader election, exporter.
+/// What `/status` shows.
+#[derive(Debug, serde::Serialize)]
+struct Status {
+    cluster: String,
+    cluster_id: u16,
+    replica: String,
+    leader: bool,
+    ready: bool,
+    reason: Option<String>,
+    peers: Vec<mesh::importer::PeerStatus>,
+}
+
+/// Starts the apiserver: health server, etcd registration, Mesh API, leader election, and
+/// (while leading) exporter and importer.
 pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let metrics = metrics::registry();
     let (ready_tx, ready) = watch::channel(Err("starting".to_owned()));
-    let health = telemetry::metrics::spawn(config.health_bind, metrics.clone(), ready.clone())
+    let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
+    let board = Arc::new(mesh::importer::Board::default());
+    let status: telemetry::metrics::Routes = {
+        let (board, ready, leadership) = (Arc::clone(&board), ready.clone(), leadership.clone());
+        let (cluster, cluster_id, replica) = (config.cluster_name.to_string(), config.cluster_id.get(), config.replica.clone());
+        Arc::new(move |path: &str| {
+            (path == "/status").then(|| {
+                let r = ready.borrow().clone();
+                let s = Status {
+                    cluster: cluster.clone(),
+                    cluster_id,
+                    replica: replica.clone(),
+                    leader: *leadership.borrow() == Leadership::Leader,
+                    ready: r.is_ok(),
+                    reason: r.err(),
+                    peers: board.snapshot(),
+                };
+                (200, "application/json", serde_json::to_string_pretty(&s).unwrap_or_default())
+            })
+        })
+    };
+    let health = telemetry::metrics::spawn(config.health_bind, metrics.clone(), ready.clone(), Some(status))
         .await
         .with_context(|| format!("listen on {}", config.health_bind))?;
-    let kv = kvstore::Client::connect(config.etcd.clone())
-        .await
-        .context("connect to etcd")?;
+    let kv = kvstore::Client::connect(config.etcd.clone()).await.context("connect to etcd")?;
     kv.register_cluster(&wire::ClusterConfig {
         name: config.cluster_name.clone(),
         id: config.cluster_id,
@@ -114,11 +162,39 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     .await
     .context("register cluster")?;
     let client = kube_client(&config).await?;
+
+    // The Mesh API is served by every replica: it only reads etcd.
+    let mut mesh_tasks = Vec::new();
+    let mut mesh = None;
+    if let Some(files) = &config.mesh_tls {
+        let tls = certs::Reloader::load(files.clone()).context("load the Mesh API certificate")?;
+        mesh_tasks.push(AbortOnDrop(tls.spawn_watch(Duration::from_secs(5))));
+        let ca_pem = std::fs::read(&files.ca).with_context(|| format!("read {}", files.ca.display()))?;
+        let ca_der = rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem)
+            .next()
+            .context("no certificate in the Mesh API trust bundle")?
+            .context("parse the Mesh API trust bundle")?;
+        let (cache, cache_task) = mesh::cache::WatchCache::start(&kv);
+        mesh_tasks.push(AbortOnDrop(cache_task));
+        let service = mesh::server::MeshService::new(
+            config.cluster_name.clone(),
+            config.cluster_id,
+            certs::fingerprint(ca_der.as_ref()),
+            cache,
+            metrics.clone(),
+        );
+        let (addr, task) = mesh::server::spawn(config.mesh_bind, tls, service)
+            .await
+            .with_context(|| format!("listen on {}", config.mesh_bind))?;
+        mesh_tasks.push(AbortOnDrop(task));
+        mesh = Some(addr);
+    }
     tracing::info!(
         cluster = %config.cluster_name,
         cluster_id = %config.cluster_id,
         replica = %config.replica,
         health = %health,
+        mesh = ?mesh,
         "registered in etcd; electing a leader"
     );
     let elector = Elector::new(
@@ -128,7 +204,6 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         config.leader_lease,
         metrics.clone(),
     );
-    let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
     let (stop, stop_rx) = tokio::sync::oneshot::channel();
     let settings = exporter::Settings {
         cluster: config.cluster_name.clone(),
@@ -136,18 +211,24 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         lease_ttl: config.lease_ttl,
         identity_gc_grace: config.identity_gc_grace,
     };
-    let task = tokio::spawn(supervise(
-        elector,
-        lead_tx,
-        settings,
-        client,
-        kv,
-        metrics.clone(),
-        ready_tx,
-        stop_rx,
-    ));
+    let importer = config.peers_dir.clone().map(|dir| {
+        (
+            mesh::importer::Context {
+                kv: kv.clone(),
+                own: config.cluster_name.clone(),
+                own_id: config.cluster_id,
+                board: Arc::clone(&board),
+                metrics: metrics.clone(),
+            },
+            dir,
+        )
+    });
+    let task = tokio::spawn(supervise(elector, lead_tx, settings, importer, client, kv, metrics.clone(), ready_tx, stop_rx));
     Ok(Running {
         health,
+        mesh,
+        peers: board,
+        _mesh_tasks: mesh_tasks,
         ready,
         leadership,
         metrics,
@@ -161,6 +242,7 @@ async fn supervise(
     elector: Elector,
     lead_tx: watch::Sender<Leadership>,
     settings: exporter::Settings,
+    importer: Option<(mesh::importer::Context, std::path::PathBuf)>,
     client: kube::Client,
     kv: kvstore::Client,
     metrics: Registry,
@@ -190,13 +272,25 @@ async fn supervise(
             }
         }
         // Lead until leadership is lost: dropping the exporter stops every write at once.
-        let run = exporter::run(
+        let export = exporter::run(
             settings.clone(),
             client.clone(),
             kv.clone(),
             metrics.clone(),
             ready.clone(),
         );
+        let import = async {
+            match importer.clone() {
+                Some((ctx, dir)) => mesh::importer::run(ctx, dir, Duration::from_secs(1)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let run = async move {
+            tokio::select! {
+                r = export => r,
+                () = import => Ok(()),
+            }
+        };
         tokio::pin!(run);
         let lost = async {
             loop {
@@ -223,6 +317,7 @@ async fn supervise(
     }
 }
 
+#[derive(Debug)]
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

@@ -22,6 +22,23 @@ pub const LEADER: &str = "clustermesh_leader";
 /// Reconcile passes, by trigger.
 pub const PASSES: &str = "clustermesh_reconcile_passes_total";
 
+/// Mesh API requests refused by authorization.
+pub const MESH_DENIED: &str = "clustermesh_mesh_api_denied_total";
+/// Mesh API TLS handshakes refused or timed out.
+pub const MESH_HANDSHAKE_FAILURES: &str = "clustermesh_mesh_api_handshake_failures_total";
+/// Mesh API watches started.
+pub const MESH_WATCHES: &str = "clustermesh_mesh_api_watches_total";
+/// Mesh API clients too slow that got a fresh snapshot.
+pub const MESH_RESYNCS: &str = "clustermesh_mesh_api_resyncs_total";
+/// Change origin → local write, per peer.
+pub const PEER_PROPAGATION_SECONDS: &str = "clustermesh_peer_propagation_seconds";
+/// Reconnects, per peer.
+pub const PEER_RECONNECTS: &str = "clustermesh_peer_reconnects_total";
+/// Bytes received, per peer.
+pub const PEER_BYTES: &str = "clustermesh_peer_received_bytes_total";
+/// Objects refused, per peer.
+pub const PEER_REJECTED: &str = "clustermesh_peer_rejected_objects_total";
+
 /// A registry with every apiserver metric declared.
 pub fn registry() -> Registry {
     let r = Registry::new();
@@ -59,6 +76,14 @@ pub fn registry() -> Registry {
     );
     r.gauge(LEADER, "1 while this replica is the exporting leader.", &[]);
     r.counter(PASSES, "Reconcile passes.", &[]);
+    r.counter(MESH_DENIED, "Mesh API requests refused by authorization.", &[]);
+    r.counter(MESH_HANDSHAKE_FAILURES, "Mesh API TLS handshakes refused or timed out.", &[]);
+    r.counter(MESH_WATCHES, "Mesh API watches started.", &[]);
+    r.counter(MESH_RESYNCS, "Mesh API clients that fell behind and got a fresh snapshot.", &[]);
+    r.histogram(PEER_PROPAGATION_SECONDS, "From a change at the peer to its local write.", &["peer"], LATENCY_BUCKETS);
+    r.counter(PEER_RECONNECTS, "Peer connections lost.", &["peer"]);
+    r.counter(PEER_BYTES, "Bytes received from a peer (decoded messages).", &["peer"]);
+    r.counter(PEER_REJECTED, "Objects from a peer refused by validation.", &["peer"]);
     r.set(LEADER, &[], 0.0);
     r
 }

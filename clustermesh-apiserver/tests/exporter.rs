@@ -68,6 +68,9 @@ impl Lab {
             leader_lease: Duration::from_secs(2),
             identity_gc_grace: Duration::from_secs(1),
             health_bind: "127.0.0.1:0".parse().unwrap(),
+            mesh_bind: "127.0.0.1:0".parse().unwrap(),
+            mesh_tls: None,
+            peers_dir: None,
         }
     }
 

@@ -43,6 +43,12 @@ pub mod env {
     pub const IDENTITY_GC_GRACE: &str = "CLUSTERMESH_IDENTITY_GC_GRACE";
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     pub const HEALTH_BIND: &str = "CLUSTERMESH_HEALTH_BIND";
+    /// Address of the Mesh API.
+    pub const MESH_BIND: &str = "CLUSTERMESH_MESH_BIND";
+    /// Directory with the Mesh API's `tls.crt`, `tls.key`, `ca.crt`.
+    pub const MESH_TLS_DIR: &str = "CLUSTERMESH_MESH_TLS_DIR";
+    /// Directory of peer configurations.
+    pub const PEERS_DIR: &str = "CLUSTERMESH_PEERS_DIR";
     /// Where bpffs is mounted.
     pub const BPFFS: &str = "CLUSTERMESH_BPFFS";
     /// The local apiserver's Mesh API address, for node agents.

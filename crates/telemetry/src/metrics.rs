@@ -237,12 +237,17 @@ impl Registry {
     }
 }
 
-/// Serves `/metrics` (the registry), `/healthz` (200 while the process runs) and `/readyz`
-/// (200 once `ready` is true, 503 with the reason before) on `listener` until dropped.
+/// Extra routes: path → (status code, content type, body), or `None` for 404.
+pub type Routes = Arc<dyn Fn(&str) -> Option<(u16, &'static str, String)> + Send + Sync>;
+
+/// Serves `/metrics` (the registry), `/healthz` (200 while the process runs), `/readyz`
+/// (200 once `ready` is true, 503 with the reason before) and `extra` on `listener` until
+/// dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
     ready: watch::Receiver<Result<(), String>>,
+    extra: Option<Routes>,
 ) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -250,8 +255,10 @@ pub async fn serve(
         };
         let registry = registry.clone();
         let ready = ready.clone();
+        let extra = extra.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let mut ct = "text/plain; charset=utf-8";
                 let (code, body) = match req.uri().path() {
                     "/metrics" => (StatusCode::OK, registry.render()),
                     "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
@@ -262,10 +269,19 @@ pub async fn serve(
                             format!("not ready: {why}\n"),
                         ),
                     },
-                    _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+                    path => match extra.as_ref().and_then(|f| f(path)) {
+                        Some((code, content_type, body)) => {
+                            ct = content_type;
+                            (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), body)
+                        }
+                        None => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+                    },
                 };
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 *r.status_mut() = code;
+                if let Ok(v) = hyper::header::HeaderValue::from_str(ct) {
+                    r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+                }
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -280,10 +296,11 @@ pub async fn spawn(
     addr: SocketAddr,
     registry: Registry,
     ready: watch::Receiver<Result<(), String>>,
+    extra: Option<Routes>,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    tokio::spawn(serve(listener, registry, ready));
+    tokio::spawn(serve(listener, registry, ready, extra));
     Ok(bound)
 }
 

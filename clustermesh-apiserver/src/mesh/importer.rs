@@ -1,0 +1,640 @@
+//! The importer: one task per configured peer, mirroring what the peer exports into this
+//! cluster's etcd under `cache/<peer>/`.
+//!
+//! Peers are directories under the peers directory, one per peer, named after the peer
+//! cluster and holding `endpoints` (one `host:port` per line), `ca.crt` (the peer's CA),
+//! `tls.crt` and `tls.key` (this cluster's client certificate issued by the peer's CA), and
+//! optionally `cluster-id`. The directory is watched: a new peer is connected, a removed one is
+//! disconnected and drained, a changed one is reconnected (its cache is kept).
+//!
+//! Every received object is validated (its cluster is the peer; its name and kind make a key
+//! inside the peer's prefix; it decodes and its content names the same cluster and name)
+//! before it is written. On disconnect the last state stays, marked stale. On reconnect the
+//! importer resumes from its revision, or takes a snapshot and deletes only what the peer no
+//! longer has, and only once the peer's synced marker for that kind has arrived.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use certs::{Reloader, TlsFiles};
+use model::keys::{self, Kind, Scope};
+use model::{ClusterId, ClusterName};
+use rand::Rng;
+use serde::Serialize;
+use telemetry::metrics::Registry;
+use wire::{Codec, pb};
+
+use super::client;
+use crate::metrics as m;
+
+/// One peer's configuration, read from its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer cluster.
+    pub name: ClusterName,
+    /// Its expected ID, when configured.
+    pub cluster_id: Option<ClusterId>,
+    /// `host:port` of its Mesh API.
+    pub endpoints: Vec<String>,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// The files' contents, to notice changes.
+    fingerprint: Vec<u8>,
+}
+
+impl PeerConfig {
+    /// Reads `dir` (named after the peer).
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("{}: not a peer directory", dir.display()))?;
+        let name = ClusterName::new(name).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()));
+        let endpoints_raw = read("endpoints")?;
+        let endpoints: Vec<String> = String::from_utf8_lossy(&endpoints_raw)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("{}: no endpoints", dir.join("endpoints").display()));
+        }
+        let cluster_id = match std::fs::read_to_string(dir.join("cluster-id")) {
+            Ok(s) => Some(
+                s.trim()
+                    .parse::<ClusterId>()
+                    .map_err(|e| format!("{}: {e}", dir.join("cluster-id").display()))?,
+            ),
+            Err(_) => None,
+        };
+        let tls = TlsFiles::in_dir(dir);
+        let mut fingerprint = endpoints_raw;
+        for f in ["ca.crt", "tls.crt", "tls.key", "cluster-id"] {
+            fingerprint.extend(std::fs::read(dir.join(f)).unwrap_or_default());
+        }
+        Ok(Self {
+            name,
+            cluster_id,
+            endpoints,
+            tls,
+            fingerprint,
+        })
+    }
+}
+
+/// Where a peer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Not connected yet (or never successfully).
+    Connecting,
+    /// Connected, receiving the initial state.
+    Syncing,
+    /// In sync, following changes.
+    Ready,
+    /// Disconnected; the last state is kept.
+    Stale,
+}
+
+/// One peer's status, as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// The peer.
+    pub name: String,
+    /// Its ID, once known.
+    pub cluster_id: Option<u16>,
+    /// The phase.
+    pub phase: Phase,
+    /// Since when (Unix seconds).
+    pub since_unix: i64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// When the last error happened (Unix seconds).
+    pub last_error_unix: Option<i64>,
+    /// Objects held per kind.
+    pub objects: BTreeMap<String, usize>,
+    /// The peer's revision this cluster has caught up with.
+    pub revision: i64,
+    /// End of validity of the peer's server certificate (Unix seconds).
+    pub peer_cert_not_after_unix: Option<i64>,
+    /// The endpoint in use.
+    pub endpoint: Option<String>,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// The status of every peer, shared with `/status`.
+#[derive(Debug, Default)]
+pub struct Board {
+    peers: Mutex<BTreeMap<String, PeerStatus>>,
+    /// Connected peers' IDs, to refuse a collision.
+    ids: Mutex<HashMap<ClusterId, ClusterName>>,
+}
+
+impl Board {
+    fn update(&self, peer: &ClusterName, f: impl FnOnce(&mut PeerStatus)) {
+        let mut g = match self.peers.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let s = g.entry(peer.to_string()).or_insert_with(|| PeerStatus {
+            name: peer.to_string(),
+            cluster_id: None,
+            phase: Phase::Connecting,
+            since_unix: now_unix(),
+            last_error: None,
+            last_error_unix: None,
+            objects: BTreeMap::new(),
+            revision: 0,
+            peer_cert_not_after_unix: None,
+            endpoint: None,
+        });
+        f(s);
+    }
+
+    fn set_phase(&self, peer: &ClusterName, phase: Phase) {
+        self.update(peer, |s| {
+            if s.phase != phase {
+                s.phase = phase;
+                s.since_unix = now_unix();
+            }
+        });
+    }
+
+    fn error(&self, peer: &ClusterName, e: &str) {
+        self.update(peer, |s| {
+            s.last_error = Some(e.to_owned());
+            s.last_error_unix = Some(now_unix());
+        });
+    }
+
+    fn remove(&self, peer: &ClusterName) {
+        if let Ok(mut g) = self.peers.lock() {
+            g.remove(peer.as_str());
+        }
+        self.release_id(peer);
+    }
+
+    fn claim_id(&self, peer: &ClusterName, id: ClusterId) -> Result<(), String> {
+        let mut g = match self.ids.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match g.get(&id) {
+            Some(other) if other != peer => Err(format!(
+                "peer {peer} has cluster ID {id}, which connected peer {other} already has"
+            )),
+            _ => {
+                g.retain(|_, n| n != peer);
+                g.insert(id, peer.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn release_id(&self, peer: &ClusterName) {
+        if let Ok(mut g) = self.ids.lock() {
+            g.retain(|_, n| n != peer);
+        }
+    }
+
+    /// Every peer's status.
+    pub fn snapshot(&self) -> Vec<PeerStatus> {
+        match self.peers.lock() {
+            Ok(g) => g.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        }
+    }
+
+    /// One peer's status.
+    pub fn get(&self, peer: &str) -> Option<PeerStatus> {
+        self.peers.lock().ok()?.get(peer).cloned()
+    }
+}
+
+/// What every peer task shares.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Local etcd.
+    pub kv: kvstore::Client,
+    /// This cluster.
+    pub own: ClusterName,
+    /// Its ID.
+    pub own_id: ClusterId,
+    /// Status.
+    pub board: Arc<Board>,
+    /// Metrics.
+    pub metrics: Registry,
+}
+
+/// Watches `dir` and runs one task per peer until dropped.
+pub async fn run(ctx: Context, dir: PathBuf, rescan: Duration) {
+    let mut tasks: HashMap<String, (PeerConfig, AbortOnDrop)> = HashMap::new();
+    let mut reported: HashMap<PathBuf, String> = HashMap::new();
+    loop {
+        let mut found: HashMap<String, PeerConfig> = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                // Kubernetes Secret mounts hold `..data` links; only real peer directories count.
+                if !path.is_dir() || e.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                match PeerConfig::load(&path) {
+                    Ok(cfg) => {
+                        reported.remove(&path);
+                        if cfg.name == ctx.own {
+                            tracing::warn!(peer = %cfg.name, "ignoring a peer configuration for this cluster itself");
+                            continue;
+                        }
+                        found.insert(cfg.name.to_string(), cfg);
+                    }
+                    Err(e) => {
+                        if reported.get(&path) != Some(&e) {
+                            tracing::warn!(error = %e, "invalid peer configuration; ignored");
+                            ctx.metrics.inc(m::ERRORS, &["peer-config"]);
+                            reported.insert(path, e);
+                        }
+                    }
+                }
+            }
+        }
+        // Removed peers: disconnect and drain.
+        let gone: Vec<String> = tasks.keys().filter(|k| !found.contains_key(*k)).cloned().collect();
+        for name in gone {
+            if let Some((cfg, task)) = tasks.remove(&name) {
+                drop(task);
+                tracing::info!(peer = %cfg.name, "peer removed; draining its state");
+                let prefix = keys::cluster_prefix(Scope::Cache, &cfg.name);
+                if let Err(e) = ctx.kv.delete_prefix(&prefix).await {
+                    tracing::warn!(peer = %cfg.name, error = %e, "could not drain the peer's state");
+                }
+                ctx.board.remove(&cfg.name);
+            }
+        }
+        // New or changed peers: (re)connect.
+        for (name, cfg) in found {
+            if tasks.get(&name).is_some_and(|(old, _)| *old == cfg) {
+                continue;
+            }
+            if tasks.remove(&name).is_some() {
+                tracing::info!(peer = %name, "peer configuration changed; reconnecting");
+            } else {
+                tracing::info!(peer = %name, endpoints = ?cfg.endpoints, "peer added; connecting");
+            }
+            let task = tokio::spawn(run_peer(ctx.clone(), cfg.clone()));
+            tasks.insert(name, (cfg, AbortOnDrop(task)));
+        }
+        tokio::time::sleep(rescan).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What this cluster holds of one peer.
+struct Mirror {
+    /// (kind, name) → value, as written under `cache/<peer>/`.
+    held: BTreeMap<(Kind, String), Vec<u8>>,
+    /// The peer revision caught up with (0: none; the next watch takes a snapshot).
+    revision: i64,
+}
+
+async fn load_mirror(ctx: &Context, peer: &ClusterName) -> Mirror {
+    let mut held = BTreeMap::new();
+    for kind in Kind::ALL {
+        let prefix = keys::kind_prefix(Scope::Cache, peer, kind);
+        if let Ok((kvs, _)) = ctx.kv.list_raw(&prefix).await {
+            for kv in kvs {
+                held.insert((kind, kv.key[prefix.len()..].to_owned()), kv.value);
+            }
+        }
+    }
+    Mirror { held, revision: 0 }
+}
+
+async fn run_peer(ctx: Context, cfg: PeerConfig) {
+    let mut mirror = load_mirror(&ctx, &cfg.name).await;
+    let mut failures: u32 = 0;
+    ctx.board.update(&cfg.name, |s| {
+        for kind in Kind::ALL {
+            s.objects.insert(kind.to_string(), mirror.held.keys().filter(|(k, _)| *k == kind).count());
+        }
+    });
+    loop {
+        let had_state = !mirror.held.is_empty();
+        if !had_state {
+            ctx.board.set_phase(&cfg.name, Phase::Connecting);
+        }
+        let result = session(&ctx, &cfg, &mut mirror).await;
+        ctx.board.release_id(&cfg.name);
+        let e = match result {
+            Ok(()) => "the peer closed the stream".to_owned(),
+            Err(e) => e,
+        };
+        ctx.metrics.inc(m::PEER_RECONNECTS, &[cfg.name.as_str()]);
+        tracing::warn!(peer = %cfg.name, error = %e, "peer connection lost");
+        ctx.board.error(&cfg.name, &e);
+        if !mirror.held.is_empty() {
+            ctx.board.set_phase(&cfg.name, Phase::Stale);
+        } else {
+            ctx.board.set_phase(&cfg.name, Phase::Connecting);
+        }
+        // Exponential backoff with ±20 % jitter, 200 ms to 10 s.
+        failures = failures.saturating_add(1);
+        let base = Duration::from_millis(200).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(10));
+        let jitter = rand::rng().random_range(0.8..1.2);
+        tokio::time::sleep(base.mul_f64(jitter)).await;
+    }
+}
+
+/// A snapshot being received: what it named per kind, and which kinds the peer has synced.
+#[derive(Default)]
+struct Resync {
+    seen: HashMap<Kind, HashSet<String>>,
+    complete: bool,
+    pruned: HashSet<Kind>,
+}
+
+fn validate(
+    peer: &ClusterName,
+    peer_id: ClusterId,
+    c: &pb::Change,
+) -> Result<(Kind, String, Option<Vec<u8>>), String> {
+    if c.cluster != peer.as_str() {
+        return Err(format!(
+            "peer {peer} sent a {} object {:?} of cluster {:?}: refused",
+            c.kind, c.name, c.cluster
+        ));
+    }
+    let kind: Kind = c
+        .kind
+        .parse()
+        .map_err(|_| format!("peer {peer} sent an object of unknown kind {:?}", c.kind))?;
+    let key = keys::object_key(Scope::Cache, peer, kind, &c.name);
+    match keys::parse(&key) {
+        Ok(keys::Parsed::Object { cluster, kind: k, name, .. })
+            if cluster == *peer && k == kind && name == c.name => {}
+        _ => return Err(format!("peer {peer} sent an object with an invalid name {:?}", c.name)),
+    }
+    if c.op == pb::change::Op::Delete as i32 {
+        return Ok((kind, c.name.clone(), None));
+    }
+    let check = |owner: &ClusterName, name: String| -> Result<(), String> {
+        if owner != peer || name != c.name {
+            return Err(format!(
+                "peer {peer} sent {kind} {:?} whose content names cluster {owner} and name {name:?}: refused",
+                c.name
+            ));
+        }
+        Ok(())
+    };
+    let bad = |e: wire::Error| format!("peer {peer} sent an invalid {kind} {:?}: {e}", c.name);
+    match kind {
+        Kind::Services => {
+            let o = model::GlobalService::decode(&c.value).map_err(bad)?;
+            check(&o.cluster, model::Object::object_name(&o))?;
+        }
+        Kind::Endpoints => {
+            let o = model::Endpoint::decode(&c.value).map_err(bad)?;
+            check(&o.cluster, model::Object::object_name(&o))?;
+            if !o.identity.is_reserved() && o.identity.cluster() != Some(peer_id) {
+                return Err(format!(
+                    "peer {peer} (ID {peer_id}) sent endpoint {} with identity {} from another cluster's range: refused",
+                    o.ip, o.identity
+                ));
+            }
+        }
+        Kind::Identities => {
+            let o = model::Identity::decode(&c.value).map_err(bad)?;
+            check(&o.cluster, model::Object::object_name(&o))?;
+            if o.id.cluster() != Some(peer_id) {
+                return Err(format!(
+                    "peer {peer} (ID {peer_id}) sent identity {} from another cluster's range: refused",
+                    o.id
+                ));
+            }
+        }
+        Kind::Nodes => {
+            let o = model::Node::decode(&c.value).map_err(bad)?;
+            check(&o.cluster, model::Object::object_name(&o))?;
+        }
+    }
+    Ok((kind, c.name.clone(), Some(c.value.clone())))
+}
+
+/// One connection: connect, check who answered, watch, mirror. Returns why it ended.
+async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result<(), String> {
+    let tls = Reloader::load(cfg.tls.clone()).map_err(|e| format!("peer TLS files: {e}"))?;
+    let connected = client::connect(&cfg.name, &cfg.endpoints, &tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut api = connected.client;
+    ctx.board.update(&cfg.name, |s| {
+        s.peer_cert_not_after_unix = Some(connected.server_not_after_unix);
+        s.endpoint = Some(connected.endpoint.clone());
+    });
+    let info = api
+        .cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .map_err(|e| format!("ClusterInfo: {}: {}", e.code(), e.message()))?
+        .into_inner();
+    let cert_id = connected.server.cluster_id;
+    if info.name != cfg.name.as_str() || info.id != u32::from(cert_id.get()) {
+        return Err(format!(
+            "the peer says it is cluster {} (ID {}) but its certificate says {} (ID {cert_id})",
+            info.name, info.id, connected.server.cluster
+        ));
+    }
+    if let Some(want) = cfg.cluster_id
+        && want != cert_id
+    {
+        return Err(format!(
+            "peer {} has cluster ID {cert_id}, but its configuration says {want}",
+            cfg.name
+        ));
+    }
+    if cert_id == ctx.own_id {
+        return Err(format!(
+            "peer {} has cluster ID {cert_id}, which is this cluster's ({}) ID",
+            cfg.name, ctx.own
+        ));
+    }
+    ctx.board.claim_id(&cfg.name, cert_id)?;
+    ctx.board.update(&cfg.name, |s| s.cluster_id = Some(cert_id.get()));
+
+    let mut stream = api
+        .watch(pb::WatchRequest {
+            kinds: Vec::new(),
+            clusters: vec![cfg.name.to_string()],
+            resume_revision: mirror.revision,
+        })
+        .await
+        .map_err(|e| format!("Watch: {}: {}", e.code(), e.message()))?
+        .into_inner();
+    ctx.board.set_phase(&cfg.name, Phase::Syncing);
+    tracing::info!(peer = %cfg.name, endpoint = %connected.endpoint, resume = mirror.revision, "watching peer");
+    let peer = cfg.name.as_str();
+    let mut resync: Option<Resync> = None;
+    let mut synced: HashSet<Kind> = HashSet::new();
+    let mut markers: HashMap<Kind, Vec<u8>> = HashMap::new();
+    let mut ready = mirror.revision > 0;
+    let mut last_count = std::time::Instant::now();
+    if ready {
+        ctx.board.set_phase(&cfg.name, Phase::Ready);
+    }
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err("the peer ended the watch".into()),
+            Err(e) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
+        };
+        ctx.metrics.add(m::PEER_BYTES, &[peer], prost::Message::encoded_len(&msg) as f64);
+        if msg.reset {
+            resync = Some(Resync::default());
+            synced.clear();
+            ready = false;
+            ctx.board.set_phase(&cfg.name, Phase::Syncing);
+        }
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        let now = now_micros();
+        for c in &msg.changes {
+            match validate(&cfg.name, cert_id, c) {
+                Ok((kind, name, value)) => {
+                    if c.origin_unix_micros > 0 {
+                        let secs = (now - c.origin_unix_micros).max(0) as f64 / 1e6;
+                        ctx.metrics.observe(m::PEER_PROPAGATION_SECONDS, &[peer], secs);
+                    }
+                    let key = keys::object_key(Scope::Cache, &cfg.name, kind, &name);
+                    match value {
+                        Some(v) => {
+                            if let Some(r) = resync.as_mut() {
+                                r.seen.entry(kind).or_default().insert(name.clone());
+                            }
+                            if mirror.held.get(&(kind, name.clone())) != Some(&v) {
+                                puts.push((key, v.clone()));
+                                mirror.held.insert((kind, name), v);
+                            }
+                        }
+                        None => {
+                            if let Some(r) = resync.as_mut()
+                                && let Some(seen) = r.seen.get_mut(&kind)
+                            {
+                                seen.remove(&name);
+                            }
+                            if mirror.held.remove(&(kind, name)).is_some() {
+                                deletes.push(key);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    ctx.metrics.inc(m::PEER_REJECTED, &[peer]);
+                    tracing::warn!(peer = %cfg.name, error = %e, "object refused");
+                    ctx.board.error(&cfg.name, &e);
+                }
+            }
+        }
+        if !puts.is_empty() {
+            ctx.kv.put_many(&puts, 0).await.map_err(|e| format!("local etcd: {e}"))?;
+        }
+        if !deletes.is_empty() {
+            ctx.kv.delete_many(&deletes).await.map_err(|e| format!("local etcd: {e}"))?;
+        }
+        for s in &msg.synced {
+            if s.cluster != peer {
+                continue;
+            }
+            if let Ok(kind) = s.kind.parse::<Kind>() {
+                synced.insert(kind);
+                markers.insert(kind, prost::Message::encode_to_vec(s));
+            }
+        }
+        if msg.snapshot_complete
+            && let Some(r) = resync.as_mut()
+        {
+            r.complete = true;
+        }
+        // Prune what a completed snapshot did not name, per kind, once the peer synced it.
+        if let Some(r) = resync.as_mut()
+            && r.complete
+        {
+            for kind in Kind::ALL {
+                if !synced.contains(&kind) || r.pruned.contains(&kind) {
+                    continue;
+                }
+                r.pruned.insert(kind);
+                let seen = r.seen.remove(&kind).unwrap_or_default();
+                let stale: Vec<(Kind, String)> = mirror
+                    .held
+                    .keys()
+                    .filter(|(k, n)| *k == kind && !seen.contains(n))
+                    .cloned()
+                    .collect();
+                if !stale.is_empty() {
+                    let keys: Vec<String> = stale
+                        .iter()
+                        .map(|(k, n)| keys::object_key(Scope::Cache, &cfg.name, *k, n))
+                        .collect();
+                    ctx.kv.delete_many(&keys).await.map_err(|e| format!("local etcd: {e}"))?;
+                    for s in stale {
+                        mirror.held.remove(&s);
+                    }
+                    tracing::info!(peer = %cfg.name, %kind, removed = keys.len(), "removed what the peer no longer has");
+                }
+            }
+        }
+        // Mirror the peer's synced markers once its state of that kind is in place.
+        for kind in synced.clone() {
+            let pruned = resync.as_ref().is_none_or(|r| r.pruned.contains(&kind));
+            if pruned && let Some(v) = markers.remove(&kind) {
+                ctx.kv
+                    .put_raw(&keys::synced(Scope::Cache, &cfg.name, kind), v)
+                    .await
+                    .map_err(|e| format!("local etcd: {e}"))?;
+            }
+        }
+        if resync.as_ref().is_some_and(|r| Kind::ALL.iter().all(|k| r.pruned.contains(k))) {
+            resync = None;
+        }
+        mirror.revision = mirror.revision.max(msg.revision);
+        if !ready && resync.is_none() {
+            ready = true;
+            ctx.board.set_phase(&cfg.name, Phase::Ready);
+            tracing::info!(peer = %cfg.name, objects = mirror.held.len(), "peer in sync");
+        }
+        if ready || last_count.elapsed() >= Duration::from_secs(1) {
+            last_count = std::time::Instant::now();
+            let mut counts: BTreeMap<String, usize> = Kind::ALL.iter().map(|k| (k.to_string(), 0)).collect();
+            for (k, _) in mirror.held.keys() {
+                *counts.entry(k.to_string()).or_default() += 1;
+            }
+            ctx.board.update(&cfg.name, |s| {
+                s.revision = mirror.revision;
+                s.objects = counts;
+            });
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! The Mesh API (served to peers and to this cluster's node agents) and the importer (this
+//! cluster's client of its peers' Mesh APIs).
+
+pub mod cache;
+pub mod client;
+pub mod importer;
+pub mod server;

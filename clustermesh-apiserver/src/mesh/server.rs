@@ -1,0 +1,375 @@
+//! The Mesh API server: mutual TLS (a client without a certificate from this cluster's trust
+//! bundle never gets past the handshake), authorization from the client certificate, and the
+//! Watch and ClusterInfo RPCs over the [`WatchCache`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::{MeshIdentity, Reloader, Role};
+use model::keys::{Kind, Scope};
+use model::{ClusterId, ClusterName};
+use telemetry::metrics::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
+use tonic::{Request, Response, Status};
+use wire::pb;
+use wire::pb::mesh_server::{Mesh, MeshServer};
+
+use super::cache::{Item, Record, Start, Update, WatchCache};
+use crate::metrics as m;
+
+/// The largest message a Mesh API peer may send or receive.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// Changes per Watch message.
+const BATCH: usize = 512;
+
+/// What a caller may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// A peer cluster's apiserver: this cluster's own exports only.
+    Peer(ClusterName),
+    /// This cluster's node agents, admins and apiserver replicas: own exports and imports.
+    Local(MeshIdentity),
+}
+
+/// The Mesh API service.
+#[derive(Debug, Clone)]
+pub struct MeshService {
+    cluster: ClusterName,
+    cluster_id: ClusterId,
+    trust_bundle_sha256: String,
+    cache: Arc<WatchCache>,
+    metrics: Registry,
+}
+
+impl MeshService {
+    /// The service of `cluster` over `cache`.
+    pub fn new(
+        cluster: ClusterName,
+        cluster_id: ClusterId,
+        trust_bundle_sha256: String,
+        cache: Arc<WatchCache>,
+        metrics: Registry,
+    ) -> Self {
+        Self {
+            cluster,
+            cluster_id,
+            trust_bundle_sha256,
+            cache,
+            metrics,
+        }
+    }
+
+    /// Who the caller is, from its certificate, and what it may see.
+    pub fn authorize<T>(&self, req: &Request<T>) -> Result<View, Status> {
+        let deny = |reason: String| {
+            self.metrics.inc(m::MESH_DENIED, &[]);
+            tracing::warn!(reason = %reason, "Mesh API request refused");
+            Status::permission_denied(reason)
+        };
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let id = MeshIdentity::from_cert_der(leaf.as_ref())
+            .map_err(|e| deny(format!("the client certificate carries no mesh identity: {e}")))?;
+        let own = id.cluster == self.cluster;
+        match id.role {
+            Role::Peer if !own && id.cluster_id != self.cluster_id => Ok(View::Peer(id.cluster)),
+            Role::Peer if !own => Err(deny(format!(
+                "peer {} claims cluster ID {}, which is this cluster's ({})",
+                id.cluster, id.cluster_id, self.cluster
+            ))),
+            Role::NodeAgent | Role::Admin | Role::Apiserver if own && id.cluster_id == self.cluster_id => {
+                Ok(View::Local(id))
+            }
+            role => Err(deny(format!(
+                "a {role} certificate of cluster {} (ID {}) may not use the Mesh API of cluster {} (ID {})",
+                id.cluster, id.cluster_id, self.cluster, self.cluster_id
+            ))),
+        }
+    }
+}
+
+/// Which records a watch delivers.
+#[derive(Debug, Clone)]
+struct Filter {
+    view: View,
+    own: ClusterName,
+    kinds: Option<HashSet<Kind>>,
+    clusters: Option<HashSet<String>>,
+}
+
+impl Filter {
+    fn admits(&self, r: &Record) -> bool {
+        let visible = match &self.view {
+            View::Peer(_) => r.scope == Scope::State && r.cluster == self.own,
+            View::Local(_) => r.scope == Scope::Cache || r.cluster == self.own,
+        };
+        let kind = match &r.item {
+            Item::Object(k, _) | Item::Synced(k) => *k,
+        };
+        visible
+            && self.kinds.as_ref().is_none_or(|ks| ks.contains(&kind))
+            && self.clusters.as_ref().is_none_or(|cs| cs.contains(r.cluster.as_str()))
+    }
+}
+
+fn change(r: &Record, deleted: bool) -> Option<pb::Change> {
+    let Item::Object(kind, name) = &r.item else {
+        return None;
+    };
+    Some(pb::Change {
+        op: if deleted { pb::change::Op::Delete } else { pb::change::Op::Put } as i32,
+        cluster: r.cluster.to_string(),
+        kind: kind.to_string(),
+        name: name.clone(),
+        value: if deleted { Vec::new() } else { r.value.to_vec() },
+        revision: r.revision,
+        origin_unix_micros: r.seen_unix_micros,
+    })
+}
+
+fn synced(r: &Record) -> Option<pb::SyncedMarker> {
+    let Item::Synced(_) = &r.item else { return None };
+    <pb::SyncedMarker as prost::Message>::decode(r.value.as_ref()).ok()
+}
+
+async fn send_snapshot(
+    tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    filter: &Filter,
+    records: Vec<Arc<Record>>,
+    revision: i64,
+) -> bool {
+    let mut changes = Vec::new();
+    let mut markers = Vec::new();
+    let mut first = true;
+    for r in records.iter().filter(|r| filter.admits(r)) {
+        if let Some(c) = change(r, false) {
+            changes.push(c);
+        } else if let Some(s) = synced(r) {
+            markers.push(s);
+        }
+        if changes.len() == BATCH {
+            let msg = pb::WatchResponse {
+                reset: first,
+                changes: std::mem::take(&mut changes),
+                revision,
+                ..Default::default()
+            };
+            first = false;
+            if tx.send(Ok(msg)).await.is_err() {
+                return false;
+            }
+        }
+    }
+    let msg = pb::WatchResponse {
+        reset: first,
+        changes,
+        synced: markers,
+        revision,
+        snapshot_complete: true,
+    };
+    tx.send(Ok(msg)).await.is_ok()
+}
+
+async fn stream_updates(
+    cache: Arc<WatchCache>,
+    filter: Filter,
+    start: Start,
+    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    metrics: Registry,
+) {
+    let Start {
+        snapshot,
+        replay,
+        mut live,
+        mut revision,
+    } = start;
+    if let Some(records) = snapshot
+        && !send_snapshot(&tx, &filter, records, revision).await
+    {
+        return;
+    }
+    let mut pending: Vec<Update> = replay;
+    loop {
+        // Drain what is already there (up to a batch), then send one message.
+        if pending.is_empty() {
+            match live.recv().await {
+                Ok(u) => pending.push(u),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    metrics.inc(m::MESH_RESYNCS, &[]);
+                    tracing::info!(missed = n, "Mesh API client too slow; sending a fresh snapshot");
+                    let start = cache.subscribe(0);
+                    live = start.live;
+                    revision = start.revision;
+                    if !send_snapshot(&tx, &filter, start.snapshot.unwrap_or_default(), revision).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+        while pending.len() < BATCH {
+            match live.try_recv() {
+                Ok(u) => pending.push(u),
+                Err(_) => break,
+            }
+        }
+        let mut msg = pb::WatchResponse::default();
+        for u in pending.drain(..) {
+            revision = revision.max(u.record.revision);
+            if !filter.admits(&u.record) {
+                continue;
+            }
+            if let Some(c) = change(&u.record, u.deleted) {
+                msg.changes.push(c);
+            } else if !u.deleted
+                && let Some(s) = synced(&u.record)
+            {
+                msg.synced.push(s);
+            }
+        }
+        msg.revision = revision;
+        if msg.changes.is_empty() && msg.synced.is_empty() {
+            continue;
+        }
+        if tx.send(Ok(msg)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Mesh for MeshService {
+    async fn cluster_info(
+        &self,
+        request: Request<pb::ClusterInfoRequest>,
+    ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(pb::ClusterInfoResponse {
+            name: self.cluster.to_string(),
+            id: u32::from(self.cluster_id.get()),
+            capabilities: vec!["watch-resume".into(), "gzip".into()],
+            trust_bundle_sha256: self.trust_bundle_sha256.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let view = self.authorize(&request)?;
+        let req = request.into_inner();
+        let mut kinds = HashSet::new();
+        for k in &req.kinds {
+            kinds.insert(
+                k.parse::<Kind>()
+                    .map_err(|_| Status::invalid_argument(format!("unknown kind {k:?}")))?,
+            );
+        }
+        let filter = Filter {
+            view: view.clone(),
+            own: self.cluster.clone(),
+            kinds: (!kinds.is_empty()).then_some(kinds),
+            clusters: (!req.clusters.is_empty()).then(|| req.clusters.iter().cloned().collect()),
+        };
+        self.cache.wait_ready().await;
+        let start = self.cache.subscribe(req.resume_revision);
+        tracing::info!(
+            view = ?view,
+            resume = req.resume_revision,
+            snapshot = start.snapshot.is_some(),
+            "Mesh API watch started"
+        );
+        self.metrics.inc(m::MESH_WATCHES, &[]);
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream_updates(
+            Arc::clone(&self.cache),
+            filter,
+            start,
+            tx,
+            self.metrics.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Serves `service` on `listener` with mutual TLS from `tls` until the task is dropped. Generic
+/// so that tests can stand up misbehaving peers behind the same TLS.
+pub async fn serve<S: Mesh>(
+    listener: TcpListener,
+    tls: Arc<Reloader>,
+    service: S,
+    metrics: Registry,
+) -> anyhow::Result<()> {
+    let mut config = tls.server_config();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, addr)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let conn_tx = conn_tx.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        metrics.inc(m::MESH_HANDSHAKE_FAILURES, &[]);
+                        tracing::warn!(client = %addr, error = %e, "Mesh API TLS handshake refused");
+                    }
+                    Err(_) => {
+                        metrics.inc(m::MESH_HANDSHAKE_FAILURES, &[]);
+                        tracing::warn!(client = %addr, "Mesh API TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(
+            MeshServer::new(service)
+                .send_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming(ReceiverStream::new(conn_rx))
+        .await?;
+    Ok(())
+}
+
+/// Binds `addr` and serves; returns the bound address.
+pub async fn spawn(
+    addr: SocketAddr,
+    tls: Arc<Reloader>,
+    service: MeshService,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let metrics = service.metrics.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve(listener, tls, service, metrics).await {
+            tracing::error!(error = %e, "Mesh API server stopped");
+        }
+    });
+    Ok((bound, task))
+}
