@@ -194,9 +194,17 @@ impl Args {
         let mesh_bind = self
             .mesh_bind
             .parse::<SocketAddr>()
-            .map_err(|_| problems.push(format!("--mesh-bind: {:?} is not an address:port", self.mesh_bind)))
+            .map_err(|_| {
+                problems.push(format!(
+                    "--mesh-bind: {:?} is not an address:port",
+                    self.mesh_bind
+                ))
+            })
             .ok();
-        let mesh_tls = self.mesh_tls_dir.as_ref().map(|d| certs::TlsFiles::in_dir(d));
+        let mesh_tls = self
+            .mesh_tls_dir
+            .as_ref()
+            .map(|d| certs::TlsFiles::in_dir(d));
         for f in mesh_tls.iter().flat_map(|t| [&t.cert, &t.key, &t.ca]) {
             if !f.is_file() {
                 problems.push(format!("--mesh-tls-dir: {} does not exist", f.display()));

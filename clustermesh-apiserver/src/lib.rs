@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rustls_pki_types::pem::PemObject;
 use exporter::leader::{Elector, Leadership};
 use k8s_openapi::api::coordination::v1::Lease;
+use rustls_pki_types::pem::PemObject;
 use telemetry::metrics::Registry;
 use tokio::sync::watch;
 
@@ -34,6 +34,7 @@ pub struct Running {
     health: SocketAddr,
     mesh: Option<SocketAddr>,
     peers: Arc<mesh::importer::Board>,
+    mesh_stop: watch::Sender<bool>,
     _mesh_tasks: Vec<AbortOnDrop>,
     ready: watch::Receiver<Result<(), String>>,
     leadership: watch::Receiver<Leadership>,
@@ -73,22 +74,32 @@ impl Running {
         &self.metrics
     }
 
-    /// Stops gracefully: the exporter stops, the leader Lease is released.
+    /// Stops gracefully: the exporter stops, the leader Lease is released, Mesh API streams
+    /// end and the port closes.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.mesh_stop.send_replace(true);
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         (&mut self.task).await.context("apiserver task")?
     }
 
-    /// Stops like a crash: nothing is released or cleaned up (for tests of failover).
+    /// Stops like a crash: nothing is released or cleaned up (for tests of failover); Mesh API
+    /// connections drop and the port closes.
     pub fn kill(self) {
-        self.task.abort();
+        drop(self);
     }
 
     /// Waits until the apiserver stops by itself (a fatal error).
     pub async fn wait(mut self) -> anyhow::Result<()> {
         (&mut self.task).await.context("apiserver task")?
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.mesh_stop.send_replace(true);
+        self.task.abort();
     }
 }
 
@@ -133,7 +144,11 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let board = Arc::new(mesh::importer::Board::default());
     let status: telemetry::metrics::Routes = {
         let (board, ready, leadership) = (Arc::clone(&board), ready.clone(), leadership.clone());
-        let (cluster, cluster_id, replica) = (config.cluster_name.to_string(), config.cluster_id.get(), config.replica.clone());
+        let (cluster, cluster_id, replica) = (
+            config.cluster_name.to_string(),
+            config.cluster_id.get(),
+            config.replica.clone(),
+        );
         Arc::new(move |path: &str| {
             (path == "/status").then(|| {
                 let r = ready.borrow().clone();
@@ -146,14 +161,25 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                     reason: r.err(),
                     peers: board.snapshot(),
                 };
-                (200, "application/json", serde_json::to_string_pretty(&s).unwrap_or_default())
+                (
+                    200,
+                    "application/json",
+                    serde_json::to_string_pretty(&s).unwrap_or_default(),
+                )
             })
         })
     };
-    let health = telemetry::metrics::spawn(config.health_bind, metrics.clone(), ready.clone(), Some(status))
+    let health = telemetry::metrics::spawn(
+        config.health_bind,
+        metrics.clone(),
+        ready.clone(),
+        Some(status),
+    )
+    .await
+    .with_context(|| format!("listen on {}", config.health_bind))?;
+    let kv = kvstore::Client::connect(config.etcd.clone())
         .await
-        .with_context(|| format!("listen on {}", config.health_bind))?;
-    let kv = kvstore::Client::connect(config.etcd.clone()).await.context("connect to etcd")?;
+        .context("connect to etcd")?;
     kv.register_cluster(&wire::ClusterConfig {
         name: config.cluster_name.clone(),
         id: config.cluster_id,
@@ -166,10 +192,12 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     // The Mesh API is served by every replica: it only reads etcd.
     let mut mesh_tasks = Vec::new();
     let mut mesh = None;
+    let (mesh_stop, mesh_stop_rx) = watch::channel(false);
     if let Some(files) = &config.mesh_tls {
         let tls = certs::Reloader::load(files.clone()).context("load the Mesh API certificate")?;
         mesh_tasks.push(AbortOnDrop(tls.spawn_watch(Duration::from_secs(5))));
-        let ca_pem = std::fs::read(&files.ca).with_context(|| format!("read {}", files.ca.display()))?;
+        let ca_pem =
+            std::fs::read(&files.ca).with_context(|| format!("read {}", files.ca.display()))?;
         let ca_der = rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem)
             .next()
             .context("no certificate in the Mesh API trust bundle")?
@@ -182,6 +210,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             certs::fingerprint(ca_der.as_ref()),
             cache,
             metrics.clone(),
+            mesh_stop_rx,
         );
         let (addr, task) = mesh::server::spawn(config.mesh_bind, tls, service)
             .await
@@ -223,11 +252,22 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             dir,
         )
     });
-    let task = tokio::spawn(supervise(elector, lead_tx, settings, importer, client, kv, metrics.clone(), ready_tx, stop_rx));
+    let task = tokio::spawn(supervise(
+        elector,
+        lead_tx,
+        settings,
+        importer,
+        client,
+        kv,
+        metrics.clone(),
+        ready_tx,
+        stop_rx,
+    ));
     Ok(Running {
         health,
         mesh,
         peers: board,
+        mesh_stop,
         _mesh_tasks: mesh_tasks,
         ready,
         leadership,

@@ -76,14 +76,39 @@ pub fn registry() -> Registry {
     );
     r.gauge(LEADER, "1 while this replica is the exporting leader.", &[]);
     r.counter(PASSES, "Reconcile passes.", &[]);
-    r.counter(MESH_DENIED, "Mesh API requests refused by authorization.", &[]);
-    r.counter(MESH_HANDSHAKE_FAILURES, "Mesh API TLS handshakes refused or timed out.", &[]);
+    r.counter(
+        MESH_DENIED,
+        "Mesh API requests refused by authorization.",
+        &[],
+    );
+    r.counter(
+        MESH_HANDSHAKE_FAILURES,
+        "Mesh API TLS handshakes refused or timed out.",
+        &[],
+    );
     r.counter(MESH_WATCHES, "Mesh API watches started.", &[]);
-    r.counter(MESH_RESYNCS, "Mesh API clients that fell behind and got a fresh snapshot.", &[]);
-    r.histogram(PEER_PROPAGATION_SECONDS, "From a change at the peer to its local write.", &["peer"], LATENCY_BUCKETS);
+    r.counter(
+        MESH_RESYNCS,
+        "Mesh API clients that fell behind and got a fresh snapshot.",
+        &[],
+    );
+    r.histogram(
+        PEER_PROPAGATION_SECONDS,
+        "From a change at the peer to its local write.",
+        &["peer"],
+        LATENCY_BUCKETS,
+    );
     r.counter(PEER_RECONNECTS, "Peer connections lost.", &["peer"]);
-    r.counter(PEER_BYTES, "Bytes received from a peer (decoded messages).", &["peer"]);
-    r.counter(PEER_REJECTED, "Objects from a peer refused by validation.", &["peer"]);
+    r.counter(
+        PEER_BYTES,
+        "Bytes received from a peer (decoded messages).",
+        &["peer"],
+    );
+    r.counter(
+        PEER_REJECTED,
+        "Objects from a peer refused by validation.",
+        &["peer"],
+    );
     r.set(LEADER, &[], 0.0);
     r
 }

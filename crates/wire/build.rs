@@ -12,7 +12,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/clustermesh/v1/model.proto", "proto/clustermesh/v1/mesh.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/clustermesh/v1/model.proto",
+                "proto/clustermesh/v1/mesh.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
 use kvstore::watch::{Event, Watcher};
-use model::keys::{self, Kind, Parsed, Scope};
 use model::ClusterName;
+use model::keys::{self, Kind, Parsed, Scope};
 use tokio::sync::{broadcast, watch};
 
 /// How many updates the broadcast holds for slow clients before they must resync.

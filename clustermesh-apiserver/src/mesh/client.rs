@@ -76,7 +76,12 @@ pub async fn connect(
             }
         };
         for addr in addrs {
-            let tcp = match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await {
+            let tcp = match tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     problems.push(format!("{addr}: {e}"));
@@ -87,7 +92,12 @@ pub async fn connect(
                     continue;
                 }
             };
-            let stream = match tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name.clone(), tcp)).await {
+            let stream = match tokio::time::timeout(
+                Duration::from_secs(10),
+                connector.connect(server_name.clone(), tcp),
+            )
+            .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     problems.push(format!("{addr}: TLS: {e}"));
@@ -108,7 +118,9 @@ pub async fn connect(
             let info = certs::identity::CertInfo::from_der(&leaf)
                 .map_err(|e| ConnectError::Identity(format!("{addr}: server certificate: {e}")))?;
             let server = MeshIdentity::from_cert_der(&leaf).map_err(|e| {
-                ConnectError::Identity(format!("{addr}: the server certificate carries no mesh identity: {e}"))
+                ConnectError::Identity(format!(
+                    "{addr}: the server certificate carries no mesh identity: {e}"
+                ))
             })?;
             if server.role != Role::Apiserver || server.cluster != *expected {
                 return Err(ConnectError::Identity(format!(

@@ -52,7 +52,9 @@ impl PeerConfig {
             .and_then(|n| n.to_str())
             .ok_or_else(|| format!("{}: not a peer directory", dir.display()))?;
         let name = ClusterName::new(name).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()));
+        let read = |f: &str| {
+            std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()))
+        };
         let endpoints_raw = read("endpoints")?;
         let endpoints: Vec<String> = String::from_utf8_lossy(&endpoints_raw)
             .lines()
@@ -276,7 +278,11 @@ pub async fn run(ctx: Context, dir: PathBuf, rescan: Duration) {
             }
         }
         // Removed peers: disconnect and drain.
-        let gone: Vec<String> = tasks.keys().filter(|k| !found.contains_key(*k)).cloned().collect();
+        let gone: Vec<String> = tasks
+            .keys()
+            .filter(|k| !found.contains_key(*k))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some((cfg, task)) = tasks.remove(&name) {
                 drop(task);
@@ -339,7 +345,10 @@ async fn run_peer(ctx: Context, cfg: PeerConfig) {
     let mut failures: u32 = 0;
     ctx.board.update(&cfg.name, |s| {
         for kind in Kind::ALL {
-            s.objects.insert(kind.to_string(), mirror.held.keys().filter(|(k, _)| *k == kind).count());
+            s.objects.insert(
+                kind.to_string(),
+                mirror.held.keys().filter(|(k, _)| *k == kind).count(),
+            );
         }
     });
     loop {
@@ -363,7 +372,9 @@ async fn run_peer(ctx: Context, cfg: PeerConfig) {
         }
         // Exponential backoff with ±20 % jitter, 200 ms to 10 s.
         failures = failures.saturating_add(1);
-        let base = Duration::from_millis(200).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(10));
+        let base = Duration::from_millis(200)
+            .saturating_mul(1 << failures.min(6))
+            .min(Duration::from_secs(10));
         let jitter = rand::rng().random_range(0.8..1.2);
         tokio::time::sleep(base.mul_f64(jitter)).await;
     }
@@ -394,9 +405,18 @@ fn validate(
         .map_err(|_| format!("peer {peer} sent an object of unknown kind {:?}", c.kind))?;
     let key = keys::object_key(Scope::Cache, peer, kind, &c.name);
     match keys::parse(&key) {
-        Ok(keys::Parsed::Object { cluster, kind: k, name, .. })
-            if cluster == *peer && k == kind && name == c.name => {}
-        _ => return Err(format!("peer {peer} sent an object with an invalid name {:?}", c.name)),
+        Ok(keys::Parsed::Object {
+            cluster,
+            kind: k,
+            name,
+            ..
+        }) if cluster == *peer && k == kind && name == c.name => {}
+        _ => {
+            return Err(format!(
+                "peer {peer} sent an object with an invalid name {:?}",
+                c.name
+            ));
+        }
     }
     if c.op == pb::change::Op::Delete as i32 {
         return Ok((kind, c.name.clone(), None));
@@ -482,7 +502,8 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
         ));
     }
     ctx.board.claim_id(&cfg.name, cert_id)?;
-    ctx.board.update(&cfg.name, |s| s.cluster_id = Some(cert_id.get()));
+    ctx.board
+        .update(&cfg.name, |s| s.cluster_id = Some(cert_id.get()));
 
     let mut stream = api
         .watch(pb::WatchRequest {
@@ -510,7 +531,11 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
             Ok(None) => return Err("the peer ended the watch".into()),
             Err(e) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
         };
-        ctx.metrics.add(m::PEER_BYTES, &[peer], prost::Message::encoded_len(&msg) as f64);
+        ctx.metrics.add(
+            m::PEER_BYTES,
+            &[peer],
+            prost::Message::encoded_len(&msg) as f64,
+        );
         if msg.reset {
             resync = Some(Resync::default());
             synced.clear();
@@ -525,7 +550,8 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                 Ok((kind, name, value)) => {
                     if c.origin_unix_micros > 0 {
                         let secs = (now - c.origin_unix_micros).max(0) as f64 / 1e6;
-                        ctx.metrics.observe(m::PEER_PROPAGATION_SECONDS, &[peer], secs);
+                        ctx.metrics
+                            .observe(m::PEER_PROPAGATION_SECONDS, &[peer], secs);
                     }
                     let key = keys::object_key(Scope::Cache, &cfg.name, kind, &name);
                     match value {
@@ -558,10 +584,16 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
             }
         }
         if !puts.is_empty() {
-            ctx.kv.put_many(&puts, 0).await.map_err(|e| format!("local etcd: {e}"))?;
+            ctx.kv
+                .put_many(&puts, 0)
+                .await
+                .map_err(|e| format!("local etcd: {e}"))?;
         }
         if !deletes.is_empty() {
-            ctx.kv.delete_many(&deletes).await.map_err(|e| format!("local etcd: {e}"))?;
+            ctx.kv
+                .delete_many(&deletes)
+                .await
+                .map_err(|e| format!("local etcd: {e}"))?;
         }
         for s in &msg.synced {
             if s.cluster != peer {
@@ -598,7 +630,10 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                         .iter()
                         .map(|(k, n)| keys::object_key(Scope::Cache, &cfg.name, *k, n))
                         .collect();
-                    ctx.kv.delete_many(&keys).await.map_err(|e| format!("local etcd: {e}"))?;
+                    ctx.kv
+                        .delete_many(&keys)
+                        .await
+                        .map_err(|e| format!("local etcd: {e}"))?;
                     for s in stale {
                         mirror.held.remove(&s);
                     }
@@ -616,7 +651,10 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                     .map_err(|e| format!("local etcd: {e}"))?;
             }
         }
-        if resync.as_ref().is_some_and(|r| Kind::ALL.iter().all(|k| r.pruned.contains(k))) {
+        if resync
+            .as_ref()
+            .is_some_and(|r| Kind::ALL.iter().all(|k| r.pruned.contains(k)))
+        {
             resync = None;
         }
         mirror.revision = mirror.revision.max(msg.revision);
@@ -627,7 +665,8 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
         }
         if ready || last_count.elapsed() >= Duration::from_secs(1) {
             last_count = std::time::Instant::now();
-            let mut counts: BTreeMap<String, usize> = Kind::ALL.iter().map(|k| (k.to_string(), 0)).collect();
+            let mut counts: BTreeMap<String, usize> =
+                Kind::ALL.iter().map(|k| (k.to_string(), 0)).collect();
             for (k, _) in mirror.held.keys() {
                 *counts.entry(k.to_string()).or_default() += 1;
             }

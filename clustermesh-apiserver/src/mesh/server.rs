@@ -12,7 +12,7 @@ use model::keys::{Kind, Scope};
 use model::{ClusterId, ClusterName};
 use telemetry::metrics::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
@@ -44,6 +44,7 @@ pub struct MeshService {
     trust_bundle_sha256: String,
     cache: Arc<WatchCache>,
     metrics: Registry,
+    stop: watch::Receiver<bool>,
 }
 
 impl MeshService {
@@ -54,6 +55,7 @@ impl MeshService {
         trust_bundle_sha256: String,
         cache: Arc<WatchCache>,
         metrics: Registry,
+        stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
             cluster,
@@ -61,6 +63,7 @@ impl MeshService {
             trust_bundle_sha256,
             cache,
             metrics,
+            stop,
         }
     }
 
@@ -77,8 +80,11 @@ impl MeshService {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let id = MeshIdentity::from_cert_der(leaf.as_ref())
-            .map_err(|e| deny(format!("the client certificate carries no mesh identity: {e}")))?;
+        let id = MeshIdentity::from_cert_der(leaf.as_ref()).map_err(|e| {
+            deny(format!(
+                "the client certificate carries no mesh identity: {e}"
+            ))
+        })?;
         let own = id.cluster == self.cluster;
         match id.role {
             Role::Peer if !own && id.cluster_id != self.cluster_id => Ok(View::Peer(id.cluster)),
@@ -86,7 +92,9 @@ impl MeshService {
                 "peer {} claims cluster ID {}, which is this cluster's ({})",
                 id.cluster, id.cluster_id, self.cluster
             ))),
-            Role::NodeAgent | Role::Admin | Role::Apiserver if own && id.cluster_id == self.cluster_id => {
+            Role::NodeAgent | Role::Admin | Role::Apiserver
+                if own && id.cluster_id == self.cluster_id =>
+            {
                 Ok(View::Local(id))
             }
             role => Err(deny(format!(
@@ -117,7 +125,10 @@ impl Filter {
         };
         visible
             && self.kinds.as_ref().is_none_or(|ks| ks.contains(&kind))
-            && self.clusters.as_ref().is_none_or(|cs| cs.contains(r.cluster.as_str()))
+            && self
+                .clusters
+                .as_ref()
+                .is_none_or(|cs| cs.contains(r.cluster.as_str()))
     }
 }
 
@@ -126,18 +137,28 @@ fn change(r: &Record, deleted: bool) -> Option<pb::Change> {
         return None;
     };
     Some(pb::Change {
-        op: if deleted { pb::change::Op::Delete } else { pb::change::Op::Put } as i32,
+        op: if deleted {
+            pb::change::Op::Delete
+        } else {
+            pb::change::Op::Put
+        } as i32,
         cluster: r.cluster.to_string(),
         kind: kind.to_string(),
         name: name.clone(),
-        value: if deleted { Vec::new() } else { r.value.to_vec() },
+        value: if deleted {
+            Vec::new()
+        } else {
+            r.value.to_vec()
+        },
         revision: r.revision,
         origin_unix_micros: r.seen_unix_micros,
     })
 }
 
 fn synced(r: &Record) -> Option<pb::SyncedMarker> {
-    let Item::Synced(_) = &r.item else { return None };
+    let Item::Synced(_) = &r.item else {
+        return None;
+    };
     <pb::SyncedMarker as prost::Message>::decode(r.value.as_ref()).ok()
 }
 
@@ -185,6 +206,7 @@ async fn stream_updates(
     start: Start,
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
     metrics: Registry,
+    mut stop: watch::Receiver<bool>,
 ) {
     let Start {
         snapshot,
@@ -201,15 +223,24 @@ async fn stream_updates(
     loop {
         // Drain what is already there (up to a batch), then send one message.
         if pending.is_empty() {
-            match live.recv().await {
+            let next = tokio::select! {
+                n = live.recv() => n,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match next {
                 Ok(u) => pending.push(u),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     metrics.inc(m::MESH_RESYNCS, &[]);
-                    tracing::info!(missed = n, "Mesh API client too slow; sending a fresh snapshot");
+                    tracing::info!(
+                        missed = n,
+                        "Mesh API client too slow; sending a fresh snapshot"
+                    );
                     let start = cache.subscribe(0);
                     live = start.live;
                     revision = start.revision;
-                    if !send_snapshot(&tx, &filter, start.snapshot.unwrap_or_default(), revision).await {
+                    if !send_snapshot(&tx, &filter, start.snapshot.unwrap_or_default(), revision)
+                        .await
+                    {
                         return;
                     }
                     continue;
@@ -300,6 +331,7 @@ impl Mesh for MeshService {
             start,
             tx,
             self.metrics.clone(),
+            self.stop.clone(),
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -312,12 +344,13 @@ pub async fn serve<S: Mesh>(
     tls: Arc<Reloader>,
     service: S,
     metrics: Registry,
+    mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut config = tls.server_config();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let (conn_tx, conn_rx) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let accept = async move {
         loop {
             let Ok((tcp, addr)) = listener.accept().await else {
                 continue;
@@ -341,8 +374,14 @@ pub async fn serve<S: Mesh>(
                 }
             });
         }
-    });
-    tonic::transport::Server::builder()
+    };
+    let shutdown = {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    };
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(
@@ -352,9 +391,13 @@ pub async fn serve<S: Mesh>(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming(ReceiverStream::new(conn_rx))
-        .await?;
-    Ok(())
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown);
+    // The listener lives in `accept`: when this returns, the port is closed.
+    tokio::select! {
+        () = accept => Ok(()),
+        r = server => Ok(r?),
+        _ = stop.wait_for(|s| *s) => Ok(()),
+    }
 }
 
 /// Binds `addr` and serves; returns the bound address.
@@ -366,8 +409,9 @@ pub async fn spawn(
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let metrics = service.metrics.clone();
+    let stop = service.stop.clone();
     let task = tokio::spawn(async move {
-        if let Err(e) = serve(listener, tls, service, metrics).await {
+        if let Err(e) = serve(listener, tls, service, metrics, stop).await {
             tracing::error!(error = %e, "Mesh API server stopped");
         }
     });

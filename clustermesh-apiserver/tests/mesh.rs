@@ -1,0 +1,791 @@
+//! The Mesh API and the importer: several apiservers in-process, each with its own real etcd
+//! and Kubernetes API test server, talking mutual TLS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use certs::{Ca, LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
+use clustermesh_apiserver::config::Config;
+use clustermesh_apiserver::mesh::importer::Phase;
+use clustermesh_apiserver::{Running, metrics as m};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kvstore::watch::{Event as KvEvent, Watcher};
+use model::keys::{self, Kind, Scope};
+use model::{ClusterId, ClusterName, GlobalService};
+use serde_json::json;
+use test_support::{Etcd, eventually};
+use wire::{Codec, pb};
+
+const T: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_tls(dir: &Path, ca: &Ca, leaf: &certs::Leaf) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), &leaf.key_pem).unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+}
+
+struct Cluster {
+    name: ClusterName,
+    id: ClusterId,
+    etcd: Etcd,
+    kube: kube_testserver::Handle,
+    client: kube::Client,
+    kv: kvstore::Client,
+    ca: Ca,
+    dir: tempfile::TempDir,
+    mesh_port: u16,
+    apiserver: Option<Running>,
+}
+
+impl Cluster {
+    async fn new(name: &str, id: u64) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let name = ClusterName::new(name).unwrap();
+        let id = ClusterId::new(id).unwrap();
+        let etcd = Etcd::start().await.unwrap();
+        let kube = kube_testserver::start(kube_testserver::Config::new(name.clone()))
+            .await
+            .unwrap();
+        let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig()).unwrap();
+        let client = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let kv = etcd.client().await.unwrap();
+        let ca = Ca::generate(&name, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = ca
+            .issue(
+                &LeafSpec::new(MeshIdentity::new(name.clone(), id, Role::Apiserver))
+                    .ips(["127.0.0.1".parse().unwrap()]),
+            )
+            .unwrap();
+        write_tls(&dir.path().join("mesh-tls"), &ca, &server);
+        std::fs::create_dir_all(dir.path().join("peers")).unwrap();
+        Self {
+            name,
+            id,
+            etcd,
+            kube,
+            client,
+            kv,
+            ca,
+            dir,
+            mesh_port: free_port(),
+            apiserver: None,
+        }
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            cluster_name: self.name.clone(),
+            cluster_id: self.id,
+            etcd: self.etcd.config(),
+            lease_ttl: Duration::from_secs(10),
+            kubeconfig: Some(self.kube.kubeconfig().to_owned()),
+            kube_context: None,
+            namespace: "kube-system".into(),
+            replica: format!("{}-0", self.name),
+            leader_lease: Duration::from_secs(2),
+            identity_gc_grace: Duration::from_secs(60),
+            health_bind: "127.0.0.1:0".parse().unwrap(),
+            mesh_bind: format!("127.0.0.1:{}", self.mesh_port).parse().unwrap(),
+            mesh_tls: Some(TlsFiles::in_dir(&self.dir.path().join("mesh-tls"))),
+            peers_dir: Some(self.peers_dir()),
+        }
+    }
+
+    fn peers_dir(&self) -> PathBuf {
+        self.dir.path().join("peers")
+    }
+
+    async fn up(&mut self) {
+        let r = clustermesh_apiserver::start(self.config()).await.unwrap();
+        let mut ready = r.ready();
+        tokio::time::timeout(T, ready.wait_for(Result::is_ok))
+            .await
+            .unwrap()
+            .unwrap();
+        self.apiserver = Some(r);
+    }
+
+    fn running(&self) -> &Running {
+        self.apiserver.as_ref().unwrap()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.mesh_port)
+    }
+
+    /// A client certificate of `identity` issued by this cluster's CA, as TLS files in `dir`.
+    fn client_files(&self, dir: &Path, identity: MeshIdentity) -> TlsFiles {
+        let leaf = self.ca.issue(&LeafSpec::new(identity)).unwrap();
+        write_tls(dir, &self.ca, &leaf);
+        TlsFiles::in_dir(dir)
+    }
+
+    /// Makes `self` import from `peer`: what `clustermesh connect` writes.
+    fn import_from(&self, peer: &Cluster) {
+        let staging = self.dir.path().join(format!(".staging-{}", peer.name));
+        peer.client_files(
+            &staging,
+            MeshIdentity::new(self.name.clone(), self.id, Role::Peer),
+        );
+        std::fs::write(staging.join("endpoints"), format!("{}\n", peer.endpoint())).unwrap();
+        // Appear at once, as a Secret mount does.
+        std::fs::rename(&staging, self.peers_dir().join(peer.name.as_str())).unwrap();
+    }
+
+    async fn create_service(&self, name: &str, ips: &[&str]) {
+        let svcs: Api<Service> = Api::default_namespaced(self.client.clone());
+        svcs.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "annotations": {"service.cilium.io/global": "true"}},
+                "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        self.set_backends(name, ips).await;
+    }
+
+    async fn set_backends(&self, name: &str, ips: &[&str]) {
+        let slices: Api<EndpointSlice> = Api::default_namespaced(self.client.clone());
+        let endpoints: Vec<_> = ips
+            .iter()
+            .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "n1"}))
+            .collect();
+        let slice = json!({
+            "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints
+        });
+        if slices
+            .get_opt(&format!("{name}-1"))
+            .await
+            .unwrap()
+            .is_some()
+        {
+            slices
+                .patch(
+                    &format!("{name}-1"),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"endpoints": slice["endpoints"]})),
+                )
+                .await
+                .unwrap();
+        } else {
+            slices
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(slice).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The services this cluster holds of `peer`.
+    async fn cached_services(
+        &self,
+        peer: &ClusterName,
+    ) -> std::collections::BTreeMap<String, GlobalService> {
+        let prefix = keys::kind_prefix(Scope::Cache, peer, Kind::Services);
+        let (kvs, _) = self.kv.list_raw(&prefix).await.unwrap();
+        kvs.into_iter()
+            .map(|kv| {
+                (
+                    kv.key[prefix.len()..].to_owned(),
+                    GlobalService::decode(&kv.value).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn phase(&self, peer: &ClusterName) -> Option<Phase> {
+        self.running().peers().get(peer.as_str()).map(|s| s.phase)
+    }
+}
+
+async fn backends_of(c: &Cluster, peer: &ClusterName, svc: &str) -> Option<Vec<String>> {
+    let s = c.cached_services(peer).await;
+    s.get(&format!("default/{svc}"))
+        .map(|g| g.backends.iter().map(|b| b.ip.to_string()).collect())
+}
+
+/// A Mesh API client of `target` with `files`, watching.
+async fn watch(
+    target: &Cluster,
+    files: TlsFiles,
+) -> Result<tonic::Streaming<pb::WatchResponse>, String> {
+    let tls = Reloader::load(files).unwrap();
+    let c = clustermesh_apiserver::mesh::client::connect(&target.name, &[target.endpoint()], &tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut api = c.client;
+    api.watch(pb::WatchRequest::default())
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+}
+
+/// What a watch client sees: (cluster, kind, name) → value.
+type View = Arc<Mutex<std::collections::BTreeMap<(String, String, String), Vec<u8>>>>;
+
+/// Collects a watch stream's view: (cluster, kind, name) → value.
+fn follow(mut stream: tonic::Streaming<pb::WatchResponse>) -> View {
+    let view = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let sink = Arc::clone(&view);
+    tokio::spawn(async move {
+        while let Ok(Some(msg)) = stream.message().await {
+            let mut v = sink.lock().unwrap();
+            if msg.reset {
+                v.clear();
+            }
+            for c in msg.changes {
+                let k = (c.cluster, c.kind, c.name);
+                if c.op == pb::change::Op::Delete as i32 {
+                    v.remove(&k);
+                } else {
+                    v.insert(k, c.value);
+                }
+            }
+        }
+    });
+    view
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exports_propagate_to_peers_and_node_agents() {
+    let mut a = Cluster::new("alpha", 11).await;
+    let mut b = Cluster::new("bravo", 12).await;
+    let mut c = Cluster::new("charlie", 13).await;
+    a.up().await;
+    b.up().await;
+    c.up().await;
+    // charlie → alpha → bravo: bravo must never see charlie through alpha.
+    a.import_from(&c);
+    b.import_from(&a);
+    c.create_service("third", &["10.3.0.1"]).await;
+    eventually("alpha imports charlie's service", T, || async {
+        backends_of(&a, &c.name, "third").await
+    })
+    .await;
+
+    a.create_service("web", &["10.1.0.1", "10.1.0.2"]).await;
+    let got = eventually("bravo imports alpha's service", T, || async {
+        backends_of(&b, &a.name, "web")
+            .await
+            .filter(|v| v.len() == 2)
+    })
+    .await;
+    assert_eq!(got, ["10.1.0.1", "10.1.0.2"]);
+    eventually("bravo's peer alpha is ready", T, || async {
+        (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+    let status = b.running().peers().get("alpha").unwrap();
+    assert_eq!(status.cluster_id, Some(11));
+    assert!(status.objects["services"] >= 1);
+    assert!(status.peer_cert_not_after_unix.unwrap() > 0);
+    assert!(
+        b.cached_services(&c.name).await.is_empty(),
+        "a peer serves only its own exports"
+    );
+    let (third, _) =
+        b.kv.list_raw(&keys::cluster_prefix(Scope::Cache, &c.name))
+            .await
+            .unwrap();
+    assert!(third.is_empty());
+    assert!(
+        b.kv.get_raw(&keys::synced(Scope::Cache, &a.name, Kind::Services))
+            .await
+            .unwrap()
+            .is_some(),
+        "alpha's synced marker mirrored"
+    );
+
+    // A node agent of bravo sees bravo's own exports and what bravo imported.
+    let na = b.client_files(
+        &b.dir.path().join("na"),
+        MeshIdentity::node_agent(b.name.clone(), b.id, model::NodeName::new("n1").unwrap()),
+    );
+    let view = follow(watch(&b, na).await.unwrap());
+    let key = (
+        "alpha".to_owned(),
+        "services".to_owned(),
+        "default/web".to_owned(),
+    );
+    eventually("node agent sees alpha's service", T, || async {
+        view.lock().unwrap().contains_key(&key).then_some(())
+    })
+    .await;
+
+    // Updates and deletes follow, to bravo's etcd and to the node agent.
+    a.set_backends("web", &["10.1.0.1", "10.1.0.2", "10.1.0.3"])
+        .await;
+    eventually("update at bravo", T, || async {
+        backends_of(&b, &a.name, "web")
+            .await
+            .filter(|v| v.len() == 3)
+    })
+    .await;
+    eventually("update at node agent", T, || async {
+        let v = view.lock().unwrap().get(&key).cloned()?;
+        (GlobalService::decode(&v).unwrap().backends.len() == 3).then_some(())
+    })
+    .await;
+    let svcs: Api<Service> = Api::default_namespaced(a.client.clone());
+    svcs.delete("web", &DeleteParams::default()).await.unwrap();
+    eventually("delete at bravo", T, || async {
+        backends_of(&b, &a.name, "web")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually("delete at node agent", T, || async {
+        (!view.lock().unwrap().contains_key(&key)).then_some(())
+    })
+    .await;
+    assert!(
+        b.running()
+            .metrics()
+            .observations(m::PEER_PROPAGATION_SECONDS, &["alpha"])
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_outage_keeps_stale_state_and_resyncs_without_spurious_deletes() {
+    let mut a = Cluster::new("alpha", 21).await;
+    let mut b = Cluster::new("bravo", 22).await;
+    a.up().await;
+    b.up().await;
+    for i in 0..10 {
+        a.create_service(&format!("s{i}"), &[&format!("10.2.0.{}", i + 1)])
+            .await;
+    }
+    b.import_from(&a);
+    eventually("bravo has alpha's 10 services", T, || async {
+        (b.cached_services(&a.name).await.len() == 10).then_some(())
+    })
+    .await;
+    eventually("ready", T, || async {
+        (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+
+    // Record every change to bravo's copy of alpha.
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut w = Watcher::new(&b.kv, keys::cluster_prefix(Scope::Cache, &a.name));
+    let sink = Arc::clone(&events);
+    let recorder = tokio::spawn(async move {
+        while let Ok(e) = w.next().await {
+            sink.lock().unwrap().push(e);
+        }
+    });
+    eventually("recorder listed", T, || async {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, KvEvent::InitDone { .. }))
+            .then_some(())
+    })
+    .await;
+
+    // Kill alpha's apiserver: bravo keeps everything, marked stale with a timestamp.
+    a.apiserver.take().unwrap().kill();
+    eventually("stale", T, || async {
+        (b.phase(&a.name) == Some(Phase::Stale)).then_some(())
+    })
+    .await;
+    let st = b.running().peers().get("alpha").unwrap();
+    assert!(st.since_unix > 0 && st.last_error.is_some());
+    assert_eq!(
+        b.cached_services(&a.name).await.len(),
+        10,
+        "stale state is kept"
+    );
+    // While alpha is down: one service goes away, one is added.
+    let svcs: Api<Service> = Api::default_namespaced(a.client.clone());
+    svcs.delete("s3", &DeleteParams::default()).await.unwrap();
+    a.create_service("s10", &["10.2.0.11"]).await;
+
+    a.up().await;
+    eventually("ready again", T, || async {
+        (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+    let names = eventually("resynced", T, || async {
+        let s = b.cached_services(&a.name).await;
+        (s.len() == 10 && s.contains_key("default/s10") && !s.contains_key("default/s3"))
+            .then_some(s.into_keys().collect::<Vec<_>>())
+    })
+    .await;
+    assert!(names.contains(&"default/s0".to_owned()));
+    let deletes: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            KvEvent::Delete { key, .. } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![keys::object_key(
+            Scope::Cache,
+            &a.name,
+            Kind::Services,
+            "default/s3"
+        )],
+        "only the real deletion"
+    );
+
+    // Removing the peer configuration drains alpha.
+    std::fs::remove_dir_all(b.peers_dir().join("alpha")).unwrap();
+    eventually("drained", T, || async {
+        let (kvs, _) =
+            b.kv.list_raw(&keys::cluster_prefix(Scope::Cache, &a.name))
+                .await
+                .unwrap();
+        (kvs.is_empty() && b.running().peers().get("alpha").is_none()).then_some(())
+    })
+    .await;
+    recorder.abort();
+}
+
+/// Writes a peer configuration of `peer_name` by hand (for the rejection tests).
+fn write_peer(dir: &Path, peer_name: &str, endpoint: &str, ca_pem: &str, leaf: &certs::Leaf) {
+    let staging = dir.join(format!(".staging-{peer_name}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("tls.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(staging.join("tls.key"), &leaf.key_pem).unwrap();
+    std::fs::write(staging.join("ca.crt"), ca_pem).unwrap();
+    std::fs::write(staging.join("endpoints"), format!("{endpoint}\n")).unwrap();
+    std::fs::rename(&staging, dir.join(peer_name)).unwrap();
+}
+
+async fn last_error(c: &Cluster, peer: &str, needle: &str) -> String {
+    eventually(
+        &format!("status of {peer} shows an error with {needle:?}"),
+        T,
+        || async {
+            let st = c.running().peers().get(peer)?;
+            st.last_error
+                .filter(|e| e.contains(needle) && st.phase == Phase::Connecting)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn untrusted_mismatched_expired_plaintext_and_unauthorized_clients_are_refused() {
+    let mut a = Cluster::new("alpha", 31).await;
+    let mut b = Cluster::new("bravo", 32).await;
+    let mut c = Cluster::new("charlie", 33).await;
+    a.up().await;
+    b.up().await;
+    c.up().await;
+    let bravo_peer = MeshIdentity::new(b.name.clone(), b.id, Role::Peer);
+
+    // A client certificate from a CA alpha does not trust: refused in the handshake.
+    let foreign = Ca::generate(&b.name, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
+    let leaf = foreign.issue(&LeafSpec::new(bravo_peer.clone())).unwrap();
+    write_peer(
+        &b.peers_dir(),
+        "alpha",
+        &a.endpoint(),
+        a.ca.cert_pem(),
+        &leaf,
+    );
+    let e = eventually("untrusted client refused", T, || async {
+        let st = b.running().peers().get("alpha")?;
+        st.last_error.filter(|_| st.phase == Phase::Connecting)
+    })
+    .await;
+    assert!(
+        a.running().metrics().value(m::MESH_HANDSHAKE_FAILURES, &[]) >= 1.0,
+        "alpha logged the refused handshake ({e})"
+    );
+    std::fs::remove_dir_all(b.peers_dir().join("alpha")).unwrap();
+
+    // Configured as alpha, but the endpoint is charlie's: its certificate names charlie.
+    let leaf = c.ca.issue(&LeafSpec::new(bravo_peer.clone())).unwrap();
+    write_peer(
+        &b.peers_dir(),
+        "alpha",
+        &c.endpoint(),
+        c.ca.cert_pem(),
+        &leaf,
+    );
+    let e = last_error(&b, "alpha", "charlie").await;
+    assert!(e.contains("not of cluster alpha"), "{e}");
+    std::fs::remove_dir_all(b.peers_dir().join("alpha")).unwrap();
+
+    // A configured cluster ID that disagrees with the peer's certificate.
+    let staging = b.dir.path().join(".staging-id");
+    a.client_files(&staging, bravo_peer.clone());
+    std::fs::write(staging.join("endpoints"), a.endpoint()).unwrap();
+    std::fs::write(staging.join("cluster-id"), "99").unwrap();
+    std::fs::rename(&staging, b.peers_dir().join("alpha")).unwrap();
+    let e = last_error(&b, "alpha", "configuration says 99").await;
+    assert!(e.contains("31"), "{e}");
+    std::fs::remove_dir_all(b.peers_dir().join("alpha")).unwrap();
+
+    // An expired client certificate.
+    let expired =
+        a.ca.issue(&LeafSpec::new(bravo_peer.clone()).validity(
+            time::OffsetDateTime::now_utc() - time::Duration::days(3),
+            Duration::from_secs(86_400),
+        ))
+        .unwrap();
+    let dir = b.dir.path().join("expired");
+    write_tls(&dir, &a.ca, &expired);
+    assert!(
+        watch(&a, TlsFiles::in_dir(&dir)).await.is_err(),
+        "expired certificate refused"
+    );
+
+    // Plaintext gRPC to the TLS port.
+    let plain =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", a.endpoint())).unwrap();
+    let refused = match plain.connect().await {
+        Err(_) => true,
+        Ok(ch) => wire::pb::mesh_client::MeshClient::new(ch)
+            .watch(pb::WatchRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "plaintext refused");
+
+    // A node agent of another cluster, even with a certificate from alpha's CA.
+    let files = a.client_files(
+        &b.dir.path().join("na-bravo"),
+        MeshIdentity::node_agent(b.name.clone(), b.id, model::NodeName::new("n1").unwrap()),
+    );
+    let e = watch(&a, files).await.unwrap_err();
+    assert!(
+        e.contains("PermissionDenied") && e.contains("node-agent"),
+        "{e}"
+    );
+    // A peer certificate claiming alpha's own ID.
+    let files = a.client_files(
+        &b.dir.path().join("peer-dup"),
+        MeshIdentity::new(b.name.clone(), a.id, Role::Peer),
+    );
+    let e = watch(&a, files).await.unwrap_err();
+    assert!(e.contains("PermissionDenied"), "{e}");
+    assert!(a.running().metrics().value(m::MESH_DENIED, &[]) >= 2.0);
+    // alpha's own node agent and admin are served.
+    let files = a.client_files(
+        &a.dir.path().join("na"),
+        MeshIdentity::node_agent(a.name.clone(), a.id, model::NodeName::new("n1").unwrap()),
+    );
+    assert!(watch(&a, files).await.is_ok());
+
+    // After all that, a correct configuration works.
+    b.import_from(&a);
+    eventually("bravo connects to alpha", T, || async {
+        (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+}
+
+/// A peer that sends objects of other clusters, garbage and an oversized message.
+#[derive(Clone)]
+struct EvilPeer {
+    name: ClusterName,
+    id: ClusterId,
+}
+
+fn encoded_service(cluster: &str, name: &str) -> Vec<u8> {
+    GlobalService {
+        cluster: ClusterName::new(cluster).unwrap(),
+        name: model::service::ServiceName::new("default", name).unwrap(),
+        cluster_ips: vec![],
+        ports: vec![],
+        backends: vec![],
+        shared: true,
+        affinity: model::service::Affinity::None,
+    }
+    .encode()
+}
+
+#[tonic::async_trait]
+impl wire::pb::mesh_server::Mesh for EvilPeer {
+    async fn cluster_info(
+        &self,
+        _: tonic::Request<pb::ClusterInfoRequest>,
+    ) -> Result<tonic::Response<pb::ClusterInfoResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::ClusterInfoResponse {
+            name: self.name.to_string(),
+            id: u32::from(self.id.get()),
+            ..Default::default()
+        }))
+    }
+
+    type WatchStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WatchResponse, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<pb::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let me = self.name.to_string();
+        let put = |cluster: &str, name: &str, value: Vec<u8>| pb::Change {
+            op: pb::change::Op::Put as i32,
+            cluster: cluster.to_owned(),
+            kind: "services".into(),
+            name: name.to_owned(),
+            value,
+            revision: 5,
+            origin_unix_micros: 0,
+        };
+        let snapshot = pb::WatchResponse {
+            reset: true,
+            changes: vec![
+                put(&me, "default/good", encoded_service(&me, "good")),
+                put(
+                    "victim",
+                    "default/stolen",
+                    encoded_service("victim", "stolen"),
+                ),
+                put(&me, "default/liar", encoded_service("victim", "liar")),
+                put(&me, "default/garbled", vec![0xff, 0x00, 0x13, 0x37]),
+                put(
+                    &me,
+                    "default/x/../../../clusters/alpha",
+                    encoded_service(&me, "x"),
+                ),
+                pb::Change {
+                    kind: "secrets".into(),
+                    ..put(&me, "default/s", vec![])
+                },
+            ],
+            synced: Kind::ALL
+                .iter()
+                .map(|k| pb::SyncedMarker {
+                    cluster: me.clone(),
+                    kind: k.to_string(),
+                    revision: 5,
+                    written_unix_ms: 0,
+                })
+                .collect(),
+            revision: 5,
+            snapshot_complete: true,
+        };
+        let huge = pb::WatchResponse {
+            changes: vec![put(&me, "default/huge", vec![7u8; 5 * 1024 * 1024])],
+            revision: 6,
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(snapshot)).await;
+            let _ = tx.send(Ok(huge)).await;
+            tx.closed().await;
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malicious_peer_cannot_corrupt_the_cache() {
+    let mut b = Cluster::new("bravo", 42).await;
+    b.up().await;
+    let evil = ClusterName::new("evil").unwrap();
+    let evil_id = ClusterId::new(43).unwrap();
+    let ca = Ca::generate(&evil, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
+    let server = ca
+        .issue(
+            &LeafSpec::new(MeshIdentity::new(evil.clone(), evil_id, Role::Apiserver))
+                .ips(["127.0.0.1".parse().unwrap()]),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_tls(&dir.path().join("server"), &ca, &server);
+    let tls = Reloader::load(TlsFiles::in_dir(&dir.path().join("server"))).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(clustermesh_apiserver::mesh::server::serve(
+        listener,
+        tls,
+        EvilPeer {
+            name: evil.clone(),
+            id: evil_id,
+        },
+        telemetry::metrics::Registry::new(),
+        stop_rx,
+    ));
+    let leaf = ca
+        .issue(&LeafSpec::new(MeshIdentity::new(
+            b.name.clone(),
+            b.id,
+            Role::Peer,
+        )))
+        .unwrap();
+    write_peer(
+        &b.peers_dir(),
+        "evil",
+        &addr.to_string(),
+        ca.cert_pem(),
+        &leaf,
+    );
+
+    // The valid object lands; the oversized message breaks the stream, which reconnects.
+    eventually("the valid object is imported", T, || async {
+        b.cached_services(&evil)
+            .await
+            .contains_key("default/good")
+            .then_some(())
+    })
+    .await;
+    eventually("reconnected after the oversized message", T, || async {
+        (b.running().metrics().value(m::PEER_RECONNECTS, &["evil"]) >= 2.0).then_some(())
+    })
+    .await;
+    let held = b.cached_services(&evil).await;
+    assert_eq!(
+        held.keys().collect::<Vec<_>>(),
+        ["default/good"],
+        "nothing else reached the cache"
+    );
+    let (all, _) = b.kv.list_raw(keys::ROOT).await.unwrap();
+    assert!(
+        all.iter()
+            .all(|kv| !kv.key.contains("victim") && !kv.key.contains("/huge"))
+    );
+    assert!(b.running().metrics().value(m::PEER_REJECTED, &["evil"]) >= 5.0);
+    let st = b.running().peers().get("evil").unwrap();
+    assert!(st.last_error.is_some());
+    // bravo itself is unharmed.
+    assert!(b.running().ready().borrow().is_ok());
+    server.abort();
+}
