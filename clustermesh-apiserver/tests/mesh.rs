@@ -613,6 +613,35 @@ async fn untrusted_mismatched_expired_plaintext_and_unauthorized_clients_are_ref
         (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
     })
     .await;
+
+    // A second peer with alpha's ID is refused while alpha is connected.
+    let mut d = Cluster::new("delta", 31).await;
+    d.up().await;
+    b.import_from(&d);
+    let e = last_error(&b, "delta", "already has").await;
+    assert!(e.contains("alpha") && e.contains("31"), "{e}");
+    assert_eq!(
+        b.phase(&a.name),
+        Some(Phase::Ready),
+        "the connected peer is unaffected"
+    );
+    // And the status shows it over HTTP.
+    let body = http_get(b.running().health_addr(), "/status").await;
+    assert!(
+        body.contains("\"delta\"") && body.contains("already has"),
+        "{body}"
+    );
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 /// A peer that sends objects of other clusters, garbage and an oversized message.

@@ -26,6 +26,12 @@ use crate::metrics as m;
 pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 /// Changes per Watch message.
 const BATCH: usize = 512;
+/// Approximate bytes of changes per Watch message (well under [`MAX_MESSAGE`]).
+const BATCH_BYTES: usize = 1024 * 1024;
+
+fn size(c: &pb::Change) -> usize {
+    c.value.len() + c.name.len() + c.cluster.len() + 32
+}
 
 /// What a caller may see.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,13 +177,16 @@ async fn send_snapshot(
     let mut changes = Vec::new();
     let mut markers = Vec::new();
     let mut first = true;
+    let mut bytes = 0;
     for r in records.iter().filter(|r| filter.admits(r)) {
         if let Some(c) = change(r, false) {
+            bytes += size(&c);
             changes.push(c);
         } else if let Some(s) = synced(r) {
             markers.push(s);
         }
-        if changes.len() == BATCH {
+        if changes.len() == BATCH || bytes >= BATCH_BYTES {
+            bytes = 0;
             let msg = pb::WatchResponse {
                 reset: first,
                 changes: std::mem::take(&mut changes),
@@ -255,25 +264,34 @@ async fn stream_updates(
             }
         }
         let mut msg = pb::WatchResponse::default();
-        for u in pending.drain(..) {
+        let mut bytes = 0;
+        let batch: Vec<Update> = pending.drain(..).collect();
+        let last = batch.len();
+        for (i, u) in batch.into_iter().enumerate() {
+            if filter.admits(&u.record) {
+                if let Some(c) = change(&u.record, u.deleted) {
+                    bytes += size(&c);
+                    msg.changes.push(c);
+                } else if !u.deleted
+                    && let Some(s) = synced(&u.record)
+                {
+                    msg.synced.push(s);
+                }
+            }
             revision = revision.max(u.record.revision);
-            if !filter.admits(&u.record) {
-                continue;
+            if bytes >= BATCH_BYTES || i + 1 == last {
+                // More updates of the newest revision (one etcd transaction) may still follow:
+                // only the revision before it is known to be complete. A client resuming from
+                // it gets that revision again, which is harmless (puts and deletes repeat).
+                msg.revision = revision - 1;
+                bytes = 0;
+                let out = std::mem::take(&mut msg);
+                if (!out.changes.is_empty() || !out.synced.is_empty())
+                    && tx.send(Ok(out)).await.is_err()
+                {
+                    return;
+                }
             }
-            if let Some(c) = change(&u.record, u.deleted) {
-                msg.changes.push(c);
-            } else if !u.deleted
-                && let Some(s) = synced(&u.record)
-            {
-                msg.synced.push(s);
-            }
-        }
-        msg.revision = revision;
-        if msg.changes.is_empty() && msg.synced.is_empty() {
-            continue;
-        }
-        if tx.send(Ok(msg)).await.is_err() {
-            return;
         }
     }
 }

@@ -28,6 +28,21 @@ use wire::Codec;
 pub use session::Session;
 pub use watch::Watcher;
 
+/// Keys per page of a listing.
+pub const LIST_PAGE: i64 = 2000;
+
+/// The end of the key range of everything under `prefix` (etcd's `--prefix`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// The largest number of operations etcd accepts in one transaction (its `--max-txn-ops`
 /// default).
 pub const MAX_TXN_OPS: usize = 128;
@@ -259,19 +274,43 @@ impl Client {
         Ok(resp.kvs().first().map(Kv::from_etcd))
     }
 
-    /// Lists every key under `prefix`, with the revision the listing is consistent at.
+    /// Lists every key under `prefix`, with the revision the listing is consistent at. Reads
+    /// in pages of [`LIST_PAGE`] keys, all at the revision of the first page, so that a large
+    /// prefix neither exceeds the gRPC message limit nor mixes revisions.
     pub async fn list_raw(&self, prefix: &str) -> Result<(Vec<Kv>, Revision)> {
-        let resp = self
-            .etcd()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|source| Error::Request {
-                op: "list",
-                key: prefix.to_owned(),
-                source,
-            })?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-        Ok((resp.kvs().iter().map(Kv::from_etcd).collect(), rev))
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut out = Vec::new();
+        let mut rev = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if rev > 0 {
+                opts = opts.with_revision(rev);
+            }
+            let resp = self
+                .etcd()
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(|source| Error::Request {
+                    op: "list",
+                    key: prefix.to_owned(),
+                    source,
+                })?;
+            if rev == 0 {
+                rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            out.extend(resp.kvs().iter().map(Kv::from_etcd));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((out, rev))
     }
 
     /// The store's current revision.
