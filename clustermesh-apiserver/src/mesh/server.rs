@@ -265,7 +265,7 @@ async fn stream_updates(
         }
         let mut msg = pb::WatchResponse::default();
         let mut bytes = 0;
-        let batch: Vec<Update> = pending.drain(..).collect();
+        let batch: Vec<Update> = std::mem::take(&mut pending);
         let last = batch.len();
         for (i, u) in batch.into_iter().enumerate() {
             if filter.admits(&u.record) {
