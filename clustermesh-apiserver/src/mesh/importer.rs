@@ -358,6 +358,12 @@ async fn run_peer(ctx: Context, cfg: PeerConfig) {
         }
         let result = session(&ctx, &cfg, &mut mirror).await;
         ctx.board.release_id(&cfg.name);
+        if let Err(e) = &result
+            && e.starts_with(LOCAL_ETCD)
+        {
+            // What was meant to be written may not be: start over from what etcd holds.
+            mirror = load_mirror(&ctx, &cfg.name).await;
+        }
         let e = match result {
             Ok(()) => "the peer closed the stream".to_owned(),
             Err(e) => e,
@@ -525,8 +531,23 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
     if ready {
         ctx.board.set_phase(&cfg.name, Phase::Ready);
     }
+    // Writes not yet in local etcd (key → value, None = delete), coalesced across the messages
+    // that are already waiting; the revision they complete.
+    let mut pending: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    let mut pending_revision = mirror.revision;
     loop {
-        let msg = match stream.message().await {
+        // Block only when nothing is pending; otherwise take what is already there or flush.
+        let next = if pending.is_empty() {
+            Some(stream.message().await)
+        } else {
+            futures::FutureExt::now_or_never(stream.message())
+        };
+        let Some(next) = next else {
+            flush(ctx, &mut pending).await?;
+            mirror.revision = pending_revision;
+            continue;
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => return Err("the peer ended the watch".into()),
             Err(e) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
@@ -542,8 +563,6 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
             ready = false;
             ctx.board.set_phase(&cfg.name, Phase::Syncing);
         }
-        let mut puts = Vec::new();
-        let mut deletes = Vec::new();
         let now = now_micros();
         for c in &msg.changes {
             match validate(&cfg.name, cert_id, c) {
@@ -560,7 +579,7 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                                 r.seen.entry(kind).or_default().insert(name.clone());
                             }
                             if mirror.held.get(&(kind, name.clone())) != Some(&v) {
-                                puts.push((key, v.clone()));
+                                pending.insert(key, Some(v.clone()));
                                 mirror.held.insert((kind, name), v);
                             }
                         }
@@ -571,7 +590,7 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                                 seen.remove(&name);
                             }
                             if mirror.held.remove(&(kind, name)).is_some() {
-                                deletes.push(key);
+                                pending.insert(key, None);
                             }
                         }
                     }
@@ -583,18 +602,16 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                 }
             }
         }
-        if !puts.is_empty() {
-            ctx.kv
-                .put_many(&puts, 0)
-                .await
-                .map_err(|e| format!("local etcd: {e}"))?;
+        pending_revision = pending_revision.max(msg.revision);
+        let control = msg.reset || msg.snapshot_complete || !msg.synced.is_empty();
+        if !control && pending.len() < 5000 {
+            if pending.is_empty() {
+                mirror.revision = pending_revision;
+            }
+            continue;
         }
-        if !deletes.is_empty() {
-            ctx.kv
-                .delete_many(&deletes)
-                .await
-                .map_err(|e| format!("local etcd: {e}"))?;
-        }
+        flush(ctx, &mut pending).await?;
+        mirror.revision = pending_revision;
         for s in &msg.synced {
             if s.cluster != peer {
                 continue;
@@ -630,10 +647,7 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                         .iter()
                         .map(|(k, n)| keys::object_key(Scope::Cache, &cfg.name, *k, n))
                         .collect();
-                    ctx.kv
-                        .delete_many(&keys)
-                        .await
-                        .map_err(|e| format!("local etcd: {e}"))?;
+                    ctx.kv.delete_many(&keys).await.map_err(|e| local(&e))?;
                     for s in stale {
                         mirror.held.remove(&s);
                     }
@@ -648,7 +662,7 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
                 ctx.kv
                     .put_raw(&keys::synced(Scope::Cache, &cfg.name, kind), v)
                     .await
-                    .map_err(|e| format!("local etcd: {e}"))?;
+                    .map_err(|e| local(&e))?;
             }
         }
         if resync
@@ -657,13 +671,13 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
         {
             resync = None;
         }
-        mirror.revision = mirror.revision.max(msg.revision);
         if !ready && resync.is_none() {
             ready = true;
             ctx.board.set_phase(&cfg.name, Phase::Ready);
             tracing::info!(peer = %cfg.name, objects = mirror.held.len(), "peer in sync");
+            last_count = std::time::Instant::now() - Duration::from_secs(2);
         }
-        if ready || last_count.elapsed() >= Duration::from_secs(1) {
+        if last_count.elapsed() >= Duration::from_secs(1) {
             last_count = std::time::Instant::now();
             let mut counts: BTreeMap<String, usize> =
                 Kind::ALL.iter().map(|k| (k.to_string(), 0)).collect();
@@ -676,4 +690,33 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
             });
         }
     }
+}
+
+/// Prefix of errors about this cluster's own etcd: the importer's memory of what it wrote may
+/// then be wrong, and is reloaded before the next attempt.
+const LOCAL_ETCD: &str = "local etcd: ";
+
+fn local(e: &kvstore::Error) -> String {
+    format!("{LOCAL_ETCD}{e}")
+}
+
+async fn flush(
+    ctx: &Context,
+    pending: &mut BTreeMap<String, Option<Vec<u8>>>,
+) -> Result<(), String> {
+    let mut puts = Vec::new();
+    let mut deletes = Vec::new();
+    for (k, v) in std::mem::take(pending) {
+        match v {
+            Some(v) => puts.push((k, v)),
+            None => deletes.push(k),
+        }
+    }
+    if !puts.is_empty() {
+        ctx.kv.put_many(&puts, 0).await.map_err(|e| local(&e))?;
+    }
+    if !deletes.is_empty() {
+        ctx.kv.delete_many(&deletes).await.map_err(|e| local(&e))?;
+    }
+    Ok(())
 }
