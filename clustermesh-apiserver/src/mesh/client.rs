@@ -48,6 +48,32 @@ fn split_host(endpoint: &str) -> Option<(&str, &str)> {
     endpoint.rsplit_once(':')
 }
 
+/// The addresses of `host:port`: an IP address as is, a name through hickory-resolver with
+/// the system's resolver configuration. A new resolver per attempt, so that a name is
+/// re-resolved (no stale cache) after every failure.
+async fn resolve(host: &str, port: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    let port: u16 = port.parse().map_err(|_| format!("invalid port {port:?}"))?;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![std::net::SocketAddr::new(ip, port)]);
+    }
+    let resolver = hickory_resolver::Resolver::builder_tokio()
+        .map_err(|e| format!("resolver configuration: {e}"))?
+        .build()
+        .map_err(|e| format!("resolver: {e}"))?;
+    let ips = resolver
+        .lookup_ip(host)
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let addrs: Vec<_> = ips
+        .iter()
+        .map(|ip| std::net::SocketAddr::new(ip, port))
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{host} has no addresses"));
+    }
+    Ok(addrs)
+}
+
 /// Connects to the first endpoint that completes a handshake and presents the certificate of
 /// `expected`'s apiserver.
 pub async fn connect(
@@ -68,10 +94,10 @@ pub async fn connect(
             problems.push(format!("{endpoint}: invalid host name"));
             continue;
         };
-        let addrs = match tokio::net::lookup_host(format!("{host}:{port}")).await {
-            Ok(a) => a.collect::<Vec<_>>(),
+        let addrs = match resolve(host, port).await {
+            Ok(a) => a,
             Err(e) => {
-                problems.push(format!("{endpoint}: cannot resolve: {e}"));
+                problems.push(format!("{endpoint}: {e}"));
                 continue;
             }
         };

@@ -340,6 +340,23 @@ async fn load_mirror(ctx: &Context, peer: &ClusterName) -> Mirror {
     Mirror { held, revision: 0 }
 }
 
+impl Mirror {
+    /// Objects held per kind.
+    fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts: BTreeMap<String, usize> =
+            Kind::ALL.iter().map(|k| (k.to_string(), 0)).collect();
+        for kind in Kind::ALL {
+            let n = self
+                .held
+                .range((kind, String::new())..)
+                .take_while(|((k, _), _)| *k == kind)
+                .count();
+            counts.insert(kind.to_string(), n);
+        }
+        counts
+    }
+}
+
 async fn run_peer(ctx: Context, cfg: PeerConfig) {
     let mut mirror = load_mirror(&ctx, &cfg.name).await;
     let mut failures: u32 = 0;
@@ -528,6 +545,7 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
     let mut markers: HashMap<Kind, Vec<u8>> = HashMap::new();
     let mut ready = mirror.revision > 0;
     let mut last_count = std::time::Instant::now();
+    let mut counts_dirty = true;
     if ready {
         ctx.board.set_phase(&cfg.name, Phase::Ready);
     }
@@ -537,7 +555,19 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
     let mut pending_revision = mirror.revision;
     loop {
         // Block only when nothing is pending; otherwise take what is already there or flush.
-        let next = if pending.is_empty() {
+        let next = if pending.is_empty() && counts_dirty {
+            // Idle for a moment: bring the status counts up to date.
+            match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    counts_dirty = false;
+                    last_count = std::time::Instant::now();
+                    let counts = mirror.counts();
+                    ctx.board.update(&cfg.name, |s| s.objects = counts);
+                    continue;
+                }
+            }
+        } else if pending.is_empty() {
             Some(stream.message().await)
         } else {
             futures::FutureExt::now_or_never(stream.message())
@@ -603,6 +633,7 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
             }
         }
         pending_revision = pending_revision.max(msg.revision);
+        counts_dirty |= !msg.changes.is_empty();
         let control = msg.reset || msg.snapshot_complete || !msg.synced.is_empty();
         if !control && pending.len() < 5000 {
             if pending.is_empty() {
@@ -679,16 +710,12 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
         }
         if last_count.elapsed() >= Duration::from_secs(1) {
             last_count = std::time::Instant::now();
-            let mut counts: BTreeMap<String, usize> =
-                Kind::ALL.iter().map(|k| (k.to_string(), 0)).collect();
-            for (k, _) in mirror.held.keys() {
-                *counts.entry(k.to_string()).or_default() += 1;
-            }
-            ctx.board.update(&cfg.name, |s| {
-                s.revision = mirror.revision;
-                s.objects = counts;
-            });
+            counts_dirty = false;
+            let counts = mirror.counts();
+            ctx.board.update(&cfg.name, |s| s.objects = counts);
         }
+        ctx.board
+            .update(&cfg.name, |s| s.revision = mirror.revision);
     }
 }
 
