@@ -1,0 +1,239 @@
+//! Loading, pinning and attaching the socket load-balancing programs.
+//!
+//! Maps are pinned by name under `<bpffs>/<dir>/` (the C definitions ask for pinning); an agent
+//! that starts where an earlier one left maps reuses them, entries and all. Each program's
+//! cgroup link is pinned under `<dir>/links/`; while a pinned link exists the program stays
+//! attached, also while no agent runs, so a restart never interrupts load balancing. The
+//! attached cgroup is recorded next to the links: a different `--cgroup` detaches the old
+//! links first.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, LpmTrie, MapData};
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::maps::{self, BackendVal, IpcacheAddr, IpcacheVal, SlotKey, SvcKey, SvcVal};
+
+/// The compiled programs (built from `bpf/sock_lb.c` by build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
+
+/// Every program and the hook it attaches to.
+pub const PROGRAMS: [&str; 8] = [
+    "cm_connect4",
+    "cm_connect6",
+    "cm_sendmsg4",
+    "cm_sendmsg6",
+    "cm_recvmsg4",
+    "cm_recvmsg6",
+    "cm_getpeername4",
+    "cm_getpeername6",
+];
+
+/// Why the datapath could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A filesystem operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Loading the object or a program failed (verifier, permissions, missing bpffs).
+    #[error("load eBPF: {0}")]
+    Load(String),
+    /// Attaching or pinning a program failed.
+    #[error("attach {program} to {cgroup}: {reason}")]
+    Attach {
+        /// The program.
+        program: String,
+        /// The cgroup.
+        cgroup: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {reason}")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The loaded, attached datapath and its maps.
+pub struct Datapath {
+    dir: PathBuf,
+    /// Services: frontend → (ID, counts).
+    pub services: HashMap<MapData, SvcKey, SvcVal>,
+    /// Backends: ID → backend.
+    pub backends: HashMap<MapData, u32, BackendVal>,
+    /// Slots: (service, tier, slot) → backend ID.
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    /// IP cache: prefix → identity, cluster.
+    pub ipcache: LpmTrie<MapData, IpcacheAddr, IpcacheVal>,
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").field("dir", &self.dir).finish()
+    }
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, Error> {
+    let map = ebpf.take_map(name).ok_or_else(|| Error::Map {
+        map: name,
+        reason: "missing from the object".into(),
+    })?;
+    HashMap::try_from(map).map_err(|e| Error::Map {
+        map: name,
+        reason: e.to_string(),
+    })
+}
+
+impl Datapath {
+    /// Loads (or reuses) the maps under `dir` and makes sure every program is attached to
+    /// `cgroup` through a pinned link.
+    pub fn open(dir: &Path, cgroup: &Path) -> Result<Self, Error> {
+        let links = dir.join("links");
+        std::fs::create_dir_all(&links).map_err(io("create", &links))?;
+        // bpffs holds no regular files: the attached cgroup is recorded as a directory name.
+        let record = dir.join(format!(
+            "cgroup-{}",
+            cgroup.display().to_string().replace('/', "%")
+        ));
+        let recorded: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io("read", dir))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("cgroup-"))
+            })
+            .collect();
+        for old in recorded.iter().filter(|p| **p != record) {
+            tracing::warn!(old = %old.display(), new = %cgroup.display(), "the cgroup changed; detaching from the old one");
+            detach(dir)?;
+            std::fs::remove_dir(old).map_err(io("remove", old))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(e.to_string()))?;
+        let cg = File::open(cgroup).map_err(io("open cgroup", cgroup))?;
+        for name in PROGRAMS {
+            let link_path = links.join(name);
+            if link_path.exists() {
+                continue;
+            }
+            let attach_err = |reason: String| Error::Attach {
+                program: name.into(),
+                cgroup: cgroup.to_owned(),
+                reason,
+            };
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| attach_err("missing from the object".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+            prog.load().map_err(|e| attach_err(format!("load: {e}")))?;
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(e.to_string()))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| attach_err(e.to_string()))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+            link.pin(&link_path)
+                .map_err(|e| attach_err(format!("pin: {e}")))?;
+            tracing::info!(program = name, cgroup = %cgroup.display(), "attached");
+        }
+        if !record.exists() {
+            std::fs::create_dir(&record).map_err(io("create", &record))?;
+        }
+        let services = take(&mut ebpf, maps::SERVICES)?;
+        let backends = take(&mut ebpf, maps::BACKENDS)?;
+        let slots = take(&mut ebpf, maps::SLOTS)?;
+        let ipcache_map = ebpf.take_map(maps::IPCACHE).ok_or_else(|| Error::Map {
+            map: maps::IPCACHE,
+            reason: "missing from the object".into(),
+        })?;
+        let ipcache = LpmTrie::try_from(ipcache_map).map_err(|e| Error::Map {
+            map: maps::IPCACHE,
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            services,
+            backends,
+            slots,
+            ipcache,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The pin directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Detaches every program (removes the pinned links).
+pub fn detach(dir: &Path) -> Result<(), Error> {
+    let links = dir.join("links");
+    for name in PROGRAMS {
+        let p = links.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(io("unpin", &p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything the datapath pinned under `dir`: links (detaching the programs), maps
+/// and the directory.
+pub fn remove(dir: &Path) -> Result<(), Error> {
+    detach(dir)?;
+    for name in [
+        maps::SERVICES,
+        maps::BACKENDS,
+        maps::SLOTS,
+        maps::REVNAT,
+        maps::IPCACHE,
+    ] {
+        let p = dir.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(io("unpin", &p))?;
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("cgroup-") {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir.join("links"));
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! node-agent: programs its node's eBPF socket load balancing for the mesh's global services.
+//!
+//! [`maps`] holds the byte layouts shared with `bpf/sock_lb.c`; [`datapath`] loads the
+//! programs, pins maps and links under bpffs and attaches to the node's cgroup, reusing what an
+//! earlier agent pinned; [`program`] turns desired services into map entries, writing only
+//! differences in an order that never exposes a half-written service.
+//!
+//! Must not write to etcd (only the apiserver does) nor talk to peers.
+
+pub mod datapath;
+pub mod maps;
+pub mod program;

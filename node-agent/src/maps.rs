@@ -1,0 +1,264 @@
+//! The map layouts of `bpf/sock_lb.c`, as fixed-size byte arrays (no unsafe `Pod` impls):
+//! every key and value is encoded and decoded here, and nowhere else.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Services map capacity (`MAX_SERVICES` in C).
+pub const MAX_SERVICES: usize = 65_536;
+/// Backends map capacity (`MAX_BACKENDS`).
+pub const MAX_BACKENDS: usize = 262_144;
+/// Backends per tier of one service (`MAX_TIER_SLOTS`).
+pub const MAX_TIER_SLOTS: usize = 256;
+/// Tiers per service.
+pub const TIERS: usize = 2;
+
+/// Map names.
+pub const SERVICES: &str = "CM_SERVICES";
+/// Backends map.
+pub const BACKENDS: &str = "CM_BACKENDS";
+/// Slots map.
+pub const SLOTS: &str = "CM_SLOTS";
+/// Reverse translation map.
+pub const REVNAT: &str = "CM_REVNAT";
+/// IP cache map.
+pub const IPCACHE: &str = "CM_IPCACHE";
+
+/// Transport protocol of a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+
+    fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(Self::Tcp),
+            17 => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// A service frontend: address, port, protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub proto: Proto,
+}
+
+fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut a = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            a[..4].copy_from_slice(&v4.octets());
+            (a, 4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), 6),
+    }
+}
+
+fn ip_from(a: &[u8], family: u8) -> Option<IpAddr> {
+    match family {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+        6 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&a[..16]);
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+/// `struct svc_key`.
+pub type SvcKey = [u8; 20];
+/// `struct svc_val`.
+pub type SvcVal = [u8; 12];
+/// `struct slot_key`.
+pub type SlotKey = [u8; 8];
+/// `struct backend`.
+pub type BackendVal = [u8; 24];
+/// `struct ipcache_key` address part (the LPM trie adds the prefix length).
+pub type IpcacheAddr = [u8; 16];
+/// `struct ipcache_val`.
+pub type IpcacheVal = [u8; 8];
+
+/// Encodes a frontend.
+pub fn svc_key(f: &Frontend) -> SvcKey {
+    let (a, family) = addr16(f.addr.ip());
+    let mut k = [0u8; 20];
+    k[..16].copy_from_slice(&a);
+    k[16..18].copy_from_slice(&f.addr.port().to_be_bytes());
+    k[18] = f.proto.number();
+    k[19] = family;
+    k
+}
+
+/// Decodes a frontend.
+pub fn parse_svc_key(k: &SvcKey) -> Option<Frontend> {
+    let ip = ip_from(&k[..16], k[19])?;
+    let port = u16::from_be_bytes([k[16], k[17]]);
+    Some(Frontend {
+        addr: SocketAddr::new(ip, port),
+        proto: Proto::from_number(k[18])?,
+    })
+}
+
+/// A service's map value: its ID and backends per tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvcEntry {
+    /// Service ID (keys the slots).
+    pub id: u32,
+    /// Backends per tier.
+    pub counts: [u16; TIERS],
+}
+
+/// Encodes a service value.
+pub fn svc_val(e: &SvcEntry) -> SvcVal {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&e.id.to_ne_bytes());
+    v[4..6].copy_from_slice(&e.counts[0].to_ne_bytes());
+    v[6..8].copy_from_slice(&e.counts[1].to_ne_bytes());
+    v
+}
+
+/// Decodes a service value.
+pub fn parse_svc_val(v: &SvcVal) -> SvcEntry {
+    SvcEntry {
+        id: u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
+        counts: [
+            u16::from_ne_bytes([v[4], v[5]]),
+            u16::from_ne_bytes([v[6], v[7]]),
+        ],
+    }
+}
+
+/// Encodes a slot key.
+pub fn slot_key(svc: u32, tier: u16, slot: u16) -> SlotKey {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&svc.to_ne_bytes());
+    k[4..6].copy_from_slice(&tier.to_ne_bytes());
+    k[6..8].copy_from_slice(&slot.to_ne_bytes());
+    k
+}
+
+/// Decodes a slot key into (service, tier, slot).
+pub fn parse_slot_key(k: &SlotKey) -> (u32, u16, u16) {
+    (
+        u32::from_ne_bytes([k[0], k[1], k[2], k[3]]),
+        u16::from_ne_bytes([k[4], k[5]]),
+        u16::from_ne_bytes([k[6], k[7]]),
+    )
+}
+
+/// A backend as the datapath sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendEntry {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// Whether new connections may go to it.
+    pub healthy: bool,
+    /// Its cluster's ID.
+    pub cluster_id: u16,
+    /// Its zone (an index the agent assigns; 0 = unknown).
+    pub zone: u16,
+}
+
+/// Encodes a backend.
+pub fn backend_val(b: &BackendEntry) -> BackendVal {
+    let (a, family) = addr16(b.addr.ip());
+    let mut v = [0u8; 24];
+    v[..16].copy_from_slice(&a);
+    v[16..18].copy_from_slice(&b.addr.port().to_be_bytes());
+    v[18] = family;
+    v[19] = u8::from(b.healthy);
+    v[20..22].copy_from_slice(&b.cluster_id.to_ne_bytes());
+    v[22..24].copy_from_slice(&b.zone.to_ne_bytes());
+    v
+}
+
+/// Decodes a backend.
+pub fn parse_backend_val(v: &BackendVal) -> Option<BackendEntry> {
+    let ip = ip_from(&v[..16], v[18])?;
+    Some(BackendEntry {
+        addr: SocketAddr::new(ip, u16::from_be_bytes([v[16], v[17]])),
+        healthy: v[19] == 1,
+        cluster_id: u16::from_ne_bytes([v[20], v[21]]),
+        zone: u16::from_ne_bytes([v[22], v[23]]),
+    })
+}
+
+/// An IP cache entry: a prefix (IPv4 as IPv4-mapped IPv6) and its identity and cluster.
+pub fn ipcache_key(net: &ipnet::IpNet) -> (u32, IpcacheAddr) {
+    match net {
+        ipnet::IpNet::V4(v4) => (
+            u32::from(v4.prefix_len()) + 96,
+            v4.network().to_ipv6_mapped().octets(),
+        ),
+        ipnet::IpNet::V6(v6) => (u32::from(v6.prefix_len()), v6.network().octets()),
+    }
+}
+
+/// Encodes an IP cache value.
+pub fn ipcache_val(identity: u32, cluster_id: u16) -> IpcacheVal {
+    let mut v = [0u8; 8];
+    v[..4].copy_from_slice(&identity.to_ne_bytes());
+    v[4..6].copy_from_slice(&cluster_id.to_ne_bytes());
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn layouts_round_trip_and_match_c() {
+        let f = Frontend {
+            addr: "10.96.0.10:80".parse().unwrap(),
+            proto: Proto::Tcp,
+        };
+        let k = svc_key(&f);
+        assert_eq!(&k[..4], &[10, 96, 0, 10]);
+        assert_eq!(
+            &k[16..20],
+            &[0, 80, 6, 4],
+            "port in network order, proto, family"
+        );
+        assert_eq!(parse_svc_key(&k), Some(f));
+        let f6 = Frontend {
+            addr: "[fd00::10]:443".parse().unwrap(),
+            proto: Proto::Udp,
+        };
+        assert_eq!(parse_svc_key(&svc_key(&f6)), Some(f6));
+        let e = SvcEntry {
+            id: 7,
+            counts: [3, 2],
+        };
+        assert_eq!(parse_svc_val(&svc_val(&e)), e);
+        assert_eq!(parse_slot_key(&slot_key(9, 1, 255)), (9, 1, 255));
+        let b = BackendEntry {
+            addr: "10.1.0.5:8080".parse().unwrap(),
+            healthy: true,
+            cluster_id: 4095,
+            zone: 2,
+        };
+        let v = backend_val(&b);
+        assert_eq!(v[19], 1);
+        assert_eq!(parse_backend_val(&v), Some(b));
+        let (len, a) = ipcache_key(&"10.1.0.0/16".parse().unwrap());
+        assert_eq!(len, 112);
+        assert_eq!(&a[10..16], &[0xff, 0xff, 10, 1, 0, 0]);
+    }
+}

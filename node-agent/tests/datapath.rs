@@ -1,0 +1,282 @@
+//! The socket load-balancing programs in the real kernel: real connect()/sendmsg() from
+//! processes in a test cgroup. Needs root and bpffs (scripts/setup.sh mounts it).
+//!
+//! Service addresses are in 127.100.0.0/16: a connect() the programs do not translate is
+//! refused at once by the loopback, which makes the negative control quick and unambiguous.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use node_agent::datapath::{self, Datapath};
+use node_agent::maps::{Frontend, Proto};
+use node_agent::program::{BackendSpec, DesiredService, ProgramError, Programmer};
+use serde_json::Value;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const BPFFS: &str = "/sys/fs/bpf";
+
+const CLIENT: &str = r#"
+import json, socket, sys
+mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+counts, failures, sources = {}, 0, set()
+for _ in range(n):
+    try:
+        if mode == "tcp":
+            s = socket.create_connection((host, port), timeout=2)
+            name = s.recv(64).decode().strip()
+            peer = s.getpeername()
+            sources.add("%s:%d" % peer)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(2)
+            s.sendto(b"hi", (host, port))
+            data, src = s.recvfrom(64)
+            name = data.decode().strip()
+            sources.add("%s:%d" % src)
+        s.close()
+        counts[name] = counts.get(name, 0) + 1
+    except Exception:
+        failures += 1
+print(json.dumps({"counts": counts, "failures": failures, "sources": sorted(sources)}))
+"#;
+
+/// A node: a pin directory and a cgroup, removed on drop (also on failure).
+struct Node {
+    dir: PathBuf,
+    cgroup: PathBuf,
+    script: tempfile::NamedTempFile,
+}
+
+impl Node {
+    fn new() -> Self {
+        assert!(
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf ")),
+            "bpffs is not mounted at /sys/fs/bpf: run scripts/setup.sh (as root)"
+        );
+        let name = test_support::unique_name("cmtest");
+        let cgroup = Path::new(CGROUP_ROOT).join(&name);
+        std::fs::create_dir(&cgroup).unwrap();
+        let script = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(script.path(), CLIENT).unwrap();
+        Self {
+            dir: Path::new(BPFFS).join(&name),
+            cgroup,
+            script,
+        }
+    }
+
+    fn open(&self) -> Programmer {
+        Programmer::new(Datapath::open(&self.dir, &self.cgroup).unwrap()).unwrap()
+    }
+
+    /// Runs the client `n` times from inside the node's cgroup (or outside, for the control).
+    fn client(&self, inside: bool, mode: &str, vip: SocketAddr, n: usize) -> Value {
+        let join = if inside {
+            format!("echo $$ > {}/cgroup.procs && ", self.cgroup.display())
+        } else {
+            String::new()
+        };
+        let cmd = format!(
+            "{join}exec python3 {} {mode} {} {} {n}",
+            self.script.path().display(),
+            vip.ip(),
+            vip.port()
+        );
+        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        assert!(
+            out.status.success(),
+            "client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = datapath::remove(&self.dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// Backends: TCP listeners and UDP sockets that answer with their name.
+fn backend(name: &'static str, ip: &str) -> SocketAddr {
+    let tcp = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = tcp.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in tcp.incoming().flatten() {
+            use std::io::Write;
+            let mut s = s;
+            let _ = writeln!(s, "{name}");
+        }
+    });
+    // The same port for UDP.
+    let udp = std::net::UdpSocket::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("{name}\n").as_bytes(), from);
+        }
+    });
+    addr
+}
+
+fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
+    BackendSpec {
+        addr,
+        cluster_id,
+        zone: 0,
+    }
+}
+
+fn counts(v: &Value) -> BTreeMap<String, u64> {
+    v["counts"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
+        .collect()
+}
+
+fn frontend(vip: &str, proto: Proto) -> Frontend {
+    Frontend {
+        addr: vip.parse().unwrap(),
+        proto,
+    }
+}
+
+#[test]
+fn affinity_tiers_health_udp_restart_and_negative_control() {
+    let node = Node::new();
+    let l1 = backend("local-1", "127.0.1.1");
+    let l2 = backend("local-2", "127.0.1.2");
+    let r1 = backend("remote-1", "127.0.2.1");
+    let r2 = backend("remote-2", "127.0.2.2");
+    let local = vec![spec(l1, 1), spec(l2, 1)];
+    let remote = vec![spec(r1, 2), spec(r2, 2)];
+    let both: Vec<BackendSpec> = local.iter().chain(&remote).copied().collect();
+    let vip_local = "127.100.0.1:80";
+    let vip_remote = "127.100.0.2:80";
+    let vip_none = "127.100.0.3:80";
+    let vip_udp = "127.100.0.4:53";
+    let desired = vec![
+        DesiredService {
+            frontend: frontend(vip_local, Proto::Tcp),
+            tiers: [local.clone(), remote.clone()],
+        },
+        DesiredService {
+            frontend: frontend(vip_remote, Proto::Tcp),
+            tiers: [remote.clone(), local.clone()],
+        },
+        DesiredService {
+            frontend: frontend(vip_none, Proto::Tcp),
+            tiers: [both.clone(), vec![]],
+        },
+        // UDP to l1 only; the port must match the backend's.
+        DesiredService {
+            frontend: frontend(vip_udp, Proto::Udp),
+            tiers: [vec![spec(l1, 1)], vec![]],
+        },
+    ];
+    let mut p = node.open();
+    let ops = p.apply(&desired).unwrap();
+    assert!(ops.writes > 0);
+
+    // Affinity: 200 connections each.
+    let n = 200;
+    let local_run = node.client(true, "tcp", vip_local.parse().unwrap(), n);
+    let remote_run = node.client(true, "tcp", vip_remote.parse().unwrap(), n);
+    let none_run = node.client(true, "tcp", vip_none.parse().unwrap(), n);
+    println!(
+        "affinity local: {local_run}\naffinity remote: {remote_run}\naffinity none: {none_run}"
+    );
+    for run in [&local_run, &remote_run, &none_run] {
+        assert_eq!(run["failures"], 0);
+    }
+    assert!(counts(&local_run).keys().all(|k| k.starts_with("local")));
+    assert_eq!(counts(&local_run).len(), 2, "both local backends are used");
+    assert!(counts(&remote_run).keys().all(|k| k.starts_with("remote")));
+    assert_eq!(counts(&none_run).len(), 4, "none: all four backends");
+    // getpeername shows the service address, not the backend's.
+    assert_eq!(local_run["sources"], serde_json::json!([vip_local]));
+
+    // UDP through sendmsg/recvmsg: replies come from the service address.
+    let udp = node.client(true, "udp", vip_udp.parse().unwrap(), 20);
+    println!("udp: {udp}");
+    assert_eq!(udp["failures"], 0);
+    assert_eq!(counts(&udp), BTreeMap::from([("local-1".to_owned(), 20)]));
+    assert_eq!(udp["sources"], serde_json::json!([vip_udp]));
+
+    // Local backends unhealthy: the next tier serves, with no other map change.
+    assert!(p.set_health(l1, false).unwrap());
+    assert!(p.set_health(l2, false).unwrap());
+    let failover = node.client(true, "tcp", vip_local.parse().unwrap(), n);
+    assert_eq!(failover["failures"], 0);
+    assert!(
+        counts(&failover).keys().all(|k| k.starts_with("remote")),
+        "{failover}"
+    );
+    p.set_health(l1, true).unwrap();
+    p.set_health(l2, true).unwrap();
+    let back = node.client(true, "tcp", vip_local.parse().unwrap(), n);
+    assert!(
+        counts(&back).keys().all(|k| k.starts_with("local")),
+        "{back}"
+    );
+
+    // Negative control: a process outside the cgroup is not translated.
+    let outside = node.client(false, "tcp", vip_local.parse().unwrap(), 5);
+    assert_eq!(outside["failures"], 5, "{outside}");
+
+    // The agent goes away: programs stay attached, traffic keeps flowing.
+    drop(p);
+    let meanwhile = node.client(true, "tcp", vip_local.parse().unwrap(), 50);
+    assert_eq!(meanwhile["failures"], 0);
+    // A new agent reuses maps and links: the same desired state writes nothing.
+    let mut p = node.open();
+    assert_eq!(p.services(), 4);
+    let ops = p.apply(&desired).unwrap();
+    assert_eq!((ops.writes, ops.deletes), (0, 0), "restart rewrote nothing");
+
+    // More backends than a tier holds: refused, nothing written.
+    let many: Vec<BackendSpec> = (0..300)
+        .map(|i| {
+            spec(
+                SocketAddr::from(([127, 0, 3, (i % 250) as u8], 1000 + i as u16)),
+                1,
+            )
+        })
+        .collect();
+    let mut too_big = desired.clone();
+    too_big.push(DesiredService {
+        frontend: frontend("127.100.0.9:80", Proto::Tcp),
+        tiers: [many, vec![]],
+    });
+    match p.apply(&too_big) {
+        Err(ProgramError::Capacity {
+            wanted: 300,
+            capacity: 256,
+            ..
+        }) => {}
+        other => panic!("expected a capacity error, got {other:?}"),
+    }
+    assert_eq!(p.services(), 4);
+    assert_eq!(
+        p.apply(&desired).unwrap(),
+        Default::default(),
+        "the refused state left nothing behind"
+    );
+
+    // Removing services deletes their entries; connections to them are no longer translated.
+    let ops = p.apply(&desired[..1]).unwrap();
+    assert!(ops.deletes >= 3);
+    let gone = node.client(true, "tcp", vip_remote.parse().unwrap(), 3);
+    assert_eq!(gone["failures"], 3);
+}
