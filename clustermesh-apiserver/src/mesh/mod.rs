@@ -2,6 +2,6 @@
 //! cluster's client of its peers' Mesh APIs).
 
 pub mod cache;
-pub mod client;
+pub use meshapi::client;
 pub mod importer;
 pub mod server;

@@ -22,8 +22,7 @@ use wire::pb::mesh_server::{Mesh, MeshServer};
 use super::cache::{Item, Record, Start, Update, WatchCache};
 use crate::metrics as m;
 
-/// The largest message a Mesh API peer may send or receive.
-pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+pub use meshapi::MAX_MESSAGE;
 /// Changes per Watch message.
 const BATCH: usize = 512;
 /// Approximate bytes of changes per Watch message (well under [`MAX_MESSAGE`]).

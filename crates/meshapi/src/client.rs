@@ -13,7 +13,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 use wire::pb::mesh_client::MeshClient;
 
-use super::server::MAX_MESSAGE;
+use crate::MAX_MESSAGE;
 
 /// A connection to a peer's Mesh API.
 #[derive(Debug)]
