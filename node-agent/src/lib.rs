@@ -7,6 +7,8 @@
 //!
 //! Must not write to etcd (only the apiserver does) nor talk to peers.
 
+pub mod agent;
 pub mod datapath;
+pub mod desired;
 pub mod maps;
 pub mod program;

@@ -1,9 +1,9 @@
-//! The `node-agent` binary: one per node. It will program the eBPF socket load-balancing maps
-//! of its node from the local apiserver's Mesh API stream.
+//! The `node-agent` binary: one per node. It programs the eBPF socket load balancing of its
+//! node from the local apiserver's Mesh API stream and health-checks the backends.
 //!
-//! This build validates its configuration and checks the node's prerequisites for the datapath
-//! (bpffs mounted, the node's cgroup on cgroup v2); the datapath itself is not part of it yet,
-//! so after a successful check it says so and exits non-zero rather than pretend to run.
+//! `--check` only validates the configuration and the node's prerequisites (bpffs mounted, the
+//! node's cgroup on cgroup v2). On exit the programs stay attached and the maps pinned, so a
+//! restarted agent takes over without interrupting connections.
 //!
 //! Must not write to etcd (only the apiserver does) nor talk to peers.
 
@@ -33,6 +33,28 @@ struct Args {
     /// Where bpffs is mounted; maps and links are pinned below it.
     #[arg(long, env = env::BPFFS, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
+    /// The local apiserver's Mesh API, comma-separated `host:port`.
+    #[arg(long, env = env::APISERVER, value_delimiter = ',')]
+    apiserver: Vec<String>,
+    /// Directory with this node agent's client certificate (`tls.crt`, `tls.key`) and the
+    /// cluster CA (`ca.crt`).
+    #[arg(long, env = env::TLS_DIR)]
+    tls_dir: Option<PathBuf>,
+    /// Milliseconds between health checks of a backend.
+    #[arg(long, default_value_t = 200)]
+    health_interval_ms: u64,
+    /// Milliseconds a health-check connect may take.
+    #[arg(long, default_value_t = 150)]
+    health_timeout_ms: u64,
+    /// Failed checks in a row that mark a backend unhealthy.
+    #[arg(long, default_value_t = 2)]
+    fall: u32,
+    /// Successful checks in a row that mark it healthy again.
+    #[arg(long, default_value_t = 2)]
+    rise: u32,
+    /// Address of the `/metrics`, `/healthz`, `/readyz` server.
+    #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9881")]
+    health_bind: String,
     /// Only check the configuration and the node's prerequisites, print the result, and exit.
     #[arg(long)]
     check: bool,
@@ -100,6 +122,46 @@ fn validate(args: &Args) -> Vec<String> {
             args.cgroup.display()
         )),
     }
+    if !args.check {
+        if args.apiserver.is_empty() {
+            problems.push(
+                "--apiserver: at least one host:port of the local apiserver's Mesh API is required"
+                    .into(),
+            );
+        }
+        match &args.tls_dir {
+            None => problems
+                .push("--tls-dir: the node agent's certificate directory is required".into()),
+            Some(d) => {
+                for f in ["tls.crt", "tls.key", "ca.crt"] {
+                    if !d.join(f).is_file() {
+                        problems.push(format!("--tls-dir: {} does not exist", d.join(f).display()));
+                    }
+                }
+            }
+        }
+        if !(10..=60_000).contains(&args.health_interval_ms) {
+            problems.push(format!(
+                "--health-interval-ms: {} is out of range 10..=60000",
+                args.health_interval_ms
+            ));
+        }
+        if !(10..=60_000).contains(&args.health_timeout_ms) {
+            problems.push(format!(
+                "--health-timeout-ms: {} is out of range 10..=60000",
+                args.health_timeout_ms
+            ));
+        }
+        if !(1..=100).contains(&args.fall) || !(1..=100).contains(&args.rise) {
+            problems.push("--fall and --rise must be 1..=100".into());
+        }
+        if args.health_bind.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "--health-bind: {:?} is not an address:port",
+                args.health_bind
+            ));
+        }
+    }
     problems
 }
 
@@ -128,6 +190,60 @@ fn main() -> ExitCode {
     if args.check {
         return ExitCode::SUCCESS;
     }
-    eprintln!("error: this build of node-agent has no datapath yet; only --check is supported");
-    ExitCode::FAILURE
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "node-agent failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    use node_agent::agent::{self, Agent, HealthConfig, Settings};
+    let cluster = ClusterName::new(args.cluster_name.clone())?;
+    let node = NodeName::new(args.node_name.clone())?;
+    let tls_dir = args.tls_dir.clone().unwrap_or_default();
+    let settings = Settings {
+        cluster: cluster.clone(),
+        apiserver: args.apiserver.clone(),
+        tls: certs::TlsFiles::in_dir(&tls_dir),
+        pin_dir: args.bpffs.join(format!("clustermesh-{cluster}-{node}")),
+        cgroup: args.cgroup.clone(),
+        health: HealthConfig {
+            interval: std::time::Duration::from_millis(args.health_interval_ms),
+            timeout: std::time::Duration::from_millis(args.health_timeout_ms),
+            fall: args.fall,
+            rise: args.rise,
+        },
+    };
+    let metrics = agent::registry();
+    let (ready_tx, ready) = tokio::sync::watch::channel(Err("starting".to_owned()));
+    let bind: std::net::SocketAddr = args.health_bind.parse()?;
+    let addr = telemetry::metrics::spawn(bind, metrics.clone(), ready, None).await?;
+    let _agent = Agent::start(settings.clone(), metrics, ready_tx)?;
+    tracing::info!(node = %node, cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), health = %addr, "node agent running");
+    shutdown_signal().await;
+    tracing::info!("stopping; programs stay attached and maps pinned for the next agent");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -6,127 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use node_agent::datapath::{self, Datapath};
+use common::{Node, backend};
 use node_agent::maps::{Frontend, Proto};
-use node_agent::program::{BackendSpec, DesiredService, ProgramError, Programmer};
+use node_agent::program::{BackendSpec, DesiredService, ProgramError};
 use serde_json::Value;
-
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
-const BPFFS: &str = "/sys/fs/bpf";
-
-const CLIENT: &str = r#"
-import json, socket, sys
-mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-counts, failures, sources = {}, 0, set()
-for _ in range(n):
-    try:
-        if mode == "tcp":
-            s = socket.create_connection((host, port), timeout=2)
-            name = s.recv(64).decode().strip()
-            peer = s.getpeername()
-            sources.add("%s:%d" % peer)
-        else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.settimeout(2)
-            s.sendto(b"hi", (host, port))
-            data, src = s.recvfrom(64)
-            name = data.decode().strip()
-            sources.add("%s:%d" % src)
-        s.close()
-        counts[name] = counts.get(name, 0) + 1
-    except Exception:
-        failures += 1
-print(json.dumps({"counts": counts, "failures": failures, "sources": sorted(sources)}))
-"#;
-
-/// A node: a pin directory and a cgroup, removed on drop (also on failure).
-struct Node {
-    dir: PathBuf,
-    cgroup: PathBuf,
-    script: tempfile::NamedTempFile,
-}
-
-impl Node {
-    fn new() -> Self {
-        assert!(
-            std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap()
-                .lines()
-                .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf ")),
-            "bpffs is not mounted at /sys/fs/bpf: run scripts/setup.sh (as root)"
-        );
-        let name = test_support::unique_name("cmtest");
-        let cgroup = Path::new(CGROUP_ROOT).join(&name);
-        std::fs::create_dir(&cgroup).unwrap();
-        let script = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(script.path(), CLIENT).unwrap();
-        Self {
-            dir: Path::new(BPFFS).join(&name),
-            cgroup,
-            script,
-        }
-    }
-
-    fn open(&self) -> Programmer {
-        Programmer::new(Datapath::open(&self.dir, &self.cgroup).unwrap()).unwrap()
-    }
-
-    /// Runs the client `n` times from inside the node's cgroup (or outside, for the control).
-    fn client(&self, inside: bool, mode: &str, vip: SocketAddr, n: usize) -> Value {
-        let join = if inside {
-            format!("echo $$ > {}/cgroup.procs && ", self.cgroup.display())
-        } else {
-            String::new()
-        };
-        let cmd = format!(
-            "{join}exec python3 {} {mode} {} {} {n}",
-            self.script.path().display(),
-            vip.ip(),
-            vip.port()
-        );
-        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-        assert!(
-            out.status.success(),
-            "client: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = datapath::remove(&self.dir);
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
-}
-
-/// Backends: TCP listeners and UDP sockets that answer with their name.
-fn backend(name: &'static str, ip: &str) -> SocketAddr {
-    let tcp = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
-    let addr = tcp.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in tcp.incoming().flatten() {
-            use std::io::Write;
-            let mut s = s;
-            let _ = writeln!(s, "{name}");
-        }
-    });
-    // The same port for UDP.
-    let udp = std::net::UdpSocket::bind(addr).unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        while let Ok((_, from)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(format!("{name}\n").as_bytes(), from);
-        }
-    });
-    addr
-}
 
 fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
     BackendSpec {

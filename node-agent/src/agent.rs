@@ -1,0 +1,444 @@
+//! The node agent at run time: follow the local apiserver's Mesh API, program the datapath,
+//! health-check backends.
+//!
+//! A lost Mesh API connection changes nothing in the maps (the node keeps serving what it
+//! had); the agent reconnects with backoff and reprograms once the new snapshot is complete.
+//! Health checks flip a backend's state in the backends map directly: when every backend of a
+//! tier is down, the kernel serves the next tier on the very next connect().
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use certs::{Reloader, TlsFiles};
+use model::ClusterName;
+use model::keys::Kind;
+use telemetry::metrics::Registry;
+use tokio::sync::watch;
+use wire::{Codec, pb};
+
+use crate::datapath::Datapath;
+use crate::desired::{self, MeshView, Zones};
+use crate::maps::Proto;
+use crate::program::{DesiredService, Programmer};
+
+/// Metric names.
+pub mod m {
+    /// Services programmed.
+    pub const SERVICES: &str = "clustermesh_datapath_services";
+    /// Backends programmed.
+    pub const BACKENDS: &str = "clustermesh_datapath_backends";
+    /// Map operations, by op (write, delete).
+    pub const MAP_OPS: &str = "clustermesh_datapath_map_ops_total";
+    /// Backends by health (healthy, unhealthy).
+    pub const BACKEND_HEALTH: &str = "clustermesh_datapath_backend_health";
+    /// Backends marked unhealthy (each a failover away from them).
+    pub const FAILOVERS: &str = "clustermesh_datapath_failovers_total";
+    /// Backends marked healthy again.
+    pub const RECOVERIES: &str = "clustermesh_datapath_recoveries_total";
+    /// Desired states refused (capacity, duplicates).
+    pub const REFUSED: &str = "clustermesh_datapath_refused_total";
+    /// Mesh API reconnects.
+    pub const RECONNECTS: &str = "clustermesh_node_mesh_reconnects_total";
+    /// Time to apply a desired state.
+    pub const APPLY_SECONDS: &str = "clustermesh_datapath_apply_seconds";
+}
+
+/// A registry with the node agent's metrics declared.
+pub fn registry() -> Registry {
+    let r = Registry::new();
+    r.gauge(m::SERVICES, "Services programmed in the datapath.", &[]);
+    r.gauge(m::BACKENDS, "Backends programmed in the datapath.", &[]);
+    r.counter(m::MAP_OPS, "Map entries written or deleted.", &["op"]);
+    r.gauge(
+        m::BACKEND_HEALTH,
+        "Backends by health-check state.",
+        &["state"],
+    );
+    r.counter(
+        m::FAILOVERS,
+        "Backends marked unhealthy by health checks.",
+        &[],
+    );
+    r.counter(m::RECOVERIES, "Backends marked healthy again.", &[]);
+    r.counter(
+        m::REFUSED,
+        "Desired states refused (over capacity, duplicates).",
+        &[],
+    );
+    r.counter(m::RECONNECTS, "Mesh API connections lost.", &[]);
+    r.histogram(
+        m::APPLY_SECONDS,
+        "Time to apply a desired state to the maps.",
+        &[],
+        telemetry::metrics::LATENCY_BUCKETS,
+    );
+    r
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthConfig {
+    /// Time between checks of one backend.
+    pub interval: Duration,
+    /// Connect timeout of one check.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a backend unhealthy.
+    pub fall: u32,
+    /// Consecutive successes that mark it healthy again.
+    pub rise: u32,
+}
+
+/// The agent's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's cluster.
+    pub cluster: ClusterName,
+    /// The local apiserver's Mesh API endpoints (`host:port`).
+    pub apiserver: Vec<String>,
+    /// The node agent's client certificate (`tls.crt`, `tls.key`, `ca.crt`).
+    pub tls: TlsFiles,
+    /// Pin directory under bpffs.
+    pub pin_dir: PathBuf,
+    /// The node's cgroup.
+    pub cgroup: PathBuf,
+    /// Health checks.
+    pub health: HealthConfig,
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    programmer: Arc<Mutex<Programmer>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn lock(p: &Mutex<Programmer>) -> std::sync::MutexGuard<'_, Programmer> {
+    match p.lock() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    }
+}
+
+impl Agent {
+    /// Opens the datapath (reusing what is pinned) and starts following the Mesh API and
+    /// health-checking. `ready` turns `Ok` after the first complete snapshot is programmed.
+    pub fn start(
+        settings: Settings,
+        metrics: Registry,
+        ready: watch::Sender<Result<(), String>>,
+    ) -> anyhow::Result<Self> {
+        let dp = Datapath::open(&settings.pin_dir, &settings.cgroup)?;
+        let programmer = Arc::new(Mutex::new(Programmer::new(dp)?));
+        {
+            let p = lock(&programmer);
+            metrics.set(m::SERVICES, &[], p.services() as f64);
+            metrics.set(m::BACKENDS, &[], p.backends() as f64);
+        }
+        let (targets_tx, targets_rx) = watch::channel(Vec::new());
+        let follow = tokio::spawn(follow(
+            settings.clone(),
+            Arc::clone(&programmer),
+            metrics.clone(),
+            ready,
+            targets_tx,
+        ));
+        let health = tokio::spawn(health_checks(
+            settings.health,
+            targets_rx,
+            Arc::clone(&programmer),
+            metrics,
+        ));
+        Ok(Self {
+            programmer,
+            tasks: vec![follow, health],
+        })
+    }
+
+    /// Backends and their health as programmed.
+    pub fn health(&self) -> Vec<(SocketAddr, bool)> {
+        lock(&self.programmer).health()
+    }
+}
+
+/// Follows the Mesh API forever, reconnecting with backoff.
+async fn follow(
+    settings: Settings,
+    programmer: Arc<Mutex<Programmer>>,
+    metrics: Registry,
+    ready: watch::Sender<Result<(), String>>,
+    targets: watch::Sender<Vec<SocketAddr>>,
+) {
+    let mut failures = 0u32;
+    let mut zones = Zones::default();
+    loop {
+        let r = session(
+            &settings,
+            &programmer,
+            &metrics,
+            &ready,
+            &targets,
+            &mut zones,
+        )
+        .await;
+        metrics.inc(m::RECONNECTS, &[]);
+        let e = r
+            .err()
+            .unwrap_or_else(|| "the apiserver ended the watch".into());
+        tracing::warn!(error = %e, "Mesh API connection lost; the datapath keeps its state");
+        if ready.borrow().is_err() {
+            let _ = ready.send_replace(Err(format!("no Mesh API connection yet: {e}")));
+        }
+        failures = failures.saturating_add(1);
+        let delay = Duration::from_millis(100)
+            .saturating_mul(1 << failures.min(6))
+            .min(Duration::from_secs(5));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn decode(view: &mut MeshView, c: &pb::Change) {
+    let Ok(kind) = c.kind.parse::<Kind>() else {
+        return;
+    };
+    let Ok(cluster) = ClusterName::new(c.cluster.clone()) else {
+        return;
+    };
+    let delete = c.op == pb::change::Op::Delete as i32;
+    match kind {
+        Kind::Services => {
+            if delete {
+                view.services
+                    .retain(|(cl, n), _| !(cl == &cluster && n.to_string() == c.name));
+            } else if let Ok(gs) = model::GlobalService::decode(&c.value) {
+                view.services
+                    .insert((gs.cluster.clone(), gs.name.clone()), gs);
+            }
+        }
+        Kind::Endpoints => {
+            if let Ok(ip) = c.name.parse() {
+                if delete {
+                    view.identities.remove(&ip);
+                } else if let Ok(ep) = model::Endpoint::decode(&c.value) {
+                    view.identities.insert(ep.ip, ep.identity);
+                }
+            }
+        }
+        Kind::Identities | Kind::Nodes => {}
+    }
+}
+
+fn apply(
+    programmer: &Mutex<Programmer>,
+    metrics: &Registry,
+    desired: &[DesiredService],
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut p = lock(programmer);
+    match p.apply(desired) {
+        Ok(ops) => {
+            metrics.add(m::MAP_OPS, &["write"], ops.writes as f64);
+            metrics.add(m::MAP_OPS, &["delete"], ops.deletes as f64);
+            metrics.set(m::SERVICES, &[], p.services() as f64);
+            metrics.set(m::BACKENDS, &[], p.backends() as f64);
+            metrics.observe(m::APPLY_SECONDS, &[], started.elapsed().as_secs_f64());
+            if ops.writes + ops.deletes > 0 {
+                tracing::debug!(
+                    writes = ops.writes,
+                    deletes = ops.deletes,
+                    "datapath updated"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            metrics.inc(m::REFUSED, &[]);
+            tracing::error!(error = %e, "desired state refused; the datapath keeps its previous state");
+            Err(e.to_string())
+        }
+    }
+}
+
+async fn session(
+    settings: &Settings,
+    programmer: &Mutex<Programmer>,
+    metrics: &Registry,
+    ready: &watch::Sender<Result<(), String>>,
+    targets: &watch::Sender<Vec<SocketAddr>>,
+    zones: &mut Zones,
+) -> Result<(), String> {
+    let tls = Reloader::load(settings.tls.clone()).map_err(|e| format!("TLS files: {e}"))?;
+    let connected = meshapi::client::connect(&settings.cluster, &settings.apiserver, &tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut api = connected.client;
+    let mut stream = api
+        .watch(pb::WatchRequest {
+            kinds: vec!["services".into(), "endpoints".into()],
+            clusters: Vec::new(),
+            resume_revision: 0,
+        })
+        .await
+        .map_err(|e| format!("Watch: {}: {}", e.code(), e.message()))?
+        .into_inner();
+    tracing::info!(endpoint = %connected.endpoint, "following the Mesh API");
+    let mut view = MeshView::default();
+    let mut snapshot_done = false;
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err("the apiserver ended the watch".into()),
+            Err(e) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
+        };
+        if msg.reset {
+            view = MeshView::default();
+            snapshot_done = false;
+        }
+        for c in &msg.changes {
+            decode(&mut view, c);
+        }
+        snapshot_done |= msg.snapshot_complete;
+        // Coalesce what is already waiting before touching the maps.
+        let mut more = true;
+        while more {
+            match futures::FutureExt::now_or_never(stream.message()) {
+                Some(Ok(Some(m))) => {
+                    if m.reset {
+                        view = MeshView::default();
+                        snapshot_done = false;
+                    }
+                    for c in &m.changes {
+                        decode(&mut view, c);
+                    }
+                    snapshot_done |= m.snapshot_complete;
+                }
+                Some(Ok(None)) => return Err("the apiserver ended the watch".into()),
+                Some(Err(e)) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
+                None => more = false,
+            }
+        }
+        if !snapshot_done {
+            continue;
+        }
+        let desired = desired::services(&settings.cluster, &view, zones);
+        let tcp: Vec<SocketAddr> = {
+            let mut t: Vec<SocketAddr> = desired
+                .iter()
+                .filter(|s| s.frontend.proto == Proto::Tcp)
+                .flat_map(|s| s.tiers.iter().flatten().map(|b| b.addr))
+                .collect();
+            t.sort();
+            t.dedup();
+            t
+        };
+        if apply(programmer, metrics, &desired).is_ok() {
+            targets.send_if_modified(|old| {
+                let changed = *old != tcp;
+                *old = tcp;
+                changed
+            });
+            if ready.borrow().is_err() {
+                let _ = ready.send_replace(Ok(()));
+                tracing::info!(
+                    services = desired.len(),
+                    "datapath programmed from the first snapshot"
+                );
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Check {
+    healthy: bool,
+    fails: u32,
+    oks: u32,
+}
+
+/// Checks every TCP backend every `interval`; flips its state after `fall` failures or `rise`
+/// successes in a row.
+async fn health_checks(
+    cfg: HealthConfig,
+    mut targets: watch::Receiver<Vec<SocketAddr>>,
+    programmer: Arc<Mutex<Programmer>>,
+    metrics: Registry,
+) {
+    let mut state: HashMap<SocketAddr, Check> = HashMap::new();
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = targets.changed() => {}
+        }
+        let list = targets.borrow().clone();
+        state.retain(|a, _| list.contains(a));
+        let results = futures::future::join_all(list.iter().map(|addr| async move {
+            let ok = matches!(
+                tokio::time::timeout(cfg.timeout, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            );
+            (*addr, ok)
+        }))
+        .await;
+        for (addr, ok) in results {
+            let known = lock(&programmer)
+                .health()
+                .into_iter()
+                .find(|(a, _)| *a == addr)
+                .map(|(_, h)| h);
+            let s = state.entry(addr).or_insert(Check {
+                healthy: known.unwrap_or(true),
+                ..Default::default()
+            });
+            if ok {
+                s.oks += 1;
+                s.fails = 0;
+            } else {
+                s.fails += 1;
+                s.oks = 0;
+            }
+            let flip = if s.healthy && s.fails >= cfg.fall {
+                Some(false)
+            } else if !s.healthy && s.oks >= cfg.rise {
+                Some(true)
+            } else {
+                None
+            };
+            if let Some(h) = flip {
+                s.healthy = h;
+                match lock(&programmer).set_health(addr, h) {
+                    Ok(_) => {
+                        if h {
+                            metrics.inc(m::RECOVERIES, &[]);
+                            tracing::info!(backend = %addr, "backend healthy again");
+                        } else {
+                            metrics.inc(m::FAILOVERS, &[]);
+                            tracing::warn!(backend = %addr, "backend unhealthy; skipped by new connections");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(backend = %addr, error = %e, "could not update backend health")
+                    }
+                }
+            }
+        }
+        let healthy = state.values().filter(|s| s.healthy).count();
+        metrics.set(m::BACKEND_HEALTH, &["healthy"], healthy as f64);
+        metrics.set(
+            m::BACKEND_HEALTH,
+            &["unhealthy"],
+            (state.len() - healthy) as f64,
+        );
+    }
+}

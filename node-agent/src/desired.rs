@@ -1,0 +1,239 @@
+//! The mesh state a node sees → the services its datapath should have. Pure.
+//!
+//! A global service is programmed on this node when this cluster exports it (its cluster IPs
+//! are the frontends). Its backends are this cluster's ready backends and the ready backends
+//! of every other cluster that shares it (`shared: true`), matched to each frontend port by
+//! port name. The local service's affinity orders them into tiers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use model::service::{Affinity, GlobalService, Protocol, ServiceName};
+use model::{ClusterName, NumericIdentity};
+
+use crate::maps::{Frontend, Proto};
+use crate::program::{BackendSpec, DesiredService};
+
+/// What the node knows of the mesh.
+#[derive(Debug, Default, Clone)]
+pub struct MeshView {
+    /// Global services by cluster and name.
+    pub services: BTreeMap<(ClusterName, ServiceName), GlobalService>,
+    /// The identity of each known endpoint address (its cluster ID is in it).
+    pub identities: HashMap<IpAddr, NumericIdentity>,
+}
+
+/// Zone names → small integers for the backends map.
+#[derive(Debug, Default)]
+pub struct Zones(HashMap<String, u16>);
+
+impl Zones {
+    fn index(&mut self, zone: Option<&str>) -> u16 {
+        let Some(z) = zone else { return 0 };
+        let next = u16::try_from(self.0.len() + 1).unwrap_or(u16::MAX);
+        *self.0.entry(z.to_owned()).or_insert(next)
+    }
+}
+
+fn proto(p: Protocol) -> Option<Proto> {
+    match p {
+        Protocol::Tcp => Some(Proto::Tcp),
+        Protocol::Udp => Some(Proto::Udp),
+        Protocol::Sctp => None,
+    }
+}
+
+/// The services to program on a node of `own`.
+pub fn services(own: &ClusterName, view: &MeshView, zones: &mut Zones) -> Vec<DesiredService> {
+    let mut out = Vec::new();
+    let mut by_name: BTreeMap<&ServiceName, Vec<&GlobalService>> = BTreeMap::new();
+    for ((_, name), gs) in &view.services {
+        by_name.entry(name).or_default().push(gs);
+    }
+    for (name, all) in by_name {
+        let Some(local) = all.iter().find(|g| g.cluster == *own) else {
+            continue;
+        };
+        for port in &local.ports {
+            let Some(p) = proto(port.protocol) else {
+                continue;
+            };
+            let mut local_backends = Vec::new();
+            let mut remote_backends = Vec::new();
+            for gs in &all {
+                let is_local = gs.cluster == *own;
+                if !is_local && !gs.shared {
+                    continue;
+                }
+                for b in &gs.backends {
+                    if !b.conditions.ready {
+                        continue;
+                    }
+                    let Some(bp) = b
+                        .ports
+                        .iter()
+                        .find(|bp| bp.name == port.name && bp.protocol == port.protocol)
+                    else {
+                        continue;
+                    };
+                    let cluster_id = view
+                        .identities
+                        .get(&b.ip)
+                        .and_then(|id| id.cluster())
+                        .map_or(0, |c| c.get());
+                    let spec = BackendSpec {
+                        addr: SocketAddr::new(b.ip, bp.port),
+                        cluster_id,
+                        zone: zones.index(b.zone.as_deref()),
+                    };
+                    if is_local {
+                        local_backends.push(spec);
+                    } else {
+                        remote_backends.push(spec);
+                    }
+                }
+            }
+            local_backends.sort();
+            local_backends.dedup();
+            remote_backends.sort();
+            remote_backends.dedup();
+            let tiers = match local.affinity {
+                Affinity::Local => [local_backends, remote_backends],
+                Affinity::Remote => [remote_backends, local_backends],
+                Affinity::None => {
+                    let mut all: Vec<BackendSpec> =
+                        local_backends.into_iter().chain(remote_backends).collect();
+                    all.sort();
+                    [all, Vec::new()]
+                }
+            };
+            for ip in &local.cluster_ips {
+                out.push(DesiredService {
+                    frontend: Frontend {
+                        addr: SocketAddr::new(*ip, port.port),
+                        proto: p,
+                    },
+                    tiers: tiers.clone(),
+                });
+            }
+        }
+        let _ = name;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use model::service::{Backend, BackendConditions, BackendPort, ServicePort};
+
+    fn gs(
+        cluster: &str,
+        affinity: Affinity,
+        shared: bool,
+        ips: &[&str],
+        ready: bool,
+    ) -> GlobalService {
+        GlobalService {
+            cluster: ClusterName::new(cluster).unwrap(),
+            name: ServiceName::new("shop", "web").unwrap(),
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            backends: ips
+                .iter()
+                .map(|ip| Backend {
+                    ip: ip.parse().unwrap(),
+                    ports: vec![BackendPort {
+                        name: "http".into(),
+                        port: 8080,
+                        protocol: Protocol::Tcp,
+                    }],
+                    conditions: BackendConditions {
+                        ready,
+                        serving: ready,
+                        terminating: false,
+                    },
+                    node: None,
+                    zone: Some("a".into()),
+                })
+                .collect(),
+            shared,
+            affinity,
+        }
+    }
+
+    fn view(services: Vec<GlobalService>) -> MeshView {
+        let mut v = MeshView::default();
+        for s in services {
+            v.services.insert((s.cluster.clone(), s.name.clone()), s);
+        }
+        v
+    }
+
+    fn addrs(list: &[BackendSpec]) -> Vec<String> {
+        list.iter().map(|b| b.addr.to_string()).collect()
+    }
+
+    #[test]
+    fn tiers_follow_the_local_affinity() {
+        let east = ClusterName::new("east").unwrap();
+        let mut z = Zones::default();
+        for (affinity, first, second) in [
+            (
+                Affinity::Local,
+                vec!["10.1.0.1:8080"],
+                vec!["10.2.0.1:8080"],
+            ),
+            (
+                Affinity::Remote,
+                vec!["10.2.0.1:8080"],
+                vec!["10.1.0.1:8080"],
+            ),
+            (
+                Affinity::None,
+                vec!["10.1.0.1:8080", "10.2.0.1:8080"],
+                vec![],
+            ),
+        ] {
+            let v = view(vec![
+                gs("east", affinity, true, &["10.1.0.1"], true),
+                gs("west", Affinity::None, true, &["10.2.0.1"], true),
+            ]);
+            let d = services(&east, &v, &mut z);
+            assert_eq!(d.len(), 1);
+            assert_eq!(d[0].frontend.addr.to_string(), "10.96.0.10:80");
+            assert_eq!(addrs(&d[0].tiers[0]), first, "{affinity:?}");
+            assert_eq!(addrs(&d[0].tiers[1]), second, "{affinity:?}");
+        }
+    }
+
+    #[test]
+    fn unshared_not_ready_and_remote_only_services() {
+        let east = ClusterName::new("east").unwrap();
+        let mut z = Zones::default();
+        // A remote cluster that does not share: its backends are not used.
+        let v = view(vec![
+            gs("east", Affinity::Local, true, &["10.1.0.1"], true),
+            gs("west", Affinity::None, false, &["10.2.0.1"], true),
+        ]);
+        let d = services(&east, &v, &mut z);
+        assert!(d[0].tiers[1].is_empty());
+        // Not-ready backends are left out.
+        let v = view(vec![gs(
+            "east",
+            Affinity::Local,
+            true,
+            &["10.1.0.1"],
+            false,
+        )]);
+        assert!(services(&east, &v, &mut z)[0].tiers[0].is_empty());
+        // A service this cluster does not export has no frontend here.
+        let v = view(vec![gs("west", Affinity::None, true, &["10.2.0.1"], true)]);
+        assert!(services(&east, &v, &mut z).is_empty());
+    }
+}

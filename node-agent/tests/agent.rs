@@ -1,0 +1,288 @@
+//! The node agent end to end: a real apiserver (etcd, Kubernetes API test server, Mesh API
+//! over mutual TLS) feeds it; it programs the kernel; clients in the node's cgroup connect.
+//! Remote backends are written into the apiserver's etcd under `cache/west/`, as its importer
+//! would (the importer itself is tested in clustermesh-apiserver).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use certs::{Ca, LeafSpec, MeshIdentity, Role, TlsFiles};
+use clustermesh_apiserver::config::Config;
+use common::{BackendProcess, Node, free_port};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::PostParams;
+use model::keys::{self, Scope};
+use model::service::{
+    Affinity, Backend, BackendConditions, BackendPort, GlobalService, Protocol, ServiceName,
+    ServicePort,
+};
+use model::{ClusterId, ClusterName, NodeName};
+use node_agent::agent::{self, Agent, HealthConfig, Settings};
+use serde_json::{Value, json};
+use test_support::{Etcd, eventually};
+use wire::Codec;
+
+const T: Duration = Duration::from_secs(30);
+
+fn write_tls(dir: &std::path::Path, ca: &Ca, leaf: &certs::Leaf) -> TlsFiles {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), &leaf.key_pem).unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    TlsFiles::in_dir(dir)
+}
+
+fn counts(v: &Value) -> BTreeMap<String, u64> {
+    v["counts"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
+        .collect()
+}
+
+fn all_start_with(v: &Value, prefix: &str) -> bool {
+    let c = counts(v);
+    !c.is_empty() && c.keys().all(|k| k.starts_with(prefix))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_follows_the_mesh_fails_over_recovers_and_restarts_without_disruption() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let east = ClusterName::new("east").unwrap();
+    let east_id = ClusterId::new(1).unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let kube = kube_testserver::start(kube_testserver::Config::new(east.clone()))
+        .await
+        .unwrap();
+    let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate(&east, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
+    let server = ca
+        .issue(
+            &LeafSpec::new(MeshIdentity::new(east.clone(), east_id, Role::Apiserver))
+                .ips(["127.0.0.1".parse().unwrap()]),
+        )
+        .unwrap();
+    let mesh_tls = write_tls(&dir.path().join("mesh"), &ca, &server);
+    let agent_leaf = ca
+        .issue(&LeafSpec::new(MeshIdentity::node_agent(
+            east.clone(),
+            east_id,
+            NodeName::new("n1").unwrap(),
+        )))
+        .unwrap();
+    let agent_tls = write_tls(&dir.path().join("agent"), &ca, &agent_leaf);
+    let apiserver = clustermesh_apiserver::start(Config {
+        cluster_name: east.clone(),
+        cluster_id: east_id,
+        etcd: etcd.config(),
+        lease_ttl: Duration::from_secs(10),
+        kubeconfig: Some(kube.kubeconfig().to_owned()),
+        kube_context: None,
+        namespace: "kube-system".into(),
+        replica: "east-0".into(),
+        leader_lease: Duration::from_secs(2),
+        identity_gc_grace: Duration::from_secs(60),
+        health_bind: "127.0.0.1:0".parse().unwrap(),
+        mesh_bind: "127.0.0.1:0".parse().unwrap(),
+        mesh_tls: Some(mesh_tls),
+        peers_dir: None,
+    })
+    .await
+    .unwrap();
+
+    // Backends: two local, two "remote", all on one port.
+    let port = free_port();
+    let addr = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
+    let mut locals = vec![
+        BackendProcess::start("local-1", addr("127.0.1.1")),
+        BackendProcess::start("local-2", addr("127.0.1.2")),
+    ];
+    let _remotes = [
+        BackendProcess::start("remote-1", addr("127.0.2.1")),
+        BackendProcess::start("remote-2", addr("127.0.2.2")),
+    ];
+
+    // The global service in east, and west's share of it in east's cache.
+    let svcs: Api<Service> = Api::default_namespaced(client.clone());
+    let svc = svcs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "web", "annotations": {"service.cilium.io/global": "true", "service.cilium.io/affinity": "local"}},
+                "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let vip = SocketAddr::new(svc.spec.unwrap().cluster_ip.unwrap().parse().unwrap(), 80);
+    let slices: Api<EndpointSlice> = Api::default_namespaced(client.clone());
+    slices
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["127.0.1.1"], "conditions": {"ready": true}, "nodeName": "n1"},
+                    {"addresses": ["127.0.1.2"], "conditions": {"ready": true}, "nodeName": "n1"}
+                ]
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let west = GlobalService {
+        cluster: ClusterName::new("west").unwrap(),
+        name: ServiceName::new("default", "web").unwrap(),
+        cluster_ips: vec!["10.200.0.10".parse().unwrap()],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+        backends: ["127.0.2.1", "127.0.2.2"]
+            .iter()
+            .map(|ip| Backend {
+                ip: ip.parse().unwrap(),
+                ports: vec![BackendPort {
+                    name: "http".into(),
+                    port,
+                    protocol: Protocol::Tcp,
+                }],
+                conditions: BackendConditions {
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
+                node: None,
+                zone: None,
+            })
+            .collect(),
+        shared: true,
+        affinity: Affinity::None,
+    };
+    let kv = etcd.client().await.unwrap();
+    kv.put_raw(&keys::object(Scope::Cache, &west), west.encode())
+        .await
+        .unwrap();
+
+    // The node agent.
+    let node = Node::new();
+    let settings = Settings {
+        cluster: east.clone(),
+        apiserver: vec![apiserver.mesh_addr().unwrap().to_string()],
+        tls: agent_tls,
+        pin_dir: node.dir.clone(),
+        cgroup: node.cgroup.clone(),
+        health: HealthConfig {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(100),
+            fall: 2,
+            rise: 2,
+        },
+    };
+    let start_agent = || {
+        let metrics = agent::registry();
+        let (tx, rx) = tokio::sync::watch::channel(Err("starting".to_owned()));
+        let a = Agent::start(settings.clone(), metrics.clone(), tx).unwrap();
+        (a, metrics, rx)
+    };
+    let (agent1, metrics1, mut ready) = start_agent();
+    tokio::time::timeout(T, ready.wait_for(Result::is_ok))
+        .await
+        .unwrap()
+        .unwrap();
+    let n = 200;
+    let first = eventually("local backends serve the service", T, || async {
+        let v = node.client(true, "tcp", vip, n);
+        (v["failures"] == 0 && all_start_with(&v, "local")).then_some(v)
+    })
+    .await;
+    println!("affinity local: {first}");
+
+    // Kill every local backend: once health checks notice, new connections go to west with
+    // zero failures.
+    let killed = Instant::now();
+    locals.clear();
+    eventually("both local backends marked unhealthy", T, || async {
+        (metrics1.value(agent::m::FAILOVERS, &[]) >= 2.0).then_some(())
+    })
+    .await;
+    let detected = killed.elapsed();
+    let failover = node.client(true, "tcp", vip, n);
+    println!("after failover (detected in {detected:?}): {failover}");
+    assert_eq!(failover["failures"], 0, "{failover}");
+    assert!(all_start_with(&failover, "remote"), "{failover}");
+
+    // Local backends come back: new connections return to them.
+    locals = vec![
+        BackendProcess::start("local-1", addr("127.0.1.1")),
+        BackendProcess::start("local-2", addr("127.0.1.2")),
+    ];
+    eventually("local backends healthy again", T, || async {
+        (metrics1.value(agent::m::RECOVERIES, &[]) >= 2.0).then_some(())
+    })
+    .await;
+    let back = node.client(true, "tcp", vip, n);
+    assert_eq!(back["failures"], 0);
+    assert!(all_start_with(&back, "local"), "{back}");
+
+    // Restart the agent in the middle of a connection loop: no failed connection, and the new
+    // agent finds the maps as they should be (it writes nothing).
+    let mut looping = node.spawn_client(vip, 300, 0.005);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(agent1);
+    let (agent2, metrics2, mut ready2) = start_agent();
+    tokio::time::timeout(T, ready2.wait_for(Result::is_ok))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let status = looping.wait().unwrap();
+        let mut s = String::new();
+        use std::io::Read;
+        looping
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        (status, s)
+    })
+    .await
+    .unwrap();
+    assert!(out.0.success());
+    let v: Value = serde_json::from_str(&out.1).unwrap();
+    println!("connection loop across the restart: {v}");
+    assert_eq!(v["failures"], 0, "{v}");
+    assert_eq!(
+        metrics2.value(agent::m::MAP_OPS, &["write"]),
+        0.0,
+        "the restarted agent rewrote nothing"
+    );
+    assert_eq!(metrics2.value(agent::m::MAP_OPS, &["delete"]), 0.0);
+
+    // Negative control: a process outside the node's cgroup is not load-balanced.
+    let outside = node.client(false, "tcp", vip, 2);
+    assert_eq!(outside["failures"], 2);
+    drop(agent2);
+    drop(locals);
+    apiserver.stop().await.unwrap();
+}

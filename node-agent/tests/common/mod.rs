@@ -1,0 +1,206 @@
+//! Helpers shared by the datapath tests: a node (pin directory + cgroup, removed on drop),
+//! a client run from inside the node's cgroup, and backends that answer with their name.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use node_agent::datapath::{self, Datapath};
+use node_agent::program::Programmer;
+use serde_json::Value;
+
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+pub const CLIENT: &str = r#"
+import json, socket, sys, time
+mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+delay = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+counts, failures, sources = {}, 0, set()
+for _ in range(n):
+    try:
+        if mode == "tcp":
+            s = socket.create_connection((host, port), timeout=2)
+            name = s.recv(64).decode().strip()
+            peer = s.getpeername()
+            sources.add("%s:%d" % peer)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(2)
+            s.sendto(b"hi", (host, port))
+            data, src = s.recvfrom(64)
+            name = data.decode().strip()
+            sources.add("%s:%d" % src)
+        s.close()
+        counts[name] = counts.get(name, 0) + 1
+    except Exception:
+        failures += 1
+    if delay:
+        time.sleep(delay)
+print(json.dumps({"counts": counts, "failures": failures, "sources": sorted(sources)}))
+"#;
+
+/// A node: a pin directory and a cgroup, removed on drop (also on failure).
+pub struct Node {
+    pub dir: PathBuf,
+    pub cgroup: PathBuf,
+    script: tempfile::NamedTempFile,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        assert!(
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf ")),
+            "bpffs is not mounted at /sys/fs/bpf: run scripts/setup.sh (as root)"
+        );
+        let name = test_support::unique_name("cmtest");
+        let cgroup = Path::new(CGROUP_ROOT).join(&name);
+        std::fs::create_dir(&cgroup).unwrap();
+        let script = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(script.path(), CLIENT).unwrap();
+        Self {
+            dir: Path::new(BPFFS).join(&name),
+            cgroup,
+            script,
+        }
+    }
+
+    pub fn open(&self) -> Programmer {
+        Programmer::new(Datapath::open(&self.dir, &self.cgroup).unwrap()).unwrap()
+    }
+
+    /// Starts the client in the node's cgroup: `n` connections, `delay` seconds apart.
+    pub fn spawn_client(&self, vip: SocketAddr, n: usize, delay: f64) -> std::process::Child {
+        let cmd = format!(
+            "echo $$ > {}/cgroup.procs && exec python3 {} tcp {} {} {n} {delay}",
+            self.cgroup.display(),
+            self.script.path().display(),
+            vip.ip(),
+            vip.port()
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs the client `n` times from inside the node's cgroup (or outside, for the control).
+    pub fn client(&self, inside: bool, mode: &str, vip: SocketAddr, n: usize) -> Value {
+        let join = if inside {
+            format!("echo $$ > {}/cgroup.procs && ", self.cgroup.display())
+        } else {
+            String::new()
+        };
+        let cmd = format!(
+            "{join}exec python3 {} {mode} {} {} {n}",
+            self.script.path().display(),
+            vip.ip(),
+            vip.port()
+        );
+        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        assert!(
+            out.status.success(),
+            "client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = datapath::remove(&self.dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// Backends: TCP listeners and UDP sockets that answer with their name.
+pub fn backend(name: &'static str, ip: &str) -> SocketAddr {
+    let tcp = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = tcp.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in tcp.incoming().flatten() {
+            use std::io::Write;
+            let mut s = s;
+            let _ = writeln!(s, "{name}");
+        }
+    });
+    // The same port for UDP.
+    let udp = std::net::UdpSocket::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("{name}\n").as_bytes(), from);
+        }
+    });
+    addr
+}
+
+const SERVER: &str = r#"
+import socket, sys
+name, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ip, port))
+s.listen(512)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        c.sendall((name + "\n").encode())
+    finally:
+        c.close()
+"#;
+
+/// A backend as its own process (so that a test can kill it), answering with its name.
+pub struct BackendProcess(std::process::Child);
+
+impl BackendProcess {
+    pub fn start(name: &str, addr: SocketAddr) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                SERVER,
+                name,
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "backend {name} on {addr} did not start"
+        );
+        Self(child)
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (also free on other loopback addresses in practice).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
