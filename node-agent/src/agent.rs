@@ -341,6 +341,21 @@ async fn session(
             t.dedup();
             t
         };
+        let ipcache: HashMap<std::net::IpAddr, (u32, u16)> = view
+            .identities
+            .iter()
+            .map(|(ip, id)| (*ip, (id.get(), id.cluster().map_or(0, |c| c.get()))))
+            .collect();
+        match lock(programmer).apply_ipcache(&ipcache) {
+            Ok(ops) => {
+                metrics.add(m::MAP_OPS, &["write"], ops.writes as f64);
+                metrics.add(m::MAP_OPS, &["delete"], ops.deletes as f64);
+            }
+            Err(e) => {
+                metrics.inc(m::REFUSED, &[]);
+                tracing::error!(error = %e, "ipcache refused");
+            }
+        }
         if apply(programmer, metrics, &desired).is_ok() {
             targets.send_if_modified(|old| {
                 let changed = *old != tcp;

@@ -9,6 +9,8 @@ pub const MAX_SERVICES: usize = 65_536;
 pub const MAX_BACKENDS: usize = 262_144;
 /// Backends per tier of one service (`MAX_TIER_SLOTS`).
 pub const MAX_TIER_SLOTS: usize = 256;
+/// IP cache capacity (`CM_IPCACHE` max_entries).
+pub const MAX_IPCACHE: usize = 524_288;
 /// Tiers per service.
 pub const TIERS: usize = 2;
 

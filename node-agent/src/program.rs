@@ -296,6 +296,55 @@ impl Programmer {
         Ok(ops)
     }
 
+    /// Makes the IP cache equal to `entries` (address → identity, cluster ID), as /32 or /128
+    /// prefixes. Returns the map operations done.
+    pub fn apply_ipcache(
+        &mut self,
+        entries: &HashMap<std::net::IpAddr, (u32, u16)>,
+    ) -> Result<Ops, ProgramError> {
+        use aya::maps::lpm_trie::Key;
+        if entries.len() > maps::MAX_IPCACHE {
+            return Err(ProgramError::Capacity {
+                what: "ipcache entries".into(),
+                wanted: entries.len(),
+                capacity: maps::MAX_IPCACHE,
+            });
+        }
+        let mut ops = Ops::default();
+        let mut current: HashMap<(u32, maps::IpcacheAddr), maps::IpcacheVal> = HashMap::new();
+        for item in self.dp.ipcache.iter() {
+            let (k, v) = item.map_err(map_err(maps::IPCACHE))?;
+            current.insert((k.prefix_len(), k.data()), v);
+        }
+        let mut wanted = HashMap::new();
+        for (ip, (identity, cluster)) in entries {
+            let net = ipnet::IpNet::from(*ip);
+            wanted.insert(
+                maps::ipcache_key(&net),
+                maps::ipcache_val(*identity, *cluster),
+            );
+        }
+        for ((len, addr), v) in &wanted {
+            if current.get(&(*len, *addr)) != Some(v) {
+                self.dp
+                    .ipcache
+                    .insert(&Key::new(*len, *addr), *v, 0)
+                    .map_err(map_err(maps::IPCACHE))?;
+                ops.writes += 1;
+            }
+        }
+        for (len, addr) in current.keys() {
+            if !wanted.contains_key(&(*len, *addr)) {
+                self.dp
+                    .ipcache
+                    .remove(&Key::new(*len, *addr))
+                    .map_err(map_err(maps::IPCACHE))?;
+                ops.deletes += 1;
+            }
+        }
+        Ok(ops)
+    }
+
     /// Marks a backend healthy or not, directly in the backends map. Returns whether it
     /// changed (unknown backends are ignored).
     pub fn set_health(&mut self, addr: SocketAddr, healthy: bool) -> Result<bool, Error> {

@@ -162,6 +162,36 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
         "the refused state left nothing behind"
     );
 
+    // IPv6: connect6 translates to an IPv6 backend; getpeername shows the service.
+    let v6a = backend("six-a", "::1");
+    let v6b = backend("six-b", "::1");
+    let vip6 = "[fd00:cafe::1]:80";
+    let mut with_v6 = desired.clone();
+    with_v6.push(DesiredService {
+        frontend: frontend(vip6, Proto::Tcp),
+        tiers: [vec![spec(v6a, 1)], vec![spec(v6b, 2)]],
+    });
+    p.apply(&with_v6).unwrap();
+    let six = node.client(true, "tcp", vip6.parse().unwrap(), 50);
+    println!("ipv6: {six}");
+    assert_eq!(six["failures"], 0);
+    assert_eq!(counts(&six), BTreeMap::from([("six-a".to_owned(), 50)]));
+    assert_eq!(six["sources"], serde_json::json!([vip6]));
+    assert!(p.set_health(v6a, false).unwrap());
+    let six = node.client(true, "tcp", vip6.parse().unwrap(), 20);
+    assert_eq!(counts(&six), BTreeMap::from([("six-b".to_owned(), 20)]));
+    p.apply(&desired).unwrap();
+
+    // The IP cache: written, changed, emptied; an unchanged state writes nothing.
+    let mut entries = std::collections::HashMap::new();
+    entries.insert("10.1.0.5".parse().unwrap(), (0x0001_0101u32, 1u16));
+    entries.insert("fd00::5".parse().unwrap(), (0x0002_0101u32, 2u16));
+    assert_eq!(p.apply_ipcache(&entries).unwrap().writes, 2);
+    assert_eq!(p.apply_ipcache(&entries).unwrap(), Default::default());
+    entries.remove(&"fd00::5".parse().unwrap());
+    assert_eq!(p.apply_ipcache(&entries).unwrap().deletes, 1);
+    assert_eq!(p.datapath().ipcache.iter().count(), 1);
+
     // Removing services deletes their entries; connections to them are no longer translated.
     let ops = p.apply(&desired[..1]).unwrap();
     assert!(ops.deletes >= 3);

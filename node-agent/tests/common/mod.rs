@@ -18,28 +18,31 @@ pub const CLIENT: &str = r#"
 import json, socket, sys, time
 mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 delay = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-counts, failures, sources = {}, 0, set()
+counts, failures, sources, errors = {}, 0, set(), set()
+def show(a):
+    return ("[%s]:%d" if ":" in a[0] else "%s:%d") % (a[0], a[1])
 for _ in range(n):
     try:
         if mode == "tcp":
             s = socket.create_connection((host, port), timeout=2)
             name = s.recv(64).decode().strip()
             peer = s.getpeername()
-            sources.add("%s:%d" % peer)
+            sources.add(show(peer))
         else:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.settimeout(2)
             s.sendto(b"hi", (host, port))
             data, src = s.recvfrom(64)
             name = data.decode().strip()
-            sources.add("%s:%d" % src)
+            sources.add(show(src))
         s.close()
         counts[name] = counts.get(name, 0) + 1
-    except Exception:
+    except Exception as e:
         failures += 1
+        errors.add(repr(e))
     if delay:
         time.sleep(delay)
-print(json.dumps({"counts": counts, "failures": failures, "sources": sorted(sources)}))
+print(json.dumps({"counts": counts, "failures": failures, "sources": sorted(sources), "errors": sorted(errors)[:3]}))
 "#;
 
 /// A node: a pin directory and a cgroup, removed on drop (also on failure).
