@@ -382,7 +382,7 @@ struct Check {
 
 /// Checks every TCP backend every `interval`; flips its state after `fall` failures or `rise`
 /// successes in a row.
-async fn health_checks(
+pub async fn health_checks(
     cfg: HealthConfig,
     mut targets: watch::Receiver<Vec<SocketAddr>>,
     programmer: Arc<Mutex<Programmer>>,

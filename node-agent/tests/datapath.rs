@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use common::{Node, backend};
+use common::{Node, Pod, backend};
 use node_agent::maps::{Frontend, Proto};
 use node_agent::program::{BackendSpec, DesiredService, ProgramError};
 use serde_json::Value;
@@ -197,4 +197,53 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
     assert!(ops.deletes >= 3);
     let gone = node.client(true, "tcp", vip_remote.parse().unwrap(), 3);
     assert_eq!(gone["failures"], 3);
+}
+
+/// A client in a pod (its own network namespace, a child cgroup of the node's cgroup) reaching
+/// backends on the host side through the veth.
+#[test]
+fn pods_in_their_own_network_namespace_and_child_cgroup() {
+    let node = Node::new();
+    let pod = Pod::new(&node);
+    let ip = pod.host_ip.to_string();
+    let (l1, l2, r1) = (
+        backend("local-1", &ip),
+        backend("local-2", &ip),
+        backend("remote-1", &ip),
+    );
+    let mut p = node.open();
+    let vip_local: SocketAddr = "10.96.7.1:80".parse().unwrap();
+    let vip_remote: SocketAddr = "10.96.7.2:80".parse().unwrap();
+    p.apply(&[
+        DesiredService {
+            frontend: Frontend {
+                addr: vip_local,
+                proto: Proto::Tcp,
+            },
+            tiers: [vec![spec(l1, 1), spec(l2, 1)], vec![spec(r1, 2)]],
+        },
+        DesiredService {
+            frontend: Frontend {
+                addr: vip_remote,
+                proto: Proto::Tcp,
+            },
+            tiers: [vec![spec(r1, 2)], vec![spec(l1, 1), spec(l2, 1)]],
+        },
+    ])
+    .unwrap();
+    let local = pod.client(&node, true, vip_local, 200);
+    let remote = pod.client(&node, true, vip_remote, 200);
+    println!("pod, affinity local: {local}\npod, affinity remote: {remote}");
+    assert_eq!(local["failures"], 0);
+    assert_eq!(
+        counts(&local).keys().cloned().collect::<Vec<_>>(),
+        ["local-1", "local-2"]
+    );
+    assert_eq!(
+        counts(&remote),
+        BTreeMap::from([("remote-1".to_owned(), 200)])
+    );
+    // Negative control: the same netns, outside the node's cgroup tree.
+    let outside = pod.client(&node, false, vip_local, 2);
+    assert_eq!(outside["failures"], 2);
 }

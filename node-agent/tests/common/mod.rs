@@ -49,7 +49,7 @@ print(json.dumps({"counts": counts, "failures": failures, "sources": sorted(sour
 pub struct Node {
     pub dir: PathBuf,
     pub cgroup: PathBuf,
-    script: tempfile::NamedTempFile,
+    pub script: tempfile::NamedTempFile,
 }
 
 impl Node {
@@ -120,6 +120,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = datapath::remove(&self.dir);
+        let _ = std::fs::remove_dir(self.cgroup.join("pod"));
         let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
@@ -206,4 +207,83 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A "pod": its own network namespace (veth to the host side) and a child cgroup of the
+/// node's cgroup. Removed on drop.
+pub struct Pod {
+    pub netns: String,
+    pub host_ip: std::net::IpAddr,
+    host_if: String,
+    pub cgroup: PathBuf,
+}
+
+fn run(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pod {
+    pub fn new(node: &Node) -> Self {
+        let id = std::process::id() % 200 + 20;
+        let netns = test_support::unique_name("cmpod");
+        let host_if = format!("cmh{id}");
+        let pod_if = format!("cmp{id}");
+        run(&format!(
+            "ip netns add {netns} && ip link add {host_if} type veth peer name {pod_if} && \
+             ip link set {pod_if} netns {netns} && ip addr add 10.77.{id}.1/24 dev {host_if} && ip link set {host_if} up && \
+             ip -n {netns} addr add 10.77.{id}.2/24 dev {pod_if} && ip -n {netns} link set {pod_if} up && \
+             ip -n {netns} link set lo up && ip -n {netns} route add default via 10.77.{id}.1"
+        ));
+        let cgroup = node.cgroup.join("pod");
+        std::fs::create_dir(&cgroup).unwrap();
+        Self {
+            netns,
+            host_ip: format!("10.77.{id}.1").parse().unwrap(),
+            host_if,
+            cgroup,
+        }
+    }
+
+    /// Runs the client in the pod's network namespace, inside its cgroup or not.
+    pub fn client(&self, node: &Node, inside: bool, vip: SocketAddr, n: usize) -> Value {
+        let join = if inside {
+            format!("echo $$ > {}/cgroup.procs && ", self.cgroup.display())
+        } else {
+            String::new()
+        };
+        let cmd = format!(
+            "{join}exec python3 {} tcp {} {} {n}",
+            node.script.path().display(),
+            vip.ip(),
+            vip.port()
+        );
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .args(["sh", "-c", &cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
 }
