@@ -33,6 +33,7 @@ pub const LEADER_LEASE_NAME: &str = "clustermesh-apiserver";
 pub struct Running {
     health: SocketAddr,
     mesh: Option<SocketAddr>,
+    mesh_cache: Option<Arc<mesh::cache::WatchCache>>,
     peers: Arc<mesh::importer::Board>,
     mesh_stop: watch::Sender<bool>,
     _mesh_tasks: Vec<AbortOnDrop>,
@@ -62,6 +63,11 @@ impl Running {
     /// The Mesh API address, when served.
     pub fn mesh_addr(&self) -> Option<SocketAddr> {
         self.mesh
+    }
+
+    /// The etcd revision the Mesh API's watch cache has caught up with.
+    pub fn mesh_revision(&self) -> Option<i64> {
+        self.mesh_cache.as_ref().map(|c| c.revision())
     }
 
     /// The status of every peer.
@@ -192,6 +198,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     // The Mesh API is served by every replica: it only reads etcd.
     let mut mesh_tasks = Vec::new();
     let mut mesh = None;
+    let mut mesh_cache = None;
     let (mesh_stop, mesh_stop_rx) = watch::channel(false);
     if let Some(files) = &config.mesh_tls {
         let tls = certs::Reloader::load(files.clone()).context("load the Mesh API certificate")?;
@@ -204,6 +211,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             .context("parse the Mesh API trust bundle")?;
         let (cache, cache_task) = mesh::cache::WatchCache::start(&kv);
         mesh_tasks.push(AbortOnDrop(cache_task));
+        mesh_cache = Some(Arc::clone(&cache));
         let service = mesh::server::MeshService::new(
             config.cluster_name.clone(),
             config.cluster_id,
@@ -266,6 +274,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     Ok(Running {
         health,
         mesh,
+        mesh_cache,
         peers: board,
         mesh_stop,
         _mesh_tasks: mesh_tasks,

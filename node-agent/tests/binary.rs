@@ -73,3 +73,38 @@ fn a_cgroup_v2_root_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("child cgroup"));
 }
+
+#[test]
+fn running_needs_the_apiserver_and_a_certificate() {
+    let out = Command::new(BIN)
+        .args([
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "node-1",
+        ])
+        .args([
+            "--cgroup",
+            "/sys/fs/cgroup/unified",
+            "--health-interval-ms",
+            "5",
+            "--health-bind",
+            "nowhere",
+        ])
+        .env_remove("CLUSTERMESH_APISERVER")
+        .env_remove("CLUSTERMESH_TLS_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "--apiserver",
+        "--tls-dir",
+        "--health-interval-ms",
+        "--health-bind",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}

@@ -212,6 +212,34 @@ impl WatchCache {
         let _ = self.tx.send(update);
     }
 
+    /// An empty, ready cache fed by hand (for tests of the streaming side).
+    #[cfg(test)]
+    pub(crate) fn detached() -> Arc<Self> {
+        let (tx, _) = broadcast::channel(CLIENT_BUFFER);
+        let (ready, _) = watch::channel(true);
+        Arc::new(Self {
+            state: RwLock::new(State::default()),
+            tx,
+            ready,
+        })
+    }
+
+    /// Applies one change by hand (for tests of the streaming side).
+    #[cfg(test)]
+    pub(crate) fn put_for_test(&self, key: &str, value: Vec<u8>, revision: i64) {
+        if let Some((scope, cluster, item)) = parse(key) {
+            let record = Arc::new(Record {
+                scope,
+                cluster,
+                item,
+                value: value.into(),
+                revision,
+                seen_unix_micros: now_micros(),
+            });
+            self.push(key.to_owned(), record, false);
+        }
+    }
+
     /// Waits for the first listing.
     pub async fn wait_ready(&self) {
         let mut rx = self.ready.subscribe();

@@ -434,3 +434,100 @@ pub async fn spawn(
     });
     Ok((bound, task))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::mesh::cache::CLIENT_BUFFER;
+
+    /// A client that stops reading while more changes than its buffer holds arrive is not
+    /// buffered for: when it reads again it gets a fresh snapshot (reset) with the full state.
+    #[tokio::test]
+    async fn a_slow_client_gets_a_fresh_snapshot() {
+        let cache = WatchCache::detached();
+        let own = ClusterName::new("alpha").unwrap();
+        let key = |i: usize| {
+            format!(
+                "/clustermesh/v1/state/alpha/endpoints/10.0.{}.{}",
+                i / 250,
+                i % 250
+            )
+        };
+        cache.put_for_test(&key(0), vec![1], 1);
+        let filter = Filter {
+            view: View::Peer(ClusterName::new("bravo").unwrap()),
+            own,
+            kinds: None,
+            clusters: None,
+        };
+        let start = cache.subscribe(0);
+        // A client channel of one message that nobody reads for now.
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_stop_tx, stop) = watch::channel(false);
+        let metrics = crate::metrics::registry();
+        tokio::spawn(stream_updates(
+            Arc::clone(&cache),
+            filter,
+            start,
+            tx,
+            metrics.clone(),
+            stop,
+        ));
+        let first = rx.recv().await.unwrap().unwrap();
+        assert!(first.reset && first.snapshot_complete && first.changes.len() == 1);
+        let n = CLIENT_BUFFER + 1000;
+        for i in 1..=n {
+            cache.put_for_test(&key(i), vec![1], 1 + i as i64);
+        }
+        // Read again: exactly one reset, after which the client has everything.
+        let mut seen = std::collections::HashSet::new();
+        let mut resets = 0;
+        while seen.len() < n + 1 {
+            let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if msg.reset {
+                resets += 1;
+                seen.clear();
+            }
+            seen.extend(msg.changes.into_iter().map(|c| c.name));
+        }
+        assert_eq!(resets, 1, "told to relist exactly once");
+        assert_eq!(metrics.value(m::MESH_RESYNCS, &[]), 1.0);
+    }
+
+    #[test]
+    fn peers_see_only_the_serving_clusters_state() {
+        let own = ClusterName::new("alpha").unwrap();
+        let rec = |scope, cluster: &str| Record {
+            scope,
+            cluster: ClusterName::new(cluster).unwrap(),
+            item: Item::Object(Kind::Services, "default/web".into()),
+            value: Arc::from(Vec::new()),
+            revision: 1,
+            seen_unix_micros: 0,
+        };
+        let peer = Filter {
+            view: View::Peer(ClusterName::new("bravo").unwrap()),
+            own: own.clone(),
+            kinds: None,
+            clusters: None,
+        };
+        assert!(peer.admits(&rec(Scope::State, "alpha")));
+        assert!(
+            !peer.admits(&rec(Scope::Cache, "charlie")),
+            "never a copy of a third cluster"
+        );
+        let id = MeshIdentity::new(own.clone(), ClusterId::new(1).unwrap(), Role::NodeAgent);
+        let local = Filter {
+            view: View::Local(id),
+            own,
+            kinds: Some([Kind::Endpoints].into()),
+            clusters: None,
+        };
+        assert!(!local.admits(&rec(Scope::State, "alpha")), "kind filter");
+    }
+}
