@@ -23,8 +23,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 const BASE_PODS: usize = 10_000;
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
+    test_support::percentile(sorted, p)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -32,12 +31,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    test_support::rss_kib(pid).unwrap()
 }
 
 fn ip(i: usize) -> String {

@@ -24,7 +24,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 const BULK: usize = 100_000;
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
+    test_support::percentile(sorted, p)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -32,27 +32,15 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    test_support::free_port().unwrap()
 }
 
 fn write_tls(dir: &Path, ca: &Ca, leaf: &certs::Leaf) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("tls.crt"), &leaf.cert_pem).unwrap();
-    std::fs::write(dir.join("tls.key"), &leaf.key_pem).unwrap();
-    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    test_support::write_tls(dir, ca, leaf).unwrap();
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    test_support::rss_kib(pid).unwrap()
 }
 
 struct Side {

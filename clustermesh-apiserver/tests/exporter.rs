@@ -428,14 +428,7 @@ async fn exports_services_endpoints_identities_nodes_and_converges() {
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    test_support::http_get(addr, path).await.unwrap()
 }
 
 /// Records every etcd event under the cluster's state prefix.
@@ -680,14 +673,19 @@ async fn bursts_are_batched() {
         || async { lab.endpoints().await.is_empty().then_some(()) },
     )
     .await;
+    // The metrics are updated once the write returns, a moment after etcd shows it.
+    eventually("every deletion counted", T, || async {
+        (apiserver
+            .metrics()
+            .value(m::KEYS_WRITTEN, &["endpoints", "delete"])
+            == PODS as f64)
+            .then_some(())
+    })
+    .await;
     let batches = apiserver
         .metrics()
         .observations(m::WRITE_SECONDS, &["endpoints"])
         - batches_before;
-    let deleted = apiserver
-        .metrics()
-        .value(m::KEYS_WRITTEN, &["endpoints", "delete"]);
-    assert_eq!(deleted, PODS as f64);
     println!("10,000 pod deletions: {batches} write batches");
     // Not one round trip per change: on average at least ten changes per write.
     assert!(

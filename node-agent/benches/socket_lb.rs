@@ -24,7 +24,7 @@ use node_agent::program::{BackendSpec, DesiredService, Programmer};
 const SAMPLES: usize = 3000;
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
+    test_support::percentile(sorted, p)
 }
 
 fn us(d: Duration) -> f64 {

@@ -231,19 +231,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let addr = telemetry::metrics::spawn(bind, metrics.clone(), ready, None).await?;
     let _agent = Agent::start(settings.clone(), metrics, ready_tx)?;
     tracing::info!(node = %node, cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), health = %addr, "node agent running");
-    shutdown_signal().await;
+    telemetry::shutdown_signal().await;
     tracing::info!("stopping; programs stay attached and maps pinned for the next agent");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -32,11 +32,7 @@ use wire::Codec;
 const T: Duration = Duration::from_secs(30);
 
 fn write_tls(dir: &std::path::Path, ca: &Ca, leaf: &certs::Leaf) -> TlsFiles {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("tls.crt"), &leaf.cert_pem).unwrap();
-    std::fs::write(dir.join("tls.key"), &leaf.key_pem).unwrap();
-    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
-    TlsFiles::in_dir(dir)
+    test_support::write_tls(dir, ca, leaf).unwrap()
 }
 
 fn counts(v: &Value) -> BTreeMap<String, u64> {

@@ -142,3 +142,16 @@ pub fn init(args: &LogArgs) -> Result<(), Error> {
     };
     Ok(())
 }
+
+/// Resolves on SIGTERM or Ctrl-C: what every binary waits for before shutting down.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -46,3 +46,54 @@ pub fn unique_name(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Writes `leaf` and its CA as `tls.crt`, `tls.key`, `ca.crt` in `dir` (the layout of a
+/// Kubernetes TLS Secret) and returns the files.
+pub fn write_tls(
+    dir: &std::path::Path,
+    ca: &certs::Ca,
+    leaf: &certs::Leaf,
+) -> std::io::Result<certs::TlsFiles> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("tls.crt"), &leaf.cert_pem)?;
+    std::fs::write(dir.join("tls.key"), &leaf.key_pem)?;
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+    Ok(certs::TlsFiles::in_dir(dir))
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `GET path` over plain HTTP/1.1; the whole response (status line, headers, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// The `p` quantile (0..=1) of sorted samples.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Resident memory of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no VmRSS"))
+}

@@ -202,11 +202,7 @@ impl Drop for BackendProcess {
 
 /// A free TCP port on 127.0.0.1 (also free on other loopback addresses in practice).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    test_support::free_port().unwrap()
 }
 
 /// A "pod": its own network namespace (veth to the host side) and a child cgroup of the
