@@ -8,6 +8,7 @@
 //! Must not write to etcd (only the apiserver does) nor talk to peers.
 
 pub mod agent;
+pub mod batch;
 pub mod datapath;
 pub mod desired;
 pub mod maps;

@@ -70,6 +70,41 @@ pub struct Programmer {
     health: HashMap<SocketAddr, bool>,
     next_svc: u32,
     next_backend: u32,
+    batching: bool,
+}
+
+/// Writes `items` into `map` in one batch when the kernel allows, one by one otherwise.
+fn write_all<K: aya::Pod + Copy, V: aya::Pod + Copy>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &'static str,
+    items: &[(K, V)],
+    batching: bool,
+) -> Result<(), Error> {
+    use aya::maps::IterableMap;
+    use std::os::fd::AsFd;
+    if items.is_empty() {
+        return Ok(());
+    }
+    if batching && items.len() > 1 {
+        let keys: Vec<K> = items.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = items.iter().map(|(_, v)| *v).collect();
+        match crate::batch::update(map.map().fd().as_fd(), &keys, &values) {
+            Ok(n) if n == items.len() => return Ok(()),
+            Ok(n) => tracing::debug!(
+                map = name,
+                written = n,
+                wanted = items.len(),
+                "partial batch; finishing one by one"
+            ),
+            Err(e) => {
+                tracing::debug!(map = name, error = %e, "batch update unavailable; one by one")
+            }
+        }
+    }
+    for (k, v) in items {
+        map.insert(*k, *v, 0).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Programmer {
@@ -117,7 +152,14 @@ impl Programmer {
             health,
             next_svc,
             next_backend,
+            batching: true,
         })
+    }
+
+    /// Whether writes of one phase go to the kernel as one batch (the default) or one by one
+    /// (for comparison in benchmarks).
+    pub fn set_batching(&mut self, on: bool) {
+        self.batching = on;
     }
 
     /// Services programmed.
@@ -176,6 +218,7 @@ impl Programmer {
                 wanted_backends.insert(b.addr, *b);
             }
         }
+        let mut backend_writes = Vec::new();
         for (addr, spec) in &wanted_backends {
             let id = match self.backend_ids.get(addr) {
                 Some(id) => *id,
@@ -193,18 +236,25 @@ impl Programmer {
             };
             let value = maps::backend_val(&entry);
             if self.dp.backends.get(&id, 0).ok() != Some(value) {
-                self.dp
-                    .backends
-                    .insert(id, value, 0)
-                    .map_err(map_err(maps::BACKENDS))?;
-                ops.writes += 1;
+                backend_writes.push((id, value));
             }
             self.backend_ids.insert(*addr, id);
             self.health.entry(*addr).or_insert(true);
         }
-        // 2. Services: slots, counts, then slots past the counts.
+        ops.writes += backend_writes.len();
+        write_all(
+            &mut self.dp.backends,
+            maps::BACKENDS,
+            &backend_writes,
+            self.batching,
+        )?;
+        // 2. Services: slots (all services), counts, then slots past the counts.
         let wanted: BTreeMap<Frontend, &DesiredService> =
             desired.iter().map(|s| (s.frontend, s)).collect();
+        let mut slot_writes = Vec::new();
+        let mut svc_writes = Vec::new();
+        let mut stale_slots = Vec::new();
+        let mut entries = Vec::new();
         for (frontend, s) in &wanted {
             let old = self.svc_ids.get(frontend).copied();
             let id = old.map(|e| e.id).unwrap_or_else(|| {
@@ -219,11 +269,7 @@ impl Programmer {
                     let key = maps::slot_key(id, tier as u16, slot as u16);
                     let bid = self.backend_ids[&b.addr];
                     if self.dp.slots.get(&key, 0).ok() != Some(bid) {
-                        self.dp
-                            .slots
-                            .insert(key, bid, 0)
-                            .map_err(map_err(maps::SLOTS))?;
-                        ops.writes += 1;
+                        slot_writes.push((key, bid));
                     }
                 }
             }
@@ -232,28 +278,32 @@ impl Programmer {
             if old != Some(entry)
                 || self.dp.services.get(&key, 0).ok() != Some(maps::svc_val(&entry))
             {
-                self.dp
-                    .services
-                    .insert(key, maps::svc_val(&entry), 0)
-                    .map_err(map_err(maps::SERVICES))?;
-                ops.writes += 1;
+                svc_writes.push((key, maps::svc_val(&entry)));
             }
             if let Some(old) = old {
                 for (tier, (new_n, old_n)) in counts.iter().zip(old.counts).enumerate() {
                     for slot in *new_n..old_n {
-                        if self
-                            .dp
-                            .slots
-                            .remove(&maps::slot_key(id, tier as u16, slot))
-                            .is_ok()
-                        {
-                            ops.deletes += 1;
-                        }
+                        stale_slots.push(maps::slot_key(id, tier as u16, slot));
                     }
                 }
             }
-            self.svc_ids.insert(*frontend, entry);
+            entries.push((*frontend, entry));
         }
+        // Every service's new slots before any service's new counts; stale slots last.
+        ops.writes += slot_writes.len() + svc_writes.len();
+        write_all(&mut self.dp.slots, maps::SLOTS, &slot_writes, self.batching)?;
+        write_all(
+            &mut self.dp.services,
+            maps::SERVICES,
+            &svc_writes,
+            self.batching,
+        )?;
+        for key in stale_slots {
+            if self.dp.slots.remove(&key).is_ok() {
+                ops.deletes += 1;
+            }
+        }
+        self.svc_ids.extend(entries);
         // 3. Services no longer wanted: the service first, then its slots.
         let gone: Vec<(Frontend, SvcEntry)> = self
             .svc_ids
