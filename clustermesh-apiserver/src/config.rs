@@ -175,6 +175,12 @@ impl Args {
                 self.leader_lease
             ));
         }
+        if self.lease_ttl < 2 * self.leader_lease {
+            problems.push(format!(
+                "--lease-ttl: {} s must be at least twice --leader-lease ({} s): otherwise a crashed leader's exports expire before a follower can take over",
+                self.lease_ttl, self.leader_lease
+            ));
+        }
         if !(1..=86_400).contains(&self.identity_gc_grace) {
             problems.push(format!(
                 "--identity-gc-grace: {} is out of range 1..=86400 seconds",
@@ -288,7 +294,7 @@ mod tests {
         .unwrap();
         let e = args.validate().unwrap_err();
         let text = e.to_string();
-        assert_eq!(e.problems.len(), 12, "{text}");
+        assert_eq!(e.problems.len(), 13, "{text}");
         for needle in [
             "--cluster-name",
             "--cluster-id",

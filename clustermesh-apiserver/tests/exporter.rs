@@ -56,16 +56,22 @@ impl Lab {
     }
 
     fn config(&self, replica: &str) -> Config {
+        self.config_with_lease(replica, Duration::from_secs(10))
+    }
+
+    /// A config with a given leader lease (short only where a test needs a quick failover:
+    /// under a loaded CI machine a 2 s lease can change hands in the middle of a test).
+    fn config_with_lease(&self, replica: &str, leader_lease: Duration) -> Config {
         Config {
             cluster_name: self.cluster.clone(),
             cluster_id: ClusterId::new(7).unwrap(),
             etcd: self.etcd.config(),
-            lease_ttl: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(30),
             kubeconfig: Some(self.kube.kubeconfig().to_owned()),
             kube_context: None,
             namespace: "kube-system".into(),
             replica: replica.into(),
-            leader_lease: Duration::from_secs(2),
+            leader_lease,
             identity_gc_grace: Duration::from_secs(1),
             health_bind: "127.0.0.1:0".parse().unwrap(),
             mesh_bind: "127.0.0.1:0".parse().unwrap(),
@@ -76,6 +82,12 @@ impl Lab {
 
     async fn apiserver(&self, replica: &str) -> Running {
         clustermesh_apiserver::start(self.config(replica))
+            .await
+            .unwrap()
+    }
+
+    async fn apiserver_with_lease(&self, replica: &str, lease: Duration) -> Running {
+        clustermesh_apiserver::start(self.config_with_lease(replica, lease))
             .await
             .unwrap()
     }
@@ -555,9 +567,13 @@ async fn restart_during_churn_has_no_spurious_deletes() {
 async fn leader_failover_and_step_down() {
     let lab = Lab::start().await;
     churn_pods(lab.client.clone(), 0, 20).await;
-    let a = lab.apiserver("replica-a").await;
+    let a = lab
+        .apiserver_with_lease("replica-a", Duration::from_secs(2))
+        .await;
     ready(&a).await;
-    let b = lab.apiserver("replica-b").await;
+    let b = lab
+        .apiserver_with_lease("replica-b", Duration::from_secs(2))
+        .await;
     let mut b_lead = b.leadership();
     tokio::time::timeout(
         T,

@@ -425,6 +425,14 @@ impl Exporter {
                 .delete_many(&stale)
                 .await
                 .context("remove stale keys")?;
+            for kind in Kind::ALL {
+                let prefix = keys::kind_prefix(Scope::State, &cluster, kind);
+                let n = stale.iter().filter(|k| k.starts_with(&prefix)).count();
+                if n > 0 {
+                    self.metrics
+                        .add(m::KEYS_WRITTEN, &[kind.as_str(), "delete"], n as f64);
+                }
+            }
         }
         let rev = self.kv.current_revision().await?;
         for kind in Kind::ALL {
