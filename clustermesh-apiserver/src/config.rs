@@ -73,6 +73,10 @@ pub struct Args {
     /// for changes. Unset: no peers are imported.
     #[arg(long, env = env::PEERS_DIR)]
     pub peers_dir: Option<PathBuf>,
+    /// Take peer configurations from this namespace's Secrets labelled `clustermesh.dev/peer`
+    /// (what `clustermesh connect` writes) and keep `--peers-dir` equal to them.
+    #[arg(long, env = "CLUSTERMESH_PEERS_FROM_SECRETS")]
+    pub peers_from_secrets: bool,
     #[command(flatten)]
     pub log: telemetry::LogArgs,
 }
@@ -108,6 +112,8 @@ pub struct Config {
     pub mesh_tls: Option<certs::TlsFiles>,
     /// Peer configurations, `None` for no importer.
     pub peers_dir: Option<PathBuf>,
+    /// Whether `peers_dir` is kept equal to the namespace's peer Secrets.
+    pub peers_from_secrets: bool,
 }
 
 /// Every problem found in the flags.
@@ -221,6 +227,12 @@ impl Args {
         {
             problems.push(format!("--peers-dir: {} is not a directory", d.display()));
         }
+        if self.peers_from_secrets && self.peers_dir.is_none() {
+            problems.push(
+                "--peers-from-secrets: needs --peers-dir (the directory the Secrets are written to)"
+                    .into(),
+            );
+        }
         match (cluster_name, cluster_id, health_bind, mesh_bind) {
             (Some(cluster_name), Some(cluster_id), Some(health_bind), Some(mesh_bind))
                 if problems.is_empty() =>
@@ -240,6 +252,7 @@ impl Args {
                     mesh_bind,
                     mesh_tls,
                     peers_dir: self.peers_dir.clone(),
+                    peers_from_secrets: self.peers_from_secrets,
                 })
             }
             _ => Err(Error { problems }),

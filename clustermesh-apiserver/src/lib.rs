@@ -13,6 +13,7 @@ pub mod config;
 pub mod exporter;
 pub mod mesh;
 pub mod metrics;
+pub mod publish;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,18 +130,6 @@ async fn kube_client(config: &config::Config) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(kc).context("Kubernetes client")
 }
 
-/// What `/status` shows.
-#[derive(Debug, serde::Serialize)]
-struct Status {
-    cluster: String,
-    cluster_id: u16,
-    replica: String,
-    leader: bool,
-    ready: bool,
-    reason: Option<String>,
-    peers: Vec<mesh::importer::PeerStatus>,
-}
-
 /// Starts the apiserver: health server, etcd registration, Mesh API, leader election, and
 /// (while leading) exporter and importer.
 pub async fn start(config: config::Config) -> anyhow::Result<Running> {
@@ -148,29 +137,39 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let (ready_tx, ready) = watch::channel(Err("starting".to_owned()));
     let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
     let board = Arc::new(mesh::importer::Board::default());
-    let status: telemetry::metrics::Routes = {
+    let exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>> = Arc::default();
+    let status_of: StatusFn = {
         let (board, ready, leadership) = (Arc::clone(&board), ready.clone(), leadership.clone());
+        let exported = Arc::clone(&exported);
         let (cluster, cluster_id, replica) = (
             config.cluster_name.to_string(),
             config.cluster_id.get(),
             config.replica.clone(),
         );
+        Arc::new(move || {
+            let r = ready.borrow().clone();
+            let cache = exported.lock().ok().and_then(|c| c.clone());
+            model::status::ClusterStatus {
+                cluster: cluster.clone(),
+                cluster_id,
+                replica: replica.clone(),
+                leader: *leadership.borrow() == Leadership::Leader,
+                ready: r.is_ok(),
+                reason: r.err(),
+                exported: cache.map(|c| c.exported()).unwrap_or_default(),
+                peers: board.snapshot(),
+                updated_unix: 0,
+            }
+        })
+    };
+    let status: telemetry::metrics::Routes = {
+        let status_of = Arc::clone(&status_of);
         Arc::new(move |path: &str| {
             (path == "/status").then(|| {
-                let r = ready.borrow().clone();
-                let s = Status {
-                    cluster: cluster.clone(),
-                    cluster_id,
-                    replica: replica.clone(),
-                    leader: *leadership.borrow() == Leadership::Leader,
-                    ready: r.is_ok(),
-                    reason: r.err(),
-                    peers: board.snapshot(),
-                };
                 (
                     200,
                     "application/json",
-                    serde_json::to_string_pretty(&s).unwrap_or_default(),
+                    serde_json::to_string_pretty(&status_of()).unwrap_or_default(),
                 )
             })
         })
@@ -212,6 +211,9 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         let (cache, cache_task) = mesh::cache::WatchCache::start(&kv);
         mesh_tasks.push(AbortOnDrop(cache_task));
         mesh_cache = Some(Arc::clone(&cache));
+        if let Ok(mut e) = exported.lock() {
+            *e = Some(Arc::clone(&cache));
+        }
         let service = mesh::server::MeshService::new(
             config.cluster_name.clone(),
             config.cluster_id,
@@ -260,7 +262,20 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             dir,
         )
     });
+    let k8s = K8sTasks {
+        status_of,
+        configmaps: kube::Api::namespaced(client.clone(), &config.namespace),
+        peer_secrets: match (&config.peers_dir, config.peers_from_secrets) {
+            (Some(dir), true) => Some((
+                kube::Api::namespaced(client.clone(), &config.namespace),
+                dir.clone(),
+                config.cluster_name.clone(),
+            )),
+            _ => None,
+        },
+    };
     let task = tokio::spawn(supervise(
+        k8s,
         elector,
         lead_tx,
         settings,
@@ -286,8 +301,22 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     })
 }
 
+type StatusFn = Arc<dyn Fn() -> model::status::ClusterStatus + Send + Sync>;
+
+/// What the leader keeps in its own Kubernetes API besides the exports.
+struct K8sTasks {
+    status_of: StatusFn,
+    configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap>,
+    peer_secrets: Option<(
+        kube::Api<k8s_openapi::api::core::v1::Secret>,
+        std::path::PathBuf,
+        model::ClusterName,
+    )>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
+    k8s: K8sTasks,
     elector: Elector,
     lead_tx: watch::Sender<Leadership>,
     settings: exporter::Settings,
@@ -334,10 +363,27 @@ async fn supervise(
                 None => std::future::pending().await,
             }
         };
+        let status_of = Arc::clone(&k8s.status_of);
+        let publish = publish::publish_status(
+            k8s.configmaps.clone(),
+            move || status_of(),
+            Duration::from_millis(500),
+            metrics.clone(),
+        );
+        let secrets = async {
+            match k8s.peer_secrets.clone() {
+                Some((api, dir, own)) => {
+                    publish::follow_peer_secrets(api, dir, own, metrics.clone()).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         let run = async move {
             tokio::select! {
                 r = export => r,
                 () = import => Ok(()),
+                () = publish => Ok(()),
+                () = secrets => Ok(()),
             }
         };
         tokio::pin!(run);

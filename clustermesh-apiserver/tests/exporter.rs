@@ -77,6 +77,7 @@ impl Lab {
             mesh_bind: "127.0.0.1:0".parse().unwrap(),
             mesh_tls: None,
             peers_dir: None,
+            peers_from_secrets: false,
         }
     }
 

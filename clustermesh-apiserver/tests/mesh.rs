@@ -98,6 +98,7 @@ impl Cluster {
             mesh_bind: format!("127.0.0.1:{}", self.mesh_port).parse().unwrap(),
             mesh_tls: Some(TlsFiles::in_dir(&self.dir.path().join("mesh-tls"))),
             peers_dir: Some(self.peers_dir()),
+            peers_from_secrets: false,
         }
     }
 

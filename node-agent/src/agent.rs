@@ -6,7 +6,7 @@
 //! Health checks flip a backend's state in the backends map directly: when every backend of a
 //! tier is down, the kernel serves the next tier on the very next connect().
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use certs::{Reloader, TlsFiles};
 use model::ClusterName;
 use model::keys::Kind;
+use model::status::{NodeService, NodeState, ProgrammedBackend};
 use telemetry::metrics::Registry;
 use tokio::sync::watch;
 use wire::{Codec, pb};
 
 use crate::datapath::Datapath;
 use crate::desired::{self, MeshView, Zones};
-use crate::maps::Proto;
+use crate::maps::{BackendEntry, Frontend, Proto, TIERS};
 use crate::program::{DesiredService, Programmer};
 
 /// Metric names.
@@ -112,6 +113,8 @@ pub struct Settings {
 #[derive(Debug)]
 pub struct Agent {
     programmer: Arc<Mutex<Programmer>>,
+    desired: Arc<Mutex<Option<Vec<DesiredService>>>>,
+    cluster: ClusterName,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -146,8 +149,10 @@ impl Agent {
             metrics.set(m::BACKENDS, &[], p.backends() as f64);
         }
         let (targets_tx, targets_rx) = watch::channel(Vec::new());
+        let desired: Arc<Mutex<Option<Vec<DesiredService>>>> = Arc::default();
         let follow = tokio::spawn(follow(
             settings.clone(),
+            Arc::clone(&desired),
             Arc::clone(&programmer),
             metrics.clone(),
             ready,
@@ -161,6 +166,8 @@ impl Agent {
         ));
         Ok(Self {
             programmer,
+            desired,
+            cluster: settings.cluster.clone(),
             tasks: vec![follow, health],
         })
     }
@@ -169,11 +176,103 @@ impl Agent {
     pub fn health(&self) -> Vec<(SocketAddr, bool)> {
         lock(&self.programmer).health()
     }
+
+    /// A function computing the agent's [`NodeState`]: what this node should have, against
+    /// what its maps hold (read back from the kernel), per frontend.
+    pub fn state_fn(&self) -> impl Fn() -> Result<NodeState, String> + Send + Sync + 'static {
+        let (programmer, desired) = (Arc::clone(&self.programmer), Arc::clone(&self.desired));
+        let cluster = self.cluster.to_string();
+        move || {
+            let programmed = lock(&programmer)
+                .programmed()
+                .map_err(|e| format!("reading the maps: {e}"))?;
+            let desired = match desired.lock() {
+                Ok(g) => g.clone(),
+                Err(e) => e.into_inner().clone(),
+            };
+            Ok(node_state(cluster.clone(), desired, programmed))
+        }
+    }
+}
+
+fn frontend_name(f: &Frontend) -> String {
+    let proto = match f.proto {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    };
+    format!("{}/{proto}", f.addr)
+}
+
+/// Desired against programmed, per frontend.
+pub fn node_state(
+    cluster: String,
+    desired: Option<Vec<DesiredService>>,
+    programmed: Vec<(Frontend, [Vec<BackendEntry>; TIERS])>,
+) -> NodeState {
+    let synced = desired.is_some();
+    let mut by_frontend: BTreeMap<Frontend, NodeService> = BTreeMap::new();
+    for s in desired.unwrap_or_default() {
+        by_frontend.insert(
+            s.frontend,
+            NodeService {
+                frontend: frontend_name(&s.frontend),
+                desired: s
+                    .tiers
+                    .iter()
+                    .map(|t| t.iter().map(|b| b.addr.to_string()).collect())
+                    .collect(),
+                programmed: Vec::new(),
+                in_sync: false,
+            },
+        );
+    }
+    for (f, tiers) in programmed {
+        let entry = by_frontend.entry(f).or_insert_with(|| NodeService {
+            frontend: frontend_name(&f),
+            desired: Vec::new(),
+            programmed: Vec::new(),
+            in_sync: false,
+        });
+        entry.programmed = tiers
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .map(|b| ProgrammedBackend {
+                        addr: b.addr.to_string(),
+                        healthy: b.healthy,
+                        cluster_id: b.cluster_id,
+                    })
+                    .collect()
+            })
+            .collect();
+    }
+    let mut services: Vec<NodeService> = by_frontend.into_values().collect();
+    for s in &mut services {
+        let programmed: Vec<Vec<&str>> = s
+            .programmed
+            .iter()
+            .map(|t| t.iter().map(|b| b.addr.as_str()).collect())
+            .collect();
+        let desired: Vec<Vec<&str>> = s
+            .desired
+            .iter()
+            .map(|t| t.iter().map(String::as_str).collect())
+            .collect();
+        s.in_sync = programmed == desired;
+    }
+    let in_sync = synced && services.iter().all(|s| s.in_sync);
+    NodeState {
+        cluster,
+        synced,
+        services,
+        in_sync,
+    }
 }
 
 /// Follows the Mesh API forever, reconnecting with backoff.
 async fn follow(
     settings: Settings,
+    desired_out: Arc<Mutex<Option<Vec<DesiredService>>>>,
     programmer: Arc<Mutex<Programmer>>,
     metrics: Registry,
     ready: watch::Sender<Result<(), String>>,
@@ -184,6 +283,7 @@ async fn follow(
     loop {
         let r = session(
             &settings,
+            &desired_out,
             &programmer,
             &metrics,
             &ready,
@@ -271,6 +371,7 @@ fn apply(
 
 async fn session(
     settings: &Settings,
+    desired_out: &Mutex<Option<Vec<DesiredService>>>,
     programmer: &Mutex<Programmer>,
     metrics: &Registry,
     ready: &watch::Sender<Result<(), String>>,
@@ -331,6 +432,10 @@ async fn session(
             continue;
         }
         let desired = desired::services(&settings.cluster, &view, zones);
+        match desired_out.lock() {
+            Ok(mut g) => *g = Some(desired.clone()),
+            Err(e) => *e.into_inner() = Some(desired.clone()),
+        }
         let tcp: Vec<SocketAddr> = {
             let mut t: Vec<SocketAddr> = desired
                 .iter()
@@ -455,5 +560,81 @@ pub async fn health_checks(
             &["unhealthy"],
             (state.len() - healthy) as f64,
         );
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::program::BackendSpec;
+
+    fn fe(s: &str) -> Frontend {
+        Frontend {
+            addr: s.parse().unwrap(),
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn spec(s: &str, cluster_id: u16) -> BackendSpec {
+        BackendSpec {
+            addr: s.parse().unwrap(),
+            cluster_id,
+            zone: 0,
+        }
+    }
+
+    fn entry(s: &str, cluster_id: u16, healthy: bool) -> BackendEntry {
+        BackendEntry {
+            addr: s.parse().unwrap(),
+            healthy,
+            cluster_id,
+            zone: 0,
+        }
+    }
+
+    #[test]
+    fn state_shows_what_differs_per_frontend() {
+        let desired = vec![
+            DesiredService {
+                frontend: fe("10.96.0.1:80"),
+                tiers: [vec![spec("10.1.0.1:80", 1)], vec![spec("10.2.0.1:80", 2)]],
+            },
+            DesiredService {
+                frontend: fe("10.96.0.2:80"),
+                tiers: [vec![spec("10.1.0.2:80", 1)], vec![]],
+            },
+        ];
+        let programmed = vec![
+            (
+                fe("10.96.0.1:80"),
+                [
+                    vec![entry("10.1.0.1:80", 1, false)],
+                    vec![entry("10.2.0.1:80", 2, true)],
+                ],
+            ),
+            (
+                fe("10.96.0.3:80"),
+                [vec![entry("10.1.0.3:80", 1, true)], vec![]],
+            ),
+        ];
+        let s = node_state("east".into(), Some(desired), programmed);
+        assert!(s.synced);
+        assert!(!s.in_sync);
+        let by: BTreeMap<&str, &NodeService> = s
+            .services
+            .iter()
+            .map(|x| (x.frontend.as_str(), x))
+            .collect();
+        assert!(
+            by["10.96.0.1:80/tcp"].in_sync,
+            "health does not count as a difference"
+        );
+        assert!(!by["10.96.0.1:80/tcp"].programmed[0][0].healthy);
+        assert!(!by["10.96.0.2:80/tcp"].in_sync, "desired, not programmed");
+        assert!(by["10.96.0.2:80/tcp"].programmed.is_empty());
+        assert!(!by["10.96.0.3:80/tcp"].in_sync, "programmed, not desired");
+        let none = node_state("east".into(), None, Vec::new());
+        assert!(!none.synced && !none.in_sync);
     }
 }

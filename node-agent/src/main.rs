@@ -228,8 +228,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = agent::registry();
     let (ready_tx, ready) = tokio::sync::watch::channel(Err("starting".to_owned()));
     let bind: std::net::SocketAddr = args.health_bind.parse()?;
-    let addr = telemetry::metrics::spawn(bind, metrics.clone(), ready, None).await?;
-    let _agent = Agent::start(settings.clone(), metrics, ready_tx)?;
+    let agent = Agent::start(settings.clone(), metrics.clone(), ready_tx)?;
+    let state = agent.state_fn();
+    let routes: telemetry::metrics::Routes = std::sync::Arc::new(move |path: &str| {
+        (path == "/state").then(|| match state() {
+            Ok(s) => (
+                200,
+                "application/json",
+                serde_json::to_string_pretty(&s).unwrap_or_default(),
+            ),
+            Err(e) => (500, "text/plain", e),
+        })
+    });
+    let addr = telemetry::metrics::spawn(bind, metrics, ready, Some(routes)).await?;
     tracing::info!(node = %node, cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), health = %addr, "node agent running");
     telemetry::shutdown_signal().await;
     tracing::info!("stopping; programs stay attached and maps pinned for the next agent");

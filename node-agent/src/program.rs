@@ -419,6 +419,36 @@ impl Programmer {
         Ok(true)
     }
 
+    /// What the kernel's maps hold, read back: every frontend with its backends per tier.
+    pub fn programmed(&self) -> Result<Vec<(Frontend, [Vec<BackendEntry>; TIERS])>, Error> {
+        let mut out = Vec::new();
+        for item in self.dp.services.iter() {
+            let (k, v) = item.map_err(map_err(maps::SERVICES))?;
+            let Some(frontend) = maps::parse_svc_key(&k) else {
+                continue;
+            };
+            let entry = maps::parse_svc_val(&v);
+            let mut tiers: [Vec<BackendEntry>; TIERS] = Default::default();
+            for (tier, list) in tiers.iter_mut().enumerate() {
+                for slot in 0..entry.counts[tier] {
+                    let key = maps::slot_key(entry.id, tier as u16, slot);
+                    let bid = self.dp.slots.get(&key, 0).map_err(map_err(maps::SLOTS))?;
+                    let val = self
+                        .dp
+                        .backends
+                        .get(&bid, 0)
+                        .map_err(map_err(maps::BACKENDS))?;
+                    if let Some(b) = maps::parse_backend_val(&val) {
+                        list.push(b);
+                    }
+                }
+            }
+            out.push((frontend, tiers));
+        }
+        out.sort_by_key(|(f, _)| *f);
+        Ok(out)
+    }
+
     /// Every backend address programmed, with its health.
     pub fn health(&self) -> Vec<(SocketAddr, bool)> {
         self.health.iter().map(|(a, h)| (*a, *h)).collect()

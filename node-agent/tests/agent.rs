@@ -97,6 +97,7 @@ async fn agent_follows_the_mesh_fails_over_recovers_and_restarts_without_disrupt
         mesh_bind: "127.0.0.1:0".parse().unwrap(),
         mesh_tls: Some(mesh_tls),
         peers_dir: None,
+        peers_from_secrets: false,
     })
     .await
     .unwrap();

@@ -285,6 +285,17 @@ impl WatchCache {
         self.read().objects.len()
     }
 
+    /// Objects of this cluster's own exports (scope state), per kind.
+    pub fn exported(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for r in self.read().objects.values() {
+            if let (Scope::State, Item::Object(kind, _)) = (r.scope, &r.item) {
+                *counts.entry(kind.to_string()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     /// Whether the cache holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -22,7 +22,6 @@ use certs::{Reloader, TlsFiles};
 use model::keys::{self, Kind, Scope};
 use model::{ClusterId, ClusterName};
 use rand::Rng;
-use serde::Serialize;
 use telemetry::metrics::Registry;
 use wire::{Codec, pb};
 
@@ -88,44 +87,7 @@ impl PeerConfig {
     }
 }
 
-/// Where a peer stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Not connected yet (or never successfully).
-    Connecting,
-    /// Connected, receiving the initial state.
-    Syncing,
-    /// In sync, following changes.
-    Ready,
-    /// Disconnected; the last state is kept.
-    Stale,
-}
-
-/// One peer's status, as `/status` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    /// The peer.
-    pub name: String,
-    /// Its ID, once known.
-    pub cluster_id: Option<u16>,
-    /// The phase.
-    pub phase: Phase,
-    /// Since when (Unix seconds).
-    pub since_unix: i64,
-    /// The last error, if any.
-    pub last_error: Option<String>,
-    /// When the last error happened (Unix seconds).
-    pub last_error_unix: Option<i64>,
-    /// Objects held per kind.
-    pub objects: BTreeMap<String, usize>,
-    /// The peer's revision this cluster has caught up with.
-    pub revision: i64,
-    /// End of validity of the peer's server certificate (Unix seconds).
-    pub peer_cert_not_after_unix: Option<i64>,
-    /// The endpoint in use.
-    pub endpoint: Option<String>,
-}
+pub use model::status::{PeerStatus, Phase};
 
 fn now_unix() -> i64 {
     std::time::SystemTime::now()

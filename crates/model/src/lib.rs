@@ -14,6 +14,7 @@ pub mod identity;
 pub mod keys;
 pub mod node;
 pub mod service;
+pub mod status;
 
 pub use cluster::{ClusterId, ClusterName};
 pub use endpoint::{Endpoint, PodRef};

@@ -100,6 +100,7 @@ impl Cluster {
             mesh_bind: SocketAddr::from(([127, 0, 0, 1], self.mesh_port)),
             mesh_tls: Some(TlsFiles::in_dir(&self.dir.path().join("mesh"))),
             peers_dir: Some(self.peers_dir()),
+            peers_from_secrets: false,
         })
         .await?;
         let mut ready = running.ready();

@@ -1,0 +1,403 @@
+//! The apiserver's conversation with its own Kubernetes API beyond exporting: it keeps its
+//! status in a ConfigMap (so `clustermesh status` needs nothing but a kubeconfig) and turns
+//! the peer Secrets `clustermesh connect` writes into the peer directory the importer reads.
+//! Both run only while this replica leads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use model::ClusterName;
+use model::status::{
+    ClusterStatus, PEER_LABEL, PEER_SECRET_KEYS, STATUS_CONFIGMAP, STATUS_HEARTBEAT_SECS,
+    STATUS_KEY, peer_secret_name,
+};
+use telemetry::metrics::Registry;
+
+use crate::metrics as m;
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Writes `status()` into the status ConfigMap whenever it changes (checked every
+/// `interval`), and at least every [`STATUS_HEARTBEAT_SECS`] seconds. Runs until dropped.
+pub async fn publish_status(
+    api: Api<ConfigMap>,
+    status: impl Fn() -> ClusterStatus,
+    interval: Duration,
+    metrics: Registry,
+) {
+    let mut last: Option<(ClusterStatus, i64)> = None;
+    loop {
+        let mut current = status();
+        let now = now_unix();
+        let due = match &last {
+            Some((s, at)) => *s != current || now - at >= STATUS_HEARTBEAT_SECS,
+            None => true,
+        };
+        if due {
+            current.updated_unix = now;
+            match write_status(&api, &current).await {
+                Ok(()) => {
+                    current.updated_unix = 0;
+                    last = Some((current, now));
+                }
+                Err(e) => {
+                    metrics.inc(m::ERRORS, &["status-configmap"]);
+                    tracing::warn!(error = %e, "could not write the status ConfigMap");
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn write_status(api: &Api<ConfigMap>, s: &ClusterStatus) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(s).map_err(|e| e.to_string())?;
+    let patch = serde_json::json!({ "data": { STATUS_KEY: json } });
+    match api
+        .patch(
+            STATUS_CONFIGMAP,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": STATUS_CONFIGMAP,
+                    "labels": { "app.kubernetes.io/name": "clustermesh-apiserver" },
+                },
+                "data": { STATUS_KEY: json },
+            }))
+            .map_err(|e| e.to_string())?;
+            api.create(&PostParams::default(), &cm)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A peer configuration as found in a Secret: file name → contents.
+type Files = BTreeMap<String, Vec<u8>>;
+
+/// Checks one peer Secret; returns the peer's name and the files of its directory.
+pub fn peer_files(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Files), String> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let label = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(PEER_LABEL))
+        .cloned()
+        .unwrap_or_default();
+    let peer = ClusterName::new(label.clone())
+        .map_err(|e| format!("Secret {name}: label {PEER_LABEL}={label:?}: {e}"))?;
+    if name != peer_secret_name(peer.as_str()) {
+        return Err(format!(
+            "Secret {name}: a peer Secret for {peer} must be named {}",
+            peer_secret_name(peer.as_str())
+        ));
+    }
+    if &peer == own {
+        return Err(format!(
+            "Secret {name}: configures this cluster ({own}) as its own peer"
+        ));
+    }
+    let data = secret.data.clone().unwrap_or_default();
+    let mut files = Files::new();
+    for key in PEER_SECRET_KEYS {
+        match data.get(key) {
+            Some(v) => {
+                files.insert(key.to_owned(), v.0.clone());
+            }
+            None if key == "cluster-id" => {}
+            None => return Err(format!("Secret {name}: no {key:?} key")),
+        }
+    }
+    if let Some(unknown) = data
+        .keys()
+        .find(|k| !PEER_SECRET_KEYS.contains(&k.as_str()))
+    {
+        return Err(format!("Secret {name}: unknown key {unknown:?}"));
+    }
+    let endpoints = String::from_utf8_lossy(&files["endpoints"]).to_string();
+    if endpoints.split_whitespace().next().is_none() {
+        return Err(format!("Secret {name}: \"endpoints\" is empty"));
+    }
+    Ok((peer, files))
+}
+
+fn same_files(dir: &Path, files: &Files) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let present: BTreeSet<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    present.len() == files.len()
+        && files
+            .iter()
+            .all(|(f, v)| std::fs::read(dir.join(f)).ok().as_ref() == Some(v))
+}
+
+fn write_peer(dir: &Path, peer: &ClusterName, files: &Files) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let target = dir.join(peer.as_str());
+    if same_files(&target, files) {
+        return Ok(false);
+    }
+    let staging = dir.join(format!(".staging-{peer}"));
+    let old = dir.join(format!(".old-{peer}"));
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_dir_all(&old);
+    std::fs::create_dir_all(&staging)?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))?;
+    for (f, v) in files {
+        let path = staging.join(f);
+        std::fs::write(&path, v)?;
+        if f == "tls.key" {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    if target.exists() {
+        std::fs::rename(&target, &old)?;
+    }
+    std::fs::rename(&staging, &target)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(true)
+}
+
+/// Makes `dir` hold one sub-directory per valid Secret of `secrets`. A Secret that turns
+/// invalid keeps its peer's last good files; only a deleted Secret removes them.
+pub fn sync_dir(
+    dir: &Path,
+    secrets: &[Secret],
+    own: &ClusterName,
+    reported: &mut BTreeMap<String, String>,
+    metrics: &Registry,
+) {
+    let mut keep = BTreeSet::new();
+    for s in secrets {
+        let secret_name = s.metadata.name.clone().unwrap_or_default();
+        match peer_files(s, own) {
+            Ok((peer, files)) => {
+                reported.remove(&secret_name);
+                keep.insert(peer.to_string());
+                match write_peer(dir, &peer, &files) {
+                    Ok(true) => {
+                        tracing::info!(peer = %peer, secret = %secret_name, "peer configuration written")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        metrics.inc(m::ERRORS, &["peer-config"]);
+                        tracing::warn!(peer = %peer, error = %e, "could not write the peer configuration");
+                    }
+                }
+            }
+            Err(e) => {
+                // Keep what the previous, valid version of this Secret configured.
+                if let Some(peer) = s.metadata.labels.as_ref().and_then(|l| l.get(PEER_LABEL)) {
+                    keep.insert(peer.clone());
+                }
+                if reported.get(&secret_name) != Some(&e) {
+                    metrics.inc(m::ERRORS, &["peer-config"]);
+                    tracing::warn!(error = %e, "invalid peer Secret; ignored (the peer's last valid configuration stays)");
+                    reported.insert(secret_name, e);
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || keep.contains(&name) || !e.path().is_dir() {
+                continue;
+            }
+            tracing::info!(peer = %name, "peer Secret deleted; removing its configuration");
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!(peer = %name, error = %err, "could not remove the peer configuration");
+            }
+        }
+    }
+}
+
+/// Follows the peer Secrets of `api`'s namespace and keeps `dir` equal to them. Runs until
+/// dropped; the importer notices changes of `dir`.
+pub async fn follow_peer_secrets(
+    api: Api<Secret>,
+    dir: PathBuf,
+    own: ClusterName,
+    metrics: Registry,
+) {
+    let mut secrets: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut initial: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut reported = BTreeMap::new();
+    let stream = watcher(api, watcher::Config::default().labels(PEER_LABEL));
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        let changed = match event {
+            Ok(watcher::Event::Apply(s)) => {
+                secrets.insert(s.metadata.name.clone().unwrap_or_default(), s);
+                true
+            }
+            Ok(watcher::Event::Delete(s)) => {
+                secrets.remove(&s.metadata.name.clone().unwrap_or_default());
+                true
+            }
+            Ok(watcher::Event::Init) => {
+                initial.clear();
+                false
+            }
+            Ok(watcher::Event::InitApply(s)) => {
+                initial.insert(s.metadata.name.clone().unwrap_or_default(), s);
+                false
+            }
+            Ok(watcher::Event::InitDone) => {
+                secrets = std::mem::take(&mut initial);
+                true
+            }
+            Err(e) => {
+                metrics.inc(m::ERRORS, &["peer-secrets"]);
+                tracing::warn!(error = %e, "watching peer Secrets; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                false
+            }
+        };
+        if changed {
+            let list: Vec<Secret> = secrets.values().cloned().collect();
+            sync_dir(&dir, &list, &own, &mut reported, &metrics);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn secret(name: &str, peer: &str, data: &[(&str, &str)]) -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {PEER_LABEL: peer}},
+            "data": data.iter().map(|(k, v)| {
+                use base64::Engine;
+                (k.to_string(), serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(v)))
+            }).collect::<serde_json::Map<_, _>>(),
+        }))
+        .unwrap()
+    }
+
+    const GOOD: [(&str, &str); 4] = [
+        ("endpoints", "10.0.0.1:4240\n"),
+        ("ca.crt", "CA"),
+        ("tls.crt", "CRT"),
+        ("tls.key", "KEY"),
+    ];
+
+    #[test]
+    fn secrets_become_directories_and_bad_ones_keep_the_last_good_files() {
+        let own = ClusterName::new("east").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = crate::metrics::registry();
+        let mut reported = BTreeMap::new();
+        let good = secret("clustermesh-peer-west", "west", &GOOD);
+        sync_dir(dir.path(), &[good.clone()], &own, &mut reported, &metrics);
+        let west = dir.path().join("west");
+        assert_eq!(
+            std::fs::read_to_string(west.join("tls.key")).unwrap(),
+            "KEY"
+        );
+        assert!(!west.join("cluster-id").exists());
+
+        // Broken: missing key, wrong name, own cluster, empty endpoints, unknown key.
+        let broken = [
+            secret("clustermesh-peer-west", "west", &GOOD[..3]),
+            secret("west-config", "west", &GOOD),
+            secret("clustermesh-peer-east", "east", &GOOD),
+            secret(
+                "clustermesh-peer-west",
+                "west",
+                &[("endpoints", " \n"), GOOD[1], GOOD[2], GOOD[3]],
+            ),
+            secret(
+                "clustermesh-peer-west",
+                "west",
+                &[GOOD[0], GOOD[1], GOOD[2], GOOD[3], ("password", "x")],
+            ),
+            secret("clustermesh-peer-West", "West", &GOOD),
+        ];
+        for b in &broken {
+            let e = peer_files(b, &own).unwrap_err();
+            assert!(e.starts_with("Secret "), "{e}");
+            // A broken version of west's Secret replaces it; other broken Secrets sit beside it.
+            let list = if b.metadata.name == good.metadata.name {
+                vec![b.clone()]
+            } else {
+                vec![good.clone(), b.clone()]
+            };
+            sync_dir(dir.path(), &list, &own, &mut reported, &metrics);
+            assert_eq!(
+                std::fs::read_to_string(west.join("tls.key")).unwrap(),
+                "KEY",
+                "{e}"
+            );
+        }
+        assert!(!dir.path().join("east").exists());
+
+        // A change is written; an unchanged Secret is not rewritten; deletion removes.
+        let changed = secret(
+            "clustermesh-peer-west",
+            "west",
+            &[
+                GOOD[0],
+                GOOD[1],
+                GOOD[2],
+                ("tls.key", "KEY2"),
+                ("cluster-id", "2"),
+            ],
+        );
+        sync_dir(
+            dir.path(),
+            &[changed.clone()],
+            &own,
+            &mut reported,
+            &metrics,
+        );
+        assert_eq!(
+            std::fs::read_to_string(west.join("tls.key")).unwrap(),
+            "KEY2"
+        );
+        assert_eq!(
+            std::fs::read_to_string(west.join("cluster-id")).unwrap(),
+            "2"
+        );
+        let before = std::fs::metadata(west.join("tls.key"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        sync_dir(dir.path(), &[changed], &own, &mut reported, &metrics);
+        assert_eq!(
+            std::fs::metadata(west.join("tls.key"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            before
+        );
+        sync_dir(dir.path(), &[], &own, &mut reported, &metrics);
+        assert!(!west.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
