@@ -307,3 +307,47 @@ mod tests {
         }
     }
 }
+
+/// Whether the certificate `leaf_der` carries a valid signature of the CA `ca_der` (validity
+/// periods are not checked here).
+pub fn issued_by(leaf_der: &[u8], ca_der: &[u8]) -> bool {
+    let (Ok((_, leaf)), Ok((_, ca))) = (
+        x509_parser::certificate::X509Certificate::from_der(leaf_der),
+        x509_parser::certificate::X509Certificate::from_der(ca_der),
+    ) else {
+        return false;
+    };
+    leaf.verify_signature(Some(ca.public_key())).is_ok()
+}
+
+#[cfg(test)]
+mod issued_by_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::issue::{Ca, LeafSpec};
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_leaf_is_issued_by_its_ca_only() {
+        let name = ClusterName::new("east").unwrap();
+        let ca = Ca::generate(&name, std::time::Duration::from_secs(86_400)).unwrap();
+        let other = Ca::generate(&name, std::time::Duration::from_secs(86_400)).unwrap();
+        let leaf = ca
+            .issue(&LeafSpec::new(MeshIdentity::new(
+                name.clone(),
+                ClusterId::new(1).unwrap(),
+                Role::Peer,
+            )))
+            .unwrap();
+        assert!(issued_by(&der(&leaf.cert_pem), &der(ca.cert_pem())));
+        assert!(!issued_by(&der(&leaf.cert_pem), &der(other.cert_pem())));
+        assert!(!issued_by(b"garbage", &der(ca.cert_pem())));
+    }
+}

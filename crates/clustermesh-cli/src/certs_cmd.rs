@@ -119,24 +119,7 @@ pub(crate) enum Output {
     Json,
 }
 
-/// `90d`, `12h`, `30m`, `45s`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90d, 12h, 30m or 45s"))?;
-    let secs = match unit {
-        "d" => n * 86400,
-        "h" => n * 3600,
-        "m" => n * 60,
-        "s" => n,
-        _ => return Err(format!("{s:?}: unit must be one of d, h, m, s")),
-    };
-    if secs == 0 {
-        return Err("duration must be positive".into());
-    }
-    Ok(Duration::from_secs(secs))
-}
+use crate::parse_duration;
 
 /// Writes `contents` to `path` atomically, with `mode` permissions.
 fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
@@ -354,7 +337,7 @@ fn status(paths: &[PathBuf], warn: Duration, output: Output) -> Result<ExitCode>
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use crate::parse_duration;
     use std::time::Duration;
 
     #[test]

@@ -1,0 +1,429 @@
+//! `clustermesh connect` and `disconnect`: peer configuration Secrets written into (or removed
+//! from) each cluster's Kubernetes API. The apiservers pick them up by themselves.
+//!
+//! For "east imports west", east gets Secret `clustermesh-peer-west` holding west's Mesh API
+//! endpoints, west's CA certificate (to verify west's server) and a client certificate for
+//! east's identity issued by west's CA (so west can tell east's requests apart). No CA key
+//! ever leaves its cluster's Kubernetes API except through this CLI's memory.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use certs::identity::CertInfo;
+use certs::{Ca, LeafSpec, MeshIdentity, Role};
+use clap::Args;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, PostParams};
+use model::status::{PEER_LABEL, Phase, peer_secret_name};
+use model::{ClusterId, ClusterName};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::Serialize;
+
+use crate::kctx::{Cluster, KubeArgs};
+use crate::output::{self, Format};
+
+/// A client certificate closer to expiry than this is re-issued by `connect`.
+const RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    /// The first cluster's kubeconfig context (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// The cluster to connect it with.
+    #[arg(long)]
+    destination_context: String,
+    /// Only make --context import from --destination-context, not the other way round.
+    #[arg(long)]
+    one_way: bool,
+    /// Wait until the apiservers report the peers ready, showing progress.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "2m", value_parser = crate::parse_duration)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DisconnectArgs {
+    /// The cluster to disconnect (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// The cluster to disconnect it from.
+    #[arg(long)]
+    destination_context: String,
+    /// Only remove --context's side (for a destination that is gone or unreachable).
+    #[arg(long)]
+    force: bool,
+    /// Wait until --context's apiserver has drained the peer.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "1m", value_parser = crate::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// What happened to one direction.
+#[derive(Debug, Clone, Serialize)]
+struct Direction {
+    /// The importing cluster.
+    cluster: String,
+    /// What it imports.
+    peer: String,
+    /// Secret written.
+    secret: String,
+    /// created / updated / unchanged.
+    action: &'static str,
+    /// Whether the client certificate was issued now or reused.
+    certificate: &'static str,
+    /// Its end of validity (Unix seconds).
+    certificate_not_after_unix: i64,
+    /// The peer's endpoints.
+    endpoints: Vec<String>,
+}
+
+struct Side {
+    cluster: Cluster,
+    name: ClusterName,
+    id: ClusterId,
+    ca: Ca,
+    endpoints: Vec<String>,
+    peers: BTreeMap<String, Option<u16>>,
+}
+
+async fn side(cluster: Cluster) -> Result<Side> {
+    let status = cluster.status().await?;
+    let (name, id) = cluster.identity().await?;
+    let ca = cluster.ca().await?;
+    let endpoints = cluster.mesh_endpoints().await?;
+    let peers = status
+        .peers
+        .iter()
+        .map(|p| (p.name.clone(), p.cluster_id))
+        .collect();
+    Ok(Side {
+        cluster,
+        name,
+        id,
+        ca,
+        endpoints,
+        peers,
+    })
+}
+
+fn pem_der(pem: &[u8]) -> Option<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem).next()?.ok()
+}
+
+/// Whether an existing Secret's client certificate can stay: issued by the peer's current CA,
+/// for this cluster's identity, not close to expiry.
+fn reusable(existing: &BTreeMap<String, ByteString>, me: &Side, peer: &Side) -> Option<i64> {
+    let ca_pem = existing.get("ca.crt")?;
+    if ca_pem.0 != peer.ca.cert_pem().as_bytes() {
+        return None;
+    }
+    existing.get("tls.key")?;
+    let der = pem_der(&existing.get("tls.crt")?.0)?;
+    let info = CertInfo::from_der(der.as_ref()).ok()?;
+    let want = MeshIdentity::new(me.name.clone(), me.id, Role::Peer);
+    if MeshIdentity::from_cert_der(der.as_ref()).ok()? != want {
+        return None;
+    }
+    let ca_der = pem_der(peer.ca.cert_pem().as_bytes())?;
+    if !certs::identity::issued_by(der.as_ref(), ca_der.as_ref()) {
+        return None;
+    }
+    let now = output::now_unix();
+    (info.not_after_unix > now + RENEW_BEFORE.as_secs() as i64 && info.not_before_unix <= now)
+        .then_some(info.not_after_unix)
+}
+
+async fn write_direction(me: &Side, peer: &Side) -> Result<Direction> {
+    let api = me.cluster.api::<Secret>();
+    let name = peer_secret_name(peer.name.as_str());
+    let existing = match api.get_opt(&name).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("context {}: read Secret {name}", me.cluster.context));
+        }
+    };
+    let old_data = existing
+        .as_ref()
+        .and_then(|s| s.data.clone())
+        .unwrap_or_default();
+    let (tls_crt, tls_key, certificate, not_after) = match reusable(&old_data, me, peer) {
+        Some(not_after) => (
+            old_data["tls.crt"].clone(),
+            old_data["tls.key"].clone(),
+            "reused",
+            not_after,
+        ),
+        None => {
+            let leaf = peer
+                .ca
+                .issue(&LeafSpec::new(MeshIdentity::new(
+                    me.name.clone(),
+                    me.id,
+                    Role::Peer,
+                )))
+                .with_context(|| {
+                    format!("issue {}'s client certificate for {}", me.name, peer.name)
+                })?;
+            let not_after = pem_der(leaf.cert_pem.as_bytes())
+                .and_then(|d| CertInfo::from_der(d.as_ref()).ok())
+                .map_or(0, |i| i.not_after_unix);
+            (
+                ByteString(leaf.cert_pem.clone().into_bytes()),
+                ByteString(leaf.key_pem.clone().into_bytes()),
+                "issued",
+                not_after,
+            )
+        }
+    };
+    let mut data = BTreeMap::new();
+    data.insert(
+        "endpoints".to_owned(),
+        ByteString(format!("{}\n", peer.endpoints.join("\n")).into_bytes()),
+    );
+    data.insert(
+        "ca.crt".to_owned(),
+        ByteString(peer.ca.cert_pem().as_bytes().to_vec()),
+    );
+    data.insert("tls.crt".to_owned(), tls_crt);
+    data.insert("tls.key".to_owned(), tls_key);
+    data.insert(
+        "cluster-id".to_owned(),
+        ByteString(format!("{}\n", peer.id).into_bytes()),
+    );
+    let mut secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": me.cluster.namespace,
+            "labels": {
+                PEER_LABEL: peer.name.as_str(),
+                "app.kubernetes.io/managed-by": "clustermesh",
+            },
+        },
+        "type": "Opaque",
+    }))?;
+    secret.data = Some(data.clone());
+    let action = match existing {
+        Some(old) if old.data.as_ref() == Some(&data) => "unchanged",
+        Some(old) => {
+            secret.metadata.resource_version = old.metadata.resource_version.clone();
+            api.replace(&name, &PostParams::default(), &secret)
+                .await
+                .with_context(|| format!("context {}: update Secret {name}", me.cluster.context))?;
+            "updated"
+        }
+        None => {
+            api.create(&PostParams::default(), &secret)
+                .await
+                .with_context(|| format!("context {}: create Secret {name}", me.cluster.context))?;
+            "created"
+        }
+    };
+    Ok(Direction {
+        cluster: me.name.to_string(),
+        peer: peer.name.to_string(),
+        secret: name,
+        action,
+        certificate,
+        certificate_not_after_unix: not_after,
+        endpoints: peer.endpoints.clone(),
+    })
+}
+
+fn check_pair(a: &Side, b: &Side) -> Result<()> {
+    if a.name == b.name {
+        bail!(
+            "contexts {} and {} are both cluster {:?}: every cluster in a mesh needs its own name",
+            a.cluster.context,
+            b.cluster.context,
+            a.name.as_str()
+        );
+    }
+    if a.id == b.id {
+        bail!(
+            "clusters {} (context {}) and {} (context {}) both have cluster ID {}: every cluster in a mesh needs its own ID",
+            a.name,
+            a.cluster.context,
+            b.name,
+            b.cluster.context,
+            a.id
+        );
+    }
+    for (me, other) in [(a, b), (b, a)] {
+        for (peer, id) in &me.peers {
+            if *id == Some(other.id.get()) && peer != other.name.as_str() {
+                bail!(
+                    "cluster {} already has peer {peer} with cluster ID {}; {} cannot join with the same ID",
+                    me.name,
+                    other.id,
+                    other.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn connect(args: ConnectArgs) -> Result<std::process::ExitCode> {
+    let a = side(Cluster::open(&args.kube, args.context.as_deref()).await?).await?;
+    let b = side(Cluster::open(&args.kube, Some(&args.destination_context)).await?).await?;
+    check_pair(&a, &b)?;
+    let mut done = vec![write_direction(&a, &b).await?];
+    if !args.one_way {
+        done.push(write_direction(&b, &a).await?);
+    }
+    if !output::structured(args.output, &done)? {
+        for d in &done {
+            println!(
+                "{} → {}: Secret {} {} (client certificate {}, valid until {}), endpoints {}",
+                d.cluster,
+                d.peer,
+                d.secret,
+                d.action,
+                d.certificate,
+                crate::format_unix(d.certificate_not_after_unix),
+                d.endpoints.join(",")
+            );
+        }
+    }
+    if !args.wait {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let mut pending: Vec<(&Side, &Side)> = vec![(&a, &b)];
+    if !args.one_way {
+        pending.push((&b, &a));
+    }
+    let deadline = Instant::now() + args.timeout;
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let mut all = true;
+        for (me, peer) in &pending {
+            let line = match me.cluster.status().await {
+                Ok(s) => match s.peers.iter().find(|p| p.name == peer.name.as_str()) {
+                    Some(p) if p.phase == Phase::Ready => "ready".to_owned(),
+                    Some(p) => {
+                        all = false;
+                        match &p.last_error {
+                            Some(e) => format!("{} (last error: {e})", p.phase),
+                            None => p.phase.to_string(),
+                        }
+                    }
+                    None => {
+                        all = false;
+                        "configuration not picked up yet".to_owned()
+                    }
+                },
+                Err(e) => {
+                    all = false;
+                    format!("{e:#}")
+                }
+            };
+            let key = format!("{} → {}", me.name, peer.name);
+            if shown.get(&key) != Some(&line) {
+                eprintln!("{key}: {line}");
+                shown.insert(key, line);
+            }
+        }
+        if all {
+            eprintln!("connected");
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "not connected after {:?}: {}",
+                args.timeout,
+                shown
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn remove_side(cluster: &Cluster, peer: &str) -> Result<&'static str> {
+    let name = peer_secret_name(peer);
+    match cluster
+        .api::<Secret>()
+        .delete(&name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok("deleted"),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok("absent"),
+        Err(e) => {
+            Err(e).with_context(|| format!("context {}: delete Secret {name}", cluster.context))
+        }
+    }
+}
+
+pub(crate) async fn disconnect(args: DisconnectArgs) -> Result<std::process::ExitCode> {
+    let a = Cluster::open(&args.kube, args.context.as_deref()).await?;
+    let (a_name, _) = a.identity().await?;
+    // The peer's name: from its own status when reachable; with --force, from the context.
+    let b = if args.force {
+        None
+    } else {
+        let b = Cluster::open(&args.kube, Some(&args.destination_context)).await?;
+        let id = b.identity().await.with_context(|| {
+            format!(
+                "cannot reach {}; to remove only {}'s side, run with --force",
+                args.destination_context, a.context
+            )
+        })?;
+        Some((b, id.0))
+    };
+    let b_name = match &b {
+        Some((_, n)) => n.to_string(),
+        None => args.destination_context.clone(),
+    };
+    if let Some((b, _)) = &b {
+        let what = remove_side(b, a_name.as_str()).await?;
+        println!(
+            "{b_name} → {a_name}: Secret {} {what}",
+            peer_secret_name(a_name.as_str())
+        );
+    }
+    let what = remove_side(&a, &b_name).await?;
+    println!(
+        "{a_name} → {b_name}: Secret {} {what}",
+        peer_secret_name(&b_name)
+    );
+    if args.force {
+        eprintln!(
+            "note: only {a_name}'s side was removed; remove Secret {} from {b_name} when it is reachable",
+            peer_secret_name(a_name.as_str())
+        );
+    }
+    if args.wait {
+        let deadline = Instant::now() + args.timeout;
+        loop {
+            let s = a.status().await?;
+            if !s.peers.iter().any(|p| p.name == b_name) {
+                eprintln!("{a_name} drained {b_name}");
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("{a_name} still lists {b_name} after {:?}", args.timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

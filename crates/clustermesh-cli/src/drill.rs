@@ -1,0 +1,696 @@
+//! `clustermesh drill`: a failover drill on a global service, measured from a client.
+//!
+//! A probe process connects to the service's ClusterIP every `--interval` from the client's
+//! network namespace and cgroup (where the node agent attached socket load balancing) and
+//! learns which backend each connection really reached from the kernel's socket table
+//! (`/proc/net/tcp`: the socket LB rewrites the destination at connect(), so the socket's peer
+//! is the backend). The drill takes the local backends down (marks their endpoints not ready,
+//! or runs a command, e.g. one that kills them), waits until the client is served elsewhere,
+//! holds, brings them back and waits until the client is served locally again.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+
+use crate::kctx::{Cluster, KubeArgs};
+use crate::output::{self, Format};
+
+/// How the local backends are taken down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Method {
+    /// Mark every local endpoint of the service not ready (EndpointSlice conditions), restore
+    /// them afterwards: exercises the control plane path.
+    NotReady,
+    /// Run --down-cmd and --up-cmd (e.g. kill the backends and start them again): exercises
+    /// the node agents' health checks.
+    Command,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DrillArgs {
+    /// The cluster whose local backends go down (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// The global service, `namespace/name`.
+    #[arg(long)]
+    service: String,
+    /// The service port (default: its first port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// How the local backends are taken down.
+    #[arg(long, value_enum, default_value = "not-ready")]
+    method: Method,
+    /// Shell command that takes the local backends down (with --method command).
+    #[arg(long)]
+    down_cmd: Option<String>,
+    /// Shell command that brings them back (with --method command).
+    #[arg(long)]
+    up_cmd: Option<String>,
+    /// Network namespace the client runs in (a path such as /run/netns/NAME; default: ours).
+    #[arg(long)]
+    client_netns: Option<PathBuf>,
+    /// cgroup (v2 directory) the client runs in; it must be under a node agent's cgroup
+    /// (default: ours).
+    #[arg(long)]
+    client_cgroup: Option<PathBuf>,
+    /// Time between the client's connections.
+    #[arg(long, default_value = "20ms", value_parser = crate::parse_duration)]
+    interval: Duration,
+    /// How long the backends stay down once traffic has failed over.
+    #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
+    hold: Duration,
+    /// Give up waiting for failover or recovery after this long.
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    timeout: Duration,
+    /// SLO: first local failure (or the take-down) → first connection served remotely.
+    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+    max_failover: Duration,
+    /// SLO: bring-up → first connection served locally again.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    max_recover: Duration,
+    /// SLO: failed connections during the drill (unset: not checked).
+    #[arg(long)]
+    max_failures: Option<u64>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProbeArgs {
+    /// `ip:port` to connect to.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Milliseconds between connections.
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
+    /// Connect timeout in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    timeout_ms: u64,
+    /// Stop after this many connections (0: until stdout closes).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+}
+
+/// One connection attempt, as the probe prints it (one JSON line each).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Attempt {
+    /// Start, µs since the epoch.
+    pub t: i64,
+    /// Whether connect() succeeded.
+    pub ok: bool,
+    /// The backend the socket reached.
+    pub backend: Option<String>,
+    /// The error, when not ok.
+    pub error: Option<String>,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Finds the real peer of the socket with inode `inode` in this network namespace's socket
+/// tables.
+fn socket_peer(inode: u64) -> Option<SocketAddr> {
+    for (file, v6) in [("/proc/self/net/tcp", false), ("/proc/self/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[9].parse::<u64>().ok() != Some(inode) {
+                continue;
+            }
+            let (addr, port) = f[2].split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let ip: IpAddr = if v6 {
+                let mut b = [0u8; 16];
+                for i in 0..4 {
+                    let w = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+                    b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                }
+                let v6 = std::net::Ipv6Addr::from(b);
+                v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+            } else {
+                IpAddr::V4(u32::from_str_radix(addr, 16).ok()?.to_ne_bytes().into())
+            };
+            return Some(SocketAddr::new(ip, port));
+        }
+    }
+    None
+}
+
+fn inode_of(stream: &TcpStream) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", stream.as_raw_fd())).ok()?;
+    let s = link.to_string_lossy();
+    s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The probe: runs in the client's namespace and cgroup, prints one [`Attempt`] per line.
+pub(crate) fn probe(args: ProbeArgs) -> Result<std::process::ExitCode> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut n = 0u64;
+    loop {
+        let started = Instant::now();
+        let t = now_micros();
+        let attempt = match TcpStream::connect_timeout(
+            &args.target,
+            Duration::from_millis(args.timeout_ms),
+        ) {
+            Ok(s) => {
+                let backend = inode_of(&s).and_then(socket_peer).map(|a| a.to_string());
+                Attempt {
+                    t,
+                    ok: true,
+                    backend,
+                    error: None,
+                }
+            }
+            Err(e) => Attempt {
+                t,
+                ok: false,
+                backend: None,
+                error: Some(e.to_string()),
+            },
+        };
+        let line = serde_json::to_string(&attempt)?;
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            // The drill closed our stdout: done.
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        n += 1;
+        if args.count > 0 && n >= args.count {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        let interval = Duration::from_millis(args.interval_ms);
+        if let Some(rest) = interval.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+/// A running probe process and its attempts.
+struct Prober {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<Attempt>,
+    seen: Vec<Attempt>,
+}
+
+impl Prober {
+    fn start(
+        target: SocketAddr,
+        interval: Duration,
+        netns: Option<&PathBuf>,
+        cgroup: Option<&PathBuf>,
+    ) -> Result<Self> {
+        let me = std::env::current_exe().context("find the clustermesh binary")?;
+        let mut script = String::from("set -e\n");
+        if let Some(cg) = cgroup {
+            script.push_str(&format!("echo $$ > '{}/cgroup.procs'\n", cg.display()));
+        }
+        let probe = format!(
+            "'{}' probe --target {target} --interval-ms {}",
+            me.display(),
+            interval.as_millis().max(1)
+        );
+        match netns {
+            Some(ns) => script.push_str(&format!(
+                "exec nsenter --net='{}' -- {probe}\n",
+                ns.display()
+            )),
+            None => script.push_str(&format!("exec {probe}\n")),
+        }
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start the probe")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("probe stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(a) = serde_json::from_str::<Attempt>(&line)
+                    && tx.send(a).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            rx,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Attempts up to now, waiting up to `wait` for at least one.
+    fn next(&mut self, wait: Duration) -> Result<Option<Attempt>> {
+        match self.rx.recv_timeout(wait) {
+            Ok(a) => {
+                self.seen.push(a.clone());
+                Ok(Some(a))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("the probe stopped: {}", err.trim())
+            }
+        }
+    }
+
+    /// Reads attempts until `done` holds for `streak` attempts in a row; returns the attempt
+    /// that started the streak.
+    fn until(
+        &mut self,
+        streak: usize,
+        deadline: Instant,
+        mut done: impl FnMut(&Attempt) -> bool,
+        what: &str,
+    ) -> Result<Attempt> {
+        let mut run: Vec<Attempt> = Vec::new();
+        loop {
+            if Instant::now() >= deadline {
+                bail!("timed out waiting for {what}");
+            }
+            if let Some(a) = self.next(Duration::from_millis(200))? {
+                if done(&a) {
+                    run.push(a);
+                    if run.len() >= streak {
+                        return Ok(run.swap_remove(0));
+                    }
+                } else {
+                    run.clear();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The drill's result.
+#[derive(Debug, Serialize)]
+struct Report {
+    service: String,
+    cluster: String,
+    method: Method,
+    frontend: String,
+    local_backends: Vec<String>,
+    timeline: Vec<Event>,
+    attempts: usize,
+    failures: usize,
+    served_local: usize,
+    served_remote: usize,
+    detect_ms: f64,
+    failover_ms: f64,
+    recover_ms: f64,
+    slo: Vec<Slo>,
+    passed: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Event {
+    at_ms: f64,
+    what: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Slo {
+    name: String,
+    value: f64,
+    limit: f64,
+    passed: bool,
+}
+
+fn is_local(a: &Attempt, local: &BTreeSet<IpAddr>) -> bool {
+    a.backend
+        .as_ref()
+        .and_then(|b| b.parse::<SocketAddr>().ok())
+        .is_some_and(|b| local.contains(&b.ip()))
+}
+
+fn run_shell(cmd: &str, what: &str) -> Result<()> {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .with_context(|| format!("run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} {cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Sets the `ready` condition of every endpoint of `slices`; returns the slices as they were.
+async fn set_ready(
+    api: &Api<EndpointSlice>,
+    slices: &[EndpointSlice],
+    ready: Option<bool>,
+) -> Result<()> {
+    for s in slices {
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let mut endpoints = s.endpoints.clone();
+        if let Some(r) = ready {
+            for e in &mut endpoints {
+                let mut c = e.conditions.clone().unwrap_or_default();
+                c.ready = Some(r);
+                c.serving = Some(r);
+                e.conditions = Some(c);
+            }
+        }
+        let patch = serde_json::json!({ "endpoints": endpoints });
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("patch EndpointSlice {name}"))?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
+    let (ns, name) = args
+        .service
+        .split_once('/')
+        .ok_or_else(|| anyhow!("--service: {:?} is not namespace/name", args.service))?;
+    if args.method == Method::Command && (args.down_cmd.is_none() || args.up_cmd.is_none()) {
+        bail!("--method command needs --down-cmd and --up-cmd");
+    }
+    let cluster = Cluster::open(&args.kube, args.context.as_deref()).await?;
+    let (cluster_name, _) = cluster.identity().await?;
+    let svc = Api::<Service>::namespaced(cluster.client.clone(), ns)
+        .get(name)
+        .await
+        .with_context(|| format!("context {}: Service {}", cluster.context, args.service))?;
+    let spec = svc.spec.unwrap_or_default();
+    let vip: IpAddr = spec
+        .cluster_ip
+        .as_deref()
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| anyhow!("Service {} has no ClusterIP", args.service))?;
+    let ports = spec.ports.unwrap_or_default();
+    let port = match args.port {
+        Some(p) if ports.iter().any(|sp| sp.port == i32::from(p)) => p,
+        Some(p) => bail!("Service {} has no port {p}", args.service),
+        None => ports
+            .first()
+            .and_then(|p| u16::try_from(p.port).ok())
+            .ok_or_else(|| anyhow!("Service {} has no ports", args.service))?,
+    };
+    let slices_api = Api::<EndpointSlice>::namespaced(cluster.client.clone(), ns);
+    let slices = slices_api
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+        .await?
+        .items;
+    let local: BTreeSet<IpAddr> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .flat_map(|e| e.addresses.iter())
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if local.is_empty() {
+        bail!(
+            "Service {} has no local endpoints in {cluster_name}: nothing to take down",
+            args.service
+        );
+    }
+    let target = SocketAddr::new(vip, port);
+    let mut probe = Prober::start(
+        target,
+        args.interval,
+        args.client_netns.as_ref(),
+        args.client_cgroup.as_ref(),
+    )?;
+    let deadline = Instant::now() + args.timeout;
+    probe
+        .until(5, deadline, |a| a.ok && is_local(a, &local), "the client to reach a local backend before the drill (is the service's affinity local, and is the client in a node agent's cgroup?)")
+        .context("baseline")?;
+
+    // Down.
+    let t0 = now_micros();
+    match args.method {
+        Method::NotReady => set_ready(&slices_api, &slices, Some(false)).await?,
+        Method::Command => run_shell(args.down_cmd.as_deref().unwrap_or_default(), "--down-cmd")?,
+    }
+    let t0_done = now_micros();
+    let result = async {
+        let first_remote = probe.until(
+            10,
+            Instant::now() + args.timeout,
+            |a| a.ok && !is_local(a, &local),
+            "traffic to fail over to remote backends",
+        )?;
+        std::thread::sleep(args.hold);
+        while probe.next(Duration::ZERO)?.is_some() {}
+        let t1 = now_micros();
+        match args.method {
+            Method::NotReady => set_ready(&slices_api, &slices, None).await?,
+            Method::Command => run_shell(args.up_cmd.as_deref().unwrap_or_default(), "--up-cmd")?,
+        }
+        let back = probe.until(
+            5,
+            Instant::now() + args.timeout,
+            |a| a.ok && is_local(a, &local),
+            "traffic to return to local backends",
+        )?;
+        Ok::<_, anyhow::Error>((first_remote, t1, back))
+    }
+    .await;
+    let (first_remote, t1, back) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Never leave the backends down.
+            let restore = match args.method {
+                Method::NotReady => set_ready(&slices_api, &slices, None).await,
+                Method::Command => {
+                    run_shell(args.up_cmd.as_deref().unwrap_or_default(), "--up-cmd")
+                }
+            };
+            if let Err(r) = restore {
+                eprintln!("error: restoring the backends also failed: {r:#}");
+            }
+            return Err(e);
+        }
+    };
+    drop(probe.child.stdout.take());
+    let attempts: Vec<Attempt> = std::mem::take(&mut probe.seen)
+        .into_iter()
+        .filter(|a| a.t >= t0)
+        .collect();
+    drop(probe);
+    let report = analyse(
+        &args,
+        cluster_name.as_str(),
+        target,
+        &local,
+        &attempts,
+        (t0, t0_done, t1),
+        &first_remote,
+        &back,
+    );
+    if !output::structured(args.output, &report)? {
+        print_report(&report);
+    }
+    Ok(if report.passed {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn analyse(
+    args: &DrillArgs,
+    cluster: &str,
+    target: SocketAddr,
+    local: &BTreeSet<IpAddr>,
+    attempts: &[Attempt],
+    (t0, t0_done, t1): (i64, i64, i64),
+    first_remote: &Attempt,
+    back: &Attempt,
+) -> Report {
+    let ms = |t: i64| (t - t0) as f64 / 1000.0;
+    let mut timeline = vec![Event {
+        at_ms: 0.0,
+        what: match args.method {
+            Method::NotReady => format!(
+                "local backends marked not ready ({} endpoints, took {:.1} ms)",
+                local.len(),
+                ms(t0_done)
+            ),
+            Method::Command => format!("--down-cmd ran (took {:.1} ms)", ms(t0_done)),
+        },
+    }];
+    let down: Vec<&Attempt> = attempts.iter().filter(|a| a.t < first_remote.t).collect();
+    let first_failure = down.iter().find(|a| !a.ok);
+    if let Some(f) = first_failure {
+        timeline.push(Event {
+            at_ms: ms(f.t),
+            what: format!(
+                "first failed connection: {}",
+                f.error.clone().unwrap_or_default()
+            ),
+        });
+    }
+    let last_bad = down.iter().rev().find(|a| !a.ok || is_local(a, local));
+    if let Some(b) = last_bad {
+        timeline.push(Event {
+            at_ms: ms(b.t),
+            what: if b.ok {
+                format!(
+                    "last connection served locally ({})",
+                    b.backend.clone().unwrap_or_default()
+                )
+            } else {
+                "last failed connection".to_owned()
+            },
+        });
+    }
+    timeline.push(Event {
+        at_ms: ms(first_remote.t),
+        what: format!(
+            "first connection served remotely ({}); every later one too",
+            first_remote.backend.clone().unwrap_or_default()
+        ),
+    });
+    timeline.push(Event {
+        at_ms: ms(t1),
+        what: match args.method {
+            Method::NotReady => "local endpoints restored".to_owned(),
+            Method::Command => "--up-cmd ran".to_owned(),
+        },
+    });
+    timeline.push(Event {
+        at_ms: ms(back.t),
+        what: format!(
+            "first connection served locally again ({})",
+            back.backend.clone().unwrap_or_default()
+        ),
+    });
+    let detect_ms = last_bad.map_or(0.0, |b| ms(b.t));
+    let failover_from = first_failure.map_or(t0, |f| f.t);
+    let failover_ms = (first_remote.t - failover_from) as f64 / 1000.0;
+    let recover_ms = (back.t - t1) as f64 / 1000.0;
+    let failures = attempts.iter().filter(|a| !a.ok).count();
+    let served_local = attempts
+        .iter()
+        .filter(|a| a.ok && is_local(a, local))
+        .count();
+    let served_remote = attempts
+        .iter()
+        .filter(|a| a.ok && !is_local(a, local))
+        .count();
+    let mut slo = vec![
+        Slo {
+            name: "failover".into(),
+            value: failover_ms,
+            limit: args.max_failover.as_secs_f64() * 1000.0,
+            passed: failover_ms <= args.max_failover.as_secs_f64() * 1000.0,
+        },
+        Slo {
+            name: "recover".into(),
+            value: recover_ms,
+            limit: args.max_recover.as_secs_f64() * 1000.0,
+            passed: recover_ms <= args.max_recover.as_secs_f64() * 1000.0,
+        },
+    ];
+    if let Some(max) = args.max_failures {
+        slo.push(Slo {
+            name: "failed connections".into(),
+            value: failures as f64,
+            limit: max as f64,
+            passed: failures as u64 <= max,
+        });
+    }
+    let passed = slo.iter().all(|s| s.passed);
+    Report {
+        service: args.service.clone(),
+        cluster: cluster.to_owned(),
+        method: args.method,
+        frontend: target.to_string(),
+        local_backends: local.iter().map(ToString::to_string).collect(),
+        timeline,
+        attempts: attempts.len(),
+        failures,
+        served_local,
+        served_remote,
+        detect_ms,
+        failover_ms,
+        recover_ms,
+        slo,
+        passed,
+    }
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "Failover drill: {} in {} (frontend {}, method {}, local backends {})",
+        r.service,
+        r.cluster,
+        r.frontend,
+        serde_json::to_value(r.method)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        r.local_backends.join(", ")
+    );
+    println!();
+    for e in &r.timeline {
+        println!("  {:>+10.1} ms  {}", e.at_ms, e.what);
+    }
+    println!();
+    println!(
+        "  connections: {} ({} local, {} remote, {} failed)",
+        r.attempts, r.served_local, r.served_remote, r.failures
+    );
+    println!(
+        "  detect {:.1} ms · failover {:.1} ms · recover {:.1} ms",
+        r.detect_ms, r.failover_ms, r.recover_ms
+    );
+    for s in &r.slo {
+        let unit = if s.name == "failed connections" {
+            ""
+        } else {
+            " ms"
+        };
+        println!(
+            "  SLO {:<18} {:>9.1}{unit} ≤ {:.1}{unit}  {}",
+            s.name,
+            s.value,
+            s.limit,
+            if s.passed { "PASS" } else { "FAIL" }
+        );
+    }
+    println!();
+    println!("{}", if r.passed { "PASSED" } else { "FAILED" });
+}

@@ -1,0 +1,264 @@
+//! Kubeconfig contexts, the way kubectl reads them, and what the CLI needs to know about the
+//! mesh installation of one cluster: its name and ID (from the apiserver's status ConfigMap),
+//! its CA (Secret `clustermesh-ca`) and its Mesh API endpoints (Service
+//! `clustermesh-apiserver`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use certs::Ca;
+use clap::Args;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use model::status::{
+    APISERVER_SERVICE, CA_SECRET, ClusterStatus, MESH_ENDPOINTS_ANNOTATION, MESH_PORT_NAME,
+    STATUS_CONFIGMAP, STATUS_KEY,
+};
+use model::{ClusterId, ClusterName};
+
+/// Flags every command that talks to Kubernetes takes.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct KubeArgs {
+    /// Kubeconfig file(s), `:`-separated (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<String>,
+    /// Namespace the mesh is installed in.
+    #[arg(long, global = true, default_value = "kube-system")]
+    pub mesh_namespace: String,
+}
+
+impl KubeArgs {
+    fn load(&self) -> Result<Kubeconfig> {
+        let paths: Vec<PathBuf> = match &self.kubeconfig {
+            Some(list) => std::env::split_paths(list).collect(),
+            None => match std::env::var_os("KUBECONFIG") {
+                Some(list) if !list.is_empty() => std::env::split_paths(&list).collect(),
+                _ => vec![
+                    std::env::var_os("HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_default()
+                        .join(".kube/config"),
+                ],
+            },
+        };
+        let mut merged: Option<Kubeconfig> = None;
+        for p in paths.iter().filter(|p| !p.as_os_str().is_empty()) {
+            let kc = Kubeconfig::read_from(p)
+                .with_context(|| format!("read kubeconfig {}", p.display()))?;
+            merged = Some(match merged {
+                None => kc,
+                Some(m) => m.merge(kc).context("merge kubeconfigs")?,
+            });
+        }
+        merged.ok_or_else(|| anyhow!("no kubeconfig: set --kubeconfig or KUBECONFIG"))
+    }
+
+    /// A client for `context` (`None`: the current context), and the context's name.
+    pub(crate) async fn client(&self, context: Option<&str>) -> Result<(kube::Client, String)> {
+        let kc = self.load()?;
+        let name = match context {
+            Some(c) => c.to_owned(),
+            None => kc
+                .current_context
+                .clone()
+                .ok_or_else(|| anyhow!("no current context in the kubeconfig; pass --context"))?,
+        };
+        if !kc.contexts.iter().any(|c| c.name == name) {
+            let known: Vec<&str> = kc.contexts.iter().map(|c| c.name.as_str()).collect();
+            bail!(
+                "context {name:?} not found in the kubeconfig (known: {})",
+                known.join(", ")
+            );
+        }
+        let opts = KubeConfigOptions {
+            context: Some(name.clone()),
+            ..Default::default()
+        };
+        let config = kube::Config::from_custom_kubeconfig(kc, &opts)
+            .await
+            .with_context(|| format!("context {name}"))?;
+        let client = kube::Client::try_from(config).with_context(|| format!("context {name}"))?;
+        Ok((client, name))
+    }
+}
+
+/// One cluster of the mesh, as seen through its Kubernetes API.
+pub(crate) struct Cluster {
+    /// The kubeconfig context.
+    pub context: String,
+    /// A client.
+    pub client: kube::Client,
+    /// The mesh namespace.
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("context", &self.context)
+            .finish()
+    }
+}
+
+fn api_error(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+impl Cluster {
+    /// Connects to `context`.
+    pub(crate) async fn open(args: &KubeArgs, context: Option<&str>) -> Result<Self> {
+        let (client, context) = args.client(context).await?;
+        Ok(Self {
+            context,
+            client,
+            namespace: args.mesh_namespace.clone(),
+        })
+    }
+
+    /// Namespaced API of the mesh namespace.
+    pub(crate) fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// The status the leading apiserver last wrote.
+    pub(crate) async fn status(&self) -> Result<ClusterStatus> {
+        let cm = match self.api::<ConfigMap>().get(STATUS_CONFIGMAP).await {
+            Ok(cm) => cm,
+            Err(e) if api_error(&e) == Some(404) => bail!(
+                "context {}: no ConfigMap {}/{STATUS_CONFIGMAP}: is clustermesh-apiserver running and leading there?",
+                self.context,
+                self.namespace
+            ),
+            Err(e) => {
+                return Err(anyhow!(e)).with_context(|| {
+                    format!("context {}: cannot reach the Kubernetes API", self.context)
+                });
+            }
+        };
+        let json = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(STATUS_KEY))
+            .ok_or_else(|| {
+                anyhow!(
+                    "context {}: ConfigMap {STATUS_CONFIGMAP} has no {STATUS_KEY}",
+                    self.context
+                )
+            })?;
+        serde_json::from_str(json).with_context(|| {
+            format!(
+                "context {}: ConfigMap {STATUS_CONFIGMAP}: {STATUS_KEY} is not a status",
+                self.context
+            )
+        })
+    }
+
+    /// Name and ID of the cluster.
+    pub(crate) async fn identity(&self) -> Result<(ClusterName, ClusterId)> {
+        let s = self.status().await?;
+        let name = ClusterName::new(s.cluster.clone())
+            .with_context(|| format!("context {}: cluster name", self.context))?;
+        let id = ClusterId::new(u64::from(s.cluster_id))
+            .with_context(|| format!("context {}: cluster ID", self.context))?;
+        Ok((name, id))
+    }
+
+    /// The cluster's CA, certificate and key.
+    pub(crate) async fn ca(&self) -> Result<Ca> {
+        let secret = self.api::<Secret>().get(CA_SECRET).await.with_context(|| {
+            format!(
+                "context {}: read Secret {}/{CA_SECRET} (the cluster's mesh CA)",
+                self.context, self.namespace
+            )
+        })?;
+        let data = secret.data.unwrap_or_default();
+        let get = |k: &str| {
+            data.get(k)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                .ok_or_else(|| anyhow!("context {}: Secret {CA_SECRET} has no {k:?}", self.context))
+        };
+        Ca::from_pem(&get("ca.crt")?, &get("ca.key")?)
+            .with_context(|| format!("context {}: Secret {CA_SECRET}", self.context))
+    }
+
+    /// The Mesh API endpoints peers (and this CLI) use.
+    pub(crate) async fn mesh_endpoints(&self) -> Result<Vec<String>> {
+        let svc = self
+            .api::<Service>()
+            .get(APISERVER_SERVICE)
+            .await
+            .with_context(|| {
+                format!(
+                    "context {}: read Service {}/{APISERVER_SERVICE}",
+                    self.context, self.namespace
+                )
+            })?;
+        if let Some(list) = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MESH_ENDPOINTS_ANNOTATION))
+        {
+            let eps: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if eps.is_empty() {
+                bail!(
+                    "context {}: annotation {MESH_ENDPOINTS_ANNOTATION} on Service {APISERVER_SERVICE} is empty",
+                    self.context
+                );
+            }
+            return Ok(eps);
+        }
+        let ports = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default();
+        let port = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(MESH_PORT_NAME))
+            .or(ports.first())
+            .map(|p| p.port)
+            .ok_or_else(|| {
+                anyhow!(
+                    "context {}: Service {APISERVER_SERVICE} has no ports",
+                    self.context
+                )
+            })?;
+        let ingress = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .unwrap_or_default();
+        let eps: Vec<String> = ingress
+            .iter()
+            .filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
+            .map(|h| {
+                if h.contains(':') {
+                    format!("[{h}]:{port}")
+                } else {
+                    format!("{h}:{port}")
+                }
+            })
+            .collect();
+        if eps.is_empty() {
+            bail!(
+                "context {}: Service {APISERVER_SERVICE} has no load-balancer address yet and no {MESH_ENDPOINTS_ANNOTATION} annotation: peers cannot reach its Mesh API",
+                self.context
+            );
+        }
+        Ok(eps)
+    }
+}

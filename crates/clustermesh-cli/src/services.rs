@@ -1,0 +1,322 @@
+//! `clustermesh services`: the global services of the mesh and their backends per cluster, as
+//! the cluster's apiserver serves them to its node agents (a Mesh API snapshot, read with a
+//! short-lived admin certificate issued from the cluster's CA); with `--node`, what that node
+//! should have against what its eBPF maps hold (the node agent's `/state`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use certs::{LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
+use clap::Args;
+use k8s_openapi::api::core::v1::Node;
+use model::status::{NODE_AGENT_PORT, NodeState};
+use model::{GlobalService, keys::Kind};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wire::{Codec, pb};
+
+use crate::kctx::{Cluster, KubeArgs};
+use crate::output::{self, Format};
+
+#[derive(Debug, Args)]
+pub(crate) struct ServicesArgs {
+    /// The cluster to ask (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// Only this service (`namespace/name`).
+    #[arg(long)]
+    service: Option<String>,
+    /// Show what this node has programmed against what it should have.
+    #[arg(long)]
+    node: Option<String>,
+    /// Port of the node agent's `/state`.
+    #[arg(long, default_value_t = NODE_AGENT_PORT)]
+    agent_port: u16,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// Every global service the cluster's apiserver knows (its own and imported), by name.
+pub(crate) async fn mesh_services(
+    cluster: &Cluster,
+) -> Result<BTreeMap<String, Vec<GlobalService>>> {
+    let (name, id) = cluster.identity().await?;
+    let ca = cluster.ca().await?;
+    let endpoints = cluster.mesh_endpoints().await?;
+    let leaf = ca
+        .issue(
+            &LeafSpec::new(MeshIdentity::new(name.clone(), id, Role::Admin)).validity(
+                time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+                Duration::from_secs(3600),
+            ),
+        )
+        .context("issue an admin certificate")?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("tls.crt"), &leaf.cert_pem)?;
+    std::fs::write(dir.path().join("tls.key"), &leaf.key_pem)?;
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())?;
+    let tls = Reloader::load(TlsFiles::in_dir(dir.path()))?;
+    let connected = meshapi::client::connect(&name, &endpoints, &tls)
+        .await
+        .with_context(|| format!("Mesh API of {name} at {}", endpoints.join(",")))?;
+    let mut api = connected.client;
+    let mut stream = api
+        .watch(pb::WatchRequest {
+            kinds: vec![Kind::Services.as_str().to_owned()],
+            clusters: Vec::new(),
+            resume_revision: 0,
+        })
+        .await
+        .map_err(|e| anyhow!("Watch: {}: {}", e.code(), e.message()))?
+        .into_inner();
+    let mut services: BTreeMap<(String, String), GlobalService> = BTreeMap::new();
+    let read = async {
+        loop {
+            let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|e| anyhow!("Watch: {}: {}", e.code(), e.message()))?
+            else {
+                bail!("the apiserver ended the watch before its snapshot was complete");
+            };
+            if msg.reset {
+                services.clear();
+            }
+            for c in &msg.changes {
+                if c.op == pb::change::Op::Delete as i32 {
+                    services.retain(|(cl, n), _| !(cl == &c.cluster && n == &c.name));
+                } else if let Ok(gs) = GlobalService::decode(&c.value) {
+                    services.insert((gs.cluster.to_string(), gs.name.to_string()), gs);
+                }
+            }
+            if msg.snapshot_complete {
+                return Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .map_err(|_| anyhow!("no complete snapshot from the Mesh API within 30 s"))??;
+    let mut by_name: BTreeMap<String, Vec<GlobalService>> = BTreeMap::new();
+    for ((_, n), gs) in services {
+        by_name.entry(n).or_default().push(gs);
+    }
+    Ok(by_name)
+}
+
+async fn node_state(cluster: &Cluster, node: &str, port: u16) -> Result<NodeState> {
+    let api: kube::Api<Node> = kube::Api::all(cluster.client.clone());
+    let n = api
+        .get(node)
+        .await
+        .with_context(|| format!("context {}: node {node}", cluster.context))?;
+    let ip = n
+        .status
+        .and_then(|s| s.addresses)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address)
+        .ok_or_else(|| anyhow!("node {node} has no InternalIP address"))?;
+    let addr = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let body = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(format!("GET /state HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    })
+    .await
+    .map_err(|_| anyhow!("node agent at {addr}: no answer within 10 s"))?
+    .with_context(|| format!("node agent at {addr}"))?;
+    let text = String::from_utf8_lossy(&body);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("node agent at {addr}: not an HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!(
+            "node agent at {addr}: {}: {body}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    serde_json::from_str(body).with_context(|| format!("node agent at {addr}: /state"))
+}
+
+#[derive(Debug, Serialize)]
+struct ServiceRow {
+    service: String,
+    cluster: String,
+    shared: bool,
+    affinity: String,
+    ports: Vec<String>,
+    backends: Vec<String>,
+}
+
+fn backend_text(gs: &GlobalService) -> Vec<String> {
+    gs.backends
+        .iter()
+        .map(|b| {
+            let state = if b.conditions.ready {
+                "ready"
+            } else if b.conditions.terminating {
+                "terminating"
+            } else {
+                "not-ready"
+            };
+            let ports: Vec<String> = b.ports.iter().map(|p| p.port.to_string()).collect();
+            format!("{}:{} ({state})", b.ip, ports.join(","))
+        })
+        .collect()
+}
+
+pub(crate) async fn run(args: ServicesArgs) -> Result<std::process::ExitCode> {
+    let cluster = Cluster::open(&args.kube, args.context.as_deref()).await?;
+    if let Some(node) = &args.node {
+        let mut state = node_state(&cluster, node, args.agent_port).await?;
+        if let Some(only) = &args.service {
+            // Frontends are addresses; keep the ones of this service's ClusterIPs.
+            let services = mesh_services(&cluster).await?;
+            let ips: Vec<String> = services
+                .get(only)
+                .into_iter()
+                .flatten()
+                .flat_map(|gs| gs.cluster_ips.iter().map(ToString::to_string))
+                .collect();
+            state.services.retain(|s| {
+                ips.iter()
+                    .any(|ip| s.frontend.starts_with(&format!("{ip}:")))
+            });
+        }
+        if !output::structured(args.output, &state)? {
+            let mut rows = Vec::new();
+            for s in &state.services {
+                let tiers = s.desired.len().max(s.programmed.len());
+                for t in 0..tiers {
+                    let desired = s.desired.get(t).cloned().unwrap_or_default();
+                    let programmed: Vec<String> = s
+                        .programmed
+                        .get(t)
+                        .map(|l| {
+                            l.iter()
+                                .map(|b| {
+                                    format!(
+                                        "{}{}",
+                                        b.addr,
+                                        if b.healthy { "" } else { " (unhealthy)" }
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    rows.push(vec![
+                        s.frontend.clone(),
+                        t.to_string(),
+                        if desired.is_empty() {
+                            "-".into()
+                        } else {
+                            desired.join(", ")
+                        },
+                        if programmed.is_empty() {
+                            "-".into()
+                        } else {
+                            programmed.join(", ")
+                        },
+                        if s.in_sync {
+                            "in sync".into()
+                        } else {
+                            "DIFFERS".into()
+                        },
+                    ]);
+                }
+            }
+            print!(
+                "{}",
+                output::table(
+                    &["FRONTEND", "TIER", "DESIRED", "PROGRAMMED", "STATE"],
+                    &rows
+                )
+            );
+            println!(
+                "node {node} ({}): {}",
+                state.cluster,
+                match (state.synced, state.in_sync) {
+                    (false, _) => "no complete snapshot from its apiserver yet",
+                    (true, true) => "programmed as desired",
+                    (true, false) => "programmed state differs from desired",
+                }
+            );
+        }
+        return Ok(if state.in_sync {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        });
+    }
+    let services = mesh_services(&cluster).await?;
+    let mut rows = Vec::new();
+    for (name, list) in &services {
+        if args.service.as_ref().is_some_and(|s| s != name) {
+            continue;
+        }
+        for gs in list {
+            rows.push(ServiceRow {
+                service: name.clone(),
+                cluster: gs.cluster.to_string(),
+                shared: gs.shared,
+                affinity: gs.affinity.to_string(),
+                ports: gs
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect(),
+                backends: backend_text(gs),
+            });
+        }
+    }
+    if let Some(only) = &args.service
+        && rows.is_empty()
+    {
+        bail!(
+            "no global service {only} in the mesh as seen from {}",
+            cluster.context
+        );
+    }
+    if !output::structured(args.output, &rows)? {
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.service.clone(),
+                    r.cluster.clone(),
+                    r.shared.to_string(),
+                    r.affinity.clone(),
+                    r.ports.join(","),
+                    if r.backends.is_empty() {
+                        "-".into()
+                    } else {
+                        r.backends.join(", ")
+                    },
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            output::table(
+                &[
+                    "SERVICE", "CLUSTER", "SHARED", "AFFINITY", "PORTS", "BACKENDS"
+                ],
+                &table
+            )
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

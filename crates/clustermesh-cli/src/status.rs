@@ -1,0 +1,318 @@
+//! `clustermesh status`: per cluster and peer, what the leading apiserver reports (phase,
+//! since when, counts, last error, certificate expiry), read from its status ConfigMap and the
+//! peer Secrets. Exits 1 when anything is not healthy, so scripts can rely on it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use certs::identity::CertInfo;
+use clap::Args;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ListParams;
+use model::status::{ClusterStatus, PEER_LABEL, Phase, STATUS_HEARTBEAT_SECS};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::Serialize;
+
+use crate::kctx::{Cluster, KubeArgs};
+use crate::output::{self, Format};
+
+/// A certificate expiring within this is reported as a problem.
+const CERT_WARN_SECS: i64 = 14 * 86_400;
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Kubeconfig contexts of the clusters to show; repeat for several (default: the current
+    /// context).
+    #[arg(long)]
+    context: Vec<String>,
+    /// Wait until everything is healthy (or --timeout passes).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "2m", value_parser = crate::parse_duration)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// One peer, as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PeerRow {
+    pub name: String,
+    pub cluster_id: Option<u16>,
+    pub phase: String,
+    pub since_unix: Option<i64>,
+    pub objects: BTreeMap<String, usize>,
+    pub last_error: Option<String>,
+    pub last_error_unix: Option<i64>,
+    /// The earlier of the peer's server certificate and this cluster's client certificate.
+    pub cert_not_after_unix: Option<i64>,
+    pub endpoint: Option<String>,
+}
+
+/// One cluster, as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ClusterReport {
+    pub context: String,
+    pub cluster: Option<String>,
+    pub cluster_id: Option<u16>,
+    pub replica: Option<String>,
+    pub ready: bool,
+    pub exported: BTreeMap<String, usize>,
+    pub status_age_seconds: Option<i64>,
+    pub peers: Vec<PeerRow>,
+    pub healthy: bool,
+    pub problems: Vec<String>,
+}
+
+fn client_cert_expiry(secret: &Secret) -> Option<i64> {
+    let pem = secret.data.as_ref()?.get("tls.crt")?;
+    let der = CertificateDer::pem_slice_iter(&pem.0).next()?.ok()?;
+    CertInfo::from_der(der.as_ref())
+        .ok()
+        .map(|i| i.not_after_unix)
+}
+
+pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
+    let mut r = ClusterReport {
+        context: cluster.context.clone(),
+        cluster: None,
+        cluster_id: None,
+        replica: None,
+        ready: false,
+        exported: BTreeMap::new(),
+        status_age_seconds: None,
+        peers: Vec::new(),
+        healthy: false,
+        problems: Vec::new(),
+    };
+    let status: ClusterStatus = match cluster.status().await {
+        Ok(s) => s,
+        Err(e) => {
+            r.problems.push(format!("{e:#}"));
+            return r;
+        }
+    };
+    let now = output::now_unix();
+    r.cluster = Some(status.cluster.clone());
+    r.cluster_id = Some(status.cluster_id);
+    r.replica = Some(status.replica.clone());
+    r.ready = status.ready;
+    r.exported = status.exported.clone();
+    let age = now - status.updated_unix;
+    r.status_age_seconds = Some(age);
+    if !status.ready {
+        r.problems.push(format!(
+            "apiserver {} not ready: {}",
+            status.replica,
+            status.reason.clone().unwrap_or_default()
+        ));
+    }
+    if age > 3 * STATUS_HEARTBEAT_SECS {
+        r.problems.push(format!(
+            "status last written {} by {}: the apiserver stopped reporting",
+            output::relative(status.updated_unix, now),
+            status.replica
+        ));
+    }
+    let secrets = match cluster
+        .api::<Secret>()
+        .list(&ListParams::default().labels(PEER_LABEL))
+        .await
+    {
+        Ok(l) => l.items,
+        Err(e) => {
+            r.problems.push(format!("list peer Secrets: {e}"));
+            Vec::new()
+        }
+    };
+    let mut configured: BTreeMap<String, Option<i64>> = secrets
+        .iter()
+        .filter_map(|s| {
+            let peer = s.metadata.labels.as_ref()?.get(PEER_LABEL)?.clone();
+            Some((peer, client_cert_expiry(s)))
+        })
+        .collect();
+    for p in &status.peers {
+        let client = configured.remove(&p.name).flatten();
+        let cert = match (p.peer_cert_not_after_unix, client) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if p.phase != Phase::Ready {
+            r.problems.push(format!(
+                "peer {} is {} since {}{}",
+                p.name,
+                p.phase,
+                output::relative(p.since_unix, now),
+                p.last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some(c) = cert
+            && c - now < CERT_WARN_SECS
+        {
+            r.problems.push(format!(
+                "peer {}: a certificate expires {}",
+                p.name,
+                output::relative(c, now)
+            ));
+        }
+        r.peers.push(PeerRow {
+            name: p.name.clone(),
+            cluster_id: p.cluster_id,
+            phase: p.phase.to_string(),
+            since_unix: Some(p.since_unix),
+            objects: p.objects.clone(),
+            last_error: p.last_error.clone(),
+            last_error_unix: p.last_error_unix,
+            cert_not_after_unix: cert,
+            endpoint: p.endpoint.clone(),
+        });
+    }
+    for (peer, cert) in configured {
+        r.problems.push(format!(
+            "peer {peer}: configured (Secret) but not reported by the apiserver yet"
+        ));
+        r.peers.push(PeerRow {
+            name: peer,
+            cluster_id: None,
+            phase: "configured".into(),
+            since_unix: None,
+            objects: BTreeMap::new(),
+            last_error: None,
+            last_error_unix: None,
+            cert_not_after_unix: cert,
+            endpoint: None,
+        });
+    }
+    r.healthy = r.problems.is_empty();
+    r
+}
+
+fn print_table(reports: &[ClusterReport]) {
+    let now = output::now_unix();
+    let mut rows = Vec::new();
+    for r in reports {
+        let cluster = match (&r.cluster, r.cluster_id) {
+            (Some(c), Some(id)) => format!("{c} ({id})"),
+            _ => format!("? (context {})", r.context),
+        };
+        let exported = format!(
+            "{} svc / {} ep / {} id",
+            r.exported.get("services").unwrap_or(&0),
+            r.exported.get("endpoints").unwrap_or(&0),
+            r.exported.get("identities").unwrap_or(&0)
+        );
+        if r.peers.is_empty() {
+            rows.push(vec![
+                cluster.clone(),
+                if r.ready { "ready" } else { "not ready" }.into(),
+                exported.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for p in &r.peers {
+            rows.push(vec![
+                cluster.clone(),
+                if r.ready { "ready" } else { "not ready" }.into(),
+                exported.clone(),
+                p.name.clone(),
+                p.phase.clone(),
+                p.since_unix
+                    .map_or("-".into(), |s| output::relative(s, now)),
+                format!(
+                    "{} svc / {} ep / {} id",
+                    p.objects.get("services").unwrap_or(&0),
+                    p.objects.get("endpoints").unwrap_or(&0),
+                    p.objects.get("identities").unwrap_or(&0)
+                ),
+                p.cert_not_after_unix
+                    .map_or("-".into(), |c| output::relative(c, now)),
+                p.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+    }
+    print!(
+        "{}",
+        output::table(
+            &[
+                "CLUSTER",
+                "APISERVER",
+                "EXPORTS",
+                "PEER",
+                "PHASE",
+                "SINCE",
+                "IMPORTED",
+                "CERT EXPIRES",
+                "LAST ERROR",
+            ],
+            &rows
+        )
+    );
+    for r in reports {
+        for p in &r.problems {
+            println!("! {}: {p}", r.cluster.as_deref().unwrap_or(&r.context));
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    healthy: bool,
+    clusters: Vec<ClusterReport>,
+}
+
+pub(crate) async fn run(args: StatusArgs) -> Result<std::process::ExitCode> {
+    let contexts: Vec<Option<String>> = if args.context.is_empty() {
+        vec![None]
+    } else {
+        args.context.iter().cloned().map(Some).collect()
+    };
+    let mut clusters = Vec::new();
+    for c in &contexts {
+        clusters.push(Cluster::open(&args.kube, c.as_deref()).await?);
+    }
+    let deadline = Instant::now() + args.timeout;
+    let mut last_problems = String::new();
+    loop {
+        let mut reports = Vec::new();
+        for c in &clusters {
+            reports.push(report(c).await);
+        }
+        let healthy = reports.iter().all(|r| r.healthy);
+        if healthy || !args.wait || Instant::now() >= deadline {
+            let report = Report {
+                healthy,
+                clusters: reports,
+            };
+            if !output::structured(args.output, &report)? {
+                print_table(&report.clusters);
+            }
+            return Ok(if healthy {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            });
+        }
+        let problems: Vec<String> = reports.iter().flat_map(|r| r.problems.clone()).collect();
+        let joined = problems.join("; ");
+        if joined != last_problems {
+            eprintln!("waiting: {joined}");
+            last_problems = joined;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
