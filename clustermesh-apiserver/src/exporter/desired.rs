@@ -112,7 +112,9 @@ pub fn service<'a>(
         });
     }
     let mut backends: BTreeMap<IpAddr, Backend> = BTreeMap::new();
-    if policy.shared {
+    // Not shared: the backends still go to etcd for this cluster's own node agents; the Mesh
+    // API strips them for peers.
+    {
         for slice in slices {
             let of_service = slice.metadata.namespace.as_deref() == Some(ns)
                 && slice
@@ -359,7 +361,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert!(!gs.shared && gs.backends.is_empty());
+        assert!(!gs.shared && !gs.backends.is_empty(), "kept for local node agents");
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop", "annotations": {annotations::NAMESPACE_GLOBAL: "true"}}})).unwrap();
         assert!(
             service(&cluster(), &svc(json!({})), Some(&ns), [])

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
-use wire::pb;
+use wire::{Codec, pb};
 use wire::pb::mesh_server::{Mesh, MeshServer};
 
 use super::cache::{Item, Record, Start, Update, WatchCache};
@@ -137,6 +137,25 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// What a peer may not see: the local backends of a service this cluster does not share
+    /// (`service.cilium.io/shared: "false"`). They are in etcd for this cluster's own node
+    /// agents only.
+    fn redact(&self, mut c: pb::Change) -> pb::Change {
+        if !matches!(self.view, View::Peer(_)) || c.kind != Kind::Services.as_str() || c.value.is_empty() {
+            return c;
+        }
+        if let Ok(mut gs) = model::GlobalService::decode(&c.value)
+            && !gs.shared
+            && !gs.backends.is_empty()
+        {
+            gs.backends.clear();
+            c.value = gs.encode();
+        }
+        c
+    }
+}
+
 fn change(r: &Record, deleted: bool) -> Option<pb::Change> {
     let Item::Object(kind, name) = &r.item else {
         return None;
@@ -178,7 +197,7 @@ async fn send_snapshot(
     let mut first = true;
     let mut bytes = 0;
     for r in records.iter().filter(|r| filter.admits(r)) {
-        if let Some(c) = change(r, false) {
+        if let Some(c) = change(r, false).map(|c| filter.redact(c)) {
             bytes += size(&c);
             changes.push(c);
         } else if let Some(s) = synced(r) {
@@ -268,7 +287,7 @@ async fn stream_updates(
         let last = batch.len();
         for (i, u) in batch.into_iter().enumerate() {
             if filter.admits(&u.record) {
-                if let Some(c) = change(&u.record, u.deleted) {
+                if let Some(c) = change(&u.record, u.deleted).map(|c| filter.redact(c)) {
                     bytes += size(&c);
                     msg.changes.push(c);
                 } else if !u.deleted

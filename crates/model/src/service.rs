@@ -329,6 +329,13 @@ impl GlobalService {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// [`GlobalService::validate`], plus what a peer must never send: backends of a service
+    /// it does not share (its apiserver keeps those for its own node agents).
+    pub fn validate_from_peer(&self) -> Result<()> {
+        self.validate()?;
         if !self.shared && !self.backends.is_empty() {
             return Err(Error::UnsharedWithBackends {
                 service: self.name.clone(),
@@ -400,7 +407,8 @@ mod tests {
 
         let mut s = svc();
         s.shared = false;
-        let e = s.validate().unwrap_err().to_string();
+        s.validate().unwrap();
+        let e = s.validate_from_peer().unwrap_err().to_string();
         assert!(e.contains("shop/cart") && e.contains("not shared"), "{e}");
 
         let mut s = svc();

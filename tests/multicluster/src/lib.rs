@@ -1,205 +1,216 @@
-//! The multi-cluster lab, in process: each emulated cluster has its own etcd (a real process,
-//! mTLS), Kubernetes API test server, cluster CA and `clustermesh-apiserver` with its Mesh API;
-//! nodes run the real node agent on a cgroup of their own. Test infrastructure.
+//! The multi-cluster lab and its scenarios. Test infrastructure.
 //!
-//! This is the first cut of the lab: clusters are connected by writing the peer
-//! configuration directories `clustermesh connect` will write, nodes share the host's network
-//! namespace, and backends are processes on loopback addresses.
+//! Scenarios ([`scenarios`]) are written against the [`Cluster`] trait. [`LabCluster`] is one
+//! cluster of the emulated [`lab::Lab`] (network namespaces on a bridge, cgroups, real
+//! processes; runs here and in CI); [`kind::KindCluster`] is a kind cluster with the mesh
+//! installed (for users with Docker; it cannot run in this repository's CI). The `clustermesh`
+//! CLI drives both through a kubeconfig, the way a user would.
 
-use std::net::SocketAddr;
+pub mod kind;
+pub mod lab;
+pub mod scenarios;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::Command;
+use std::sync::Arc;
 
-use anyhow::Context;
-use certs::{Ca, LeafSpec, MeshIdentity, Role, TlsFiles};
-use clustermesh_apiserver::Running;
-use clustermesh_apiserver::config::Config;
-use model::{ClusterId, ClusterName, NodeName};
-use node_agent::agent::{self, Agent, HealthConfig, Settings};
-use telemetry::metrics::Registry;
+use anyhow::{Context, Result};
+use tokio::sync::Mutex;
 
-/// One emulated cluster.
-pub struct Cluster {
-    /// Its name.
-    pub name: ClusterName,
-    /// Its ID.
-    pub id: ClusterId,
-    /// Its etcd.
-    pub etcd: test_support::Etcd,
-    /// Its Kubernetes API.
-    pub kube: kube_testserver::Handle,
-    /// A client of it.
-    pub client: kube::Client,
-    /// Its CA.
-    pub ca: Ca,
-    /// Its files (certificates, peer configurations).
-    pub dir: tempfile::TempDir,
-    mesh_port: u16,
-    /// Its apiserver, while running.
-    pub apiserver: Option<Running>,
+/// Who answered `n` connections: backend name (`pod@cluster`) → count; `"failed"` for
+/// connections that failed.
+pub type Tally = BTreeMap<String, u32>;
+
+/// One cluster, as scenarios see it.
+#[allow(async_fn_in_trait)]
+pub trait Cluster {
+    /// The cluster's name (also its kubeconfig context in the lab).
+    fn name(&self) -> &str;
+    /// The kubeconfig context the CLI uses for it.
+    fn context(&self) -> String;
+    /// Deploys `service` (`namespace/name`) with `replicas` backends answering
+    /// `<pod>@<cluster>` on port 80 of its ClusterIP, with `annotations`; returns the
+    /// ClusterIP.
+    async fn deploy(
+        &self,
+        service: &str,
+        replicas: u8,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<IpAddr>;
+    /// Kills (`false`) or restarts (`true`) the service's backends.
+    async fn set_backends(&self, service: &str, running: bool) -> Result<()>;
+    /// Shell commands that do what [`Cluster::set_backends`] does (for `clustermesh drill`).
+    fn backend_commands(&self, service: &str) -> (String, String);
+    /// Adds a client pod named `name` on the cluster's first node.
+    async fn add_client(&self, name: &str) -> Result<()>;
+    /// Connects `n` times from the client pod to `target` and counts who answered.
+    async fn connect_from(&self, client: &str, target: SocketAddr, n: u32) -> Result<Tally>;
+    /// Where the drill's probe should run to be the client pod: network namespace and cgroup
+    /// (`None`: the CLI's own; kind users run the drill from a node).
+    fn drill_client(&self, client: &str) -> Option<(PathBuf, PathBuf)>;
+    /// Kills the cluster's clustermesh-apiserver.
+    async fn kill_apiserver(&self) -> Result<()>;
+    /// Starts it again and waits until it is ready.
+    async fn start_apiserver(&self) -> Result<()>;
+    /// The name of the cluster's first node.
+    fn first_node(&self) -> String;
+    /// A counter or gauge of the first node's agent (`/metrics`), summed over series whose
+    /// labels contain `labels` (e.g. `op="delete"`).
+    async fn agent_metric(&self, name: &str, labels: &str) -> Result<f64>;
 }
 
-impl std::fmt::Debug for Cluster {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
-            .field("name", &self.name)
-            .field("id", &self.id)
-            .finish()
-    }
-}
-
-impl Cluster {
-    /// Brings a cluster up and waits until its apiserver is ready.
-    pub async fn start(name: &str, id: u64) -> anyhow::Result<Self> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let name = ClusterName::new(name)?;
-        let id = ClusterId::new(id)?;
-        let etcd = test_support::Etcd::start().await?;
-        let kube = kube_testserver::start(kube_testserver::Config::new(name.clone())).await?;
-        let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig())?;
-        let client = kube::Client::try_from(
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-        )?;
-        let ca = Ca::generate(&name, certs::issue::DEFAULT_CA_VALIDITY)?;
-        let dir = tempfile::tempdir()?;
-        let server = ca.issue(
-            &LeafSpec::new(MeshIdentity::new(name.clone(), id, Role::Apiserver))
-                .ips(["127.0.0.1".parse()?]),
-        )?;
-        test_support::write_tls(&dir.path().join("mesh"), &ca, &server)?;
-        std::fs::create_dir_all(dir.path().join("peers"))?;
-        let mut c = Self {
-            name,
-            id,
-            etcd,
-            kube,
-            client,
-            ca,
-            dir,
-            mesh_port: test_support::free_port()?,
-            apiserver: None,
-        };
-        c.up().await?;
-        Ok(c)
-    }
-
-    /// Starts (or restarts) the apiserver and waits until it is ready.
-    pub async fn up(&mut self) -> anyhow::Result<()> {
-        let running = clustermesh_apiserver::start(Config {
-            cluster_name: self.name.clone(),
-            cluster_id: self.id,
-            etcd: self.etcd.config(),
-            lease_ttl: Duration::from_secs(30),
-            kubeconfig: Some(self.kube.kubeconfig().to_owned()),
-            kube_context: None,
-            namespace: "kube-system".into(),
-            replica: format!("{}-0", self.name),
-            leader_lease: Duration::from_secs(10),
-            identity_gc_grace: Duration::from_secs(60),
-            health_bind: "127.0.0.1:0".parse()?,
-            mesh_bind: SocketAddr::from(([127, 0, 0, 1], self.mesh_port)),
-            mesh_tls: Some(TlsFiles::in_dir(&self.dir.path().join("mesh"))),
-            peers_dir: Some(self.peers_dir()),
-            peers_from_secrets: false,
+/// Sums the series of `name` whose label set contains `labels` in Prometheus text.
+pub fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
         })
-        .await?;
-        let mut ready = running.ready();
-        tokio::time::timeout(Duration::from_secs(30), ready.wait_for(Result::is_ok))
+        .sum()
+}
+
+/// A cluster of the emulated lab.
+#[derive(Debug, Clone)]
+pub struct LabCluster {
+    lab: Arc<Mutex<lab::Lab>>,
+    name: String,
+}
+
+impl LabCluster {
+    /// Cluster `name` of `lab`.
+    pub fn new(lab: &Arc<Mutex<lab::Lab>>, name: &str) -> Self {
+        Self {
+            lab: Arc::clone(lab),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl Cluster for LabCluster {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn context(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn deploy(
+        &self,
+        service: &str,
+        replicas: u8,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<IpAddr> {
+        let mut lab = self.lab.lock().await;
+        Ok(IpAddr::V4(
+            lab.deploy(&self.name, service, replicas, annotations).await?,
+        ))
+    }
+
+    async fn set_backends(&self, service: &str, running: bool) -> Result<()> {
+        self.lab
+            .lock()
             .await
-            .context("apiserver not ready in time")??;
-        self.apiserver = Some(running);
+            .set_backends(&self.name, service, running)
+            .await
+    }
+
+    fn backend_commands(&self, service: &str) -> (String, String) {
+        let lab = self.lab.try_lock().map(|l| l.state.dir.clone()).unwrap_or_default();
+        let me = lab::bin_dir().join("clustermesh-lab");
+        let cmd = |action: &str| {
+            format!(
+                "'{}' backends --dir '{}' --cluster {} --service {service} {action}",
+                me.display(),
+                lab.display(),
+                self.name
+            )
+        };
+        (cmd("stop"), cmd("start"))
+    }
+
+    async fn add_client(&self, name: &str) -> Result<()> {
+        let mut lab = self.lab.lock().await;
+        let node = lab.cluster(&self.name)?.nodes[0].name.clone();
+        lab.add_pod(&self.name, "default", name, &node, &BTreeMap::new())
+            .await?;
         Ok(())
     }
 
-    /// The Mesh API endpoint.
-    pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.mesh_port)
-    }
-
-    fn peers_dir(&self) -> PathBuf {
-        self.dir.path().join("peers")
-    }
-
-    /// Makes this cluster import `peer` (what `clustermesh connect` writes, one direction).
-    pub fn import_from(&self, peer: &Cluster) -> anyhow::Result<()> {
-        let staging = self.dir.path().join(format!(".staging-{}", peer.name));
-        let leaf = peer.ca.issue(&LeafSpec::new(MeshIdentity::new(
-            self.name.clone(),
-            self.id,
-            Role::Peer,
-        )))?;
-        test_support::write_tls(&staging, &peer.ca, &leaf)?;
-        std::fs::write(staging.join("endpoints"), format!("{}\n", peer.endpoint()))?;
-        std::fs::rename(&staging, self.peers_dir().join(peer.name.as_str()))?;
-        Ok(())
-    }
-
-    /// Starts a node: a cgroup and pin directory of its own and the real node agent.
-    pub async fn node(&self, node: &str) -> anyhow::Result<Node> {
-        let name = test_support::unique_name(&format!("lab-{}-{node}", self.name));
-        let cgroup = Path::new("/sys/fs/cgroup/unified").join(&name);
-        std::fs::create_dir(&cgroup).with_context(|| format!("create {}", cgroup.display()))?;
-        let pins = Path::new("/sys/fs/bpf").join(&name);
-        let leaf = self.ca.issue(&LeafSpec::new(MeshIdentity::node_agent(
-            self.name.clone(),
-            self.id,
-            NodeName::new(node)?,
-        )))?;
-        let tls = test_support::write_tls(
-            &self.dir.path().join(format!("node-{node}")),
-            &self.ca,
-            &leaf,
-        )?;
-        let metrics = agent::registry();
-        let (tx, mut ready) = tokio::sync::watch::channel(Err("starting".to_owned()));
-        let settings = Settings {
-            cluster: self.name.clone(),
-            apiserver: vec![self.endpoint()],
-            tls,
-            pin_dir: pins.clone(),
-            cgroup: cgroup.clone(),
-            health: HealthConfig {
-                interval: Duration::from_millis(100),
-                timeout: Duration::from_millis(100),
-                fall: 2,
-                rise: 2,
-            },
-        };
-        let node = Node {
-            cgroup,
-            pins,
-            metrics: metrics.clone(),
-            agent: Some(Agent::start(settings, metrics, tx)?),
-        };
-        tokio::time::timeout(Duration::from_secs(30), ready.wait_for(Result::is_ok))
+    async fn connect_from(&self, client: &str, target: SocketAddr, n: u32) -> Result<Tally> {
+        self.lab
+            .lock()
             .await
-            .context("node agent not ready in time")??;
-        Ok(node)
+            .connect_from(&self.name, client, target, n)
+    }
+
+    fn drill_client(&self, client: &str) -> Option<(PathBuf, PathBuf)> {
+        let lab = self.lab.try_lock().ok()?;
+        let p = lab
+            .cluster(&self.name)
+            .ok()?
+            .pods
+            .iter()
+            .find(|p| p.name == client)?
+            .clone();
+        Some((Path::new("/run/netns").join(p.netns), p.cgroup))
+    }
+
+    async fn kill_apiserver(&self) -> Result<()> {
+        self.lab.lock().await.kill_apiserver(&self.name)
+    }
+
+    async fn start_apiserver(&self) -> Result<()> {
+        self.lab.lock().await.start_apiserver(&self.name).await
+    }
+
+    async fn agent_metric(&self, name: &str, labels: &str) -> Result<f64> {
+        let ip = {
+            let lab = self.lab.lock().await;
+            lab.cluster(&self.name)?.nodes[0].ip
+        };
+        let addr = SocketAddr::from((ip, model::status::NODE_AGENT_PORT));
+        let text = test_support::http_get(addr, "/metrics")
+            .await
+            .with_context(|| format!("node agent metrics at {addr}"))?;
+        Ok(metric_sum(&text, name, labels))
+    }
+
+    fn first_node(&self) -> String {
+        self.lab
+            .try_lock()
+            .ok()
+            .and_then(|l| l.cluster(&self.name).ok().map(|c| c.nodes[0].name.clone()))
+            .unwrap_or_default()
     }
 }
 
-/// A node of an emulated cluster; its agent, pins and cgroup go away on drop.
-pub struct Node {
-    /// The node's cgroup: processes in it get the mesh's socket load balancing.
-    pub cgroup: PathBuf,
-    pins: PathBuf,
-    /// The agent's metrics.
-    pub metrics: Registry,
-    agent: Option<Agent>,
+/// The output of one `clustermesh` run.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
 }
 
-impl std::fmt::Debug for Node {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node")
-            .field("cgroup", &self.cgroup)
-            .finish()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.agent.take();
-        let _ = node_agent::datapath::remove(&self.pins);
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
+/// Runs the `clustermesh` CLI with `kubeconfig` (off the async runtime's threads).
+pub async fn clustermesh(kubeconfig: &Path, args: &[&str]) -> Result<CliOutput> {
+    let bin = lab::binary("clustermesh")?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args).env("KUBECONFIG", kubeconfig);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await?
+        .context("run clustermesh")?;
+    Ok(CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }

@@ -1,0 +1,1074 @@
+//! The emulated lab: N clusters on one machine, every part a real process.
+//!
+//! Network: one Linux bridge `cmb<X>` with `10.X.0.1/16` for the lab subnet `10.X.0.0/16`
+//! (X allocated with a lock file, so labs can run side by side). Cluster number `i` (1-based)
+//! has nodes `10.X.i.(10+n)` and pods in `10.X.(16·i).0/20` (node `n`'s pods in
+//! `10.X.(16·i+n).0/24`); service ClusterIPs are `10.X.(200+i).*` and never on the wire
+//! (socket load balancing translates them at connect()).
+//!
+//! Per cluster: etcd (mTLS, loopback), the Kubernetes API test server, clustermesh-apiserver
+//! (Mesh API on the bridge address, peers from Secrets), nodes (a network namespace on the
+//! bridge, a cgroup, a node agent running in that namespace) and pods (a network namespace on
+//! the bridge with an address from the node's pod range, processes in a child cgroup of the
+//! node's cgroup). The lab plays the parts of Kubernetes controllers that the test server has
+//! not: it writes Pods, Nodes and EndpointSlices, and installs the mesh objects (CA Secret,
+//! apiserver Service).
+//!
+//! Its state lives in `<dir>/lab.json`, so `clustermesh-lab` commands can act on a lab that an
+//! earlier command brought up; [`Lab::down`] (or dropping a [`Lab`] that owns its processes)
+//! removes everything: processes, namespaces, veths, the bridge, cgroups and BPF pins.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use certs::{Ca, LeafSpec, MeshIdentity, Role};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use model::status::{APISERVER_SERVICE, CA_SECRET, MESH_ENDPOINTS_ANNOTATION};
+use model::{ClusterId, ClusterName, NodeName};
+use serde::{Deserialize, Serialize};
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const BPFFS: &str = "/sys/fs/bpf";
+/// Port of the demo backends.
+pub const BACKEND_PORT: u16 = 8080;
+
+/// Where the workspace's binaries are: `$CLUSTERMESH_BIN_DIR`, else next to (or one level
+/// above) the running executable (`target/debug`, `target/debug/deps`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CLUSTERMESH_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// Path of a workspace binary, or a clear error.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found: build the workspace's binaries first (cargo build --workspace --bins)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args)
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// A process the lab started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proc {
+    /// Its PID.
+    pub pid: u32,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            // State is the field after the command name in parentheses; Z = zombie.
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+fn kill(p: &Proc) {
+    let _ = Command::new("kill")
+        .args(["-KILL", &p.pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+    // Processes are started detached (init reaps them): wait until it is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(p.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts `argv` detached (its parent becomes init), output to `log`.
+fn spawn(argv: &[String], log: &Path) -> Result<Proc> {
+    let pidfile = log.with_extension("pid");
+    let _ = std::fs::remove_file(&pidfile);
+    // `setsid -f` forks: the shell writes the real PID of the exec'd program.
+    let script = format!(
+        "echo $$ > '{}'; exec {} >>'{}' 2>&1",
+        pidfile.display(),
+        argv.iter()
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect::<Vec<_>>()
+            .join(" "),
+        log.display()
+    );
+    let status = Command::new("setsid")
+        .args(["-f", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("setsid")?;
+    if !status.success() {
+        bail!("could not start {}", argv.join(" "));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&pidfile)
+            && let Ok(pid) = s.trim().parse()
+        {
+            return Ok(Proc {
+                pid,
+                log: log.to_path_buf(),
+            });
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not start", argv.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The `sh` preamble that puts a process into `cgroup` and network namespace `netns`.
+fn in_pod(cgroup: &Path, netns: &str, argv: &[String]) -> Vec<String> {
+    let mut v = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!(
+            "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/run/netns/{netns} -- \"$@\"",
+            cgroup.display()
+        ),
+        "sh".to_owned(),
+    ];
+    v.extend_from_slice(argv);
+    v
+}
+
+/// A node of an emulated cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Node name (also the Kubernetes Node's).
+    pub name: String,
+    /// Its address on the bridge.
+    pub ip: Ipv4Addr,
+    /// Its network namespace (`/run/netns/<netns>`).
+    pub netns: String,
+    /// Its cgroup: the node agent attached the socket-LB programs here.
+    pub cgroup: PathBuf,
+    /// The node agent.
+    pub agent: Option<Proc>,
+    /// Its BPF pin directory.
+    pub pins: PathBuf,
+    /// Pods started on it so far (to number pod addresses).
+    pub pods: u8,
+}
+
+/// A pod of an emulated cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Its node.
+    pub node: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its cgroup (a child of its node's).
+    pub cgroup: PathBuf,
+    /// The process serving in it, if any.
+    pub server: Option<Proc>,
+    /// The service it backs, `namespace/name`, if any.
+    pub service: Option<String>,
+}
+
+/// One emulated cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Its name (and kubeconfig context).
+    pub name: String,
+    /// Its ID.
+    pub id: u16,
+    /// Its number in the lab (1-based): picks its address ranges.
+    pub index: u8,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// etcd client port (loopback).
+    pub etcd_port: u16,
+    /// etcd.
+    pub etcd: Option<Proc>,
+    /// The Kubernetes API test server.
+    pub kube: Option<Proc>,
+    /// Its kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The Mesh API port on the bridge address.
+    pub mesh_port: u16,
+    /// The apiserver's health port (loopback).
+    pub health_port: u16,
+    /// The apiserver.
+    pub apiserver: Option<Proc>,
+    /// Nodes.
+    pub nodes: Vec<NodeState>,
+    /// Pods.
+    pub pods: Vec<PodState>,
+    /// Services deployed: `namespace/name` → ClusterIP.
+    pub services: BTreeMap<String, Ipv4Addr>,
+}
+
+/// The whole lab, as saved in `lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    /// The second octet of the lab subnet `10.X.0.0/16`.
+    pub x: u8,
+    /// The bridge.
+    pub bridge: String,
+    /// The lab's directory.
+    pub dir: PathBuf,
+    /// Veths created (host side); a counter names them.
+    pub veths: u32,
+    /// Clusters.
+    pub clusters: Vec<ClusterState>,
+}
+
+/// A lab. Dropping it tears it down when `owned` (tests); the `clustermesh-lab` command
+/// leaves it running between commands.
+#[derive(Debug)]
+pub struct Lab {
+    /// The state.
+    pub state: LabState,
+    owned: bool,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.owned {
+            self.teardown();
+        }
+    }
+}
+
+/// Picks a free lab subnet: creating the bridge `cmb<X>` is the lock (it fails when another
+/// lab holds X).
+fn allocate_subnet() -> Result<u8> {
+    for x in 100u8..=199 {
+        let bridge = format!("cmb{x}");
+        if ip(&["link", "add", &bridge, "type", "bridge"]).is_ok() {
+            return Ok(x);
+        }
+    }
+    bail!("no free lab subnet in 10.100.0.0/16 … 10.199.0.0/16 (bridges cmb100..cmb199 all exist)")
+}
+
+impl Lab {
+    /// Creates an empty lab (bridge, subnet) in `dir`, torn down on drop when `owned`.
+    pub fn create(dir: &Path, owned: bool) -> Result<Self> {
+        let x = allocate_subnet()?;
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let bridge = format!("cmb{x}");
+        let lab = Self {
+            state: LabState {
+                x,
+                bridge: bridge.clone(),
+                dir,
+                veths: 0,
+                clusters: Vec::new(),
+            },
+            owned,
+        };
+        ip(&["addr", "add", &format!("10.{x}.0.1/16"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        std::fs::create_dir_all(lab.pins_root())?;
+        lab.save()?;
+        Ok(lab)
+    }
+
+    /// Leaves the lab running when this value is dropped.
+    pub fn keep(&mut self) {
+        self.owned = false;
+    }
+
+    /// Loads the lab saved in `dir` (not owned: dropping it leaves it running).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("lab.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read {} (is a lab up in {}?)", path.display(), dir.display()))?;
+        Ok(Self {
+            state: serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?,
+            owned: false,
+        })
+    }
+
+    /// Saves the state to `lab.json`.
+    pub fn save(&self) -> Result<()> {
+        let path = self.state.dir.join("lab.json");
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.state)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn pins_root(&self) -> PathBuf {
+        Path::new(BPFFS).join(format!("clustermesh-lab-{}", self.state.x))
+    }
+
+    /// The bridge address: where the apiservers' Mesh APIs listen.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.state.x, 0, 1)
+    }
+
+    /// A kubeconfig with every cluster's context (named after the cluster).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.state.dir.join("kubeconfig")
+    }
+
+    fn write_kubeconfig(&self) -> Result<()> {
+        let mut merged: Option<kube::config::Kubeconfig> = None;
+        for c in &self.state.clusters {
+            let kc = kube::config::Kubeconfig::read_from(&c.kubeconfig)?;
+            merged = Some(match merged {
+                None => kc,
+                Some(m) => m.merge(kc)?,
+            });
+        }
+        if let Some(mut kc) = merged {
+            kc.current_context = self.state.clusters.first().map(|c| c.name.clone());
+            std::fs::write(self.kubeconfig(), serde_json::to_vec_pretty(&kc)?)?;
+        }
+        Ok(())
+    }
+
+    /// A cluster by name.
+    pub fn cluster(&self, name: &str) -> Result<&ClusterState> {
+        self.state
+            .clusters
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| anyhow!("no cluster {name} in the lab"))
+    }
+
+    fn cluster_mut(&mut self, name: &str) -> Result<&mut ClusterState> {
+        self.state
+            .clusters
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| anyhow!("no cluster {name} in the lab"))
+    }
+
+    /// A Kubernetes client of `cluster`.
+    pub async fn client(&self, cluster: &str) -> Result<kube::Client> {
+        let c = self.cluster(cluster)?;
+        let kc = kube::config::Kubeconfig::read_from(&c.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A veth pair: host end on the bridge, the other end as `eth0` in `netns` with `addr`.
+    fn plug(&mut self, netns: &str, addr: Ipv4Addr) -> Result<()> {
+        self.state.veths += 1;
+        let host = format!("cm{}h{}", self.state.x, self.state.veths);
+        let peer = format!("cm{}p{}", self.state.x, self.state.veths);
+        ip(&["netns", "add", netns])?;
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", netns])?;
+        in_ns(netns, &["link", "set", &peer, "name", "eth0"])?;
+        in_ns(netns, &["addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
+        in_ns(netns, &["link", "set", "eth0", "up"])?;
+        in_ns(netns, &["link", "set", "lo", "up"])?;
+        ip(&["link", "set", &host, "master", &self.state.bridge])?;
+        ip(&["link", "set", &host, "up"])?;
+        Ok(())
+    }
+
+    /// Adds a cluster with `nodes` nodes and waits until its apiserver and node agents are
+    /// ready.
+    pub async fn add_cluster(&mut self, name: &str, id: u16, nodes: u8) -> Result<()> {
+        let cname = ClusterName::new(name)?;
+        let cid = ClusterId::new(u64::from(id))?;
+        let index = self.state.clusters.len() as u8 + 1;
+        if index > 8 {
+            bail!("the lab holds at most 8 clusters");
+        }
+        let dir = self.state.dir.join(name);
+        std::fs::create_dir_all(dir.join("peers"))?;
+        let host = self.host_ip();
+        let ca = Ca::generate(&cname, certs::issue::DEFAULT_CA_VALIDITY)?;
+        std::fs::create_dir_all(dir.join("ca"))?;
+        std::fs::write(dir.join("ca/ca.crt"), ca.cert_pem())?;
+        std::fs::write(dir.join("ca/ca.key"), ca.key_pem())?;
+        let etcd_leaf = ca.issue(
+            &LeafSpec::new(MeshIdentity::new(cname.clone(), cid, Role::Etcd))
+                .ips(["127.0.0.1".parse()?]),
+        )?;
+        test_support::write_tls(&dir.join("etcd-tls"), &ca, &etcd_leaf)?;
+        let api_leaf = ca.issue(
+            &LeafSpec::new(MeshIdentity::new(cname.clone(), cid, Role::Apiserver))
+                .ips([IpAddr::V4(host), "127.0.0.1".parse()?]),
+        )?;
+        test_support::write_tls(&dir.join("mesh-tls"), &ca, &api_leaf)?;
+        // etcd.
+        let (etcd_port, peer_port) = (test_support::free_port()?, test_support::free_port()?);
+        let tls = dir.join("etcd-tls");
+        let etcd = spawn(
+            &[
+                "etcd".into(),
+                "--name".into(),
+                name.into(),
+                "--data-dir".into(),
+                dir.join("etcd-data").display().to_string(),
+                "--listen-client-urls".into(),
+                format!("https://127.0.0.1:{etcd_port}"),
+                "--advertise-client-urls".into(),
+                format!("https://127.0.0.1:{etcd_port}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{peer_port}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{peer_port}"),
+                "--initial-cluster".into(),
+                format!("{name}=http://127.0.0.1:{peer_port}"),
+                "--cert-file".into(),
+                tls.join("tls.crt").display().to_string(),
+                "--key-file".into(),
+                tls.join("tls.key").display().to_string(),
+                "--trusted-ca-file".into(),
+                tls.join("ca.crt").display().to_string(),
+                "--client-cert-auth".into(),
+                "--logger".into(),
+                "zap".into(),
+                "--log-level".into(),
+                "error".into(),
+            ],
+            &dir.join("etcd.log"),
+        )?;
+        // Kubernetes API test server.
+        let kube_dir = dir.join("kube");
+        let _ = std::fs::remove_file(kube_dir.join("kubeconfig"));
+        let kube = spawn(
+            &[
+                binary("kube-testserver")?.display().to_string(),
+                "--cluster".into(),
+                name.into(),
+                "--dir".into(),
+                kube_dir.display().to_string(),
+                "--log".into(),
+                "warn".into(),
+            ],
+            &dir.join("kube.log"),
+        )?;
+        let kubeconfig = kube_dir.join("kubeconfig");
+        let mesh_port = test_support::free_port()?;
+        let health_port = test_support::free_port()?;
+        self.state.clusters.push(ClusterState {
+            name: name.into(),
+            id,
+            index,
+            dir: dir.clone(),
+            etcd_port,
+            etcd: Some(etcd),
+            kube: Some(kube),
+            kubeconfig: kubeconfig.clone(),
+            mesh_port,
+            health_port,
+            apiserver: None,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            services: BTreeMap::new(),
+        });
+        self.save()?;
+        wait_for("the Kubernetes API test server's kubeconfig", Duration::from_secs(30), || async {
+            kubeconfig.is_file()
+        })
+        .await?;
+        self.write_kubeconfig()?;
+        // Install: the objects a Helm chart would create.
+        let client = self.client(name).await?;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
+        let mut ca_secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": CA_SECRET, "namespace": "kube-system"},
+            "type": "Opaque",
+        }))?;
+        ca_secret.string_data = Some(BTreeMap::from([
+            ("ca.crt".to_owned(), ca.cert_pem().to_owned()),
+            ("ca.key".to_owned(), ca.key_pem().to_owned()),
+        ]));
+        let ca_secret = to_data(ca_secret);
+        secrets.create(&PostParams::default(), &ca_secret).await?;
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": APISERVER_SERVICE,
+                "namespace": "kube-system",
+                "annotations": {MESH_ENDPOINTS_ANNOTATION: format!("{host}:{mesh_port}")},
+            },
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIP": format!("10.{}.{}.1", self.state.x, 200 + u16::from(index)),
+                "ports": [{"name": "mesh", "port": mesh_port, "protocol": "TCP"}],
+            },
+        }))?;
+        Api::<Service>::namespaced(client.clone(), "kube-system")
+            .create(&PostParams::default(), &svc)
+            .await?;
+        self.start_apiserver(name).await?;
+        for n in 1..=nodes {
+            self.add_node(name, &format!("{name}-node-{n}")).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) `cluster`'s apiserver and waits until it reports ready.
+    pub async fn start_apiserver(&mut self, cluster: &str) -> Result<()> {
+        let host = self.host_ip();
+        let c = self.cluster(cluster)?.clone();
+        let proc = spawn(
+            &[
+                binary("clustermesh-apiserver")?.display().to_string(),
+                "--cluster-name".into(),
+                c.name.clone(),
+                "--cluster-id".into(),
+                c.id.to_string(),
+                "--etcd-endpoints".into(),
+                format!("https://127.0.0.1:{}", c.etcd_port),
+                "--etcd-tls-dir".into(),
+                c.dir.join("etcd-tls").display().to_string(),
+                "--kubeconfig".into(),
+                c.kubeconfig.display().to_string(),
+                "--replica".into(),
+                format!("{}-apiserver-0", c.name),
+                "--health-bind".into(),
+                format!("127.0.0.1:{}", c.health_port),
+                "--mesh-bind".into(),
+                format!("{host}:{}", c.mesh_port),
+                "--mesh-tls-dir".into(),
+                c.dir.join("mesh-tls").display().to_string(),
+                "--peers-dir".into(),
+                c.dir.join("peers").display().to_string(),
+                "--peers-from-secrets".into(),
+                "--identity-gc-grace".into(),
+                "60".into(),
+            ],
+            &c.dir.join("apiserver.log"),
+        )?;
+        self.cluster_mut(cluster)?.apiserver = Some(proc);
+        self.save()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], c.health_port).into();
+        let log = c.dir.join("apiserver.log");
+        wait_for(
+            &format!("{cluster}'s apiserver to be ready (log: {})", log.display()),
+            Duration::from_secs(60),
+            || async move {
+                test_support::http_get(addr, "/readyz")
+                    .await
+                    .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+            },
+        )
+        .await
+    }
+
+    /// Kills `cluster`'s apiserver (SIGKILL).
+    pub fn kill_apiserver(&mut self, cluster: &str) -> Result<()> {
+        let c = self.cluster_mut(cluster)?;
+        if let Some(p) = c.apiserver.take() {
+            kill(&p);
+        }
+        self.save()
+    }
+
+    /// Adds a node: namespace on the bridge, cgroup, node agent (waits until it is ready).
+    pub async fn add_node(&mut self, cluster: &str, node: &str) -> Result<()> {
+        let x = self.state.x;
+        let host = self.host_ip();
+        let pins_root = self.pins_root();
+        let c = self.cluster(cluster)?.clone();
+        let n = c.nodes.len() as u8 + 1;
+        let ip4 = Ipv4Addr::new(10, x, c.index, 10 + n);
+        let netns = format!("cm{x}-{node}");
+        self.plug(&netns, ip4)?;
+        let cgroup = Path::new(CGROUP_ROOT).join(format!("cm{x}-{node}"));
+        std::fs::create_dir_all(&cgroup)?;
+        let cname = ClusterName::new(cluster)?;
+        let cid = ClusterId::new(u64::from(c.id))?;
+        let ca = Ca::from_pem(
+            &std::fs::read_to_string(c.dir.join("ca/ca.crt"))?,
+            &std::fs::read_to_string(c.dir.join("ca/ca.key"))?,
+        )?;
+        let leaf = ca.issue(&LeafSpec::new(MeshIdentity::node_agent(
+            cname,
+            cid,
+            NodeName::new(node)?,
+        )))?;
+        let tls = c.dir.join(format!("{node}-tls"));
+        test_support::write_tls(&tls, &ca, &leaf)?;
+        let pins = pins_root.join(format!("clustermesh-{cluster}-{node}"));
+        let mut state = NodeState {
+            name: node.into(),
+            ip: ip4,
+            netns: netns.clone(),
+            cgroup: cgroup.clone(),
+            agent: None,
+            pins,
+            pods: 0,
+        };
+        // The Kubernetes Node.
+        let client = self.client(cluster).await?;
+        let node_obj: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": format!("{cluster}-a")}},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip4.to_string()}]},
+        }))?;
+        Api::<Node>::all(client)
+            .create(&PostParams::default(), &node_obj)
+            .await?;
+        let log = c.dir.join(format!("{node}-agent.log"));
+        let agent = spawn(
+            &[
+                "nsenter".into(),
+                format!("--net=/run/netns/{netns}"),
+                "--".into(),
+                binary("node-agent")?.display().to_string(),
+                "--cluster-name".into(),
+                cluster.into(),
+                "--cluster-id".into(),
+                c.id.to_string(),
+                "--node-name".into(),
+                node.into(),
+                "--cgroup".into(),
+                cgroup.display().to_string(),
+                "--bpffs".into(),
+                pins_root.display().to_string(),
+                "--apiserver".into(),
+                format!("{host}:{}", c.mesh_port),
+                "--tls-dir".into(),
+                tls.display().to_string(),
+                "--health-interval-ms".into(),
+                "100".into(),
+                "--health-timeout-ms".into(),
+                "100".into(),
+            ],
+            &log,
+        )?;
+        state.agent = Some(agent);
+        self.cluster_mut(cluster)?.nodes.push(state);
+        self.save()?;
+        let addr: SocketAddr = (ip4, model::status::NODE_AGENT_PORT).into();
+        wait_for(
+            &format!("node agent of {node} to be ready (log: {})", log.display()),
+            Duration::from_secs(60),
+            || async move {
+                test_support::http_get(addr, "/readyz")
+                    .await
+                    .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+            },
+        )
+        .await
+    }
+
+    /// Adds a pod on `node` (namespace on the bridge, child cgroup, Kubernetes Pod).
+    pub async fn add_pod(
+        &mut self,
+        cluster: &str,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<PodState> {
+        let x = self.state.x;
+        let c = self.cluster(cluster)?.clone();
+        let (ni, n) = c
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.name == node)
+            .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
+        let ip4 = Ipv4Addr::new(10, x, 16 * c.index + ni as u8 + 1, 10 + n.pods);
+        let netns = format!("cm{x}-{cluster}-{name}");
+        self.plug(&netns, ip4)?;
+        let cgroup = n.cgroup.join(name);
+        std::fs::create_dir_all(&cgroup)?;
+        let pod = PodState {
+            namespace: namespace.into(),
+            name: name.into(),
+            node: node.into(),
+            ip: ip4,
+            netns,
+            cgroup,
+            server: None,
+            service: None,
+        };
+        {
+            let c = self.cluster_mut(cluster)?;
+            c.nodes[ni].pods += 1;
+            c.pods.push(pod.clone());
+        }
+        self.save()?;
+        let client = self.client(cluster).await?;
+        ensure_namespace(&client, namespace).await?;
+        let pod_obj: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "lab"}]},
+            "status": {
+                "phase": "Running",
+                "podIP": ip4.to_string(),
+                "podIPs": [{"ip": ip4.to_string()}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }))?;
+        Api::<Pod>::namespaced(client, namespace)
+            .create(&PostParams::default(), &pod_obj)
+            .await?;
+        Ok(pod)
+    }
+
+    /// Deploys a service: the Service (with `annotations`), `replicas` backend pods spread
+    /// over the nodes, serving `<pod>@<cluster>` on [`BACKEND_PORT`], and its EndpointSlice.
+    pub async fn deploy(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        replicas: u8,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Ipv4Addr> {
+        let (ns, name) = service
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{service:?} is not namespace/name"))?;
+        let c = self.cluster(cluster)?.clone();
+        if c.nodes.is_empty() {
+            bail!("{cluster} has no nodes");
+        }
+        let vip = Ipv4Addr::new(10, self.state.x, 200 + c.index, 10 + c.services.len() as u8);
+        let client = self.client(cluster).await?;
+        ensure_namespace(&client, ns).await?;
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+            "spec": {
+                "clusterIP": vip.to_string(),
+                "selector": {"app": name},
+                "ports": [{"name": "http", "port": 80, "targetPort": BACKEND_PORT, "protocol": "TCP"}],
+            },
+        }))?;
+        Api::<Service>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &svc)
+            .await?;
+        self.cluster_mut(cluster)?
+            .services
+            .insert(service.into(), vip);
+        for r in 0..replicas {
+            let node = c.nodes[r as usize % c.nodes.len()].name.clone();
+            let pod_name = format!("{name}-{cluster}-{r}");
+            let labels = BTreeMap::from([("app".to_owned(), name.to_owned())]);
+            self.add_pod(cluster, ns, &pod_name, &node, &labels).await?;
+            let c = self.cluster_mut(cluster)?;
+            if let Some(p) = c.pods.iter_mut().find(|p| p.name == pod_name) {
+                p.service = Some(service.into());
+            }
+        }
+        self.set_backends(cluster, service, true).await?;
+        Ok(vip)
+    }
+
+    /// Starts (`true`) or kills (`false`) the backend processes of `service` in `cluster`.
+    /// Killing does not touch Kubernetes: only the node agents' health checks notice, as
+    /// when a process crashes before its readiness probe fails.
+    pub async fn set_backends(&mut self, cluster: &str, service: &str, running: bool) -> Result<()> {
+        let me = binary("clustermesh-lab")?;
+        let c = self.cluster(cluster)?.clone();
+        let pods: Vec<PodState> = c
+            .pods
+            .iter()
+            .filter(|p| p.service.as_deref() == Some(service))
+            .cloned()
+            .collect();
+        if pods.is_empty() {
+            bail!("no backends of {service} in {cluster}");
+        }
+        for p in &pods {
+            let current = self
+                .cluster(cluster)?
+                .pods
+                .iter()
+                .find(|q| q.name == p.name)
+                .and_then(|q| q.server.clone());
+            match (running, current) {
+                (true, Some(s)) if alive(s.pid) => {}
+                (true, _) => {
+                    let argv = in_pod(
+                        &p.cgroup,
+                        &p.netns,
+                        &[
+                            me.display().to_string(),
+                            "serve".into(),
+                            "--name".into(),
+                            format!("{}@{cluster}", p.name),
+                            "--port".into(),
+                            BACKEND_PORT.to_string(),
+                        ],
+                    );
+                    let proc = spawn(&argv, &c.dir.join(format!("{}.log", p.name)))?;
+                    let addr: SocketAddr = (p.ip, BACKEND_PORT).into();
+                    let mut state_pod = p.clone();
+                    state_pod.server = Some(proc);
+                    let cm = self.cluster_mut(cluster)?;
+                    if let Some(q) = cm.pods.iter_mut().find(|q| q.name == p.name) {
+                        *q = state_pod;
+                    }
+                    self.save()?;
+                    wait_for(
+                        &format!("backend {} to listen on {addr}", p.name),
+                        Duration::from_secs(20),
+                        || async move {
+                            tokio::net::TcpStream::connect(addr).await.is_ok()
+                        },
+                    )
+                    .await?;
+                }
+                (false, Some(s)) => {
+                    kill(&s);
+                    let cm = self.cluster_mut(cluster)?;
+                    if let Some(q) = cm.pods.iter_mut().find(|q| q.name == p.name) {
+                        q.server = None;
+                    }
+                }
+                (false, None) => {}
+            }
+        }
+        self.save()?;
+        self.write_slice(cluster, service).await
+    }
+
+    /// Writes the EndpointSlice of `service` (every backend pod, ready).
+    async fn write_slice(&self, cluster: &str, service: &str) -> Result<()> {
+        let (ns, name) = service.split_once('/').unwrap_or(("default", service));
+        let c = self.cluster(cluster)?;
+        let endpoints: Vec<serde_json::Value> = c
+            .pods
+            .iter()
+            .filter(|p| p.service.as_deref() == Some(service))
+            .map(|p| {
+                serde_json::json!({
+                    "addresses": [p.ip.to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": p.node,
+                    "targetRef": {"kind": "Pod", "name": p.name, "namespace": ns},
+                })
+            })
+            .collect();
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": format!("{name}-lab"),
+                "namespace": ns,
+                "labels": {"kubernetes.io/service-name": name},
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+        }))?;
+        let api: Api<EndpointSlice> = Api::namespaced(self.client(cluster).await?, ns);
+        match api.get_opt(&format!("{name}-lab")).await? {
+            Some(_) => {
+                api.patch(
+                    &format!("{name}-lab"),
+                    &PatchParams::default(),
+                    &Patch::Merge(&serde_json::to_value(&slice)?),
+                )
+                .await?;
+            }
+            None => {
+                api.create(&PostParams::default(), &slice).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a service: Service, EndpointSlice, backend pods.
+    pub async fn undeploy(&mut self, cluster: &str, service: &str) -> Result<()> {
+        let (ns, name) = service.split_once('/').unwrap_or(("default", service));
+        let client = self.client(cluster).await?;
+        let _ = Api::<Service>::namespaced(client.clone(), ns)
+            .delete(name, &DeleteParams::default())
+            .await;
+        let _ = Api::<EndpointSlice>::namespaced(client.clone(), ns)
+            .delete(&format!("{name}-lab"), &DeleteParams::default())
+            .await;
+        let c = self.cluster_mut(cluster)?;
+        c.services.remove(service);
+        let (gone, kept): (Vec<PodState>, Vec<PodState>) = c
+            .pods
+            .drain(..)
+            .partition(|p| p.service.as_deref() == Some(service));
+        c.pods = kept;
+        for p in gone {
+            let _ = Api::<Pod>::namespaced(client.clone(), ns)
+                .delete(&p.name, &DeleteParams::default())
+                .await;
+            remove_pod(&p);
+        }
+        self.save()
+    }
+
+    /// Connects `n` times to `target` from `pod` (in its namespace and cgroup, so through
+    /// socket load balancing) and counts where the connections went: backend `name@cluster`
+    /// (read from what it sends) → count; failures under `"failed"`.
+    pub fn connect_from(&self, cluster: &str, pod: &str, target: SocketAddr, n: u32) -> Result<BTreeMap<String, u32>> {
+        let me = binary("clustermesh-lab")?;
+        let c = self.cluster(cluster)?;
+        let p = c
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .ok_or_else(|| anyhow!("no pod {pod} in {cluster}"))?;
+        let argv = in_pod(
+            &p.cgroup,
+            &p.netns,
+            &[
+                me.display().to_string(),
+                "client".into(),
+                "--target".into(),
+                target.to_string(),
+                "--count".into(),
+                n.to_string(),
+            ],
+        );
+        let out = Command::new(&argv[0]).args(&argv[1..]).output()?;
+        if !out.status.success() {
+            bail!("client in {pod}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Tears everything down; errors are reported but do not stop the teardown.
+    pub fn teardown(&mut self) {
+        for c in self.state.clusters.iter().rev() {
+            for p in &c.pods {
+                remove_pod(p);
+            }
+            for n in &c.nodes {
+                if let Some(a) = &n.agent {
+                    kill(a);
+                }
+                let _ = ip(&["netns", "del", &n.netns]);
+                let _ = node_agent::datapath::remove(&n.pins);
+                remove_cgroup(&n.cgroup);
+            }
+            for p in [&c.apiserver, &c.kube, &c.etcd].into_iter().flatten() {
+                kill(p);
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.pins_root());
+        // A namespace can outlive `ip netns del` while the kernel holds a reference (closing
+        // sockets); deleting the host ends of the veths removes the pairs at once.
+        let prefix = format!("cm{}h", self.state.x);
+        if let Ok(links) = std::fs::read_dir("/sys/class/net") {
+            for l in links.flatten() {
+                let name = l.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) {
+                    let _ = ip(&["link", "del", &name]);
+                }
+            }
+        }
+        let _ = ip(&["link", "del", &self.state.bridge]);
+        self.state.clusters.clear();
+        let _ = std::fs::remove_file(self.state.dir.join("lab.json"));
+    }
+}
+
+fn remove_pod(p: &PodState) {
+    if let Some(s) = &p.server {
+        kill(s);
+    }
+    let _ = ip(&["netns", "del", &p.netns]);
+    remove_cgroup(&p.cgroup);
+}
+
+/// Removes a cgroup, first moving out any process still in it.
+fn remove_cgroup(cg: &Path) {
+    if let Ok(entries) = std::fs::read_dir(cg) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+        for pid in procs.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(cg).is_err() && cg.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Secrets created through `stringData` by kubectl become `data`; the test server stores what
+/// it is given, so the lab encodes it itself.
+fn to_data(mut s: Secret) -> Secret {
+    if let Some(sd) = s.string_data.take() {
+        let data = s.data.get_or_insert_with(BTreeMap::new);
+        for (k, v) in sd {
+            data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+        }
+    }
+    s
+}
+
+async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    if api.get_opt(ns).await?.is_none() {
+        let obj = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
+        api.create(&PostParams::default(), &obj).await?;
+    }
+    Ok(())
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,248 @@
+//! Scenarios, written against [`Cluster`] so that the emulated lab and kind run the same
+//! steps. Each step asserts what a user would check, through the `clustermesh` CLI and real
+//! connections from a client pod.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::{Cluster, Tally, clustermesh};
+
+/// How long a scenario waits for the mesh to converge.
+pub const CONVERGE: Duration = Duration::from_secs(60);
+
+fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// The clusters (`@cluster` suffixes) that answered, ignoring failures.
+pub fn answered_by(t: &Tally) -> Vec<String> {
+    let mut v: Vec<String> = t
+        .keys()
+        .filter_map(|k| k.split_once('@').map(|(_, c)| c.to_owned()))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Connects from `client` until the set of answering clusters is `want` (and nothing
+/// failed), or fails with the last tally.
+pub async fn until_answered_by<C: Cluster>(
+    c: &C,
+    client: &str,
+    target: SocketAddr,
+    want: &[&str],
+) -> Result<Tally> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let t = c.connect_from(client, target, 30).await?;
+        if answered_by(&t) == want && !t.contains_key("failed") {
+            return Ok(t);
+        }
+        if Instant::now() >= deadline {
+            bail!("from {client} in {} to {target}: wanted answers from {want:?}, got {t:?}", c.name());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `clustermesh connect --wait` both ways, then `status` healthy for both.
+pub async fn connect<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B) -> Result<()> {
+    let out = clustermesh(
+        kc,
+        &["connect", "--context", &a.context(), "--destination-context", &b.context(), "--wait", "--timeout", "60s"],
+    )
+    .await?;
+    ensure!(out.code == 0, "connect failed: {}{}", out.stdout, out.stderr);
+    ensure!(out.stderr.contains("connected"), "{}", out.stderr);
+    // Idempotent: a second run changes nothing.
+    let again = clustermesh(
+        kc,
+        &["connect", "--context", &a.context(), "--destination-context", &b.context(), "-o", "json"],
+    )
+    .await?;
+    ensure!(again.code == 0, "second connect: {}", again.stderr);
+    let v: Value = serde_json::from_str(&again.stdout)?;
+    for d in v.as_array().context("connect -o json is a list")? {
+        ensure!(d["action"] == "unchanged" && d["certificate"] == "reused", "second connect changed something: {d}");
+    }
+    let status = clustermesh(
+        kc,
+        &["status", "--context", &a.context(), "--context", &b.context(), "--wait", "--timeout", "60s", "-o", "json"],
+    )
+    .await?;
+    ensure!(status.code == 0, "status not healthy: {}{}", status.stdout, status.stderr);
+    let v: Value = serde_json::from_str(&status.stdout)?;
+    ensure!(v["healthy"] == true, "{v}");
+    Ok(())
+}
+
+/// Deploys the demo services in both clusters and checks affinity local / remote / none and
+/// shared=false from client pods in each cluster. Returns the ClusterIPs of `demo/echo`
+/// (affinity local in `a`) per cluster.
+pub async fn global_services<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B) -> Result<(IpAddr, IpAddr)> {
+    let global = ("service.cilium.io/global", "true");
+    let echo_a = a.deploy("demo/echo", 2, &annotations(&[global, ("service.cilium.io/affinity", "local")])).await?;
+    let echo_b = b.deploy("demo/echo", 2, &annotations(&[global])).await?;
+    let remote_a = a.deploy("demo/remote", 1, &annotations(&[global, ("service.cilium.io/affinity", "remote")])).await?;
+    b.deploy("demo/remote", 1, &annotations(&[global])).await?;
+    let private_a = a.deploy("demo/private", 1, &annotations(&[global, ("service.cilium.io/shared", "false")])).await?;
+    let private_b = b.deploy("demo/private", 1, &annotations(&[global])).await?;
+    a.add_client("client").await?;
+    b.add_client("client").await?;
+    let (an, bn) = (a.name().to_owned(), b.name().to_owned());
+    // Affinity local: only a's backends while they are healthy.
+    until_answered_by(a, "client", SocketAddr::new(echo_a, 80), &[&an]).await?;
+    // Affinity none (b): both clusters.
+    let mut both = vec![an.as_str(), bn.as_str()];
+    both.sort();
+    until_answered_by(b, "client", SocketAddr::new(echo_b, 80), &both).await?;
+    // Affinity remote (a): only b's.
+    until_answered_by(a, "client", SocketAddr::new(remote_a, 80), &[&bn]).await?;
+    // shared=false in a: a's clients use both, b's clients only b's.
+    until_answered_by(a, "client", SocketAddr::new(private_a, 80), &both).await?;
+    until_answered_by(b, "client", SocketAddr::new(private_b, 80), &[&bn]).await?;
+    // b never even learns a's backends of the unshared service.
+    let out = clustermesh(kc, &["services", "--context", &b.context(), "--service", "demo/private", "-o", "json"]).await?;
+    let rows: Value = serde_json::from_str(&out.stdout).with_context(|| out.stderr.clone())?;
+    let a_row = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["cluster"] == an.as_str()))
+        .with_context(|| format!("{rows}"))?;
+    ensure!(a_row["shared"] == false && a_row["backends"].as_array().is_some_and(Vec::is_empty), "{rows}");
+    // The CLI shows the service's backends per cluster, and the node programmed as desired.
+    let out = clustermesh(kc, &["services", "--context", &a.context(), "--service", "demo/echo", "-o", "json"]).await?;
+    ensure!(out.code == 0, "services: {}", out.stderr);
+    let rows: Value = serde_json::from_str(&out.stdout)?;
+    let clusters: Vec<&str> = rows.as_array().context("list")?.iter().filter_map(|r| r["cluster"].as_str()).collect();
+    ensure!(clusters.contains(&an.as_str()) && clusters.contains(&bn.as_str()), "{rows}");
+    for r in rows.as_array().context("list")? {
+        ensure!(r["backends"].as_array().map(Vec::len) == Some(2), "{r}");
+    }
+    let node = a.first_node();
+    let out = clustermesh(kc, &["services", "--context", &a.context(), "--node", &node]).await?;
+    ensure!(out.code == 0, "services --node: {}{}", out.stdout, out.stderr);
+    ensure!(out.stdout.contains("programmed as desired"), "{}", out.stdout);
+    Ok((echo_a, echo_b))
+}
+
+/// Kills a's local backends of `demo/echo` (affinity local) → a's client fails over to b;
+/// restarts them → back to a. Then the same through `clustermesh drill` (kill and not-ready);
+/// returns the drill reports.
+pub async fn failover<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B, echo_a: IpAddr) -> Result<Vec<Value>> {
+    let target = SocketAddr::new(echo_a, 80);
+    let (an, bn) = (a.name().to_owned(), b.name().to_owned());
+    a.set_backends("demo/echo", false).await?;
+    until_answered_by(a, "client", target, &[&bn]).await?;
+    a.set_backends("demo/echo", true).await?;
+    until_answered_by(a, "client", target, &[&an]).await?;
+    let mut reports = Vec::new();
+    let (down, up) = a.backend_commands("demo/echo");
+    let mut args: Vec<String> = ["drill", "--context", &a.context(), "--service", "demo/echo", "-o", "json", "--hold", "1s"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    if let Some((netns, cgroup)) = a.drill_client("client") {
+        args.extend(["--client-netns".into(), netns.display().to_string(), "--client-cgroup".into(), cgroup.display().to_string()]);
+    }
+    for method in ["command", "not-ready"] {
+        let mut a2 = args.clone();
+        a2.extend(["--method".into(), method.into()]);
+        if method == "command" {
+            a2.extend(["--down-cmd".into(), down.clone(), "--up-cmd".into(), up.clone()]);
+        }
+        let refs: Vec<&str> = a2.iter().map(String::as_str).collect();
+        let out = clustermesh(kc, &refs).await?;
+        ensure!(out.code == 0, "drill ({method}) did not pass: {}{}", out.stdout, out.stderr);
+        let v: Value = serde_json::from_str(&out.stdout).with_context(|| out.stdout.clone())?;
+        ensure!(v["passed"] == true && v["served_remote"].as_u64() > Some(0), "{v}");
+        reports.push(v);
+    }
+    until_answered_by(a, "client", target, &[&an]).await?;
+    Ok(reports)
+}
+
+/// Kills b's apiserver: a's client keeps reaching b's backends (`demo/remote`, affinity
+/// remote), `status` shows b stale and exits 1; restarts it: status healthy again, and a's
+/// node agent deleted no map entry in between (no flap).
+pub async fn peer_apiserver_restart<A: Cluster, B: Cluster>(
+    kc: &Path,
+    a: &A,
+    b: &B,
+    remote_a: IpAddr,
+) -> Result<()> {
+    const OPS: &str = "clustermesh_datapath_map_ops_total";
+    let target = SocketAddr::new(remote_a, 80);
+    let bn = b.name().to_owned();
+    until_answered_by(a, "client", target, &[&bn]).await?;
+    let deletes_before = a.agent_metric(OPS, "op=\"delete\"").await?;
+    b.kill_apiserver().await?;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let out = clustermesh(kc, &["status", "--context", &a.context(), "-o", "json"]).await?;
+        let v: Value = serde_json::from_str(&out.stdout)?;
+        let phase = v["clusters"][0]["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == bn.as_str()))
+            .map(|p| p["phase"].clone());
+        if phase == Some(Value::from("stale")) {
+            ensure!(out.code == 1, "status must exit 1 with a stale peer");
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("{bn} never shown stale: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // No traffic impact while b's control plane is down.
+    let t = a.connect_from("client", target, 50).await?;
+    ensure!(answered_by(&t) == [bn.clone()] && !t.contains_key("failed"), "{t:?}");
+    b.start_apiserver().await?;
+    let out = clustermesh(kc, &["status", "--context", &a.context(), "--context", &b.context(), "--wait", "--timeout", "60s"]).await?;
+    ensure!(out.code == 0, "not healthy after the restart: {}{}", out.stdout, out.stderr);
+    let t = a.connect_from("client", target, 50).await?;
+    ensure!(answered_by(&t) == [bn] && !t.contains_key("failed"), "{t:?}");
+    let deletes_after = a.agent_metric(OPS, "op=\"delete\"").await?;
+    ensure!(
+        deletes_after == deletes_before,
+        "a's node agent deleted {} map entries across b's restart (a flap)",
+        deletes_after - deletes_before
+    );
+    Ok(())
+}
+
+/// Disconnects a from b (`force`: a's side only): a drains b, so a's client of `demo/remote`
+/// (affinity remote) is then answered by `then` (a's own backends when no peer is left), and
+/// a's status no longer lists b.
+pub async fn disconnect_drains<A: Cluster, B: Cluster>(
+    kc: &Path,
+    a: &A,
+    b: &B,
+    remote_a: IpAddr,
+    force: bool,
+    then: &[&str],
+) -> Result<()> {
+    let mut args = vec!["disconnect", "--context", a.name(), "--destination-context", b.name(), "--wait"];
+    let (ac, bc) = (a.context(), b.context());
+    args[2] = &ac;
+    args[4] = &bc;
+    if force {
+        args.push("--force");
+    }
+    let out = clustermesh(kc, &args).await?;
+    ensure!(out.code == 0, "disconnect: {}{}", out.stdout, out.stderr);
+    until_answered_by(a, "client", SocketAddr::new(remote_a, 80), then).await?;
+    let out = clustermesh(kc, &["status", "--context", &a.context(), "-o", "json"]).await?;
+    let v: Value = serde_json::from_str(&out.stdout)?;
+    let peers = v["clusters"][0]["peers"].as_array().cloned().unwrap_or_default();
+    ensure!(!peers.iter().any(|p| p["name"] == b.name()), "{v}");
+    Ok(())
+}
