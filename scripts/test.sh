@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The lab's scenarios run the workspace's binaries (clustermesh, clustermesh-apiserver,
+# node-agent, kube-testserver, clustermesh-lab) as processes: build them first.
+cargo build --workspace --bins --locked
 # Two cores: one test binary at a time, its tests in parallel.
 cargo test --workspace --locked "$@"

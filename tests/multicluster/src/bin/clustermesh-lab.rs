@@ -101,6 +101,18 @@ enum Cmd {
         #[arg(long)]
         pod: String,
     },
+    /// Print the drill flags that make `clustermesh drill` run its client as this pod.
+    DrillFlags {
+        /// The lab's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
+        /// The pod's name.
+        #[arg(long)]
+        pod: String,
+    },
     /// Connect N times from a pod to an address and count who answered (JSON).
     Connect {
         /// The lab's directory.
@@ -281,6 +293,21 @@ async fn run(cmd: Cmd) -> Result<()> {
             let lab = Lab::load(&dir)?;
             let tally = lab.connect_from(&cluster, &pod, target, count)?;
             println!("{}", serde_json::to_string(&tally)?);
+            Ok(())
+        }
+        Cmd::DrillFlags { dir, cluster, pod } => {
+            let lab = Lab::load(&dir)?;
+            let p = lab
+                .cluster(&cluster)?
+                .pods
+                .iter()
+                .find(|p| p.name == pod)
+                .ok_or_else(|| anyhow!("no pod {pod} in {cluster}"))?;
+            println!(
+                "--client-netns /run/netns/{} --client-cgroup {}",
+                p.netns,
+                p.cgroup.display()
+            );
             Ok(())
         }
         Cmd::Serve { name, port } => serve(&name, port),
