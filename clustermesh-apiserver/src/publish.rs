@@ -314,7 +314,13 @@ mod tests {
         let metrics = crate::metrics::registry();
         let mut reported = BTreeMap::new();
         let good = secret("clustermesh-peer-west", "west", &GOOD);
-        sync_dir(dir.path(), &[good.clone()], &own, &mut reported, &metrics);
+        sync_dir(
+            dir.path(),
+            std::slice::from_ref(&good),
+            &own,
+            &mut reported,
+            &metrics,
+        );
         let west = dir.path().join("west");
         assert_eq!(
             std::fs::read_to_string(west.join("tls.key")).unwrap(),
@@ -371,7 +377,7 @@ mod tests {
         );
         sync_dir(
             dir.path(),
-            &[changed.clone()],
+            std::slice::from_ref(&changed),
             &own,
             &mut reported,
             &metrics,

@@ -22,7 +22,7 @@ use wire::{Codec, pb};
 
 use crate::datapath::Datapath;
 use crate::desired::{self, MeshView, Zones};
-use crate::maps::{BackendEntry, Frontend, Proto, TIERS};
+use crate::maps::{Frontend, Proto};
 use crate::program::{DesiredService, Programmer};
 
 /// Metric names.
@@ -207,7 +207,7 @@ fn frontend_name(f: &Frontend) -> String {
 pub fn node_state(
     cluster: String,
     desired: Option<Vec<DesiredService>>,
-    programmed: Vec<(Frontend, [Vec<BackendEntry>; TIERS])>,
+    programmed: Vec<crate::program::Programmed>,
 ) -> NodeState {
     let synced = desired.is_some();
     let mut by_frontend: BTreeMap<Frontend, NodeService> = BTreeMap::new();
@@ -567,6 +567,7 @@ pub async fn health_checks(
 mod state_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::maps::BackendEntry;
     use crate::program::BackendSpec;
 
     fn fe(s: &str) -> Frontend {

@@ -32,6 +32,9 @@ pub struct DesiredService {
     pub tiers: [Vec<BackendSpec>; TIERS],
 }
 
+/// A frontend as read back from the maps, with its backends per tier.
+pub type Programmed = (Frontend, [Vec<BackendEntry>; TIERS]);
+
 /// Why a desired state was refused (nothing was written).
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
@@ -420,7 +423,7 @@ impl Programmer {
     }
 
     /// What the kernel's maps hold, read back: every frontend with its backends per tier.
-    pub fn programmed(&self) -> Result<Vec<(Frontend, [Vec<BackendEntry>; TIERS])>, Error> {
+    pub fn programmed(&self) -> Result<Vec<Programmed>, Error> {
         let mut out = Vec::new();
         for item in self.dp.services.iter() {
             let (k, v) = item.map_err(map_err(maps::SERVICES))?;

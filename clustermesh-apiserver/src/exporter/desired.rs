@@ -361,7 +361,10 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert!(!gs.shared && !gs.backends.is_empty(), "kept for local node agents");
+        assert!(
+            !gs.shared && !gs.backends.is_empty(),
+            "kept for local node agents"
+        );
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop", "annotations": {annotations::NAMESPACE_GLOBAL: "true"}}})).unwrap();
         assert!(
             service(&cluster(), &svc(json!({})), Some(&ns), [])

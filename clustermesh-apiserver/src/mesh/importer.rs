@@ -420,9 +420,8 @@ fn validate(
         Kind::Services => {
             let o = model::GlobalService::decode(&c.value).map_err(bad)?;
             check(&o.cluster, model::Object::object_name(&o))?;
-            o.validate_from_peer().map_err(|e| {
-                format!("peer {peer} sent an invalid {kind} {:?}: {e}", c.name)
-            })?;
+            o.validate_from_peer()
+                .map_err(|e| format!("peer {peer} sent an invalid {kind} {:?}: {e}", c.name))?;
         }
         Kind::Endpoints => {
             let o = model::Endpoint::decode(&c.value).map_err(bad)?;

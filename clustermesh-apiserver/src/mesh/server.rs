@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
-use wire::{Codec, pb};
 use wire::pb::mesh_server::{Mesh, MeshServer};
+use wire::{Codec, pb};
 
 use super::cache::{Item, Record, Start, Update, WatchCache};
 use crate::metrics as m;
@@ -142,7 +142,10 @@ impl Filter {
     /// (`service.cilium.io/shared: "false"`). They are in etcd for this cluster's own node
     /// agents only.
     fn redact(&self, mut c: pb::Change) -> pb::Change {
-        if !matches!(self.view, View::Peer(_)) || c.kind != Kind::Services.as_str() || c.value.is_empty() {
+        if !matches!(self.view, View::Peer(_))
+            || c.kind != Kind::Services.as_str()
+            || c.value.is_empty()
+        {
             return c;
         }
         if let Ok(mut gs) = model::GlobalService::decode(&c.value)

@@ -427,3 +427,156 @@ pub(crate) async fn disconnect(args: DisconnectArgs) -> Result<std::process::Exi
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn side(name: &str, id: u64) -> Side {
+        let name = ClusterName::new(name).unwrap();
+        Side {
+            cluster: Cluster {
+                context: name.to_string(),
+                client: kube::Client::try_from(kube::Config::new(
+                    "http://127.0.0.1:1".parse().unwrap(),
+                ))
+                .unwrap(),
+                namespace: "kube-system".into(),
+            },
+            ca: Ca::generate(&name, Duration::from_secs(86_400 * 3650)).unwrap(),
+            name,
+            id: ClusterId::new(id).unwrap(),
+            endpoints: vec!["10.0.0.1:4240".into()],
+            peers: BTreeMap::new(),
+        }
+    }
+
+    fn data(cert: &str, key: &str, ca: &str) -> BTreeMap<String, ByteString> {
+        BTreeMap::from([
+            ("tls.crt".to_owned(), ByteString(cert.as_bytes().to_vec())),
+            ("tls.key".to_owned(), ByteString(key.as_bytes().to_vec())),
+            ("ca.crt".to_owned(), ByteString(ca.as_bytes().to_vec())),
+        ])
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_is_reused_only_when_it_is_still_right() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (east, west) = (side("east", 1), side("west", 2));
+        let good = west
+            .ca
+            .issue(&LeafSpec::new(MeshIdentity::new(
+                east.name.clone(),
+                east.id,
+                Role::Peer,
+            )))
+            .unwrap();
+        assert!(
+            reusable(
+                &data(&good.cert_pem, &good.key_pem, west.ca.cert_pem()),
+                &east,
+                &west
+            )
+            .is_some()
+        );
+        // Issued by another CA that claims the same name (a rotated or foreign CA).
+        let impostor = side("west", 2);
+        let forged = impostor
+            .ca
+            .issue(&LeafSpec::new(MeshIdentity::new(
+                east.name.clone(),
+                east.id,
+                Role::Peer,
+            )))
+            .unwrap();
+        assert!(
+            reusable(
+                &data(&forged.cert_pem, &forged.key_pem, west.ca.cert_pem()),
+                &east,
+                &west
+            )
+            .is_none()
+        );
+        // The peer's CA changed since.
+        assert!(
+            reusable(
+                &data(&good.cert_pem, &good.key_pem, impostor.ca.cert_pem()),
+                &east,
+                &impostor
+            )
+            .is_none()
+        );
+        // Wrong identity (another ID, another role) or garbage.
+        let other_id = west
+            .ca
+            .issue(&LeafSpec::new(MeshIdentity::new(
+                east.name.clone(),
+                ClusterId::new(7).unwrap(),
+                Role::Peer,
+            )))
+            .unwrap();
+        assert!(
+            reusable(
+                &data(&other_id.cert_pem, &other_id.key_pem, west.ca.cert_pem()),
+                &east,
+                &west
+            )
+            .is_none()
+        );
+        let admin = west
+            .ca
+            .issue(&LeafSpec::new(MeshIdentity::new(
+                east.name.clone(),
+                east.id,
+                Role::Admin,
+            )))
+            .unwrap();
+        assert!(
+            reusable(
+                &data(&admin.cert_pem, &admin.key_pem, west.ca.cert_pem()),
+                &east,
+                &west
+            )
+            .is_none()
+        );
+        assert!(reusable(&data("garbage", "x", west.ca.cert_pem()), &east, &west).is_none());
+        // Close to expiry.
+        let short = west
+            .ca
+            .issue(
+                &LeafSpec::new(MeshIdentity::new(east.name.clone(), east.id, Role::Peer))
+                    .validity(time::OffsetDateTime::now_utc(), Duration::from_secs(86_400)),
+            )
+            .unwrap();
+        assert!(
+            reusable(
+                &data(&short.cert_pem, &short.key_pem, west.ca.cert_pem()),
+                &east,
+                &west
+            )
+            .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn same_name_same_id_and_taken_ids_are_refused() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (east, west) = (side("east", 1), side("west", 2));
+        check_pair(&east, &west).unwrap();
+        let e = check_pair(&east, &side("east", 3)).unwrap_err().to_string();
+        assert!(e.contains("both cluster \"east\""), "{e}");
+        let e = check_pair(&east, &side("north", 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("both have cluster ID 1"), "{e}");
+        let mut east2 = side("east", 1);
+        east2.peers.insert("west".into(), Some(2));
+        let e = check_pair(&east2, &side("twin", 2))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already has peer west with cluster ID 2"), "{e}");
+        // Reconnecting the same peer is fine.
+        check_pair(&east2, &west).unwrap();
+    }
+}

@@ -694,3 +694,37 @@ fn print_report(r: &Report) {
     println!();
     println!("{}", if r.passed { "PASSED" } else { "FAILED" });
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_probe_finds_where_a_socket_really_went() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = TcpStream::connect(addr).unwrap();
+        let inode = inode_of(&s).unwrap();
+        assert_eq!(socket_peer(inode), Some(addr));
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let a6 = l6.local_addr().unwrap();
+        let s6 = TcpStream::connect(a6).unwrap();
+        assert_eq!(socket_peer(inode_of(&s6).unwrap()), Some(a6));
+        assert_eq!(socket_peer(u64::MAX), None);
+    }
+
+    #[test]
+    fn attempts_are_local_by_backend_address() {
+        let local: BTreeSet<IpAddr> = ["10.1.0.1".parse().unwrap()].into();
+        let a = |b: Option<&str>| Attempt {
+            t: 0,
+            ok: b.is_some(),
+            backend: b.map(str::to_owned),
+            error: None,
+        };
+        assert!(is_local(&a(Some("10.1.0.1:8080")), &local));
+        assert!(!is_local(&a(Some("10.2.0.1:8080")), &local));
+        assert!(!is_local(&a(None), &local));
+    }
+}

@@ -85,17 +85,55 @@ impl Cluster for KindCluster {
             ]
         });
         self.kubectl(&["apply", "-f", "-"], Some(&manifest.to_string()))?;
-        self.kubectl(&["-n", ns, "rollout", "status", &format!("deployment/{name}"), "--timeout=120s"], None)?;
-        let ip = self.kubectl(&["-n", ns, "get", "service", name, "-o", "jsonpath={.spec.clusterIP}"], None)?;
+        self.kubectl(
+            &[
+                "-n",
+                ns,
+                "rollout",
+                "status",
+                &format!("deployment/{name}"),
+                "--timeout=120s",
+            ],
+            None,
+        )?;
+        let ip = self.kubectl(
+            &[
+                "-n",
+                ns,
+                "get",
+                "service",
+                name,
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            ],
+            None,
+        )?;
         ip.trim().parse().context("ClusterIP")
     }
 
     async fn set_backends(&self, service: &str, running: bool) -> Result<()> {
         let (ns, name) = service.split_once('/').unwrap_or(("default", service));
-        let replicas = if running { "--replicas=2" } else { "--replicas=0" };
-        self.kubectl(&["-n", ns, "scale", &format!("deployment/{name}"), replicas], None)?;
+        let replicas = if running {
+            "--replicas=2"
+        } else {
+            "--replicas=0"
+        };
+        self.kubectl(
+            &["-n", ns, "scale", &format!("deployment/{name}"), replicas],
+            None,
+        )?;
         if running {
-            self.kubectl(&["-n", ns, "rollout", "status", &format!("deployment/{name}"), "--timeout=120s"], None)?;
+            self.kubectl(
+                &[
+                    "-n",
+                    ns,
+                    "rollout",
+                    "status",
+                    &format!("deployment/{name}"),
+                    "--timeout=120s",
+                ],
+                None,
+            )?;
         }
         Ok(())
     }
@@ -110,8 +148,27 @@ impl Cluster for KindCluster {
     }
 
     async fn add_client(&self, name: &str) -> Result<()> {
-        self.kubectl(&["run", name, "--image=busybox:1.36", "--restart=Never", "--", "sleep", "infinity"], None)?;
-        self.kubectl(&["wait", "--for=condition=Ready", &format!("pod/{name}"), "--timeout=120s"], None)?;
+        self.kubectl(
+            &[
+                "run",
+                name,
+                "--image=busybox:1.36",
+                "--restart=Never",
+                "--",
+                "sleep",
+                "infinity",
+            ],
+            None,
+        )?;
+        self.kubectl(
+            &[
+                "wait",
+                "--for=condition=Ready",
+                &format!("pod/{name}"),
+                "--timeout=120s",
+            ],
+            None,
+        )?;
         Ok(())
     }
 
@@ -134,13 +191,41 @@ impl Cluster for KindCluster {
     }
 
     async fn kill_apiserver(&self) -> Result<()> {
-        self.kubectl(&["-n", "kube-system", "scale", "deployment/clustermesh-apiserver", "--replicas=0"], None)?;
+        self.kubectl(
+            &[
+                "-n",
+                "kube-system",
+                "scale",
+                "deployment/clustermesh-apiserver",
+                "--replicas=0",
+            ],
+            None,
+        )?;
         Ok(())
     }
 
     async fn start_apiserver(&self) -> Result<()> {
-        self.kubectl(&["-n", "kube-system", "scale", "deployment/clustermesh-apiserver", "--replicas=1"], None)?;
-        self.kubectl(&["-n", "kube-system", "rollout", "status", "deployment/clustermesh-apiserver", "--timeout=120s"], None)?;
+        self.kubectl(
+            &[
+                "-n",
+                "kube-system",
+                "scale",
+                "deployment/clustermesh-apiserver",
+                "--replicas=1",
+            ],
+            None,
+        )?;
+        self.kubectl(
+            &[
+                "-n",
+                "kube-system",
+                "rollout",
+                "status",
+                "deployment/clustermesh-apiserver",
+                "--timeout=120s",
+            ],
+            None,
+        )?;
         Ok(())
     }
 
@@ -150,7 +235,11 @@ impl Cluster for KindCluster {
 
     async fn agent_metric(&self, name: &str, labels: &str) -> Result<f64> {
         let text = self.kubectl(
-            &["get", "--raw", &format!("/api/v1/nodes/{}:9881/proxy/metrics", self.first_node())],
+            &[
+                "get",
+                "--raw",
+                &format!("/api/v1/nodes/{}:9881/proxy/metrics", self.first_node()),
+            ],
             None,
         )?;
         Ok(crate::metric_sum(&text, name, labels))

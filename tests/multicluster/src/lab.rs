@@ -328,10 +328,16 @@ impl Lab {
     /// Loads the lab saved in `dir` (not owned: dropping it leaves it running).
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("lab.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("read {} (is a lab up in {}?)", path.display(), dir.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "read {} (is a lab up in {}?)",
+                path.display(),
+                dir.display()
+            )
+        })?;
         Ok(Self {
-            state: serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?,
+            state: serde_json::from_str(&text)
+                .with_context(|| format!("parse {}", path.display()))?,
             owned: false,
         })
     }
@@ -409,7 +415,10 @@ impl Lab {
         ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
         ip(&["link", "set", &peer, "netns", netns])?;
         in_ns(netns, &["link", "set", &peer, "name", "eth0"])?;
-        in_ns(netns, &["addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
+        in_ns(
+            netns,
+            &["addr", "add", &format!("{addr}/16"), "dev", "eth0"],
+        )?;
         in_ns(netns, &["link", "set", "eth0", "up"])?;
         in_ns(netns, &["link", "set", "lo", "up"])?;
         ip(&["link", "set", &host, "master", &self.state.bridge])?;
@@ -512,9 +521,11 @@ impl Lab {
             services: BTreeMap::new(),
         });
         self.save()?;
-        wait_for("the Kubernetes API test server's kubeconfig", Duration::from_secs(30), || async {
-            kubeconfig.is_file()
-        })
+        wait_for(
+            "the Kubernetes API test server's kubeconfig",
+            Duration::from_secs(30),
+            || async { kubeconfig.is_file() },
+        )
         .await?;
         self.write_kubeconfig()?;
         // Install: the objects a Helm chart would create.
@@ -804,7 +815,12 @@ impl Lab {
     /// Starts (`true`) or kills (`false`) the backend processes of `service` in `cluster`.
     /// Killing does not touch Kubernetes: only the node agents' health checks notice, as
     /// when a process crashes before its readiness probe fails.
-    pub async fn set_backends(&mut self, cluster: &str, service: &str, running: bool) -> Result<()> {
+    pub async fn set_backends(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        running: bool,
+    ) -> Result<()> {
         let me = binary("clustermesh-lab")?;
         let c = self.cluster(cluster)?.clone();
         let pods: Vec<PodState> = c
@@ -850,9 +866,7 @@ impl Lab {
                     wait_for(
                         &format!("backend {} to listen on {addr}", p.name),
                         Duration::from_secs(20),
-                        || async move {
-                            tokio::net::TcpStream::connect(addr).await.is_ok()
-                        },
+                        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
                     )
                     .await?;
                 }
@@ -943,7 +957,13 @@ impl Lab {
     /// Connects `n` times to `target` from `pod` (in its namespace and cgroup, so through
     /// socket load balancing) and counts where the connections went: backend `name@cluster`
     /// (read from what it sends) → count; failures under `"failed"`.
-    pub fn connect_from(&self, cluster: &str, pod: &str, target: SocketAddr, n: u32) -> Result<BTreeMap<String, u32>> {
+    pub fn connect_from(
+        &self,
+        cluster: &str,
+        pod: &str,
+        target: SocketAddr,
+        n: u32,
+    ) -> Result<BTreeMap<String, u32>> {
         let me = binary("clustermesh-lab")?;
         let c = self.cluster(cluster)?;
         let p = c
@@ -965,7 +985,10 @@ impl Lab {
         );
         let out = Command::new(&argv[0]).args(&argv[1..]).output()?;
         if !out.status.success() {
-            bail!("client in {pod}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "client in {pod}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }

@@ -107,7 +107,8 @@ impl Cluster for LabCluster {
     ) -> Result<IpAddr> {
         let mut lab = self.lab.lock().await;
         Ok(IpAddr::V4(
-            lab.deploy(&self.name, service, replicas, annotations).await?,
+            lab.deploy(&self.name, service, replicas, annotations)
+                .await?,
         ))
     }
 
@@ -120,7 +121,11 @@ impl Cluster for LabCluster {
     }
 
     fn backend_commands(&self, service: &str) -> (String, String) {
-        let lab = self.lab.try_lock().map(|l| l.state.dir.clone()).unwrap_or_default();
+        let lab = self
+            .lab
+            .try_lock()
+            .map(|l| l.state.dir.clone())
+            .unwrap_or_default();
         let me = lab::bin_dir().join("clustermesh-lab");
         let cmd = |action: &str| {
             format!(

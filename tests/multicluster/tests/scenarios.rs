@@ -32,7 +32,9 @@ async fn mesh_scenarios_on_the_lab() {
     let (echo_east, _) = scenarios::global_services(&kc, &east, &west).await.unwrap();
     eprintln!("global services: affinity local/remote/none and shared=false as expected");
 
-    let reports = scenarios::failover(&kc, &east, &west, echo_east).await.unwrap();
+    let reports = scenarios::failover(&kc, &east, &west, echo_east)
+        .await
+        .unwrap();
     for r in &reports {
         eprintln!(
             "drill {}: failover {} ms, recover {} ms, {} failed connections",
@@ -40,9 +42,8 @@ async fn mesh_scenarios_on_the_lab() {
         );
     }
 
-    let remote_east = std::net::IpAddr::V4(
-        lab.lock().await.cluster("east").unwrap().services["demo/remote"],
-    );
+    let remote_east =
+        std::net::IpAddr::V4(lab.lock().await.cluster("east").unwrap().services["demo/remote"]);
     scenarios::peer_apiserver_restart(&kc, &east, &west, remote_east)
         .await
         .unwrap();
@@ -71,7 +72,13 @@ async fn mesh_scenarios_on_the_lab() {
     lab.lock().await.add_cluster("twin", 2, 0).await.unwrap();
     let out = clustermesh(
         &kc,
-        &["connect", "--context", "east", "--destination-context", "twin"],
+        &[
+            "connect",
+            "--context",
+            "east",
+            "--destination-context",
+            "twin",
+        ],
     )
     .await
     .unwrap();
@@ -83,19 +90,35 @@ async fn mesh_scenarios_on_the_lab() {
     );
     let out = clustermesh(
         &kc,
-        &["connect", "--context", "west", "--destination-context", "twin"],
+        &[
+            "connect",
+            "--context",
+            "west",
+            "--destination-context",
+            "twin",
+        ],
     )
     .await
     .unwrap();
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("both have cluster ID 2"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("both have cluster ID 2"),
+        "{}",
+        out.stderr
+    );
     let out = clustermesh(&kc, &["status", "--context", "twin", "-o", "json"])
         .await
         .unwrap();
     assert!(out.stdout.contains("\"peers\": []"), "{}", out.stdout);
     let out = clustermesh(
         &kc,
-        &["connect", "--context", "nowhere", "--destination-context", "west"],
+        &[
+            "connect",
+            "--context",
+            "nowhere",
+            "--destination-context",
+            "west",
+        ],
     )
     .await
     .unwrap();

@@ -154,23 +154,26 @@ enum Cmd {
 fn serve(name: &str, port: u16) -> Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind port {port}"))?;
     let answer = format!("{name}\n");
-    for conn in l.incoming() {
-        if let Ok(mut c) = conn {
-            let _ = c.write_all(answer.as_bytes());
+    loop {
+        match l.accept() {
+            Ok((mut c, _)) => {
+                let _ = c.write_all(answer.as_bytes());
+            }
+            Err(e) => eprintln!("accept: {e}"),
         }
     }
-    Ok(())
 }
 
 fn client(target: SocketAddr, count: u32) -> Result<()> {
     let mut tally: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..count {
-        let answer = TcpStream::connect_timeout(&target, Duration::from_secs(2)).and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut buf = String::new();
-            s.read_to_string(&mut buf)?;
-            Ok(buf.trim().to_owned())
-        });
+        let answer =
+            TcpStream::connect_timeout(&target, Duration::from_secs(2)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut buf = String::new();
+                s.read_to_string(&mut buf)?;
+                Ok(buf.trim().to_owned())
+            });
         let key = match answer {
             Ok(a) if !a.is_empty() => a,
             _ => "failed".to_owned(),
@@ -185,7 +188,10 @@ fn parse_cluster(s: &str) -> Result<(String, u16)> {
     let (n, id) = s
         .split_once(':')
         .ok_or_else(|| anyhow!("{s:?}: clusters are name:id"))?;
-    Ok((n.to_owned(), id.parse().with_context(|| format!("{s:?}: cluster ID"))?))
+    Ok((
+        n.to_owned(),
+        id.parse().with_context(|| format!("{s:?}: cluster ID"))?,
+    ))
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
@@ -195,8 +201,10 @@ async fn run(cmd: Cmd) -> Result<()> {
             clusters,
             nodes,
         } => {
-            let parsed: Vec<(String, u16)> =
-                clusters.iter().map(|c| parse_cluster(c)).collect::<Result<_>>()?;
+            let parsed: Vec<(String, u16)> = clusters
+                .iter()
+                .map(|c| parse_cluster(c))
+                .collect::<Result<_>>()?;
             if dir.join("lab.json").exists() {
                 return Err(anyhow!(
                     "a lab is already up in {} (clustermesh-lab down --dir {} first)",
@@ -211,7 +219,11 @@ async fn run(cmd: Cmd) -> Result<()> {
                 lab.add_cluster(name, *id, nodes).await?;
             }
             lab.keep();
-            println!("lab up in {}: kubeconfig {}", dir.display(), lab.kubeconfig().display());
+            println!(
+                "lab up in {}: kubeconfig {}",
+                dir.display(),
+                lab.kubeconfig().display()
+            );
             Ok(())
         }
         Cmd::AddCluster {
@@ -244,7 +256,9 @@ async fn run(cmd: Cmd) -> Result<()> {
                 annotations.insert(k.to_owned(), v.to_owned());
             }
             let mut lab = Lab::load(&dir)?;
-            let vip = lab.deploy(&cluster, &service, replicas, &annotations).await?;
+            let vip = lab
+                .deploy(&cluster, &service, replicas, &annotations)
+                .await?;
             println!("{service} in {cluster}: ClusterIP {vip}, {replicas} backends");
             Ok(())
         }
@@ -318,7 +332,10 @@ async fn run(cmd: Cmd) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
