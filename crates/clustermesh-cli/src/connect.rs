@@ -452,6 +452,15 @@ mod tests {
         }
     }
 
+    fn leaf(ca: &Ca, name: &ClusterName, id: u64, role: Role) -> certs::Leaf {
+        ca.issue(&LeafSpec::new(MeshIdentity::new(
+            name.clone(),
+            ClusterId::new(id).unwrap(),
+            role,
+        )))
+        .unwrap()
+    }
+
     fn data(cert: &str, key: &str, ca: &str) -> BTreeMap<String, ByteString> {
         BTreeMap::from([
             ("tls.crt".to_owned(), ByteString(cert.as_bytes().to_vec())),
@@ -464,82 +473,29 @@ mod tests {
     async fn a_client_certificate_is_reused_only_when_it_is_still_right() {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (east, west) = (side("east", 1), side("west", 2));
-        let good = west
-            .ca
-            .issue(&LeafSpec::new(MeshIdentity::new(
-                east.name.clone(),
-                east.id,
-                Role::Peer,
-            )))
-            .unwrap();
-        assert!(
-            reusable(
-                &data(&good.cert_pem, &good.key_pem, west.ca.cert_pem()),
-                &east,
-                &west
-            )
-            .is_some()
-        );
+        // What a Secret in east holds: a leaf, and the CA certificate it was written with.
+        let reuse = |l: &certs::Leaf, ca_pem: &str, peer: &Side| {
+            reusable(&data(&l.cert_pem, &l.key_pem, ca_pem), &east, peer).is_some()
+        };
+        let good = leaf(&west.ca, &east.name, 1, Role::Peer);
+        assert!(reuse(&good, west.ca.cert_pem(), &west));
         // Issued by another CA that claims the same name (a rotated or foreign CA).
         let impostor = side("west", 2);
-        let forged = impostor
-            .ca
-            .issue(&LeafSpec::new(MeshIdentity::new(
-                east.name.clone(),
-                east.id,
-                Role::Peer,
-            )))
-            .unwrap();
-        assert!(
-            reusable(
-                &data(&forged.cert_pem, &forged.key_pem, west.ca.cert_pem()),
-                &east,
-                &west
-            )
-            .is_none()
-        );
+        let forged = leaf(&impostor.ca, &east.name, 1, Role::Peer);
+        assert!(!reuse(&forged, west.ca.cert_pem(), &west));
         // The peer's CA changed since.
-        assert!(
-            reusable(
-                &data(&good.cert_pem, &good.key_pem, impostor.ca.cert_pem()),
-                &east,
-                &impostor
-            )
-            .is_none()
-        );
-        // Wrong identity (another ID, another role) or garbage.
-        let other_id = west
-            .ca
-            .issue(&LeafSpec::new(MeshIdentity::new(
-                east.name.clone(),
-                ClusterId::new(7).unwrap(),
-                Role::Peer,
-            )))
-            .unwrap();
-        assert!(
-            reusable(
-                &data(&other_id.cert_pem, &other_id.key_pem, west.ca.cert_pem()),
-                &east,
-                &west
-            )
-            .is_none()
-        );
-        let admin = west
-            .ca
-            .issue(&LeafSpec::new(MeshIdentity::new(
-                east.name.clone(),
-                east.id,
-                Role::Admin,
-            )))
-            .unwrap();
-        assert!(
-            reusable(
-                &data(&admin.cert_pem, &admin.key_pem, west.ca.cert_pem()),
-                &east,
-                &west
-            )
-            .is_none()
-        );
+        assert!(!reuse(&good, impostor.ca.cert_pem(), &impostor));
+        // Wrong identity: another ID, another role.
+        assert!(!reuse(
+            &leaf(&west.ca, &east.name, 7, Role::Peer),
+            west.ca.cert_pem(),
+            &west
+        ));
+        assert!(!reuse(
+            &leaf(&west.ca, &east.name, 1, Role::Admin),
+            west.ca.cert_pem(),
+            &west
+        ));
         assert!(reusable(&data("garbage", "x", west.ca.cert_pem()), &east, &west).is_none());
         // Close to expiry.
         let short = west
@@ -549,14 +505,7 @@ mod tests {
                     .validity(time::OffsetDateTime::now_utc(), Duration::from_secs(86_400)),
             )
             .unwrap();
-        assert!(
-            reusable(
-                &data(&short.cert_pem, &short.key_pem, west.ca.cert_pem()),
-                &east,
-                &west
-            )
-            .is_none()
-        );
+        assert!(!reuse(&short, west.ca.cert_pem(), &west));
     }
 
     #[tokio::test]

@@ -93,7 +93,13 @@ pub(crate) fn format_unix(t: i64) -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // A command-line tool reports its own errors; libraries' logs are noise unless asked for.
+    if std::env::var_os(telemetry::env::LOG).is_none()
+        && !std::env::args().any(|a| a.starts_with("--log"))
+    {
+        cli.log.filter = "warn,kube_client=off".into();
+    }
     if let Err(e) = telemetry::init(&cli.log) {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);

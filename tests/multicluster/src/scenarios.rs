@@ -57,6 +57,24 @@ pub async fn until_answered_by<C: Cluster>(
     }
 }
 
+/// `clustermesh status --wait` on `contexts` until healthy (exit 0); returns the JSON report.
+pub async fn wait_healthy(kc: &Path, contexts: &[String]) -> Result<Value> {
+    let mut args = vec!["status", "--wait", "--timeout", "60s", "-o", "json"];
+    for c in contexts {
+        args.extend(["--context", c.as_str()]);
+    }
+    let out = clustermesh(kc, &args).await?;
+    ensure!(
+        out.code == 0,
+        "status not healthy: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    let v: Value = serde_json::from_str(&out.stdout)?;
+    ensure!(v["healthy"] == true, "{v}");
+    Ok(v)
+}
+
 /// `clustermesh connect --wait` both ways, then `status` healthy for both.
 pub async fn connect<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B) -> Result<()> {
     let out = clustermesh(
@@ -102,30 +120,7 @@ pub async fn connect<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B) -> Result<
             "second connect changed something: {d}"
         );
     }
-    let status = clustermesh(
-        kc,
-        &[
-            "status",
-            "--context",
-            &a.context(),
-            "--context",
-            &b.context(),
-            "--wait",
-            "--timeout",
-            "60s",
-            "-o",
-            "json",
-        ],
-    )
-    .await?;
-    ensure!(
-        status.code == 0,
-        "status not healthy: {}{}",
-        status.stdout,
-        status.stderr
-    );
-    let v: Value = serde_json::from_str(&status.stdout)?;
-    ensure!(v["healthy"] == true, "{v}");
+    wait_healthy(kc, &[a.context(), b.context()]).await?;
     Ok(())
 }
 
@@ -365,26 +360,9 @@ pub async fn peer_apiserver_restart<A: Cluster, B: Cluster>(
         "{t:?}"
     );
     b.start_apiserver().await?;
-    let out = clustermesh(
-        kc,
-        &[
-            "status",
-            "--context",
-            &a.context(),
-            "--context",
-            &b.context(),
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-    )
-    .await?;
-    ensure!(
-        out.code == 0,
-        "not healthy after the restart: {}{}",
-        out.stdout,
-        out.stderr
-    );
+    wait_healthy(kc, &[a.context(), b.context()])
+        .await
+        .context("after the restart")?;
     let t = a.connect_from("client", target, 50).await?;
     ensure!(
         answered_by(&t) == [bn] && !t.contains_key("failed"),
