@@ -250,6 +250,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         lease_ttl: config.lease_ttl,
         identity_gc_grace: config.identity_gc_grace,
     };
+    let rescan_now = Arc::new(tokio::sync::Notify::new());
     let importer = config.peers_dir.clone().map(|dir| {
         (
             mesh::importer::Context {
@@ -258,11 +259,13 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                 own_id: config.cluster_id,
                 board: Arc::clone(&board),
                 metrics: metrics.clone(),
+                rescan_now: Arc::clone(&rescan_now),
             },
             dir,
         )
     });
     let k8s = K8sTasks {
+        rescan_now: Arc::clone(&rescan_now),
         status_of,
         configmaps: kube::Api::namespaced(client.clone(), &config.namespace),
         peer_secrets: match (&config.peers_dir, config.peers_from_secrets) {
@@ -305,6 +308,7 @@ type StatusFn = Arc<dyn Fn() -> model::status::ClusterStatus + Send + Sync>;
 
 /// What the leader keeps in its own Kubernetes API besides the exports.
 struct K8sTasks {
+    rescan_now: Arc<tokio::sync::Notify>,
     status_of: StatusFn,
     configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap>,
     peer_secrets: Option<(
@@ -367,13 +371,20 @@ async fn supervise(
         let publish = publish::publish_status(
             k8s.configmaps.clone(),
             move || status_of(),
-            Duration::from_millis(500),
+            Duration::from_millis(200),
             metrics.clone(),
         );
         let secrets = async {
             match k8s.peer_secrets.clone() {
                 Some((api, dir, own)) => {
-                    publish::follow_peer_secrets(api, dir, own, metrics.clone()).await
+                    publish::follow_peer_secrets(
+                        api,
+                        dir,
+                        own,
+                        metrics.clone(),
+                        Arc::clone(&k8s.rescan_now),
+                    )
+                    .await
                 }
                 None => std::future::pending().await,
             }

@@ -242,6 +242,7 @@ pub async fn follow_peer_secrets(
     dir: PathBuf,
     own: ClusterName,
     metrics: Registry,
+    rescan_now: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let mut secrets: BTreeMap<String, Secret> = BTreeMap::new();
     let mut initial: BTreeMap<String, Secret> = BTreeMap::new();
@@ -280,6 +281,7 @@ pub async fn follow_peer_secrets(
         if changed {
             let list: Vec<Secret> = secrets.values().cloned().collect();
             sync_dir(&dir, &list, &own, &mut reported, &metrics);
+            rescan_now.notify_one();
         }
     }
 }

@@ -205,6 +205,9 @@ pub struct Context {
     pub board: Arc<Board>,
     /// Metrics.
     pub metrics: Registry,
+    /// Wakes the directory scan before its next period (the peer Secret follower rings it
+    /// after writing the directory).
+    pub rescan_now: Arc<tokio::sync::Notify>,
 }
 
 /// Watches `dir` and runs one task per peer until dropped.
@@ -269,7 +272,10 @@ pub async fn run(ctx: Context, dir: PathBuf, rescan: Duration) {
             let task = tokio::spawn(run_peer(ctx.clone(), cfg.clone()));
             tasks.insert(name, (cfg, AbortOnDrop(task)));
         }
-        tokio::time::sleep(rescan).await;
+        tokio::select! {
+            () = tokio::time::sleep(rescan) => {}
+            () = ctx.rescan_now.notified() => {}
+        }
     }
 }
 

@@ -354,7 +354,7 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<std::process::ExitCode>
                     .join("; ")
             );
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

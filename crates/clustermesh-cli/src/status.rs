@@ -313,6 +313,6 @@ pub(crate) async fn run(args: StatusArgs) -> Result<std::process::ExitCode> {
             eprintln!("waiting: {joined}");
             last_problems = joined;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
