@@ -414,3 +414,100 @@ pub async fn disconnect_drains<A: Cluster, B: Cluster>(
     ensure!(!peers.iter().any(|p| p["name"] == b.name()), "{v}");
     Ok(())
 }
+
+/// Someone replaces the CA in a's peer Secret for b with a foreign one: a's apiserver refuses
+/// b's server certificate and says so in `status` (exit 1), while a keeps b's last state (a's
+/// client still reaches b's backends); `clustermesh connect` notices the wrong CA, re-issues
+/// and repairs it.
+pub async fn tampered_peer_secret_is_repaired<A: Cluster, B: Cluster>(
+    kc: &Path,
+    a: &A,
+    b: &B,
+    remote_a: IpAddr,
+) -> Result<()> {
+    use base64::Engine;
+    let foreign = certs::Ca::generate(
+        &model::ClusterName::new(b.name())?,
+        Duration::from_secs(86_400),
+    )?;
+    let patch = serde_json::json!({"data": {"ca.crt":
+        base64::engine::general_purpose::STANDARD.encode(foreign.cert_pem())}});
+    let secret = model::status::peer_secret_name(b.name());
+    let out = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", kc)
+        .args([
+            "--context",
+            &a.context(),
+            "-n",
+            "kube-system",
+            "patch",
+            "secret",
+            &secret,
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl patch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let out = clustermesh(kc, &["status", "--context", &a.context(), "-o", "json"]).await?;
+        let v: Value = serde_json::from_str(&out.stdout)?;
+        let peer = v["clusters"][0]["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == b.name()).cloned());
+        let err = peer
+            .as_ref()
+            .and_then(|p| p["last_error"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        if peer.as_ref().is_some_and(|p| p["phase"] != "ready") && err.contains("certificate") {
+            ensure!(out.code == 1, "status must exit 1: {v}");
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("the wrong CA never showed in status: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t = a
+        .connect_from("client", SocketAddr::new(remote_a, 80), 30)
+        .await?;
+    ensure!(
+        answered_by(&t) == [b.name().to_owned()] && !t.contains_key("failed"),
+        "b's last state must stay in use: {t:?}"
+    );
+    let out = clustermesh(
+        kc,
+        &[
+            "connect",
+            "--context",
+            &a.context(),
+            "--destination-context",
+            &b.context(),
+            "--wait",
+            "-o",
+            "json",
+        ],
+    )
+    .await?;
+    ensure!(
+        out.code == 0,
+        "repairing connect: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    let v: Value = serde_json::from_str(&out.stdout)?;
+    ensure!(
+        v[0]["action"] == "updated" && v[0]["certificate"] == "issued",
+        "{v}"
+    );
+    ensure!(v[1]["action"] == "unchanged", "{v}");
+    wait_healthy(kc, &[a.context(), b.context()]).await?;
+    Ok(())
+}

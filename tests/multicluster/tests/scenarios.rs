@@ -49,6 +49,13 @@ async fn mesh_scenarios_on_the_lab() {
         .unwrap();
     eprintln!("west's apiserver killed and restarted: no traffic impact, stale shown, no flap");
 
+    scenarios::tampered_peer_secret_is_repaired(&kc, &east, &west, remote_east)
+        .await
+        .unwrap();
+    eprintln!(
+        "a foreign CA in east's peer Secret: refused and shown, traffic kept, connect repairs it"
+    );
+
     // A third cluster joins east; its backends of demo/remote are used by east's client.
     lab.lock().await.add_cluster("north", 3, 1).await.unwrap();
     let north = LabCluster::new(&lab, "north");
