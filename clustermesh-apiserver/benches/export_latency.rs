@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{etcd_baseline, ms, pct, rss_kib};
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,18 +24,6 @@ use model::keys::{self, Kind, Scope};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 const BASE_PODS: usize = 10_000;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    test_support::percentile(sorted, p)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    test_support::rss_kib(pid).unwrap()
-}
 
 fn ip(i: usize) -> String {
     format!("10.{}.{}.{}", 8 + i / 62_500, (i / 250) % 250, i % 250 + 1)
@@ -113,31 +104,6 @@ async fn churn(
 }
 
 /// Raw etcd: put one key, wait for its watch event.
-async fn etcd_baseline(kv: &kvstore::Client) -> Vec<Duration> {
-    let prefix = "/bench/export-baseline/";
-    let mut w = Watcher::new(kv, prefix);
-    loop {
-        if let Event::InitDone { .. } = w.next().await.unwrap() {
-            break;
-        }
-    }
-    let mut out = Vec::new();
-    for i in 0..1000 {
-        let key = format!("{prefix}{i}");
-        let t0 = Instant::now();
-        kv.put_raw(&key, vec![1; 64]).await.unwrap();
-        loop {
-            if let Event::Apply(got) = w.next().await.unwrap()
-                && got.key == key
-            {
-                break;
-            }
-        }
-        out.push(t0.elapsed());
-    }
-    out.sort();
-    out
-}
 
 #[tokio::main]
 async fn main() {
@@ -203,7 +169,7 @@ async fn main() {
     wait_count(&arrivals, BASE_PODS).await;
     let loaded = rss_kib(pid);
 
-    let baseline = etcd_baseline(&kv).await;
+    let baseline = etcd_baseline(&kv, "/bench/export-baseline/").await;
     let low = churn(&pods, &arrivals, BASE_PODS, 100, 10).await;
     let high = churn(&pods, &arrivals, BASE_PODS + 1000, 1000, 5).await;
     let _ = child.kill();

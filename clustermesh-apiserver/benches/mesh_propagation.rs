@@ -7,6 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{etcd_baseline, ms, pct, rss_kib};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -15,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use certs::{Ca, LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
-use kvstore::watch::{Event, Watcher};
 use model::keys::{self, Scope};
 use model::{ClusterId, ClusterName, Endpoint, NodeName, NumericIdentity};
 use wire::{Codec, pb};
@@ -23,24 +25,12 @@ use wire::{Codec, pb};
 const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 const BULK: usize = 100_000;
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    test_support::percentile(sorted, p)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn free_port() -> u16 {
     test_support::free_port().unwrap()
 }
 
 fn write_tls(dir: &Path, ca: &Ca, leaf: &certs::Leaf) {
     test_support::write_tls(dir, ca, leaf).unwrap();
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    test_support::rss_kib(pid).unwrap()
 }
 
 struct Side {
@@ -283,28 +273,6 @@ async fn churn(
     lat
 }
 
-async fn etcd_baseline(kv: &kvstore::Client) -> Vec<Duration> {
-    let prefix = "/bench/mesh-baseline/";
-    let mut w = Watcher::new(kv, prefix);
-    while !matches!(w.next().await.unwrap(), Event::InitDone { .. }) {}
-    let mut out = Vec::new();
-    for i in 0..1000 {
-        let key = format!("{prefix}{i}");
-        let t0 = Instant::now();
-        kv.put_raw(&key, vec![1; 64]).await.unwrap();
-        loop {
-            if let Event::Apply(got) = w.next().await.unwrap()
-                && got.key == key
-            {
-                break;
-            }
-        }
-        out.push(t0.elapsed());
-    }
-    out.sort();
-    out
-}
-
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -329,7 +297,7 @@ async fn main() {
     let arrivals = node_agent(&b).await;
     let rss_before = rss_kib(pb_.0.id());
 
-    let baseline = etcd_baseline(&kv_a).await;
+    let baseline = etcd_baseline(&kv_a, "/bench/mesh-baseline/").await;
     let bytes0 = b
         .metric("clustermesh_peer_received_bytes_total{peer=\"alpha\"}")
         .await;
