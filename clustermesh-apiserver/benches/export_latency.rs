@@ -113,13 +113,7 @@ async fn main() {
     let kube = kube_testserver::start(kube_testserver::Config::new(cluster.clone()))
         .await
         .unwrap();
-    let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = kube.client().await.unwrap();
     let kv = etcd.client().await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 

@@ -40,11 +40,7 @@ impl Lab {
         let kube = kube_testserver::start(kube_testserver::Config::new(cluster.clone()))
             .await
             .unwrap();
-        let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig()).unwrap();
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap();
-        let client = kube::Client::try_from(cfg).unwrap();
+        let client = kube.client().await.unwrap();
         let kv = etcd.client().await.unwrap();
         Self {
             etcd,

@@ -50,13 +50,7 @@ impl Cluster {
         let kube = kube_testserver::start(kube_testserver::Config::new(name.clone()))
             .await
             .unwrap();
-        let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig()).unwrap();
-        let client = kube::Client::try_from(
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .unwrap(),
-        )
-        .unwrap();
+        let client = kube.client().await.unwrap();
         let kv = etcd.client().await.unwrap();
         let ca = Ca::generate(&name, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -58,13 +58,7 @@ async fn agent_follows_the_mesh_fails_over_recovers_and_restarts_without_disrupt
     let kube = kube_testserver::start(kube_testserver::Config::new(east.clone()))
         .await
         .unwrap();
-    let kc = kube::config::Kubeconfig::read_from(kube.kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = kube.client().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate(&east, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
     let server = ca

@@ -269,7 +269,14 @@ impl Handle {
         &self.kubeconfig
     }
 
-    /// The default context's name.
+    /// A kube-rs client of this server, through its kubeconfig's current context (token).
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The kubeconfig context of this cluster (token authentication).
     pub fn context(&self) -> &str {
         &self.context
     }
