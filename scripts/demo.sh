@@ -25,7 +25,7 @@ fi
 bash scripts/setup.sh
 cargo build --quiet --workspace --bins --locked
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 
 if [ -f "$dir/lab.json" ]; then
   step "a lab from an earlier run is up in $dir: tearing it down first"
