@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{etcd_baseline, ms, pct, rss_kib};
+use common::{etcd_baseline, row, rss_kib};
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -169,15 +169,6 @@ async fn main() {
     let _ = child.kill();
     let _ = child.wait();
 
-    let row = |name: &str, l: &[Duration]| {
-        format!(
-            "| {name} | {} | {:.2} | {:.2} | {:.2} |\n",
-            l.len(),
-            ms(pct(l, 0.5)),
-            ms(pct(l, 0.99)),
-            ms(pct(l, 1.0))
-        )
-    };
     let mut report = String::from("## Exporter: Kubernetes change → etcd key written\n\n");
     report.push_str(&format!(
         "Real `clustermesh-apiserver` process, Kubernetes API test server, etcd 3.4 with mTLS; {BASE_PODS} pods already exported; each change creates a pod (a new endpoint). Latency from the create request being sent to the endpoint key's watch event.\n\n"

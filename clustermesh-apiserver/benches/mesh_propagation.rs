@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{etcd_baseline, ms, pct, rss_kib};
+use common::{etcd_baseline, row, rss_kib};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -344,15 +344,6 @@ async fn main() {
     drop(pb_);
 
     let total = (6000 + BULK) as f64;
-    let row = |name: &str, l: &[Duration]| {
-        format!(
-            "| {name} | {} | {:.2} | {:.2} | {:.2} |\n",
-            l.len(),
-            ms(pct(l, 0.5)),
-            ms(pct(l, 0.99)),
-            ms(pct(l, 1.0))
-        )
-    };
     let mut r = String::from("## Mesh API: cluster A etcd write → node agent of cluster B\n\n");
     r.push_str("Two `clustermesh-apiserver` processes, each with its own etcd 3.4 (mTLS); B imports A over the Mesh API (gRPC, mutual TLS, gzip); a node agent client watches B. Each change is one endpoint put into A's etcd; latency until the node agent receives it.\n\n");
     r.push_str("| path | samples | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|\n");

@@ -27,8 +27,23 @@ fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Writes `status()` into the status ConfigMap whenever it changes (checked every
-/// `interval`), and at least every [`STATUS_HEARTBEAT_SECS`] seconds. Runs until dropped.
+/// Seconds between writes of a status whose only changes are counts and revisions.
+const COUNTS_EVERY_SECS: i64 = 2;
+
+/// `s` without what changes with every exported or imported object.
+fn significant(s: &ClusterStatus) -> ClusterStatus {
+    let mut s = s.clone();
+    s.exported.clear();
+    for p in &mut s.peers {
+        p.objects.clear();
+        p.revision = 0;
+    }
+    s
+}
+
+/// Writes `status()` into the status ConfigMap when its phase, readiness or errors change
+/// (checked every `interval`), when only counts changed at most every 2 s, and at least every
+/// [`STATUS_HEARTBEAT_SECS`] seconds. Runs until dropped.
 pub async fn publish_status(
     api: Api<ConfigMap>,
     status: impl Fn() -> ClusterStatus,
@@ -39,8 +54,14 @@ pub async fn publish_status(
     loop {
         let mut current = status();
         let now = now_unix();
+        // A change of phase, readiness or error is written at once; counts and revisions move
+        // with every change under churn, so a change of those alone waits COUNTS_EVERY_SECS.
         let due = match &last {
-            Some((s, at)) => *s != current || now - at >= STATUS_HEARTBEAT_SECS,
+            Some((s, at)) => {
+                significant(s) != significant(&current)
+                    || (*s != current && now - at >= COUNTS_EVERY_SECS)
+                    || now - at >= STATUS_HEARTBEAT_SECS
+            }
             None => true,
         };
         if due {
@@ -300,6 +321,30 @@ mod tests {
             }).collect::<serde_json::Map<_, _>>(),
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn counts_alone_are_not_a_significant_change() {
+        let status: ClusterStatus = serde_json::from_value(serde_json::json!({
+            "cluster": "east", "cluster_id": 1, "replica": "r", "leader": true, "ready": true,
+            "reason": null, "exported": {"endpoints": 3},
+            "peers": [{"name": "west", "cluster_id": 2, "phase": "ready", "since_unix": 1,
+                "last_error": null, "last_error_unix": null, "objects": {"endpoints": 5},
+                "revision": 7, "peer_cert_not_after_unix": null, "endpoint": null}],
+        }))
+        .unwrap();
+        let mut counts = status.clone();
+        counts.exported.insert("endpoints".into(), 4);
+        counts.peers[0].objects.insert("endpoints".into(), 6);
+        counts.peers[0].revision = 8;
+        assert_ne!(counts, status);
+        assert_eq!(significant(&counts), significant(&status));
+        let mut phase = status.clone();
+        phase.peers[0].phase = model::status::Phase::Stale;
+        assert_ne!(significant(&phase), significant(&status));
+        let mut error = status.clone();
+        error.peers[0].last_error = Some("x".into());
+        assert_ne!(significant(&error), significant(&status));
     }
 
     const GOOD: [(&str, &str); 4] = [

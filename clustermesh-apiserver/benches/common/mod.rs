@@ -16,6 +16,17 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A Markdown table row: name, samples, p50, p99 and max in milliseconds (`l` sorted).
+pub fn row(name: &str, l: &[Duration]) -> String {
+    format!(
+        "| {name} | {} | {:.2} | {:.2} | {:.2} |\n",
+        l.len(),
+        ms(pct(l, 0.5)),
+        ms(pct(l, 0.99)),
+        ms(pct(l, 1.0))
+    )
+}
+
 /// Resident memory of a process, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     test_support::rss_kib(pid).unwrap()

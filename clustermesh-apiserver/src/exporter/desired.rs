@@ -114,61 +114,59 @@ pub fn service<'a>(
     let mut backends: BTreeMap<IpAddr, Backend> = BTreeMap::new();
     // Not shared: the backends still go to etcd for this cluster's own node agents; the Mesh
     // API strips them for peers.
-    {
-        for slice in slices {
-            let of_service = slice.metadata.namespace.as_deref() == Some(ns)
-                && slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .is_some_and(|s| s == name);
-            if !of_service || !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+    for slice in slices {
+        let of_service = slice.metadata.namespace.as_deref() == Some(ns)
+            && slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .is_some_and(|s| s == name);
+        if !of_service || !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        let mut slice_ports = Vec::new();
+        for p in slice.ports.iter().flatten() {
+            let Some(port) = p
+                .port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+            else {
                 continue;
-            }
-            let mut slice_ports = Vec::new();
-            for p in slice.ports.iter().flatten() {
-                let Some(port) = p
-                    .port
-                    .and_then(|p| u16::try_from(p).ok())
-                    .filter(|p| *p != 0)
-                else {
+            };
+            slice_ports.push(BackendPort {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+                protocol: protocol(&sn, p.protocol.as_ref())?,
+            });
+        }
+        for ep in &slice.endpoints {
+            let c = ep.conditions.clone().unwrap_or_default();
+            // Kubernetes: an unknown `ready` means ready; `serving` defaults to `ready`.
+            let ready = c.ready.unwrap_or(true);
+            let conditions = BackendConditions {
+                ready,
+                serving: c.serving.unwrap_or(ready),
+                terminating: c.terminating.unwrap_or(false),
+            };
+            let node = ep
+                .node_name
+                .as_ref()
+                .and_then(|n| NodeName::new(n.clone()).ok());
+            for addr in &ep.addresses {
+                let Ok(ip) = addr.parse::<IpAddr>() else {
                     continue;
                 };
-                slice_ports.push(BackendPort {
-                    name: p.name.clone().unwrap_or_default(),
-                    port,
-                    protocol: protocol(&sn, p.protocol.as_ref())?,
+                let b = backends.entry(ip).or_insert_with(|| Backend {
+                    ip,
+                    ports: Vec::new(),
+                    conditions,
+                    node: node.clone(),
+                    zone: ep.zone.clone(),
                 });
-            }
-            for ep in &slice.endpoints {
-                let c = ep.conditions.clone().unwrap_or_default();
-                // Kubernetes: an unknown `ready` means ready; `serving` defaults to `ready`.
-                let ready = c.ready.unwrap_or(true);
-                let conditions = BackendConditions {
-                    ready,
-                    serving: c.serving.unwrap_or(ready),
-                    terminating: c.terminating.unwrap_or(false),
-                };
-                let node = ep
-                    .node_name
-                    .as_ref()
-                    .and_then(|n| NodeName::new(n.clone()).ok());
-                for addr in &ep.addresses {
-                    let Ok(ip) = addr.parse::<IpAddr>() else {
-                        continue;
-                    };
-                    let b = backends.entry(ip).or_insert_with(|| Backend {
-                        ip,
-                        ports: Vec::new(),
-                        conditions,
-                        node: node.clone(),
-                        zone: ep.zone.clone(),
-                    });
-                    for p in &slice_ports {
-                        if !b.ports.contains(p) {
-                            b.ports.push(p.clone());
-                        }
+                for p in &slice_ports {
+                    if !b.ports.contains(p) {
+                        b.ports.push(p.clone());
                     }
                 }
             }

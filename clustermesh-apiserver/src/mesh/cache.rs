@@ -44,6 +44,14 @@ pub struct Record {
     pub seen_unix_micros: i64,
 }
 
+/// The kind of `r` when it is one of this cluster's own exported objects.
+fn exported_kind(r: &Record) -> Option<Kind> {
+    match (r.scope, &r.item) {
+        (Scope::State, Item::Object(kind, _)) => Some(*kind),
+        _ => None,
+    }
+}
+
 /// A change: a new value, or a deletion (`value` empty and `deleted`).
 #[derive(Debug, Clone)]
 pub struct Update {
@@ -56,6 +64,9 @@ pub struct Update {
 #[derive(Debug, Default)]
 struct State {
     objects: BTreeMap<String, Arc<Record>>,
+    /// Objects of scope state per kind, kept with `objects` (read by the status every 0.2 s,
+    /// which must not walk 100k records each time).
+    exported: BTreeMap<Kind, usize>,
     ring: VecDeque<Update>,
     /// The cache holds every change up to this revision.
     revision: i64,
@@ -148,6 +159,15 @@ impl WatchCache {
                     Event::InitDone { revision } => {
                         let mut s = this.write();
                         s.objects = std::mem::take(&mut initial);
+                        s.exported.clear();
+                        let kinds: Vec<Kind> = s
+                            .objects
+                            .values()
+                            .filter_map(|r| exported_kind(r))
+                            .collect();
+                        for k in kinds {
+                            *s.exported.entry(k).or_insert(0) += 1;
+                        }
                         s.revision = revision;
                         s.ring.clear();
                         drop(s);
@@ -198,10 +218,24 @@ impl WatchCache {
     fn push(&self, key: String, record: Arc<Record>, deleted: bool) {
         let mut s = self.write();
         s.revision = s.revision.max(record.revision);
-        if deleted {
-            s.objects.remove(&key);
+        let old = if deleted {
+            s.objects.remove(&key)
         } else {
-            s.objects.insert(key, Arc::clone(&record));
+            s.objects.insert(key, Arc::clone(&record))
+        };
+        let delta = match (old.as_deref().and_then(exported_kind), deleted) {
+            (Some(k), true) => Some((k, false)),
+            (None, false) => exported_kind(&record).map(|k| (k, true)),
+            _ => None,
+        };
+        match delta {
+            Some((k, true)) => *s.exported.entry(k).or_insert(0) += 1,
+            Some((k, false)) => {
+                if let Some(n) = s.exported.get_mut(&k) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            None => {}
         }
         let update = Update { record, deleted };
         s.ring.push_back(update.clone());
@@ -237,6 +271,17 @@ impl WatchCache {
                 seen_unix_micros: now_micros(),
             });
             self.push(key.to_owned(), record, false);
+        }
+    }
+
+    /// Deletes one key by hand (for tests).
+    #[cfg(test)]
+    pub(crate) fn delete_for_test(&self, key: &str, revision: i64) {
+        let old = self.read().objects.get(key).cloned();
+        if let Some(old) = old {
+            let mut record = (*old).clone();
+            record.revision = revision;
+            self.push(key.to_owned(), Arc::new(record), true);
         }
     }
 
@@ -287,17 +332,51 @@ impl WatchCache {
 
     /// Objects of this cluster's own exports (scope state), per kind.
     pub fn exported(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for r in self.read().objects.values() {
-            if let (Scope::State, Item::Object(kind, _)) = (r.scope, &r.item) {
-                *counts.entry(kind.to_string()).or_insert(0) += 1;
-            }
-        }
-        counts
+        self.read()
+            .exported
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| (k.to_string(), *n))
+            .collect()
     }
 
     /// Whether the cache holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exported_counts_follow_puts_rewrites_and_deletes_of_own_state_only() {
+        let cache = WatchCache::detached();
+        let east = ClusterName::new("east").unwrap_or_else(|e| panic!("{e}"));
+        let west = ClusterName::new("west").unwrap_or_else(|e| panic!("{e}"));
+        let ep = |scope, c: &ClusterName, n: &str| keys::object_key(scope, c, Kind::Endpoints, n);
+        cache.put_for_test(&ep(Scope::State, &east, "10.0.0.1"), vec![1], 1);
+        cache.put_for_test(&ep(Scope::State, &east, "10.0.0.2"), vec![1], 2);
+        cache.put_for_test(&ep(Scope::State, &east, "10.0.0.2"), vec![2], 3);
+        cache.put_for_test(&ep(Scope::Cache, &west, "10.1.0.1"), vec![1], 4);
+        cache.put_for_test(
+            &keys::synced(Scope::State, &east, Kind::Endpoints),
+            vec![1],
+            5,
+        );
+        assert_eq!(
+            cache.exported(),
+            BTreeMap::from([("endpoints".to_owned(), 2)])
+        );
+        cache.delete_for_test(&ep(Scope::State, &east, "10.0.0.1"), 6);
+        cache.delete_for_test(&ep(Scope::State, &east, "10.9.9.9"), 7);
+        cache.delete_for_test(&ep(Scope::Cache, &west, "10.1.0.1"), 8);
+        assert_eq!(
+            cache.exported(),
+            BTreeMap::from([("endpoints".to_owned(), 1)])
+        );
+        cache.delete_for_test(&ep(Scope::State, &east, "10.0.0.2"), 9);
+        assert!(cache.exported().is_empty());
     }
 }

@@ -103,7 +103,7 @@ struct Side {
 
 async fn side(cluster: Cluster) -> Result<Side> {
     let status = cluster.status().await?;
-    let (name, id) = cluster.identity().await?;
+    let (name, id) = cluster.identity_of(&status)?;
     let ca = cluster.ca().await?;
     let endpoints = cluster.mesh_endpoints().await?;
     let peers = status

@@ -373,7 +373,8 @@ fn run_shell(cmd: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Sets the `ready` condition of every endpoint of `slices`; returns the slices as they were.
+/// Sets the `ready` and `serving` conditions of every endpoint of `slices` to `ready`, or
+/// (with `None`) writes the slices' endpoints back as they were read.
 async fn set_ready(
     api: &Api<EndpointSlice>,
     slices: &[EndpointSlice],
@@ -470,7 +471,7 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
             |a| a.ok && !is_local(a, &local),
             "traffic to fail over to remote backends",
         )?;
-        std::thread::sleep(args.hold);
+        tokio::time::sleep(args.hold).await;
         while probe.next(Duration::ZERO)?.is_some() {}
         let t1 = now_micros();
         match args.method {
@@ -502,7 +503,6 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
             return Err(e);
         }
     };
-    drop(probe.child.stdout.take());
     let attempts: Vec<Attempt> = std::mem::take(&mut probe.seen)
         .into_iter()
         .filter(|a| a.t >= t0)

@@ -163,7 +163,11 @@ impl Cluster {
 
     /// Name and ID of the cluster.
     pub(crate) async fn identity(&self) -> Result<(ClusterName, ClusterId)> {
-        let s = self.status().await?;
+        self.identity_of(&self.status().await?)
+    }
+
+    /// Name and ID of the cluster, from a status already read.
+    pub(crate) fn identity_of(&self, s: &ClusterStatus) -> Result<(ClusterName, ClusterId)> {
         let name = ClusterName::new(s.cluster.clone())
             .with_context(|| format!("context {}: cluster name", self.context))?;
         let id = ClusterId::new(u64::from(s.cluster_id))

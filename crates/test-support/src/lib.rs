@@ -19,7 +19,20 @@ pub use proxy::Proxy;
 
 /// Polls `check` until it returns `Some`, every 20 ms, for at most `timeout`. Panics with
 /// `what` when the deadline passes.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match within(what, timeout, check).await {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// [`eventually`] for code that reports instead of panicking (the lab's commands): the value,
+/// or an error naming `what` when the deadline passes.
+pub async fn within<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -27,10 +40,10 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
-            return v;
+            return Ok(v);
         }
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
+            return Err(format!("timed out after {timeout:?} waiting for: {what}"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

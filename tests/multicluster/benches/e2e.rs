@@ -45,6 +45,22 @@ fn kubectl(kc: &std::path::Path, args: &[&str]) -> Duration {
     t.elapsed()
 }
 
+/// `kubectl annotate --overwrite` of east's `demo/echo`; returns how long kubectl took.
+fn annotate_echo(kc: &std::path::Path, annotations: &[&str]) -> Duration {
+    let mut args = vec![
+        "--context",
+        "east",
+        "-n",
+        "demo",
+        "annotate",
+        "--overwrite",
+        "service",
+        "echo",
+    ];
+    args.extend_from_slice(annotations);
+    kubectl(kc, &args)
+}
+
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -102,20 +118,7 @@ async fn run() {
     for round in 0..ROUNDS {
         let value = if round % 2 == 0 { "true" } else { "false" };
         let t = Instant::now();
-        let took = kubectl(
-            &kc,
-            &[
-                "--context",
-                "east",
-                "-n",
-                "demo",
-                "annotate",
-                "--overwrite",
-                "service",
-                "echo",
-                &format!("service.cilium.io/global={value}"),
-            ],
-        );
+        let took = annotate_echo(&kc, &[&format!("service.cilium.io/global={value}")]);
         kubectl_only.push(took);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -163,17 +166,9 @@ async fn run() {
     );
 
     // Failover drills from a client pod in east, against west's backends.
-    kubectl(
+    annotate_echo(
         &kc,
         &[
-            "--context",
-            "east",
-            "-n",
-            "demo",
-            "annotate",
-            "--overwrite",
-            "service",
-            "echo",
             "service.cilium.io/global=true",
             "service.cilium.io/affinity=local",
         ],

@@ -186,7 +186,7 @@ impl Cluster for KindCluster {
         Ok(t)
     }
 
-    fn drill_client(&self, _client: &str) -> Option<(PathBuf, PathBuf)> {
+    async fn drill_client(&self, _client: &str) -> Option<(PathBuf, PathBuf)> {
         None
     }
 
@@ -229,7 +229,7 @@ impl Cluster for KindCluster {
         Ok(())
     }
 
-    fn first_node(&self) -> String {
+    async fn first_node(&self) -> String {
         format!("{}-control-plane", self.name)
     }
 
@@ -238,7 +238,10 @@ impl Cluster for KindCluster {
             &[
                 "get",
                 "--raw",
-                &format!("/api/v1/nodes/{}:9881/proxy/metrics", self.first_node()),
+                &format!(
+                    "/api/v1/nodes/{}:9881/proxy/metrics",
+                    self.first_node().await
+                ),
             ],
             None,
         )?;

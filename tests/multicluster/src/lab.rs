@@ -1078,20 +1078,16 @@ async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Polls `check` every 50 ms until it holds or `timeout` passes.
+/// Polls `check` until it holds or `timeout` passes ([`test_support::within`]).
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    test_support::within(what, timeout, || {
+        let fut = check();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+    .map_err(|e| anyhow!(e))
 }

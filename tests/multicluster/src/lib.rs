@@ -49,13 +49,13 @@ pub trait Cluster {
     async fn connect_from(&self, client: &str, target: SocketAddr, n: u32) -> Result<Tally>;
     /// Where the drill's probe should run to be the client pod: network namespace and cgroup
     /// (`None`: the CLI's own; kind users run the drill from a node).
-    fn drill_client(&self, client: &str) -> Option<(PathBuf, PathBuf)>;
+    async fn drill_client(&self, client: &str) -> Option<(PathBuf, PathBuf)>;
     /// Kills the cluster's clustermesh-apiserver.
     async fn kill_apiserver(&self) -> Result<()>;
     /// Starts it again and waits until it is ready.
     async fn start_apiserver(&self) -> Result<()>;
     /// The name of the cluster's first node.
-    fn first_node(&self) -> String;
+    async fn first_node(&self) -> String;
     /// A counter or gauge of the first node's agent (`/metrics`), summed over series whose
     /// labels contain `labels` (e.g. `op="delete"`).
     async fn agent_metric(&self, name: &str, labels: &str) -> Result<f64>;
@@ -77,14 +77,18 @@ pub fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
 #[derive(Debug, Clone)]
 pub struct LabCluster {
     lab: Arc<Mutex<lab::Lab>>,
+    /// The lab's directory (for the `clustermesh-lab` commands the drill runs).
+    dir: PathBuf,
     name: String,
 }
 
 impl LabCluster {
     /// Cluster `name` of `lab`.
-    pub fn new(lab: &Arc<Mutex<lab::Lab>>, name: &str) -> Self {
+    pub async fn new(lab: &Arc<Mutex<lab::Lab>>, name: &str) -> Self {
+        let dir = lab.lock().await.state.dir.clone();
         Self {
             lab: Arc::clone(lab),
+            dir,
             name: name.to_owned(),
         }
     }
@@ -121,11 +125,7 @@ impl Cluster for LabCluster {
     }
 
     fn backend_commands(&self, service: &str) -> (String, String) {
-        let lab = self
-            .lab
-            .try_lock()
-            .map(|l| l.state.dir.clone())
-            .unwrap_or_default();
+        let lab = &self.dir;
         let me = lab::bin_dir().join("clustermesh-lab");
         let cmd = |action: &str| {
             format!(
@@ -153,8 +153,8 @@ impl Cluster for LabCluster {
             .connect_from(&self.name, client, target, n)
     }
 
-    fn drill_client(&self, client: &str) -> Option<(PathBuf, PathBuf)> {
-        let lab = self.lab.try_lock().ok()?;
+    async fn drill_client(&self, client: &str) -> Option<(PathBuf, PathBuf)> {
+        let lab = self.lab.lock().await;
         let p = lab
             .cluster(&self.name)
             .ok()?
@@ -185,11 +185,11 @@ impl Cluster for LabCluster {
         Ok(metric_sum(&text, name, labels))
     }
 
-    fn first_node(&self) -> String {
-        self.lab
-            .try_lock()
+    async fn first_node(&self) -> String {
+        let lab = self.lab.lock().await;
+        lab.cluster(&self.name)
             .ok()
-            .and_then(|l| l.cluster(&self.name).ok().map(|c| c.nodes[0].name.clone()))
+            .and_then(|c| c.nodes.first().map(|n| n.name.clone()))
             .unwrap_or_default()
     }
 }

@@ -75,45 +75,67 @@ pub async fn wait_healthy(kc: &Path, contexts: &[String]) -> Result<Value> {
     Ok(v)
 }
 
-/// `clustermesh connect --wait` both ways, then `status` healthy for both.
-pub async fn connect<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B) -> Result<()> {
+/// `clustermesh connect --wait -o json` from a to b; fails unless it exits 0 and reports
+/// `connected`. Returns what it did per direction.
+pub async fn run_connect<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B) -> Result<Value> {
+    let (ac, bc) = (a.context(), b.context());
     let out = clustermesh(
         kc,
         &[
             "connect",
             "--context",
-            &a.context(),
+            &ac,
             "--destination-context",
-            &b.context(),
+            &bc,
             "--wait",
             "--timeout",
             "60s",
-        ],
-    )
-    .await?;
-    ensure!(
-        out.code == 0,
-        "connect failed: {}{}",
-        out.stdout,
-        out.stderr
-    );
-    ensure!(out.stderr.contains("connected"), "{}", out.stderr);
-    // Idempotent: a second run changes nothing.
-    let again = clustermesh(
-        kc,
-        &[
-            "connect",
-            "--context",
-            &a.context(),
-            "--destination-context",
-            &b.context(),
             "-o",
             "json",
         ],
     )
     .await?;
-    ensure!(again.code == 0, "second connect: {}", again.stderr);
-    let v: Value = serde_json::from_str(&again.stdout)?;
+    ensure!(
+        out.code == 0,
+        "connect {ac} → {bc}: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    ensure!(out.stderr.contains("connected"), "{}", out.stderr);
+    Ok(serde_json::from_str(&out.stdout)?)
+}
+
+/// Polls `clustermesh status` of a until its entry for peer `peer` satisfies `done`; returns
+/// the status's exit code.
+pub async fn until_peer<A: Cluster>(
+    kc: &Path,
+    a: &A,
+    peer: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Result<i32> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let out = clustermesh(kc, &["status", "--context", &a.context(), "-o", "json"]).await?;
+        let v: Value = serde_json::from_str(&out.stdout)?;
+        let entry = v["clusters"][0]["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == peer).cloned());
+        if entry.as_ref().is_some_and(&done) {
+            return Ok(out.code);
+        }
+        if Instant::now() >= deadline {
+            bail!("{} never showed {peer} {what}: {v}", a.name());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `clustermesh connect --wait` both ways, then `status` healthy for both.
+pub async fn connect<A: Cluster, B: Cluster>(kc: &Path, a: &A, b: &B) -> Result<()> {
+    run_connect(kc, a, b).await?;
+    // Idempotent: a second run changes nothing.
+    let v = run_connect(kc, a, b).await?;
     for d in v.as_array().context("connect -o json is a list")? {
         ensure!(
             d["action"] == "unchanged" && d["certificate"] == "reused",
@@ -223,7 +245,7 @@ pub async fn global_services<A: Cluster, B: Cluster>(
     for r in rows.as_array().context("list")? {
         ensure!(r["backends"].as_array().map(Vec::len) == Some(2), "{r}");
     }
-    let node = a.first_node();
+    let node = a.first_node().await;
     let out = clustermesh(
         kc,
         &["services", "--context", &a.context(), "--node", &node],
@@ -274,7 +296,7 @@ pub async fn failover<A: Cluster, B: Cluster>(
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    match a.drill_client("client") {
+    match a.drill_client("client").await {
         Some((netns, cgroup)) => args.extend([
             "--client-netns".into(),
             netns.display().to_string(),
@@ -336,23 +358,8 @@ pub async fn peer_apiserver_restart<A: Cluster, B: Cluster>(
     until_answered_by(a, "client", target, &[&bn]).await?;
     let deletes_before = a.agent_metric(OPS, "op=\"delete\"").await?;
     b.kill_apiserver().await?;
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let out = clustermesh(kc, &["status", "--context", &a.context(), "-o", "json"]).await?;
-        let v: Value = serde_json::from_str(&out.stdout)?;
-        let phase = v["clusters"][0]["peers"]
-            .as_array()
-            .and_then(|p| p.iter().find(|p| p["name"] == bn.as_str()))
-            .map(|p| p["phase"].clone());
-        if phase == Some(Value::from("stale")) {
-            ensure!(out.code == 1, "status must exit 1 with a stale peer");
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!("{bn} never shown stale: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let code = until_peer(kc, a, &bn, "stale", |p| p["phase"] == "stale").await?;
+    ensure!(code == 1, "status must exit 1 with a stale peer");
     // No traffic impact while b's control plane is down.
     let t = a.connect_from("client", target, 50).await?;
     ensure!(
@@ -454,27 +461,14 @@ pub async fn tampered_peer_secret_is_repaired<A: Cluster, B: Cluster>(
         "kubectl patch: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let out = clustermesh(kc, &["status", "--context", &a.context(), "-o", "json"]).await?;
-        let v: Value = serde_json::from_str(&out.stdout)?;
-        let peer = v["clusters"][0]["peers"]
-            .as_array()
-            .and_then(|p| p.iter().find(|p| p["name"] == b.name()).cloned());
-        let err = peer
-            .as_ref()
-            .and_then(|p| p["last_error"].as_str())
-            .unwrap_or_default()
-            .to_owned();
-        if peer.as_ref().is_some_and(|p| p["phase"] != "ready") && err.contains("certificate") {
-            ensure!(out.code == 1, "status must exit 1: {v}");
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!("the wrong CA never showed in status: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let code = until_peer(kc, a, b.name(), "refused for its certificate", |p| {
+        p["phase"] != "ready"
+            && p["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("certificate"))
+    })
+    .await?;
+    ensure!(code == 1, "status must exit 1 while the peer is refused");
     let t = a
         .connect_from("client", SocketAddr::new(remote_a, 80), 30)
         .await?;
@@ -482,27 +476,7 @@ pub async fn tampered_peer_secret_is_repaired<A: Cluster, B: Cluster>(
         answered_by(&t) == [b.name().to_owned()] && !t.contains_key("failed"),
         "b's last state must stay in use: {t:?}"
     );
-    let out = clustermesh(
-        kc,
-        &[
-            "connect",
-            "--context",
-            &a.context(),
-            "--destination-context",
-            &b.context(),
-            "--wait",
-            "-o",
-            "json",
-        ],
-    )
-    .await?;
-    ensure!(
-        out.code == 0,
-        "repairing connect: {}{}",
-        out.stdout,
-        out.stderr
-    );
-    let v: Value = serde_json::from_str(&out.stdout)?;
+    let v = run_connect(kc, a, b).await.context("repairing connect")?;
     ensure!(
         v[0]["action"] == "updated" && v[0]["certificate"] == "issued",
         "{v}"

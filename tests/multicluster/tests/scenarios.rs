@@ -24,7 +24,10 @@ async fn mesh_scenarios_on_the_lab() {
     lab.add_cluster("west", 2, 2).await.unwrap();
     let kc = lab.kubeconfig();
     let lab = Arc::new(Mutex::new(lab));
-    let (east, west) = (LabCluster::new(&lab, "east"), LabCluster::new(&lab, "west"));
+    let (east, west) = (
+        LabCluster::new(&lab, "east").await,
+        LabCluster::new(&lab, "west").await,
+    );
 
     scenarios::connect(&kc, &east, &west).await.unwrap();
     eprintln!("connected east <-> west through the CLI");
@@ -58,7 +61,7 @@ async fn mesh_scenarios_on_the_lab() {
 
     // A third cluster joins east; its backends of demo/remote are used by east's client.
     lab.lock().await.add_cluster("north", 3, 1).await.unwrap();
-    let north = LabCluster::new(&lab, "north");
+    let north = LabCluster::new(&lab, "north").await;
     scenarios::connect(&kc, &east, &north).await.unwrap();
     let global = BTreeMap::from([("service.cilium.io/global".to_owned(), "true".to_owned())]);
     multicluster::Cluster::deploy(&north, "demo/remote", 1, &global)
