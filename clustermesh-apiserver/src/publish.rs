@@ -175,30 +175,51 @@ fn same_files(dir: &Path, files: &Files) -> bool {
             .all(|(f, v)| std::fs::read(dir.join(f)).ok().as_ref() == Some(v))
 }
 
+/// Removes the versioned directories of `peer` except `keep`.
+fn remove_versions(dir: &Path, peer: &str, keep: Option<&str>) {
+    let prefix = format!(".v-{peer}-");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && Some(name.as_str()) != keep {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Writes `files` as the configuration of `peer`: into a fresh versioned directory, then
+/// `<dir>/<peer>` is switched to it with one atomic rename of a symlink, so that a reader of
+/// the directory never sees the peer missing or half written.
 fn write_peer(dir: &Path, peer: &ClusterName, files: &Files) -> std::io::Result<bool> {
     use std::os::unix::fs::PermissionsExt;
     let target = dir.join(peer.as_str());
     if same_files(&target, files) {
         return Ok(false);
     }
-    let staging = dir.join(format!(".staging-{peer}"));
-    let old = dir.join(format!(".old-{peer}"));
-    let _ = std::fs::remove_dir_all(&staging);
-    let _ = std::fs::remove_dir_all(&old);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let version = format!(".v-{peer}-{nanos}");
+    let staging = dir.join(&version);
     std::fs::create_dir_all(&staging)?;
     std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))?;
     for (f, v) in files {
         let path = staging.join(f);
         std::fs::write(&path, v)?;
-        if f == "tls.key" {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
-    if target.exists() {
-        std::fs::rename(&target, &old)?;
+    let link = dir.join(format!(".link-{peer}"));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&version, &link)?;
+    let is_real_dir = std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir());
+    if is_real_dir {
+        // Written by an earlier version as a plain directory: replaced once, not atomically.
+        std::fs::remove_dir_all(&target)?;
     }
-    std::fs::rename(&staging, &target)?;
-    let _ = std::fs::remove_dir_all(&old);
+    std::fs::rename(&link, &target)?;
+    remove_versions(dir, peer.as_str(), Some(&version));
     Ok(true)
 }
 
@@ -249,8 +270,16 @@ pub fn sync_dir(
                 continue;
             }
             tracing::info!(peer = %name, "peer Secret deleted; removing its configuration");
-            if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                tracing::warn!(peer = %name, error = %err, "could not remove the peer configuration");
+            let path = e.path();
+            let removed = match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&path),
+                _ => std::fs::remove_dir_all(&path),
+            };
+            match removed {
+                Ok(()) => remove_versions(dir, &name, None),
+                Err(err) => {
+                    tracing::warn!(peer = %name, error = %err, "could not remove the peer configuration")
+                }
             }
         }
     }

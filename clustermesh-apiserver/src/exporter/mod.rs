@@ -315,29 +315,97 @@ pub async fn run(
     let gc_every = (ex.settings.identity_gc_grace / 4)
         .clamp(Duration::from_millis(100), Duration::from_secs(30));
     let mut gc = tokio::time::interval(gc_every);
+    let mut liveness = ex.session.liveness();
+    let mut retry = telemetry::backoff::Backoff::new(
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    );
+    // The last failed pass, so that readiness says why while etcd refuses writes.
+    let mut failing: Option<(i64, String)> = None;
     loop {
         tokio::select! {
             _ = dirty.notify.notified() => {}
             _ = gc.tick() => dirty.mark(DIRTY_GC),
+            changed = liveness.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the etcd session ended");
+                }
+                let _ = ready.send_replace(readiness(&liveness.borrow_and_update(), failing.as_ref()));
+                continue;
+            }
         }
         let bits = dirty.take();
         if bits == 0 {
             continue;
         }
         ex.metrics.inc(m::PASSES, &[]);
-        if let Err(e) = ex.pass(bits).await {
-            // Keep what was written; the failed kinds are retried on the next pass.
-            ex.metrics.inc(m::ERRORS, &["etcd"]);
-            tracing::warn!(error = format!("{e:#}"), "reconcile pass failed; retrying");
-            // Incremental state may be ahead of etcd: recompute everything affected.
-            let full = if bits & DIRTY_POD_SET != 0 {
-                DIRTY_PODS
-            } else {
-                0
-            };
-            dirty.mark(bits | full);
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        match ex.pass(bits).await {
+            Ok(()) => {
+                retry.healthy();
+                if failing.take().is_some() {
+                    tracing::info!("reconcile pass succeeded again");
+                    let _ = ready.send_replace(readiness(&liveness.borrow(), None));
+                }
+            }
+            Err(e) => {
+                // Keep what was written; the failed kinds are retried on the next pass.
+                ex.metrics.inc(m::ERRORS, &["etcd"]);
+                let error = format!("{e:#}");
+                let delay = retry.next_delay();
+                // One line per outage and per changed error, not one per retry.
+                if failing.as_ref().is_none_or(|(_, old)| *old != error) {
+                    tracing::warn!(error = %error, retry_in = ?delay, "reconcile pass failed; retrying with backoff");
+                }
+                let since = failing.as_ref().map_or_else(unix_ms, |(t, _)| *t);
+                failing = Some((since, error));
+                let _ = ready.send_replace(readiness(&liveness.borrow(), failing.as_ref()));
+                // Incremental state may be ahead of etcd: recompute everything affected.
+                let full = if bits & DIRTY_POD_SET != 0 {
+                    DIRTY_PODS
+                } else {
+                    0
+                };
+                dirty.mark(bits | full);
+                tokio::time::sleep(delay).await;
+            }
         }
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// Readiness of a leading exporter: not ready while etcd does not answer keep-alives or refuses
+/// writes, with since when (the exported state stays in etcd meanwhile).
+fn readiness(
+    liveness: &kvstore::session::Liveness,
+    failing: Option<&(i64, String)>,
+) -> Result<(), String> {
+    let ago = |since: i64| {
+        let secs = (unix_ms() - since).max(0) / 1000;
+        format!("{secs}s")
+    };
+    match (liveness, failing) {
+        (
+            kvstore::session::Liveness::Unreachable {
+                since_unix_ms,
+                error,
+            },
+            _,
+        ) => Err(format!(
+            "etcd unreachable for {} (since unix ms {since_unix_ms}): {error}; exported state kept",
+            ago(*since_unix_ms)
+        )),
+        (_, Some((since, error))) => Err(format!(
+            "etcd writes failing for {} (since unix ms {since}): {error}; exported state kept",
+            ago(*since)
+        )),
+        (kvstore::session::Liveness::Alive, None) => Ok(()),
     }
 }
 

@@ -70,12 +70,16 @@ impl PeerConfig {
                     .parse::<ClusterId>()
                     .map_err(|e| format!("{}: {e}", dir.join("cluster-id").display()))?,
             ),
-            Err(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("{}: {e}", dir.join("cluster-id").display())),
         };
         let tls = TlsFiles::in_dir(dir);
         let mut fingerprint = endpoints_raw;
-        for f in ["ca.crt", "tls.crt", "tls.key", "cluster-id"] {
-            fingerprint.extend(std::fs::read(dir.join(f)).unwrap_or_default());
+        for f in ["ca.crt", "tls.crt", "tls.key"] {
+            fingerprint.extend(read(f)?);
+        }
+        if let Some(id) = cluster_id {
+            fingerprint.extend(id.to_string().into_bytes());
         }
         Ok(Self {
             name,
@@ -210,48 +214,113 @@ pub struct Context {
     pub rescan_now: Arc<tokio::sync::Notify>,
 }
 
+/// One scan of the peers directory.
+#[derive(Debug, Default)]
+struct Scan {
+    /// Peers whose configuration loaded.
+    found: HashMap<String, PeerConfig>,
+    /// Every peer directory present, loadable or not.
+    present: HashSet<String>,
+    /// Problems, by path: a directory that could not be read or is invalid.
+    problems: HashMap<PathBuf, String>,
+    /// Whether the listing itself was complete. Only a complete listing can confirm that a
+    /// peer's directory is gone.
+    complete: bool,
+}
+
+fn scan(dir: &Path, own: &ClusterName) -> Scan {
+    let mut out = Scan::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            out.problems
+                .insert(dir.to_owned(), format!("list {}: {e}", dir.display()));
+            return out;
+        }
+    };
+    out.complete = true;
+    for e in entries {
+        let e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                out.complete = false;
+                out.problems
+                    .insert(dir.to_owned(), format!("list {}: {err}", dir.display()));
+                continue;
+            }
+        };
+        let path = e.path();
+        // Kubernetes Secret mounts hold `..data` links; only real peer directories count.
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        match std::fs::metadata(&path) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => {
+                // Cannot tell: count it as present so that its peer is not drained.
+                out.present.insert(name);
+                out.problems
+                    .insert(path.clone(), format!("stat {}: {err}", path.display()));
+                continue;
+            }
+        }
+        out.present.insert(name.clone());
+        match PeerConfig::load(&path) {
+            Ok(cfg) if cfg.name == *own => {
+                tracing::warn!(peer = %cfg.name, "ignoring a peer configuration for this cluster itself");
+            }
+            Ok(cfg) => {
+                out.found.insert(name, cfg);
+            }
+            Err(e) => {
+                out.problems.insert(path, e);
+            }
+        }
+    }
+    out
+}
+
 /// Watches `dir` and runs one task per peer until dropped.
+///
+/// Only a confirmed removal drains a peer: its directory absent from a complete listing. A
+/// directory that cannot be listed or read (file descriptors exhausted, an I/O error) or whose
+/// new contents are invalid keeps the peer running on its last good configuration, and the
+/// problem is logged once and counted.
 pub async fn run(ctx: Context, dir: PathBuf, rescan: Duration) {
     let mut tasks: HashMap<String, (PeerConfig, AbortOnDrop)> = HashMap::new();
     let mut reported: HashMap<PathBuf, String> = HashMap::new();
     loop {
-        let mut found: HashMap<String, PeerConfig> = HashMap::new();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let path = e.path();
-                // Kubernetes Secret mounts hold `..data` links; only real peer directories count.
-                if !path.is_dir() || e.file_name().to_string_lossy().starts_with('.') {
-                    continue;
-                }
-                match PeerConfig::load(&path) {
-                    Ok(cfg) => {
-                        reported.remove(&path);
-                        if cfg.name == ctx.own {
-                            tracing::warn!(peer = %cfg.name, "ignoring a peer configuration for this cluster itself");
-                            continue;
-                        }
-                        found.insert(cfg.name.to_string(), cfg);
-                    }
-                    Err(e) => {
-                        if reported.get(&path) != Some(&e) {
-                            tracing::warn!(error = %e, "invalid peer configuration; ignored");
-                            ctx.metrics.inc(m::ERRORS, &["peer-config"]);
-                            reported.insert(path, e);
-                        }
-                    }
-                }
+        let Scan {
+            found,
+            present,
+            problems,
+            complete,
+        } = scan(&dir, &ctx.own);
+        reported.retain(|path, _| problems.contains_key(path));
+        for (path, e) in problems {
+            if reported.get(&path) != Some(&e) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot use a peer configuration; peers keep their last good configuration");
+                ctx.metrics.inc(m::ERRORS, &["peer-config"]);
+                reported.insert(path, e);
             }
         }
-        // Removed peers: disconnect and drain.
-        let gone: Vec<String> = tasks
-            .keys()
-            .filter(|k| !found.contains_key(*k))
-            .cloned()
-            .collect();
+        // Removed peers (confirmed by a complete listing): disconnect and drain.
+        let gone: Vec<String> = if complete {
+            tasks
+                .keys()
+                .filter(|k| !present.contains(*k))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         for name in gone {
             if let Some((cfg, task)) = tasks.remove(&name) {
                 drop(task);
-                tracing::info!(peer = %cfg.name, "peer removed; draining its state");
+                tracing::info!(peer = %cfg.name, "peer configuration removed; draining its state");
                 let prefix = keys::cluster_prefix(Scope::Cache, &cfg.name);
                 if let Err(e) = ctx.kv.delete_prefix(&prefix).await {
                     tracing::warn!(peer = %cfg.name, error = %e, "could not drain the peer's state");
@@ -716,4 +785,64 @@ async fn flush(
         ctx.kv.delete_many(&deletes).await.map_err(|e| local(&e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn peer_dir(root: &Path, name: &str) -> PathBuf {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("endpoints"), "127.0.0.1:1\n").unwrap();
+        for f in ["ca.crt", "tls.crt", "tls.key"] {
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        d
+    }
+
+    /// Issue 12, case 3: a listing that fails is not an empty listing.
+    #[test]
+    fn an_unreadable_peers_directory_confirms_no_removal() {
+        let own = ClusterName::new("east").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let s = scan(&root.path().join("missing"), &own);
+        assert!(!s.complete, "a failed listing confirms nothing");
+        assert_eq!(s.problems.len(), 1);
+    }
+
+    /// A peer directory whose files cannot be read (here `tls.crt` turned into a directory, an
+    /// I/O error like EMFILE would be) is present: its peer keeps its last good configuration.
+    #[test]
+    fn a_peer_that_cannot_be_read_is_present_not_removed() {
+        let own = ClusterName::new("east").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        peer_dir(root.path(), "west");
+        let south = peer_dir(root.path(), "south");
+        std::fs::remove_file(south.join("tls.crt")).unwrap();
+        std::fs::create_dir(south.join("tls.crt")).unwrap();
+        let s = scan(root.path(), &own);
+        assert!(s.complete);
+        assert!(s.found.contains_key("west"));
+        assert!(!s.found.contains_key("south"));
+        assert!(s.present.contains("south"), "unreadable is not removed");
+        assert!(s.problems.keys().any(|p| p.ends_with("south")));
+        // A missing cluster-id is fine; an unreadable one is a problem, not "no ID".
+        std::fs::create_dir(root.path().join("west").join("cluster-id")).unwrap();
+        let s = scan(root.path(), &own);
+        assert!(!s.found.contains_key("west") && s.present.contains("west"));
+    }
+
+    /// The peer Secret follower swaps a symlink: the scan sees the peer through it.
+    #[test]
+    fn a_symlinked_peer_directory_counts() {
+        let own = ClusterName::new("east").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        peer_dir(root.path(), ".v-west-1");
+        std::os::unix::fs::symlink(".v-west-1", root.path().join("west")).unwrap();
+        let s = scan(root.path(), &own);
+        assert!(s.found.contains_key("west"));
+        assert_eq!(s.found.len(), 1, "versioned directories are not peers");
+    }
 }

@@ -1,10 +1,19 @@
-//! Leased writes: the keys a cluster exports live as long as its apiserver does.
+//! The exporter's session: a liveness lease, and the keys it writes, which hang on no lease.
 //!
-//! A [`Session`] owns one etcd lease, keeps it alive, and remembers every key written through
-//! it. If the lease expires anyway (a long partition, or someone revoked it), the session grants
-//! a new lease and writes every remembered key again, so exported state comes back without the
-//! exporter doing anything. Synced markers are written through the session as well, and only
-//! after the writes they vouch for have returned.
+//! Exported state is withdrawn only by its owner, by a confirmed removal at the source (a
+//! Service deleted or un-annotated). So the keys written through a [`Session`] carry **no
+//! lease**: losing etcd, a partition longer than any TTL, or a revoked lease never deletes them
+//! ([ADR 0013](../../../docs/architecture/adr/0013-exports-outlive-faults.md)). What the lease
+//! carries is only the session record (`sessions/<cluster>`): "this cluster's exporter is alive".
+//! When the record's lease expires, readers learn the exporter stopped heartbeating; they keep
+//! the state.
+//!
+//! The session remembers every key it wrote and its value, so that rewriting an unchanged value
+//! is skipped (a no-op write would bump the revision and wake every watcher), and so that a
+//! restarted exporter (which [`Session::resume`]s) can compute what is stale. Synced markers are
+//! written only after the writes they vouch for have returned.
+//!
+//! Must not decide what to export or delete: that is the exporter's reconcile loop.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,24 +22,43 @@ use std::time::Duration;
 use model::ClusterName;
 use model::keys::{self, Kind, Scope};
 use prost::Message;
-use tokio::sync::Mutex;
+use telemetry::backoff::Backoff;
+use tokio::sync::{Mutex, watch};
 
 use crate::{Client, Error, Result, Revision};
 
+/// Whether the session's lease is alive, as the keep-alive loop last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// Keep-alives are answered.
+    Alive,
+    /// etcd does not answer keep-alives (since when, in Unix milliseconds, and the last error).
+    /// The exported keys are untouched; only the session record may expire.
+    Unreachable {
+        /// When the first failed keep-alive of this outage happened.
+        since_unix_ms: i64,
+        /// The last error.
+        error: String,
+    },
+}
+
 struct State {
     lease: i64,
+    /// The session record: written with the lease, rewritten when the lease is re-created.
+    record: Option<(String, Vec<u8>)>,
     /// Every key written through the session and not deleted since, with its value.
     keys: BTreeMap<String, Vec<u8>>,
     /// How many times the lease had to be re-created.
     recreated: u64,
 }
 
-/// A lease and the keys attached to it. Dropping the session stops the keep-alive; the keys
-/// then expire with the lease (use [`Session::close`] to remove them at once).
+/// A liveness lease and the (unleased) keys written through it. Dropping the session stops the
+/// keep-alive; the keys stay, and the session record expires with the lease.
 pub struct Session {
     client: Client,
     ttl: Duration,
     state: Arc<Mutex<State>>,
+    liveness: watch::Receiver<Liveness>,
     keepalive: tokio::task::JoinHandle<()>,
 }
 
@@ -44,6 +72,13 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.keepalive.abort();
     }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
 }
 
 async fn grant(client: &Client, ttl: Duration) -> Result<i64> {
@@ -60,28 +95,62 @@ async fn grant(client: &Client, ttl: Duration) -> Result<i64> {
     Ok(resp.id())
 }
 
+/// What etcd says of a lease.
+enum LeaseState {
+    Alive,
+    Gone,
+}
+
+async fn lease_state(client: &Client, lease: i64) -> Result<LeaseState> {
+    match client.etcd().lease_time_to_live(lease, None).await {
+        Ok(r) if r.ttl() > 0 => Ok(LeaseState::Alive),
+        Ok(_) => Ok(LeaseState::Gone),
+        Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
+            Ok(LeaseState::Gone)
+        }
+        Err(source) => Err(Error::Request {
+            op: "lease-time-to-live",
+            key: String::new(),
+            source,
+        }),
+    }
+}
+
 impl Session {
-    /// Grants a lease of `ttl` (at least one second) and starts keeping it alive.
-    pub async fn start(client: &Client, ttl: Duration) -> Result<Self> {
-        let lease = grant(client, ttl).await?;
-        let state = Arc::new(Mutex::new(State {
-            lease,
-            keys: BTreeMap::new(),
-            recreated: 0,
-        }));
-        let keepalive = tokio::spawn(keep_alive(client.clone(), ttl, Arc::clone(&state)));
-        Ok(Self {
+    fn spawn(client: &Client, ttl: Duration, state: State) -> Self {
+        let state = Arc::new(Mutex::new(state));
+        let (tx, liveness) = watch::channel(Liveness::Alive);
+        let keepalive = tokio::spawn(keep_alive(client.clone(), ttl, Arc::clone(&state), tx));
+        Self {
             client: client.clone(),
             ttl,
             state,
+            liveness,
             keepalive,
-        })
+        }
     }
 
-    /// Adopts the lease recorded at `record_key` if it is still alive, taking over the keys
-    /// under `held_prefix` that are attached to it (so that unchanged keys are not rewritten);
-    /// otherwise starts a new lease. Either way the record then names this session's lease.
-    /// Returns the session and whether it adopted a lease.
+    /// Grants a lease of `ttl` (at least one second) and starts keeping it alive.
+    pub async fn start(client: &Client, ttl: Duration) -> Result<Self> {
+        let lease = grant(client, ttl).await?;
+        Ok(Self::spawn(
+            client,
+            ttl,
+            State {
+                lease,
+                record: None,
+                keys: BTreeMap::new(),
+                recreated: 0,
+            },
+        ))
+    }
+
+    /// Adopts the lease recorded at `record_key` if it is still alive, otherwise starts a new
+    /// one; either way the record then names this session's lease (written with it). The
+    /// unleased keys under `held_prefix` are taken over as held, so that unchanged keys are not
+    /// rewritten. Keys there that still hang on a lease (written by an earlier version) are not
+    /// taken over: the next write of them detaches them from it. Returns the session and
+    /// whether it adopted a lease.
     pub async fn resume(
         client: &Client,
         ttl: Duration,
@@ -92,45 +161,38 @@ impl Session {
             .get_raw(record_key)
             .await?
             .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i64>().ok());
-        let mut adopted = None;
-        if let Some(lease) = recorded {
-            let alive = client
-                .etcd()
-                .lease_time_to_live(lease, None)
-                .await
-                .map(|r| r.ttl() > 0)
-                .unwrap_or(false);
-            if alive {
-                let (kvs, _) = client.list_raw(held_prefix).await?;
-                let keys: BTreeMap<String, Vec<u8>> = kvs
-                    .into_iter()
-                    .filter(|kv| kv.lease == lease)
-                    .map(|kv| (kv.key, kv.value))
-                    .collect();
-                adopted = Some((lease, keys));
-            }
-        }
-        let was_adopted = adopted.is_some();
-        let (lease, keys) = match adopted {
-            Some(a) => a,
-            None => (grant(client, ttl).await?, BTreeMap::new()),
+        let adopted = match recorded {
+            Some(lease) => match lease_state(client, lease).await? {
+                LeaseState::Alive => Some(lease),
+                LeaseState::Gone => None,
+            },
+            None => None,
         };
-        let state = Arc::new(Mutex::new(State {
-            lease,
-            keys,
-            recreated: 0,
-        }));
-        let keepalive = tokio::spawn(keep_alive(client.clone(), ttl, Arc::clone(&state)));
-        let session = Self {
-            client: client.clone(),
-            ttl,
-            state,
-            keepalive,
+        let (kvs, _) = client.list_raw(held_prefix).await?;
+        let keys: BTreeMap<String, Vec<u8>> = kvs
+            .into_iter()
+            .filter(|kv| kv.lease == 0)
+            .map(|kv| (kv.key, kv.value))
+            .collect();
+        let lease = match adopted {
+            Some(l) => l,
+            None => grant(client, ttl).await?,
         };
-        session
-            .put(record_key.to_owned(), lease.to_string().into_bytes())
+        let record = (record_key.to_owned(), lease.to_string().into_bytes());
+        client
+            .put_with_lease(&record.0, record.1.clone(), lease)
             .await?;
-        Ok((session, was_adopted))
+        let session = Self::spawn(
+            client,
+            ttl,
+            State {
+                lease,
+                record: Some(record),
+                keys,
+                recreated: 0,
+            },
+        );
+        Ok((session, adopted.is_some()))
     }
 
     /// The current lease ID.
@@ -143,15 +205,19 @@ impl Session {
         self.state.lock().await.recreated
     }
 
-    /// Writes one key attached to the lease.
+    /// Whether keep-alives are answered; changes as they start or stop being answered.
+    pub fn liveness(&self) -> watch::Receiver<Liveness> {
+        self.liveness.clone()
+    }
+
+    /// Writes one key (no lease).
     pub async fn put(&self, key: String, value: Vec<u8>) -> Result<Revision> {
         self.put_many(vec![(key, value)]).await
     }
 
-    /// Writes many keys attached to the lease, in transactions of at most
-    /// [`crate::MAX_TXN_OPS`]. Keys whose remembered value is already `value` are skipped (a
-    /// no-op write would still bump the revision and wake every watcher). Returns the revision
-    /// of the last write, or 0 when every item was a no-op.
+    /// Writes many keys (no lease), in transactions of at most [`crate::MAX_TXN_OPS`]. Keys
+    /// whose remembered value is already `value` are skipped. Returns the revision of the last
+    /// write, or 0 when every item was a no-op.
     pub async fn put_many(&self, items: Vec<(String, Vec<u8>)>) -> Result<Revision> {
         let mut state = self.state.lock().await;
         let changed: Vec<(String, Vec<u8>)> = items
@@ -161,19 +227,12 @@ impl Session {
         if changed.is_empty() {
             return Ok(0);
         }
-        let rev = match self.client.put_many(&changed, state.lease).await {
-            Ok(rev) => rev,
-            Err(e) if is_lease_gone(&e) => {
-                recreate(&self.client, self.ttl, &mut state).await?;
-                self.client.put_many(&changed, state.lease).await?
-            }
-            Err(e) => return Err(e),
-        };
+        let rev = self.client.put_many(&changed, 0).await?;
         state.keys.extend(changed);
         Ok(rev)
     }
 
-    /// Deletes keys written through the session.
+    /// Deletes keys written through the session (a confirmed removal at the source).
     pub async fn delete_many(&self, keys: &[String]) -> Result<Revision> {
         let mut state = self.state.lock().await;
         let rev = self.client.delete_many(keys).await?;
@@ -219,24 +278,29 @@ impl Session {
         kind: Kind,
         revision: Revision,
     ) -> Result<Revision> {
-        let written_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or_default();
         let marker = wire::pb::SyncedMarker {
             cluster: cluster.to_string(),
             kind: kind.to_string(),
             revision,
-            written_unix_ms,
+            written_unix_ms: now_unix_ms(),
         };
         self.put(keys::synced(scope, cluster, kind), marker.encode_to_vec())
             .await
     }
 
-    /// Revokes the lease: every key of the session disappears at once.
+    /// Deletes every key of the session and revokes its lease: the owner withdraws everything
+    /// it exported (decommissioning; never called on a fault).
     pub async fn close(self) -> Result<()> {
         self.keepalive.abort();
-        let lease = self.state.lock().await.lease;
+        let (lease, held, record) = {
+            let state = self.state.lock().await;
+            let held: Vec<String> = state.keys.keys().cloned().collect();
+            (state.lease, held, state.record.clone())
+        };
+        self.client.delete_many(&held).await?;
+        if let Some((key, _)) = record {
+            self.client.delete_many(&[key]).await?;
+        }
         self.client
             .etcd()
             .lease_revoke(lease)
@@ -250,68 +314,131 @@ impl Session {
     }
 }
 
-fn is_lease_gone(e: &Error) -> bool {
-    matches!(e, Error::Request { source, .. } if source.to_string().contains("lease not found"))
-}
-
-/// Grants a new lease and writes every remembered key again under it.
+/// Grants a new lease and writes the session record again under it. The exported keys hang on
+/// no lease and are not touched.
 async fn recreate(client: &Client, ttl: Duration, state: &mut State) -> Result<()> {
     let old = state.lease;
     let lease = grant(client, ttl).await?;
-    let items: Vec<(String, Vec<u8>)> = state
-        .keys
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    client.put_many(&items, lease).await?;
+    if let Some((key, _)) = &state.record {
+        let value = lease.to_string().into_bytes();
+        client.put_with_lease(key, value.clone(), lease).await?;
+        state.record = Some((key.clone(), value));
+    }
     state.lease = lease;
     state.recreated += 1;
     tracing::warn!(
         old_lease = format_args!("{old:x}"),
         new_lease = format_args!("{lease:x}"),
-        keys = items.len(),
-        "lease expired; re-created it and rewrote its keys"
+        "session lease expired; re-created it and rewrote the session record (exported keys untouched)"
     );
     Ok(())
 }
 
-/// Sends a keep-alive every third of the TTL. A response with TTL 0 means the lease is gone:
-/// re-create it. A broken stream is re-opened with backoff.
-async fn keep_alive(client: Client, ttl: Duration, state: Arc<Mutex<State>>) {
+/// How one keep-alive stream ended.
+enum Ended {
+    /// etcd answered with TTL 0: the lease is gone.
+    Expired,
+    /// The stream failed or went silent; the lease may or may not be alive.
+    Broken(String),
+}
+
+/// Keeps `lease` alive on one stream until it ends.
+async fn run_stream(
+    client: &Client,
+    lease: i64,
+    ttl: Duration,
+    backoff: &mut Backoff,
+    live: &watch::Sender<Liveness>,
+) -> Ended {
     let period = (ttl / 3).max(Duration::from_millis(100));
-    let mut backoff = Duration::from_millis(100);
+    let (mut keeper, mut stream) = match client.etcd().lease_keep_alive(lease).await {
+        Ok(pair) => pair,
+        Err(e) => return Ended::Broken(format!("open keep-alive stream: {e}")),
+    };
+    loop {
+        if let Err(e) = keeper.keep_alive().await {
+            return Ended::Broken(format!("send keep-alive: {e}"));
+        }
+        let resp = match tokio::time::timeout(period.max(Duration::from_secs(1)), stream.message())
+            .await
+        {
+            Ok(Ok(Some(resp))) => resp,
+            Ok(Ok(None)) => return Ended::Broken("keep-alive stream closed".into()),
+            Ok(Err(e)) => return Ended::Broken(format!("keep-alive: {e}")),
+            Err(_) => return Ended::Broken("keep-alive not answered".into()),
+        };
+        if resp.ttl() <= 0 {
+            return Ended::Expired;
+        }
+        backoff.healthy();
+        live.send_if_modified(|l| {
+            let changed = *l != Liveness::Alive;
+            *l = Liveness::Alive;
+            changed
+        });
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// Keeps the lease alive forever. Whatever ends a stream, etcd is asked whether the lease still
+/// exists: if not (expired during an outage, or revoked), a new lease is granted and the record
+/// rewritten at once; if etcd cannot be asked, the loop backs off and asks again.
+async fn keep_alive(
+    client: Client,
+    ttl: Duration,
+    state: Arc<Mutex<State>>,
+    live: watch::Sender<Liveness>,
+) {
+    let mut backoff = Backoff::new(
+        Duration::from_millis(100),
+        (ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(2)),
+        ttl,
+    );
     loop {
         let lease = state.lock().await.lease;
-        let (mut keeper, mut stream) = match client.etcd().lease_keep_alive(lease).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!(lease = format_args!("{lease:x}"), error = %e, "keep-alive stream failed to open");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ttl);
+        let gone = match run_stream(&client, lease, ttl, &mut backoff, &live).await {
+            Ended::Expired => true,
+            Ended::Broken(error) => match lease_state(&client, lease).await {
+                Ok(LeaseState::Gone) => true,
+                Ok(LeaseState::Alive) => {
+                    tracing::debug!(lease = format_args!("{lease:x}"), error = %error, "keep-alive stream broke; lease alive; reopening");
+                    false
+                }
+                Err(e) => {
+                    live.send_if_modified(|l| match l {
+                        Liveness::Alive => {
+                            *l = Liveness::Unreachable {
+                                since_unix_ms: now_unix_ms(),
+                                error: format!("{e}"),
+                            };
+                            true
+                        }
+                        Liveness::Unreachable { error: old, .. } => {
+                            let new = format!("{e}");
+                            let changed = *old != new;
+                            *old = new;
+                            changed
+                        }
+                    });
+                    tracing::debug!(error = %e, "etcd unreachable for keep-alives; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            },
+        };
+        if gone {
+            let mut guard = state.lock().await;
+            if guard.lease == lease
+                && let Err(e) = recreate(&client, ttl, &mut guard).await
+            {
+                drop(guard);
+                tracing::warn!(error = %e, "cannot re-create the session lease; retrying");
+                backoff.wait().await;
                 continue;
             }
-        };
-        loop {
-            if keeper.keep_alive().await.is_err() {
-                break;
-            }
-            let resp = match tokio::time::timeout(ttl, stream.message()).await {
-                Ok(Ok(Some(resp))) => resp,
-                _ => break,
-            };
-            backoff = Duration::from_millis(100);
-            if resp.ttl() <= 0 {
-                let mut guard = state.lock().await;
-                if guard.lease == lease
-                    && let Err(e) = recreate(&client, ttl, &mut guard).await
-                {
-                    tracing::error!(error = %e, "cannot re-create the lease; retrying");
-                }
-                break;
-            }
-            tokio::time::sleep(period).await;
+            backoff.reset();
+        } else {
+            backoff.wait().await;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(ttl);
     }
 }

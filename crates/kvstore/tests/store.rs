@@ -387,24 +387,34 @@ async fn watch_resumes_after_etcd_restarts() {
 }
 
 #[tokio::test]
-async fn an_expired_lease_is_recreated_with_all_its_keys() {
+async fn exported_keys_hang_on_no_lease_and_a_lost_lease_is_recreated() {
     let etcd = Etcd::start().await.unwrap();
     let c = etcd.client().await.unwrap();
-    let session = Session::start(&c, Duration::from_secs(2)).await.unwrap();
+    let record = keys::session(&east());
+    let (session, adopted) = Session::resume(
+        &c,
+        Duration::from_secs(2),
+        &record,
+        &keys::cluster_prefix(Scope::State, &east()),
+    )
+    .await
+    .unwrap();
+    assert!(!adopted);
     let items: Vec<(String, Vec<u8>)> = (0..3).map(|i| (key(i), vec![i as u8])).collect();
     session.put_many(items.clone()).await.unwrap();
     let lease = session.lease().await;
-    assert!(
-        c.list_raw("/clustermesh/v1/state/east/")
-            .await
-            .unwrap()
-            .0
-            .iter()
-            .all(|kv| kv.lease == lease)
-    );
+    let (kvs, _) = c.list_raw("/clustermesh/v1/state/east/").await.unwrap();
+    assert_eq!(kvs.len(), 3);
+    assert!(kvs.iter().all(|kv| kv.lease == 0), "exports carry no lease");
+    assert_eq!(c.get_raw(&record).await.unwrap().unwrap().lease, lease);
 
-    // Keys outlive several TTLs while the session keeps the lease alive.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Someone revokes the lease: the exports stay, and the record comes back under a new lease.
+    c_revoke(&c, lease).await;
+    eventually("the session record under a new lease", WAIT, || async {
+        let kv = c.get_raw(&record).await.ok()??;
+        (kv.lease != lease && kv.lease != 0).then_some(())
+    })
+    .await;
     assert_eq!(
         c.list_raw("/clustermesh/v1/state/east/")
             .await
@@ -413,17 +423,9 @@ async fn an_expired_lease_is_recreated_with_all_its_keys() {
             .len(),
         3
     );
-
-    // Someone revokes the lease: the keys vanish, and come back under a new lease.
-    c_revoke(&c, lease).await;
-    eventually("keys restored under a new lease", WAIT, || async {
-        let (kvs, _) = c.list_raw("/clustermesh/v1/state/east/").await.ok()?;
-        (kvs.len() == 3 && kvs.iter().all(|kv| kv.lease != lease && kv.lease != 0)).then_some(())
-    })
-    .await;
     assert_eq!(session.recreated().await, 1);
 
-    // Closing the session removes its keys at once.
+    // Closing the session is the owner withdrawing everything: keys and record go at once.
     session.close().await.unwrap();
     assert!(
         c.list_raw("/clustermesh/v1/state/east/")
@@ -431,6 +433,93 @@ async fn an_expired_lease_is_recreated_with_all_its_keys() {
             .unwrap()
             .0
             .is_empty()
+    );
+    assert!(c.get_raw(&record).await.unwrap().is_none());
+}
+
+/// Issue 13, case 1: an exporter cut from etcd for longer than its lease TTL. Nothing it
+/// exported is deleted; when etcd is reachable again the lease is re-created by the keep-alive
+/// loop itself (no write by the exporter needed) and liveness reports the outage and its end.
+#[tokio::test]
+async fn a_cut_longer_than_the_ttl_deletes_nothing_and_recovers_by_itself() {
+    let etcd = Etcd::start().await.unwrap();
+    let observer = etcd.client().await.unwrap();
+    let proxy = Proxy::start(([127, 0, 0, 1], etcd.port()).into())
+        .await
+        .unwrap();
+    let mut cfg = etcd.config_via(proxy.addr());
+    cfg.connect_timeout = Duration::from_secs(1);
+    let c = Client::connect(cfg).await.unwrap();
+    let record = keys::session(&east());
+    let (session, _) = Session::resume(
+        &c,
+        Duration::from_secs(2),
+        &record,
+        &keys::cluster_prefix(Scope::State, &east()),
+    )
+    .await
+    .unwrap();
+    let items: Vec<(String, Vec<u8>)> = (0..50).map(|i| (key(i), vec![i as u8])).collect();
+    session.put_many(items).await.unwrap();
+    let lease = session.lease().await;
+    let mut liveness = session.liveness();
+    let mut w = Watcher::new(&observer, keys::cluster_prefix(Scope::State, &east()));
+    collect_until(&mut w, |e| matches!(e.last(), Some(Event::InitDone { .. }))).await;
+
+    proxy.set_blocked(true);
+    proxy.cut();
+    // The lease expires while the exporter cannot reach etcd.
+    eventually("the session record expired", WAIT, || async {
+        observer
+            .get_raw(&record)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    tokio::time::timeout(
+        WAIT,
+        liveness.wait_for(|l| matches!(l, kvstore::session::Liveness::Unreachable { .. })),
+    )
+    .await
+    .expect("liveness reports the outage")
+    .unwrap();
+    assert_eq!(
+        observer
+            .list_raw("/clustermesh/v1/state/east/")
+            .await
+            .unwrap()
+            .0
+            .len(),
+        50,
+        "nothing exported was deleted"
+    );
+
+    proxy.set_blocked(false);
+    eventually("the record back under a new lease", WAIT, || async {
+        let kv = observer.get_raw(&record).await.ok()??;
+        (kv.lease != lease && kv.lease != 0).then_some(())
+    })
+    .await;
+    tokio::time::timeout(
+        WAIT,
+        liveness.wait_for(|l| *l == kvstore::session::Liveness::Alive),
+    )
+    .await
+    .expect("liveness reports the recovery")
+    .unwrap();
+    // Not one delete event on the exported prefix during the whole outage.
+    let probe = key(999);
+    observer.put_raw(&probe, vec![1]).await.unwrap();
+    let events = collect_until(
+        &mut w,
+        |e| matches!(e.last(), Some(Event::Apply(kv)) if kv.key == probe),
+    )
+    .await;
+    assert!(
+        events.iter().all(|e| !matches!(e, Event::Delete { .. })),
+        "no deletion during the outage: {events:?}"
     );
 }
 

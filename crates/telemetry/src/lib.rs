@@ -3,6 +3,7 @@
 //!
 //! Must not hold business logic; binaries call [`init`] first thing in `main`.
 
+pub mod backoff;
 pub mod metrics;
 
 use std::fmt;
