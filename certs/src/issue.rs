@@ -57,13 +57,32 @@ impl Ca {
         Self::generate_at(cluster, OffsetDateTime::now_utc(), valid_for)
     }
 
+    /// Generates the CA of `cluster`'s etcd: a trust domain of its own, separate from the
+    /// cluster CA, so that no certificate the cluster CA signs (peer, node agent, admin, the
+    /// Mesh API's own) is an etcd client. It signs only etcd's server certificate and the
+    /// apiserver's etcd client certificate.
+    pub fn generate_etcd(cluster: &ClusterName, valid_for: Duration) -> Result<Self> {
+        Self::generate_subject(
+            format!("clustermesh etcd CA {cluster}"),
+            OffsetDateTime::now_utc(),
+            valid_for,
+        )
+    }
+
     /// Like [`Ca::generate`] with an explicit start of validity (tests of expiry use it).
     pub fn generate_at(
         cluster: &ClusterName,
         not_before: OffsetDateTime,
         valid_for: Duration,
     ) -> Result<Self> {
-        let subject = format!("clustermesh CA {cluster}");
+        Self::generate_subject(format!("clustermesh CA {cluster}"), not_before, valid_for)
+    }
+
+    fn generate_subject(
+        subject: String,
+        not_before: OffsetDateTime,
+        valid_for: Duration,
+    ) -> Result<Self> {
         let err = issue_err(&subject);
         let key = KeyPair::generate().map_err(&err)?;
         let mut params = CertificateParams::default();

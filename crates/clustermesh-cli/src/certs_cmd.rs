@@ -31,6 +31,11 @@ pub(crate) enum Certs {
         /// Validity, e.g. `3650d`, `8760h`.
         #[arg(long, default_value = "3650d", value_parser = parse_duration)]
         valid_for: Duration,
+        /// Create the cluster's etcd CA instead: a separate trust domain that signs only etcd's
+        /// server certificate (`--role etcd`) and the apiserver's etcd client certificate
+        /// (`--role apiserver`), so that no mesh certificate opens etcd. Keep its key offline.
+        #[arg(long)]
+        etcd: bool,
     },
     /// Issue a leaf certificate carrying a mesh identity into DIR (tls.crt, tls.key, ca.crt).
     Issue(IssueArgs),
@@ -159,6 +164,7 @@ pub(crate) fn run(cmd: Certs) -> Result<ExitCode> {
             cluster_name,
             out,
             valid_for,
+            etcd,
         } => {
             let name = ClusterName::new(cluster_name).context("--cluster-name")?;
             if out.join("ca.key").exists() {
@@ -167,10 +173,15 @@ pub(crate) fn run(cmd: Certs) -> Result<ExitCode> {
                     out.display()
                 );
             }
-            let ca = Ca::generate(&name, valid_for)?;
+            let ca = if etcd {
+                Ca::generate_etcd(&name, valid_for)?
+            } else {
+                Ca::generate(&name, valid_for)?
+            };
             write_atomic(&out.join("ca.key"), ca.key_pem(), 0o600)?;
             write_atomic(&out.join("ca.crt"), ca.cert_pem(), 0o644)?;
-            println!("created CA for cluster {name} in {}", out.display());
+            let what = if etcd { "etcd CA" } else { "CA" };
+            println!("created {what} for cluster {name} in {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Certs::Issue(a) => {

@@ -21,6 +21,17 @@ pub struct Etcd {
     client_files: TlsFiles,
 }
 
+/// The compaction and quota settings we run etcd with everywhere (tests, lab, `deploy/`):
+/// history older than five minutes is compacted, and the database is capped at 2 GiB.
+pub const ETCD_HOUSEKEEPING: [&str; 6] = [
+    "--auto-compaction-mode",
+    "periodic",
+    "--auto-compaction-retention",
+    "5m",
+    "--quota-backend-bytes",
+    "2147483648",
+];
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -29,7 +40,7 @@ fn write_leaf(dir: &Path, leaf: &certs::Leaf, ca_pem: &str) -> Result<TlsFiles> 
     std::fs::create_dir_all(dir)?;
     let files = TlsFiles::in_dir(dir);
     std::fs::write(&files.cert, &leaf.cert_pem)?;
-    std::fs::write(&files.key, &leaf.key_pem)?;
+    crate::write_secret(&files.key, &leaf.key_pem)?;
     std::fs::write(&files.ca, ca_pem)?;
     Ok(files)
 }
@@ -39,7 +50,8 @@ impl Etcd {
     pub async fn start() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("cm-etcd-").tempdir()?;
         let cluster = ClusterName::new("etcd-test")?;
-        let ca = Ca::generate(&cluster, certs::issue::DEFAULT_CA_VALIDITY)?;
+        // etcd's own trust domain, as in the lab and in deploy/: no mesh certificate opens it.
+        let ca = Ca::generate_etcd(&cluster, certs::issue::DEFAULT_CA_VALIDITY)?;
         let cid = ClusterId::new(1)?;
         let server = ca.issue(
             &LeafSpec::new(MeshIdentity::new(cluster.clone(), cid, Role::Etcd))
@@ -126,6 +138,7 @@ impl Etcd {
             .arg("--trusted-ca-file")
             .arg(&server.ca)
             .arg("--client-cert-auth")
+            .args(ETCD_HOUSEKEEPING)
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))

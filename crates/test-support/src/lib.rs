@@ -67,11 +67,28 @@ pub fn write_tls(
     ca: &certs::Ca,
     leaf: &certs::Leaf,
 ) -> std::io::Result<certs::TlsFiles> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     std::fs::write(dir.join("tls.crt"), &leaf.cert_pem)?;
-    std::fs::write(dir.join("tls.key"), &leaf.key_pem)?;
+    write_secret(&dir.join("tls.key"), &leaf.key_pem)?;
     std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
     Ok(certs::TlsFiles::in_dir(dir))
+}
+
+/// Writes a private key (or anything secret) readable by its owner only (0600), also when
+/// the file existed with wider permissions.
+pub fn write_secret(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(contents.as_bytes())
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

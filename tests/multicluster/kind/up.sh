@@ -25,9 +25,12 @@ EOT
   d=$work/$c
   rm -rf "$d"
   $cm certs init --cluster-name $c --out "$d/ca"
-  $cm certs issue --ca-dir "$d/ca" --role etcd --cluster-name $c --cluster-id ${ID[$c]} \
+  # etcd is its own trust domain: a second CA that signs etcd's server certificate and the
+  # apiserver's etcd client certificate only (its key never enters the cluster).
+  $cm certs init --etcd --cluster-name $c --out "$d/etcd-ca"
+  $cm certs issue --ca-dir "$d/etcd-ca" --role etcd --cluster-name $c --cluster-id ${ID[$c]} \
     --dns clustermesh-etcd.kube-system.svc --out "$d/etcd-server"
-  $cm certs issue --ca-dir "$d/ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} --out "$d/etcd-client"
+  $cm certs issue --ca-dir "$d/etcd-ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} --out "$d/etcd-client"
   node_ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' $c-control-plane)
   $cm certs issue --ca-dir "$d/ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} \
     --dns clustermesh-apiserver.kube-system.svc --ip "$node_ip" --out "$d/apiserver"

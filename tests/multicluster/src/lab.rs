@@ -441,12 +441,21 @@ impl Lab {
         let ca = Ca::generate(&cname, certs::issue::DEFAULT_CA_VALIDITY)?;
         std::fs::create_dir_all(dir.join("ca"))?;
         std::fs::write(dir.join("ca/ca.crt"), ca.cert_pem())?;
-        std::fs::write(dir.join("ca/ca.key"), ca.key_pem())?;
-        let etcd_leaf = ca.issue(
+        test_support::write_secret(&dir.join("ca/ca.key"), ca.key_pem())?;
+        // etcd is its own trust domain: its CA signs etcd's server certificate and the
+        // apiserver's etcd client certificate, nothing else, and its key is not kept.
+        let etcd_ca = Ca::generate_etcd(&cname, certs::issue::DEFAULT_CA_VALIDITY)?;
+        let etcd_leaf = etcd_ca.issue(
             &LeafSpec::new(MeshIdentity::new(cname.clone(), cid, Role::Etcd))
                 .ips(["127.0.0.1".parse()?]),
         )?;
-        test_support::write_tls(&dir.join("etcd-tls"), &ca, &etcd_leaf)?;
+        test_support::write_tls(&dir.join("etcd-server-tls"), &etcd_ca, &etcd_leaf)?;
+        let etcd_client = etcd_ca.issue(&LeafSpec::new(MeshIdentity::new(
+            cname.clone(),
+            cid,
+            Role::Apiserver,
+        )))?;
+        test_support::write_tls(&dir.join("etcd-tls"), &etcd_ca, &etcd_client)?;
         let api_leaf = ca.issue(
             &LeafSpec::new(MeshIdentity::new(cname.clone(), cid, Role::Apiserver))
                 .ips([IpAddr::V4(host), "127.0.0.1".parse()?]),
@@ -454,38 +463,41 @@ impl Lab {
         test_support::write_tls(&dir.join("mesh-tls"), &ca, &api_leaf)?;
         // etcd.
         let (etcd_port, peer_port) = (test_support::free_port()?, test_support::free_port()?);
-        let tls = dir.join("etcd-tls");
-        let etcd = spawn(
-            &[
-                "etcd".into(),
-                "--name".into(),
-                name.into(),
-                "--data-dir".into(),
-                dir.join("etcd-data").display().to_string(),
-                "--listen-client-urls".into(),
-                format!("https://127.0.0.1:{etcd_port}"),
-                "--advertise-client-urls".into(),
-                format!("https://127.0.0.1:{etcd_port}"),
-                "--listen-peer-urls".into(),
-                format!("http://127.0.0.1:{peer_port}"),
-                "--initial-advertise-peer-urls".into(),
-                format!("http://127.0.0.1:{peer_port}"),
-                "--initial-cluster".into(),
-                format!("{name}=http://127.0.0.1:{peer_port}"),
-                "--cert-file".into(),
-                tls.join("tls.crt").display().to_string(),
-                "--key-file".into(),
-                tls.join("tls.key").display().to_string(),
-                "--trusted-ca-file".into(),
-                tls.join("ca.crt").display().to_string(),
-                "--client-cert-auth".into(),
-                "--logger".into(),
-                "zap".into(),
-                "--log-level".into(),
-                "error".into(),
-            ],
-            &dir.join("etcd.log"),
-        )?;
+        let tls = dir.join("etcd-server-tls");
+        let etcd_argv: Vec<String> = [
+            "etcd".into(),
+            "--name".into(),
+            name.into(),
+            "--data-dir".into(),
+            dir.join("etcd-data").display().to_string(),
+            "--listen-client-urls".into(),
+            format!("https://127.0.0.1:{etcd_port}"),
+            "--advertise-client-urls".into(),
+            format!("https://127.0.0.1:{etcd_port}"),
+            "--listen-peer-urls".into(),
+            format!("http://127.0.0.1:{peer_port}"),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://127.0.0.1:{peer_port}"),
+            "--initial-cluster".into(),
+            format!("{name}=http://127.0.0.1:{peer_port}"),
+            "--cert-file".into(),
+            tls.join("tls.crt").display().to_string(),
+            "--key-file".into(),
+            tls.join("tls.key").display().to_string(),
+            "--trusted-ca-file".into(),
+            tls.join("ca.crt").display().to_string(),
+            "--client-cert-auth".into(),
+        ]
+        .into_iter()
+        .chain(test_support::etcd::ETCD_HOUSEKEEPING.map(String::from))
+        .chain([
+            "--logger".into(),
+            "zap".into(),
+            "--log-level".into(),
+            "error".into(),
+        ])
+        .collect();
+        let etcd = spawn(&etcd_argv, &dir.join("etcd.log"))?;
         // Kubernetes API test server.
         let kube_dir = dir.join("kube");
         let _ = std::fs::remove_file(kube_dir.join("kubeconfig"));

@@ -32,6 +32,11 @@ async fn mesh_scenarios_on_the_lab() {
     scenarios::connect(&kc, &east, &west).await.unwrap();
     eprintln!("connected east <-> west through the CLI");
 
+    for cluster in ["east", "west"] {
+        only_the_apiserver_opens_etcd(&*lab.lock().await, cluster).await;
+    }
+    eprintln!("etcd refuses every mesh credential (peer, node agent, admin, Mesh API server)");
+
     let (echo_east, _) = scenarios::global_services(&kc, &east, &west).await.unwrap();
     eprintln!("global services: affinity local/remote/none and shared=false as expected");
 
@@ -152,4 +157,92 @@ async fn mesh_scenarios_on_the_lab() {
     lab.lock().await.teardown();
     assert!(!std::path::Path::new(&format!("/sys/class/net/cmb{x}")).exists());
     assert!(!std::path::Path::new(&format!("/sys/fs/bpf/clustermesh-lab-{x}")).exists());
+}
+
+/// Issue 12, case 1: etcd is a trust domain of its own. Every credential that leaves the
+/// apiserver (the peer certificate `clustermesh connect` handed to the other cluster, a node
+/// agent's, an admin's as `clustermesh services` mints it, the Mesh API's own server
+/// certificate) is refused by the cluster's etcd, for reads and for writes; the apiserver's etcd
+/// client certificate (the positive control) is accepted. The client is `etcdctl`, not our code.
+async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
+    let c = lab.cluster(cluster).unwrap();
+    let other = if cluster == "east" { "west" } else { "east" };
+    let etcd_ca = c.dir.join("etcd-server-tls/ca.crt");
+    // An admin certificate from the cluster CA, as `clustermesh services` issues it.
+    let ca = certs::Ca::from_pem(
+        &std::fs::read_to_string(c.dir.join("ca/ca.crt")).unwrap(),
+        &std::fs::read_to_string(c.dir.join("ca/ca.key")).unwrap(),
+    )
+    .unwrap();
+    let admin = ca
+        .issue(&certs::LeafSpec::new(certs::MeshIdentity::new(
+            model::ClusterName::new(cluster).unwrap(),
+            model::ClusterId::new(u64::from(c.id)).unwrap(),
+            certs::Role::Admin,
+        )))
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let admin_dir = scratch.path().join("admin");
+    test_support::write_tls(&admin_dir, &ca, &admin).unwrap();
+    // The peer certificate for this cluster's Mesh API sits in the other cluster's peers dir.
+    let peer_dir = lab.cluster(other).unwrap().dir.join("peers").join(cluster);
+    assert!(
+        peer_dir.join("tls.crt").is_file(),
+        "connect wrote {}",
+        peer_dir.display()
+    );
+    let node_dir = c.dir.join(format!("{}-tls", c.nodes[0].name));
+    let refused = [
+        ("peer", peer_dir),
+        ("node-agent", node_dir),
+        ("admin", admin_dir),
+        ("mesh-server", c.dir.join("mesh-tls")),
+    ];
+    let etcdctl = |dir: &std::path::Path, args: &[&str]| {
+        let mut cmd = std::process::Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=https://127.0.0.1:{}", c.etcd_port))
+            .arg(format!("--cacert={}", etcd_ca.display()))
+            .arg(format!("--cert={}", dir.join("tls.crt").display()))
+            .arg(format!("--key={}", dir.join("tls.key").display()))
+            .args(["--dial-timeout=2s", "--command-timeout=3s"])
+            .args(args);
+        cmd.output().unwrap()
+    };
+    let ok = etcdctl(
+        &c.dir.join("etcd-tls"),
+        &["get", "/clustermesh/", "--prefix", "--keys-only"],
+    );
+    assert!(
+        ok.status.success() && !ok.stdout.is_empty(),
+        "the apiserver's etcd certificate works: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (who, dir) in refused {
+        let read = etcdctl(&dir, &["get", "/clustermesh/", "--prefix", "--keys-only"]);
+        assert!(
+            !read.status.success() && read.stdout.is_empty(),
+            "{cluster}'s etcd must refuse a {who} certificate (read): {}",
+            String::from_utf8_lossy(&read.stdout)
+        );
+        let key = format!("/clustermesh/v1/state/south/services/demo/{who}");
+        let write = etcdctl(&dir, &["put", &key, "x"]);
+        assert!(
+            !write.status.success(),
+            "{cluster}'s etcd must refuse a {who} certificate (write)"
+        );
+    }
+    let after = etcdctl(
+        &c.dir.join("etcd-tls"),
+        &[
+            "get",
+            "/clustermesh/v1/state/south/",
+            "--prefix",
+            "--keys-only",
+        ],
+    );
+    assert!(
+        after.status.success() && after.stdout.is_empty(),
+        "nothing was written"
+    );
 }
