@@ -88,3 +88,13 @@ pub fn fingerprint(der: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// SHA-256 fingerprint of the first certificate in `pem` (what a grant records), `None` when
+/// it holds no certificate.
+pub fn fingerprint_pem(pem: &[u8]) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .next()?
+        .ok()?;
+    Some(fingerprint(der.as_ref()))
+}

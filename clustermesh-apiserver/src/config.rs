@@ -74,8 +74,16 @@ pub struct Args {
     /// for changes. Unset: no peers are imported.
     #[arg(long, env = env::PEERS_DIR)]
     pub peers_dir: Option<PathBuf>,
+    /// Directory of grants: one sub-directory per peer cluster allowed to import this
+    /// cluster's exports, with `cluster-id` and `sha256` (the fingerprints of the client
+    /// certificates issued to it, one per line); watched for changes. Ignored with
+    /// `--peers-from-secrets` (grants then come from Secrets). Unset and without Secrets: no
+    /// peer is admitted.
+    #[arg(long, env = env::GRANTS_DIR)]
+    pub grants_dir: Option<PathBuf>,
     /// Take peer configurations from this namespace's Secrets labelled `clustermesh.dev/peer`
-    /// (what `clustermesh connect` writes) and keep `--peers-dir` equal to them.
+    /// (what `clustermesh connect` writes) and keep `--peers-dir` equal to them; take grants
+    /// from the Secrets labelled `clustermesh.dev/grant`.
     #[arg(long, env = "CLUSTERMESH_PEERS_FROM_SECRETS")]
     pub peers_from_secrets: bool,
     #[command(flatten)]
@@ -113,8 +121,11 @@ pub struct Config {
     pub mesh_tls: Option<certs::TlsFiles>,
     /// Peer configurations, `None` for no importer.
     pub peers_dir: Option<PathBuf>,
-    /// Whether `peers_dir` is kept equal to the namespace's peer Secrets.
+    /// Whether `peers_dir` is kept equal to the namespace's peer Secrets (and grants come
+    /// from grant Secrets).
     pub peers_from_secrets: bool,
+    /// Grants from a directory (without `peers_from_secrets`).
+    pub grants_dir: Option<PathBuf>,
 }
 
 /// Every problem found in the flags.
@@ -222,6 +233,11 @@ impl Args {
         {
             problems.push(format!("--peers-dir: {} is not a directory", d.display()));
         }
+        if let Some(d) = &self.grants_dir
+            && !d.is_dir()
+        {
+            problems.push(format!("--grants-dir: {} is not a directory", d.display()));
+        }
         if self.peers_from_secrets && self.peers_dir.is_none() {
             problems.push(
                 "--peers-from-secrets: needs --peers-dir (the directory the Secrets are written to)"
@@ -248,6 +264,7 @@ impl Args {
                     mesh_tls,
                     peers_dir: self.peers_dir.clone(),
                     peers_from_secrets: self.peers_from_secrets,
+                    grants_dir: self.grants_dir.clone(),
                 })
             }
             _ => Err(Error { problems }),

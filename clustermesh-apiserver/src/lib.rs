@@ -214,11 +214,35 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         if let Ok(mut e) = exported.lock() {
             *e = Some(Arc::clone(&cache));
         }
+        // Grants: which peers may import, followed on every replica (each serves the API).
+        let (grants_tx, grants_rx) = watch::channel(None);
+        if config.peers_from_secrets {
+            mesh_tasks.push(AbortOnDrop(tokio::spawn(mesh::grants::follow_secrets(
+                kube::Api::namespaced(client.clone(), &config.namespace),
+                config.cluster_name.clone(),
+                grants_tx,
+                metrics.clone(),
+            ))));
+        } else if let Some(dir) = &config.grants_dir {
+            mesh_tasks.push(AbortOnDrop(tokio::spawn(mesh::grants::follow_dir(
+                dir.clone(),
+                grants_tx,
+                Duration::from_millis(500),
+                Arc::new(tokio::sync::Notify::new()),
+                metrics.clone(),
+            ))));
+        } else {
+            tracing::info!(
+                "no grants source (--grants-dir or --peers-from-secrets): no peer may import"
+            );
+            grants_tx.send_replace(Some(Arc::default()));
+        }
         let service = mesh::server::MeshService::new(
             config.cluster_name.clone(),
             config.cluster_id,
             certs::fingerprint(ca_der.as_ref()),
             cache,
+            grants_rx,
             metrics.clone(),
             mesh_stop_rx,
         );

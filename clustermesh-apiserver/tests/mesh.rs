@@ -62,6 +62,7 @@ impl Cluster {
             .unwrap();
         write_tls(&dir.path().join("mesh-tls"), &ca, &server);
         std::fs::create_dir_all(dir.path().join("peers")).unwrap();
+        std::fs::create_dir_all(dir.path().join("grants")).unwrap();
         Self {
             name,
             id,
@@ -93,6 +94,7 @@ impl Cluster {
             mesh_tls: Some(TlsFiles::in_dir(&self.dir.path().join("mesh-tls"))),
             peers_dir: Some(self.peers_dir()),
             peers_from_secrets: false,
+            grants_dir: Some(self.dir.path().join("grants")),
         }
     }
 
@@ -133,8 +135,27 @@ impl Cluster {
             MeshIdentity::new(self.name.clone(), self.id, Role::Peer),
         );
         std::fs::write(staging.join("endpoints"), format!("{}\n", peer.endpoint())).unwrap();
+        // The serving side's grant for this certificate, as `clustermesh connect` writes it.
+        peer.grant(&self.name, self.id, &staging.join("tls.crt"));
         // Appear at once, as a Secret mount does.
         std::fs::rename(&staging, self.peers_dir().join(peer.name.as_str())).unwrap();
+    }
+
+    /// Grants `client` (ID `id`) access with the certificate in `cert`.
+    fn grant(&self, client: &ClusterName, id: ClusterId, cert: &Path) {
+        let dir = self.dir.path().join("grants");
+        let staging = dir.join(format!(".staging-{client}"));
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join("cluster-id"), id.to_string()).unwrap();
+        let fp = certs::fingerprint_pem(&std::fs::read(cert).unwrap()).unwrap();
+        std::fs::write(staging.join("sha256"), fp).unwrap();
+        let _ = std::fs::remove_dir_all(dir.join(client.as_str()));
+        std::fs::rename(&staging, dir.join(client.as_str())).unwrap();
+    }
+
+    /// Removes `client`'s grant, as `clustermesh disconnect` does.
+    fn revoke(&self, client: &ClusterName) {
+        std::fs::remove_dir_all(self.dir.path().join("grants").join(client.as_str())).unwrap();
     }
 
     async fn create_service(&self, name: &str, ips: &[&str]) {
@@ -544,6 +565,7 @@ async fn untrusted_mismatched_expired_plaintext_and_unauthorized_clients_are_ref
     // A configured cluster ID that disagrees with the peer's certificate.
     let staging = b.dir.path().join(".staging-id");
     a.client_files(&staging, bravo_peer.clone());
+    a.grant(&b.name, b.id, &staging.join("tls.crt"));
     std::fs::write(staging.join("endpoints"), a.endpoint()).unwrap();
     std::fs::write(staging.join("cluster-id"), "99").unwrap();
     std::fs::rename(&staging, b.peers_dir().join("alpha")).unwrap();
@@ -805,4 +827,118 @@ async fn malicious_peer_cannot_corrupt_the_cache() {
     // bravo itself is unharmed.
     assert!(b.running().ready().borrow().is_ok());
     server.abort();
+}
+
+/// A Mesh API watch with a plain tonic client (not the project's client code): the TLS files
+/// of a peer directory or of a client certificate.
+async fn raw_watch(
+    target: &Cluster,
+    files: &TlsFiles,
+) -> Result<tonic::Streaming<pb::WatchResponse>, tonic::Status> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&files.ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(&files.cert).unwrap(),
+            std::fs::read(&files.key).unwrap(),
+        ))
+        .domain_name("127.0.0.1");
+    let channel = Endpoint::from_shared(format!("https://{}", target.endpoint()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    wire::pb::mesh_client::MeshClient::new(channel)
+        .watch(pb::WatchRequest::default())
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Issue 12, case 2: disconnect revokes. A peer is admitted only while the serving cluster
+/// holds a grant naming its cluster ID and the fingerprint of the very certificate issued to
+/// it. Removing the grant ends the peer's open streams and refuses the saved certificate; a
+/// certificate minted for a cluster that was never connected, or a second certificate for a
+/// connected one, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disconnect_revokes_the_peer_certificate_and_only_the_issued_one_is_admitted() {
+    let mut a = Cluster::new("alpha", 41).await;
+    let mut b = Cluster::new("bravo", 42).await;
+    a.up().await;
+    b.up().await;
+    a.create_service("web", &["10.41.0.1"]).await;
+    b.import_from(&a);
+    eventually("bravo imports alpha's service", T, || async {
+        backends_of(&b, &a.name, "web").await
+    })
+    .await;
+    // The certificate bravo holds, saved by an attacker who had it.
+    let saved = b.dir.path().join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::copy(b.peers_dir().join("alpha").join(f), saved.join(f)).unwrap();
+    }
+    let saved = TlsFiles::in_dir(&saved);
+    let mut open = raw_watch(&a, &saved).await.expect("granted: served");
+    let first = open.message().await.unwrap().unwrap();
+    assert!(first.reset, "a snapshot first");
+
+    // A peer certificate from alpha's own CA for a cluster that was never connected.
+    let south = MeshIdentity::new(
+        ClusterName::new("south").unwrap(),
+        ClusterId::new(9).unwrap(),
+        Role::Peer,
+    );
+    let files = a.client_files(&b.dir.path().join("south"), south);
+    let e = raw_watch(&a, &files).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("not a connected peer"), "{e}");
+
+    // A second certificate for bravo's identity, not the one `connect` issued and granted.
+    let files = a.client_files(
+        &b.dir.path().join("second"),
+        MeshIdentity::new(b.name.clone(), b.id, Role::Peer),
+    );
+    let e = raw_watch(&a, &files).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("not the one issued"), "{e}");
+
+    // Disconnect: alpha's grant for bravo goes. The open stream ends, the saved certificate
+    // is refused from then on.
+    let denied_before = a.running().metrics().value(m::MESH_DENIED, &[]);
+    a.revoke(&b.name);
+    let ended = tokio::time::timeout(T, async {
+        loop {
+            match open.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the open stream ends after the revocation");
+    let status = ended.expect("ended with an error, not a clean close");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    let e = raw_watch(&a, &saved).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(a.running().metrics().value(m::MESH_DENIED, &[]) > denied_before);
+    // bravo keeps what it had, marked stale: losing access is not a withdrawal of alpha's
+    // services (only alpha deleting them, or bravo's own disconnect, removes them).
+    eventually("bravo sees the peer as not ready", T, || async {
+        (b.phase(&a.name) != Some(Phase::Ready)).then_some(())
+    })
+    .await;
+    assert!(backends_of(&b, &a.name, "web").await.is_some());
+
+    // Connect again (a new certificate and grant): admitted again; the saved one stays out.
+    std::fs::remove_dir_all(b.peers_dir().join("alpha")).unwrap();
+    b.import_from(&a);
+    eventually("bravo reconnects to alpha", T, || async {
+        (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+    let e = raw_watch(&a, &saved).await.unwrap_err();
+    assert!(e.message().contains("not the one issued"), "{e}");
 }

@@ -111,6 +111,7 @@ fn services(n: usize, backend: SocketAddr) -> Vec<DesiredService> {
                 addr: vip(i),
                 proto: Proto::Tcp,
             },
+            service: None,
             tiers: [
                 vec![BackendSpec {
                     addr: backend,
@@ -262,6 +263,7 @@ fn main() {
             addr: vip(20_000),
             proto: Proto::Tcp,
         },
+        service: None,
         tiers: [
             vec![BackendSpec {
                 addr: local_addr,

@@ -1,6 +1,10 @@
 //! The node agent at run time: follow the local apiserver's Mesh API, program the datapath,
 //! health-check backends.
 //!
+//! A desired service the datapath cannot hold is refused alone (logged once per change,
+//! counted in [`m::SERVICES_REFUSED`], listed in `/state`); the rest is programmed and the
+//! agent stays ready. It is not ready when nothing it should serve could be programmed.
+//!
 //! A lost Mesh API connection changes nothing in the maps (the node keeps serving what it
 //! had); the agent reconnects with backoff and reprograms once the new snapshot is complete.
 //! Health checks flip a backend's state in the backends map directly: when every backend of a
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant};
 use certs::{Reloader, TlsFiles};
 use model::ClusterName;
 use model::keys::Kind;
-use model::status::{NodeService, NodeState, ProgrammedBackend};
+use model::status::{NodeService, NodeState, ProgrammedBackend, RefusedService};
 use telemetry::metrics::Registry;
 use tokio::sync::watch;
 use wire::{Codec, pb};
@@ -23,7 +27,7 @@ use wire::{Codec, pb};
 use crate::datapath::Datapath;
 use crate::desired::{self, MeshView, Zones};
 use crate::maps::{Frontend, Proto};
-use crate::program::{DesiredService, Programmer};
+use crate::program::{DesiredService, Programmer, Reason, Refusal};
 
 /// Metric names.
 pub mod m {
@@ -39,7 +43,11 @@ pub mod m {
     pub const FAILOVERS: &str = "clustermesh_datapath_failovers_total";
     /// Backends marked healthy again.
     pub const RECOVERIES: &str = "clustermesh_datapath_recoveries_total";
-    /// Desired states refused (capacity, duplicates).
+    /// Desired services refused (not programmed, or kept as they were), by reason kind
+    /// ([`Reason::kind`]).
+    pub const SERVICES_REFUSED: &str = "clustermesh_datapath_services_refused";
+    /// Desired states not programmed at all (a map operation failed, the IP cache over
+    /// capacity).
     pub const REFUSED: &str = "clustermesh_datapath_refused_total";
     /// Mesh API reconnects.
     pub const RECONNECTS: &str = "clustermesh_node_mesh_reconnects_total";
@@ -64,9 +72,17 @@ pub fn registry() -> Registry {
         &[],
     );
     r.counter(m::RECOVERIES, "Backends marked healthy again.", &[]);
+    r.gauge(
+        m::SERVICES_REFUSED,
+        "Desired services the datapath refused, by reason.",
+        &["reason"],
+    );
+    for kind in Reason::KINDS {
+        r.set(m::SERVICES_REFUSED, &[kind], 0.0);
+    }
     r.counter(
         m::REFUSED,
-        "Desired states refused (over capacity, duplicates).",
+        "Desired states not programmed at all (map failures, IP cache over capacity).",
         &[],
     );
     r.counter(m::RECONNECTS, "Mesh API connections lost.", &[]);
@@ -109,11 +125,18 @@ pub struct Settings {
     pub health: HealthConfig,
 }
 
+/// What `/state` shows besides the maps: the last desired state and what was refused of it.
+#[derive(Debug, Default)]
+struct Report {
+    desired: Mutex<Option<Vec<DesiredService>>>,
+    refused: Mutex<Vec<Refusal>>,
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
     programmer: Arc<Mutex<Programmer>>,
-    desired: Arc<Mutex<Option<Vec<DesiredService>>>>,
+    report: Arc<Report>,
     cluster: ClusterName,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -126,7 +149,7 @@ impl Drop for Agent {
     }
 }
 
-fn lock(p: &Mutex<Programmer>) -> std::sync::MutexGuard<'_, Programmer> {
+fn lock<T>(p: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match p.lock() {
         Ok(g) => g,
         Err(e) => e.into_inner(),
@@ -149,10 +172,10 @@ impl Agent {
             metrics.set(m::BACKENDS, &[], p.backends() as f64);
         }
         let (targets_tx, targets_rx) = watch::channel(Vec::new());
-        let desired: Arc<Mutex<Option<Vec<DesiredService>>>> = Arc::default();
+        let report: Arc<Report> = Arc::default();
         let follow = tokio::spawn(follow(
             settings.clone(),
-            Arc::clone(&desired),
+            Arc::clone(&report),
             Arc::clone(&programmer),
             metrics.clone(),
             ready,
@@ -166,7 +189,7 @@ impl Agent {
         ));
         Ok(Self {
             programmer,
-            desired,
+            report,
             cluster: settings.cluster.clone(),
             tasks: vec![follow, health],
         })
@@ -177,45 +200,44 @@ impl Agent {
         lock(&self.programmer).health()
     }
 
+    /// The desired services the datapath refused at the last apply.
+    pub fn refused(&self) -> Vec<Refusal> {
+        lock(&self.report.refused).clone()
+    }
+
     /// A function computing the agent's [`NodeState`]: what this node should have, against
-    /// what its maps hold (read back from the kernel), per frontend.
+    /// what its maps hold (read back from the kernel), per frontend, and what it refused.
     pub fn state_fn(&self) -> impl Fn() -> Result<NodeState, String> + Send + Sync + 'static {
-        let (programmer, desired) = (Arc::clone(&self.programmer), Arc::clone(&self.desired));
+        let (programmer, report) = (Arc::clone(&self.programmer), Arc::clone(&self.report));
         let cluster = self.cluster.to_string();
         move || {
             let programmed = lock(&programmer)
                 .programmed()
                 .map_err(|e| format!("reading the maps: {e}"))?;
-            let desired = match desired.lock() {
-                Ok(g) => g.clone(),
-                Err(e) => e.into_inner().clone(),
-            };
-            Ok(node_state(cluster.clone(), desired, programmed))
+            let desired = lock(&report.desired).clone();
+            let refused = lock(&report.refused).clone();
+            Ok(node_state(cluster.clone(), desired, programmed, &refused))
         }
     }
 }
 
-fn frontend_name(f: &Frontend) -> String {
-    let proto = match f.proto {
-        Proto::Tcp => "tcp",
-        Proto::Udp => "udp",
-    };
-    format!("{}/{proto}", f.addr)
-}
-
-/// Desired against programmed, per frontend.
+/// Desired against programmed, per frontend (a frontend desired twice shows the service that
+/// claims it: the first by frontend, then service name), and the refusals.
 pub fn node_state(
     cluster: String,
     desired: Option<Vec<DesiredService>>,
     programmed: Vec<crate::program::Programmed>,
+    refused: &[Refusal],
 ) -> NodeState {
     let synced = desired.is_some();
+    let mut desired = desired.unwrap_or_default();
+    desired.sort_by(|a, b| (a.frontend, &a.service).cmp(&(b.frontend, &b.service)));
     let mut by_frontend: BTreeMap<Frontend, NodeService> = BTreeMap::new();
-    for s in desired.unwrap_or_default() {
-        by_frontend.insert(
-            s.frontend,
-            NodeService {
-                frontend: frontend_name(&s.frontend),
+    for s in desired {
+        by_frontend
+            .entry(s.frontend)
+            .or_insert_with(|| NodeService {
+                frontend: s.frontend.to_string(),
                 desired: s
                     .tiers
                     .iter()
@@ -223,12 +245,11 @@ pub fn node_state(
                     .collect(),
                 programmed: Vec::new(),
                 in_sync: false,
-            },
-        );
+            });
     }
     for (f, tiers) in programmed {
         let entry = by_frontend.entry(f).or_insert_with(|| NodeService {
-            frontend: frontend_name(&f),
+            frontend: f.to_string(),
             desired: Vec::new(),
             programmed: Vec::new(),
             in_sync: false,
@@ -266,13 +287,43 @@ pub fn node_state(
         synced,
         services,
         in_sync,
+        refused: refused
+            .iter()
+            .map(|r| RefusedService {
+                frontend: r.frontend.to_string(),
+                service: r.service.as_ref().map(ToString::to_string),
+                reason: r.reason.kind().to_owned(),
+                message: r.reason.to_string(),
+                kept_previous: r.kept_previous,
+            })
+            .collect(),
+    }
+}
+
+/// Whether the node serves what it should: not when nothing of a non-empty desired state could
+/// be programmed (every frontend refused, none keeping an earlier programming).
+pub fn readiness(desired: &[DesiredService], refused: &[Refusal]) -> Result<(), String> {
+    let frontends: std::collections::BTreeSet<Frontend> =
+        desired.iter().map(|s| s.frontend).collect();
+    let unserved: Vec<&Refusal> = refused
+        .iter()
+        .filter(|r| !r.kept_previous && !matches!(r.reason, Reason::DuplicateFrontend { .. }))
+        .collect();
+    let frontends_unserved: std::collections::BTreeSet<Frontend> =
+        unserved.iter().map(|r| r.frontend).collect();
+    match unserved.first() {
+        Some(first) if frontends_unserved.len() == frontends.len() => Err(format!(
+            "none of the {} desired services could be programmed ({first}, ...)",
+            frontends.len()
+        )),
+        _ => Ok(()),
     }
 }
 
 /// Follows the Mesh API forever, reconnecting with backoff.
 async fn follow(
     settings: Settings,
-    desired_out: Arc<Mutex<Option<Vec<DesiredService>>>>,
+    report: Arc<Report>,
     programmer: Arc<Mutex<Programmer>>,
     metrics: Registry,
     ready: watch::Sender<Result<(), String>>,
@@ -283,7 +334,7 @@ async fn follow(
     loop {
         let r = session(
             &settings,
-            &desired_out,
+            &report,
             &programmer,
             &metrics,
             &ready,
@@ -338,15 +389,71 @@ fn decode(view: &mut MeshView, c: &pb::Change) {
     }
 }
 
+/// Logs each refusal that is new or changed since `before`, and each one that went away.
+fn log_refusals(before: &[Refusal], now: &[Refusal]) {
+    for r in now.iter().filter(|r| !before.contains(r)) {
+        let service = r
+            .service
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if r.kept_previous {
+            tracing::warn!(
+                service,
+                frontend = %r.frontend,
+                reason = r.reason.kind(),
+                error = %r.reason,
+                "service refused; its previous programming stays, the rest of the node is programmed"
+            );
+        } else {
+            tracing::warn!(
+                service,
+                frontend = %r.frontend,
+                reason = r.reason.kind(),
+                error = %r.reason,
+                "service refused; not programmed, the rest of the node is"
+            );
+        }
+    }
+    for r in before {
+        if !now
+            .iter()
+            .any(|n| n.frontend == r.frontend && n.service == r.service)
+        {
+            let service = r
+                .service
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            tracing::info!(service, frontend = %r.frontend, "service no longer refused");
+        }
+    }
+}
+
+/// Programs `desired`; returns the services refused, or why nothing was programmed.
 fn apply(
     programmer: &Mutex<Programmer>,
     metrics: &Registry,
     desired: &[DesiredService],
-) -> Result<(), String> {
+    refused_out: &Mutex<Vec<Refusal>>,
+) -> Result<Vec<Refusal>, String> {
     let started = Instant::now();
     let mut p = lock(programmer);
     match p.apply(desired) {
         Ok(ops) => {
+            {
+                let mut before = lock(refused_out);
+                log_refusals(&before, &ops.refused);
+                before.clone_from(&ops.refused);
+            }
+            for kind in Reason::KINDS {
+                let n = ops
+                    .refused
+                    .iter()
+                    .filter(|r| r.reason.kind() == kind)
+                    .count();
+                metrics.set(m::SERVICES_REFUSED, &[kind], n as f64);
+            }
             metrics.add(m::MAP_OPS, &["write"], ops.writes as f64);
             metrics.add(m::MAP_OPS, &["delete"], ops.deletes as f64);
             metrics.set(m::SERVICES, &[], p.services() as f64);
@@ -359,19 +466,31 @@ fn apply(
                     "datapath updated"
                 );
             }
-            Ok(())
+            Ok(ops.refused)
         }
         Err(e) => {
             metrics.inc(m::REFUSED, &[]);
-            tracing::error!(error = %e, "desired state refused; the datapath keeps its previous state");
+            tracing::error!(error = %e, "desired state not programmed; the datapath keeps what it had");
             Err(e.to_string())
         }
     }
 }
 
+/// Sets readiness, logging when it changes.
+fn set_ready(ready: &watch::Sender<Result<(), String>>, now: Result<(), String>, services: usize) {
+    if *ready.borrow() == now {
+        return;
+    }
+    match &now {
+        Ok(()) => tracing::info!(services, "datapath programmed; ready"),
+        Err(e) => tracing::warn!(error = %e, "not ready"),
+    }
+    let _ = ready.send_replace(now);
+}
+
 async fn session(
     settings: &Settings,
-    desired_out: &Mutex<Option<Vec<DesiredService>>>,
+    report: &Report,
     programmer: &Mutex<Programmer>,
     metrics: &Registry,
     ready: &watch::Sender<Result<(), String>>,
@@ -432,20 +551,7 @@ async fn session(
             continue;
         }
         let desired = desired::services(&settings.cluster, &view, zones);
-        match desired_out.lock() {
-            Ok(mut g) => *g = Some(desired.clone()),
-            Err(e) => *e.into_inner() = Some(desired.clone()),
-        }
-        let tcp: Vec<SocketAddr> = {
-            let mut t: Vec<SocketAddr> = desired
-                .iter()
-                .filter(|s| s.frontend.proto == Proto::Tcp)
-                .flat_map(|s| s.tiers.iter().flatten().map(|b| b.addr))
-                .collect();
-            t.sort();
-            t.dedup();
-            t
-        };
+        *lock(&report.desired) = Some(desired.clone());
         let ipcache: HashMap<std::net::IpAddr, (u32, u16)> = view
             .identities
             .iter()
@@ -461,19 +567,22 @@ async fn session(
                 tracing::error!(error = %e, "ipcache refused");
             }
         }
-        if apply(programmer, metrics, &desired).is_ok() {
-            targets.send_if_modified(|old| {
-                let changed = *old != tcp;
-                *old = tcp;
-                changed
-            });
-            if ready.borrow().is_err() {
-                let _ = ready.send_replace(Ok(()));
-                tracing::info!(
-                    services = desired.len(),
-                    "datapath programmed from the first snapshot"
-                );
+        match apply(programmer, metrics, &desired, &report.refused) {
+            Ok(refused) => {
+                // Health checks follow what is programmed, not what was refused.
+                let tcp = lock(programmer).backends_of(Proto::Tcp);
+                targets.send_if_modified(|old| {
+                    let changed = *old != tcp;
+                    *old = tcp;
+                    changed
+                });
+                set_ready(ready, readiness(&desired, &refused), desired.len());
             }
+            Err(e) => set_ready(
+                ready,
+                Err(format!("the datapath could not be programmed: {e}")),
+                desired.len(),
+            ),
         }
     }
 }
@@ -599,10 +708,12 @@ mod state_tests {
         let desired = vec![
             DesiredService {
                 frontend: fe("10.96.0.1:80"),
+                service: None,
                 tiers: [vec![spec("10.1.0.1:80", 1)], vec![spec("10.2.0.1:80", 2)]],
             },
             DesiredService {
                 frontend: fe("10.96.0.2:80"),
+                service: None,
                 tiers: [vec![spec("10.1.0.2:80", 1)], vec![]],
             },
         ];
@@ -619,7 +730,7 @@ mod state_tests {
                 [vec![entry("10.1.0.3:80", 1, true)], vec![]],
             ),
         ];
-        let s = node_state("east".into(), Some(desired), programmed);
+        let s = node_state("east".into(), Some(desired), programmed, &[]);
         assert!(s.synced);
         assert!(!s.in_sync);
         let by: BTreeMap<&str, &NodeService> = s
@@ -635,7 +746,92 @@ mod state_tests {
         assert!(!by["10.96.0.2:80/tcp"].in_sync, "desired, not programmed");
         assert!(by["10.96.0.2:80/tcp"].programmed.is_empty());
         assert!(!by["10.96.0.3:80/tcp"].in_sync, "programmed, not desired");
-        let none = node_state("east".into(), None, Vec::new());
+        assert!(s.refused.is_empty());
+        let none = node_state("east".into(), None, Vec::new(), &[]);
         assert!(!none.synced && !none.in_sync);
+    }
+
+    fn svc(frontend: &str, name: &str, backend: &str) -> DesiredService {
+        DesiredService {
+            frontend: fe(frontend),
+            service: Some(model::service::ServiceName::new("shop", name).unwrap()),
+            tiers: [vec![spec(backend, 1)], vec![]],
+        }
+    }
+
+    fn tier_full(frontend: &str, name: &str, kept_previous: bool) -> Refusal {
+        Refusal {
+            frontend: fe(frontend),
+            service: Some(model::service::ServiceName::new("shop", name).unwrap()),
+            reason: Reason::TierFull {
+                tier: 1,
+                wanted: 300,
+                capacity: 256,
+            },
+            kept_previous,
+        }
+    }
+
+    #[test]
+    fn state_names_refused_services_and_shows_the_claimant_of_a_duplicate_frontend() {
+        // Two services want 10.96.0.1:80: "api", first by name, claims it whatever the order.
+        let desired = vec![
+            svc("10.96.0.1:80", "web", "10.1.0.1:80"),
+            svc("10.96.0.1:80", "api", "10.1.0.9:80"),
+            svc("10.96.0.2:80", "big", "10.1.0.2:80"),
+        ];
+        let programmed = vec![(
+            fe("10.96.0.1:80"),
+            [vec![entry("10.1.0.9:80", 1, true)], vec![]],
+        )];
+        let refused = vec![
+            Refusal {
+                frontend: fe("10.96.0.1:80"),
+                service: Some(model::service::ServiceName::new("shop", "web").unwrap()),
+                reason: Reason::DuplicateFrontend {
+                    claimed_by: Some(model::service::ServiceName::new("shop", "api").unwrap()),
+                },
+                kept_previous: false,
+            },
+            tier_full("10.96.0.2:80", "big", false),
+        ];
+        let s = node_state("east".into(), Some(desired), programmed, &refused);
+        assert!(s.services[0].in_sync, "the claimant is the one compared");
+        assert_eq!(s.refused.len(), 2);
+        let big = &s.refused[1];
+        assert_eq!(big.frontend, "10.96.0.2:80/tcp");
+        assert_eq!(big.service.as_deref(), Some("shop/big"));
+        assert_eq!(big.reason, "tier_full");
+        assert!(big.message.contains("MAX_TIER_SLOTS"), "{}", big.message);
+        assert!(big.message.contains("300"), "{}", big.message);
+        assert_eq!(s.refused[0].reason, "duplicate_frontend");
+        assert!(s.refused[0].message.contains("shop/api"));
+    }
+
+    #[test]
+    fn ready_unless_nothing_desired_could_be_programmed() {
+        let desired = vec![
+            svc("10.96.0.1:80", "web", "10.1.0.1:80"),
+            svc("10.96.0.2:80", "big", "10.1.0.2:80"),
+        ];
+        assert_eq!(readiness(&desired, &[]), Ok(()));
+        assert_eq!(readiness(&[], &[]), Ok(()), "nothing to serve");
+        let one = [tier_full("10.96.0.2:80", "big", false)];
+        assert_eq!(readiness(&desired, &one), Ok(()), "the rest is programmed");
+        let both = [
+            tier_full("10.96.0.1:80", "web", false),
+            tier_full("10.96.0.2:80", "big", false),
+        ];
+        let e = readiness(&desired, &both).unwrap_err();
+        assert!(e.contains("none of the 2") && e.contains("shop/web"), "{e}");
+        let kept = [
+            tier_full("10.96.0.1:80", "web", true),
+            tier_full("10.96.0.2:80", "big", false),
+        ];
+        assert_eq!(
+            readiness(&desired, &kept),
+            Ok(()),
+            "a refused service keeping its earlier programming is still served"
+        );
     }
 }

@@ -113,11 +113,11 @@ pub fn services(own: &ClusterName, view: &MeshView, zones: &mut Zones) -> Vec<De
                         addr: SocketAddr::new(*ip, port.port),
                         proto: p,
                     },
+                    service: Some(name.clone()),
                     tiers: tiers.clone(),
                 });
             }
         }
-        let _ = name;
     }
     out
 }

@@ -3,7 +3,8 @@
 //! [`maps`] holds the byte layouts shared with `bpf/sock_lb.c`; [`datapath`] loads the
 //! programs, pins maps and links under bpffs and attaches to the node's cgroup, reusing what an
 //! earlier agent pinned; [`program`] turns desired services into map entries, writing only
-//! differences in an order that never exposes a half-written service.
+//! differences in an order that never exposes a half-written service, and refusing alone (with a
+//! reason) each service that cannot be programmed.
 //!
 //! Must not write to etcd (only the apiserver does) nor talk to peers.
 

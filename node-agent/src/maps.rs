@@ -9,6 +9,8 @@ pub const MAX_SERVICES: usize = 65_536;
 pub const MAX_BACKENDS: usize = 262_144;
 /// Backends per tier of one service (`MAX_TIER_SLOTS`).
 pub const MAX_TIER_SLOTS: usize = 256;
+/// Slots map capacity (`MAX_SLOTS`).
+pub const MAX_SLOTS: usize = MAX_BACKENDS * 2;
 /// IP cache capacity (`CM_IPCACHE` max_entries).
 pub const MAX_IPCACHE: usize = 524_288;
 /// Tiers per service.
@@ -58,6 +60,17 @@ pub struct Frontend {
     pub addr: SocketAddr,
     /// Protocol.
     pub proto: Proto,
+}
+
+impl std::fmt::Display for Frontend {
+    /// `ip:port/tcp` or `[ip]:port/udp`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        write!(f, "{}/{proto}", self.addr)
+    }
 }
 
 fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
@@ -239,11 +252,13 @@ mod tests {
             "port in network order, proto, family"
         );
         assert_eq!(parse_svc_key(&k), Some(f));
+        assert_eq!(f.to_string(), "10.96.0.10:80/tcp");
         let f6 = Frontend {
             addr: "[fd00::10]:443".parse().unwrap(),
             proto: Proto::Udp,
         };
         assert_eq!(parse_svc_key(&svc_key(&f6)), Some(f6));
+        assert_eq!(f6.to_string(), "[fd00::10]:443/udp");
         let e = SvcEntry {
             id: 7,
             counts: [3, 2],

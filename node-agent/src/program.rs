@@ -1,14 +1,24 @@
 //! Desired services → map entries. Only differences are written, in an order that never lets
-//! a connect() see a half-written service: new backends, then slots, then the service's
-//! counts, then slots past the new counts; removed services go before their slots and
-//! backends. Everything is checked against the maps' capacities before the first write.
+//! a connect() see a half-written service: services no longer desired go first (the service,
+//! then its slots), then backends nothing references any more; then new backends, slots, the
+//! services' counts, slots past the new counts, and last the backends no longer used.
+//!
+//! Each desired service is checked on its own, against the maps' capacities, before the first
+//! write (`plan`): one that cannot be programmed (a tier over [`MAX_TIER_SLOTS`], a frontend
+//! another service claims, no room left in a map) is refused alone, named in a [`Refusal`]
+//! with the limit it broke, and everything else is programmed. Bad input never erases good
+//! state: a refused service that was programmed before keeps its last programming. Only a
+//! failed map operation fails a whole [`Programmer::apply`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+
+use model::service::ServiceName;
 
 use crate::datapath::{Datapath, Error};
 use crate::maps::{
-    self, BackendEntry, Frontend, MAX_BACKENDS, MAX_SERVICES, MAX_TIER_SLOTS, SvcEntry, TIERS,
+    self, BackendEntry, Frontend, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, MAX_TIER_SLOTS, Proto,
+    SvcEntry, TIERS,
 };
 
 /// One backend of a desired service.
@@ -28,6 +38,8 @@ pub struct BackendSpec {
 pub struct DesiredService {
     /// The frontend.
     pub frontend: Frontend,
+    /// The Service it comes from, when known (named in refusals).
+    pub service: Option<ServiceName>,
     /// Backends per tier.
     pub tiers: [Vec<BackendSpec>; TIERS],
 }
@@ -35,10 +47,10 @@ pub struct DesiredService {
 /// A frontend as read back from the maps, with its backends per tier.
 pub type Programmed = (Frontend, [Vec<BackendEntry>; TIERS]);
 
-/// Why a desired state was refused (nothing was written).
+/// Why a desired state was not programmed at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
-    /// More than the maps hold.
+    /// More than the maps hold (the IP cache, which is all or nothing).
     #[error("{what}: {wanted} wanted, the map holds {capacity}")]
     Capacity {
         /// Which limit.
@@ -48,27 +60,291 @@ pub enum ProgramError {
         /// The limit.
         capacity: usize,
     },
-    /// A frontend appears twice.
-    #[error("frontend {0:?} appears twice")]
-    Duplicate(Frontend),
     /// A map operation failed.
     #[error(transparent)]
     Map(#[from] Error),
 }
 
-/// Map operations done by one [`Programmer::apply`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+fn named(service: Option<&ServiceName>) -> String {
+    service.map_or_else(|| "another service".to_owned(), ToString::to_string)
+}
+
+/// Why one desired service was not programmed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    /// A tier has more backends than a tier of the slots map holds.
+    #[error("tiers[{tier}] has {wanted} backends, a tier holds {capacity} (MAX_TIER_SLOTS)")]
+    TierFull {
+        /// The tier.
+        tier: usize,
+        /// Its backends.
+        wanted: usize,
+        /// The limit.
+        capacity: usize,
+    },
+    /// Another desired service has the same frontend and comes first (by frontend, then
+    /// service name); it claims the frontend.
+    #[error("frontend claimed by {}", named(.claimed_by.as_ref()))]
+    DuplicateFrontend {
+        /// The service that claims it.
+        claimed_by: Option<ServiceName>,
+    },
+    /// The services map has no room for one more service.
+    #[error("the services map is full: {capacity} services (MAX_SERVICES)")]
+    ServicesFull {
+        /// The limit.
+        capacity: usize,
+    },
+    /// The backends map has no room for the service's new backends.
+    #[error("{wanted} new backends, {free} free of {capacity} (MAX_BACKENDS)")]
+    BackendsFull {
+        /// Backends the service adds.
+        wanted: usize,
+        /// Room left.
+        free: usize,
+        /// The limit.
+        capacity: usize,
+    },
+    /// The slots map has no room for the service's new slots.
+    #[error("{wanted} new slots, {free} free of {capacity} (MAX_SLOTS)")]
+    SlotsFull {
+        /// Slots the service adds.
+        wanted: usize,
+        /// Room left.
+        free: usize,
+        /// The limit.
+        capacity: usize,
+    },
+}
+
+impl Reason {
+    /// Every [`Reason::kind`], for metrics.
+    pub const KINDS: [&'static str; 5] = [
+        "tier_full",
+        "duplicate_frontend",
+        "services_full",
+        "backends_full",
+        "slots_full",
+    ];
+
+    /// A short name of the reason (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::TierFull { .. } => Self::KINDS[0],
+            Self::DuplicateFrontend { .. } => Self::KINDS[1],
+            Self::ServicesFull { .. } => Self::KINDS[2],
+            Self::BackendsFull { .. } => Self::KINDS[3],
+            Self::SlotsFull { .. } => Self::KINDS[4],
+        }
+    }
+}
+
+/// A desired service that was not programmed, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Its frontend.
+    pub frontend: Frontend,
+    /// The Service, when known.
+    pub service: Option<ServiceName>,
+    /// Why.
+    pub reason: Reason,
+    /// Whether the maps keep the frontend's previous programming (it was programmed before).
+    pub kept_previous: bool,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.service {
+            Some(s) => write!(f, "service {s} frontend {}: {}", self.frontend, self.reason),
+            None => write!(f, "frontend {}: {}", self.frontend, self.reason),
+        }
+    }
+}
+
+/// What one [`Programmer::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ops {
     /// Entries written.
     pub writes: usize,
     /// Entries deleted.
     pub deletes: usize,
+    /// Desired services not programmed, in frontend order (always empty for the IP cache).
+    pub refused: Vec<Refusal>,
+}
+
+/// The capacities a plan respects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limits {
+    services: usize,
+    backends: usize,
+    slots: usize,
+    tier_slots: usize,
+}
+
+impl Limits {
+    /// The maps of `bpf/sock_lb.c`.
+    const MAPS: Self = Self {
+        services: MAX_SERVICES,
+        backends: MAX_BACKENDS,
+        slots: MAX_SLOTS,
+        tier_slots: MAX_TIER_SLOTS,
+    };
+}
+
+/// A service as the maps hold it: its entry and the backends its slots reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Installed {
+    entry: SvcEntry,
+    backends: BTreeSet<SocketAddr>,
+}
+
+impl Installed {
+    fn slots(&self) -> usize {
+        self.entry.counts.iter().map(|c| usize::from(*c)).sum()
+    }
+}
+
+/// What an apply does with each desired service.
+#[derive(Debug, Default)]
+struct Plan<'a> {
+    /// Services to program, by frontend.
+    accepted: BTreeMap<Frontend, &'a DesiredService>,
+    /// Every desired frontend: a programmed frontend not in it is deleted.
+    desired: BTreeSet<Frontend>,
+    /// Backends referenced while the plan is carried out (old slots and new); the others are
+    /// deleted first.
+    used_backends: HashSet<SocketAddr>,
+    /// Backends referenced once it is carried out; the others are deleted last.
+    final_backends: HashSet<SocketAddr>,
+    /// Services refused, in frontend order.
+    refused: Vec<Refusal>,
+}
+
+/// Decides, service by service, what `desired` can have of the maps, given what they hold.
+///
+/// For each frontend the first service (by frontend, then service name) claims it; the others
+/// are refused. A service with a tier over the limit is refused. Room in the maps is counted as
+/// the maps will be while the plan is carried out (services no longer desired are gone, every
+/// still-desired service's old slots are still there): services already programmed are served
+/// first, then new ones, each in frontend order; a service that does not fit is refused. A
+/// refused service that was programmed keeps its old entries.
+fn plan<'a>(
+    current: &BTreeMap<Frontend, Installed>,
+    desired: &'a [DesiredService],
+    limits: Limits,
+) -> Plan<'a> {
+    let mut order: Vec<&DesiredService> = desired.iter().collect();
+    order.sort_by(|a, b| (a.frontend, &a.service).cmp(&(b.frontend, &b.service)));
+    let mut out = Plan::default();
+    let mut claimants: Vec<&DesiredService> = Vec::new();
+    for s in order {
+        match claimants.last() {
+            Some(first) if first.frontend == s.frontend => out.refused.push(Refusal {
+                frontend: s.frontend,
+                service: s.service.clone(),
+                reason: Reason::DuplicateFrontend {
+                    claimed_by: first.service.clone(),
+                },
+                kept_previous: false,
+            }),
+            _ => claimants.push(s),
+        }
+    }
+    // What stays in the maps while the plan is carried out.
+    let (mut used_services, mut used_slots) = (0usize, 0usize);
+    for s in &claimants {
+        out.desired.insert(s.frontend);
+        if let Some(old) = current.get(&s.frontend) {
+            used_services += 1;
+            used_slots += old.slots();
+            out.used_backends.extend(&old.backends);
+        }
+    }
+    let (programmed, new): (Vec<_>, Vec<_>) = claimants
+        .into_iter()
+        .partition(|s| current.contains_key(&s.frontend));
+    for s in programmed.into_iter().chain(new) {
+        let old = current.get(&s.frontend);
+        let refuse = if let Some((tier, list)) = s
+            .tiers
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.len() > limits.tier_slots)
+        {
+            Some(Reason::TierFull {
+                tier,
+                wanted: list.len(),
+                capacity: limits.tier_slots,
+            })
+        } else {
+            let new_service = usize::from(old.is_none());
+            let new_slots: usize = s
+                .tiers
+                .iter()
+                .enumerate()
+                .map(|(t, l)| {
+                    l.len()
+                        .saturating_sub(old.map_or(0, |o| usize::from(o.entry.counts[t])))
+                })
+                .sum();
+            let new_backends: BTreeSet<SocketAddr> = s
+                .tiers
+                .iter()
+                .flatten()
+                .map(|b| b.addr)
+                .filter(|a| !out.used_backends.contains(a))
+                .collect();
+            if used_services + new_service > limits.services {
+                Some(Reason::ServicesFull {
+                    capacity: limits.services,
+                })
+            } else if used_slots + new_slots > limits.slots {
+                Some(Reason::SlotsFull {
+                    wanted: new_slots,
+                    free: limits.slots.saturating_sub(used_slots),
+                    capacity: limits.slots,
+                })
+            } else if out.used_backends.len() + new_backends.len() > limits.backends {
+                Some(Reason::BackendsFull {
+                    wanted: new_backends.len(),
+                    free: limits.backends.saturating_sub(out.used_backends.len()),
+                    capacity: limits.backends,
+                })
+            } else {
+                used_services += new_service;
+                used_slots += new_slots;
+                out.used_backends.extend(new_backends);
+                None
+            }
+        };
+        match refuse {
+            None => {
+                out.final_backends
+                    .extend(s.tiers.iter().flatten().map(|b| b.addr));
+                out.accepted.insert(s.frontend, s);
+            }
+            Some(reason) => {
+                if let Some(old) = old {
+                    out.final_backends.extend(&old.backends);
+                }
+                out.refused.push(Refusal {
+                    frontend: s.frontend,
+                    service: s.service.clone(),
+                    reason,
+                    kept_previous: old.is_some(),
+                });
+            }
+        }
+    }
+    out.refused
+        .sort_by(|a, b| (a.frontend, &a.service).cmp(&(b.frontend, &b.service)));
+    out
 }
 
 /// Keeps the maps equal to the desired services.
 pub struct Programmer {
     dp: Datapath,
-    svc_ids: BTreeMap<Frontend, SvcEntry>,
+    services: BTreeMap<Frontend, Installed>,
     backend_ids: HashMap<SocketAddr, u32>,
     health: HashMap<SocketAddr, bool>,
     next_svc: u32,
@@ -113,7 +389,7 @@ fn write_all<K: aya::Pod + Copy, V: aya::Pod + Copy>(
 impl std::fmt::Debug for Programmer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Programmer")
-            .field("services", &self.svc_ids.len())
+            .field("services", &self.services.len())
             .field("backends", &self.backend_ids.len())
             .finish()
     }
@@ -127,30 +403,49 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
 }
 
 impl Programmer {
-    /// Takes over `dp`, learning the IDs of what an earlier agent programmed so that the same
-    /// desired state rewrites nothing.
+    /// Takes over `dp`, learning the IDs of what an earlier agent programmed (and which
+    /// backends each service's slots reference) so that the same desired state rewrites
+    /// nothing.
     pub fn new(dp: Datapath) -> Result<Self, Error> {
-        let mut svc_ids = BTreeMap::new();
-        for item in dp.services.iter() {
-            let (k, v) = item.map_err(map_err(maps::SERVICES))?;
-            if let Some(f) = maps::parse_svc_key(&k) {
-                svc_ids.insert(f, maps::parse_svc_val(&v));
-            }
-        }
         let mut backend_ids = HashMap::new();
+        let mut by_id = HashMap::new();
         let mut health = HashMap::new();
         for item in dp.backends.iter() {
             let (id, v) = item.map_err(map_err(maps::BACKENDS))?;
             if let Some(b) = maps::parse_backend_val(&v) {
                 backend_ids.insert(b.addr, id);
+                by_id.insert(id, b.addr);
                 health.insert(b.addr, b.healthy);
             }
         }
-        let next_svc = svc_ids.values().map(|e| e.id).max().unwrap_or(0) + 1;
+        let mut services = BTreeMap::new();
+        for item in dp.services.iter() {
+            let (k, v) = item.map_err(map_err(maps::SERVICES))?;
+            let Some(f) = maps::parse_svc_key(&k) else {
+                continue;
+            };
+            let entry = maps::parse_svc_val(&v);
+            let mut backends = BTreeSet::new();
+            for (tier, n) in entry.counts.iter().enumerate() {
+                for slot in 0..*n {
+                    // A slot that is missing references nothing (the slot gets rewritten).
+                    if let Some(addr) = dp
+                        .slots
+                        .get(&maps::slot_key(entry.id, tier as u16, slot), 0)
+                        .ok()
+                        .and_then(|bid| by_id.get(&bid))
+                    {
+                        backends.insert(*addr);
+                    }
+                }
+            }
+            services.insert(f, Installed { entry, backends });
+        }
+        let next_svc = services.values().map(|s| s.entry.id).max().unwrap_or(0) + 1;
         let next_backend = backend_ids.values().copied().max().unwrap_or(0) + 1;
         Ok(Self {
             dp,
-            svc_ids,
+            services,
             backend_ids,
             health,
             next_svc,
@@ -167,7 +462,7 @@ impl Programmer {
 
     /// Services programmed.
     pub fn services(&self) -> usize {
-        self.svc_ids.len()
+        self.services.len()
     }
 
     /// Backends programmed.
@@ -175,48 +470,72 @@ impl Programmer {
         self.backend_ids.len()
     }
 
-    fn check(desired: &[DesiredService]) -> Result<(), ProgramError> {
-        if desired.len() > MAX_SERVICES {
-            return Err(ProgramError::Capacity {
-                what: "services".into(),
-                wanted: desired.len(),
-                capacity: MAX_SERVICES,
-            });
-        }
-        let mut frontends = BTreeSet::new();
-        let mut backends = BTreeSet::new();
-        for s in desired {
-            if !frontends.insert(s.frontend) {
-                return Err(ProgramError::Duplicate(s.frontend));
-            }
-            for (tier, list) in s.tiers.iter().enumerate() {
-                if list.len() > MAX_TIER_SLOTS {
-                    return Err(ProgramError::Capacity {
-                        what: format!("backends in tier {tier} of {:?}", s.frontend),
-                        wanted: list.len(),
-                        capacity: MAX_TIER_SLOTS,
-                    });
-                }
-                backends.extend(list.iter().map(|b| b.addr));
-            }
-        }
-        if backends.len() > MAX_BACKENDS {
-            return Err(ProgramError::Capacity {
-                what: "backends".into(),
-                wanted: backends.len(),
-                capacity: MAX_BACKENDS,
-            });
-        }
-        Ok(())
+    /// The backends the programmed services of `proto` reference, sorted.
+    pub fn backends_of(&self, proto: Proto) -> Vec<SocketAddr> {
+        let set: BTreeSet<SocketAddr> = self
+            .services
+            .iter()
+            .filter(|(f, _)| f.proto == proto)
+            .flat_map(|(_, s)| s.backends.iter().copied())
+            .collect();
+        set.into_iter().collect()
     }
 
-    /// Makes the maps equal to `desired`.
+    /// Deletes the backends `keep` says no to.
+    fn remove_backends(&mut self, keep: impl Fn(&SocketAddr) -> bool, ops: &mut Ops) {
+        let unused: Vec<(SocketAddr, u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(a, _)| !keep(a))
+            .map(|(a, id)| (*a, *id))
+            .collect();
+        for (addr, id) in unused {
+            if self.dp.backends.remove(&id).is_ok() {
+                ops.deletes += 1;
+            }
+            self.backend_ids.remove(&addr);
+            self.health.remove(&addr);
+        }
+    }
+
+    /// Makes the maps equal to `desired`, except for the services it refuses (listed in
+    /// [`Ops::refused`]; those programmed before keep their programming). Fails only when a map
+    /// operation fails.
     pub fn apply(&mut self, desired: &[DesiredService]) -> Result<Ops, ProgramError> {
-        Self::check(desired)?;
+        let plan = plan(&self.services, desired, Limits::MAPS);
         let mut ops = Ops::default();
-        // 1. Backends.
+        // 1. Services no longer desired: the service first, then its slots; then the backends
+        //    nothing references any more, to make room.
+        let gone: Vec<Frontend> = self
+            .services
+            .keys()
+            .filter(|f| !plan.desired.contains(f))
+            .copied()
+            .collect();
+        for f in gone {
+            let Some(old) = self.services.remove(&f) else {
+                continue;
+            };
+            if self.dp.services.remove(&maps::svc_key(&f)).is_ok() {
+                ops.deletes += 1;
+            }
+            for tier in 0..TIERS {
+                for slot in 0..old.entry.counts[tier] {
+                    if self
+                        .dp
+                        .slots
+                        .remove(&maps::slot_key(old.entry.id, tier as u16, slot))
+                        .is_ok()
+                    {
+                        ops.deletes += 1;
+                    }
+                }
+            }
+        }
+        self.remove_backends(|a| plan.used_backends.contains(a), &mut ops);
+        // 2. New and changed backends.
         let mut wanted_backends: BTreeMap<SocketAddr, BackendSpec> = BTreeMap::new();
-        for s in desired {
+        for s in plan.accepted.values() {
             for b in s.tiers.iter().flatten() {
                 wanted_backends.insert(b.addr, *b);
             }
@@ -251,15 +570,13 @@ impl Programmer {
             &backend_writes,
             self.batching,
         )?;
-        // 2. Services: slots (all services), counts, then slots past the counts.
-        let wanted: BTreeMap<Frontend, &DesiredService> =
-            desired.iter().map(|s| (s.frontend, s)).collect();
+        // 3. Services: slots (all services), counts, then slots past the counts.
         let mut slot_writes = Vec::new();
         let mut svc_writes = Vec::new();
         let mut stale_slots = Vec::new();
-        let mut entries = Vec::new();
-        for (frontend, s) in &wanted {
-            let old = self.svc_ids.get(frontend).copied();
+        let mut installed = Vec::new();
+        for (frontend, s) in &plan.accepted {
+            let old = self.services.get(frontend).map(|i| i.entry);
             let id = old.map(|e| e.id).unwrap_or_else(|| {
                 let id = self.next_svc;
                 self.next_svc += 1;
@@ -267,6 +584,7 @@ impl Programmer {
             });
             let mut counts = [0u16; TIERS];
             for (tier, list) in s.tiers.iter().enumerate() {
+                // The plan bounds every tier by MAX_TIER_SLOTS, well within u16.
                 counts[tier] = list.len() as u16;
                 for (slot, b) in list.iter().enumerate() {
                     let key = maps::slot_key(id, tier as u16, slot as u16);
@@ -290,9 +608,10 @@ impl Programmer {
                     }
                 }
             }
-            entries.push((*frontend, entry));
+            let backends = s.tiers.iter().flatten().map(|b| b.addr).collect();
+            installed.push((*frontend, Installed { entry, backends }));
         }
-        // Every service's new slots before any service's new counts; stale slots last.
+        // Every service's new slots before any service's new counts; stale slots after.
         ops.writes += slot_writes.len() + svc_writes.len();
         write_all(&mut self.dp.slots, maps::SLOTS, &slot_writes, self.batching)?;
         write_all(
@@ -306,46 +625,10 @@ impl Programmer {
                 ops.deletes += 1;
             }
         }
-        self.svc_ids.extend(entries);
-        // 3. Services no longer wanted: the service first, then its slots.
-        let gone: Vec<(Frontend, SvcEntry)> = self
-            .svc_ids
-            .iter()
-            .filter(|(f, _)| !wanted.contains_key(f))
-            .map(|(f, e)| (*f, *e))
-            .collect();
-        for (f, e) in gone {
-            if self.dp.services.remove(&maps::svc_key(&f)).is_ok() {
-                ops.deletes += 1;
-            }
-            for tier in 0..TIERS {
-                for slot in 0..e.counts[tier] {
-                    if self
-                        .dp
-                        .slots
-                        .remove(&maps::slot_key(e.id, tier as u16, slot))
-                        .is_ok()
-                    {
-                        ops.deletes += 1;
-                    }
-                }
-            }
-            self.svc_ids.remove(&f);
-        }
+        self.services.extend(installed);
         // 4. Backends no longer referenced.
-        let unused: Vec<(SocketAddr, u32)> = self
-            .backend_ids
-            .iter()
-            .filter(|(a, _)| !wanted_backends.contains_key(a))
-            .map(|(a, id)| (*a, *id))
-            .collect();
-        for (addr, id) in unused {
-            if self.dp.backends.remove(&id).is_ok() {
-                ops.deletes += 1;
-            }
-            self.backend_ids.remove(&addr);
-            self.health.remove(&addr);
-        }
+        self.remove_backends(|a| plan.final_backends.contains(a), &mut ops);
+        ops.refused = plan.refused;
         Ok(ops)
     }
 
@@ -460,5 +743,238 @@ impl Programmer {
     /// The datapath.
     pub fn datapath(&self) -> &Datapath {
         &self.dp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn fe(i: u8) -> Frontend {
+        Frontend {
+            addr: SocketAddr::from(([10, 96, 0, i], 80)),
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn backends(first: u16, n: usize) -> Vec<BackendSpec> {
+        (0..n)
+            .map(|i| BackendSpec {
+                addr: SocketAddr::from(([10, 1, 0, 1], first + i as u16)),
+                cluster_id: 1,
+                zone: 0,
+            })
+            .collect()
+    }
+
+    fn svc(i: u8, name: &str, tiers: [Vec<BackendSpec>; TIERS]) -> DesiredService {
+        DesiredService {
+            frontend: fe(i),
+            service: Some(ServiceName::new("shop", name).unwrap()),
+            tiers,
+        }
+    }
+
+    fn installed(s: &DesiredService, id: u32) -> (Frontend, Installed) {
+        let counts = [s.tiers[0].len() as u16, s.tiers[1].len() as u16];
+        let backends = s.tiers.iter().flatten().map(|b| b.addr).collect();
+        (
+            s.frontend,
+            Installed {
+                entry: SvcEntry { id, counts },
+                backends,
+            },
+        )
+    }
+
+    fn accepted(p: &Plan<'_>) -> Vec<Frontend> {
+        p.accepted.keys().copied().collect()
+    }
+
+    #[test]
+    fn an_oversized_tier_refuses_its_service_alone() {
+        let good = svc(1, "web", [backends(1000, 3), vec![]]);
+        let bad = svc(2, "big", [backends(2000, 2), backends(3000, 300)]);
+        let desired = [bad.clone(), good.clone()];
+        let p = plan(&BTreeMap::new(), &desired, Limits::MAPS);
+        assert_eq!(accepted(&p), [fe(1)]);
+        assert_eq!(
+            p.refused,
+            [Refusal {
+                frontend: fe(2),
+                service: bad.service.clone(),
+                reason: Reason::TierFull {
+                    tier: 1,
+                    wanted: 300,
+                    capacity: MAX_TIER_SLOTS,
+                },
+                kept_previous: false,
+            }]
+        );
+        assert_eq!(
+            p.refused[0].to_string(),
+            "service shop/big frontend 10.96.0.2:80/tcp: tiers[1] has 300 backends, a tier holds 256 (MAX_TIER_SLOTS)"
+        );
+        assert_eq!(p.final_backends.len(), 3, "none of the refused backends");
+        assert_eq!(p.used_backends, p.final_backends);
+    }
+
+    #[test]
+    fn a_programmed_service_that_grows_past_a_tier_keeps_its_old_programming() {
+        let before = svc(2, "big", [backends(2000, 3), vec![]]);
+        let current = BTreeMap::from([installed(&before, 7)]);
+        let grown = svc(2, "big", [backends(2000, 300), vec![]]);
+        let good = svc(1, "web", [backends(1000, 1), vec![]]);
+        let desired = [good, grown];
+        let p = plan(&current, &desired, Limits::MAPS);
+        assert_eq!(accepted(&p), [fe(1)]);
+        assert_eq!(p.refused.len(), 1);
+        assert!(p.refused[0].kept_previous);
+        assert!(p.desired.contains(&fe(2)), "so its entry is not deleted");
+        for b in &before.tiers[0] {
+            assert!(p.final_backends.contains(&b.addr), "its old backends stay");
+        }
+        assert_eq!(p.final_backends.len(), 4);
+        // Shrunk again, it is programmed.
+        let shrunk = [svc(2, "big", [backends(2000, 2), vec![]])];
+        let p = plan(&current, &shrunk, Limits::MAPS);
+        assert_eq!((accepted(&p), p.refused.len()), (vec![fe(2)], 0));
+        assert_eq!(p.final_backends.len(), 2);
+        assert_eq!(
+            p.used_backends.len(),
+            3,
+            "old slots still referenced meanwhile"
+        );
+    }
+
+    #[test]
+    fn a_frontend_desired_twice_is_claimed_by_the_first_service_by_name() {
+        let web = svc(1, "web", [backends(1000, 1), vec![]]);
+        let api = svc(1, "api", [backends(2000, 1), vec![]]);
+        for desired in [[web.clone(), api.clone()], [api.clone(), web.clone()]] {
+            let p = plan(&BTreeMap::new(), &desired, Limits::MAPS);
+            assert_eq!(p.accepted[&fe(1)].service, api.service);
+            assert_eq!(p.refused.len(), 1);
+            assert_eq!(p.refused[0].service, web.service);
+            assert_eq!(
+                p.refused[0].reason,
+                Reason::DuplicateFrontend {
+                    claimed_by: api.service.clone()
+                }
+            );
+            assert!(p.refused[0].reason.to_string().contains("shop/api"));
+        }
+    }
+
+    #[test]
+    fn full_maps_refuse_the_last_new_services_and_never_evict_programmed_ones() {
+        let limits = Limits {
+            services: 2,
+            backends: 4,
+            slots: 6,
+            tier_slots: 4,
+        };
+        let programmed = svc(9, "old", [backends(9000, 1), vec![]]);
+        let current = BTreeMap::from([installed(&programmed, 1)]);
+        // Services: the programmed one first, then new ones in frontend order.
+        let desired = [
+            svc(3, "c", [backends(3000, 1), vec![]]),
+            svc(2, "b", [backends(2000, 1), vec![]]),
+            programmed.clone(),
+        ];
+        let p = plan(&current, &desired, limits);
+        assert_eq!(accepted(&p), [fe(2), fe(9)]);
+        assert_eq!(p.refused[0].frontend, fe(3));
+        assert_eq!(p.refused[0].reason, Reason::ServicesFull { capacity: 2 });
+        assert!(!p.refused[0].kept_previous);
+        // Backends: a programmed service's growth that does not fit is refused (it keeps its
+        // old backends); new services take what is left in frontend order.
+        let b = svc(2, "b", [backends(2000, 1), vec![]]);
+        let current2 = BTreeMap::from([installed(&programmed, 1), installed(&b, 2)]);
+        let desired2 = [
+            svc(3, "c", [backends(3000, 1), vec![]]),
+            svc(1, "a", [backends(1000, 1), vec![]]),
+            svc(2, "b", [backends(2000, 4), vec![]]),
+            programmed.clone(),
+        ];
+        let p = plan(
+            &current2,
+            &desired2,
+            Limits {
+                services: 4,
+                backends: 3,
+                ..limits
+            },
+        );
+        assert_eq!(accepted(&p), [fe(1), fe(9)]);
+        assert_eq!(
+            p.refused
+                .iter()
+                .map(|r| (r.frontend, r.kept_previous, r.reason.clone()))
+                .collect::<Vec<_>>(),
+            [
+                (
+                    fe(2),
+                    true,
+                    Reason::BackendsFull {
+                        wanted: 3,
+                        free: 1,
+                        capacity: 3,
+                    }
+                ),
+                (
+                    fe(3),
+                    false,
+                    Reason::BackendsFull {
+                        wanted: 1,
+                        free: 0,
+                        capacity: 3,
+                    }
+                ),
+            ]
+        );
+        assert_eq!(p.final_backends.len(), 3, "old b, old programmed, new a");
+        // Slots: counted per tier entry, old ones included while the plan is carried out.
+        let desired3 = [
+            programmed.clone(),
+            svc(1, "a", [backends(9000, 1), backends(9000, 1)]),
+            svc(2, "b", [backends(9000, 1), backends(9000, 4)]),
+        ];
+        let p = plan(
+            &current,
+            &desired3,
+            Limits {
+                services: 3,
+                ..limits
+            },
+        );
+        assert_eq!(accepted(&p), [fe(1), fe(9)]);
+        assert_eq!(
+            p.refused[0].reason,
+            Reason::SlotsFull {
+                wanted: 5,
+                free: 3,
+                capacity: 6,
+            }
+        );
+    }
+
+    #[test]
+    fn services_no_longer_desired_make_room_first() {
+        let limits = Limits {
+            services: 1,
+            backends: 1,
+            slots: 1,
+            tier_slots: 1,
+        };
+        let gone = svc(9, "old", [backends(9000, 1), vec![]]);
+        let current = BTreeMap::from([installed(&gone, 1)]);
+        let desired = [svc(1, "new", [backends(1000, 1), vec![]])];
+        let p = plan(&current, &desired, limits);
+        assert_eq!(accepted(&p), [fe(1)]);
+        assert!(p.refused.is_empty());
+        assert!(!p.desired.contains(&fe(9)));
+        assert!(!p.used_backends.contains(&gone.tiers[0][0].addr));
     }
 }

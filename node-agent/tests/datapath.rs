@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use common::{Node, Pod, backend};
+use model::service::ServiceName;
 use node_agent::maps::{Frontend, Proto};
-use node_agent::program::{BackendSpec, DesiredService, ProgramError};
+use node_agent::program::{BackendSpec, DesiredService, Reason};
 use serde_json::Value;
 
 fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
@@ -22,6 +23,39 @@ fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
         cluster_id,
         zone: 0,
     }
+}
+
+/// `n` backends in 127.0.3.0/24 that nothing listens on.
+fn many(n: usize) -> Vec<BackendSpec> {
+    (0..n)
+        .map(|i| {
+            spec(
+                SocketAddr::from(([127, 0, 3, (i % 250) as u8], 1000 + i as u16)),
+                2,
+            )
+        })
+        .collect()
+}
+
+fn service(name: &str) -> Option<ServiceName> {
+    Some(ServiceName::new("shop", name).unwrap())
+}
+
+/// The frontends the maps hold, read back from the kernel, with their backends per tier.
+fn read_back(p: &node_agent::program::Programmer) -> BTreeMap<Frontend, Vec<Vec<SocketAddr>>> {
+    p.programmed()
+        .unwrap()
+        .into_iter()
+        .map(|(f, tiers)| {
+            (
+                f,
+                tiers
+                    .iter()
+                    .map(|t| t.iter().map(|b| b.addr).collect())
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 fn counts(v: &Value) -> BTreeMap<String, u64> {
@@ -57,19 +91,23 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
     let desired = vec![
         DesiredService {
             frontend: frontend(vip_local, Proto::Tcp),
+            service: None,
             tiers: [local.clone(), remote.clone()],
         },
         DesiredService {
             frontend: frontend(vip_remote, Proto::Tcp),
+            service: None,
             tiers: [remote.clone(), local.clone()],
         },
         DesiredService {
             frontend: frontend(vip_none, Proto::Tcp),
+            service: None,
             tiers: [both.clone(), vec![]],
         },
         // UDP to l1 only; the port must match the backend's.
         DesiredService {
             frontend: frontend(vip_udp, Proto::Udp),
+            service: None,
             tiers: [vec![spec(l1, 1)], vec![]],
         },
     ];
@@ -133,33 +171,29 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
     let ops = p.apply(&desired).unwrap();
     assert_eq!((ops.writes, ops.deletes), (0, 0), "restart rewrote nothing");
 
-    // More backends than a tier holds: refused, nothing written.
-    let many: Vec<BackendSpec> = (0..300)
-        .map(|i| {
-            spec(
-                SocketAddr::from(([127, 0, 3, (i % 250) as u8], 1000 + i as u16)),
-                1,
-            )
-        })
-        .collect();
+    // More backends than a tier holds: that service alone is refused, nothing is written.
     let mut too_big = desired.clone();
     too_big.push(DesiredService {
         frontend: frontend("127.100.0.9:80", Proto::Tcp),
-        tiers: [many, vec![]],
+        service: None,
+        tiers: [many(300), vec![]],
     });
-    match p.apply(&too_big) {
-        Err(ProgramError::Capacity {
+    let ops = p.apply(&too_big).unwrap();
+    assert_eq!((ops.writes, ops.deletes), (0, 0), "{ops:?}");
+    assert_eq!(ops.refused.len(), 1);
+    assert!(matches!(
+        ops.refused[0].reason,
+        Reason::TierFull {
+            tier: 0,
             wanted: 300,
-            capacity: 256,
-            ..
-        }) => {}
-        other => panic!("expected a capacity error, got {other:?}"),
-    }
+            capacity: 256
+        }
+    ));
     assert_eq!(p.services(), 4);
     assert_eq!(
         p.apply(&desired).unwrap(),
         Default::default(),
-        "the refused state left nothing behind"
+        "the refused service left nothing behind"
     );
 
     // IPv6: connect6 translates to an IPv6 backend; getpeername shows the service.
@@ -169,6 +203,7 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
     let mut with_v6 = desired.clone();
     with_v6.push(DesiredService {
         frontend: frontend(vip6, Proto::Tcp),
+        service: None,
         tiers: [vec![spec(v6a, 1)], vec![spec(v6b, 2)]],
     });
     p.apply(&with_v6).unwrap();
@@ -199,6 +234,184 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
     assert_eq!(gone["failures"], 3);
 }
 
+/// A peer sends a service 300 ready backends (a tier holds 256): that service alone is refused,
+/// named with the limit; a new local service in the same desired state is programmed and
+/// serves. Once it shrinks to 3 backends it is programmed and the refusal goes away.
+#[test]
+fn an_oversized_service_is_refused_alone() {
+    let node = Node::new();
+    let (w1, w2) = (backend("web-1", "127.0.1.1"), backend("web-2", "127.0.1.2"));
+    let (b1, b2, b3) = (
+        backend("big-1", "127.0.1.3"),
+        backend("big-2", "127.0.1.4"),
+        backend("big-3", "127.0.1.5"),
+    );
+    let vip_web: SocketAddr = "127.100.1.1:80".parse().unwrap();
+    let vip_big: SocketAddr = "127.100.1.2:80".parse().unwrap();
+    let web = DesiredService {
+        frontend: frontend("127.100.1.1:80", Proto::Tcp),
+        service: service("web"),
+        tiers: [vec![spec(w1, 1), spec(w2, 1)], vec![]],
+    };
+    let oversized = DesiredService {
+        frontend: frontend("127.100.1.2:80", Proto::Tcp),
+        service: service("big"),
+        tiers: [vec![spec(b1, 1)], many(300)],
+    };
+    let mut p = node.open();
+    let ops = p.apply(&[oversized.clone(), web.clone()]).unwrap();
+
+    // The oversized service is refused, named, with the field and the limit.
+    assert_eq!(ops.refused.len(), 1, "{ops:?}");
+    let r = &ops.refused[0];
+    assert_eq!(r.frontend, oversized.frontend);
+    assert_eq!(r.service, service("big"));
+    assert_eq!(
+        r.reason,
+        Reason::TierFull {
+            tier: 1,
+            wanted: 300,
+            capacity: 256
+        }
+    );
+    assert!(!r.kept_previous);
+    assert_eq!(
+        r.to_string(),
+        "service shop/big frontend 127.100.1.2:80/tcp: tiers[1] has 300 backends, a tier holds 256 (MAX_TIER_SLOTS)"
+    );
+    // The good one is programmed (read back from the kernel) and serves; the refused one is
+    // not in the maps at all.
+    assert_eq!(
+        read_back(&p),
+        BTreeMap::from([(web.frontend, vec![vec![w1, w2], vec![]])])
+    );
+    assert_eq!((p.services(), p.backends()), (1, 2));
+    let run = node.client(true, "tcp", vip_web, 50);
+    assert_eq!(run["failures"], 0, "{run}");
+    assert!(counts(&run).keys().all(|k| k.starts_with("web")), "{run}");
+    let refused = node.client(true, "tcp", vip_big, 2);
+    assert_eq!(refused["failures"], 2, "not translated: {refused}");
+
+    // The same state again writes nothing and reports the same refusal.
+    let again = p.apply(&[oversized.clone(), web.clone()]).unwrap();
+    assert_eq!((again.writes, again.deletes), (0, 0));
+    assert_eq!(again.refused, ops.refused);
+
+    // It shrinks to 3 backends: programmed, serving, no refusal.
+    let shrunk = DesiredService {
+        tiers: [vec![spec(b1, 1), spec(b2, 1), spec(b3, 1)], vec![]],
+        ..oversized
+    };
+    let ops = p.apply(&[web.clone(), shrunk.clone()]).unwrap();
+    assert!(ops.refused.is_empty(), "{ops:?}");
+    assert_eq!(
+        read_back(&p)[&shrunk.frontend],
+        vec![vec![b1, b2, b3], vec![]]
+    );
+    let big = node.client(true, "tcp", vip_big, 60);
+    assert_eq!(big["failures"], 0, "{big}");
+    assert_eq!(counts(&big).len(), 3, "{big}");
+    let run = node.client(true, "tcp", vip_web, 20);
+    assert_eq!(run["failures"], 0, "{run}");
+}
+
+/// Bad input never erases good state: a programmed service that grows past a tier keeps its
+/// last programming (also across an agent restart) while the rest of the node follows the
+/// desired state; shrunk again, it is reprogrammed.
+#[test]
+fn a_programmed_service_that_grows_past_the_limit_keeps_its_old_programming() {
+    let node = Node::new();
+    let (a1, a2, a3) = (
+        backend("api-1", "127.0.1.1"),
+        backend("api-2", "127.0.1.2"),
+        backend("api-3", "127.0.1.3"),
+    );
+    let (w1, w2) = (backend("web-1", "127.0.1.4"), backend("web-2", "127.0.1.5"));
+    let vip_api: SocketAddr = "127.100.2.1:80".parse().unwrap();
+    let vip_web: SocketAddr = "127.100.2.2:80".parse().unwrap();
+    let api = DesiredService {
+        frontend: frontend("127.100.2.1:80", Proto::Tcp),
+        service: service("api"),
+        tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![]],
+    };
+    let web = DesiredService {
+        frontend: frontend("127.100.2.2:80", Proto::Tcp),
+        service: service("web"),
+        tiers: [vec![spec(w1, 1)], vec![]],
+    };
+    let mut p = node.open();
+    assert!(
+        p.apply(&[api.clone(), web.clone()])
+            .unwrap()
+            .refused
+            .is_empty()
+    );
+    let before = read_back(&p);
+
+    // api grows past a tier; web changes in the same state.
+    let grown = DesiredService {
+        tiers: [vec![spec(a1, 1), spec(a2, 1)], many(300)],
+        ..api.clone()
+    };
+    let web2 = DesiredService {
+        tiers: [vec![spec(w1, 1), spec(w2, 1)], vec![]],
+        ..web.clone()
+    };
+    let state = [grown.clone(), web2.clone()];
+    let ops = p.apply(&state).unwrap();
+    assert_eq!(ops.refused.len(), 1, "{ops:?}");
+    assert_eq!(ops.refused[0].service, service("api"));
+    assert!(ops.refused[0].kept_previous);
+    let now = read_back(&p);
+    assert_eq!(
+        now[&api.frontend], before[&api.frontend],
+        "api kept as it was"
+    );
+    assert_eq!(
+        now[&web.frontend],
+        vec![vec![w1, w2], vec![]],
+        "web followed"
+    );
+    assert_eq!(p.backends(), 4, "none of the 300 written");
+    let run = node.client(true, "tcp", vip_api, 50);
+    assert_eq!(run["failures"], 0, "{run}");
+    assert_eq!(counts(&run).len(), 2, "{run}");
+    assert_eq!(counts(&node.client(true, "tcp", vip_web, 50)).len(), 2);
+    // Its backends are still health-checked and can fail over.
+    assert!(p.set_health(a1, false).unwrap());
+    let run = node.client(true, "tcp", vip_api, 20);
+    assert_eq!(
+        counts(&run),
+        BTreeMap::from([("api-2".to_owned(), 20)]),
+        "{run}"
+    );
+    assert!(p.set_health(a1, true).unwrap());
+
+    // A restarted agent learns what the kept programming references and keeps it too.
+    drop(p);
+    let mut p = node.open();
+    let ops = p.apply(&state).unwrap();
+    assert_eq!((ops.writes, ops.deletes), (0, 0), "{ops:?}");
+    assert!(ops.refused[0].kept_previous);
+    assert_eq!(read_back(&p), now);
+
+    // Shrunk again, it is reprogrammed and the refusal goes away.
+    let shrunk = DesiredService {
+        tiers: [vec![spec(a3, 1)], vec![]],
+        ..api.clone()
+    };
+    let ops = p.apply(&[shrunk.clone(), web2.clone()]).unwrap();
+    assert!(ops.refused.is_empty(), "{ops:?}");
+    assert_eq!(read_back(&p)[&api.frontend], vec![vec![a3], vec![]]);
+    assert_eq!(p.backends(), 3, "api-1 and api-2 removed");
+    let run = node.client(true, "tcp", vip_api, 20);
+    assert_eq!(
+        counts(&run),
+        BTreeMap::from([("api-3".to_owned(), 20)]),
+        "{run}"
+    );
+}
+
 /// A client in a pod (its own network namespace, a child cgroup of the node's cgroup) reaching
 /// backends on the host side through the veth.
 #[test]
@@ -220,6 +433,7 @@ fn pods_in_their_own_network_namespace_and_child_cgroup() {
                 addr: vip_local,
                 proto: Proto::Tcp,
             },
+            service: None,
             tiers: [vec![spec(l1, 1), spec(l2, 1)], vec![spec(r1, 2)]],
         },
         DesiredService {
@@ -227,6 +441,7 @@ fn pods_in_their_own_network_namespace_and_child_cgroup() {
                 addr: vip_remote,
                 proto: Proto::Tcp,
             },
+            service: None,
             tiers: [vec![spec(r1, 2)], vec![spec(l1, 1), spec(l2, 1)]],
         },
     ])

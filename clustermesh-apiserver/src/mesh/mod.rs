@@ -2,6 +2,7 @@
 //! cluster's client of its peers' Mesh APIs).
 
 pub mod cache;
+pub mod grants;
 pub use meshapi::client;
 pub mod importer;
 pub mod server;

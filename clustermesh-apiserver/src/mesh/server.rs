@@ -20,6 +20,7 @@ use wire::pb::mesh_server::{Mesh, MeshServer};
 use wire::{Codec, pb};
 
 use super::cache::{Item, Record, Start, Update, WatchCache};
+use super::grants;
 use crate::metrics as m;
 
 pub use meshapi::MAX_MESSAGE;
@@ -48,17 +49,49 @@ pub struct MeshService {
     cluster_id: ClusterId,
     trust_bundle_sha256: String,
     cache: Arc<WatchCache>,
+    grants: grants::Receiver,
     metrics: Registry,
     stop: watch::Receiver<bool>,
 }
 
+/// A peer stream's standing, re-checked whenever the grants change: a disconnected peer's
+/// open streams end at once.
+#[derive(Debug)]
+struct Recheck {
+    identity: MeshIdentity,
+    fingerprint: String,
+    grants: grants::Receiver,
+}
+
+impl Recheck {
+    fn admitted(&self) -> Result<(), String> {
+        match self.grants.borrow().as_deref() {
+            Some(g) => g.admits(&self.identity, &self.fingerprint),
+            None => Err("grants not loaded".into()),
+        }
+    }
+}
+
+/// Resolves when the grants change (never, for callers without a recheck).
+async fn grants_changed(r: &mut Option<Recheck>) {
+    match r {
+        Some(rc) => {
+            if rc.grants.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl MeshService {
-    /// The service of `cluster` over `cache`.
+    /// The service of `cluster` over `cache`; peers are admitted by `grants`.
     pub fn new(
         cluster: ClusterName,
         cluster_id: ClusterId,
         trust_bundle_sha256: String,
         cache: Arc<WatchCache>,
+        grants: grants::Receiver,
         metrics: Registry,
         stop: watch::Receiver<bool>,
     ) -> Self {
@@ -67,9 +100,25 @@ impl MeshService {
             cluster_id,
             trust_bundle_sha256,
             cache,
+            grants,
             metrics,
             stop,
         }
+    }
+
+    fn caller<T>(req: &Request<T>) -> Result<(MeshIdentity, String), Status> {
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let id = MeshIdentity::from_cert_der(leaf.as_ref()).map_err(|e| {
+            Status::permission_denied(format!(
+                "the client certificate carries no mesh identity: {e}"
+            ))
+        })?;
+        Ok((id, certs::fingerprint(leaf.as_ref())))
     }
 
     /// Who the caller is, from its certificate, and what it may see.
@@ -79,20 +128,25 @@ impl MeshService {
             tracing::warn!(reason = %reason, "Mesh API request refused");
             Status::permission_denied(reason)
         };
-        let certs = req
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let id = MeshIdentity::from_cert_der(leaf.as_ref()).map_err(|e| {
-            deny(format!(
-                "the client certificate carries no mesh identity: {e}"
-            ))
+        let (id, fingerprint) = Self::caller(req).inspect_err(|e| {
+            if e.code() == tonic::Code::PermissionDenied {
+                deny(e.message().to_owned());
+            }
         })?;
         let own = id.cluster == self.cluster;
         match id.role {
-            Role::Peer if !own && id.cluster_id != self.cluster_id => Ok(View::Peer(id.cluster)),
+            Role::Peer if !own && id.cluster_id != self.cluster_id => {
+                let admitted = match self.grants.borrow().as_deref() {
+                    Some(g) => g.admits(&id, &fingerprint),
+                    None => {
+                        return Err(Status::unavailable(
+                            "this apiserver has not read its peer grants yet; retry",
+                        ));
+                    }
+                };
+                admitted.map_err(deny)?;
+                Ok(View::Peer(id.cluster))
+            }
             Role::Peer if !own => Err(deny(format!(
                 "peer {} claims cluster ID {}, which is this cluster's ({})",
                 id.cluster, id.cluster_id, self.cluster
@@ -237,6 +291,7 @@ async fn stream_updates(
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
     metrics: Registry,
     mut stop: watch::Receiver<bool>,
+    mut recheck: Option<Recheck>,
 ) {
     let Start {
         snapshot,
@@ -256,6 +311,19 @@ async fn stream_updates(
             let next = tokio::select! {
                 n = live.recv() => n,
                 _ = stop.wait_for(|s| *s) => return,
+                // A client that went away is noticed at once, not at the next send.
+                () = tx.closed() => return,
+                () = grants_changed(&mut recheck) => {
+                    if let Some(rc) = &recheck
+                        && let Err(reason) = rc.admitted()
+                    {
+                        metrics.inc(m::MESH_DENIED, &[]);
+                        tracing::warn!(peer = %rc.identity.cluster, reason = %reason, "ending a Mesh API stream: the peer is no longer granted");
+                        let _ = tx.try_send(Err(Status::permission_denied(reason)));
+                        return;
+                    }
+                    continue;
+                }
             };
             match next {
                 Ok(u) => pending.push(u),
@@ -340,6 +408,17 @@ impl Mesh for MeshService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let view = self.authorize(&request)?;
+        let recheck = match &view {
+            View::Peer(_) => {
+                let (identity, fingerprint) = Self::caller(&request)?;
+                Some(Recheck {
+                    identity,
+                    fingerprint,
+                    grants: self.grants.clone(),
+                })
+            }
+            View::Local(_) => None,
+        };
         let req = request.into_inner();
         let mut kinds = HashSet::new();
         for k in &req.kinds {
@@ -371,6 +450,7 @@ impl Mesh for MeshService {
             tx,
             self.metrics.clone(),
             self.stop.clone(),
+            recheck,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -495,6 +575,7 @@ mod tests {
             tx,
             metrics.clone(),
             stop,
+            None,
         ));
         let first = rx.recv().await.unwrap().unwrap();
         assert!(first.reset && first.snapshot_complete && first.changes.len() == 1);

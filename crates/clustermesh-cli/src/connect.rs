@@ -16,7 +16,7 @@ use clap::Args;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, PostParams};
-use model::status::{PEER_LABEL, Phase, peer_secret_name};
+use model::status::{GRANT_LABEL, PEER_LABEL, Phase, grant_secret_name, peer_secret_name};
 use model::{ClusterId, ClusterName};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -148,6 +148,62 @@ fn reusable(existing: &BTreeMap<String, ByteString>, me: &Side, peer: &Side) -> 
         .then_some(info.not_after_unix)
 }
 
+/// Writes (or leaves unchanged) the grant in `peer`'s cluster that admits `me` with the
+/// client certificates whose fingerprints are `fingerprints`.
+async fn write_grant(peer: &Side, me: &Side, fingerprints: &[String]) -> Result<&'static str> {
+    let api = peer.cluster.api::<Secret>();
+    let name = grant_secret_name(me.name.as_str());
+    let existing = api
+        .get_opt(&name)
+        .await
+        .with_context(|| format!("context {}: read Secret {name}", peer.cluster.context))?;
+    let mut data = BTreeMap::new();
+    data.insert(
+        "cluster-id".to_owned(),
+        ByteString(format!("{}\n", me.id).into_bytes()),
+    );
+    data.insert(
+        "sha256".to_owned(),
+        ByteString(format!("{}\n", fingerprints.join("\n")).into_bytes()),
+    );
+    let mut secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": peer.cluster.namespace,
+            "labels": {
+                GRANT_LABEL: me.name.as_str(),
+                "app.kubernetes.io/managed-by": "clustermesh",
+            },
+        },
+        "type": "Opaque",
+    }))?;
+    secret.data = Some(data.clone());
+    Ok(match existing {
+        Some(old) if old.data.as_ref() == Some(&data) => "unchanged",
+        Some(old) => {
+            secret.metadata.resource_version = old.metadata.resource_version.clone();
+            api.replace(&name, &PostParams::default(), &secret)
+                .await
+                .with_context(|| {
+                    format!("context {}: update Secret {name}", peer.cluster.context)
+                })?;
+            "updated"
+        }
+        None => {
+            api.create(&PostParams::default(), &secret)
+                .await
+                .with_context(|| {
+                    format!("context {}: create Secret {name}", peer.cluster.context)
+                })?;
+            "created"
+        }
+    })
+}
+
+fn fingerprint_of(pem: &ByteString) -> Result<String> {
+    certs::fingerprint_pem(&pem.0).context("the client certificate does not parse")
+}
+
 async fn write_direction(me: &Side, peer: &Side) -> Result<Direction> {
     let api = me.cluster.api::<Secret>();
     let name = peer_secret_name(peer.name.as_str());
@@ -191,6 +247,18 @@ async fn write_direction(me: &Side, peer: &Side) -> Result<Direction> {
             )
         }
     };
+    // The serving side admits exactly this certificate. While a new one replaces an old one,
+    // both are admitted until the peer Secret holds the new one; then only the new one.
+    let new_fp = fingerprint_of(&tls_crt)?;
+    let old_fp = old_data.get("tls.crt").and_then(|c| fingerprint_of(c).ok());
+    match old_fp.filter(|o| *o != new_fp) {
+        Some(old_fp) => {
+            write_grant(peer, me, &[new_fp.clone(), old_fp]).await?;
+        }
+        None => {
+            write_grant(peer, me, std::slice::from_ref(&new_fp)).await?;
+        }
+    }
     let mut data = BTreeMap::new();
     data.insert(
         "endpoints".to_owned(),
@@ -234,6 +302,7 @@ async fn write_direction(me: &Side, peer: &Side) -> Result<Direction> {
             "created"
         }
     };
+    write_grant(peer, me, std::slice::from_ref(&new_fp)).await?;
     Ok(Direction {
         cluster: me.name.to_string(),
         peer: peer.name.to_string(),
@@ -358,11 +427,10 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<std::process::ExitCode>
     }
 }
 
-async fn remove_side(cluster: &Cluster, peer: &str) -> Result<&'static str> {
-    let name = peer_secret_name(peer);
+async fn delete_secret(cluster: &Cluster, name: &str) -> Result<&'static str> {
     match cluster
         .api::<Secret>()
-        .delete(&name, &DeleteParams::default())
+        .delete(name, &DeleteParams::default())
         .await
     {
         Ok(_) => Ok("deleted"),
@@ -371,6 +439,15 @@ async fn remove_side(cluster: &Cluster, peer: &str) -> Result<&'static str> {
             Err(e).with_context(|| format!("context {}: delete Secret {name}", cluster.context))
         }
     }
+}
+
+/// Removes `cluster`'s side of the connection with `peer`: its import configuration of
+/// `peer`, and the grant that lets `peer` import from it (the peer's certificate is refused
+/// from then on). Returns what happened to each.
+async fn remove_side(cluster: &Cluster, peer: &str) -> Result<(&'static str, &'static str)> {
+    let grant = delete_secret(cluster, &grant_secret_name(peer)).await?;
+    let import = delete_secret(cluster, &peer_secret_name(peer)).await?;
+    Ok((import, grant))
 }
 
 pub(crate) async fn disconnect(args: DisconnectArgs) -> Result<std::process::ExitCode> {
@@ -394,21 +471,24 @@ pub(crate) async fn disconnect(args: DisconnectArgs) -> Result<std::process::Exi
         None => args.destination_context.clone(),
     };
     if let Some((b, _)) = &b {
-        let what = remove_side(b, a_name.as_str()).await?;
+        let (import, grant) = remove_side(b, a_name.as_str()).await?;
         println!(
-            "{b_name} → {a_name}: Secret {} {what}",
-            peer_secret_name(a_name.as_str())
+            "{b_name} → {a_name}: Secret {} {import}; grant {} {grant}",
+            peer_secret_name(a_name.as_str()),
+            grant_secret_name(a_name.as_str())
         );
     }
-    let what = remove_side(&a, &b_name).await?;
+    let (import, grant) = remove_side(&a, &b_name).await?;
     println!(
-        "{a_name} → {b_name}: Secret {} {what}",
-        peer_secret_name(&b_name)
+        "{a_name} → {b_name}: Secret {} {import}; grant {} {grant}",
+        peer_secret_name(&b_name),
+        grant_secret_name(&b_name)
     );
     if args.force {
         eprintln!(
-            "note: only {a_name}'s side was removed; remove Secret {} from {b_name} when it is reachable",
-            peer_secret_name(a_name.as_str())
+            "note: only {a_name}'s side was removed ({b_name} can no longer import from {a_name}); remove Secrets {} and {} from {b_name} when it is reachable",
+            peer_secret_name(a_name.as_str()),
+            grant_secret_name(a_name.as_str())
         );
     }
     if args.wait {

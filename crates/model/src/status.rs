@@ -25,6 +25,20 @@ pub const PEER_LABEL: &str = "clustermesh.dev/peer";
 pub const PEER_SECRET_PREFIX: &str = "clustermesh-peer-";
 /// Keys of a peer configuration Secret (`cluster-id` is optional).
 pub const PEER_SECRET_KEYS: [&str; 5] = ["endpoints", "ca.crt", "tls.crt", "tls.key", "cluster-id"];
+/// Label on grant Secrets (in the serving cluster); its value is the peer cluster allowed to
+/// import this cluster's exports.
+pub const GRANT_LABEL: &str = "clustermesh.dev/grant";
+/// Name prefix of grant Secrets (`clustermesh-grant-<peer>`).
+pub const GRANT_SECRET_PREFIX: &str = "clustermesh-grant-";
+/// Keys of a grant Secret: the peer's cluster ID, and the SHA-256 fingerprints (one per line,
+/// `aa:bb:...`) of the client certificates issued to it that the Mesh API accepts.
+pub const GRANT_SECRET_KEYS: [&str; 2] = ["cluster-id", "sha256"];
+
+/// The name of the Secret granting `peer` access to this cluster's Mesh API.
+pub fn grant_secret_name(peer: &str) -> String {
+    format!("{GRANT_SECRET_PREFIX}{peer}")
+}
+
 /// Seconds between rewrites of an unchanged status: a status older than three times this
 /// means its apiserver stopped reporting.
 pub const STATUS_HEARTBEAT_SECS: i64 = 10;
@@ -168,4 +182,35 @@ pub struct NodeState {
     pub services: Vec<NodeService>,
     /// Whether every frontend is in sync.
     pub in_sync: bool,
+    /// Desired services the agent refused to program (absent from older agents' documents).
+    #[serde(default)]
+    pub refused: Vec<RefusedService>,
+}
+
+/// A desired service a node agent refused to program; the rest of the node is programmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedService {
+    /// `ip:port/proto`.
+    pub frontend: String,
+    /// `namespace/name`, when known.
+    pub service: Option<String>,
+    /// The kind of reason: `tier_full`, `duplicate_frontend`, `services_full`,
+    /// `backends_full` or `slots_full`.
+    pub reason: String,
+    /// The reason in words, naming the field and the limit.
+    pub message: String,
+    /// Whether the maps keep the frontend's previous programming.
+    pub kept_previous: bool,
+}
+
+#[cfg(test)]
+mod node_state_tests {
+    use super::*;
+
+    #[test]
+    fn node_state_without_refusals_still_parses() {
+        let json = r#"{"cluster":"east","synced":true,"services":[],"in_sync":true}"#;
+        let s: NodeState = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+        assert!(s.refused.is_empty());
+    }
 }

@@ -50,6 +50,8 @@ pub mod env {
     pub const MESH_TLS_DIR: &str = "CLUSTERMESH_MESH_TLS_DIR";
     /// Directory of peer configurations.
     pub const PEERS_DIR: &str = "CLUSTERMESH_PEERS_DIR";
+    /// `--grants-dir`.
+    pub const GRANTS_DIR: &str = "CLUSTERMESH_GRANTS_DIR";
     /// Where bpffs is mounted.
     pub const BPFFS: &str = "CLUSTERMESH_BPFFS";
     /// The local apiserver's Mesh API address, for node agents.

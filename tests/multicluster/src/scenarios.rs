@@ -419,6 +419,25 @@ pub async fn disconnect_drains<A: Cluster, B: Cluster>(
         .cloned()
         .unwrap_or_default();
     ensure!(!peers.iter().any(|p| p["name"] == b.name()), "{v}");
+    // a no longer grants b: b's certificate for a's Mesh API is refused from now on.
+    let grant = model::status::grant_secret_name(b.name());
+    let out = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", kc)
+        .args([
+            "--context",
+            &ac,
+            "-n",
+            "kube-system",
+            "get",
+            "secret",
+            &grant,
+        ])
+        .output()?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("NotFound"),
+        "disconnect left {grant} in {ac}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(())
 }
 
