@@ -11,6 +11,8 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let open_files = telemetry::raise_fd_limit();
+    tracing::debug!(open_files = ?open_files, "open-files limit");
     let config = match args.validate() {
         Ok(c) => c,
         Err(e) => {

@@ -942,3 +942,105 @@ async fn disconnect_revokes_the_peer_certificate_and_only_the_issued_one_is_admi
     let e = raw_watch(&a, &saved).await.unwrap_err();
     assert!(e.message().contains("not the one issued"), "{e}");
 }
+
+/// Issue 12, cases 3 and 4: unauthenticated connections are capped per source before the
+/// handshake (other sources are still served), a peer identity holds a bounded number of
+/// watches, and an oversized filter is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_watch_and_filter_limits_hold_while_others_are_served() {
+    use clustermesh_apiserver::mesh::server::{
+        MAX_CONNECTIONS_PER_SOURCE, MAX_FILTER_ENTRIES, MAX_WATCHES_PER_PEER,
+    };
+    let mut a = Cluster::new("alpha", 51).await;
+    let mut b = Cluster::new("bravo", 52).await;
+    a.up().await;
+    b.up().await;
+    b.import_from(&a);
+    eventually("bravo connects to alpha", T, || async {
+        (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+
+    // Many TCP connections from 127.0.0.2 that never start a handshake.
+    let target: std::net::SocketAddr = a.endpoint().parse().unwrap();
+    let n = MAX_CONNECTIONS_PER_SOURCE + 100;
+    let mut socks = Vec::new();
+    for _ in 0..n {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        socks.push(s.connect(target).await.unwrap());
+    }
+    let closed = eventually(
+        "the server closes what is over the per-source cap",
+        T,
+        || {
+            let socks = &socks;
+            async move {
+                let mut closed = 0;
+                for s in socks {
+                    let mut buf = [0u8; 1];
+                    if matches!(s.try_read(&mut buf), Ok(0)) {
+                        closed += 1;
+                    }
+                }
+                (closed >= n - MAX_CONNECTIONS_PER_SOURCE).then_some(closed)
+            }
+        },
+    )
+    .await;
+    assert!(
+        closed <= n - MAX_CONNECTIONS_PER_SOURCE + 5,
+        "the first ones stay: {closed}"
+    );
+
+    // Another source is served meanwhile, and the peer stays in sync.
+    let files = TlsFiles::in_dir(&b.peers_dir().join("alpha"));
+    let mut extra = Vec::new();
+    // bravo's importer holds one watch already.
+    for _ in 1..MAX_WATCHES_PER_PEER {
+        extra.push(
+            raw_watch(&a, &files)
+                .await
+                .expect("within the per-peer limit"),
+        );
+    }
+    let e = raw_watch(&a, &files).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert_eq!(b.phase(&a.name), Some(Phase::Ready));
+    // Closing watches frees their slots at once.
+    drop(extra);
+    eventually("a freed slot is usable again", T, || async {
+        raw_watch(&a, &files).await.ok().map(|_| ())
+    })
+    .await;
+
+    // An oversized filter is refused, not held.
+    let node = a.client_files(
+        &a.dir.path().join("na-filter"),
+        MeshIdentity::node_agent(a.name.clone(), a.id, model::NodeName::new("n1").unwrap()),
+    );
+    let tls = Reloader::load(node).unwrap();
+    let c = clustermesh_apiserver::mesh::client::connect(&a.name, &[a.endpoint()], &tls)
+        .await
+        .unwrap();
+    let mut api = c.client;
+    let req = pb::WatchRequest {
+        clusters: (0..=MAX_FILTER_ENTRIES).map(|i| format!("c{i}")).collect(),
+        ..Default::default()
+    };
+    let e = api.watch(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let req = pb::WatchRequest {
+        clusters: vec!["x".repeat(3_000_000)],
+        ..Default::default()
+    };
+    let e = api.watch(req).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e}"
+    );
+    drop(socks);
+}

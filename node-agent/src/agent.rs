@@ -329,9 +329,12 @@ async fn follow(
     ready: watch::Sender<Result<(), String>>,
     targets: watch::Sender<Vec<SocketAddr>>,
 ) {
-    let mut failures = 0u32;
+    // The workspace's resetting backoff: a session that lasted the reset period counts as
+    // healthy, so later outages are retried from the minimum again.
+    let mut backoff = telemetry::backoff::Backoff::reconnect();
     let mut zones = Zones::default();
     loop {
+        backoff.healthy();
         let r = session(
             &settings,
             &report,
@@ -350,11 +353,7 @@ async fn follow(
         if ready.borrow().is_err() {
             let _ = ready.send_replace(Err(format!("no Mesh API connection yet: {e}")));
         }
-        failures = failures.saturating_add(1);
-        let delay = Duration::from_millis(100)
-            .saturating_mul(1 << failures.min(6))
-            .min(Duration::from_secs(5));
-        tokio::time::sleep(delay).await;
+        backoff.wait().await;
     }
 }
 

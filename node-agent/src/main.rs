@@ -172,6 +172,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let open_files = telemetry::raise_fd_limit();
+    tracing::debug!(open_files = ?open_files, "open-files limit");
     let problems = validate(&args);
     if !problems.is_empty() {
         eprintln!(

@@ -21,7 +21,7 @@ use std::time::Duration;
 use certs::{Reloader, TlsFiles};
 use model::keys::{self, Kind, Scope};
 use model::{ClusterId, ClusterName};
-use rand::Rng;
+use telemetry::backoff::Backoff;
 use telemetry::metrics::Registry;
 use wire::{Codec, pb};
 
@@ -147,7 +147,8 @@ impl Board {
 
     fn error(&self, peer: &ClusterName, e: &str) {
         self.update(peer, |s| {
-            s.last_error = Some(e.to_owned());
+            // Peer-chosen text reaches status and terminals: escaped and bounded.
+            s.last_error = Some(model::escape::bounded(e, model::escape::MAX_TEXT));
             s.last_error_unix = Some(now_unix());
         });
     }
@@ -396,7 +397,11 @@ impl Mirror {
 
 async fn run_peer(ctx: Context, cfg: PeerConfig) {
     let mut mirror = load_mirror(&ctx, &cfg.name).await;
-    let mut failures: u32 = 0;
+    let mut backoff = Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+    );
     ctx.board.update(&cfg.name, |s| {
         for kind in Kind::ALL {
             s.objects.insert(
@@ -410,7 +415,7 @@ async fn run_peer(ctx: Context, cfg: PeerConfig) {
         if !had_state {
             ctx.board.set_phase(&cfg.name, Phase::Connecting);
         }
-        let result = session(&ctx, &cfg, &mut mirror).await;
+        let result = session(&ctx, &cfg, &mut mirror, &mut backoff).await;
         ctx.board.release_id(&cfg.name);
         if let Err(e) = &result
             && e.starts_with(LOCAL_ETCD)
@@ -423,6 +428,7 @@ async fn run_peer(ctx: Context, cfg: PeerConfig) {
             Err(e) => e,
         };
         ctx.metrics.inc(m::PEER_RECONNECTS, &[cfg.name.as_str()]);
+        let e = model::escape::bounded(&e, model::escape::MAX_TEXT);
         tracing::warn!(peer = %cfg.name, error = %e, "peer connection lost");
         ctx.board.error(&cfg.name, &e);
         if !mirror.held.is_empty() {
@@ -430,13 +436,9 @@ async fn run_peer(ctx: Context, cfg: PeerConfig) {
         } else {
             ctx.board.set_phase(&cfg.name, Phase::Connecting);
         }
-        // Exponential backoff with ±20 % jitter, 200 ms to 10 s.
-        failures = failures.saturating_add(1);
-        let base = Duration::from_millis(200)
-            .saturating_mul(1 << failures.min(6))
-            .min(Duration::from_secs(10));
-        let jitter = rand::rng().random_range(0.8..1.2);
-        tokio::time::sleep(base.mul_f64(jitter)).await;
+        // The workspace's resetting backoff: a peer that was in sync for a while is retried
+        // from the minimum again, so the tenth outage heals as fast as the first.
+        backoff.wait().await;
     }
 }
 
@@ -527,7 +529,12 @@ fn validate(
 }
 
 /// One connection: connect, check who answered, watch, mirror. Returns why it ended.
-async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result<(), String> {
+async fn session(
+    ctx: &Context,
+    cfg: &PeerConfig,
+    mirror: &mut Mirror,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
     let tls = Reloader::load(cfg.tls.clone()).map_err(|e| format!("peer TLS files: {e}"))?;
     let connected = client::connect(&cfg.name, &cfg.endpoints, &tls)
         .await
@@ -585,7 +592,12 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
     let mut ready = mirror.revision > 0;
     let mut last_count = std::time::Instant::now();
     let mut counts_dirty = true;
+    // Propagation is observed only for changes made after this stream was in sync: what a
+    // snapshot or a resume replays is as old as the outage, not a propagation delay.
+    let mut live_since: Option<i64> = None;
     if ready {
+        backoff.healthy();
+        live_since = Some(now_micros());
         ctx.board.set_phase(&cfg.name, Phase::Ready);
     }
     // Writes not yet in local etcd (key → value, None = delete), coalesced across the messages
@@ -630,13 +642,16 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
             resync = Some(Resync::default());
             synced.clear();
             ready = false;
+            live_since = None;
             ctx.board.set_phase(&cfg.name, Phase::Syncing);
         }
         let now = now_micros();
         for c in &msg.changes {
             match validate(&cfg.name, cert_id, c) {
                 Ok((kind, name, value)) => {
-                    if c.origin_unix_micros > 0 {
+                    if c.origin_unix_micros > 0
+                        && live_since.is_some_and(|t| c.origin_unix_micros >= t)
+                    {
                         let secs = (now - c.origin_unix_micros).max(0) as f64 / 1e6;
                         ctx.metrics
                             .observe(m::PEER_PROPAGATION_SECONDS, &[peer], secs);
@@ -743,6 +758,8 @@ async fn session(ctx: &Context, cfg: &PeerConfig, mirror: &mut Mirror) -> Result
         }
         if !ready && resync.is_none() {
             ready = true;
+            backoff.healthy();
+            live_since = Some(now_micros());
             ctx.board.set_phase(&cfg.name, Phase::Ready);
             tracing::info!(peer = %cfg.name, objects = mirror.held.len(), "peer in sync");
             last_count = std::time::Instant::now() - Duration::from_secs(2);

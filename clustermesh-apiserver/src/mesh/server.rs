@@ -33,6 +33,123 @@ fn size(c: &pb::Change) -> usize {
     c.value.len() + c.name.len() + c.cluster.len() + 32
 }
 
+/// Connections the Mesh API holds at once (before and after the TLS handshake).
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections from one source address at once.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
+/// Concurrent HTTP/2 streams on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Open Watch streams of one peer identity (a peer needs one).
+pub const MAX_WATCHES_PER_PEER: usize = 4;
+/// Open Watch streams of one local identity (node agents of one node, one admin).
+pub const MAX_WATCHES_PER_LOCAL: usize = 32;
+/// Entries in a Watch filter (kinds or clusters).
+pub const MAX_FILTER_ENTRIES: usize = 64;
+/// Messages queued for one Watch client before it counts as slow (each ≤ about 1 MiB).
+const CLIENT_QUEUE: usize = 2;
+
+/// Counts held per key; a slot is released when its guard drops.
+#[derive(Debug, Default)]
+struct Slots {
+    total: std::sync::Mutex<(usize, std::collections::HashMap<String, usize>)>,
+}
+
+/// A held slot of [`Slots`].
+#[derive(Debug)]
+struct SlotGuard {
+    slots: Arc<Slots>,
+    key: String,
+}
+
+impl Slots {
+    /// Takes a slot for `key` unless `key` holds `per_key` or all hold `total`.
+    fn acquire(self: &Arc<Self>, key: String, per_key: usize, total: usize) -> Option<SlotGuard> {
+        let mut g = self.total.lock().ok()?;
+        let (all, by_key) = &mut *g;
+        let n = by_key.get(&key).copied().unwrap_or(0);
+        if *all >= total || n >= per_key {
+            return None;
+        }
+        *all += 1;
+        by_key.insert(key.clone(), n + 1);
+        Some(SlotGuard {
+            slots: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.slots.total.lock() {
+            let (all, by_key) = &mut *g;
+            *all = all.saturating_sub(1);
+            if let Some(n) = by_key.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    by_key.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+/// A TLS connection that holds its connection slot for as long as it lives.
+#[derive(Debug)]
+struct Guarded {
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    _slot: SlotGuard,
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = <tokio_rustls::server::TlsStream<tokio::net::TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
 /// What a caller may see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum View {
@@ -52,6 +169,7 @@ pub struct MeshService {
     grants: grants::Receiver,
     metrics: Registry,
     stop: watch::Receiver<bool>,
+    watches: Arc<Slots>,
 }
 
 /// A peer stream's standing, re-checked whenever the grants change: a disconnected peer's
@@ -103,6 +221,7 @@ impl MeshService {
             grants,
             metrics,
             stop,
+            watches: Arc::default(),
         }
     }
 
@@ -284,6 +403,22 @@ async fn send_snapshot(
     tx.send(Ok(msg)).await.is_ok()
 }
 
+/// [`stream_updates`] holding the caller's watch slot until the stream ends.
+#[allow(clippy::too_many_arguments)]
+async fn stream_updates_holding(
+    slot: SlotGuard,
+    cache: Arc<WatchCache>,
+    filter: Filter,
+    start: Start,
+    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    metrics: Registry,
+    stop: watch::Receiver<bool>,
+    recheck: Option<Recheck>,
+) {
+    stream_updates(cache, filter, start, tx, metrics, stop, recheck).await;
+    drop(slot);
+}
+
 async fn stream_updates(
     cache: Arc<WatchCache>,
     filter: Filter,
@@ -419,7 +554,37 @@ impl Mesh for MeshService {
             }
             View::Local(_) => None,
         };
+        let slot = {
+            let (key, per) = match &view {
+                View::Peer(c) => (format!("peer/{c}"), MAX_WATCHES_PER_PEER),
+                View::Local(id) => (id.to_uri(), MAX_WATCHES_PER_LOCAL),
+            };
+            self.watches
+                .acquire(key.clone(), per, MAX_CONNECTIONS)
+                .ok_or_else(|| {
+                    self.metrics.inc(m::MESH_DENIED, &[]);
+                    tracing::warn!(caller = %key, limit = per, "Mesh API watch refused: too many open watches for this identity");
+                    Status::resource_exhausted(format!(
+                        "{key} already has {per} open watches (the limit per identity)"
+                    ))
+                })?
+        };
         let req = request.into_inner();
+        if req.kinds.len() > MAX_FILTER_ENTRIES || req.clusters.len() > MAX_FILTER_ENTRIES {
+            return Err(Status::invalid_argument(format!(
+                "a watch filter holds at most {MAX_FILTER_ENTRIES} kinds and {MAX_FILTER_ENTRIES} clusters"
+            )));
+        }
+        if let Some(c) = req
+            .clusters
+            .iter()
+            .find(|c| ClusterName::new((*c).clone()).is_err())
+        {
+            return Err(Status::invalid_argument(format!(
+                "watch filter: {:?} is not a cluster name",
+                model::escape::bounded(c, 80)
+            )));
+        }
         let mut kinds = HashSet::new();
         for k in &req.kinds {
             kinds.insert(
@@ -442,8 +607,9 @@ impl Mesh for MeshService {
             "Mesh API watch started"
         );
         self.metrics.inc(m::MESH_WATCHES, &[]);
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream_updates(
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        tokio::spawn(stream_updates_holding(
+            slot,
             Arc::clone(&self.cache),
             filter,
             start,
@@ -469,9 +635,36 @@ pub async fn serve<S: Mesh>(
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let (conn_tx, conn_rx) = mpsc::channel(64);
+    let connections: Arc<Slots> = Arc::default();
     let accept = async move {
+        let mut accept_errors = telemetry::backoff::Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+        );
         loop {
-            let Ok((tcp, addr)) = listener.accept().await else {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(c) => {
+                    accept_errors.healthy();
+                    c
+                }
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait instead of spinning.
+                    metrics.inc(m::MESH_HANDSHAKE_FAILURES, &[]);
+                    tracing::warn!(error = %e, "Mesh API accept failed");
+                    accept_errors.wait().await;
+                    continue;
+                }
+            };
+            // Capped before the handshake: unauthenticated connections cannot exhaust us.
+            let Some(slot) = connections.acquire(
+                addr.ip().to_string(),
+                MAX_CONNECTIONS_PER_SOURCE,
+                MAX_CONNECTIONS,
+            ) else {
+                metrics.inc(m::MESH_HANDSHAKE_FAILURES, &[]);
+                tracing::debug!(client = %addr, "Mesh API connection refused: connection limit");
+                drop(tcp);
                 continue;
             };
             let acceptor = acceptor.clone();
@@ -480,7 +673,8 @@ pub async fn serve<S: Mesh>(
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        let conn = Guarded { tls, _slot: slot };
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(conn)).await;
                     }
                     Ok(Err(e)) => {
                         metrics.inc(m::MESH_HANDSHAKE_FAILURES, &[]);
@@ -501,6 +695,7 @@ pub async fn serve<S: Mesh>(
         }
     };
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(

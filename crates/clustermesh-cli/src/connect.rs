@@ -383,6 +383,14 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<std::process::ExitCode>
         let mut all = true;
         for (me, peer) in &pending {
             let line = match me.cluster.status().await {
+                Ok(s) if !model::status::status_is_current(s.updated_unix, output::now_unix()) => {
+                    all = false;
+                    format!(
+                        "{}'s apiserver stopped reporting (status last written {})",
+                        me.name,
+                        output::relative(s.updated_unix, output::now_unix())
+                    )
+                }
                 Ok(s) => match s.peers.iter().find(|p| p.name == peer.name.as_str()) {
                     Some(p) if p.phase == Phase::Ready => "ready".to_owned(),
                     Some(p) => {

@@ -10,7 +10,7 @@ use certs::identity::CertInfo;
 use clap::Args;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
-use model::status::{ClusterStatus, PEER_LABEL, Phase, STATUS_HEARTBEAT_SECS};
+use model::status::{ClusterStatus, PEER_LABEL, Phase};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
@@ -113,7 +113,7 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
             status.reason.clone().unwrap_or_default()
         ));
     }
-    if age > 3 * STATUS_HEARTBEAT_SECS {
+    if !model::status::status_is_current(status.updated_unix, now) {
         r.problems.push(format!(
             "status last written {} by {}: the apiserver stopped reporting",
             output::relative(status.updated_unix, now),

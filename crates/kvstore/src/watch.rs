@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions, WatchStream};
-use rand::Rng;
+use telemetry::backoff::Backoff;
 
 use crate::{Client, Kv, Result, Revision};
 
@@ -64,7 +64,7 @@ pub struct Watcher {
     listed: bool,
     stream: Option<WatchStream>,
     pending: VecDeque<Event>,
-    backoff: Duration,
+    backoff: Backoff,
     stats: Stats,
 }
 
@@ -93,7 +93,7 @@ impl Watcher {
             listed: false,
             stream: None,
             pending: VecDeque::new(),
-            backoff: MIN_BACKOFF,
+            backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF, Duration::from_secs(10)),
             stats: Stats::default(),
         }
     }
@@ -153,7 +153,7 @@ impl Watcher {
                         self.stream = None;
                         continue;
                     }
-                    self.backoff = MIN_BACKOFF;
+                    self.backoff.healthy();
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let kv = Kv::from_etcd(kv);
@@ -242,8 +242,6 @@ impl Watcher {
     }
 
     async fn sleep_backoff(&mut self) {
-        let jitter = rand::rng().random_range(0.5..1.5);
-        tokio::time::sleep(self.backoff.mul_f64(jitter)).await;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.backoff.wait().await;
     }
 }

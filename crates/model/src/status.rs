@@ -43,6 +43,13 @@ pub fn grant_secret_name(peer: &str) -> String {
 /// means its apiserver stopped reporting.
 pub const STATUS_HEARTBEAT_SECS: i64 = 10;
 
+/// Whether a status written at `updated_unix` is still current at `now_unix`: older than its
+/// refresh interval (plus 5 s of slack for clocks and writes) means its apiserver stopped
+/// reporting, and nothing it says (ready, peers ready) may be trusted.
+pub fn status_is_current(updated_unix: i64, now_unix: i64) -> bool {
+    now_unix - updated_unix <= STATUS_HEARTBEAT_SECS + 5
+}
+
 /// Where a peer stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,6 +4,24 @@
 //! Must not hold business logic; binaries call [`init`] first thing in `main`.
 
 pub mod backoff;
+
+/// Raises this process's soft limit of open files to its hard limit (a daemon must not be
+/// turned into a fault by the common soft default of 1,024). Returns the limit now in force.
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let cur = getrlimit(Resource::Nofile);
+    if cur.current != cur.maximum {
+        let raised = Rlimit {
+            current: cur.maximum,
+            maximum: cur.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+            return cur.current;
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
 pub mod metrics;
 
 use std::fmt;
