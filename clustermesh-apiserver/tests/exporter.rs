@@ -709,3 +709,117 @@ async fn bursts_are_batched() {
     );
     apiserver.stop().await.unwrap();
 }
+
+/// Issue 13, cases 1 and 2: an apiserver cut from its etcd (etcd itself up) for longer than its
+/// session lease, with no Kubernetes change. Nothing it exported is deleted (not one delete
+/// event), readiness reports the outage with its cause while it lasts, and after the cut the
+/// apiserver is ready again by itself, and a change made during the cut lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_cut_longer_than_the_lease_withdraws_nothing() {
+    let lab = Lab::start().await;
+    create_namespace(&lab, "shop", json!({})).await;
+    lab.apply::<Service>(
+        Some("shop"),
+        global_service("web", json!({"service.cilium.io/global": "true"})),
+    )
+    .await;
+    lab.apply::<EndpointSlice>(
+        Some("shop"),
+        slice("web-1", "web", json!([
+            {"addresses": ["10.1.1.10"], "conditions": {"ready": true}, "nodeName": "node-1"},
+        ])),
+    )
+    .await;
+    lab.apply::<Pod>(Some("shop"), pod("web-a", "10.1.1.10", "web"))
+        .await;
+    let proxy = test_support::Proxy::start(([127, 0, 0, 1], lab.etcd.port()).into())
+        .await
+        .unwrap();
+    let mut config = lab.config("r1");
+    config.etcd = lab.etcd.config_via(proxy.addr());
+    config.etcd.connect_timeout = Duration::from_secs(1);
+    config.lease_ttl = Duration::from_secs(5);
+    let apiserver = clustermesh_apiserver::start(config).await.unwrap();
+    ready(&apiserver).await;
+    let before: BTreeMap<String, Vec<u8>> = {
+        let (kvs, _) = lab
+            .kv
+            .list_raw(&keys::cluster_prefix(Scope::State, &lab.cluster))
+            .await
+            .unwrap();
+        kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
+    };
+    assert!(before.len() >= 3, "service, endpoint, identity: {before:?}");
+    let mut w = Watcher::new(&lab.kv, keys::cluster_prefix(Scope::State, &lab.cluster));
+    loop {
+        if matches!(w.next().await.unwrap(), KvEvent::InitDone { .. }) {
+            break;
+        }
+    }
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&events);
+    let watcher = tokio::spawn(async move {
+        while let Ok(e) = w.next().await {
+            sink.lock().unwrap().push(e);
+        }
+    });
+
+    proxy.set_blocked(true);
+    proxy.cut();
+    let mut readiness = apiserver.ready();
+    let reason = tokio::time::timeout(T, readiness.wait_for(Result::is_err))
+        .await
+        .expect("readiness reports the outage")
+        .unwrap()
+        .clone()
+        .unwrap_err();
+    assert!(reason.contains("etcd"), "{reason}");
+    // Past the lease TTL: the session record expires; the exports must not.
+    eventually("the session record expired", T, || async {
+        lab.kv
+            .get_raw(&keys::session(&lab.cluster))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // A change during the cut waits; it is not lost.
+    lab.apply::<Pod>(Some("shop"), pod("web-b", "10.1.1.11", "web"))
+        .await;
+
+    proxy.set_blocked(false);
+    tokio::time::timeout(T, readiness.wait_for(Result::is_ok))
+        .await
+        .expect("ready again after the cut")
+        .unwrap();
+    eventually("the change made during the cut lands", T, || async {
+        lab.endpoints().await.contains_key("10.1.1.11").then_some(())
+    })
+    .await;
+    eventually("the session record is back", T, || async {
+        lab.kv.get_raw(&keys::session(&lab.cluster)).await.ok()?.map(|_| ())
+    })
+    .await;
+    let (kvs, _) = lab
+        .kv
+        .list_raw(&keys::cluster_prefix(Scope::State, &lab.cluster))
+        .await
+        .unwrap();
+    let after: BTreeMap<String, Vec<u8>> = kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+    for (k, v) in &before {
+        assert_eq!(after.get(k), Some(v), "{k} kept unchanged");
+    }
+    watcher.abort();
+    let deletes: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            KvEvent::Delete { key, .. } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(deletes.is_empty(), "no exported key deleted: {deletes:?}");
+    assert!(apiserver.ready().borrow().is_ok());
+}
