@@ -274,6 +274,45 @@ impl ResolvesClientCert for Dynamic {
     }
 }
 
+/// What our issuance makes, and so the only shape we accept: a leaf signed directly by the CA
+/// (no intermediates: our CAs carry `pathLenConstraint: 0`, which webpki does not enforce) with
+/// an extended key usage for its purpose (webpki accepts a leaf without any EKU).
+fn check_shape(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    client: bool,
+) -> Result<(), rustls::Error> {
+    let refuse = |why: &str| {
+        tracing::warn!(reason = why, "certificate refused");
+        rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+    };
+    if !intermediates.is_empty() {
+        return Err(refuse(
+            "chain longer than leaf → CA (intermediates are never issued)",
+        ));
+    }
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity.as_ref()) else {
+        return Err(refuse("certificate does not parse"));
+    };
+    let eku = match cert.extended_key_usage() {
+        Ok(Some(e)) => e.value,
+        _ => return Err(refuse("no extended key usage")),
+    };
+    let ok = if client {
+        eku.client_auth
+    } else {
+        eku.server_auth
+    };
+    if !ok {
+        return Err(refuse(if client {
+            "extended key usage lacks clientAuth"
+        } else {
+            "extended key usage lacks serverAuth"
+        }));
+    }
+    Ok(())
+}
+
 impl ClientCertVerifier for Dynamic {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Hints would borrow from material that may be swapped; clients send their one
@@ -287,10 +326,13 @@ impl ClientCertVerifier for Dynamic {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .current()
-            .client_verifier
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified =
+            self.0
+                .current()
+                .client_verifier
+                .verify_client_cert(end_entity, intermediates, now)?;
+        check_shape(end_entity, intermediates, true)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -331,13 +373,15 @@ impl ServerCertVerifier for Dynamic {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.current().server_verifier.verify_server_cert(
+        let verified = self.0.current().server_verifier.verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
-        )
+        )?;
+        check_shape(end_entity, intermediates, false)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

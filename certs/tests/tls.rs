@@ -258,3 +258,98 @@ async fn wait_for_new_fingerprint(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A leaf with the mesh identity URI, signed by `issuer`, with the given EKUs.
+fn custom_leaf(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    ekus: Vec<rcgen::ExtendedKeyUsagePurpose>,
+) -> (String, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from("spiffe://clustermesh/cluster/west/id/2/admin").unwrap(),
+    )];
+    p.extended_key_usages = ekus;
+    let cert = p.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key)
+}
+
+/// Issue 12, case 9: only the shape our issuance makes is accepted — a leaf signed directly
+/// by the CA, with the EKU of its purpose. A chain leaf ← intermediate ← CA (the CA says
+/// `pathLenConstraint: 0`) and a leaf without any EKU are refused, although both are signed
+/// by the trusted CA.
+#[tokio::test]
+async fn intermediates_and_leaves_without_eku_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate(&cluster("east"), certs::issue::DEFAULT_CA_VALIDITY).unwrap();
+    let server = Reloader::load(write(
+        &dir.path().join("server"),
+        &server_leaf(&ca),
+        ca.cert_pem(),
+    ))
+    .unwrap();
+    let (addr, _task) = serve(server).await;
+    let ca_issuer = rcgen::Issuer::from_ca_cert_pem(
+        ca.cert_pem(),
+        rcgen::KeyPair::from_pem(ca.key_pem()).unwrap(),
+    )
+    .unwrap();
+
+    // Control: the same hand-made leaf with clientAuth, signed by the CA, is accepted.
+    let (pem, key) = custom_leaf(&ca_issuer, vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]);
+    let ok = certs::Leaf {
+        cert_pem: pem,
+        key_pem: key.serialize_pem(),
+    };
+    let ok = Reloader::load(write(&dir.path().join("ok"), &ok, ca.cert_pem())).unwrap();
+    assert!(call(&ok, addr).await.is_ok(), "a well-formed leaf works");
+
+    // No EKU at all.
+    let (pem, key) = custom_leaf(&ca_issuer, vec![]);
+    let no_eku = certs::Leaf {
+        cert_pem: pem,
+        key_pem: key.serialize_pem(),
+    };
+    let no_eku = Reloader::load(write(&dir.path().join("no-eku"), &no_eku, ca.cert_pem())).unwrap();
+    assert!(
+        call(&no_eku, addr).await.is_err(),
+        "a leaf without EKU is refused"
+    );
+
+    // Server-only EKU on a client.
+    let (pem, key) = custom_leaf(&ca_issuer, vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth]);
+    let wrong = certs::Leaf {
+        cert_pem: pem,
+        key_pem: key.serialize_pem(),
+    };
+    let wrong =
+        Reloader::load(write(&dir.path().join("wrong-eku"), &wrong, ca.cert_pem())).unwrap();
+    assert!(
+        call(&wrong, addr).await.is_err(),
+        "a serverAuth-only leaf is refused as a client"
+    );
+
+    // leaf ← intermediate ← CA, the intermediate sent in the chain.
+    let ikey = rcgen::KeyPair::generate().unwrap();
+    let mut ip = rcgen::CertificateParams::default();
+    ip.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ip.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    ip.distinguished_name
+        .push(rcgen::DnType::CommonName, "intermediate");
+    let icert = ip.signed_by(&ikey, &ca_issuer).unwrap();
+    let iissuer = rcgen::Issuer::new(ip, ikey);
+    let (pem, key) = custom_leaf(&iissuer, vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]);
+    let chained = certs::Leaf {
+        cert_pem: format!("{pem}{}", icert.pem()),
+        key_pem: key.serialize_pem(),
+    };
+    let chained =
+        Reloader::load(write(&dir.path().join("chained"), &chained, ca.cert_pem())).unwrap();
+    assert!(
+        call(&chained, addr).await.is_err(),
+        "an intermediate is refused"
+    );
+}

@@ -171,7 +171,17 @@ impl fmt::Display for ClusterId {
 
 impl FromStr for ClusterId {
     type Err = Error;
+    /// Canonical decimal only: `1`, never `01`, `+1` or ` 1` (one ID, one spelling — an
+    /// identity that can be written two ways can be matched two ways).
     fn from_str(s: &str) -> Result<Self> {
+        let canonical = !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        if !canonical {
+            return Err(Error::IdSyntax {
+                value: s.to_owned(),
+            });
+        }
         let id: u64 = s.parse().map_err(|_| Error::IdSyntax {
             value: s.to_owned(),
         })?;
@@ -195,6 +205,18 @@ impl From<ClusterId> for u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_ids_parse_only_in_canonical_decimal() {
+        assert_eq!("1".parse::<ClusterId>().map(ClusterId::get).ok(), Some(1));
+        assert_eq!(
+            "4095".parse::<ClusterId>().map(ClusterId::get).ok(),
+            Some(4095)
+        );
+        for bad in ["01", "+1", " 1", "1 ", "0x1", "", "-1", "1e3", "0"] {
+            assert!(bad.parse::<ClusterId>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn cluster_names_follow_dns_1123_label_rules() {
