@@ -59,7 +59,8 @@ impl Role {
 
     /// Whether certificates of this role may serve TLS.
     pub fn is_server(self) -> bool {
-        matches!(self, Self::Apiserver | Self::Etcd)
+        // Node agents serve their `/state` over mutual TLS to admins of their cluster.
+        matches!(self, Self::Apiserver | Self::Etcd | Self::NodeAgent)
     }
 }
 

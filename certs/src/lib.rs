@@ -15,7 +15,7 @@ pub mod reload;
 
 pub use identity::{MeshIdentity, Role};
 pub use issue::{Ca, Leaf, LeafSpec};
-pub use reload::{Reloader, TlsFiles};
+pub use reload::{Reloader, TlsFiles, identity_client_config};
 
 use std::path::PathBuf;
 
@@ -71,6 +71,14 @@ pub enum Error {
     Trust {
         /// The CA file.
         ca: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// PEM material held in memory (not read from files) is unusable.
+    #[error("{what}: {reason}")]
+    Material {
+        /// Which material.
+        what: &'static str,
         /// What is wrong.
         reason: String,
     },

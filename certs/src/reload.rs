@@ -7,7 +7,7 @@
 //! whose key does not match the certificate, are refused with a log line: the last good
 //! material stays in use.
 //!
-//! Must not decide authorization; servers read the peer's [`crate::MeshIdentity`] themselves.
+//! Must not decide authorization; servers read the peer's [`MeshIdentity`] themselves.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -411,4 +411,124 @@ impl ServerCertVerifier for Dynamic {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.current().server_verifier.supported_verify_schemes()
     }
+}
+
+/// Verifies a server by its mesh identity instead of its name: for servers reached at an
+/// address that no certificate names (a node agent behind its node IP, a certificate shared by
+/// a DaemonSet). The certificate must be a leaf directly under the trusted CA, with serverAuth,
+/// carrying an identity `accept` admits.
+struct IdentityVerifier {
+    roots: Arc<RootCertStore>,
+    accept: Arc<dyn Fn(&MeshIdentity) -> bool + Send + Sync>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for IdentityVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityVerifier").finish()
+    }
+}
+
+impl ServerCertVerifier for IdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        check_shape(end_entity, intermediates, false)?;
+        let id = MeshIdentity::from_cert_der(end_entity.as_ref()).map_err(|_| {
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )
+        })?;
+        if !(self.accept)(&id) {
+            tracing::warn!(server = %id.to_uri(), "server identity is not the one expected");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config presenting `cert_pem`/`key_pem` to a server verified by identity (see
+/// [`IdentityVerifier`]): its certificate chains to `ca_pem` and `accept` admits its identity.
+pub fn identity_client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    accept: impl Fn(&MeshIdentity) -> bool + Send + Sync + 'static,
+) -> Result<rustls::ClientConfig> {
+    let bad = |reason: &str| Error::Material {
+        what: "identity client config",
+        reason: reason.to_owned(),
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let ca = ca.map_err(|_| bad("CA does not parse"))?;
+        roots.add(ca).map_err(|_| bad("CA not usable"))?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| bad("client certificate does not parse"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|_| bad("client key does not parse"))?;
+    let provider = provider();
+    let verifier = IdentityVerifier {
+        roots: Arc::new(roots),
+        accept: Arc::new(accept),
+        provider: provider.clone(),
+    };
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| bad(&e.to_string()))
 }

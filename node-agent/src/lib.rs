@@ -14,3 +14,4 @@ pub mod datapath;
 pub mod desired;
 pub mod maps;
 pub mod program;
+pub mod state_server;

@@ -55,6 +55,10 @@ struct Args {
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9881")]
     health_bind: String,
+    /// Address of `/state` over mutual TLS (needs `--tls-dir`): readable by admins and
+    /// apiservers of this cluster only (`clustermesh services --node` uses it).
+    #[arg(long, env = env::STATE_BIND, default_value = "0.0.0.0:9882")]
+    state_bind: String,
     /// Only check the configuration and the node's prerequisites, print the result, and exit.
     #[arg(long)]
     check: bool,
@@ -161,6 +165,12 @@ fn validate(args: &Args) -> Vec<String> {
                 args.health_bind
             ));
         }
+        if args.state_bind.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "--state-bind: {:?} is not an address:port",
+                args.state_bind
+            ));
+        }
     }
     problems
 }
@@ -243,6 +253,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     });
     let addr = telemetry::metrics::spawn(bind, metrics, ready, Some(routes)).await?;
+    if let Some(dir) = &args.tls_dir {
+        let tls = certs::Reloader::load(certs::TlsFiles::in_dir(dir))?;
+        // Picks up rotated files; the task lives as long as the process.
+        tls.spawn_watch(std::time::Duration::from_secs(5));
+        let state_bind: std::net::SocketAddr = args.state_bind.parse()?;
+        let state = agent.state_fn();
+        let bound = node_agent::state_server::spawn(
+            state_bind,
+            node_agent::state_server::Config {
+                cluster: settings.cluster.clone(),
+                cluster_id: args.cluster_id.parse()?,
+                tls,
+                state: std::sync::Arc::new(move || state()),
+            },
+        )
+        .await?;
+        tracing::info!(state = %bound, "/state served over mutual TLS");
+    }
     tracing::info!(node = %node, cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), health = %addr, "node agent running");
     telemetry::shutdown_signal().await;
     tracing::info!("stopping; programs stay attached and maps pinned for the next agent");

@@ -209,7 +209,9 @@ pub(crate) fn run(cmd: Certs) -> Result<ExitCode> {
                 }
                 (None, _) => None,
             };
-            if role.is_server() && a.dns.is_empty() && a.ips.is_empty() {
+            // Node agents serve too, but are verified by their identity, not by a name.
+            if matches!(role, Role::Apiserver | Role::Etcd) && a.dns.is_empty() && a.ips.is_empty()
+            {
                 problems.push(format!(
                     "--role {role} serves TLS: give the names clients use with --dns and/or --ip"
                 ));

@@ -10,10 +10,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use certs::{LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
 use clap::Args;
 use k8s_openapi::api::core::v1::Node;
-use model::status::{NODE_AGENT_PORT, NodeState};
+use model::status::{NODE_AGENT_STATE_PORT, NodeState};
 use model::{GlobalService, keys::Kind};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::{Codec, pb};
 
 use crate::kctx::{Cluster, KubeArgs};
@@ -30,8 +29,9 @@ pub(crate) struct ServicesArgs {
     /// Show what this node has programmed against what it should have.
     #[arg(long)]
     node: Option<String>,
-    /// Port of the node agent's `/state`.
-    #[arg(long, default_value_t = NODE_AGENT_PORT)]
+    /// Port of the node agent's `/state` (mutual TLS; this command presents a short-lived
+    /// admin certificate of the cluster).
+    #[arg(long, default_value_t = NODE_AGENT_STATE_PORT)]
     agent_port: u16,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]
@@ -127,28 +127,28 @@ async fn node_state(cluster: &Cluster, node: &str, port: u16) -> Result<NodeStat
     } else {
         format!("{ip}:{port}")
     };
-    let body = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut s = tokio::net::TcpStream::connect(&addr).await?;
-        s.write_all(format!("GET /state HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    })
-    .await
-    .map_err(|_| anyhow!("node agent at {addr}: no answer within 10 s"))?
-    .with_context(|| format!("node agent at {addr}"))?;
-    let text = String::from_utf8_lossy(&body);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("node agent at {addr}: not an HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!(
-            "node agent at {addr}: {}: {body}",
-            head.lines().next().unwrap_or_default()
-        );
-    }
-    serde_json::from_str(body).with_context(|| format!("node agent at {addr}: /state"))
+    let (name, id) = cluster.identity().await?;
+    let ca = cluster.ca().await?;
+    let leaf = ca
+        .issue(
+            &LeafSpec::new(MeshIdentity::new(name.clone(), id, Role::Admin)).validity(
+                time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+                Duration::from_secs(600),
+            ),
+        )
+        .context("issue an admin certificate")?;
+    let node_name = model::NodeName::new(node).with_context(|| format!("node name {node:?}"))?;
+    Ok(meshapi::node_state::fetch(
+        &addr,
+        &name,
+        id,
+        &node_name,
+        ca.cert_pem(),
+        &leaf.cert_pem,
+        &leaf.key_pem,
+        Duration::from_secs(10),
+    )
+    .await?)
 }
 
 #[derive(Debug, Serialize)]

@@ -151,8 +151,11 @@ mod tests {
     }
 }
 
-/// Port of the node agent's `/metrics`, `/healthz`, `/readyz` and `/state` server.
+/// Port of the node agent's `/metrics`, `/healthz`, `/readyz` server (and `/state` for
+/// loopback callers).
 pub const NODE_AGENT_PORT: u16 = 9881;
+/// Port of the node agent's `/state` over mutual TLS (admins and apiservers of its cluster).
+pub const NODE_AGENT_STATE_PORT: u16 = 9882;
 
 /// A backend as a node agent programmed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

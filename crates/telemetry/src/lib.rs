@@ -62,6 +62,8 @@ pub mod env {
     pub const IDENTITY_GC_GRACE: &str = "CLUSTERMESH_IDENTITY_GC_GRACE";
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     pub const HEALTH_BIND: &str = "CLUSTERMESH_HEALTH_BIND";
+    /// `--state-bind` (node agent: `/state` over mutual TLS).
+    pub const STATE_BIND: &str = "CLUSTERMESH_STATE_BIND";
     /// Address of the Mesh API.
     pub const MESH_BIND: &str = "CLUSTERMESH_MESH_BIND";
     /// Directory with the Mesh API's `tls.crt`, `tls.key`, `ca.crt`.

@@ -242,7 +242,9 @@ pub type Routes = Arc<dyn Fn(&str) -> Option<(u16, &'static str, String)> + Send
 
 /// Serves `/metrics` (the registry), `/healthz` (200 while the process runs), `/readyz`
 /// (200 once `ready` is true, 503 with the reason before) and `extra` on `listener` until
-/// dropped.
+/// dropped. `extra` routes (`/state`, `/status`: backends, peers, errors) are answered only to
+/// loopback callers; anyone else gets 403 (the authenticated paths are the node agent's mTLS
+/// `/state` and the status ConfigMap).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
@@ -250,9 +252,11 @@ pub async fn serve(
     extra: Option<Routes>,
 ) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, client)) = listener.accept().await else {
             continue;
         };
+        let loopback = client.ip().is_loopback()
+            || matches!(client.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
         let registry = registry.clone();
         let ready = ready.clone();
         let extra = extra.clone();
@@ -270,6 +274,10 @@ pub async fn serve(
                         ),
                     },
                     path => match extra.as_ref().and_then(|f| f(path)) {
+                        Some(_) if !loopback => (
+                            StatusCode::FORBIDDEN,
+                            format!("{path} is served to loopback callers only\n"),
+                        ),
                         Some((code, content_type, body)) => {
                             ct = content_type;
                             (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), body)

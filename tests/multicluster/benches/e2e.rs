@@ -10,19 +10,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use model::status::{NODE_AGENT_PORT, NodeState};
+use model::status::NodeState;
 use multicluster::lab::Lab;
 
 const ROUNDS: usize = 40;
 const DRILLS: usize = 5;
 
-async fn state(addr: SocketAddr) -> Option<NodeState> {
-    let r = test_support::http_get(addr, "/state").await.ok()?;
-    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+async fn state(lab: &Lab, cluster: &str, node: &str) -> Option<NodeState> {
+    lab.node_state(cluster, node).await.ok()
 }
 
 fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
@@ -103,7 +101,7 @@ async fn run() {
         .iter()
         .map(|p| format!("{}:8080", p.ip))
         .collect();
-    let west_node: SocketAddr = (lab.cluster("west").unwrap().nodes[0].ip, NODE_AGENT_PORT).into();
+    let west_node = lab.cluster("west").unwrap().nodes[0].name.clone();
     let has_east = |s: &NodeState| {
         s.services.iter().any(|svc| {
             svc.programmed
@@ -122,7 +120,7 @@ async fn run() {
         kubectl_only.push(took);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(s) = state(west_node).await
+            if let Some(s) = state(&lab, "west", &west_node).await
                 && has_east(&s) == (value == "true")
             {
                 break;

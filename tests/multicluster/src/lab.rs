@@ -668,10 +668,13 @@ impl Lab {
             pins,
             pods: 0,
         };
-        // The Kubernetes Node.
+        // The Kubernetes Node, with the pod range `add_pod` assigns from (its part of the
+        // cluster's advertised address space, which peers check every endpoint against).
+        let pod_cidr = format!("10.{x}.{}.0/24", 16 * c.index + n);
         let client = self.client(cluster).await?;
         let node_obj: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": format!("{cluster}-a")}},
+            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": ip4.to_string()}]},
         }))?;
         Api::<Node>::all(client)
@@ -719,6 +722,39 @@ impl Lab {
             },
         )
         .await
+    }
+
+    /// `node`'s `/state` over mutual TLS, as `clustermesh services --node` reads it (with an
+    /// admin certificate from the cluster's CA).
+    pub async fn node_state(&self, cluster: &str, node: &str) -> Result<model::status::NodeState> {
+        let c = self.cluster(cluster)?;
+        let n = c
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .with_context(|| format!("no node {node} in {cluster}"))?;
+        let ca = Ca::from_pem(
+            &std::fs::read_to_string(c.dir.join("ca/ca.crt"))?,
+            &std::fs::read_to_string(c.dir.join("ca/ca.key"))?,
+        )?;
+        let (name, id) = (ClusterName::new(cluster)?, ClusterId::new(u64::from(c.id))?);
+        let admin = ca.issue(&LeafSpec::new(MeshIdentity::new(
+            name.clone(),
+            id,
+            Role::Admin,
+        )))?;
+        let addr = format!("{}:{}", n.ip, model::status::NODE_AGENT_STATE_PORT);
+        Ok(meshapi::node_state::fetch(
+            &addr,
+            &name,
+            id,
+            &NodeName::new(node)?,
+            ca.cert_pem(),
+            &admin.cert_pem,
+            &admin.key_pem,
+            Duration::from_secs(10),
+        )
+        .await?)
     }
 
     /// Adds a pod on `node` (namespace on the bridge, child cgroup, Kubernetes Pod).

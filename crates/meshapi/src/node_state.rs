@@ -1,0 +1,119 @@
+//! Client of a node agent's `/state` over mutual TLS: what a node programmed against what it
+//! should have. Only admins and apiservers of the node's cluster are served; the agent is
+//! verified by its mesh identity (`node-agent` of that node), not by its address.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::MeshIdentity;
+use model::status::NodeState;
+use model::{ClusterId, ClusterName, NodeName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Why `/state` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The TLS material is unusable.
+    #[error("TLS material for {node}")]
+    Tls {
+        /// The node.
+        node: String,
+        /// Why.
+        source: certs::Error,
+    },
+    /// Connecting, the handshake or the exchange failed.
+    #[error("node agent at {addr}")]
+    Io {
+        /// Where.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No answer in time.
+    #[error("node agent at {addr}: no answer within {secs} s")]
+    Timeout {
+        /// Where.
+        addr: String,
+        /// The limit.
+        secs: u64,
+    },
+    /// The agent answered with an error.
+    #[error("node agent at {addr}: {status}: {body}")]
+    Status {
+        /// Where.
+        addr: String,
+        /// The status line.
+        status: String,
+        /// The body (bounded, escaped).
+        body: String,
+    },
+    /// The document does not parse.
+    #[error("node agent at {addr}: /state")]
+    Decode {
+        /// Where.
+        addr: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// Reads `/state` of the agent of `node` (cluster `cluster`, ID `cluster_id`) at `addr`,
+/// presenting `cert_pem`/`key_pem` (an admin or apiserver certificate of that cluster) and
+/// trusting `ca_pem`.
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch(
+    addr: &str,
+    cluster: &ClusterName,
+    cluster_id: ClusterId,
+    node: &NodeName,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    timeout: Duration,
+) -> Result<NodeState, Error> {
+    let expected = MeshIdentity::node_agent(cluster.clone(), cluster_id, node.clone());
+    let config =
+        certs::identity_client_config(ca_pem, cert_pem, key_pem, move |id| *id == expected)
+            .map_err(|source| Error::Tls {
+                node: node.to_string(),
+                source,
+            })?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let io = |source| Error::Io {
+        addr: addr.to_owned(),
+        source,
+    };
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+        // The name is not checked (the identity is); it only has to be a valid one.
+        let name = rustls_pki_types::ServerName::try_from("node-agent")
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        let mut tls = connector.connect(name, tcp).await.map_err(io)?;
+        tls.write_all(b"GET /state HTTP/1.0\r\nHost: node-agent\r\n\r\n")
+            .await
+            .map_err(io)?;
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await.map_err(io)?;
+        Ok::<_, Error>(buf)
+    };
+    let body = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Error::Timeout {
+            addr: addr.to_owned(),
+            secs: timeout.as_secs(),
+        })??;
+    let text = String::from_utf8_lossy(&body);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if !(status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200")) {
+        return Err(Error::Status {
+            addr: addr.to_owned(),
+            status: model::escape::bounded(status, 80),
+            body: model::escape::bounded(body.trim(), 200),
+        });
+    }
+    serde_json::from_str(body).map_err(|source| Error::Decode {
+        addr: addr.to_owned(),
+        source,
+    })
+}
