@@ -7,10 +7,14 @@
 //! is the backend). The drill takes the local backends down (marks their endpoints not ready,
 //! or runs a command, e.g. one that kills them), waits until the client is served elsewhere,
 //! holds, brings them back and waits until the client is served locally again.
+//!
+//! Whatever it takes down is recorded first ([`restore::Guard`]); SIGINT or SIGTERM at any
+//! point stops the probe, restores exactly that and exits 130 / 143 ([`restore`]).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,6 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::kctx::{Cluster, KubeArgs};
 use crate::output::{self, Format};
+
+mod restore;
+
+use restore::{Guard, Interrupt, Signals, run_shell};
 
 /// How the local backends are taken down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -210,7 +218,7 @@ pub(crate) fn probe(args: ProbeArgs) -> Result<std::process::ExitCode> {
 /// A running probe process and its attempts.
 struct Prober {
     child: std::process::Child,
-    rx: std::sync::mpsc::Receiver<Attempt>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Attempt>,
     seen: Vec<Attempt>,
 }
 
@@ -238,14 +246,18 @@ impl Prober {
             )),
             None => script.push_str(&format!("exec {probe}\n")),
         }
+        // A process group of its own: a Ctrl-C at the terminal reaches the drill only, which
+        // stops the probe itself.
         let mut child = Command::new("sh")
             .args(["-c", &script])
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .context("start the probe")?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("probe stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -263,28 +275,43 @@ impl Prober {
         })
     }
 
-    /// Attempts up to now, waiting up to `wait` for at least one.
-    fn next(&mut self, wait: Duration) -> Result<Option<Attempt>> {
-        match self.rx.recv_timeout(wait) {
-            Ok(a) => {
+    /// The next attempt, waiting up to `wait` for it.
+    async fn next(&mut self, wait: Duration) -> Result<Option<Attempt>> {
+        match tokio::time::timeout(wait, self.rx.recv()).await {
+            Ok(Some(a)) => {
                 self.seen.push(a.clone());
                 Ok(Some(a))
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
+            Err(_) => Ok(None),
+            Ok(None) => Err(self.stopped()),
+        }
+    }
+
+    /// Takes the attempts that arrived so far.
+    fn drain(&mut self) -> Result<()> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(a) => self.seen.push(a),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(()),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(self.stopped());
                 }
-                bail!("the probe stopped: {}", err.trim())
             }
         }
     }
 
+    fn stopped(&mut self) -> anyhow::Error {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        anyhow!("the probe stopped: {}", err.trim())
+    }
+
     /// Reads attempts until `done` holds for `streak` attempts in a row; returns the attempt
     /// that started the streak.
-    fn until(
+    async fn until(
         &mut self,
         streak: usize,
         deadline: Instant,
@@ -296,7 +323,7 @@ impl Prober {
             if Instant::now() >= deadline {
                 bail!("timed out waiting for {what}");
             }
-            if let Some(a) = self.next(Duration::from_millis(200))? {
+            if let Some(a) = self.next(Duration::from_millis(200)).await? {
                 if done(&a) {
                     run.push(a);
                     if run.len() >= streak {
@@ -358,45 +385,135 @@ fn is_local(a: &Attempt, local: &BTreeSet<IpAddr>) -> bool {
         .is_some_and(|b| local.contains(&b.ip()))
 }
 
-fn run_shell(cmd: &str, what: &str) -> Result<()> {
-    let out = Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .with_context(|| format!("run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} {cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+/// Marks every endpoint of `slice` not ready (and not serving).
+async fn mark_not_ready(
+    api: &Api<EndpointSlice>,
+    slice: &EndpointSlice,
+    timeout: Duration,
+) -> Result<()> {
+    let name = slice.metadata.name.clone().unwrap_or_default();
+    let mut endpoints = slice.endpoints.clone();
+    for e in &mut endpoints {
+        let mut c = e.conditions.clone().unwrap_or_default();
+        c.ready = Some(false);
+        c.serving = Some(false);
+        e.conditions = Some(c);
+    }
+    let patch = serde_json::json!({ "endpoints": endpoints });
+    tokio::time::timeout(
+        timeout,
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await
+    .map_err(|_| anyhow!("no answer within {timeout:?}"))
+    .and_then(|r| r.map_err(anyhow::Error::new))
+    .with_context(|| format!("patch EndpointSlice {name}"))?;
+    Ok(())
+}
+
+/// Takes the local backends down, recording each object in `guard` before it changes.
+async fn take_down(
+    args: &DrillArgs,
+    guard: &mut Guard,
+    api: &Api<EndpointSlice>,
+    namespace: &str,
+    slices: &[EndpointSlice],
+    addresses: &[IpAddr],
+) -> Result<()> {
+    match args.method {
+        Method::NotReady => {
+            for s in slices {
+                guard.record_slice(namespace, s);
+                mark_not_ready(api, s, args.timeout).await?;
+            }
+        }
+        Method::Command => {
+            guard.record_backends(
+                &args.service,
+                addresses,
+                args.up_cmd.as_deref().unwrap_or_default(),
+            );
+            run_shell(
+                args.down_cmd.as_deref().unwrap_or_default(),
+                "--down-cmd",
+                Some(args.timeout),
+            )
+            .await?;
+        }
     }
     Ok(())
 }
 
-/// Sets the `ready` and `serving` conditions of every endpoint of `slices` to `ready`, or
-/// (with `None`) writes the slices' endpoints back as they were read.
-async fn set_ready(
-    api: &Api<EndpointSlice>,
-    slices: &[EndpointSlice],
-    ready: Option<bool>,
-) -> Result<()> {
-    for s in slices {
-        let name = s.metadata.name.clone().unwrap_or_default();
-        let mut endpoints = s.endpoints.clone();
-        if let Some(r) = ready {
-            for e in &mut endpoints {
-                let mut c = e.conditions.clone().unwrap_or_default();
-                c.ready = Some(r);
-                c.serving = Some(r);
-                e.conditions = Some(c);
+/// How a wait ended.
+enum Step<T> {
+    Done(T),
+    Interrupted(Interrupt),
+}
+
+/// `f`, unless a signal comes first.
+async fn race<T>(signals: &mut Signals, f: impl Future<Output = T>) -> Step<T> {
+    tokio::select! {
+        biased;
+        s = signals.recv() => Step::Interrupted(s),
+        v = f => Step::Done(v),
+    }
+}
+
+/// `f` to its end, and the first signal that came meanwhile (each one is acknowledged).
+async fn despite_signals<T>(
+    signals: &mut Signals,
+    f: impl Future<Output = T>,
+    what: &str,
+) -> (T, Option<Interrupt>) {
+    tokio::pin!(f);
+    let mut first = None;
+    loop {
+        tokio::select! {
+            v = &mut f => return (v, first),
+            s = signals.recv() => {
+                first.get_or_insert(s);
+                eprintln!("{s}: letting {what} finish, then restoring");
             }
         }
-        let patch = serde_json::json!({ "endpoints": endpoints });
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .with_context(|| format!("patch EndpointSlice {name}"))?;
     }
-    Ok(())
+}
+
+/// Why the drill stops early.
+enum Cause {
+    Signal(Interrupt),
+    Error(anyhow::Error),
+}
+
+/// Stops the probe, restores what the drill took down (one `restored:` line each) and ends:
+/// 130 / 143 after a signal, the error after an error; non-zero, with the commands that
+/// restore by hand, when something could not be restored.
+async fn abort(
+    probe: Prober,
+    mut guard: Guard,
+    signals: &mut Signals,
+    cause: Cause,
+) -> Result<std::process::ExitCode> {
+    drop(probe);
+    match &cause {
+        Cause::Signal(s) => {
+            eprintln!("interrupted by {s}: probe stopped, restoring what the drill took down");
+        }
+        Cause::Error(_) => eprintln!("the drill failed: restoring what it took down"),
+    }
+    let done = guard.restore(signals, true).await;
+    let unrestored = (done.failed > 0).then(|| {
+        format!(
+            "{} of {} objects could not be restored: restore them by hand with the commands above",
+            done.failed,
+            done.failed + done.restored
+        )
+    });
+    match (cause, unrestored) {
+        (Cause::Signal(s), None) => Ok(s.exit_code()),
+        (Cause::Signal(s), Some(u)) => bail!("interrupted by {s}; {u}"),
+        (Cause::Error(e), None) => Err(e),
+        (Cause::Error(e), Some(u)) => Err(e.context(u)),
+    }
 }
 
 pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
@@ -446,6 +563,14 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
         );
     }
     let target = SocketAddr::new(vip, port);
+    // From here on SIGINT and SIGTERM do not end the process: every wait below also waits for
+    // them, and whatever was taken down is restored before exiting.
+    let mut signals = Signals::install()?;
+    let mut guard = Guard::new(
+        cluster.client.clone(),
+        &cluster.context,
+        args.kube.kubeconfig.clone(),
+    );
     let mut probe = Prober::start(
         target,
         args.interval,
@@ -453,54 +578,106 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
         args.client_cgroup.as_ref(),
     )?;
     let deadline = Instant::now() + args.timeout;
-    probe
-        .until(5, deadline, |a| a.ok && is_local(a, &local), "the client to reach a local backend before the drill (is the service's affinity local, and is the client in a node agent's cgroup?)")
-        .context("baseline")?;
-
-    // Down.
-    let t0 = now_micros();
-    match args.method {
-        Method::NotReady => set_ready(&slices_api, &slices, Some(false)).await?,
-        Method::Command => run_shell(args.down_cmd.as_deref().unwrap_or_default(), "--down-cmd")?,
-    }
-    let t0_done = now_micros();
-    let result = async {
-        let first_remote = probe.until(
-            10,
-            Instant::now() + args.timeout,
-            |a| a.ok && !is_local(a, &local),
-            "traffic to fail over to remote backends",
-        )?;
-        tokio::time::sleep(args.hold).await;
-        while probe.next(Duration::ZERO)?.is_some() {}
-        let t1 = now_micros();
-        match args.method {
-            Method::NotReady => set_ready(&slices_api, &slices, None).await?,
-            Method::Command => run_shell(args.up_cmd.as_deref().unwrap_or_default(), "--up-cmd")?,
+    match race(
+        &mut signals,
+        probe.until(5, deadline, |a| a.ok && is_local(a, &local), "the client to reach a local backend before the drill (is the service's affinity local, and is the client in a node agent's cgroup?)"),
+    )
+    .await
+    {
+        Step::Done(r) => {
+            r.context("baseline")?;
         }
-        let back = probe.until(
+        Step::Interrupted(s) => {
+            drop(probe);
+            eprintln!("interrupted by {s} before anything was taken down: nothing to restore");
+            return Ok(s.exit_code());
+        }
+    }
+
+    // Down. A signal meanwhile does not cut it short (half a take-down is hard to undo): it is
+    // acted upon as soon as the take-down is over.
+    let addresses: Vec<IpAddr> = local.iter().copied().collect();
+    eprintln!(
+        "drill: taking the local backends of {} down ({}); Ctrl-C restores them",
+        args.service,
+        match args.method {
+            Method::NotReady => "marking their endpoints not ready",
+            Method::Command => "--down-cmd",
+        }
+    );
+    let t0 = now_micros();
+    let (down, signal) = despite_signals(
+        &mut signals,
+        take_down(&args, &mut guard, &slices_api, ns, &slices, &addresses),
+        "the take-down",
+    )
+    .await;
+    let t0_done = now_micros();
+    if let Some(s) = signal {
+        return abort(probe, guard, &mut signals, Cause::Signal(s)).await;
+    }
+    if let Err(e) = down {
+        return abort(probe, guard, &mut signals, Cause::Error(e)).await;
+    }
+    eprintln!("drill: local backends down; waiting for traffic to fail over");
+    let held = race(&mut signals, async {
+        let first_remote = probe
+            .until(
+                10,
+                Instant::now() + args.timeout,
+                |a| a.ok && !is_local(a, &local),
+                "traffic to fail over to remote backends",
+            )
+            .await?;
+        eprintln!(
+            "drill: failed over to {}; holding {:?}",
+            first_remote.backend.as_deref().unwrap_or("?"),
+            args.hold
+        );
+        tokio::time::sleep(args.hold).await;
+        probe.drain()?;
+        Ok::<_, anyhow::Error>(first_remote)
+    })
+    .await;
+    let first_remote = match held {
+        Step::Done(Ok(a)) => a,
+        Step::Done(Err(e)) => return abort(probe, guard, &mut signals, Cause::Error(e)).await,
+        Step::Interrupted(s) => return abort(probe, guard, &mut signals, Cause::Signal(s)).await,
+    };
+
+    // Up: what the guard recorded, as an interruption would.
+    eprintln!("drill: bringing the local backends back");
+    let t1 = now_micros();
+    let up = guard.restore(&mut signals, false).await;
+    if up.failed > 0 {
+        drop(probe);
+        bail!(
+            "could not bring the local backends back: restore them by hand with the commands above"
+        );
+    }
+    if let Some(s) = up.signal {
+        drop(probe);
+        eprintln!("interrupted by {s}: the local backends are back");
+        return Ok(s.exit_code());
+    }
+    let back = match race(
+        &mut signals,
+        probe.until(
             5,
             Instant::now() + args.timeout,
             |a| a.ok && is_local(a, &local),
             "traffic to return to local backends",
-        )?;
-        Ok::<_, anyhow::Error>((first_remote, t1, back))
-    }
-    .await;
-    let (first_remote, t1, back) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            // Never leave the backends down.
-            let restore = match args.method {
-                Method::NotReady => set_ready(&slices_api, &slices, None).await,
-                Method::Command => {
-                    run_shell(args.up_cmd.as_deref().unwrap_or_default(), "--up-cmd")
-                }
-            };
-            if let Err(r) = restore {
-                eprintln!("error: restoring the backends also failed: {r:#}");
-            }
-            return Err(e);
+        ),
+    )
+    .await
+    {
+        Step::Done(r) => r?,
+        Step::Interrupted(s) => {
+            drop(probe);
+            eprintln!(
+                "interrupted by {s} after the local backends were brought back: nothing to restore"
+            );
+            return Ok(s.exit_code());
         }
     };
     let attempts: Vec<Attempt> = std::mem::take(&mut probe.seen)
@@ -726,5 +903,202 @@ mod tests {
         assert!(is_local(&a(Some("10.1.0.1:8080")), &local));
         assert!(!is_local(&a(Some("10.2.0.1:8080")), &local));
         assert!(!is_local(&a(None), &local));
+    }
+
+    mod interrupted {
+        //! The restore guard against the Kubernetes API test server: what the take-down
+        //! changed is put back exactly, through transient errors; what cannot be is named with
+        //! a command that really restores it.
+
+        use k8s_openapi::api::core::v1::Namespace;
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+        use kube::api::PostParams;
+
+        use super::*;
+
+        fn endpoint(ip: &str, ready: Option<bool>) -> Endpoint {
+            Endpoint {
+                addresses: vec![ip.to_owned()],
+                conditions: ready.map(|r| EndpointConditions {
+                    ready: Some(r),
+                    serving: Some(r),
+                    terminating: Some(false),
+                }),
+                ..Default::default()
+            }
+        }
+
+        /// A test server with EndpointSlice `demo/echo-abc` (one endpoint ready, one without
+        /// conditions), its client, and the slice as created.
+        async fn server() -> (kube_testserver::Handle, kube::Client, EndpointSlice) {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let h = kube_testserver::start(kube_testserver::Config::new(
+                model::ClusterName::new("east").unwrap(),
+            ))
+            .await
+            .unwrap();
+            let client = h.client().await.unwrap();
+            let ns = Namespace {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("demo".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await
+                .unwrap();
+            let slice = EndpointSlice {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("echo-abc".into()),
+                    namespace: Some("demo".into()),
+                    labels: Some([("kubernetes.io/service-name".into(), "echo".into())].into()),
+                    ..Default::default()
+                },
+                address_type: "IPv4".into(),
+                endpoints: vec![endpoint("10.1.0.1", Some(true)), endpoint("10.1.0.2", None)],
+                ports: None,
+            };
+            let slice = Api::<EndpointSlice>::namespaced(client.clone(), "demo")
+                .create(&PostParams::default(), &slice)
+                .await
+                .unwrap();
+            (h, client, slice)
+        }
+
+        fn not_ready_args() -> DrillArgs {
+            use clap::Parser;
+            #[derive(Parser)]
+            struct Cli {
+                #[command(flatten)]
+                drill: DrillArgs,
+            }
+            Cli::parse_from(["drill", "--service", "demo/echo"]).drill
+        }
+
+        #[tokio::test]
+        async fn restore_puts_the_endpoints_back_as_they_were_through_errors() {
+            let (h, client, before) = server().await;
+            let api = Api::<EndpointSlice>::namespaced(client.clone(), "demo");
+            let mut guard = Guard::new(client.clone(), h.context(), None);
+            take_down(
+                &not_ready_args(),
+                &mut guard,
+                &api,
+                "demo",
+                std::slice::from_ref(&before),
+                &[],
+            )
+            .await
+            .unwrap();
+            let down = api.get("echo-abc").await.unwrap();
+            assert!(down.endpoints.iter().all(|e| {
+                let c = e.conditions.clone().unwrap();
+                c.ready == Some(false) && c.serving == Some(false)
+            }));
+            h.fail_next(2, 500);
+            let done = guard.restore(&mut Signals::none(), false).await;
+            assert_eq!((done.restored, done.failed), (1, 0), "{:?}", done.by_hand);
+            assert_eq!(
+                api.get("echo-abc").await.unwrap().endpoints,
+                before.endpoints
+            );
+        }
+
+        #[tokio::test]
+        async fn a_second_signal_does_not_stop_a_restore_under_way() {
+            let (h, client, before) = server().await;
+            let api = Api::<EndpointSlice>::namespaced(client.clone(), "demo");
+            let mut guard = Guard::new(client.clone(), h.context(), None);
+            take_down(
+                &not_ready_args(),
+                &mut guard,
+                &api,
+                "demo",
+                std::slice::from_ref(&before),
+                &[],
+            )
+            .await
+            .unwrap();
+            // The API answers slowly; Ctrl-C twice while the restore waits for it.
+            h.stall(Some(Duration::from_millis(500)));
+            let (mut signals, tx) = Signals::fake();
+            tx.send(Interrupt::Int).unwrap();
+            tx.send(Interrupt::Int).unwrap();
+            let done = guard.restore(&mut signals, false).await;
+            h.stall(None);
+            assert_eq!(done.signal, Some(Interrupt::Int));
+            assert_eq!((done.restored, done.failed), (1, 0));
+            assert_eq!(
+                api.get("echo-abc").await.unwrap().endpoints,
+                before.endpoints
+            );
+        }
+
+        #[tokio::test]
+        async fn a_failed_restore_prints_a_command_that_restores_by_hand() {
+            let (h, client, before) = server().await;
+            let api = Api::<EndpointSlice>::namespaced(client.clone(), "demo");
+            let kubeconfig = h.kubeconfig().display().to_string();
+            let mut guard = Guard::new(client.clone(), h.context(), Some(kubeconfig));
+            take_down(
+                &not_ready_args(),
+                &mut guard,
+                &api,
+                "demo",
+                std::slice::from_ref(&before),
+                &[],
+            )
+            .await
+            .unwrap();
+            h.fail_next(100, 500);
+            let done = guard.restore(&mut Signals::none(), true).await;
+            h.fail_next(0, 500);
+            assert_eq!((done.restored, done.failed), (0, 1));
+            assert_ne!(
+                api.get("echo-abc").await.unwrap().endpoints,
+                before.endpoints
+            );
+            // The printed command, run as printed, is the restore.
+            let home = tempfile::tempdir().unwrap();
+            let out = tokio::process::Command::new("sh")
+                .args(["-c", &done.by_hand[0]])
+                .env("HOME", home.path())
+                .output()
+                .await
+                .expect("kubectl must be installed (it is on the project's machines)");
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                done.by_hand[0],
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                api.get("echo-abc").await.unwrap().endpoints,
+                before.endpoints
+            );
+        }
+
+        #[tokio::test]
+        async fn backends_come_back_by_the_up_command_or_it_is_named() {
+            let client =
+                kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
+                    .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mark = dir.path().join("up");
+            let up = format!("touch '{}'", mark.display());
+            let ip: IpAddr = "10.1.0.1".parse().unwrap();
+            let mut guard = Guard::new(client.clone(), "east", None);
+            guard.record_backends("demo/echo", &[ip], &up);
+            let done = guard.restore(&mut Signals::none(), false).await;
+            assert_eq!((done.restored, done.failed), (1, 0));
+            assert!(mark.exists());
+            let mut guard = Guard::new(client, "east", None);
+            guard.record_backends("demo/echo", &[ip], "exit 3");
+            let done = guard.restore(&mut Signals::none(), false).await;
+            assert_eq!((done.restored, done.failed), (0, 1));
+            assert_eq!(done.by_hand, ["exit 3"]);
+        }
     }
 }

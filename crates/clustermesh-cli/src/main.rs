@@ -51,6 +51,14 @@ enum Command {
     Services(services::ServicesArgs),
     /// Run a failover drill on a global service and report detect / failover / recover times
     /// measured from a client; exit 1 when an SLO is missed.
+    #[command(after_help = "Interrupting a drill:\n  \
+        Ctrl-C (SIGINT) or SIGTERM at any point stops the probe and restores what the drill took\n  \
+        down before exiting: with --method not-ready every EndpointSlice it changed gets its\n  \
+        endpoints' conditions back as they were; with --method command, --up-cmd runs. One\n  \
+        `restored: ...` line per object goes to stderr, and the exit code is 130 (SIGINT) or\n  \
+        143 (SIGTERM). What cannot be restored is named with the kubectl command (or your\n  \
+        --up-cmd) that restores it by hand, and the exit code is 1. A second Ctrl-C does not\n  \
+        stop a restore under way: it prints what remains and how to restore it by hand.")]
     Drill(drill::DrillArgs),
     /// Create cluster CAs, issue, rotate and inspect certificates.
     #[command(subcommand)]

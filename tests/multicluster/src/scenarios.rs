@@ -504,3 +504,182 @@ pub async fn tampered_peer_secret_is_repaired<A: Cluster, B: Cluster>(
     wait_healthy(kc, &[a.context(), b.context()]).await?;
     Ok(())
 }
+
+/// The endpoint conditions of `service`'s EndpointSlices in `c`, by slice name (through
+/// kubectl, as a user would look).
+fn slice_conditions<C: Cluster>(
+    kc: &Path,
+    c: &C,
+    service: &str,
+) -> Result<BTreeMap<String, Value>> {
+    let (ns, name) = service
+        .split_once('/')
+        .context("service is namespace/name")?;
+    let out = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", kc)
+        .args(["--context", &c.context(), "-n", ns, "get", "endpointslices"])
+        .arg(format!("--selector=kubernetes.io/service-name={name}"))
+        .args(["-o", "json"])
+        .output()
+        .context("run kubectl")?;
+    ensure!(
+        out.status.success(),
+        "kubectl get endpointslices: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(&out.stdout)?;
+    let slices = list["items"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        !slices.is_empty(),
+        "{service} has no EndpointSlices in {}",
+        c.name()
+    );
+    Ok(slices
+        .iter()
+        .map(|s| {
+            let conditions: Vec<Value> = s["endpoints"]
+                .as_array()
+                .map(|es| es.iter().map(|e| e["conditions"].clone()).collect())
+                .unwrap_or_default();
+            (
+                s["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                Value::Array(conditions),
+            )
+        })
+        .collect())
+}
+
+/// Ctrl-C during a drill: `clustermesh drill` runs as a process, once per method (and once
+/// more, not-ready, with SIGTERM); once it has taken a's backends of `demo/echo` down (it says
+/// so, and a's client is answered by b), it gets a real SIGINT (SIGTERM). It must exit 130
+/// (143) with one `restored:` line per object, a's EndpointSlices must have their conditions
+/// exactly as before, and a's client must be answered by a's backends again.
+pub async fn interrupted_drill_restores<A: Cluster, B: Cluster>(
+    kc: &Path,
+    a: &A,
+    b: &B,
+    echo_a: IpAddr,
+) -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let target = SocketAddr::new(echo_a, 80);
+    let (an, bn) = (a.name().to_owned(), b.name().to_owned());
+    let Some((netns, cgroup)) = a.drill_client("client").await else {
+        eprintln!(
+            "{}: no way to run the drill's client as a pod here; skipped",
+            a.name()
+        );
+        return Ok(());
+    };
+    let (down, up) = a.backend_commands("demo/echo");
+    for (method, signal, code) in [
+        ("not-ready", "INT", 130),
+        ("command", "INT", 130),
+        ("not-ready", "TERM", 143),
+    ] {
+        let before = slice_conditions(kc, a, "demo/echo")?;
+        let mut cmd = tokio::process::Command::new(crate::lab::binary("clustermesh")?);
+        cmd.env("KUBECONFIG", kc)
+            .args(["drill", "--context", &a.context(), "--service", "demo/echo"])
+            .args(["--method", method, "--hold", "10m", "--timeout", "60s"])
+            .arg("--client-netns")
+            .arg(&netns)
+            .arg("--client-cgroup")
+            .arg(&cgroup)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if method == "command" {
+            cmd.args(["--down-cmd", &down, "--up-cmd", &up]);
+        }
+        let mut drill = cmd.spawn().context("start clustermesh drill")?;
+        let pid = drill.id().context("the drill's pid")?;
+        let stderr = drill.stderr.take().context("the drill's stderr")?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut said: Vec<String> = Vec::new();
+        // Taken down: the drill says so, and a's client is served by b.
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        while !said
+            .iter()
+            .any(|l| l.starts_with("drill: local backends down"))
+        {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(l)) => said.push(l),
+                Ok(None) => bail!(
+                    "drill ({method}) ended before taking the backends down: {}",
+                    said.join("\n")
+                ),
+                Err(_) => bail!(
+                    "drill ({method}) did not take the backends down in time: {}",
+                    said.join("\n")
+                ),
+            }
+        }
+        until_answered_by(a, "client", target, &[&bn]).await?;
+        if method == "not-ready" {
+            let now = slice_conditions(kc, a, "demo/echo")?;
+            ensure!(
+                now.values()
+                    .flat_map(|c| c.as_array().cloned().unwrap_or_default())
+                    .all(|c| c["ready"] == false && c["serving"] == false),
+                "the drill marked every endpoint not ready: {now:?}"
+            );
+        }
+        let kill = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        ensure!(kill.success(), "kill -{signal} {pid}");
+        let status = tokio::time::timeout(CONVERGE, drill.wait())
+            .await
+            .with_context(|| format!("drill ({method}) still running after SIG{signal}"))??;
+        while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            said.push(l);
+        }
+        let said = said.join("\n");
+        ensure!(
+            status.code() == Some(code),
+            "drill ({method}) after SIG{signal}: {status}, wanted exit {code}: {said}"
+        );
+        let restored = said.lines().filter(|l| l.starts_with("restored: ")).count();
+        match method {
+            "not-ready" => {
+                ensure!(
+                    restored == before.len()
+                        && before
+                            .keys()
+                            .all(|s| said.contains(&format!("restored: EndpointSlice demo/{s} "))),
+                    "one restored line per EndpointSlice {:?}: {said}",
+                    before.keys()
+                );
+                // Restored before the drill exited: no waiting here.
+                let after = slice_conditions(kc, a, "demo/echo")?;
+                ensure!(
+                    after == before,
+                    "conditions as before the drill: {before:?}, got {after:?}"
+                );
+            }
+            _ => ensure!(
+                restored == 1 && said.contains("restored: backends of demo/echo"),
+                "one restored line for the backends: {said}"
+            ),
+        }
+        until_answered_by(a, "client", target, &[&an]).await?;
+        let told: Vec<&str> = said.lines().filter(|l| !l.starts_with("drill: ")).collect();
+        eprintln!(
+            "drill ({method}) interrupted by SIG{signal}: exit {code}, {an} serves again; it said:\n  {}",
+            told.join("\n  ")
+        );
+    }
+    Ok(())
+}

@@ -36,6 +36,10 @@ async fn mesh_scenarios_on_the_lab() {
         only_the_apiserver_opens_etcd(&*lab.lock().await, cluster).await;
     }
     eprintln!("etcd refuses every mesh credential (peer, node agent, admin, Mesh API server)");
+    node_state_is_for_admins_only(&*lab.lock().await).await;
+    eprintln!(
+        "a node's /state is served to this cluster's admins only (mTLS), not on the open port"
+    );
 
     let (echo_east, _) = scenarios::global_services(&kc, &east, &west).await.unwrap();
     eprintln!("global services: affinity local/remote/none and shared=false as expected");
@@ -49,6 +53,9 @@ async fn mesh_scenarios_on_the_lab() {
             r["method"], r["failover_ms"], r["recover_ms"], r["failures"]
         );
     }
+    scenarios::interrupted_drill_restores(&kc, &east, &west, echo_east)
+        .await
+        .unwrap();
 
     let remote_east =
         std::net::IpAddr::V4(lab.lock().await.cluster("east").unwrap().services["demo/remote"]);
@@ -245,4 +252,69 @@ async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
         after.status.success() && after.stdout.is_empty(),
         "nothing was written"
     );
+}
+
+/// Issue 12, case 8: a node's `/state` (every backend, unshared services' included) is not on
+/// the open health port (403 to anyone but loopback), and over mutual TLS it is served to an
+/// admin of the node's cluster only: a peer certificate gets 403, another cluster's admin and a
+/// client without a certificate do not get past the handshake.
+async fn node_state_is_for_admins_only(lab: &Lab) {
+    let east = lab.cluster("east").unwrap();
+    let node = &east.nodes[0];
+    let open = SocketAddr::from((node.ip, model::status::NODE_AGENT_PORT));
+    let r = test_support::http_get(open, "/state").await.unwrap();
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let r = test_support::http_get(open, "/metrics").await.unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "metrics stay open");
+    // The admin of east is served.
+    let s = lab.node_state("east", &node.name).await.unwrap();
+    assert_eq!(s.cluster, "east");
+    let addr = format!("{}:{}", node.ip, model::status::NODE_AGENT_STATE_PORT);
+    let fetch = |ca: &certs::Ca, id: certs::MeshIdentity| {
+        let leaf = ca.issue(&certs::LeafSpec::new(id)).unwrap();
+        let ca_pem = std::fs::read_to_string(east.dir.join("ca/ca.crt")).unwrap();
+        let addr = addr.clone();
+        let node = model::NodeName::new(node.name.as_str()).unwrap();
+        async move {
+            meshapi::node_state::fetch(
+                &addr,
+                &model::ClusterName::new("east").unwrap(),
+                model::ClusterId::new(1).unwrap(),
+                &node,
+                &ca_pem,
+                &leaf.cert_pem,
+                &leaf.key_pem,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+        }
+    };
+    let east_ca = certs::Ca::from_pem(
+        &std::fs::read_to_string(east.dir.join("ca/ca.crt")).unwrap(),
+        &std::fs::read_to_string(east.dir.join("ca/ca.key")).unwrap(),
+    )
+    .unwrap();
+    let west_ca = certs::Ca::from_pem(
+        &std::fs::read_to_string(lab.cluster("west").unwrap().dir.join("ca/ca.crt")).unwrap(),
+        &std::fs::read_to_string(lab.cluster("west").unwrap().dir.join("ca/ca.key")).unwrap(),
+    )
+    .unwrap();
+    let west = model::ClusterName::new("west").unwrap();
+    let west_id = model::ClusterId::new(2).unwrap();
+    // west's peer certificate for east (signed by east's CA): a valid client, not an admin.
+    let e = fetch(
+        &east_ca,
+        certs::MeshIdentity::new(west.clone(), west_id, certs::Role::Peer),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("403"), "{e}");
+    // west's own admin: east's agent does not trust west's CA.
+    let e = fetch(
+        &west_ca,
+        certs::MeshIdentity::new(west, west_id, certs::Role::Admin),
+    )
+    .await
+    .unwrap_err();
+    assert!(!e.to_string().contains("200"), "{e}");
 }
