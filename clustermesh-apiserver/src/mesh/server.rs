@@ -27,7 +27,7 @@ pub use meshapi::MAX_MESSAGE;
 /// Changes per Watch message.
 const BATCH: usize = 512;
 /// Approximate bytes of changes per Watch message (well under [`MAX_MESSAGE`]).
-const BATCH_BYTES: usize = 1024 * 1024;
+const BATCH_BYTES: usize = 256 * 1024;
 
 fn size(c: &pb::Change) -> usize {
     c.value.len() + c.name.len() + c.cluster.len() + 32
@@ -45,8 +45,110 @@ pub const MAX_WATCHES_PER_PEER: usize = 4;
 pub const MAX_WATCHES_PER_LOCAL: usize = 32;
 /// Entries in a Watch filter (kinds or clusters).
 pub const MAX_FILTER_ENTRIES: usize = 64;
-/// Messages queued for one Watch client before it counts as slow (each ≤ about 1 MiB).
+/// Messages queued for one Watch client before it counts as slow (each ≤ about 256 KiB).
 const CLIENT_QUEUE: usize = 2;
+/// Bytes of Watch messages queued for all clients together: the send-buffer budget. A stream
+/// that cannot get its share within [`BUDGET_WAIT`] ends (`RESOURCE_EXHAUSTED`; the client
+/// reconnects and resyncs), so slow or stuck clients cannot hold the server's memory.
+pub const SEND_BUDGET_BYTES: usize = 64 * 1024 * 1024;
+/// How long a stream waits for send budget, or for its client to take a queued message.
+const BUDGET_WAIT: Duration = Duration::from_secs(20);
+
+/// One queued message and the budget it holds until the transport takes it.
+type Queued = (
+    Result<pb::WatchResponse, Status>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
+/// The sending side of one Watch stream, under the shared send budget.
+#[derive(Debug, Clone)]
+struct Sink {
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<tokio::sync::Semaphore>,
+    /// Why the stream ended early: delivered after what is queued, even when the queue is full.
+    failure: Arc<std::sync::Mutex<Option<Status>>>,
+}
+
+impl Sink {
+    /// Queues `msg`; false when the stream is over (client gone, or too slow for the budget).
+    async fn send(&self, msg: pb::WatchResponse) -> bool {
+        let bytes = prost::Message::encoded_len(&msg).clamp(1, SEND_BUDGET_BYTES);
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let permit = match tokio::time::timeout(
+            BUDGET_WAIT,
+            Arc::clone(&self.budget).acquire_many_owned(bytes),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                self.fail(Status::resource_exhausted(
+                    "the Mesh API's send budget is exhausted; reconnect",
+                ));
+                return false;
+            }
+        };
+        match tokio::time::timeout(BUDGET_WAIT, self.tx.send((Ok(msg), Some(permit)))).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                tracing::info!(
+                    "Mesh API client did not read for {BUDGET_WAIT:?}; ending its stream"
+                );
+                self.fail(Status::resource_exhausted(
+                    "this client did not read its watch in time; reconnect",
+                ));
+                false
+            }
+        }
+    }
+
+    fn fail(&self, status: Status) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(status);
+        }
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+/// The response stream of a Watch: releases each message's budget when the transport takes it.
+#[derive(Debug)]
+pub struct WatchStream {
+    rx: mpsc::Receiver<Queued>,
+    failure: Arc<std::sync::Mutex<Option<Status>>>,
+}
+
+impl futures::Stream for WatchStream {
+    type Item = Result<pb::WatchResponse, Status>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some((item, _permit))) => std::task::Poll::Ready(Some(item)),
+            std::task::Poll::Ready(None) => {
+                std::task::Poll::Ready(self.failure.lock().ok().and_then(|mut f| f.take()).map(Err))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+fn sink(budget: &Arc<tokio::sync::Semaphore>) -> (Sink, WatchStream) {
+    let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+    let failure = Arc::default();
+    (
+        Sink {
+            tx,
+            budget: Arc::clone(budget),
+            failure: Arc::clone(&failure),
+        },
+        WatchStream { rx, failure },
+    )
+}
 
 /// Counts held per key; a slot is released when its guard drops.
 #[derive(Debug, Default)]
@@ -170,6 +272,7 @@ pub struct MeshService {
     metrics: Registry,
     stop: watch::Receiver<bool>,
     watches: Arc<Slots>,
+    budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// A peer stream's standing, re-checked whenever the grants change: a disconnected peer's
@@ -222,6 +325,7 @@ impl MeshService {
             metrics,
             stop,
             watches: Arc::default(),
+            budget: Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_BYTES)),
         }
     }
 
@@ -363,7 +467,7 @@ fn synced(r: &Record) -> Option<pb::SyncedMarker> {
 }
 
 async fn send_snapshot(
-    tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    tx: &Sink,
     filter: &Filter,
     records: Vec<Arc<Record>>,
     revision: i64,
@@ -388,7 +492,7 @@ async fn send_snapshot(
                 ..Default::default()
             };
             first = false;
-            if tx.send(Ok(msg)).await.is_err() {
+            if !tx.send(msg).await {
                 return false;
             }
         }
@@ -400,7 +504,7 @@ async fn send_snapshot(
         revision,
         snapshot_complete: true,
     };
-    tx.send(Ok(msg)).await.is_ok()
+    tx.send(msg).await
 }
 
 /// [`stream_updates`] holding the caller's watch slot until the stream ends.
@@ -410,7 +514,7 @@ async fn stream_updates_holding(
     cache: Arc<WatchCache>,
     filter: Filter,
     start: Start,
-    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    tx: Sink,
     metrics: Registry,
     stop: watch::Receiver<bool>,
     recheck: Option<Recheck>,
@@ -423,7 +527,7 @@ async fn stream_updates(
     cache: Arc<WatchCache>,
     filter: Filter,
     start: Start,
-    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    tx: Sink,
     metrics: Registry,
     mut stop: watch::Receiver<bool>,
     mut recheck: Option<Recheck>,
@@ -454,7 +558,7 @@ async fn stream_updates(
                     {
                         metrics.inc(m::MESH_DENIED, &[]);
                         tracing::warn!(peer = %rc.identity.cluster, reason = %reason, "ending a Mesh API stream: the peer is no longer granted");
-                        let _ = tx.try_send(Err(Status::permission_denied(reason)));
+                        tx.fail(Status::permission_denied(reason));
                         return;
                     }
                     continue;
@@ -510,9 +614,7 @@ async fn stream_updates(
                 msg.revision = revision - 1;
                 bytes = 0;
                 let out = std::mem::take(&mut msg);
-                if (!out.changes.is_empty() || !out.synced.is_empty())
-                    && tx.send(Ok(out)).await.is_err()
-                {
+                if (!out.changes.is_empty() || !out.synced.is_empty()) && !tx.send(out).await {
                     return;
                 }
             }
@@ -536,7 +638,7 @@ impl Mesh for MeshService {
         }))
     }
 
-    type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+    type WatchStream = WatchStream;
 
     async fn watch(
         &self,
@@ -607,7 +709,7 @@ impl Mesh for MeshService {
             "Mesh API watch started"
         );
         self.metrics.inc(m::MESH_WATCHES, &[]);
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let (tx, rx) = sink(&self.budget);
         tokio::spawn(stream_updates_holding(
             slot,
             Arc::clone(&self.cache),
@@ -618,7 +720,7 @@ impl Mesh for MeshService {
             self.stop.clone(),
             recheck,
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 }
 
@@ -737,6 +839,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::mesh::cache::CLIENT_BUFFER;
+    use futures::StreamExt;
 
     /// A client that stops reading while more changes than its buffer holds arrive is not
     /// buffered for: when it reads again it gets a fresh snapshot (reset) with the full state.
@@ -759,8 +862,9 @@ mod tests {
             clusters: None,
         };
         let start = cache.subscribe(0);
-        // A client channel of one message that nobody reads for now.
-        let (tx, mut rx) = mpsc::channel(1);
+        // A client queue that nobody reads for now.
+        let budget = Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_BYTES));
+        let (tx, mut rx) = sink(&budget);
         let (_stop_tx, stop) = watch::channel(false);
         let metrics = crate::metrics::registry();
         tokio::spawn(stream_updates(
@@ -772,7 +876,7 @@ mod tests {
             stop,
             None,
         ));
-        let first = rx.recv().await.unwrap().unwrap();
+        let first = rx.next().await.unwrap().unwrap();
         assert!(first.reset && first.snapshot_complete && first.changes.len() == 1);
         let n = CLIENT_BUFFER + 1000;
         for i in 1..=n {
@@ -782,7 +886,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let mut resets = 0;
         while seen.len() < n + 1 {
-            let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            let msg = tokio::time::timeout(Duration::from_secs(10), rx.next())
                 .await
                 .unwrap()
                 .unwrap()
@@ -795,6 +899,64 @@ mod tests {
         }
         assert_eq!(resets, 1, "told to relist exactly once");
         assert_eq!(metrics.value(m::MESH_RESYNCS, &[]), 1.0);
+    }
+
+    /// Issue 12, case 4: a client that never reads holds at most its queue of the shared send
+    /// budget, is ended with RESOURCE_EXHAUSTED after the budget wait, and everything it held
+    /// is released.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_is_ended_and_its_budget_released() {
+        let cache = WatchCache::detached();
+        for i in 0..3000usize {
+            cache.put_for_test(
+                &format!(
+                    "/clustermesh/v1/state/alpha/endpoints/10.1.{}.{}",
+                    i / 250,
+                    i % 250
+                ),
+                vec![7; 300],
+                1 + i as i64,
+            );
+        }
+        let filter = Filter {
+            view: View::Peer(ClusterName::new("bravo").unwrap()),
+            own: ClusterName::new("alpha").unwrap(),
+            kinds: None,
+            clusters: None,
+        };
+        let budget = Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_BYTES));
+        let (tx, mut rx) = sink(&budget);
+        let (_stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(stream_updates(
+            Arc::clone(&cache),
+            filter,
+            cache.subscribe(0),
+            tx,
+            crate::metrics::registry(),
+            stop,
+            None,
+        ));
+        tokio::time::sleep(BUDGET_WAIT / 2).await;
+        let held = SEND_BUDGET_BYTES - budget.available_permits();
+        assert!(
+            held > 0 && held <= (CLIENT_QUEUE + 1) * (BATCH_BYTES + 64 * 1024),
+            "held {held}"
+        );
+        tokio::time::timeout(BUDGET_WAIT * 3, task)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut last = None;
+        while let Some(item) = rx.next().await {
+            last = Some(item);
+        }
+        let e = last.unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert_eq!(
+            budget.available_permits(),
+            SEND_BUDGET_BYTES,
+            "all released"
+        );
     }
 
     #[test]
