@@ -62,6 +62,7 @@ impl Side {
             .unwrap();
         write_tls(&dir.path().join("mesh"), &ca, &leaf);
         std::fs::create_dir_all(dir.path().join("peers")).unwrap();
+        std::fs::create_dir_all(dir.path().join("grants")).unwrap();
         Self {
             name,
             id,
@@ -94,6 +95,8 @@ impl Side {
             .arg(self.dir.path().join("mesh"))
             .arg("--peers-dir")
             .arg(self.dir.path().join("peers"))
+            .arg("--grants-dir")
+            .arg(self.dir.path().join("grants"))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -111,6 +114,15 @@ impl Side {
             )))
             .unwrap();
         write_tls(&staging, &peer.ca, &leaf);
+        // The serving side's grant, as `clustermesh connect` writes it.
+        let grant = peer.dir.path().join("grants").join(self.name.as_str());
+        std::fs::create_dir_all(&grant).unwrap();
+        std::fs::write(grant.join("cluster-id"), self.id.to_string()).unwrap();
+        std::fs::write(
+            grant.join("sha256"),
+            certs::fingerprint_pem(leaf.cert_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
         std::fs::write(
             staging.join("endpoints"),
             format!("127.0.0.1:{}\n", peer.mesh_port),

@@ -725,9 +725,13 @@ async fn an_etcd_cut_longer_than_the_lease_withdraws_nothing() {
     .await;
     lab.apply::<EndpointSlice>(
         Some("shop"),
-        slice("web-1", "web", json!([
-            {"addresses": ["10.1.1.10"], "conditions": {"ready": true}, "nodeName": "node-1"},
-        ])),
+        slice(
+            "web-1",
+            "web",
+            json!([
+                {"addresses": ["10.1.1.10"], "conditions": {"ready": true}, "nodeName": "node-1"},
+            ]),
+        ),
     )
     .await;
     lab.apply::<Pod>(Some("shop"), pod("web-a", "10.1.1.10", "web"))
@@ -794,11 +798,18 @@ async fn an_etcd_cut_longer_than_the_lease_withdraws_nothing() {
         .expect("ready again after the cut")
         .unwrap();
     eventually("the change made during the cut lands", T, || async {
-        lab.endpoints().await.contains_key("10.1.1.11").then_some(())
+        lab.endpoints()
+            .await
+            .contains_key("10.1.1.11")
+            .then_some(())
     })
     .await;
     eventually("the session record is back", T, || async {
-        lab.kv.get_raw(&keys::session(&lab.cluster)).await.ok()?.map(|_| ())
+        lab.kv
+            .get_raw(&keys::session(&lab.cluster))
+            .await
+            .ok()?
+            .map(|_| ())
     })
     .await;
     let (kvs, _) = lab

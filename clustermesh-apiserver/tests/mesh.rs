@@ -11,7 +11,7 @@ use certs::{Ca, LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
 use clustermesh_apiserver::config::Config;
 use clustermesh_apiserver::mesh::importer::Phase;
 use clustermesh_apiserver::{Running, metrics as m};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -210,6 +210,24 @@ impl Cluster {
         }
     }
 
+    /// A Kubernetes Node with `address` and pod CIDR `pod_cidr`: the address space the
+    /// cluster advertises, where peers accept its endpoints and backends.
+    async fn add_node(&self, name: &str, address: &str, pod_cidr: &str) {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {"podCIDRs": [pod_cidr]},
+                    "status": {"addresses": [{"type": "InternalIP", "address": address}]}
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// The services this cluster holds of `peer`.
     async fn cached_services(
         &self,
@@ -291,12 +309,14 @@ async fn exports_propagate_to_peers_and_node_agents() {
     // charlie → alpha → bravo: bravo must never see charlie through alpha.
     a.import_from(&c);
     b.import_from(&a);
+    c.add_node("n1", "192.168.13.1", "10.3.0.0/24").await;
     c.create_service("third", &["10.3.0.1"]).await;
     eventually("alpha imports charlie's service", T, || async {
         backends_of(&a, &c.name, "third").await
     })
     .await;
 
+    a.add_node("n1", "192.168.11.1", "10.1.0.0/24").await;
     a.create_service("web", &["10.1.0.1", "10.1.0.2"]).await;
     let got = eventually("bravo imports alpha's service", T, || async {
         backends_of(&b, &a.name, "web")
@@ -393,6 +413,7 @@ async fn peer_outage_keeps_stale_state_and_resyncs_without_spurious_deletes() {
     let mut b = Cluster::new("bravo", 22).await;
     a.up().await;
     b.up().await;
+    a.add_node("n1", "192.168.21.1", "10.2.0.0/24").await;
     for i in 0..10 {
         a.create_service(&format!("s{i}"), &[&format!("10.2.0.{}", i + 1)])
             .await;
@@ -867,6 +888,7 @@ async fn disconnect_revokes_the_peer_certificate_and_only_the_issued_one_is_admi
     let mut b = Cluster::new("bravo", 42).await;
     a.up().await;
     b.up().await;
+    a.add_node("n1", "192.168.41.1", "10.41.0.0/24").await;
     a.create_service("web", &["10.41.0.1"]).await;
     b.import_from(&a);
     eventually("bravo imports alpha's service", T, || async {
@@ -1043,4 +1065,335 @@ async fn connection_watch_and_filter_limits_hold_while_others_are_served() {
         "{e}"
     );
     drop(socks);
+}
+
+/// A peer that claims addresses: it serves `snapshot` (in the real server's key order,
+/// endpoints before nodes, over several messages), then whatever is sent on `live`.
+#[derive(Clone)]
+struct ClaimingPeer {
+    name: ClusterName,
+    id: ClusterId,
+    snapshot: Vec<pb::WatchResponse>,
+    live: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<pb::WatchResponse>>>>,
+}
+
+#[tonic::async_trait]
+impl wire::pb::mesh_server::Mesh for ClaimingPeer {
+    async fn cluster_info(
+        &self,
+        _: tonic::Request<pb::ClusterInfoRequest>,
+    ) -> Result<tonic::Response<pb::ClusterInfoResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::ClusterInfoResponse {
+            name: self.name.to_string(),
+            id: u32::from(self.id.get()),
+            ..Default::default()
+        }))
+    }
+
+    type WatchStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WatchResponse, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<pb::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let snapshot = self.snapshot.clone();
+        let live = self.live.lock().unwrap().take();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for m in snapshot {
+                let _ = tx.send(Ok(m)).await;
+            }
+            if let Some(mut live) = live {
+                while let Some(m) = live.recv().await {
+                    let _ = tx.send(Ok(m)).await;
+                }
+            }
+            tx.closed().await;
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+fn put_change(cluster: &ClusterName, kind: Kind, name: &str, value: Vec<u8>) -> pb::Change {
+    pb::Change {
+        op: pb::change::Op::Put as i32,
+        cluster: cluster.to_string(),
+        kind: kind.to_string(),
+        name: name.to_owned(),
+        value,
+        revision: 5,
+        origin_unix_micros: 0,
+    }
+}
+
+/// Issue 12, item 6: a peer cannot claim addresses that are not its own, nor reserved
+/// identities. Its endpoints and backends land only inside its advertised space (its nodes'
+/// addresses and pod CIDRs) and never inside ours; one that does not fit yet is admitted once
+/// the node that covers it arrives, and one that our own space grows over is withdrawn. Every
+/// refusal is counted once, and a legitimate object of the same snapshot lands even though the
+/// snapshot brings endpoints before nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_cannot_claim_addresses_outside_its_own_space_nor_reserved_identities() {
+    use model::{Endpoint, Identity, Label, Labels, NumericIdentity};
+    let mut b = Cluster::new("bravo", 62).await;
+    b.up().await;
+    // Our own space: node 192.168.62.1, pods 10.62.1.0/24.
+    b.add_node("n1", "192.168.62.1", "10.62.1.0/24").await;
+    eventually("bravo exports its node", T, || async {
+        b.kv.get_raw(&keys::object_key(Scope::State, &b.name, Kind::Nodes, "n1"))
+            .await
+            .unwrap()
+    })
+    .await;
+
+    let evil = ClusterName::new("mallory").unwrap();
+    let evil_id = ClusterId::new(63).unwrap();
+    let mine = NumericIdentity::scoped(evil_id, 1).unwrap();
+    let endpoint = |ip: &str, identity: NumericIdentity| {
+        let e = Endpoint {
+            cluster: evil.clone(),
+            ip: ip.parse().unwrap(),
+            identity,
+            node: model::NodeName::new("m1").unwrap(),
+            pod: None,
+        };
+        put_change(&evil, Kind::Endpoints, ip, e.encode())
+    };
+    let identity = |id: NumericIdentity| {
+        let i = Identity {
+            cluster: evil.clone(),
+            id,
+            labels: Labels::new().with(Label::new("k8s", "app", "x").unwrap()),
+        };
+        put_change(&evil, Kind::Identities, &id.to_string(), i.encode())
+    };
+    let node = |name: &str, address: &str, pod_cidr: &str| {
+        let n = model::Node {
+            cluster: evil.clone(),
+            name: model::NodeName::new(name).unwrap(),
+            addresses: vec![address.parse().unwrap()],
+            pod_cidrs: vec![pod_cidr.parse().unwrap()],
+        };
+        put_change(&evil, Kind::Nodes, name, n.encode())
+    };
+    let service = |name: &str, backends: &[&str]| {
+        let mut s = GlobalService::decode(&encoded_service(evil.as_str(), name)).unwrap();
+        s.backends = backends
+            .iter()
+            .map(|ip| model::service::Backend {
+                ip: ip.parse().unwrap(),
+                ports: vec![],
+                conditions: model::service::BackendConditions {
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
+                node: None,
+                zone: None,
+            })
+            .collect();
+        s.normalize();
+        put_change(
+            &evil,
+            Kind::Services,
+            &format!("default/{name}"),
+            s.encode(),
+        )
+    };
+    let snapshot = vec![
+        pb::WatchResponse {
+            reset: true,
+            changes: vec![
+                // One of our pods, our node, outside its space, not covered by its nodes (yet),
+                // a reserved identity: refused.
+                endpoint("10.62.1.7", mine),
+                endpoint("192.168.62.1", mine),
+                endpoint("10.99.0.1", mine),
+                endpoint("10.63.2.9", mine),
+                endpoint("10.63.1.6", NumericIdentity::HOST),
+                identity(NumericIdentity::WORLD),
+                // Its own pod and its own node's address, before its node arrives: they land.
+                endpoint("10.63.1.5", mine),
+                endpoint("192.168.63.1", mine),
+                identity(mine),
+            ],
+            revision: 5,
+            ..Default::default()
+        },
+        pb::WatchResponse {
+            changes: vec![
+                node("m1", "192.168.63.1", "10.63.1.0/24"),
+                service("far", &["10.99.0.1"]),
+                service("steal", &["192.168.62.1"]),
+                service("web", &["10.63.1.5", "10.62.1.7"]),
+            ],
+            synced: Kind::ALL
+                .iter()
+                .map(|k| pb::SyncedMarker {
+                    cluster: evil.to_string(),
+                    kind: k.to_string(),
+                    revision: 5,
+                    written_unix_ms: 0,
+                })
+                .collect(),
+            revision: 5,
+            snapshot_complete: true,
+            ..Default::default()
+        },
+    ];
+    let (live_tx, live_rx) = tokio::sync::mpsc::channel(4);
+    let ca = Ca::generate(&evil, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
+    let server = ca
+        .issue(
+            &LeafSpec::new(MeshIdentity::new(evil.clone(), evil_id, Role::Apiserver))
+                .ips(["127.0.0.1".parse().unwrap()]),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_tls(&dir.path().join("server"), &ca, &server);
+    let tls = Reloader::load(TlsFiles::in_dir(&dir.path().join("server"))).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(clustermesh_apiserver::mesh::server::serve(
+        listener,
+        tls,
+        ClaimingPeer {
+            name: evil.clone(),
+            id: evil_id,
+            snapshot,
+            live: Arc::new(Mutex::new(Some(live_rx))),
+        },
+        telemetry::metrics::Registry::new(),
+        stop_rx,
+    ));
+    let leaf = ca
+        .issue(&LeafSpec::new(MeshIdentity::new(
+            b.name.clone(),
+            b.id,
+            Role::Peer,
+        )))
+        .unwrap();
+    write_peer(
+        &b.peers_dir(),
+        evil.as_str(),
+        &addr.to_string(),
+        ca.cert_pem(),
+        &leaf,
+    );
+
+    let held = |kind: Kind| {
+        let prefix = keys::kind_prefix(Scope::Cache, &evil, kind);
+        let kv = b.kv.clone();
+        async move {
+            let (kvs, _) = kv.list_raw(&prefix).await.unwrap();
+            kvs.into_iter()
+                .map(|kv| kv.key[prefix.len()..].to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let rejected = || b.running().metrics().value(m::PEER_REJECTED, &["mallory"]);
+    eventually("the peer is in sync", T, || async {
+        (b.phase(&evil) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        held(Kind::Endpoints).await,
+        ["10.63.1.5", "192.168.63.1"],
+        "only endpoints inside the peer's space and outside ours"
+    );
+    assert_eq!(held(Kind::Identities).await, [mine.to_string()]);
+    assert_eq!(held(Kind::Nodes).await, ["m1"]);
+    assert_eq!(
+        backends_of(&b, &evil, "web").await.unwrap(),
+        ["10.63.1.5"],
+        "the foreign backend is dropped, the service and its own backend kept"
+    );
+    assert_eq!(
+        backends_of(&b, &evil, "steal").await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        backends_of(&b, &evil, "far").await.unwrap(),
+        Vec::<String>::new()
+    );
+    // Four endpoints and three backends for their addresses, two reserved identities.
+    eventually("every refusal counted", T, || async {
+        (rejected() == 9.0).then_some(())
+    })
+    .await;
+    let st = b.running().peers().get("mallory").unwrap();
+    let e = st.last_error.unwrap();
+    assert!(e.contains("mallory") && e.contains("refused"), "{e}");
+
+    // The node that covers 10.63.2.9 arrives: the endpoint held back lands, nothing recounted.
+    live_tx
+        .send(pb::WatchResponse {
+            changes: vec![node("m2", "192.168.63.2", "10.63.2.0/24")],
+            revision: 6,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually("the covered endpoint lands", T, || async {
+        (held(Kind::Endpoints).await == ["10.63.1.5", "10.63.2.9", "192.168.63.1"]).then_some(())
+    })
+    .await;
+    assert_eq!(rejected(), 9.0, "a refusal is counted once");
+
+    // Its node m2 goes before its pods do: what was admitted stays, nothing is refused.
+    live_tx
+        .send(pb::WatchResponse {
+            changes: vec![pb::Change {
+                op: pb::change::Op::Delete as i32,
+                value: vec![],
+                ..node("m2", "192.168.63.2", "10.63.2.0/24")
+            }],
+            revision: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually("the peer's node is gone", T, || async {
+        (held(Kind::Nodes).await == ["m1"]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        held(Kind::Endpoints).await,
+        ["10.63.1.5", "10.63.2.9", "192.168.63.1"]
+    );
+    assert_eq!(rejected(), 9.0);
+
+    // Our own space grows over 10.63.1.0/28: the peer's endpoint and backend there go.
+    b.add_node("n2", "192.168.62.2", "10.63.1.0/28").await;
+    eventually("what is now ours is withdrawn", T, || async {
+        (held(Kind::Endpoints).await == ["10.63.2.9", "192.168.63.1"]
+            && backends_of(&b, &evil, "web").await == Some(vec![]))
+        .then_some(())
+    })
+    .await;
+    eventually("counted", T, || async {
+        (rejected() == 11.0).then_some(())
+    })
+    .await;
+    let e = b
+        .running()
+        .peers()
+        .get("mallory")
+        .unwrap()
+        .last_error
+        .unwrap();
+    assert!(e.contains("inside this cluster's own address space"), "{e}");
+    assert_eq!(
+        b.running()
+            .metrics()
+            .value(m::PEER_RECONNECTS, &["mallory"]),
+        0.0,
+        "one stream throughout"
+    );
+    assert!(b.running().ready().borrow().is_ok());
+    server.abort();
 }

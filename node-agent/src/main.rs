@@ -265,7 +265,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cluster: settings.cluster.clone(),
                 cluster_id: args.cluster_id.parse()?,
                 tls,
-                state: std::sync::Arc::new(move || state()),
+                state: std::sync::Arc::new(state),
             },
         )
         .await?;

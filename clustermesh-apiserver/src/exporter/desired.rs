@@ -262,9 +262,12 @@ pub fn node(cluster: &ClusterName, n: &K8sNode) -> Option<Node> {
         .or_else(|| spec.pod_cidr.map(|c| vec![c]))
         .unwrap_or_default()
         .iter()
-        .filter_map(|c| c.parse().ok())
+        .filter_map(|c| c.parse::<ipnet::IpNet>().ok())
+        // Canonical (no host bits), as the wire form carries them and importers compare them.
+        .map(|c| c.trunc())
         .collect();
     pod_cidrs.sort();
+    pod_cidrs.dedup();
     Some(Node {
         cluster: cluster.clone(),
         name,
@@ -432,5 +435,25 @@ mod tests {
         let node = node(&cluster(), &n).unwrap();
         assert_eq!(node.addresses.len(), 1);
         assert_eq!(node.pod_cidrs[0].to_string(), "10.1.1.0/24");
+        // `podCIDR` alone (older clusters); host bits cleared; an unparsable entry dropped.
+        let n: K8sNode = serde_json::from_value(json!({
+            "metadata": {"name": "n2"},
+            "spec": {"podCIDR": "10.1.2.9/24"},
+        }))
+        .unwrap();
+        let cidrs = super::node(&cluster(), &n).unwrap().pod_cidrs;
+        assert_eq!(cidrs, ["10.1.2.0/24".parse::<ipnet::IpNet>().unwrap()]);
+        let n: K8sNode = serde_json::from_value(json!({
+            "metadata": {"name": "n3"},
+            "spec": {"podCIDRs": ["fd00:3::/64", "not-a-cidr", "10.1.3.0/24"]},
+        }))
+        .unwrap();
+        let cidrs: Vec<String> = super::node(&cluster(), &n)
+            .unwrap()
+            .pod_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(cidrs, ["10.1.3.0/24", "fd00:3::/64"]);
     }
 }

@@ -12,17 +12,45 @@
 //! before it is written. On disconnect the last state stays, marked stale. On reconnect the
 //! importer resumes from its revision, or takes a snapshot and deletes only what the peer no
 //! longer has, and only once the peer's synced marker for that kind has arrived.
+//!
+//! # Identities and addresses a peer may claim
+//!
+//! Reserved identities (cluster ID 0: `host`, `world`, ...) mean the same in every cluster and
+//! are never imported: neither an identity of that space nor an endpoint that carries one.
+//!
+//! A peer's *advertised address space* is its imported nodes' addresses and pod CIDRs, as this
+//! cluster holds them; this cluster's own space is its own exported nodes (`state/<own>/nodes/`,
+//! followed by one watch and known before any peer is imported). An endpoint is held only if
+//! its IP lies inside the peer's space and outside ours; so is each backend of a service: a
+//! service with foreign backends is held **without those backends** (the rest of the service
+//! stays usable, and an address never reaches the cache where it does not belong). An unshared
+//! service with backends stays refused as a whole (ADR 0012).
+//!
+//! An endpoint or backend that does not fit is held back (with the value the peer sent) and
+//! judged again whenever the peer's nodes or our own change: it lands once a node of the peer
+//! covers it. Whatever our own space grows over is withdrawn; the peer's space shrinking
+//! withdraws nothing already admitted (a node goes before its pods do, and the peer deletes
+//! those itself). So a legitimate peer is never refused for the order it sends things in: a
+//! snapshot comes in key order (endpoints before nodes) and may span several messages, and a
+//! live endpoint may precede its new node. A refusal is reported (logged once with the peer and
+//! the object, counted in `clustermesh_peer_rejected_objects_total`, shown as the peer's
+//! `last_error`) only once the stream is settled, never in the middle of a snapshot; a held-back
+//! object that later fits is admitted without further ado. Each refusal concerns its object
+//! alone.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use certs::{Reloader, TlsFiles};
+use kvstore::watch::{Event as KvEvent, Watcher};
 use model::keys::{self, Kind, Scope};
+use model::node::AddressSpace;
 use model::{ClusterId, ClusterName};
 use telemetry::backoff::Backoff;
 use telemetry::metrics::Registry;
+use tokio::sync::watch;
 use wire::{Codec, pb};
 
 use super::client;
@@ -291,6 +319,8 @@ fn scan(dir: &Path, own: &ClusterName) -> Scan {
 /// new contents are invalid keeps the peer running on its last good configuration, and the
 /// problem is logged once and counted.
 pub async fn run(ctx: Context, dir: PathBuf, rescan: Duration) {
+    let (own_tx, own_space) = watch::channel(None);
+    let _own = AbortOnDrop(tokio::spawn(follow_own_space(ctx.clone(), own_tx)));
     let mut tasks: HashMap<String, (PeerConfig, AbortOnDrop)> = HashMap::new();
     let mut reported: HashMap<PathBuf, String> = HashMap::new();
     loop {
@@ -339,7 +369,7 @@ pub async fn run(ctx: Context, dir: PathBuf, rescan: Duration) {
             } else {
                 tracing::info!(peer = %name, endpoints = ?cfg.endpoints, "peer added; connecting");
             }
-            let task = tokio::spawn(run_peer(ctx.clone(), cfg.clone()));
+            let task = tokio::spawn(run_peer(ctx.clone(), cfg.clone(), own_space.clone()));
             tasks.insert(name, (cfg, AbortOnDrop(task)));
         }
         tokio::select! {
@@ -357,12 +387,102 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// This cluster's own address space, as [`follow_own_space`] publishes it: `None` until its
+/// nodes have been listed.
+type OwnSpace = watch::Receiver<Option<Arc<AddressSpace>>>;
+
+/// Follows this cluster's own exported nodes (`state/<own>/nodes/`, one watch for every peer)
+/// and publishes their address space whenever it changes.
+async fn follow_own_space(ctx: Context, tx: watch::Sender<Option<Arc<AddressSpace>>>) {
+    let prefix = keys::kind_prefix(Scope::State, &ctx.own, Kind::Nodes);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    );
+    loop {
+        let mut watcher = Watcher::new(&ctx.kv, prefix.clone());
+        let mut nodes: BTreeMap<String, model::Node> = BTreeMap::new();
+        let mut listed = false;
+        loop {
+            let event = match watcher.next().await {
+                Ok(event) => event,
+                Err(e) => {
+                    // Only the first listing fails; later faults are retried inside the watcher.
+                    tracing::warn!(error = %e, "cannot list this cluster's own nodes; peers wait");
+                    ctx.metrics.inc(m::ERRORS, &["etcd"]);
+                    break;
+                }
+            };
+            let name = |key: &str| key.strip_prefix(&prefix).unwrap_or(key).to_owned();
+            match event {
+                KvEvent::Init => nodes.clear(),
+                KvEvent::InitApply(kv) | KvEvent::Apply(kv) => {
+                    match model::Node::decode(&kv.value) {
+                        Ok(node) => {
+                            nodes.insert(name(&kv.key), node);
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %kv.key, error = %e, "an own node does not decode; its addresses are not known as this cluster's");
+                            nodes.remove(&name(&kv.key));
+                        }
+                    }
+                }
+                KvEvent::InitDone { .. } => {
+                    listed = true;
+                    backoff.healthy();
+                }
+                KvEvent::Delete { key, .. } => {
+                    nodes.remove(&name(&key));
+                }
+            }
+            if listed {
+                let space = AddressSpace::of(nodes.values());
+                tx.send_if_modified(|held| {
+                    let changed = held.as_deref() != Some(&space);
+                    if changed {
+                        *held = Some(Arc::new(space));
+                    }
+                    changed
+                });
+            }
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Resolves when `own` changes; never if its sender is gone.
+async fn own_changed(own: &mut OwnSpace) {
+    if own.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// An endpoint or service held back, wholly or in part, for its addresses.
+#[derive(Debug)]
+struct Withheld {
+    /// The value as the peer sent it, judged again when an address space changes.
+    sent: Vec<u8>,
+    /// Why, one entry per refused address.
+    refused: Vec<String>,
+    /// The entries of `refused` already logged, counted and shown.
+    reported: BTreeSet<String>,
+}
+
 /// What this cluster holds of one peer.
 struct Mirror {
+    /// The peer.
+    peer: ClusterName,
     /// (kind, name) → value, as written under `cache/<peer>/`.
     held: BTreeMap<(Kind, String), Vec<u8>>,
     /// The peer revision caught up with (0: none; the next watch takes a snapshot).
     revision: i64,
+    /// The peer's advertised address space: its nodes in `held`.
+    space: AddressSpace,
+    /// Endpoints and services held back for their addresses, by (kind, name).
+    withheld: BTreeMap<(Kind, String), Withheld>,
+    /// Some refusal in `withheld` is not reported yet.
+    unreported: bool,
 }
 
 async fn load_mirror(ctx: &Context, peer: &ClusterName) -> Mirror {
@@ -375,7 +495,212 @@ async fn load_mirror(ctx: &Context, peer: &ClusterName) -> Mirror {
             }
         }
     }
-    Mirror { held, revision: 0 }
+    let mut mirror = Mirror {
+        peer: peer.clone(),
+        held,
+        revision: 0,
+        space: AddressSpace::default(),
+        withheld: BTreeMap::new(),
+        unreported: false,
+    };
+    mirror.space = mirror.peer_space();
+    mirror
+}
+
+/// Whether objects of `kind` carry addresses judged against the address spaces.
+fn claims_addresses(kind: Kind) -> bool {
+    matches!(kind, Kind::Endpoints | Kind::Services)
+}
+
+/// What may be held of an endpoint or service a peer sent.
+#[derive(Debug, PartialEq, Eq)]
+struct Admission {
+    /// The value to hold (`sent`, or a service without its refused backends); `None`: nothing.
+    hold: Option<Vec<u8>>,
+    /// One entry per refused address.
+    refused: Vec<String>,
+}
+
+/// Judges the addresses of `sent` (an endpoint or a service that already passed [`validate`]):
+/// each must lie outside this cluster's `own` space and, unless `space` is `None` (an object
+/// admitted before, judged again because our own space changed), inside the peer's `space`.
+fn admission(
+    peer: &ClusterName,
+    kind: Kind,
+    name: &str,
+    sent: &[u8],
+    space: Option<&AddressSpace>,
+    own: &AddressSpace,
+) -> Admission {
+    let misplaced = |ip: std::net::IpAddr| {
+        if own.contains(ip) {
+            Some("inside this cluster's own address space")
+        } else if space.is_some_and(|s| !s.contains(ip)) {
+            Some("outside the peer's advertised address space")
+        } else {
+            None
+        }
+    };
+    const SPACE: &str = "(nodes' addresses and pod CIDRs)";
+    match kind {
+        Kind::Endpoints => match model::Endpoint::decode(sent) {
+            Ok(e) => match misplaced(e.ip) {
+                None => Admission {
+                    hold: Some(sent.to_vec()),
+                    refused: Vec::new(),
+                },
+                Some(why) => Admission {
+                    hold: None,
+                    refused: vec![format!(
+                        "peer {peer} sent endpoint {}, which lies {why} {SPACE}: refused",
+                        e.ip
+                    )],
+                },
+            },
+            Err(e) => Admission {
+                hold: None,
+                refused: vec![format!(
+                    "peer {peer} sent an invalid endpoint {name:?}: {e}"
+                )],
+            },
+        },
+        Kind::Services => match model::GlobalService::decode(sent) {
+            Ok(mut svc) => {
+                let mut refused = Vec::new();
+                svc.backends.retain(|b| match misplaced(b.ip) {
+                    None => true,
+                    Some(why) => {
+                        refused.push(format!(
+                            "peer {peer} sent service {name} with backend {}, which lies {why} {SPACE}: backend refused",
+                            b.ip
+                        ));
+                        false
+                    }
+                });
+                let hold = if refused.is_empty() {
+                    sent.to_vec()
+                } else {
+                    svc.encode()
+                };
+                Admission {
+                    hold: Some(hold),
+                    refused,
+                }
+            }
+            Err(e) => Admission {
+                hold: None,
+                refused: vec![format!("peer {peer} sent an invalid service {name:?}: {e}")],
+            },
+        },
+        Kind::Identities | Kind::Nodes => Admission {
+            hold: Some(sent.to_vec()),
+            refused: Vec::new(),
+        },
+    }
+}
+
+impl Mirror {
+    /// The peer's advertised address space, from the nodes held.
+    fn peer_space(&self) -> AddressSpace {
+        let nodes: Vec<model::Node> = self
+            .held
+            .range((Kind::Nodes, String::new())..)
+            .take_while(|((k, _), _)| *k == Kind::Nodes)
+            .filter_map(|(_, v)| model::Node::decode(v).ok())
+            .collect();
+        AddressSpace::of(&nodes)
+    }
+
+    /// Holds what [`admission`] allows of `sent` (against the peer's space too when
+    /// `arrived`), queueing the writes in `pending`, and keeps what it refuses to judge again.
+    fn admit(
+        &mut self,
+        kind: Kind,
+        name: String,
+        sent: Vec<u8>,
+        arrived: bool,
+        own: &AddressSpace,
+        pending: &mut BTreeMap<String, Option<Vec<u8>>>,
+    ) {
+        let space = arrived.then_some(&self.space);
+        let a = admission(&self.peer, kind, &name, &sent, space, own);
+        let key = keys::object_key(Scope::Cache, &self.peer, kind, &name);
+        let k = (kind, name);
+        match a.hold {
+            Some(v) => {
+                if self.held.get(&k) != Some(&v) {
+                    pending.insert(key, Some(v.clone()));
+                    self.held.insert(k.clone(), v);
+                }
+            }
+            None => {
+                if self.held.remove(&k).is_some() {
+                    pending.insert(key, None);
+                }
+            }
+        }
+        if a.refused.is_empty() {
+            self.withheld.remove(&k);
+            return;
+        }
+        let w = self.withheld.entry(k).or_insert_with(|| Withheld {
+            sent: Vec::new(),
+            refused: Vec::new(),
+            reported: BTreeSet::new(),
+        });
+        w.sent = sent;
+        w.reported.retain(|r| a.refused.contains(r));
+        self.unreported |= a.refused.iter().any(|r| !w.reported.contains(r));
+        w.refused = a.refused;
+    }
+
+    /// Judges again what is held back, as if it arrived now (the peer's space changed); with
+    /// `held_too` (our own space changed), also every endpoint and service held, against our
+    /// own space only: the peer's space shrinking (a node going, its pods not yet) withdraws
+    /// nothing that was admitted.
+    fn readmit(
+        &mut self,
+        own: &AddressSpace,
+        held_too: bool,
+        pending: &mut BTreeMap<String, Option<Vec<u8>>>,
+    ) {
+        // A held-back object's value is the one the peer sent, not the part that is held.
+        let mut judge: BTreeMap<(Kind, String), (Vec<u8>, bool)> = self
+            .withheld
+            .iter()
+            .map(|(k, w)| (k.clone(), (w.sent.clone(), true)))
+            .collect();
+        if held_too {
+            for kind in [Kind::Endpoints, Kind::Services] {
+                for (k, v) in self
+                    .held
+                    .range((kind, String::new())..)
+                    .take_while(|((k, _), _)| *k == kind)
+                {
+                    judge.entry(k.clone()).or_insert_with(|| (v.clone(), false));
+                }
+            }
+        }
+        for ((kind, name), (sent, arrived)) in judge {
+            self.admit(kind, name, sent, arrived, own, pending);
+        }
+    }
+
+    /// Logs, counts and shows every refusal not reported yet, once each.
+    fn report(&mut self, ctx: &Context) {
+        if !std::mem::take(&mut self.unreported) {
+            return;
+        }
+        for ((kind, name), w) in &mut self.withheld {
+            for r in &w.refused {
+                if w.reported.insert(r.clone()) {
+                    ctx.metrics.inc(m::PEER_REJECTED, &[self.peer.as_str()]);
+                    tracing::warn!(peer = %self.peer, object = %format_args!("{kind}/{name}"), error = %r, "object refused");
+                    ctx.board.error(&self.peer, r);
+                }
+            }
+        }
+    }
 }
 
 impl Mirror {
@@ -395,7 +720,7 @@ impl Mirror {
     }
 }
 
-async fn run_peer(ctx: Context, cfg: PeerConfig) {
+async fn run_peer(ctx: Context, cfg: PeerConfig, mut own: OwnSpace) {
     let mut mirror = load_mirror(&ctx, &cfg.name).await;
     let mut backoff = Backoff::new(
         Duration::from_millis(100),
@@ -415,7 +740,7 @@ async fn run_peer(ctx: Context, cfg: PeerConfig) {
         if !had_state {
             ctx.board.set_phase(&cfg.name, Phase::Connecting);
         }
-        let result = session(&ctx, &cfg, &mut mirror, &mut backoff).await;
+        let result = session(&ctx, &cfg, &mut mirror, &mut own, &mut backoff).await;
         ctx.board.release_id(&cfg.name);
         if let Err(e) = &result
             && e.starts_with(LOCAL_ETCD)
@@ -503,7 +828,15 @@ fn validate(
         Kind::Endpoints => {
             let o = model::Endpoint::decode(&c.value).map_err(bad)?;
             check(&o.cluster, model::Object::object_name(&o))?;
-            if !o.identity.is_reserved() && o.identity.cluster() != Some(peer_id) {
+            if o.identity.is_reserved() {
+                return Err(format!(
+                    "peer {peer} sent endpoint {} with reserved identity {}{}: reserved identities are never imported",
+                    o.ip,
+                    o.identity,
+                    reserved_name(o.identity)
+                ));
+            }
+            if o.identity.cluster() != Some(peer_id) {
                 return Err(format!(
                     "peer {peer} (ID {peer_id}) sent endpoint {} with identity {} from another cluster's range: refused",
                     o.ip, o.identity
@@ -513,6 +846,13 @@ fn validate(
         Kind::Identities => {
             let o = model::Identity::decode(&c.value).map_err(bad)?;
             check(&o.cluster, model::Object::object_name(&o))?;
+            if o.id.is_reserved() {
+                return Err(format!(
+                    "peer {peer} sent identity {}{} of the reserved space: reserved identities are never imported",
+                    o.id,
+                    reserved_name(o.id)
+                ));
+            }
             if o.id.cluster() != Some(peer_id) {
                 return Err(format!(
                     "peer {peer} (ID {peer_id}) sent identity {} from another cluster's range: refused",
@@ -528,11 +868,19 @@ fn validate(
     Ok((kind, c.name.clone(), Some(c.value.clone())))
 }
 
+/// ` (host)` for a named reserved identity, nothing otherwise.
+fn reserved_name(id: model::NumericIdentity) -> String {
+    id.reserved_name()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default()
+}
+
 /// One connection: connect, check who answered, watch, mirror. Returns why it ended.
 async fn session(
     ctx: &Context,
     cfg: &PeerConfig,
     mirror: &mut Mirror,
+    own: &mut OwnSpace,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
     let tls = Reloader::load(cfg.tls.clone()).map_err(|e| format!("peer TLS files: {e}"))?;
@@ -573,6 +921,18 @@ async fn session(
     ctx.board.claim_id(&cfg.name, cert_id)?;
     ctx.board
         .update(&cfg.name, |s| s.cluster_id = Some(cert_id.get()));
+    // Addresses are judged against this cluster's own space: it is known before anything is
+    // imported (one listing of local etcd).
+    let mut own_space: Arc<AddressSpace> =
+        match tokio::time::timeout(Duration::from_secs(10), own.wait_for(Option::is_some)).await {
+            Ok(Ok(space)) => space.clone().unwrap_or_default(),
+            Ok(Err(_)) => return Err("this cluster's own address space is not followed".into()),
+            Err(_) => {
+                return Err(format!(
+                    "{LOCAL_ETCD}this cluster's own nodes (its address space) could not be listed"
+                ));
+            }
+        };
 
     let mut stream = api
         .watch(pb::WatchRequest {
@@ -604,12 +964,35 @@ async fn session(
     // that are already waiting; the revision they complete.
     let mut pending: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
     let mut pending_revision = mirror.revision;
+    // Our own space may have changed while disconnected: judge what is held against it.
+    mirror.readmit(&own_space, true, &mut pending);
+    if ready {
+        mirror.report(ctx);
+    }
     loop {
+        // This cluster's own space changed: judge every endpoint and backend again.
+        let latest = own.borrow_and_update().clone();
+        if let Some(latest) = latest
+            && !Arc::ptr_eq(&latest, &own_space)
+        {
+            own_space = latest;
+            mirror.readmit(&own_space, true, &mut pending);
+            if resync.as_ref().map_or(ready, |r| r.complete) {
+                mirror.report(ctx);
+            }
+        }
         // Block only when nothing is pending; otherwise take what is already there or flush.
         let next = if pending.is_empty() && counts_dirty {
             // Idle for a moment: bring the status counts up to date.
-            match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
-                Ok(r) => Some(r),
+            let next = async {
+                tokio::select! {
+                    r = stream.message() => Some(r),
+                    () = own_changed(own) => None,
+                }
+            };
+            match tokio::time::timeout(Duration::from_millis(200), next).await {
+                Ok(Some(r)) => Some(r),
+                Ok(None) => continue,
                 Err(_) => {
                     counts_dirty = false;
                     last_count = std::time::Instant::now();
@@ -619,7 +1002,10 @@ async fn session(
                 }
             }
         } else if pending.is_empty() {
-            Some(stream.message().await)
+            tokio::select! {
+                r = stream.message() => Some(r),
+                () = own_changed(own) => continue,
+            }
         } else {
             futures::FutureExt::now_or_never(stream.message())
         };
@@ -646,6 +1032,7 @@ async fn session(
             ctx.board.set_phase(&cfg.name, Phase::Syncing);
         }
         let now = now_micros();
+        let mut nodes_changed = false;
         for c in &msg.changes {
             match validate(&cfg.name, cert_id, c) {
                 Ok((kind, name, value)) => {
@@ -662,7 +1049,10 @@ async fn session(
                             if let Some(r) = resync.as_mut() {
                                 r.seen.entry(kind).or_default().insert(name.clone());
                             }
-                            if mirror.held.get(&(kind, name.clone())) != Some(&v) {
+                            if claims_addresses(kind) {
+                                mirror.admit(kind, name, v, true, &own_space, &mut pending);
+                            } else if mirror.held.get(&(kind, name.clone())) != Some(&v) {
+                                nodes_changed |= kind == Kind::Nodes;
                                 pending.insert(key, Some(v.clone()));
                                 mirror.held.insert((kind, name), v);
                             }
@@ -673,7 +1063,9 @@ async fn session(
                             {
                                 seen.remove(&name);
                             }
+                            mirror.withheld.remove(&(kind, name.clone()));
                             if mirror.held.remove(&(kind, name)).is_some() {
+                                nodes_changed |= kind == Kind::Nodes;
                                 pending.insert(key, None);
                             }
                         }
@@ -685,6 +1077,19 @@ async fn session(
                     ctx.board.error(&cfg.name, &e);
                 }
             }
+        }
+        // The peer's nodes changed: its advertised space may have, and with it what fits.
+        if nodes_changed {
+            let space = mirror.peer_space();
+            if space != mirror.space {
+                mirror.space = space;
+                mirror.readmit(&own_space, false, &mut pending);
+            }
+        }
+        // Refusals are reported once the stream is settled: not in the middle of a snapshot,
+        // whose nodes may still be on their way.
+        if msg.snapshot_complete || resync.as_ref().map_or(ready, |r| r.complete) {
+            mirror.report(ctx);
         }
         pending_revision = pending_revision.max(msg.revision);
         counts_dirty |= !msg.changes.is_empty();
@@ -721,6 +1126,9 @@ async fn session(
                 }
                 r.pruned.insert(kind);
                 let seen = r.seen.remove(&kind).unwrap_or_default();
+                mirror
+                    .withheld
+                    .retain(|(k, n), _| *k != kind || seen.contains(n));
                 let stale: Vec<(Kind, String)> = mirror
                     .held
                     .keys()
@@ -735,6 +1143,10 @@ async fn session(
                     ctx.kv.delete_many(&keys).await.map_err(|e| local(&e))?;
                     for s in stale {
                         mirror.held.remove(&s);
+                    }
+                    if kind == Kind::Nodes {
+                        // Admits less from now on; withdraws nothing admitted (see `readmit`).
+                        mirror.space = mirror.peer_space();
                     }
                     tracing::info!(peer = %cfg.name, %kind, removed = keys.len(), "removed what the peer no longer has");
                 }
@@ -849,6 +1261,182 @@ mod tests {
         std::fs::create_dir(root.path().join("west").join("cluster-id")).unwrap();
         let s = scan(root.path(), &own);
         assert!(!s.found.contains_key("west") && s.present.contains("west"));
+    }
+
+    fn node(cluster: &str, name: &str, address: &str, pod_cidr: &str) -> model::Node {
+        model::Node {
+            cluster: ClusterName::new(cluster).unwrap(),
+            name: model::NodeName::new(name).unwrap(),
+            addresses: vec![address.parse().unwrap()],
+            pod_cidrs: vec![pod_cidr.parse().unwrap()],
+        }
+    }
+
+    fn endpoint(ip: &str) -> Vec<u8> {
+        model::Endpoint {
+            cluster: ClusterName::new("west").unwrap(),
+            ip: ip.parse().unwrap(),
+            identity: model::NumericIdentity::scoped(ClusterId::new(2).unwrap(), 7).unwrap(),
+            node: model::NodeName::new("w1").unwrap(),
+            pod: None,
+        }
+        .encode()
+    }
+
+    fn service(backends: &[&str]) -> Vec<u8> {
+        let mut svc = model::GlobalService {
+            cluster: ClusterName::new("west").unwrap(),
+            name: model::service::ServiceName::new("default", "web").unwrap(),
+            cluster_ips: vec![],
+            ports: vec![],
+            backends: backends
+                .iter()
+                .map(|ip| model::service::Backend {
+                    ip: ip.parse().unwrap(),
+                    ports: vec![],
+                    conditions: model::service::BackendConditions::default(),
+                    node: None,
+                    zone: None,
+                })
+                .collect(),
+            shared: true,
+            affinity: model::service::Affinity::None,
+        };
+        svc.normalize();
+        svc.encode()
+    }
+
+    fn backends(v: &[u8]) -> Vec<String> {
+        model::GlobalService::decode(v)
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.ip.to_string())
+            .collect()
+    }
+
+    /// Issue 12, item 6: an endpoint or backend lies inside the peer's space and outside ours.
+    #[test]
+    fn addresses_are_admitted_only_inside_the_peers_space_and_outside_ours() {
+        let west = ClusterName::new("west").unwrap();
+        let space = AddressSpace::of(&[node("west", "w1", "192.168.2.1", "10.2.1.0/24")]);
+        let own = AddressSpace::of(&[node("east", "e1", "192.168.1.1", "10.1.1.0/24")]);
+        let judge = |kind, v: &[u8]| admission(&west, kind, "x", v, Some(&space), &own);
+        for ip in ["10.2.1.5", "192.168.2.1"] {
+            let a = judge(Kind::Endpoints, &endpoint(ip));
+            assert_eq!(a.hold, Some(endpoint(ip)), "{ip} is the peer's");
+            assert!(a.refused.is_empty());
+        }
+        for (ip, why) in [
+            ("10.1.1.5", "inside this cluster's own"),
+            ("192.168.1.1", "inside this cluster's own"),
+            ("10.9.0.1", "outside the peer's advertised"),
+        ] {
+            let a = judge(Kind::Endpoints, &endpoint(ip));
+            assert_eq!(a.hold, None, "{ip}");
+            assert!(
+                a.refused.len() == 1 && a.refused[0].contains(why),
+                "{ip}: {a:?}"
+            );
+            assert!(a.refused[0].contains(ip));
+        }
+        // Ours wins where both claim an address.
+        let greedy = AddressSpace::of(&[node("west", "w1", "192.168.2.1", "10.0.0.0/8")]);
+        let a = admission(
+            &west,
+            Kind::Endpoints,
+            "x",
+            &endpoint("10.1.1.5"),
+            Some(&greedy),
+            &own,
+        );
+        assert!(a.hold.is_none() && a.refused[0].contains("own"));
+        // Admitted before, judged again against our own space only.
+        let a = admission(
+            &west,
+            Kind::Endpoints,
+            "x",
+            &endpoint("10.9.0.1"),
+            None,
+            &own,
+        );
+        assert!(a.hold.is_some() && a.refused.is_empty());
+
+        // A service keeps its good backends and loses the others, each refusal named.
+        let sent = service(&["10.2.1.5", "10.1.1.5", "10.9.0.1"]);
+        let a = judge(Kind::Services, &sent);
+        assert_eq!(backends(&a.hold.unwrap()), ["10.2.1.5"]);
+        assert_eq!(a.refused.len(), 2);
+        assert!(a.refused.iter().any(|r| r.contains("10.1.1.5")));
+        assert!(a.refused.iter().any(|r| r.contains("10.9.0.1")));
+        let clean = service(&["10.2.1.5"]);
+        assert_eq!(
+            judge(Kind::Services, &clean).hold,
+            Some(clean),
+            "held as sent"
+        );
+    }
+
+    /// A snapshot comes in key order (endpoints before nodes); the space of the moment decides,
+    /// and a change of either space judges everything again.
+    #[test]
+    fn held_back_objects_are_judged_again_when_a_space_changes() {
+        let west = ClusterName::new("west").unwrap();
+        let mut mirror = Mirror {
+            peer: west.clone(),
+            held: BTreeMap::new(),
+            revision: 0,
+            space: AddressSpace::default(),
+            withheld: BTreeMap::new(),
+            unreported: false,
+        };
+        let own = AddressSpace::of(&[node("east", "e1", "192.168.1.1", "10.1.1.0/24")]);
+        let mut pending = BTreeMap::new();
+        let ep = (Kind::Endpoints, "10.2.1.5".to_owned());
+        let svc = (Kind::Services, "default/web".to_owned());
+        mirror.admit(
+            ep.0,
+            ep.1.clone(),
+            endpoint("10.2.1.5"),
+            true,
+            &own,
+            &mut pending,
+        );
+        let web = service(&["10.2.1.5"]);
+        mirror.admit(svc.0, svc.1.clone(), web, true, &own, &mut pending);
+        assert!(!mirror.held.contains_key(&ep) && mirror.withheld.contains_key(&ep));
+        assert!(backends(&mirror.held[&svc]).is_empty());
+        assert!(mirror.unreported);
+
+        // The peer's node arrives: both fit now, as sent.
+        mirror.held.insert(
+            (Kind::Nodes, "w1".into()),
+            node("west", "w1", "192.168.2.1", "10.2.1.0/24").encode(),
+        );
+        mirror.space = mirror.peer_space();
+        mirror.readmit(&own, false, &mut pending);
+        assert_eq!(mirror.held.get(&ep), Some(&endpoint("10.2.1.5")));
+        assert_eq!(backends(&mirror.held[&svc]), ["10.2.1.5"]);
+        assert!(mirror.withheld.is_empty());
+        let key = keys::object_key(Scope::Cache, &west, Kind::Endpoints, &ep.1);
+        assert_eq!(pending.get(&key), Some(&Some(endpoint("10.2.1.5"))));
+
+        // The peer's node goes (its pods not yet): what was admitted stays.
+        mirror.held.remove(&(Kind::Nodes, "w1".into()));
+        mirror.space = mirror.peer_space();
+        mirror.readmit(&own, false, &mut pending);
+        assert!(mirror.held.contains_key(&ep) && mirror.withheld.is_empty());
+
+        // Our own space grows over the address: withdrawn, and the backend dropped.
+        let own = AddressSpace::of(&[
+            node("east", "e1", "192.168.1.1", "10.1.1.0/24"),
+            node("east", "e2", "192.168.1.2", "10.2.1.0/28"),
+        ]);
+        mirror.readmit(&own, true, &mut pending);
+        assert!(!mirror.held.contains_key(&ep));
+        assert_eq!(pending.get(&key), Some(&None));
+        assert!(backends(&mirror.held[&svc]).is_empty());
+        assert_eq!(mirror.withheld.len(), 2);
     }
 
     /// The peer Secret follower swaps a symlink: the scan sees the peer through it.

@@ -1,4 +1,5 @@
-//! Nodes: the machines of a cluster, their addresses and pod CIDRs.
+//! Nodes: the machines of a cluster, their addresses and pod CIDRs, and the address space
+//! they advertise together ([`AddressSpace`]).
 //!
 //! Must not hold anything about the node agent's runtime state.
 
@@ -6,7 +7,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::ClusterName;
@@ -96,9 +97,125 @@ impl crate::Object for Node {
     }
 }
 
+/// The addresses a cluster advertises as its own: its nodes' addresses and their pod CIDRs.
+///
+/// The importer admits a peer's endpoint or backend only inside the peer's space and outside
+/// this cluster's. Held aggregated and sorted, so that lookups are a binary search and two
+/// spaces that cover the same addresses compare equal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressSpace {
+    v4: Vec<Ipv4Net>,
+    v6: Vec<Ipv6Net>,
+}
+
+impl AddressSpace {
+    /// The space of `nodes`: every address (as a host network) and every pod CIDR.
+    pub fn of<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Self {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        let nets = nodes.into_iter().flat_map(|n| {
+            n.addresses
+                .iter()
+                .map(|a| IpNet::from(*a))
+                .chain(n.pod_cidrs.iter().copied())
+        });
+        for net in nets {
+            match net.trunc() {
+                IpNet::V4(n) => v4.push(n),
+                IpNet::V6(n) => v6.push(n),
+            }
+        }
+        let mut v4 = Ipv4Net::aggregate(&v4);
+        let mut v6 = Ipv6Net::aggregate(&v6);
+        v4.sort();
+        v6.sort();
+        Self { v4, v6 }
+    }
+
+    /// Whether `ip` lies inside the space.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // Aggregated networks are disjoint: only the last one starting at or below `ip` can
+        // hold it.
+        match ip {
+            IpAddr::V4(ip) => {
+                let i = self.v4.partition_point(|n| n.network() <= ip);
+                i > 0 && self.v4[i - 1].contains(&ip)
+            }
+            IpAddr::V6(ip) => {
+                let i = self.v6.partition_point(|n| n.network() <= ip);
+                i > 0 && self.v6[i - 1].contains(&ip)
+            }
+        }
+    }
+
+    /// Whether the space holds no address at all.
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(addresses: &[&str], pod_cidrs: &[&str]) -> Node {
+        Node {
+            cluster: ClusterName::new("east").unwrap(),
+            name: NodeName::new("n1").unwrap(),
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            pod_cidrs: pod_cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_address_space_is_the_nodes_addresses_and_pod_cidrs() {
+        let nodes = [
+            node(&["192.168.0.2"], &["10.1.1.0/24", "fd00:1::/64"]),
+            node(&["192.168.0.3", "fd00::3"], &["10.1.2.0/24"]),
+            node(&[], &["10.1.3.0/24"]),
+        ];
+        let space = AddressSpace::of(&nodes);
+        let inside = [
+            "192.168.0.2",
+            "192.168.0.3",
+            "10.1.1.0",
+            "10.1.1.255",
+            "10.1.2.7",
+            "10.1.3.1",
+            "fd00::3",
+            "fd00:1::abcd",
+        ];
+        for ip in inside {
+            assert!(space.contains(ip.parse().unwrap()), "{ip} is inside");
+        }
+        let outside = [
+            "192.168.0.1",
+            "192.168.0.4",
+            "10.1.0.255",
+            "10.1.4.0",
+            "0.0.0.0",
+            "255.255.255.255",
+            "fd00::2",
+            "fd00:2::1",
+            "::",
+        ];
+        for ip in outside {
+            assert!(!space.contains(ip.parse().unwrap()), "{ip} is outside");
+        }
+        assert!(!space.is_empty());
+        assert!(AddressSpace::of(&[]).is_empty());
+        assert!(!AddressSpace::default().contains("10.1.1.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn address_spaces_that_cover_the_same_addresses_are_equal() {
+        let split = AddressSpace::of(&[node(&["10.1.1.1"], &["10.1.0.0/24", "10.1.1.0/24"])]);
+        let whole = AddressSpace::of(&[node(&[], &["10.1.0.0/23"])]);
+        assert_eq!(split, whole);
+        assert_ne!(whole, AddressSpace::of(&[node(&[], &["10.1.0.0/24"])]));
+        // A CIDR given with host bits covers its whole network.
+        let host_bits = AddressSpace::of(&[node(&[], &["10.1.0.7/23"])]);
+        assert_eq!(host_bits, whole);
+    }
 
     #[test]
     fn node_names_are_dns_subdomains() {
