@@ -81,6 +81,13 @@ pub struct Args {
     /// peer is admitted.
     #[arg(long, env = env::GRANTS_DIR)]
     pub grants_dir: Option<PathBuf>,
+    /// Objects one peer may make this cluster hold (all kinds together); past it, its new
+    /// objects are refused and named in its status.
+    #[arg(long, env = "CLUSTERMESH_PEER_MAX_OBJECTS", default_value_t = 500_000)]
+    pub peer_max_objects: usize,
+    /// Bytes of values one peer may make this cluster hold.
+    #[arg(long, env = "CLUSTERMESH_PEER_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub peer_max_bytes: usize,
     /// Take peer configurations from this namespace's Secrets labelled `clustermesh.dev/peer`
     /// (what `clustermesh connect` writes) and keep `--peers-dir` equal to them; take grants
     /// from the Secrets labelled `clustermesh.dev/grant`.
@@ -126,6 +133,8 @@ pub struct Config {
     pub peers_from_secrets: bool,
     /// Grants from a directory (without `peers_from_secrets`).
     pub grants_dir: Option<PathBuf>,
+    /// Per-peer limits.
+    pub peer_quota: crate::mesh::importer::Quota,
 }
 
 /// Every problem found in the flags.
@@ -233,6 +242,11 @@ impl Args {
         {
             problems.push(format!("--peers-dir: {} is not a directory", d.display()));
         }
+        if self.peer_max_objects == 0 || self.peer_max_bytes < 1024 {
+            problems.push(
+                "--peer-max-objects must be at least 1 and --peer-max-bytes at least 1024".into(),
+            );
+        }
         if let Some(d) = &self.grants_dir
             && !d.is_dir()
         {
@@ -265,6 +279,10 @@ impl Args {
                     peers_dir: self.peers_dir.clone(),
                     peers_from_secrets: self.peers_from_secrets,
                     grants_dir: self.grants_dir.clone(),
+                    peer_quota: crate::mesh::importer::Quota {
+                        max_objects: self.peer_max_objects,
+                        max_bytes: self.peer_max_bytes,
+                    },
                 })
             }
             _ => Err(Error { problems }),

@@ -284,6 +284,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                 board: Arc::clone(&board),
                 metrics: metrics.clone(),
                 rescan_now: Arc::clone(&rescan_now),
+                quota: config.peer_quota,
             },
             dir,
         )

@@ -74,6 +74,7 @@ impl Lab {
             mesh_tls: None,
             peers_dir: None,
             peers_from_secrets: false,
+            peer_quota: Default::default(),
             grants_dir: None,
         }
     }

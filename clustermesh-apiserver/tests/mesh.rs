@@ -94,6 +94,7 @@ impl Cluster {
             mesh_tls: Some(TlsFiles::in_dir(&self.dir.path().join("mesh-tls"))),
             peers_dir: Some(self.peers_dir()),
             peers_from_secrets: false,
+            peer_quota: Default::default(),
             grants_dir: Some(self.dir.path().join("grants")),
         }
     }
@@ -1396,4 +1397,74 @@ async fn a_peer_cannot_claim_addresses_outside_its_own_space_nor_reserved_identi
     );
     assert!(b.running().ready().borrow().is_ok());
     server.abort();
+}
+
+/// Issue 12, case 7: a per-peer quota. Past it, the peer's new objects are refused (counted,
+/// named in its status), what is held stays, and the stream is not broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_over_its_quota_gets_new_objects_refused_and_keeps_the_rest() {
+    let mut a = Cluster::new("alpha", 61).await;
+    let mut b = Cluster::new("bravo", 62).await;
+    a.up().await;
+    let mut config = b.config();
+    config.peer_quota = clustermesh_apiserver::mesh::importer::Quota {
+        max_objects: 2,
+        max_bytes: 1 << 20,
+    };
+    let r = clustermesh_apiserver::start(config).await.unwrap();
+    let mut ready = r.ready();
+    tokio::time::timeout(T, ready.wait_for(Result::is_ok))
+        .await
+        .unwrap()
+        .unwrap();
+    b.apiserver = Some(r);
+    for name in ["one", "two", "three", "four"] {
+        a.create_service(name, &[]).await;
+    }
+    eventually("alpha exports four services", T, || async {
+        let (kvs, _) =
+            a.kv.list_raw(&keys::kind_prefix(Scope::State, &a.name, Kind::Services))
+                .await
+                .ok()?;
+        (kvs.len() == 4).then_some(())
+    })
+    .await;
+    b.import_from(&a);
+    let e = eventually("bravo's status names the quota", T, || async {
+        b.running()
+            .peers()
+            .get("alpha")?
+            .last_error
+            .filter(|e| e.contains("over its quota"))
+    })
+    .await;
+    assert!(e.contains("limits 2 objects"), "{e}");
+    eventually("the stream stays in sync", T, || async {
+        (b.phase(&a.name) == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+    let held = b.cached_services(&a.name).await;
+    assert_eq!(
+        held.len(),
+        2,
+        "two held, the rest refused: {:?}",
+        held.keys()
+    );
+    assert!(b.running().metrics().value(m::PEER_REJECTED, &["alpha"]) >= 2.0);
+    // The stream is not broken by it: a delete still propagates.
+    let gone = held
+        .keys()
+        .next()
+        .unwrap()
+        .trim_start_matches("default/")
+        .to_owned();
+    let svcs: Api<Service> = Api::default_namespaced(a.client.clone());
+    svcs.delete(&gone, &DeleteParams::default()).await.unwrap();
+    eventually("the delete reaches bravo", T, || async {
+        (!b.cached_services(&a.name)
+            .await
+            .contains_key(&format!("default/{gone}")))
+        .then_some(())
+    })
+    .await;
 }

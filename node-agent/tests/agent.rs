@@ -104,6 +104,7 @@ impl East {
             mesh_tls: Some(mesh_tls),
             peers_dir: None,
             peers_from_secrets: false,
+            peer_quota: Default::default(),
             grants_dir: None,
         })
         .await

@@ -241,6 +241,32 @@ pub struct Context {
     /// Wakes the directory scan before its next period (the peer Secret follower rings it
     /// after writing the directory).
     pub rescan_now: Arc<tokio::sync::Notify>,
+    /// What one peer may make this cluster hold.
+    pub quota: Quota,
+}
+
+/// Largest value one imported object may have: well under etcd's request limit (1.5 MiB), so
+/// that an object between the two limits is refused alone instead of failing the local write
+/// and putting the peer into a reconnect loop.
+pub const MAX_OBJECT_BYTES: usize = 512 * 1024;
+
+/// Per-peer limits (`--peer-max-objects`, `--peer-max-bytes`). Past them, new objects of the
+/// peer are refused (named in its status, counted); what is held stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Objects held of one peer, all kinds together.
+    pub max_objects: usize,
+    /// Bytes of values held of one peer.
+    pub max_bytes: usize,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            max_objects: 500_000,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 /// One scan of the peers directory.
@@ -786,6 +812,14 @@ fn validate(
             c.kind, c.name, c.cluster
         ));
     }
+    if c.value.len() > MAX_OBJECT_BYTES {
+        return Err(format!(
+            "peer {peer} sent {} {:?} of {} bytes, over the {MAX_OBJECT_BYTES}-byte limit of one object: refused",
+            c.kind,
+            c.name,
+            c.value.len()
+        ));
+    }
     let kind: Kind = c
         .kind
         .parse()
@@ -1033,7 +1067,35 @@ async fn session(
         }
         let now = now_micros();
         let mut nodes_changed = false;
+        // Quota: what this peer already makes us hold, before this message.
+        let mut held_objects = mirror.held.len();
+        let mut held_bytes: usize = mirror.held.values().map(Vec::len).sum();
+        let mut over_quota = 0usize;
         for c in &msg.changes {
+            let is_new = !mirror
+                .held
+                .contains_key(&(c.kind.parse().unwrap_or(Kind::Nodes), c.name.clone()));
+            if c.op != pb::change::Op::Delete as i32
+                && is_new
+                && (held_objects >= ctx.quota.max_objects
+                    || held_bytes + c.value.len() > ctx.quota.max_bytes)
+            {
+                over_quota += 1;
+                if over_quota == 1 {
+                    let e = format!(
+                        "peer {peer} is over its quota ({held_objects} objects, {held_bytes} bytes held; limits {} objects, {} bytes): new objects refused, starting with {} {:?}",
+                        ctx.quota.max_objects, ctx.quota.max_bytes, c.kind, c.name
+                    );
+                    tracing::warn!(peer = %cfg.name, error = %e, "object refused");
+                    ctx.board.error(&cfg.name, &e);
+                }
+                ctx.metrics.inc(m::PEER_REJECTED, &[peer]);
+                continue;
+            }
+            if c.op != pb::change::Op::Delete as i32 && is_new {
+                held_objects += 1;
+                held_bytes += c.value.len();
+            }
             match validate(&cfg.name, cert_id, c) {
                 Ok((kind, name, value)) => {
                     if c.origin_unix_micros > 0
@@ -1437,6 +1499,25 @@ mod tests {
         assert_eq!(pending.get(&key), Some(&None));
         assert!(backends(&mirror.held[&svc]).is_empty());
         assert_eq!(mirror.withheld.len(), 2);
+    }
+
+    /// Issue 12, case 7: an object between the Mesh API's message limit and etcd's request
+    /// limit is refused alone (it would fail the local write and loop the peer's stream).
+    #[test]
+    fn an_object_over_the_size_limit_is_refused_alone() {
+        let peer = ClusterName::new("west").unwrap();
+        let id = ClusterId::new(2).unwrap();
+        let c = pb::Change {
+            op: pb::change::Op::Put as i32,
+            cluster: "west".into(),
+            kind: "services".into(),
+            name: "demo/big".into(),
+            value: vec![0; MAX_OBJECT_BYTES + 1],
+            revision: 1,
+            origin_unix_micros: 0,
+        };
+        let e = validate(&peer, id, &c).unwrap_err();
+        assert!(e.contains("limit of one object"), "{e}");
     }
 
     /// The peer Secret follower swaps a symlink: the scan sees the peer through it.
