@@ -173,6 +173,16 @@ impl Board {
         });
     }
 
+    /// Clears the last error if it happened before `unix` (it no longer applies).
+    fn clear_error_before(&self, peer: &ClusterName, unix: i64) {
+        self.update(peer, |s| {
+            if s.last_error_unix.is_some_and(|t| t < unix) {
+                s.last_error = None;
+                s.last_error_unix = None;
+            }
+        });
+    }
+
     fn error(&self, peer: &ClusterName, e: &str) {
         self.update(peer, |s| {
             // Peer-chosen text reaches status and terminals: escaped and bounded.
@@ -977,6 +987,7 @@ async fn session(
         .await
         .map_err(|e| format!("Watch: {}: {}", e.code(), e.message()))?
         .into_inner();
+    let connected_unix = now_unix();
     ctx.board.set_phase(&cfg.name, Phase::Syncing);
     tracing::info!(peer = %cfg.name, endpoint = %connected.endpoint, resume = mirror.revision, "watching peer");
     let peer = cfg.name.as_str();
@@ -993,6 +1004,8 @@ async fn session(
         backoff.healthy();
         live_since = Some(now_micros());
         ctx.board.set_phase(&cfg.name, Phase::Ready);
+        // An error from before this connection no longer applies once in sync again.
+        ctx.board.clear_error_before(&cfg.name, connected_unix);
     }
     // Writes not yet in local etcd (key → value, None = delete), coalesced across the messages
     // that are already waiting; the revision they complete.
@@ -1235,6 +1248,8 @@ async fn session(
             backoff.healthy();
             live_since = Some(now_micros());
             ctx.board.set_phase(&cfg.name, Phase::Ready);
+            // An error from before this connection no longer applies once in sync again.
+            ctx.board.clear_error_before(&cfg.name, connected_unix);
             tracing::info!(peer = %cfg.name, objects = mirror.held.len(), "peer in sync");
             last_count = std::time::Instant::now() - Duration::from_secs(2);
         }

@@ -211,10 +211,18 @@ fn print_table(reports: &[ClusterReport]) {
             r.exported.get("endpoints").unwrap_or(&0),
             r.exported.get("identities").unwrap_or(&0)
         );
+        // An apiserver that stopped reporting is shown as such here, not only below the table.
+        let apiserver = match r.status_age_seconds {
+            Some(age) if !model::status::status_is_current(now - age, now) => {
+                format!("not reporting ({})", output::relative(now - age, now))
+            }
+            _ if r.ready => "ready".to_owned(),
+            _ => "not ready".to_owned(),
+        };
         if r.peers.is_empty() {
             rows.push(vec![
                 cluster.clone(),
-                if r.ready { "ready" } else { "not ready" }.into(),
+                apiserver.clone(),
                 exported.clone(),
                 "-".into(),
                 "-".into(),
@@ -227,7 +235,7 @@ fn print_table(reports: &[ClusterReport]) {
         for p in &r.peers {
             rows.push(vec![
                 cluster.clone(),
-                if r.ready { "ready" } else { "not ready" }.into(),
+                apiserver.clone(),
                 exported.clone(),
                 p.name.clone(),
                 p.phase.clone(),
@@ -241,7 +249,11 @@ fn print_table(reports: &[ClusterReport]) {
                 ),
                 p.cert_not_after_unix
                     .map_or("-".into(), |c| output::relative(c, now)),
-                p.last_error.clone().unwrap_or_else(|| "-".into()),
+                match (&p.last_error, p.last_error_unix) {
+                    (Some(e), Some(t)) => format!("({}) {e}", output::relative(t, now)),
+                    (Some(e), None) => e.clone(),
+                    _ => "-".into(),
+                },
             ]);
         }
     }
