@@ -1139,3 +1139,327 @@ where
     .await
     .map_err(|e| anyhow!(e))
 }
+
+/// A lab process that a fault kills with SIGKILL and starts again with the same command line
+/// (the chaos soak, [`crate::chaos`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Component {
+    /// The cluster's etcd (restarted on the same data dir and ports).
+    Etcd,
+    /// Its clustermesh-apiserver.
+    Apiserver,
+    /// The node agent of the named node (restarted in the node's namespace: it finds its pins,
+    /// which kept the datapath working while it was down).
+    NodeAgent(String),
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Component::Etcd => f.write_str("etcd"),
+            Component::Apiserver => f.write_str("apiserver"),
+            Component::NodeAgent(n) => write!(f, "node agent of {n}"),
+        }
+    }
+}
+
+impl Component {
+    /// The stem of its log (`<stem>.log`, as the lab names them) and recorded command line
+    /// (`<stem>.argv.json`) in the cluster's directory.
+    fn stem(&self) -> String {
+        match self {
+            Component::Etcd => "etcd".into(),
+            Component::Apiserver => "apiserver".into(),
+            Component::NodeAgent(n) => format!("{n}-agent"),
+        }
+    }
+}
+
+/// The command line of a running process, from `/proc`.
+fn cmdline(pid: u32) -> Result<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("read the command line of process {pid}"))?;
+    let argv: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if argv.is_empty() {
+        bail!("process {pid} has no command line (exited?)");
+    }
+    Ok(argv)
+}
+
+// Fault injection and scaling, for the chaos soak. Added as methods of their own so that the
+// lab's bring-up stays as it is.
+impl Lab {
+    fn slot(&mut self, cluster: &str, comp: &Component) -> Result<&mut Option<Proc>> {
+        let c = self.cluster_mut(cluster)?;
+        Ok(match comp {
+            Component::Etcd => &mut c.etcd,
+            Component::Apiserver => &mut c.apiserver,
+            Component::NodeAgent(node) => {
+                &mut c
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.name == *node)
+                    .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?
+                    .agent
+            }
+        })
+    }
+
+    fn argv_file(&self, cluster: &str, comp: &Component) -> Result<PathBuf> {
+        Ok(self
+            .cluster(cluster)?
+            .dir
+            .join(format!("{}.argv.json", comp.stem())))
+    }
+
+    /// Kills `comp` of `cluster` with SIGKILL, as a crash would, after recording its command
+    /// line so that [`Lab::restart`] starts it again exactly the same way.
+    pub fn crash(&mut self, cluster: &str, comp: &Component) -> Result<()> {
+        let file = self.argv_file(cluster, comp)?;
+        let netns = match comp {
+            Component::NodeAgent(node) => self
+                .cluster(cluster)?
+                .nodes
+                .iter()
+                .find(|n| n.name == *node)
+                .map(|n| n.netns.clone()),
+            _ => None,
+        };
+        let slot = self.slot(cluster, comp)?;
+        let p = slot
+            .clone()
+            .filter(|p| alive(p.pid))
+            .ok_or_else(|| anyhow!("{comp} of {cluster} is not running"))?;
+        // A node agent runs as `nsenter --net=… -- node-agent …`; nsenter exec'd it, so its
+        // command line lacks the namespace.
+        let mut argv = match netns {
+            Some(ns) => vec![
+                "nsenter".into(),
+                format!("--net=/run/netns/{ns}"),
+                "--".into(),
+            ],
+            None => Vec::new(),
+        };
+        argv.extend(cmdline(p.pid)?);
+        std::fs::write(&file, serde_json::to_vec_pretty(&argv)?)?;
+        kill(&p);
+        *slot = None;
+        self.save()
+    }
+
+    /// Starts a component that [`Lab::crash`] killed, with its recorded command line (same
+    /// data dir, ports, certificates and flags; output appended to the same log), and waits
+    /// until it serves: etcd accepts connections, the apiserver and node agents are ready.
+    pub async fn restart(&mut self, cluster: &str, comp: &Component) -> Result<()> {
+        let file = self.argv_file(cluster, comp)?;
+        let argv: Vec<String> = serde_json::from_slice(
+            &std::fs::read(&file).with_context(|| format!("read {}", file.display()))?,
+        )
+        .with_context(|| format!("parse {}", file.display()))?;
+        let c = self.cluster(cluster)?.clone();
+        let log = c.dir.join(format!("{}.log", comp.stem()));
+        if self
+            .slot(cluster, comp)?
+            .as_ref()
+            .is_some_and(|p| alive(p.pid))
+        {
+            bail!("{comp} of {cluster} is already running");
+        }
+        let proc = spawn(&argv, &log)?;
+        *self.slot(cluster, comp)? = Some(proc);
+        self.save()?;
+        let what = format!(
+            "{comp} of {cluster} to serve again (log: {})",
+            log.display()
+        );
+        match comp {
+            Component::Etcd => {
+                let addr: SocketAddr = ([127, 0, 0, 1], c.etcd_port).into();
+                wait_for(&what, Duration::from_secs(30), || async move {
+                    tokio::net::TcpStream::connect(addr).await.is_ok()
+                })
+                .await
+            }
+            Component::Apiserver => {
+                let addr: SocketAddr = ([127, 0, 0, 1], c.health_port).into();
+                wait_for(&what, Duration::from_secs(60), || async move {
+                    test_support::http_get(addr, "/readyz")
+                        .await
+                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+                })
+                .await
+            }
+            Component::NodeAgent(node) => {
+                let ip4 = c
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == *node)
+                    .map(|n| n.ip)
+                    .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
+                let addr: SocketAddr = (ip4, model::status::NODE_AGENT_PORT).into();
+                wait_for(&what, Duration::from_secs(60), || async move {
+                    test_support::http_get(addr, "/readyz")
+                        .await
+                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+                })
+                .await
+            }
+        }
+    }
+
+    /// Restarts `cluster`'s apiserver with etcd reached at `endpoint` (for example a
+    /// [`test_support::Proxy`] in front of it that a test can cut), every other flag as it was.
+    /// Later [`Lab::restart`]s keep the endpoint; [`Lab::start_apiserver`] does not.
+    pub async fn route_apiserver_etcd(
+        &mut self,
+        cluster: &str,
+        endpoint: SocketAddr,
+    ) -> Result<()> {
+        self.crash(cluster, &Component::Apiserver)?;
+        let file = self.argv_file(cluster, &Component::Apiserver)?;
+        let mut argv: Vec<String> = serde_json::from_slice(&std::fs::read(&file)?)?;
+        let i = argv
+            .iter()
+            .position(|a| a == "--etcd-endpoints")
+            .ok_or_else(|| anyhow!("the apiserver of {cluster} has no --etcd-endpoints"))?;
+        *argv
+            .get_mut(i + 1)
+            .ok_or_else(|| anyhow!("--etcd-endpoints without a value"))? =
+            format!("https://{endpoint}");
+        std::fs::write(&file, serde_json::to_vec_pretty(&argv)?)?;
+        self.restart(cluster, &Component::Apiserver).await
+    }
+
+    /// Kills the serving process of one backend pod (SIGKILL), leaving Kubernetes as it is:
+    /// only health checks notice. [`Lab::set_backends`] starts it again.
+    pub fn kill_backend(&mut self, cluster: &str, pod: &str) -> Result<()> {
+        let c = self.cluster_mut(cluster)?;
+        let p = c
+            .pods
+            .iter_mut()
+            .find(|p| p.name == pod)
+            .ok_or_else(|| anyhow!("no pod {pod} in {cluster}"))?;
+        if let Some(s) = p.server.take() {
+            kill(&s);
+        }
+        self.save()
+    }
+
+    /// Scales `service` in `cluster` to `replicas` backend pods (at least one). Scaling up
+    /// adds pods on the nodes with the fewest backends, starts them and writes the
+    /// EndpointSlice once they listen. Scaling down takes the newest pods out of the
+    /// EndpointSlice and returns their names: they keep serving, as during a termination grace
+    /// period, until [`Lab::delete_pod`] removes them.
+    pub async fn scale(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        replicas: u8,
+    ) -> Result<Vec<String>> {
+        if replicas == 0 {
+            bail!("scale {service} in {cluster}: at least one replica");
+        }
+        let (ns, name) = service
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{service:?} is not namespace/name"))?;
+        let c = self.cluster(cluster)?.clone();
+        let index = |p: &PodState| -> u32 {
+            p.name
+                .rsplit('-')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut backends: Vec<PodState> = c
+            .pods
+            .iter()
+            .filter(|p| p.service.as_deref() == Some(service))
+            .cloned()
+            .collect();
+        if backends.is_empty() {
+            bail!("no backends of {service} in {cluster} (deploy it first)");
+        }
+        backends.sort_by_key(index);
+        let want = usize::from(replicas);
+        if want >= backends.len() {
+            let mut next = backends.iter().map(index).max().map_or(0, |m| m + 1);
+            let mut on_node: BTreeMap<String, usize> =
+                c.nodes.iter().map(|n| (n.name.clone(), 0)).collect();
+            for p in &backends {
+                *on_node.entry(p.node.clone()).or_default() += 1;
+            }
+            let labels = BTreeMap::from([("app".to_owned(), name.to_owned())]);
+            for _ in backends.len()..want {
+                let node = on_node
+                    .iter()
+                    .min_by_key(|(n, count)| (**count, (*n).clone()))
+                    .map(|(n, _)| n.clone())
+                    .ok_or_else(|| anyhow!("{cluster} has no nodes"))?;
+                let pod_name = format!("{name}-{cluster}-{next}");
+                next += 1;
+                self.add_pod(cluster, ns, &pod_name, &node, &labels).await?;
+                if let Some(p) = self
+                    .cluster_mut(cluster)?
+                    .pods
+                    .iter_mut()
+                    .find(|p| p.name == pod_name)
+                {
+                    p.service = Some(service.into());
+                }
+                *on_node.entry(node).or_default() += 1;
+            }
+            self.set_backends(cluster, service, true).await?;
+            return Ok(Vec::new());
+        }
+        let leaving: Vec<String> = backends[want..].iter().map(|p| p.name.clone()).collect();
+        for p in self.cluster_mut(cluster)?.pods.iter_mut() {
+            if leaving.contains(&p.name) {
+                p.service = None;
+            }
+        }
+        self.save()?;
+        self.write_slice(cluster, service).await?;
+        Ok(leaving)
+    }
+
+    /// Removes a pod: its process, its Kubernetes Pod, its namespace and cgroup.
+    pub async fn delete_pod(&mut self, cluster: &str, pod: &str) -> Result<()> {
+        let c = self.cluster_mut(cluster)?;
+        let i = c
+            .pods
+            .iter()
+            .position(|p| p.name == pod)
+            .ok_or_else(|| anyhow!("no pod {pod} in {cluster}"))?;
+        let p = c.pods.remove(i);
+        remove_pod(&p);
+        self.save()?;
+        let client = self.client(cluster).await?;
+        match Api::<Pod>::namespaced(client, &p.namespace)
+            .delete(&p.name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A command that runs `argv` in `pod` (its network namespace and cgroup, so its
+    /// connections go through its node's socket load balancing), for the caller to spawn.
+    pub fn pod_command(&self, cluster: &str, pod: &str, argv: &[String]) -> Result<Command> {
+        let p = self
+            .cluster(cluster)?
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .ok_or_else(|| anyhow!("no pod {pod} in {cluster}"))?;
+        let full = in_pod(&p.cgroup, &p.netns, argv);
+        let mut cmd = Command::new(&full[0]);
+        cmd.args(&full[1..]);
+        Ok(cmd)
+    }
+}

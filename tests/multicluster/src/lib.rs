@@ -4,8 +4,10 @@
 //! cluster of the emulated [`lab::Lab`] (network namespaces on a bridge, cgroups, real
 //! processes; runs here and in CI); [`kind::KindCluster`] is a kind cluster with the mesh
 //! installed (for users with Docker; it cannot run in this repository's CI). The `clustermesh`
-//! CLI drives both through a kubeconfig, the way a user would.
+//! CLI drives both through a kubeconfig, the way a user would. [`chaos`] is the seeded chaos
+//! soak on the lab (random faults while a client connects, the end state against the truth).
 
+pub mod chaos;
 pub mod kind;
 pub mod lab;
 pub mod scenarios;
