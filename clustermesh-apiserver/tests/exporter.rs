@@ -717,6 +717,23 @@ async fn bursts_are_batched() {
 /// apiserver is ready again by itself, and a change made during the cut lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_cut_longer_than_the_lease_withdraws_nothing() {
+    etcd_cut_withdraws_nothing(Duration::from_secs(8)).await;
+}
+
+/// The same, shorter than the lease (2 s) and far longer (20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cuts_shorter_and_far_longer_than_the_lease_withdraw_nothing() {
+    let (short, long) = tokio::join!(
+        etcd_cut_withdraws_nothing(Duration::from_secs(2)),
+        etcd_cut_withdraws_nothing(Duration::from_secs(20)),
+    );
+    let ((), ()) = (short, long);
+}
+
+/// Cuts the apiserver (session lease 5 s) from its etcd for `hold`, with no Kubernetes change
+/// but one pod added during the cut.
+async fn etcd_cut_withdraws_nothing(hold: Duration) {
+    const LEASE: Duration = Duration::from_secs(5);
     let lab = Lab::start().await;
     create_namespace(&lab, "shop", json!({})).await;
     lab.apply::<Service>(
@@ -743,7 +760,7 @@ async fn an_etcd_cut_longer_than_the_lease_withdraws_nothing() {
     let mut config = lab.config("r1");
     config.etcd = lab.etcd.config_via(proxy.addr());
     config.etcd.connect_timeout = Duration::from_secs(1);
-    config.lease_ttl = Duration::from_secs(5);
+    config.lease_ttl = LEASE;
     let apiserver = clustermesh_apiserver::start(config).await.unwrap();
     ready(&apiserver).await;
     let before: BTreeMap<String, Vec<u8>> = {
@@ -771,28 +788,33 @@ async fn an_etcd_cut_longer_than_the_lease_withdraws_nothing() {
 
     proxy.set_blocked(true);
     proxy.cut();
+    let healed_at = tokio::time::Instant::now() + hold;
     let mut readiness = apiserver.ready();
-    let reason = tokio::time::timeout(T, readiness.wait_for(Result::is_err))
-        .await
-        .expect("readiness reports the outage")
-        .unwrap()
-        .clone()
-        .unwrap_err();
-    assert!(reason.contains("etcd"), "{reason}");
-    // Past the lease TTL: the session record expires; the exports must not.
-    eventually("the session record expired", T, || async {
-        lab.kv
-            .get_raw(&keys::session(&lab.cluster))
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
     // A change during the cut waits; it is not lost.
     lab.apply::<Pod>(Some("shop"), pod("web-b", "10.1.1.11", "web"))
         .await;
-
+    if hold > LEASE {
+        // Past the lease TTL: the session record expires; the exports must not. And
+        // readiness says why.
+        eventually("the session record expired", T, || async {
+            lab.kv
+                .get_raw(&keys::session(&lab.cluster))
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+        let reason = tokio::time::timeout(T, readiness.wait_for(Result::is_err))
+            .await
+            .expect("readiness reports the outage")
+            .unwrap()
+            .clone()
+            .unwrap_err();
+        assert!(reason.contains("etcd"), "{reason}");
+    }
+    // The fault lasts `hold` (a fault's duration, not a wait for a condition).
+    tokio::time::sleep_until(healed_at).await;
     proxy.set_blocked(false);
     tokio::time::timeout(T, readiness.wait_for(Result::is_ok))
         .await
