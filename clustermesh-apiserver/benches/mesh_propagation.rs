@@ -319,6 +319,35 @@ async fn main() {
         .await;
     let high = churn(&kv_a, &a, &arrivals, 1000, 1000, 5).await;
 
+    // Reconvergence over repeated outages: A's apiserver killed (-9) and restarted three times
+    // in a row; from A ready again to B's peer phase ready. Baseline: A's own restart → ready.
+    let mut restart_ready = Vec::new();
+    let mut reconverge = Vec::new();
+    for _ in 0..3 {
+        drop(pa);
+        wait_until(
+            "bravo sees alpha gone",
+            Duration::from_secs(60),
+            async || !b.peer_ready("alpha").await,
+        )
+        .await;
+        let t0 = Instant::now();
+        pa = Killed(a.spawn());
+        wait_until("alpha ready", Duration::from_secs(60), async || {
+            a.http("/readyz")
+                .await
+                .is_some_and(|body| body.starts_with("ready"))
+        })
+        .await;
+        restart_ready.push(t0.elapsed());
+        let t1 = Instant::now();
+        wait_until("bravo reconverged", Duration::from_secs(60), async || {
+            b.peer_ready("alpha").await
+        })
+        .await;
+        reconverge.push(t1.elapsed());
+    }
+
     // 100,000 endpoints.
     let start = 10_000;
     let items: Vec<(String, Vec<u8>)> = (start..start + BULK)
@@ -365,6 +394,14 @@ async fn main() {
     ));
     r.push_str(&row("A etcd → B node agent at 100 changes/s", &low));
     r.push_str(&row("A etcd → B node agent at 1,000 changes/s", &high));
+    for (i, (up, conv)) in restart_ready.iter().zip(&reconverge).enumerate() {
+        r.push_str(&format!(
+            "| outage {} of A's apiserver: A restart → A ready (baseline) / A ready → B's peer ready | 1 | {:.0} / {:.0} | | |\n",
+            i + 1,
+            up.as_secs_f64() * 1000.0,
+            conv.as_secs_f64() * 1000.0
+        ));
+    }
     r.push_str(&format!(
         "\n- Bytes per endpoint change (decoded Watch messages, before gzip): {:.1}\n",
         (bytes1 - bytes0) / low.len() as f64

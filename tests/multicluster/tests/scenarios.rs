@@ -42,6 +42,7 @@ async fn mesh_scenarios_on_the_lab() {
     );
 
     let (echo_east, _) = scenarios::global_services(&kc, &east, &west).await.unwrap();
+    unshared_pods_export_their_identity_not_their_backends(&*lab.lock().await).await;
     eprintln!("global services: affinity local/remote/none and shared=false as expected");
 
     let reports = scenarios::failover(&kc, &east, &west, echo_east)
@@ -317,4 +318,66 @@ async fn node_state_is_for_admins_only(lab: &Lab) {
     .await
     .unwrap_err();
     assert!(!e.to_string().contains("200"), "{e}");
+}
+
+/// Issue 13, case 7 (ADR 0012 addendum): the pods behind east's unshared `demo/private` reach
+/// west as endpoints (IP → identity, for identity-based policy), never as backends. Read from
+/// west's etcd with `etcdctl` and the apiserver's etcd certificate.
+async fn unshared_pods_export_their_identity_not_their_backends(lab: &Lab) {
+    let east = lab.cluster("east").unwrap();
+    let west = lab.cluster("west").unwrap();
+    let private: Vec<String> = east
+        .pods
+        .iter()
+        .filter(|p| p.service.as_deref() == Some("demo/private"))
+        .map(|p| p.ip.to_string())
+        .collect();
+    assert!(!private.is_empty(), "east backs demo/private");
+    let etcdctl = |args: &[&str]| {
+        let tls = west.dir.join("etcd-tls");
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=https://127.0.0.1:{}", west.etcd_port))
+            .arg(format!("--cacert={}", tls.join("ca.crt").display()))
+            .arg(format!("--cert={}", tls.join("tls.crt").display()))
+            .arg(format!("--key={}", tls.join("tls.key").display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let keys = String::from_utf8_lossy(&etcdctl(&[
+        "get",
+        "/clustermesh/v1/cache/east/endpoints/",
+        "--prefix",
+        "--keys-only",
+    ]))
+    .into_owned();
+    for ip in &private {
+        assert!(
+            keys.contains(&format!("/endpoints/{ip}")),
+            "{ip} exported as an endpoint: {keys}"
+        );
+    }
+    let svc = etcdctl(&[
+        "get",
+        "/clustermesh/v1/cache/east/services/demo/private",
+        "--print-value-only",
+    ]);
+    assert!(
+        !svc.is_empty(),
+        "the unshared service itself is known to west"
+    );
+    for ip in &private {
+        let raw: Vec<u8> = ip.split('.').map(|o| o.parse::<u8>().unwrap()).collect();
+        assert!(
+            !svc.windows(4).any(|w| w == raw.as_slice()),
+            "backend {ip} must not reach west"
+        );
+    }
 }
