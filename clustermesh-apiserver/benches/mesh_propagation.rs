@@ -299,6 +299,22 @@ async fn main() {
     let a = Side::new("alpha", 1).await;
     let b = Side::new("bravo", 2).await;
     let kv_a = a.etcd.client().await.unwrap();
+    // alpha's advertised address space: bravo imports only endpoints inside its nodes' pod
+    // CIDRs (the bench's endpoints are 10.0.0.0/8).
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+        kube::Api::all(a.kube.client().await.unwrap());
+    nodes
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "alpha-node"},
+                "spec": {"podCIDRs": ["10.0.0.0/8"]},
+                "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
     let mut pa = Killed(a.spawn());
     let pb_ = Killed(b.spawn());
     b.import_from(&a);
