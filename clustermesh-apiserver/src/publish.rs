@@ -114,29 +114,44 @@ async fn write_status(api: &Api<ConfigMap>, s: &ClusterStatus) -> Result<(), Str
 /// A peer configuration as found in a Secret: file name → contents.
 type Files = BTreeMap<String, Vec<u8>>;
 
-/// Checks one peer Secret; returns the peer's name and the files of its directory.
-pub fn peer_files(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Files), String> {
+/// The peer a labelled mesh Secret (a peer configuration or a grant) is about, checked: its
+/// `label` names a valid cluster, the Secret is named `name_of(peer)`, and the peer is not
+/// this cluster. `what` says what kind of Secret it is, for the errors.
+pub fn labelled_peer(
+    secret: &Secret,
+    label: &str,
+    name_of: fn(&str) -> String,
+    own: &ClusterName,
+    what: &str,
+) -> Result<ClusterName, String> {
     let name = secret.metadata.name.clone().unwrap_or_default();
-    let label = secret
+    let value = secret
         .metadata
         .labels
         .as_ref()
-        .and_then(|l| l.get(PEER_LABEL))
+        .and_then(|l| l.get(label))
         .cloned()
         .unwrap_or_default();
-    let peer = ClusterName::new(label.clone())
-        .map_err(|e| format!("Secret {name}: label {PEER_LABEL}={label:?}: {e}"))?;
-    if name != peer_secret_name(peer.as_str()) {
+    let peer = ClusterName::new(value.clone())
+        .map_err(|e| format!("Secret {name}: label {label}={value:?}: {e}"))?;
+    if name != name_of(peer.as_str()) {
         return Err(format!(
-            "Secret {name}: a peer Secret for {peer} must be named {}",
-            peer_secret_name(peer.as_str())
+            "Secret {name}: a {what} for {peer} must be named {}",
+            name_of(peer.as_str())
         ));
     }
     if &peer == own {
         return Err(format!(
-            "Secret {name}: configures this cluster ({own}) as its own peer"
+            "Secret {name}: a {what} for this cluster ({own}) itself"
         ));
     }
+    Ok(peer)
+}
+
+/// Checks one peer Secret; returns the peer's name and the files of its directory.
+pub fn peer_files(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Files), String> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let peer = labelled_peer(secret, PEER_LABEL, peer_secret_name, own, "peer Secret")?;
     let data = secret.data.clone().unwrap_or_default();
     let mut files = Files::new();
     for key in PEER_SECRET_KEYS {

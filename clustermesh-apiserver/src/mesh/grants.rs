@@ -110,26 +110,7 @@ pub fn parse(peer: &ClusterName, cluster_id: &[u8], sha256: &[u8]) -> Result<Gra
 /// Checks one grant Secret; returns the peer and its grant.
 pub fn from_secret(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Grant), String> {
     let name = secret.metadata.name.clone().unwrap_or_default();
-    let label = secret
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(GRANT_LABEL))
-        .cloned()
-        .unwrap_or_default();
-    let peer = ClusterName::new(label.clone())
-        .map_err(|e| format!("Secret {name}: label {GRANT_LABEL}={label:?}: {e}"))?;
-    if name != grant_secret_name(peer.as_str()) {
-        return Err(format!(
-            "Secret {name}: a grant for {peer} must be named {}",
-            grant_secret_name(peer.as_str())
-        ));
-    }
-    if &peer == own {
-        return Err(format!(
-            "Secret {name}: grants this cluster ({own}) to itself"
-        ));
-    }
+    let peer = crate::publish::labelled_peer(secret, GRANT_LABEL, grant_secret_name, own, "grant")?;
     let data = secret.data.clone().unwrap_or_default();
     if let Some(unknown) = data
         .keys()
