@@ -228,7 +228,6 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                 dir.clone(),
                 grants_tx,
                 Duration::from_millis(500),
-                Arc::new(tokio::sync::Notify::new()),
                 metrics.clone(),
             ))));
         } else {

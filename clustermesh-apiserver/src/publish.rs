@@ -300,6 +300,49 @@ pub fn sync_dir(
     }
 }
 
+/// The Secrets of one label as a kube watcher reports them: a (re)listing is buffered and
+/// swapped in whole at its end, so a relist never looks like deletions; later events apply one
+/// by one. Shared by the peer Secret and the grant Secret followers.
+#[derive(Debug, Default)]
+pub struct SecretSet {
+    current: BTreeMap<String, Secret>,
+    initial: BTreeMap<String, Secret>,
+    listed: bool,
+}
+
+impl SecretSet {
+    /// Applies one event; true when the set changed and has been listed completely once.
+    pub fn apply(&mut self, event: watcher::Event<Secret>) -> bool {
+        let name = |s: &Secret| s.metadata.name.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Apply(s) => {
+                self.current.insert(name(&s), s);
+            }
+            watcher::Event::Delete(s) => {
+                self.current.remove(&name(&s));
+            }
+            watcher::Event::Init => {
+                self.initial.clear();
+                return false;
+            }
+            watcher::Event::InitApply(s) => {
+                self.initial.insert(name(&s), s);
+                return false;
+            }
+            watcher::Event::InitDone => {
+                self.current = std::mem::take(&mut self.initial);
+                self.listed = true;
+            }
+        }
+        self.listed
+    }
+
+    /// The Secrets, by name.
+    pub fn current(&self) -> &BTreeMap<String, Secret> {
+        &self.current
+    }
+}
+
 /// Follows the peer Secrets of `api`'s namespace and keeps `dir` equal to them. Runs until
 /// dropped; the importer notices changes of `dir`.
 pub async fn follow_peer_secrets(
@@ -309,33 +352,13 @@ pub async fn follow_peer_secrets(
     metrics: Registry,
     rescan_now: std::sync::Arc<tokio::sync::Notify>,
 ) {
-    let mut secrets: BTreeMap<String, Secret> = BTreeMap::new();
-    let mut initial: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut secrets = SecretSet::default();
     let mut reported = BTreeMap::new();
     let stream = watcher(api, watcher::Config::default().labels(PEER_LABEL));
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         let changed = match event {
-            Ok(watcher::Event::Apply(s)) => {
-                secrets.insert(s.metadata.name.clone().unwrap_or_default(), s);
-                true
-            }
-            Ok(watcher::Event::Delete(s)) => {
-                secrets.remove(&s.metadata.name.clone().unwrap_or_default());
-                true
-            }
-            Ok(watcher::Event::Init) => {
-                initial.clear();
-                false
-            }
-            Ok(watcher::Event::InitApply(s)) => {
-                initial.insert(s.metadata.name.clone().unwrap_or_default(), s);
-                false
-            }
-            Ok(watcher::Event::InitDone) => {
-                secrets = std::mem::take(&mut initial);
-                true
-            }
+            Ok(ev) => secrets.apply(ev),
             Err(e) => {
                 metrics.inc(m::ERRORS, &["peer-secrets"]);
                 tracing::warn!(error = %e, "watching peer Secrets; retrying");
@@ -344,7 +367,7 @@ pub async fn follow_peer_secrets(
             }
         };
         if changed {
-            let list: Vec<Secret> = secrets.values().cloned().collect();
+            let list: Vec<Secret> = secrets.current().values().cloned().collect();
             sync_dir(&dir, &list, &own, &mut reported, &metrics);
             rescan_now.notify_one();
         }

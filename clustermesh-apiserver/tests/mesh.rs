@@ -104,7 +104,11 @@ impl Cluster {
     }
 
     async fn up(&mut self) {
-        let r = clustermesh_apiserver::start(self.config()).await.unwrap();
+        self.up_with(self.config()).await;
+    }
+
+    async fn up_with(&mut self, config: Config) {
+        let r = clustermesh_apiserver::start(config).await.unwrap();
         let mut ready = r.ready();
         tokio::time::timeout(T, ready.wait_for(Result::is_ok))
             .await
@@ -1411,13 +1415,7 @@ async fn a_peer_over_its_quota_gets_new_objects_refused_and_keeps_the_rest() {
         max_objects: 2,
         max_bytes: 1 << 20,
     };
-    let r = clustermesh_apiserver::start(config).await.unwrap();
-    let mut ready = r.ready();
-    tokio::time::timeout(T, ready.wait_for(Result::is_ok))
-        .await
-        .unwrap()
-        .unwrap();
-    b.apiserver = Some(r);
+    b.up_with(config).await;
     for name in ["one", "two", "three", "four"] {
         a.create_service(name, &[]).await;
     }

@@ -184,12 +184,11 @@ fn publish(tx: &watch::Sender<Option<Arc<Grants>>>, next: Grants) {
     });
 }
 
-/// Keeps `tx` equal to the grants in `dir`, rescanning every `rescan` and when `wake` rings.
+/// Keeps `tx` equal to the grants in `dir`, rescanning every `rescan`.
 pub async fn follow_dir(
     dir: PathBuf,
     tx: watch::Sender<Option<Arc<Grants>>>,
     rescan: Duration,
-    wake: Arc<tokio::sync::Notify>,
     metrics: Registry,
 ) {
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
@@ -223,10 +222,7 @@ pub async fn follow_dir(
                 }
             }
         }
-        tokio::select! {
-            () = tokio::time::sleep(rescan) => {}
-            () = wake.notified() => {}
-        }
+        tokio::time::sleep(rescan).await;
     }
 }
 
@@ -238,36 +234,14 @@ pub async fn follow_secrets(
     tx: watch::Sender<Option<Arc<Grants>>>,
     metrics: Registry,
 ) {
-    let mut secrets: BTreeMap<String, Secret> = BTreeMap::new();
-    let mut initial: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut set = crate::publish::SecretSet::default();
     let mut good: BTreeMap<String, (ClusterName, Grant)> = BTreeMap::new();
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
-    let mut synced = false;
     let stream = watcher(api, watcher::Config::default().labels(GRANT_LABEL));
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         let changed = match event {
-            Ok(watcher::Event::Apply(s)) => {
-                secrets.insert(s.metadata.name.clone().unwrap_or_default(), s);
-                true
-            }
-            Ok(watcher::Event::Delete(s)) => {
-                secrets.remove(&s.metadata.name.clone().unwrap_or_default());
-                true
-            }
-            Ok(watcher::Event::Init) => {
-                initial.clear();
-                false
-            }
-            Ok(watcher::Event::InitApply(s)) => {
-                initial.insert(s.metadata.name.clone().unwrap_or_default(), s);
-                false
-            }
-            Ok(watcher::Event::InitDone) => {
-                secrets = std::mem::take(&mut initial);
-                synced = true;
-                true
-            }
+            Ok(ev) => set.apply(ev),
             Err(e) => {
                 metrics.inc(m::ERRORS, &["grant-secrets"]);
                 tracing::warn!(error = %e, "watching grant Secrets; retrying (the last grants stay)");
@@ -275,11 +249,12 @@ pub async fn follow_secrets(
                 false
             }
         };
-        if !changed || !synced {
+        if !changed {
             continue;
         }
+        let secrets = set.current();
         good.retain(|name, _| secrets.contains_key(name));
-        for (name, s) in &secrets {
+        for (name, s) in secrets {
             match from_secret(s, &own) {
                 Ok(g) => {
                     reported.remove(name);

@@ -1080,35 +1080,10 @@ async fn session(
         }
         let now = now_micros();
         let mut nodes_changed = false;
-        // Quota: what this peer already makes us hold, before this message.
-        let mut held_objects = mirror.held.len();
-        let mut held_bytes: usize = mirror.held.values().map(Vec::len).sum();
+        // Quota: what this peer makes us hold (bytes summed only once a new object comes).
+        let mut held_bytes: Option<usize> = None;
         let mut over_quota = 0usize;
         for c in &msg.changes {
-            let is_new = !mirror
-                .held
-                .contains_key(&(c.kind.parse().unwrap_or(Kind::Nodes), c.name.clone()));
-            if c.op != pb::change::Op::Delete as i32
-                && is_new
-                && (held_objects >= ctx.quota.max_objects
-                    || held_bytes + c.value.len() > ctx.quota.max_bytes)
-            {
-                over_quota += 1;
-                if over_quota == 1 {
-                    let e = format!(
-                        "peer {peer} is over its quota ({held_objects} objects, {held_bytes} bytes held; limits {} objects, {} bytes): new objects refused, starting with {} {:?}",
-                        ctx.quota.max_objects, ctx.quota.max_bytes, c.kind, c.name
-                    );
-                    tracing::warn!(peer = %cfg.name, error = %e, "object refused");
-                    ctx.board.error(&cfg.name, &e);
-                }
-                ctx.metrics.inc(m::PEER_REJECTED, &[peer]);
-                continue;
-            }
-            if c.op != pb::change::Op::Delete as i32 && is_new {
-                held_objects += 1;
-                held_bytes += c.value.len();
-            }
             match validate(&cfg.name, cert_id, c) {
                 Ok((kind, name, value)) => {
                     if c.origin_unix_micros > 0
@@ -1121,6 +1096,28 @@ async fn session(
                     let key = keys::object_key(Scope::Cache, &cfg.name, kind, &name);
                     match value {
                         Some(v) => {
+                            if !mirror.held.contains_key(&(kind, name.clone())) {
+                                let objects = mirror.held.len();
+                                let bytes = *held_bytes.get_or_insert_with(|| {
+                                    mirror.held.values().map(Vec::len).sum()
+                                });
+                                if objects >= ctx.quota.max_objects
+                                    || bytes + v.len() > ctx.quota.max_bytes
+                                {
+                                    over_quota += 1;
+                                    if over_quota == 1 {
+                                        let e = format!(
+                                            "peer {peer} is over its quota ({objects} objects, {bytes} bytes held; limits {} objects, {} bytes): new objects refused, starting with {kind} {name:?}",
+                                            ctx.quota.max_objects, ctx.quota.max_bytes
+                                        );
+                                        tracing::warn!(peer = %cfg.name, error = %e, "object refused");
+                                        ctx.board.error(&cfg.name, &e);
+                                    }
+                                    ctx.metrics.inc(m::PEER_REJECTED, &[peer]);
+                                    continue;
+                                }
+                                held_bytes = Some(bytes + v.len());
+                            }
                             if let Some(r) = resync.as_mut() {
                                 r.seen.entry(kind).or_default().insert(name.clone());
                             }

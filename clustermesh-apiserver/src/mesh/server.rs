@@ -346,29 +346,38 @@ impl MeshService {
 
     /// Who the caller is, from its certificate, and what it may see.
     pub fn authorize<T>(&self, req: &Request<T>) -> Result<View, Status> {
+        self.admit(req).map(|(view, _)| view)
+    }
+
+    /// [`MeshService::authorize`], and for a peer what its stream must keep re-checking.
+    fn admit<T>(&self, req: &Request<T>) -> Result<(View, Option<Recheck>), Status> {
         let deny = |reason: String| {
             self.metrics.inc(m::MESH_DENIED, &[]);
             tracing::warn!(reason = %reason, "Mesh API request refused");
             Status::permission_denied(reason)
         };
-        let (id, fingerprint) = Self::caller(req).inspect_err(|e| {
-            if e.code() == tonic::Code::PermissionDenied {
-                deny(e.message().to_owned());
+        let (id, fingerprint) = match Self::caller(req) {
+            Ok(c) => c,
+            Err(e) if e.code() == tonic::Code::PermissionDenied => {
+                return Err(deny(e.message().to_owned()));
             }
-        })?;
+            Err(e) => return Err(e),
+        };
         let own = id.cluster == self.cluster;
         match id.role {
             Role::Peer if !own && id.cluster_id != self.cluster_id => {
-                let admitted = match self.grants.borrow().as_deref() {
-                    Some(g) => g.admits(&id, &fingerprint),
-                    None => {
-                        return Err(Status::unavailable(
-                            "this apiserver has not read its peer grants yet; retry",
-                        ));
-                    }
+                if self.grants.borrow().is_none() {
+                    return Err(Status::unavailable(
+                        "this apiserver has not read its peer grants yet; retry",
+                    ));
+                }
+                let recheck = Recheck {
+                    identity: id,
+                    fingerprint,
+                    grants: self.grants.clone(),
                 };
-                admitted.map_err(deny)?;
-                Ok(View::Peer(id.cluster))
+                recheck.admitted().map_err(deny)?;
+                Ok((View::Peer(recheck.identity.cluster.clone()), Some(recheck)))
             }
             Role::Peer if !own => Err(deny(format!(
                 "peer {} claims cluster ID {}, which is this cluster's ({})",
@@ -377,7 +386,7 @@ impl MeshService {
             Role::NodeAgent | Role::Admin | Role::Apiserver
                 if own && id.cluster_id == self.cluster_id =>
             {
-                Ok(View::Local(id))
+                Ok((View::Local(id), None))
             }
             role => Err(deny(format!(
                 "a {role} certificate of cluster {} (ID {}) may not use the Mesh API of cluster {} (ID {})",
@@ -507,22 +516,6 @@ async fn send_snapshot(
     tx.send(msg).await
 }
 
-/// [`stream_updates`] holding the caller's watch slot until the stream ends.
-#[allow(clippy::too_many_arguments)]
-async fn stream_updates_holding(
-    slot: SlotGuard,
-    cache: Arc<WatchCache>,
-    filter: Filter,
-    start: Start,
-    tx: Sink,
-    metrics: Registry,
-    stop: watch::Receiver<bool>,
-    recheck: Option<Recheck>,
-) {
-    stream_updates(cache, filter, start, tx, metrics, stop, recheck).await;
-    drop(slot);
-}
-
 async fn stream_updates(
     cache: Arc<WatchCache>,
     filter: Filter,
@@ -644,18 +637,7 @@ impl Mesh for MeshService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let view = self.authorize(&request)?;
-        let recheck = match &view {
-            View::Peer(_) => {
-                let (identity, fingerprint) = Self::caller(&request)?;
-                Some(Recheck {
-                    identity,
-                    fingerprint,
-                    grants: self.grants.clone(),
-                })
-            }
-            View::Local(_) => None,
-        };
+        let (view, recheck) = self.admit(&request)?;
         let slot = {
             let (key, per) = match &view {
                 View::Peer(c) => (format!("peer/{c}"), MAX_WATCHES_PER_PEER),
@@ -710,16 +692,16 @@ impl Mesh for MeshService {
         );
         self.metrics.inc(m::MESH_WATCHES, &[]);
         let (tx, rx) = sink(&self.budget);
-        tokio::spawn(stream_updates_holding(
-            slot,
+        let (cache, metrics, stop) = (
             Arc::clone(&self.cache),
-            filter,
-            start,
-            tx,
             self.metrics.clone(),
             self.stop.clone(),
-            recheck,
-        ));
+        );
+        tokio::spawn(async move {
+            // The caller's watch slot is held until the stream ends.
+            let _slot = slot;
+            stream_updates(cache, filter, start, tx, metrics, stop, recheck).await;
+        });
         Ok(Response::new(rx))
     }
 }

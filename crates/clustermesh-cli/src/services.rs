@@ -11,7 +11,7 @@ use certs::{LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
 use clap::Args;
 use k8s_openapi::api::core::v1::Node;
 use model::status::{NODE_AGENT_STATE_PORT, NodeState};
-use model::{GlobalService, keys::Kind};
+use model::{ClusterId, ClusterName, GlobalService, keys::Kind};
 use serde::Serialize;
 use wire::{Codec, pb};
 
@@ -40,6 +40,22 @@ pub(crate) struct ServicesArgs {
     kube: KubeArgs,
 }
 
+/// A short-lived admin certificate of the cluster, held in memory for one command.
+fn admin_leaf(
+    ca: &certs::Ca,
+    name: &ClusterName,
+    id: ClusterId,
+    valid_for: Duration,
+) -> Result<certs::Leaf> {
+    ca.issue(
+        &LeafSpec::new(MeshIdentity::new(name.clone(), id, Role::Admin)).validity(
+            time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+            valid_for,
+        ),
+    )
+    .context("issue an admin certificate")
+}
+
 /// Every global service the cluster's apiserver knows (its own and imported), by name.
 pub(crate) async fn mesh_services(
     cluster: &Cluster,
@@ -47,14 +63,7 @@ pub(crate) async fn mesh_services(
     let (name, id) = cluster.identity().await?;
     let ca = cluster.ca().await?;
     let endpoints = cluster.mesh_endpoints().await?;
-    let leaf = ca
-        .issue(
-            &LeafSpec::new(MeshIdentity::new(name.clone(), id, Role::Admin)).validity(
-                time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
-                Duration::from_secs(3600),
-            ),
-        )
-        .context("issue an admin certificate")?;
+    let leaf = admin_leaf(&ca, &name, id, Duration::from_secs(3600))?;
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("tls.crt"), &leaf.cert_pem)?;
     std::fs::write(dir.path().join("tls.key"), &leaf.key_pem)?;
@@ -129,14 +138,7 @@ async fn node_state(cluster: &Cluster, node: &str, port: u16) -> Result<NodeStat
     };
     let (name, id) = cluster.identity().await?;
     let ca = cluster.ca().await?;
-    let leaf = ca
-        .issue(
-            &LeafSpec::new(MeshIdentity::new(name.clone(), id, Role::Admin)).validity(
-                time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
-                Duration::from_secs(600),
-            ),
-        )
-        .context("issue an admin certificate")?;
+    let leaf = admin_leaf(&ca, &name, id, Duration::from_secs(600))?;
     let node_name = model::NodeName::new(node).with_context(|| format!("node name {node:?}"))?;
     Ok(meshapi::node_state::fetch(
         &addr,
