@@ -33,4 +33,18 @@ if ! mount | grep -q 'type cgroup2'; then
   mount -t cgroup2 none /sys/fs/cgroup/unified
 fi
 
+# Python tools in a venv inside the checkout: the Kubernetes API test server validates objects
+# against the official schemas of Kubernetes 1.32 that `kubernetes-validate` ships, and the
+# test server's conformance suite drives it with the official Python client.
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$repo/.venv"
+py_pkgs=(kubernetes-validate==1.37.0 kubernetes==37.0.2 pytest==8.3.5)
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import kubernetes_validate, kubernetes, pytest' 2>/dev/null; then
+  echo "setup: installing ${py_pkgs[*]} into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${py_pkgs[@]}"
+fi
+
 echo "setup: ok (etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}'), clang $(clang --version | head -1 | awk '{print $4}'), protoc $(protoc --version | awk '{print $2}'))"

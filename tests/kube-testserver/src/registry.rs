@@ -40,6 +40,10 @@ pub struct Resource {
     pub namespaced: bool,
     /// kubectl short names.
     pub short_names: Vec<String>,
+    /// Subresources served besides the object itself (`status`).
+    pub subresources: Vec<String>,
+    /// Discovery categories (`all`).
+    pub categories: Vec<String>,
 }
 
 impl Resource {
@@ -61,18 +65,49 @@ impl Resource {
             singular: kind.to_lowercase(),
             namespaced,
             short_names: short.iter().map(|s| (*s).to_owned()).collect(),
+            subresources: Vec::new(),
+            categories: Vec::new(),
         }
     }
 
-    fn discovery(&self) -> Value {
-        json!({
+    fn with_status(mut self) -> Self {
+        self.subresources.push("status".into());
+        self
+    }
+
+    fn in_all(mut self) -> Self {
+        self.categories.push("all".into());
+        self
+    }
+
+    /// Whether `sub` is served for this resource.
+    pub fn has_subresource(&self, sub: &str) -> bool {
+        self.subresources.iter().any(|s| s == sub)
+    }
+
+    fn discovery(&self) -> Vec<Value> {
+        let mut main = json!({
             "name": self.gvr.resource,
             "singularName": self.singular,
             "namespaced": self.namespaced,
             "kind": self.kind,
             "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
             "shortNames": self.short_names,
-        })
+        });
+        if !self.categories.is_empty() {
+            main["categories"] = json!(self.categories);
+        }
+        let mut out = vec![main];
+        for sub in &self.subresources {
+            out.push(json!({
+                "name": format!("{}/{sub}", self.gvr.resource),
+                "singularName": "",
+                "namespaced": self.namespaced,
+                "kind": self.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        out
     }
 }
 
@@ -88,12 +123,17 @@ impl Default for Registry {
             resources: BTreeMap::new(),
         };
         for res in [
-            Resource::builtin("", "v1", "namespaces", "Namespace", false, &["ns"]),
-            Resource::builtin("", "v1", "services", "Service", true, &["svc"]),
-            Resource::builtin("", "v1", "pods", "Pod", true, &["po"]),
-            Resource::builtin("", "v1", "nodes", "Node", false, &["no"]),
+            Resource::builtin("", "v1", "namespaces", "Namespace", false, &["ns"]).with_status(),
+            Resource::builtin("", "v1", "services", "Service", true, &["svc"])
+                .with_status()
+                .in_all(),
+            Resource::builtin("", "v1", "pods", "Pod", true, &["po"])
+                .with_status()
+                .in_all(),
+            Resource::builtin("", "v1", "nodes", "Node", false, &["no"]).with_status(),
             Resource::builtin("", "v1", "secrets", "Secret", true, &[]),
             Resource::builtin("", "v1", "configmaps", "ConfigMap", true, &["cm"]),
+            Resource::builtin("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"]),
             Resource::builtin("", "v1", "events", "Event", true, &["ev"]),
             Resource::builtin("", "v1", "endpoints", "Endpoints", true, &["ep"]),
             Resource::builtin(
@@ -106,6 +146,74 @@ impl Default for Registry {
             ),
             Resource::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, &[]),
             Resource::builtin("events.k8s.io", "v1", "events", "Event", true, &["ev"]),
+            Resource::builtin("apps", "v1", "deployments", "Deployment", true, &["deploy"])
+                .with_status()
+                .in_all(),
+            Resource::builtin("apps", "v1", "daemonsets", "DaemonSet", true, &["ds"])
+                .with_status()
+                .in_all(),
+            Resource::builtin("apps", "v1", "statefulsets", "StatefulSet", true, &["sts"])
+                .with_status()
+                .in_all(),
+            Resource::builtin("apps", "v1", "replicasets", "ReplicaSet", true, &["rs"])
+                .with_status()
+                .in_all(),
+            Resource::builtin(
+                "apps",
+                "v1",
+                "controllerrevisions",
+                "ControllerRevision",
+                true,
+                &[],
+            ),
+            Resource::builtin("batch", "v1", "jobs", "Job", true, &[])
+                .with_status()
+                .in_all(),
+            Resource::builtin("batch", "v1", "cronjobs", "CronJob", true, &["cj"])
+                .with_status()
+                .in_all(),
+            Resource::builtin(
+                "policy",
+                "v1",
+                "poddisruptionbudgets",
+                "PodDisruptionBudget",
+                true,
+                &["pdb"],
+            )
+            .with_status(),
+            Resource::builtin(
+                "networking.k8s.io",
+                "v1",
+                "networkpolicies",
+                "NetworkPolicy",
+                true,
+                &["netpol"],
+            ),
+            Resource::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, &[]),
+            Resource::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "rolebindings",
+                "RoleBinding",
+                true,
+                &[],
+            ),
+            Resource::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "ClusterRole",
+                false,
+                &[],
+            ),
+            Resource::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+                false,
+                &[],
+            ),
             Resource::builtin(
                 "apiextensions.k8s.io",
                 "v1",
@@ -113,7 +221,8 @@ impl Default for Registry {
                 "CustomResourceDefinition",
                 false,
                 &["crd", "crds"],
-            ),
+            )
+            .with_status(),
         ] {
             r.add(res);
         }
@@ -130,6 +239,11 @@ impl Registry {
     /// Removes a resource.
     pub fn remove(&mut self, gvr: &Gvr) {
         self.resources.remove(gvr);
+    }
+
+    /// Every resource served.
+    pub fn all(&self) -> impl Iterator<Item = &Resource> {
+        self.resources.values()
     }
 
     /// Looks a resource up.
@@ -159,13 +273,27 @@ impl Registry {
             })
             .unwrap_or_default();
         let namespaced = spec.get("scope").and_then(Value::as_str) != Some("Cluster");
+        let categories: Vec<String> = names
+            .get("categories")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
         let versions = spec.get("versions")?.as_array()?;
         Some(
             versions
                 .iter()
                 .filter(|v| v.get("served").and_then(Value::as_bool).unwrap_or(true))
-                .filter_map(|v| v.get("name").and_then(Value::as_str))
-                .map(|version| Resource {
+                .filter_map(|v| {
+                    let status = v.pointer("/subresources/status").is_some();
+                    v.get("name")
+                        .and_then(Value::as_str)
+                        .map(|name| (name, status))
+                })
+                .map(|(version, status)| Resource {
                     gvr: Gvr {
                         group: group.into(),
                         version: version.into(),
@@ -175,6 +303,12 @@ impl Registry {
                     singular: singular.clone(),
                     namespaced,
                     short_names: short_names.clone(),
+                    subresources: if status {
+                        vec!["status".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    categories: categories.clone(),
                 })
                 .collect(),
         )
@@ -238,7 +372,7 @@ impl Registry {
             .resources
             .values()
             .filter(|r| r.gvr.group == group && r.gvr.version == version)
-            .map(Resource::discovery)
+            .flat_map(Resource::discovery)
             .collect();
         if resources.is_empty() {
             return None;
