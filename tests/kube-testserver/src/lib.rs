@@ -23,5 +23,7 @@ pub mod registry;
 pub mod selectors;
 pub mod server;
 pub mod store;
+pub mod strategy;
+pub mod tables;
 
 pub use server::{Config, Handle, start};

@@ -117,12 +117,25 @@ pub struct Registry {
     resources: BTreeMap<Gvr, Resource>,
 }
 
+thread_local! {
+    static BUILTIN: Vec<Gvr> = Registry::builtins().into_iter().map(|r| r.gvr).collect();
+}
+
 impl Default for Registry {
     fn default() -> Self {
         let mut r = Self {
             resources: BTreeMap::new(),
         };
-        for res in [
+        for res in Self::builtins() {
+            r.add(res);
+        }
+        r
+    }
+}
+
+impl Registry {
+    fn builtins() -> Vec<Resource> {
+        vec![
             Resource::builtin("", "v1", "namespaces", "Namespace", false, &["ns"]).with_status(),
             Resource::builtin("", "v1", "services", "Service", true, &["svc"])
                 .with_status()
@@ -223,14 +236,9 @@ impl Default for Registry {
                 &["crd", "crds"],
             )
             .with_status(),
-        ] {
-            r.add(res);
-        }
-        r
+        ]
     }
-}
 
-impl Registry {
     /// Adds (or replaces) a resource.
     pub fn add(&mut self, res: Resource) {
         self.resources.insert(res.gvr.clone(), res);
@@ -239,6 +247,11 @@ impl Registry {
     /// Removes a resource.
     pub fn remove(&mut self, gvr: &Gvr) {
         self.resources.remove(gvr);
+    }
+
+    /// Whether `gvr` is one of the built-in resources (not from a CRD).
+    pub fn is_builtin(&self, gvr: &Gvr) -> bool {
+        BUILTIN.with(|b| b.iter().any(|r| r == gvr))
     }
 
     /// Every resource served.

@@ -150,11 +150,86 @@ impl FieldSelector {
         self.0.iter().all(|(path, eq, want)| {
             let v = match object.pointer(path) {
                 Some(Value::String(s)) => s.clone(),
+                // Boolean field labels read "false" when unset (`spec.unschedulable`,
+                // `spec.hostNetwork`).
+                Some(Value::Null) | None if BOOL_FIELDS.contains(&path.as_str()) => "false".into(),
                 Some(Value::Null) | None => String::new(),
+                Some(Value::Array(a)) if path == "/status/podIPs" => a
+                    .iter()
+                    .filter_map(|p| p.get("ip").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 Some(other) => other.to_string(),
             };
-            (v == *want) == *eq
+            let hit = if path == "/status/podIPs" {
+                v.split(',').any(|ip| ip == want)
+            } else {
+                v == *want
+            };
+            hit == *eq
         })
+    }
+
+    /// The first field this selector uses that `res` does not support as a field label (the
+    /// apiserver answers such a selector with `400 field label not supported`).
+    pub fn unsupported(&self, res: &crate::registry::Resource) -> Option<String> {
+        let extra = supported_fields(&res.gvr.group, &res.kind);
+        self.0.iter().find_map(|(path, _, _)| {
+            let dotted = path.trim_start_matches('/').replace('/', ".");
+            let ok = matches!(dotted.as_str(), "metadata.name" | "metadata.namespace")
+                || extra.contains(&dotted.as_str());
+            (!ok).then_some(dotted)
+        })
+    }
+}
+
+const BOOL_FIELDS: &[&str] = &["/spec/unschedulable", "/spec/hostNetwork"];
+
+/// The field labels each built-in kind supports besides `metadata.name` and
+/// `metadata.namespace` (the apiserver's field label conversion functions).
+fn supported_fields(group: &str, kind: &str) -> &'static [&'static str] {
+    match (group, kind) {
+        ("", "Pod") => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.podIPs",
+            "status.nominatedNodeName",
+        ],
+        ("", "Node") => &["spec.unschedulable"],
+        ("", "Secret") => &["type"],
+        ("", "Namespace") => &["status.phase"],
+        ("", "Service") => &["spec.clusterIP", "spec.type"],
+        ("", "Event") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        ("events.k8s.io", "Event") => &[
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "reason",
+            "reportingController",
+            "type",
+        ],
+        ("apps", "ReplicaSet") => &["status.replicas"],
+        ("batch", "Job") => &["status.successful"],
+        ("certificates.k8s.io", "CertificateSigningRequest") => &["spec.signerName"],
+        _ => &[],
     }
 }
 

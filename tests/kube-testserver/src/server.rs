@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::registry::{Gvr, Resource};
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{ApiError, Change, ChangeKind, Store};
+use crate::store::{ApiError, Change, ChangeKind, DeleteOptions, Deleted, Propagation, Store};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -41,7 +41,8 @@ pub struct Config {
     pub bind: SocketAddr,
     /// How many changes the log keeps (watch replay and list continuation window).
     pub retain: usize,
-    /// How often a watch with `allowWatchBookmarks` gets a bookmark.
+    /// How often a watch with `allowWatchBookmarks` gets a bookmark (the apiserver: about
+    /// once a minute).
     pub bookmark_interval: Duration,
     /// Directory for the CA, certificates and kubeconfig; a temporary one if `None`.
     pub dir: Option<PathBuf>,
@@ -49,13 +50,13 @@ pub struct Config {
 
 impl Config {
     /// Defaults for a cluster named `cluster`: a free loopback port, 10,000 retained changes,
-    /// a bookmark every second, a temporary directory.
+    /// a bookmark a minute, a temporary directory.
     pub fn new(cluster: ClusterName) -> Self {
         Self {
             cluster,
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             retain: 10_000,
-            bookmark_interval: Duration::from_secs(1),
+            bookmark_interval: Duration::from_secs(60),
             dir: None,
         }
     }
@@ -97,6 +98,7 @@ pub struct Handle {
     kubeconfig: PathBuf,
     ca_pem: String,
     context: String,
+    reconciler: tokio::task::JoinHandle<()>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -162,6 +164,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     });
     let mut serving = JoinSet::new();
     serving.spawn(serve(listener, Arc::clone(&tls), Arc::clone(&shared)));
+    let reconciler = tokio::spawn(reconcile_loop(Arc::downgrade(&shared)));
     Ok(Handle {
         shared,
         tls,
@@ -169,8 +172,35 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         kubeconfig,
         ca_pem: ca.cert_pem().to_owned(),
         context,
+        reconciler,
         _tmp: tmp,
     })
+}
+
+/// Runs [`Store::reconcile`] whenever a deletion needs finishing and when grace periods end:
+/// the part of the kubelet, namespace controller and garbage collector the API shows.
+async fn reconcile_loop(shared: std::sync::Weak<Shared>) {
+    let notify = match shared.upgrade() {
+        Some(s) => s.store().notifier(),
+        None => return,
+    };
+    loop {
+        let next = match shared.upgrade() {
+            Some(s) => s.store().reconcile(tokio::time::Instant::now()),
+            None => return,
+        };
+        let wake = next.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            () = notify.notified() => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.reconciler.abort();
+    }
 }
 
 fn server_tls(ca: &Ca, leaf: &certs::Leaf) -> anyhow::Result<rustls::ServerConfig> {
@@ -368,7 +398,7 @@ fn json_response(code: u16, v: &Value) -> Response<Body> {
 
 fn error(e: &ApiError) -> Response<Body> {
     let mut r = json_response(e.code, &e.status());
-    if e.code == 429 {
+    if e.code == 429 || e.retry_after.is_some() {
         r.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -427,6 +457,8 @@ fn percent_decode(s: &str) -> String {
 /// What a resource URL names.
 struct Target {
     res: Resource,
+    /// The CRD defining the resource, for custom resources (printer columns).
+    crd: Option<Arc<Value>>,
     namespace: Option<String>,
     name: Option<String>,
     subresource: Option<String>,
@@ -468,8 +500,10 @@ fn resolve(shared: &Shared, group: &str, version: &str, rest: &[&str]) -> Result
             format!("{} is not namespaced", res.gvr.resource),
         ));
     }
+    let crd = shared.store().crd_of(&res);
     Ok(Target {
         res,
+        crd,
         namespace: ns,
         name,
         subresource: sub,
@@ -517,8 +551,10 @@ async fn handle(shared: Arc<Shared>, cert_auth: bool, req: Request<Incoming>) ->
         (&Method::GET, ["version"]) => json_response(
             200,
             &json!({
-                "major": "1", "minor": "32", "gitVersion": "v1.32.0-clustermesh-testserver",
-                "platform": "linux/amd64", "goVersion": "none", "compiler": "rustc"
+                "major": "1", "minor": "32", "gitVersion": "v1.32.0+clustermesh-testserver",
+                "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+                "buildDate": "2024-12-11T00:00:00Z", "goVersion": "go1.23.4", "compiler": "gc",
+                "platform": "linux/amd64"
             }),
         ),
         (&Method::GET, ["healthz" | "readyz" | "livez"]) => {
@@ -616,6 +652,20 @@ fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     })
 }
 
+/// A query boolean as the apiserver reads it: present and not `false`/`0` (any case) is true.
+fn qbool(v: Option<&str>) -> bool {
+    v.is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "false" | "0"))
+}
+
+/// `resourceVersionMatch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RvMatch {
+    Exact,
+    NotOlderThan,
+}
+
+use crate::tables::{IncludeObject, table};
+
 struct ListOptions {
     label: LabelSelector,
     field: FieldSelector,
@@ -623,33 +673,239 @@ struct ListOptions {
     cont: Option<String>,
     watch: bool,
     rv: Option<String>,
+    rv_match: Option<RvMatch>,
+    send_initial_events: Option<bool>,
     bookmarks: bool,
     timeout: Option<Duration>,
     table: bool,
+    include_object: IncludeObject,
+    dry_run: bool,
+}
+
+fn list_invalid(errors: &[crate::field_error::FieldError]) -> ApiError {
+    let mut e = ApiError::new(
+        422,
+        "Invalid",
+        crate::field_error::invalid_message("ListOptions.meta.k8s.io", "", errors),
+    );
+    e.details = Some((String::new(), "meta.k8s.io".into(), "ListOptions".into()));
+    e.causes = errors.iter().map(|f| f.cause()).collect();
+    e
 }
 
 fn list_options(
     q: &[(String, String)],
     accept: &str,
     watch_prefix: bool,
+    res: &Resource,
 ) -> Result<ListOptions, ApiError> {
+    use crate::field_error::FieldError;
     let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     let bad = |e: crate::selectors::Error| ApiError::new(400, "BadRequest", e.to_string());
+    let field = FieldSelector::parse(get("fieldSelector").unwrap_or("")).map_err(bad)?;
+    if let Some(f) = field.unsupported(res) {
+        return Err(ApiError::new(
+            400,
+            "BadRequest",
+            format!("field label not supported: {f}"),
+        ));
+    }
+    let dry_run = match get("dryRun") {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!("Invalid dry run value: dryRun: Unsupported value: {other:?}: supported values: \"All\""),
+            ));
+        }
+    };
+    let watch = watch_prefix || qbool(get("watch"));
+    let rv = get("resourceVersion")
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    let cont = get("continue").filter(|c| !c.is_empty()).map(str::to_owned);
+    let send_initial_events = get("sendInitialEvents").map(|v| qbool(Some(v)));
+    let bookmarks = qbool(get("allowWatchBookmarks"));
+    let mut errs = Vec::new();
+    let rv_match = match get("resourceVersionMatch").filter(|m| !m.is_empty()) {
+        None => None,
+        Some("Exact") => Some(RvMatch::Exact),
+        Some("NotOlderThan") => Some(RvMatch::NotOlderThan),
+        Some(other) => {
+            errs.push(FieldError::not_supported(
+                "resourceVersionMatch",
+                json!(other),
+                &["Exact", "NotOlderThan", ""],
+            ));
+            None
+        }
+    };
+    if let Some(m) = rv_match {
+        if watch && send_initial_events.is_none() {
+            errs.push(FieldError::forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+            ));
+        }
+        if rv.is_none() && !(watch && send_initial_events.is_some()) {
+            errs.push(FieldError::forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden unless resourceVersion is provided",
+            ));
+        }
+        if cont.is_some() {
+            errs.push(FieldError::forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden when continue is provided",
+            ));
+        }
+        if m == RvMatch::Exact && rv.as_deref() == Some("0") {
+            errs.push(FieldError::forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+            ));
+        }
+    }
+    if send_initial_events.is_some() {
+        if !watch {
+            errs.push(FieldError::forbidden(
+                "sendInitialEvents",
+                "sendInitialEvents is forbidden for list",
+            ));
+        } else {
+            if rv_match != Some(RvMatch::NotOlderThan) {
+                errs.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                ));
+            }
+            if send_initial_events == Some(true) && !bookmarks {
+                errs.push(FieldError::forbidden(
+                    "allowWatchBookmarks",
+                    "sendInitialEvents requires setting allowWatchBookmarks to true",
+                ));
+            }
+        }
+    }
+    if !errs.is_empty() {
+        return Err(list_invalid(&errs));
+    }
+    let include_object = match get("includeObject") {
+        Some("None") => IncludeObject::None,
+        Some("Object") => IncludeObject::Object,
+        _ => IncludeObject::Metadata,
+    };
     Ok(ListOptions {
         label: LabelSelector::parse(get("labelSelector").unwrap_or("")).map_err(bad)?,
-        field: FieldSelector::parse(get("fieldSelector").unwrap_or("")).map_err(bad)?,
+        field,
         limit: get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0),
-        cont: get("continue").filter(|c| !c.is_empty()).map(str::to_owned),
-        watch: watch_prefix || matches!(get("watch"), Some("true" | "1")),
-        rv: get("resourceVersion")
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned),
-        bookmarks: matches!(get("allowWatchBookmarks"), Some("true" | "1")),
+        cont,
+        watch,
+        rv,
+        rv_match,
+        send_initial_events,
+        bookmarks,
         timeout: get("timeoutSeconds")
             .and_then(|t| t.parse().ok())
             .map(Duration::from_secs),
         table: accept.contains("as=Table"),
+        include_object,
+        dry_run,
     })
+}
+
+/// `DeleteOptions` from the query and the (optional) body.
+fn delete_options(
+    q: &[(String, String)],
+    body: &[u8],
+    dry_run: bool,
+) -> Result<DeleteOptions, ApiError> {
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        parse_json(body)?
+    };
+    let grace = match get("gracePeriodSeconds") {
+        Some(g) => Some(g.parse::<i64>().map_err(|_| {
+            ApiError::new(400, "BadRequest", format!("gracePeriodSeconds: invalid value {g:?}"))
+        })?),
+        None => body.get("gracePeriodSeconds").and_then(Value::as_i64),
+    };
+    let policy = get("propagationPolicy")
+        .map(str::to_owned)
+        .or_else(|| body.get("propagationPolicy").and_then(Value::as_str).map(str::to_owned));
+    let orphan = get("orphanDependents")
+        .map(|v| qbool(Some(v)))
+        .or_else(|| body.get("orphanDependents").and_then(Value::as_bool));
+    let propagation = match (policy.as_deref(), orphan) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Invalid value: \"\": orphanDependents and deletionPropagation cannot be both set",
+            ));
+        }
+        (Some("Orphan"), _) => Some(Propagation::Orphan),
+        (Some("Background"), _) => Some(Propagation::Background),
+        (Some("Foreground"), _) => Some(Propagation::Foreground),
+        (Some(other), _) => {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!("DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""),
+            ));
+        }
+        (None, Some(true)) => Some(Propagation::Orphan),
+        (None, Some(false)) => Some(Propagation::Background),
+        (None, None) => None,
+    };
+    let body_dry = match body.get("dryRun").and_then(Value::as_array) {
+        Some(a) if a.iter().any(|v| v != "All") => {
+            return Err(ApiError::new(400, "BadRequest", "Invalid dry run value: supported values: \"All\""));
+        }
+        Some(a) => !a.is_empty(),
+        None => false,
+    };
+    Ok(DeleteOptions {
+        grace,
+        propagation,
+        uid: body
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        resource_version: body
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        dry_run: dry_run || body_dry,
+    })
+}
+
+/// The response to a delete: the object while it terminates (or for kinds that return it),
+/// else a `Status` naming what was deleted.
+fn deleted_response(res: &Resource, outcome: Deleted) -> (u16, Value) {
+    match outcome {
+        Deleted::Pending(o) => (200, (*o).clone()),
+        Deleted::Gone(o) if crate::strategy::returns_deleted_object(res) => (200, (*o).clone()),
+        Deleted::Gone(o) => (
+            200,
+            json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "details": {
+                    "name": o.pointer("/metadata/name").cloned().unwrap_or(Value::Null),
+                    "group": res.gvr.group,
+                    "kind": res.gvr.resource,
+                    "uid": o.pointer("/metadata/uid").cloned().unwrap_or(Value::Null),
+                },
+            }),
+        ),
+    }
 }
 
 async fn resource_request(
@@ -664,6 +920,15 @@ async fn resource_request(
         Ok(t) => t,
         Err(e) => return error(&e),
     };
+    if let Some(sub) = &target.subresource
+        && !target.res.has_subresource(sub)
+    {
+        return error(&ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
+    }
     let q = query(&req);
     let accept = req
         .headers()
@@ -671,18 +936,20 @@ async fn resource_request(
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let opts = match list_options(&q, &accept, watch_prefix) {
+    let opts = match list_options(&q, &accept, watch_prefix, &target.res) {
         Ok(o) => o,
         Err(e) => return error(&e),
     };
     let method = req.method().clone();
     let res = &target.res;
     let ns = target.namespace.as_deref();
+    let status_sub = target.subresource.as_deref() == Some("status");
+    let dry = opts.dry_run;
     let result = match (&method, &target.name) {
         (&Method::GET, None) if opts.watch => {
-            return watch_response(Arc::clone(shared), target, opts);
+            return watch_response(Arc::clone(shared), target, opts).await;
         }
-        (&Method::GET, None) => list(shared, res, ns, &opts),
+        (&Method::GET, None) => list(shared, res, ns, &opts).await,
         (&Method::GET, Some(name)) => shared
             .store()
             .get(res, ns, name)
@@ -690,25 +957,49 @@ async fn resource_request(
         (&Method::POST, None) => match read_body(req).await.and_then(|(_, b)| parse_json(&b)) {
             Ok(body) => shared
                 .store()
-                .create(res, ns, body)
+                .create(res, ns, body, dry)
                 .map(|o| (201, (*o).clone())),
             Err(e) => Err(e),
         },
         (&Method::PUT, Some(name)) => {
             match read_body(req).await.and_then(|(_, b)| parse_json(&b)) {
-                Ok(body) => update_keeping_status(shared, &target, name, body).map(|o| (200, o)),
+                Ok(body) => shared
+                    .store()
+                    .update(res, ns, name, body, status_sub, dry)
+                    .map(|o| (200, (*o).clone())),
                 Err(e) => Err(e),
             }
         }
         (&Method::PATCH, Some(name)) => match read_body(req).await {
-            Ok((ct, body)) => patch(shared, res, ns, name, ct.as_deref().unwrap_or(""), &body),
+            Ok((ct, body)) => patch(
+                shared,
+                &target,
+                name,
+                ct.as_deref().unwrap_or(""),
+                &body,
+                dry,
+            ),
             Err(e) => Err(e),
         },
-        (&Method::DELETE, Some(name)) => shared
-            .store()
-            .delete(res, ns, name)
-            .map(|o| (200, (*o).clone())),
-        (&Method::DELETE, None) => delete_collection(shared, res, ns, &opts),
+        (&Method::DELETE, Some(name)) if !status_sub => {
+            match read_body(req)
+                .await
+                .and_then(|(_, b)| delete_options(&q, &b, dry))
+            {
+                Ok(d) => shared
+                    .store()
+                    .delete(res, ns, name, &d)
+                    .map(|outcome| deleted_response(res, outcome)),
+                Err(e) => Err(e),
+            }
+        }
+        (&Method::DELETE, None) => match read_body(req)
+            .await
+            .and_then(|(_, b)| delete_options(&q, &b, dry))
+        {
+            Ok(d) => delete_collection(shared, res, ns, &opts, &d),
+            Err(e) => Err(e),
+        },
         _ => Err(ApiError::new(
             405,
             "MethodNotAllowed",
@@ -725,7 +1016,7 @@ async fn resource_request(
                 Some(Value::Array(items)) => items.clone(),
                 _ => vec![v.clone()],
             };
-            let mut t = table(&items);
+            let mut t = table(res, &target.crd, &items, opts.include_object);
             t["metadata"]["resourceVersion"] = rv;
             if let Some(c) = v.pointer("/metadata/continue") {
                 t["metadata"]["continue"] = c.clone();
@@ -737,37 +1028,25 @@ async fn resource_request(
     }
 }
 
-fn update_keeping_status(
+fn patch(
     shared: &Shared,
     target: &Target,
     name: &str,
-    mut body: Value,
-) -> Result<Value, ApiError> {
-    let mut store = shared.store();
-    let ns = target.namespace.as_deref();
-    if target.subresource.as_deref() == Some("status") {
-        // PUT .../status changes only the status.
-        let mut current = (*store.get(&target.res, ns, name)?).clone();
-        current["status"] = body.get("status").cloned().unwrap_or(Value::Null);
-        if let Some(rv) = body.pointer("/metadata/resourceVersion") {
-            current["metadata"]["resourceVersion"] = rv.clone();
-        }
-        body = current;
-    }
-    store
-        .update(&target.res, ns, name, body)
-        .map(|o| (*o).clone())
-}
-
-fn patch(
-    shared: &Shared,
-    res: &Resource,
-    ns: Option<&str>,
-    name: &str,
     ct: &str,
     body: &[u8],
+    dry_run: bool,
 ) -> Result<(u16, Value), ApiError> {
+    let res = &target.res;
+    let ns = target.namespace.as_deref();
     let mut store = shared.store();
+    let builtin = !store.is_custom(res);
+    if !builtin && ct.starts_with("application/strategic-merge-patch+json") {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"),
+        ));
+    }
     let current = store.get(res, ns, name)?;
     let mut obj = (*current).clone();
     crate::patch::apply(&mut obj, ct, body).map_err(|e| match e {
@@ -778,7 +1057,14 @@ fn patch(
         crate::patch::Error::Invalid(_) => ApiError::new(400, "BadRequest", e.to_string()),
     })?;
     store
-        .update(res, ns, name, obj)
+        .update(
+            res,
+            ns,
+            name,
+            obj,
+            target.subresource.as_deref() == Some("status"),
+            dry_run,
+        )
         .map(|o| (200, (*o).clone()))
 }
 
@@ -787,6 +1073,7 @@ fn delete_collection(
     res: &Resource,
     ns: Option<&str>,
     opts: &ListOptions,
+    delete: &DeleteOptions,
 ) -> Result<(u16, Value), ApiError> {
     let mut store = shared.store();
     let victims: Vec<String> = store
@@ -801,12 +1088,43 @@ fn delete_collection(
         .collect();
     let mut items = Vec::new();
     for name in victims {
-        items.push((*store.delete(res, ns, &name)?).clone());
+        let o = match store.delete(res, ns, &name, delete)? {
+            Deleted::Gone(o) | Deleted::Pending(o) => o,
+        };
+        items.push((*o).clone());
     }
     Ok((
         200,
         json!({"kind": format!("{}List", res.kind), "apiVersion": res.gvr.api_version(), "metadata": {"resourceVersion": store.rv().to_string()}, "items": items}),
     ))
+}
+
+/// How long a request for a resourceVersion newer than the server's waits for it.
+const FUTURE_RV_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits (up to [`FUTURE_RV_WAIT`]) until the store has reached `rv`; the apiserver's
+/// `Too large resource version` (504) if it does not.
+async fn wait_for_rv(shared: &Shared, rv: u64) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + FUTURE_RV_WAIT;
+    let mut live = shared.store().subscribe();
+    loop {
+        let current = shared.store().rv();
+        if current >= rv {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            let mut e = ApiError::new(
+                504,
+                "Timeout",
+                format!("Timeout: Too large resource version: {rv}, current: {current}"),
+            );
+            e.causes = vec![json!({"reason": "ResourceVersionTooLarge", "message": "Too large resource version"})];
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        let _ = tokio::time::timeout(left, live.recv()).await;
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -827,12 +1145,33 @@ fn object_key(o: &Value) -> String {
     format!("{ns}/{name}")
 }
 
-fn list(
+async fn list(
     shared: &Shared,
     res: &Resource,
     ns: Option<&str>,
     opts: &ListOptions,
 ) -> Result<(u16, Value), ApiError> {
+    let requested = match opts.rv.as_deref() {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            list_invalid(&[crate::field_error::FieldError::invalid(
+                "resourceVersion",
+                json!(v),
+                "must be a non-negative integer",
+            )])
+        })?),
+    };
+    if let Some(rv) = requested.filter(|r| *r > 0)
+        && opts.cont.is_none()
+    {
+        wait_for_rv(shared, rv).await?;
+    }
+    // An exact list (or, as the apiserver does, a paginated one from a given RV) is served
+    // from that revision; otherwise from the newest state.
+    let exact = opts.rv_match == Some(RvMatch::Exact)
+        || (opts.rv_match.is_none()
+            && opts.limit.is_some()
+            && requested.is_some_and(|r| r > 0));
     let store = shared.store();
     let token = match &opts.cont {
         Some(c) => {
@@ -845,8 +1184,13 @@ fn list(
         }
         None => None,
     };
-    let rv = token.as_ref().map_or(store.rv(), |t| t.rv);
-    let all = store.list(&res.gvr, ns, token.as_ref().map(|t| t.rv))?;
+    let at = match &token {
+        Some(t) => Some(t.rv),
+        None if exact => requested,
+        None => None,
+    };
+    let rv = at.unwrap_or(store.rv());
+    let all = store.list(&res.gvr, ns, at)?;
     let matching: Vec<Arc<Value>> = all
         .into_iter()
         .filter(|o| opts.label.matches(o) && opts.field.matches(o))
@@ -877,45 +1221,6 @@ fn list(
     ))
 }
 
-fn age(created: Option<&str>) -> String {
-    let Some(t) = created.and_then(|c| {
-        time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok()
-    }) else {
-        return "<unknown>".into();
-    };
-    let secs = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
-}
-
-fn table(items: &[Value]) -> Value {
-    let rows: Vec<Value> = items
-        .iter()
-        .map(|o| {
-            let name = o.pointer("/metadata/name").cloned().unwrap_or(Value::Null);
-            let created = o.pointer("/metadata/creationTimestamp").and_then(Value::as_str);
-            json!({
-                "cells": [name, age(created)],
-                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o.get("metadata").cloned().unwrap_or(Value::Null)}
-            })
-        })
-        .collect();
-    json!({
-        "kind": "Table",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": {},
-        "columnDefinitions": [
-            {"name": "Name", "type": "string", "format": "name", "description": "Name of the object", "priority": 0},
-            {"name": "Age", "type": "string", "format": "", "description": "Time since creation", "priority": 0}
-        ],
-        "rows": rows,
-    })
-}
-
 /// What a watcher with these options should see of `change`: `None`, or the event type.
 fn classify(change: &Change, target: &Target, opts: &ListOptions) -> Option<&'static str> {
     if change.gvr != target.res.gvr
@@ -941,9 +1246,20 @@ fn classify(change: &Change, target: &Target, opts: &ListOptions) -> Option<&'st
     }
 }
 
-fn event_line(kind: &str, object: &Value, table_mode: bool) -> Bytes {
+fn event_line(
+    kind: &str,
+    object: &Value,
+    table_mode: bool,
+    target: &Target,
+    opts: &ListOptions,
+) -> Bytes {
     let object = if table_mode && kind != "BOOKMARK" && kind != "ERROR" {
-        table(std::slice::from_ref(object))
+        table(
+            &target.res,
+            &target.crd,
+            std::slice::from_ref(object),
+            opts.include_object,
+        )
     } else {
         object.clone()
     };
@@ -952,38 +1268,59 @@ fn event_line(kind: &str, object: &Value, table_mode: bool) -> Bytes {
     Bytes::from(line)
 }
 
-fn watch_response(shared: Arc<Shared>, target: Target, opts: ListOptions) -> Response<Body> {
+async fn watch_response(shared: Arc<Shared>, target: Target, opts: ListOptions) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
-    let start = {
-        let store = shared.store();
-        match opts.rv.as_deref().map(str::parse::<u64>) {
-            None | Some(Ok(0)) => {
-                match store.list(&target.res.gvr, target.namespace.as_deref(), None) {
-                    Ok(objs) => {
-                        let initial: Vec<Bytes> = objs
-                            .iter()
-                            .filter(|o| opts.label.matches(o) && opts.field.matches(o))
-                            .map(|o| event_line("ADDED", o, opts.table))
-                            .collect();
-                        Ok((initial, Vec::new(), store.subscribe(), store.rv()))
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Some(Ok(rv)) => store
-                .watch_from(rv)
-                .map(|(replay, live)| (Vec::new(), replay, live, rv.max(store.rv()))),
-            Some(Err(_)) => Err(ApiError::new(
-                400,
-                "BadRequest",
-                "resourceVersion is not a number",
-            )),
+    let requested = match opts.rv.as_deref().map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(rv)) => Some(rv),
+        Some(Err(_)) => {
+            return error(&list_invalid(&[crate::field_error::FieldError::invalid(
+                "resourceVersion",
+                json!(opts.rv),
+                "must be a non-negative integer",
+            )]));
         }
     };
-    let (initial, replay, mut live, mut processed) = match start {
+    // A watch from a revision the server has not reached waits for it, then fails.
+    if let Some(rv) = requested.filter(|r| *r > 0)
+        && let Err(e) = wait_for_rv(&shared, rv).await
+    {
+        let _ = tx.try_send(event_line("ERROR", &e.status(), false, &target, &opts));
+        drop(tx);
+        return stream_response(rx);
+    }
+    // Initial events: a watch without a resourceVersion (or "0") starts with the current
+    // state, unless `sendInitialEvents=false`; `sendInitialEvents=true` always does, and ends
+    // them with a bookmark.
+    let initial_state = match opts.send_initial_events {
+        Some(v) => v,
+        None => matches!(requested, None | Some(0)),
+    };
+    let start = {
+        let store = shared.store();
+        if initial_state {
+            match store.list(&target.res.gvr, target.namespace.as_deref(), None) {
+                Ok(objs) => {
+                    let initial: Vec<Bytes> = objs
+                        .iter()
+                        .filter(|o| opts.label.matches(o) && opts.field.matches(o))
+                        .map(|o| event_line("ADDED", o, opts.table, &target, &opts))
+                        .collect();
+                    Ok((initial, Vec::new(), store.subscribe(), store.rv()))
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            let from = requested.filter(|r| *r > 0).unwrap_or(store.rv());
+            store
+                .watch_from(from)
+                .map(|(replay, live)| (Vec::new(), replay, live, from))
+        }
+    };
+    let (initial, replay, mut live, from) = match start {
         Ok(s) => s,
         Err(e) if e.code == 410 => {
-            let line = event_line("ERROR", &e.status(), false);
+            let line = event_line("ERROR", &e.status(), false, &target, &opts);
             let _ = tx.try_send(line);
             drop(tx);
             return stream_response(rx);
@@ -993,25 +1330,36 @@ fn watch_response(shared: Arc<Shared>, target: Target, opts: ListOptions) -> Res
     let mut closed = shared.close_watches.subscribe();
     let bookmark_every = shared.bookmark_interval;
     let deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
+    let initial_end = opts.send_initial_events == Some(true);
     tokio::spawn(async move {
+        let bookmark = |rv: u64, end: bool| {
+            let mut bm = json!({"kind": target.res.kind, "apiVersion": target.res.gvr.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
+            if end {
+                bm["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+            }
+            event_line("BOOKMARK", &bm, false, &target, &opts)
+        };
         for line in initial {
             if tx.send(line).await.is_err() {
                 return;
             }
         }
-        let mut last_sent = 0;
+        if initial_end && tx.send(bookmark(from, true)).await.is_err() {
+            return;
+        }
+        let mut last_sent = from;
         for c in replay {
             last_sent = c.rv;
             if let Some(kind) = classify(&c, &target, &opts)
                 && tx
-                    .send(event_line(kind, &c.object, opts.table))
+                    .send(event_line(kind, &c.object, opts.table, &target, &opts))
                     .await
                     .is_err()
             {
                 return;
             }
         }
-        processed = processed.max(last_sent);
+        let mut processed = last_sent;
         let mut tick = tokio::time::interval(bookmark_every);
         tick.tick().await;
         loop {
@@ -1027,7 +1375,7 @@ fn watch_response(shared: Arc<Shared>, target: Target, opts: ListOptions) -> Res
                         if c.rv <= last_sent { continue; }
                         processed = processed.max(c.rv);
                         if let Some(kind) = classify(&c, &target, &opts)
-                            && tx.send(event_line(kind, &c.object, opts.table)).await.is_err()
+                            && tx.send(event_line(kind, &c.object, opts.table, &target, &opts)).await.is_err()
                         {
                             return;
                         }
@@ -1036,8 +1384,7 @@ fn watch_response(shared: Arc<Shared>, target: Target, opts: ListOptions) -> Res
                     Err(_) => return,
                 },
                 _ = tick.tick(), if opts.bookmarks => {
-                    let bm = json!({"kind": target.res.kind, "apiVersion": target.res.gvr.api_version(), "metadata": {"resourceVersion": processed.to_string()}});
-                    if tx.send(event_line("BOOKMARK", &bm, false)).await.is_err() {
+                    if tx.send(bookmark(processed, false)).await.is_err() {
                         return;
                     }
                 }

@@ -608,7 +608,8 @@ async fn custom_resources_from_a_crd() {
         "spec": {
             "group": "multicluster.x-k8s.io", "scope": "Namespaced",
             "names": {"plural": "serviceexports", "singular": "serviceexport", "kind": "ServiceExport", "shortNames": ["svcex"]},
-            "versions": [{"name": "v1alpha1", "served": true, "storage": true}]
+            "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
         }
     }))
     .unwrap();
