@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::PostParams;
 use kvstore::watch::{Event, Watcher};
 use model::ClusterName;
 use model::keys::{self, Kind, Scope};
@@ -86,7 +85,9 @@ async fn churn(
         let sent = Arc::clone(&sent);
         inflight.push(tokio::spawn(async move {
             sent.lock().unwrap().insert(ip(i), Instant::now());
-            pods.create(&PostParams::default(), &pod(i)).await.unwrap();
+            test_support::kube::create_with_status(&pods, &pod(i))
+                .await
+                .unwrap();
         }));
     }
     for t in inflight {
@@ -155,7 +156,11 @@ async fn main() {
     futures::stream::iter(0..BASE_PODS)
         .map(|i| {
             let pods = pods.clone();
-            async move { pods.create(&PostParams::default(), &pod(i)).await.unwrap() }
+            async move {
+                test_support::kube::create_with_status(&pods, &pod(i))
+                    .await
+                    .unwrap()
+            }
         })
         .buffer_unordered(32)
         .collect::<Vec<_>>()

@@ -135,7 +135,9 @@ impl Lab {
     {
         let api: Api<K> = Api::namespaced(self.client.clone(), ns.unwrap_or("default"));
         let obj: K = serde_json::from_value(obj).unwrap();
-        api.create(&PostParams::default(), &obj).await.unwrap();
+        test_support::kube::create_with_status(&api, &obj)
+            .await
+            .unwrap();
     }
 }
 
@@ -409,10 +411,11 @@ async fn exports_services_endpoints_identities_nodes_and_converges() {
     })
     .await;
 
-    // Pods go: endpoints withdrawn at once, the identity after its grace period.
+    // Pods go (force-deleted): endpoints withdrawn at once, the identity after its grace
+    // period.
     let pods: Api<Pod> = Api::namespaced(lab.client.clone(), "shop");
     for p in ["web-a", "web-b", "web-c"] {
-        pods.delete(p, &DeleteParams::default()).await.unwrap();
+        pods.delete(p, &test_support::kube::now()).await.unwrap();
     }
     eventually("endpoints withdrawn", T, || async {
         lab.endpoints().await.is_empty().then_some(())
@@ -477,7 +480,9 @@ async fn churn_pods(client: kube::Client, from: usize, to: usize) {
             &format!("app{}", i % 5),
         ))
         .unwrap();
-        pods.create(&PostParams::default(), &p).await.unwrap();
+        test_support::kube::create_with_status(&pods, &p)
+            .await
+            .unwrap();
     }
 }
 
@@ -663,7 +668,9 @@ async fn bursts_are_batched() {
                     "burst",
                 ))
                 .unwrap();
-                pods.create(&PostParams::default(), &p).await.unwrap();
+                test_support::kube::create_with_status(&pods, &p)
+                    .await
+                    .unwrap();
             }
         })
         .buffer_unordered(16)
@@ -680,7 +687,9 @@ async fn bursts_are_batched() {
         "the initial 10,000 endpoints went out in one batch: {batches_before}"
     );
 
-    pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+    // A burst: every pod force-deleted at once (graceful deletions would trickle in as each
+    // pod's grace period ends).
+    pods.delete_collection(&test_support::kube::now(), &ListParams::default())
         .await
         .unwrap();
     eventually(
@@ -856,4 +865,99 @@ async fn etcd_cut_withdraws_nothing(hold: Duration) {
         .collect();
     assert!(deletes.is_empty(), "no exported key deleted: {deletes:?}");
     assert!(apiserver.ready().borrow().is_ok());
+}
+
+/// A pod deleted gracefully, on a server that deletes as a real apiserver does (first a
+/// `deletionTimestamp`, the pod gone only when its grace period has passed): it stays an
+/// endpoint while it terminates, its backend is exported as terminating-but-serving when its
+/// EndpointSlice says so, and it is withdrawn only once the pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_pods_stay_endpoints_until_gone() {
+    const GRACE: i64 = 10;
+    let lab = Lab::start().await;
+    create_namespace(&lab, "shop", json!({})).await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    test_support::kube::create_with_status(
+        &nodes,
+        &serde_json::from_value(json!({
+            "metadata": {"name": "node-1"},
+            "spec": {"podCIDRs": ["10.1.1.0/24"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.10.1"}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    lab.apply::<Service>(
+        Some("shop"),
+        global_service("web", json!({"service.cilium.io/global": "true"})),
+    )
+    .await;
+    lab.apply::<EndpointSlice>(
+        Some("shop"),
+        slice(
+            "web-1",
+            "web",
+            json!([{"addresses": ["10.1.1.10"], "conditions": {"ready": true}, "nodeName": "node-1"}]),
+        ),
+    )
+    .await;
+    let mut p = pod("web-a", "10.1.1.10", "web");
+    p["spec"]["terminationGracePeriodSeconds"] = json!(GRACE);
+    lab.apply::<Pod>(Some("shop"), p).await;
+    let apiserver = lab.apiserver("r1").await;
+    ready(&apiserver).await;
+    eventually("the pod is an endpoint", T, || async {
+        lab.endpoints().await.contains_key("10.1.1.10").then_some(())
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(lab.client.clone(), "shop");
+    pods.delete("web-a", &DeleteParams::default()).await.unwrap();
+    let terminating = pods.get("web-a").await.unwrap();
+    assert!(
+        terminating.metadata.deletion_timestamp.is_some(),
+        "a bound pod terminates for its grace period"
+    );
+    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(GRACE));
+    // The EndpointSlice controller: not ready, still serving, terminating.
+    let slices: Api<EndpointSlice> = Api::namespaced(lab.client.clone(), "shop");
+    slices
+        .patch(
+            "web-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"endpoints": [
+                {"addresses": ["10.1.1.10"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-1"}
+            ]})),
+        )
+        .await
+        .unwrap();
+    eventually("the backend is exported as terminating and serving", T, || async {
+        let s = lab.services().await;
+        let b = s.get("shop/web")?.backends.first()?.clone();
+        (!b.conditions.ready && b.conditions.serving && b.conditions.terminating).then_some(())
+    })
+    .await;
+    // Read the export, then the pod: if the pod still existed after the read, its endpoint
+    // must have been in it.
+    let endpoints = lab.endpoints().await;
+    let still_there = pods.get_opt("web-a").await.unwrap().is_some();
+    assert!(
+        still_there,
+        "the pod outlived its {GRACE} s grace period before the check"
+    );
+    assert!(
+        endpoints.contains_key("10.1.1.10"),
+        "a terminating pod keeps its endpoint: {endpoints:?}"
+    );
+
+    eventually("the pod is gone after its grace period", T, || async {
+        pods.get_opt("web-a").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    eventually("its endpoint is withdrawn", T, || async {
+        (!lab.endpoints().await.contains_key("10.1.1.10")).then_some(())
+    })
+    .await;
+    apiserver.stop().await.unwrap();
 }

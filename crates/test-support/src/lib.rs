@@ -6,9 +6,12 @@
 //!   (`setpriv --pdeathsig`);
 //! * [`proxy::Proxy`]: a TCP proxy whose connections a test can cut, to simulate a network
 //!   failure between a client and a server;
-//! * [`eventually`]: wait for a condition with a deadline instead of sleeping.
+//! * [`eventually`]: wait for a condition with a deadline instead of sleeping;
+//! * [`kube::create_with_status`]: create an object the way a client of a real apiserver must
+//!   when it also reports a status (a Pod's IP and phase).
 
 pub mod etcd;
+pub mod kube;
 pub mod proxy;
 
 use std::future::Future;

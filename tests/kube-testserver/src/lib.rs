@@ -16,6 +16,7 @@
 //! state. What it does not do: admission, defaulting beyond Service cluster IPs and Namespace
 //! phase, validation beyond names, finalizers, server-side apply, authorization.
 
+pub mod apply;
 pub mod field_error;
 pub mod patch;
 pub mod protobuf;

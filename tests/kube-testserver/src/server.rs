@@ -945,6 +945,17 @@ async fn resource_request(
     let ns = target.namespace.as_deref();
     let status_sub = target.subresource.as_deref() == Some("status");
     let dry = opts.dry_run;
+    let qget = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let writer = Writer {
+        field_manager: qget("fieldManager").filter(|m| !m.is_empty()),
+        force: qbool(qget("force").as_deref()),
+        user_agent: req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned),
+    };
+    let sub = target.subresource.clone();
     let result = match (&method, &target.name) {
         (&Method::GET, None) if opts.watch => {
             return watch_response(Arc::clone(shared), target, opts).await;
@@ -955,18 +966,29 @@ async fn resource_request(
             .get(res, ns, name)
             .map(|o| (200, (*o).clone())),
         (&Method::POST, None) => match read_body(req).await.and_then(|(_, b)| parse_json(&b)) {
-            Ok(body) => shared
-                .store()
-                .create(res, ns, body, dry)
-                .map(|o| (201, (*o).clone())),
+            Ok(mut body) => {
+                crate::apply::record_update(None, &mut body, &writer.manager(), None, &crate::apply::AllAtomic);
+                shared
+                    .store()
+                    .create(res, ns, body, dry)
+                    .map(|o| (201, (*o).clone()))
+            }
             Err(e) => Err(e),
         },
         (&Method::PUT, Some(name)) => {
             match read_body(req).await.and_then(|(_, b)| parse_json(&b)) {
-                Ok(body) => shared
-                    .store()
-                    .update(res, ns, name, body, status_sub, dry)
-                    .map(|o| (200, (*o).clone())),
+                Ok(mut body) => {
+                    let mut store = shared.store();
+                    match store.get(res, ns, name) {
+                        Ok(old) => {
+                            crate::apply::record_update(Some(&old), &mut body, &writer.manager(), sub.as_deref(), &crate::apply::AllAtomic);
+                            store
+                                .update(res, ns, name, body, status_sub, dry)
+                                .map(|o| (200, (*o).clone()))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             }
         }
@@ -978,6 +1000,7 @@ async fn resource_request(
                 ct.as_deref().unwrap_or(""),
                 &body,
                 dry,
+                &writer,
             ),
             Err(e) => Err(e),
         },
@@ -1028,6 +1051,114 @@ async fn resource_request(
     }
 }
 
+/// Who writes: the field manager of a write, and `force` for server-side apply.
+struct Writer {
+    field_manager: Option<String>,
+    force: bool,
+    user_agent: Option<String>,
+}
+
+impl Writer {
+    fn manager(&self) -> String {
+        self.field_manager
+            .clone()
+            .unwrap_or_else(|| crate::apply::manager_from_user_agent(self.user_agent.as_deref()))
+    }
+}
+
+/// Server-side apply: create the object if absent, else merge the applied configuration,
+/// with field ownership and conflicts.
+fn server_side_apply(
+    shared: &Shared,
+    target: &Target,
+    name: &str,
+    body: &[u8],
+    dry_run: bool,
+    writer: &Writer,
+) -> Result<(u16, Value), ApiError> {
+    let res = &target.res;
+    let ns = target.namespace.as_deref();
+    let Some(manager) = &writer.field_manager else {
+        return Err(ApiError::new(
+            422,
+            "Invalid",
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        ));
+    };
+    let mut applied: Value = serde_yaml::from_slice(body).map_err(|e| {
+        ApiError::new(400, "BadRequest", format!("error decoding YAML: {e}"))
+    })?;
+    if !applied.is_object() {
+        return Err(ApiError::new(400, "BadRequest", "the applied configuration must be an object"));
+    }
+    for (field, want) in [("apiVersion", res.gvr.api_version()), ("kind", res.kind.clone())] {
+        match applied.get(field).and_then(Value::as_str) {
+            Some(v) if v == want => {}
+            Some(v) => {
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!("{field} {v:?} of the applied configuration does not match {want:?}"),
+                ));
+            }
+            None => {
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!("invalid object type: {field} must be set"),
+                ));
+            }
+        }
+    }
+    match applied.pointer("/metadata/name").and_then(Value::as_str) {
+        Some(n) if n == name => {}
+        Some(n) => {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!("the name of the object ({n}) does not match the name on the URL ({name})"),
+            ));
+        }
+        None => applied["metadata"]["name"] = json!(name),
+    }
+    let mut store = shared.store();
+    let live = match store.get(res, ns, name) {
+        Ok(o) => Some(o),
+        Err(e) if e.code == 404 => None,
+        Err(e) => return Err(e),
+    };
+    let types = crate::apply::AllAtomic;
+    let merged = crate::apply::apply(
+        live.as_deref(),
+        &applied,
+        manager,
+        writer.force,
+        target.subresource.as_deref(),
+        &types,
+    )
+    .map_err(|c| {
+        let mut e = ApiError::new(409, "Conflict", c.message());
+        e.causes = c.causes();
+        e
+    })?;
+    match live {
+        None if target.subresource.is_none() => store
+            .create(res, ns, merged, dry_run)
+            .map(|o| (201, (*o).clone())),
+        None => Err(ApiError::not_found_in(res, name)),
+        Some(_) => store
+            .update(
+                res,
+                ns,
+                name,
+                merged,
+                target.subresource.as_deref() == Some("status"),
+                dry_run,
+            )
+            .map(|o| (200, (*o).clone())),
+    }
+}
+
 fn patch(
     shared: &Shared,
     target: &Target,
@@ -1035,9 +1166,13 @@ fn patch(
     ct: &str,
     body: &[u8],
     dry_run: bool,
+    writer: &Writer,
 ) -> Result<(u16, Value), ApiError> {
     let res = &target.res;
     let ns = target.namespace.as_deref();
+    if ct.starts_with("application/apply-patch+yaml") {
+        return server_side_apply(shared, target, name, body, dry_run, writer);
+    }
     let mut store = shared.store();
     let builtin = !store.is_custom(res);
     if !builtin && ct.starts_with("application/strategic-merge-patch+json") {
@@ -1056,6 +1191,13 @@ fn patch(
         crate::patch::Error::Failed(_) => ApiError::new(422, "Invalid", e.to_string()),
         crate::patch::Error::Invalid(_) => ApiError::new(400, "BadRequest", e.to_string()),
     })?;
+    crate::apply::record_update(
+        Some(&current),
+        &mut obj,
+        &writer.manager(),
+        target.subresource.as_deref(),
+        &crate::apply::AllAtomic,
+    );
     store
         .update(
             res,

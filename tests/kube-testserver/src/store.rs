@@ -230,6 +230,11 @@ impl ApiError {
         s
     }
 
+    /// `404 NotFound` for `name` of `res`.
+    pub fn not_found_in(res: &Resource, name: &str) -> Self {
+        Self::not_found(res, name)
+    }
+
     fn not_found(res: &Resource, name: &str) -> Self {
         let what = qualified(res);
         Self::new(404, "NotFound", format!("{what} \"{name}\" not found")).about(res, name)

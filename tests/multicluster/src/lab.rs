@@ -807,8 +807,7 @@ impl Lab {
                 "conditions": [{"type": "Ready", "status": "True"}],
             },
         }))?;
-        Api::<Pod>::namespaced(client, namespace)
-            .create(&PostParams::default(), &pod_obj)
+        test_support::kube::create_with_status(&Api::<Pod>::namespaced(client, namespace), &pod_obj)
             .await?;
         Ok(pod)
     }
@@ -994,8 +993,9 @@ impl Lab {
             .partition(|p| p.service.as_deref() == Some(service));
         c.pods = kept;
         for p in gone {
+            // The lab stopped the pod's process: the kubelet deletes it at once.
             let _ = Api::<Pod>::namespaced(client.clone(), ns)
-                .delete(&p.name, &DeleteParams::default())
+                .delete(&p.name, &test_support::kube::now())
                 .await;
             remove_pod(&p);
         }
@@ -1438,8 +1438,9 @@ impl Lab {
         remove_pod(&p);
         self.save()?;
         let client = self.client(cluster).await?;
+        // The lab stopped the pod's process: the kubelet deletes it at once.
         match Api::<Pod>::namespaced(client, &p.namespace)
-            .delete(&p.name, &DeleteParams::default())
+            .delete(&p.name, &test_support::kube::now())
             .await
         {
             Ok(_) => Ok(()),
