@@ -17,9 +17,11 @@
 //! phase, validation beyond names, finalizers, server-side apply, authorization.
 
 pub mod field_error;
+pub mod openapi;
 pub mod patch;
 pub mod protobuf;
 pub mod registry;
+pub mod schema;
 pub mod selectors;
 pub mod server;
 pub mod store;

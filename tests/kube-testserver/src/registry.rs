@@ -189,7 +189,14 @@ impl Default for Registry {
                 true,
                 &["netpol"],
             ),
-            Resource::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, &[]),
+            Resource::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "roles",
+                "Role",
+                true,
+                &[],
+            ),
             Resource::builtin(
                 "rbac.authorization.k8s.io",
                 "v1",
