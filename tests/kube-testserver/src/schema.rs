@@ -271,7 +271,7 @@ impl Schemas {
             hard: None,
             saved: None,
             unknown: Vec::new(),
-            required: Vec::new(),
+            invalid: Vec::new(),
         };
         if !obj.is_null() {
             d.value(root, obj, path, path, "");
@@ -290,8 +290,8 @@ impl Schemas {
                 warnings.join(", ")
             )));
         }
-        if !d.required.is_empty() {
-            return Err(Rejection::Invalid(d.required));
+        if !d.invalid.is_empty() {
+            return Err(Rejection::Invalid(d.invalid));
         }
         Ok(match mode {
             FieldValidation::Warn => warnings,
@@ -416,8 +416,8 @@ struct Decoder<'s> {
     saved: Option<String>,
     /// Unknown fields, as paths.
     unknown: Vec<String>,
-    /// Missing required properties.
-    required: Vec<FieldError>,
+    /// Missing required properties and values outside an `enum`.
+    invalid: Vec<FieldError>,
 }
 
 impl Decoder<'_> {
@@ -454,6 +454,27 @@ impl Decoder<'_> {
             Some(TIME) => return self.time(v, go, owner, RFC3339),
             Some(MICRO_TIME) => return self.time(v, go, owner, RFC3339_MICRO),
             _ => {}
+        }
+        // Root apiVersion and kind carry enums in the JSON-schema form; a mismatch there is
+        // the caller's (the URL's kind decides), not a field error.
+        let enumeration = node
+            .get("enum")
+            .or_else(|| n.get("enum"))
+            .and_then(Value::as_array);
+        if let Some(allowed) = enumeration
+            && api != "apiVersion"
+            && api != "kind"
+            && !allowed.contains(v)
+        {
+            let allowed: Vec<String> = allowed
+                .iter()
+                .map(|a| a.as_str().map_or_else(|| a.to_string(), str::to_owned))
+                .collect();
+            self.invalid.push(FieldError {
+                field: api.to_owned(),
+                kind: crate::field_error::FieldErrorKind::NotSupported(allowed),
+                value: Some(v.clone()),
+            });
         }
         let Some(ty) = types(n).first().copied() else {
             // No type: any JSON (apiextensions JSON, FieldsV1, ...).
@@ -544,7 +565,7 @@ impl Decoder<'_> {
             .filter_map(Value::as_str)
         {
             if !m.contains_key(r) {
-                self.required.push(FieldError::required(join(api, r)));
+                self.invalid.push(FieldError::required(join(api, r)));
             }
         }
     }
@@ -1734,6 +1755,34 @@ mod tests {
             check(("", "v1", "Secret"), &mut secret, FieldValidation::Strict),
             Ok(vec![])
         );
+        // A CRD object decodes strictly (JSONSchemaProps down the schema tree).
+        let mut crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "ps.example.com"},
+            "spec": {"group": "example.com", "scope": "Namespaced", "names": {"kind": "P", "plural": "ps"},
+                "versions": [{"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
+                    "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object",
+                        "x-kubernetes-preserve-unknown-fields": true, "properties": {"n": {"type": "integer", "default": 1, "enum": [1, 2]}}}}}}}]}});
+        assert_eq!(
+            check(
+                ("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+                &mut crd.clone(),
+                FieldValidation::Strict
+            ),
+            Ok(vec![])
+        );
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["typo"] =
+            json!(1);
+        assert_eq!(
+            check(
+                ("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+                &mut crd,
+                FieldValidation::Warn
+            ),
+            Ok(vec![
+                "unknown field \"spec.versions[0].schema.openAPIV3Schema.properties.spec.typo\""
+                    .to_owned()
+            ])
+        );
         // A kind without a definition passes untouched.
         let mut cr = json!({"spec": {"anything": 1}});
         assert_eq!(
@@ -1824,6 +1873,35 @@ mod tests {
                 "spec.containers[1].ports[0].containerPort",
                 "spec.volumes[0].name"
             ]
+        );
+    }
+
+    #[test]
+    fn enums_are_not_supported_errors() {
+        // The official 1.32 JSON schemas carry no field enums (only apiVersion/kind), so this
+        // test adds the apiserver's Service types to the real ServiceSpec to exercise the check.
+        let mut s = Schemas::load(&Schemas::discover().unwrap()).unwrap();
+        let spec = s.defs.get_mut("io.k8s.api.core.v1.ServiceSpec").unwrap();
+        spec["properties"]["type"]["enum"] =
+            json!(["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"]);
+        let mut svc = json!({"apiVersion": "v1", "kind": "Service", "spec": {"type": "Foo"}});
+        let e = s
+            .check("", "v1", "Service", &mut svc, FieldValidation::Strict)
+            .unwrap_err();
+        assert_eq!(
+            e.message("Service", "v1", "s"),
+            "Service \"s\" is invalid: spec.type: Unsupported value: \"Foo\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""
+        );
+        let mut svc = json!({"spec": {"type": "NodePort"}});
+        assert_eq!(
+            s.check("", "v1", "Service", &mut svc, FieldValidation::Strict),
+            Ok(vec![])
+        );
+        // The root kind enum is not a field error (the URL decides the kind).
+        let mut svc = json!({"kind": "Pod"});
+        assert_eq!(
+            s.check("", "v1", "Service", &mut svc, FieldValidation::Strict),
+            Ok(vec![])
         );
     }
 
