@@ -8,10 +8,14 @@ use serde_json::{Value, json};
 pub enum FieldErrorKind {
     /// A required field is missing or empty (`FieldValueRequired`).
     Required,
+    /// A required field is missing or empty, with why (`FieldValueRequired`).
+    RequiredBecause(String),
     /// The value is not one of the allowed ones (`FieldValueNotSupported`).
     NotSupported(Vec<String>),
     /// The value is wrong, with why (`FieldValueInvalid`).
     Invalid(String),
+    /// The value has the wrong JSON type, with why (`FieldValueTypeInvalid`).
+    TypeInvalid(String),
     /// The field may not be set or changed, with why (`FieldValueForbidden`).
     Forbidden(String),
     /// A value repeats where it must be unique (`FieldValueDuplicate`).
@@ -43,12 +47,58 @@ impl FieldError {
         }
     }
 
+    /// A missing required field, with why: `spec.x: Required value: must be specified`.
+    pub fn required_because(field: impl Into<String>, why: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            kind: FieldErrorKind::RequiredBecause(why.into()),
+            value: None,
+        }
+    }
+
     /// A wrong value.
     pub fn invalid(field: impl Into<String>, value: Value, why: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             kind: FieldErrorKind::Invalid(why.into()),
             value: Some(value),
+        }
+    }
+
+    /// A value of the wrong JSON type: `value` is what the message shows (for schema
+    /// validation, the name of the JSON type that was found, as the apiserver shows it).
+    pub fn type_invalid(field: impl Into<String>, value: Value, why: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            kind: FieldErrorKind::TypeInvalid(why.into()),
+            value: Some(value),
+        }
+    }
+
+    /// A value that repeats where it must be unique.
+    pub fn duplicate(field: impl Into<String>, value: Value) -> Self {
+        Self {
+            field: field.into(),
+            kind: FieldErrorKind::Duplicate,
+            value: Some(value),
+        }
+    }
+
+    /// A value longer than `max` bytes.
+    pub fn too_long(field: impl Into<String>, max: usize) -> Self {
+        Self {
+            field: field.into(),
+            kind: FieldErrorKind::TooLong(max),
+            value: None,
+        }
+    }
+
+    /// More than `max` items.
+    pub fn too_many(field: impl Into<String>, max: usize) -> Self {
+        Self {
+            field: field.into(),
+            kind: FieldErrorKind::TooMany(max),
+            value: None,
         }
     }
 
@@ -82,9 +132,10 @@ impl FieldError {
     /// The `Status` cause reason.
     pub fn reason(&self) -> &'static str {
         match self.kind {
-            FieldErrorKind::Required => "FieldValueRequired",
+            FieldErrorKind::Required | FieldErrorKind::RequiredBecause(_) => "FieldValueRequired",
             FieldErrorKind::NotSupported(_) => "FieldValueNotSupported",
             FieldErrorKind::Invalid(_) => "FieldValueInvalid",
+            FieldErrorKind::TypeInvalid(_) => "FieldValueTypeInvalid",
             FieldErrorKind::Forbidden(_) => "FieldValueForbidden",
             FieldErrorKind::Duplicate => "FieldValueDuplicate",
             FieldErrorKind::TooLong(_) => "FieldValueTooLong",
@@ -104,6 +155,7 @@ impl FieldError {
     pub fn detail(&self) -> String {
         match &self.kind {
             FieldErrorKind::Required => "Required value".into(),
+            FieldErrorKind::RequiredBecause(why) => format!("Required value: {why}"),
             FieldErrorKind::NotSupported(allowed) => {
                 let list: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
                 format!(
@@ -112,7 +164,7 @@ impl FieldError {
                     list.join(", ")
                 )
             }
-            FieldErrorKind::Invalid(why) => {
+            FieldErrorKind::Invalid(why) | FieldErrorKind::TypeInvalid(why) => {
                 format!("Invalid value: {}: {why}", self.shown_value())
             }
             FieldErrorKind::Forbidden(why) => format!("Forbidden: {why}"),

@@ -14,13 +14,21 @@
 //! For reliability tests a [`Handle`] injects faults: close every open watch, fail the next N
 //! requests with 500 or 429, stall responses, compact the change log, and restart while keeping
 //! state. What it does not do: admission, defaulting beyond Service cluster IPs and Namespace
-//! phase, validation beyond names, finalizers, server-side apply, authorization.
+//! phase, the apiserver's hand-written per-kind validation, finalizers, server-side apply,
+//! authorization.
+//!
+//! [`schema`] validates objects against the official Kubernetes 1.32 schemas (from the PyPI
+//! package `kubernetes-validate`, installed by `scripts/setup.sh`) and CRD structural schemas,
+//! and drives strategic merge patch; [`openapi`] builds the `/openapi/v3` and `/openapi/v2`
+//! documents from the same schemas.
 
 pub mod apply;
 pub mod field_error;
+pub mod openapi;
 pub mod patch;
 pub mod protobuf;
 pub mod registry;
+pub mod schema;
 pub mod selectors;
 pub mod server;
 pub mod store;

@@ -202,7 +202,14 @@ impl Registry {
                 true,
                 &["netpol"],
             ),
-            Resource::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, &[]),
+            Resource::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "roles",
+                "Role",
+                true,
+                &[],
+            ),
             Resource::builtin(
                 "rbac.authorization.k8s.io",
                 "v1",

@@ -1184,8 +1184,11 @@ fn patch(
     }
     let current = store.get(res, ns, name)?;
     let mut obj = (*current).clone();
-    crate::patch::apply(&mut obj, ct, body).map_err(|e| match e {
-        crate::patch::Error::Unsupported(_) => {
+    let schemas = crate::schema::Schemas::shared()
+        .map_err(|e| ApiError::new(500, "InternalError", format!("{e:#}")))?;
+    let meta = schemas.patch_meta(&res.gvr.group, &res.gvr.version, &res.kind);
+    crate::patch::apply(&mut obj, ct, body, meta.as_ref()).map_err(|e| match e {
+        crate::patch::Error::Unsupported(_) | crate::patch::Error::NoStrategicMerge => {
             ApiError::new(415, "UnsupportedMediaType", e.to_string())
         }
         crate::patch::Error::Failed(_) => ApiError::new(422, "Invalid", e.to_string()),
