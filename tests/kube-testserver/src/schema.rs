@@ -885,6 +885,85 @@ impl<'s> PatchMeta<'s> {
     pub fn is_list(&self) -> bool {
         types(self.schemas.resolve(self.node).0).first() == Some(&"array")
     }
+
+    /// How server-side apply merges and owns this list: `x-kubernetes-list-type` and
+    /// `x-kubernetes-list-map-keys`, else the patch merge key, else atomic.
+    pub fn list_type(&self) -> crate::apply::ListType {
+        list_type_of(self.node).unwrap_or_else(|| {
+            list_type_of(self.schemas.resolve(self.node).0).unwrap_or(crate::apply::ListType::Atomic)
+        })
+    }
+}
+
+/// The list type a schema node declares, if it declares one.
+pub fn list_type_of(node: &Value) -> Option<crate::apply::ListType> {
+    use crate::apply::ListType;
+    match node.get("x-kubernetes-list-type").and_then(Value::as_str) {
+        Some("map") => {
+            let keys: Vec<String> = node
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            Some(ListType::Map(keys))
+        }
+        Some("set") => Some(ListType::Set),
+        Some(_) => Some(ListType::Atomic),
+        None => {
+            let merges = node
+                .get("x-kubernetes-patch-strategy")
+                .and_then(Value::as_str)
+                .is_some_and(|s| s.split(',').any(|x| x.trim() == "merge"));
+            match node.get("x-kubernetes-patch-merge-key").and_then(Value::as_str) {
+                Some(k) if merges => Some(ListType::Map(vec![k.to_owned()])),
+                None if merges => Some(ListType::Set),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// List types of a built-in kind, from its schema.
+#[derive(Debug, Clone, Copy)]
+pub struct KindListTypes<'s>(pub PatchMeta<'s>);
+
+impl crate::apply::ListTypes for KindListTypes<'_> {
+    fn list_type(&self, path: &[String]) -> crate::apply::ListType {
+        let mut cur = self.0;
+        for p in path {
+            match cur.field(p) {
+                Some(next) => cur = next,
+                None => return crate::apply::ListType::Atomic,
+            }
+        }
+        cur.list_type()
+    }
+}
+
+/// List types of a custom resource, from its CRD version's `openAPIV3Schema`.
+#[derive(Debug, Clone, Copy)]
+pub struct CrdListTypes<'a>(pub &'a Value);
+
+impl crate::apply::ListTypes for CrdListTypes<'_> {
+    fn list_type(&self, path: &[String]) -> crate::apply::ListType {
+        let mut cur = self.0;
+        for p in path {
+            if cur.get("type").and_then(Value::as_str) == Some("array") {
+                match cur.get("items") {
+                    Some(i) => cur = i,
+                    None => return crate::apply::ListType::Atomic,
+                }
+            }
+            let next = cur
+                .pointer(&format!("/properties/{}", p.replace('~', "~0").replace('/', "~1")))
+                .or_else(|| cur.get("additionalProperties").filter(|a| a.is_object()));
+            match next {
+                Some(n) => cur = n,
+                None => return crate::apply::ListType::Atomic,
+            }
+        }
+        list_type_of(cur).unwrap_or(crate::apply::ListType::Atomic)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

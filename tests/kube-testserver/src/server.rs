@@ -72,6 +72,8 @@ struct Faults {
 #[derive(Debug)]
 struct Shared {
     store: Mutex<Store>,
+    /// The official schemas of the built-in kinds.
+    schemas: Arc<crate::schema::Schemas>,
     token: String,
     faults: Faults,
     bookmark_interval: Duration,
@@ -154,8 +156,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         &kubeconfig_text(&context, addr, &ca, &token, &admin_leaf),
     )?;
 
+    let schemas = crate::schema::Schemas::shared()?;
     let shared = Arc::new(Shared {
         store: Mutex::new(Store::new(config.retain)),
+        schemas,
         token,
         faults: Faults::default(),
         bookmark_interval: config.bookmark_interval,
@@ -565,6 +569,45 @@ async fn handle(shared: Arc<Shared>, cert_auth: bool, req: Request<Incoming>) ->
             );
             r
         }
+        (&Method::GET, ["openapi", "v2"]) => {
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("*/*");
+            if !(accept.contains("json") || accept.contains("*/*")) {
+                return error(&ApiError::new(
+                    406,
+                    "NotAcceptable",
+                    "only application/json is served for /openapi/v2",
+                ));
+            }
+            let (resources, crds) = openapi_inputs(&shared);
+            json_response(200, &crate::openapi::v2(&shared.schemas, &resources, &crds))
+        }
+        (&Method::GET, ["openapi", "v3"]) => {
+            let (resources, crds) = openapi_inputs(&shared);
+            json_response(
+                200,
+                &crate::openapi::v3_index(&shared.schemas, &resources, &crds),
+            )
+        }
+        (&Method::GET, ["openapi", "v3", rest @ ..]) => {
+            let (resources, crds) = openapi_inputs(&shared);
+            match crate::openapi::v3_group_version(
+                &shared.schemas,
+                &resources,
+                &crds,
+                &rest.join("/"),
+            ) {
+                Some(doc) => json_response(200, &doc),
+                None => error(&ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )),
+            }
+        }
         (&Method::GET, ["api"]) => {
             json_response(200, &shared.store().registry.core_versions(&server))
         }
@@ -610,6 +653,12 @@ async fn handle(shared: Arc<Shared>, cert_auth: bool, req: Request<Incoming>) ->
             "the server could not find the requested resource",
         )),
     }
+}
+
+/// What the OpenAPI documents are made of: the resources served and the CRDs.
+fn openapi_inputs(shared: &Shared) -> (Vec<Resource>, Vec<Value>) {
+    let store = shared.store();
+    (store.registry.all().cloned().collect(), store.crds())
 }
 
 fn strip_watch<'a>(rest: &'a [&'a str]) -> (bool, &'a [&'a str]) {
@@ -908,6 +957,93 @@ fn deleted_response(res: &Resource, outcome: Deleted) -> (u16, Value) {
     }
 }
 
+/// Decodes a written object as the apiserver does before defaulting and validation: the
+/// built-in kinds against their official schemas, custom resources against their CRD's (with
+/// pruning); unknown fields per `fieldValidation`. Returns the warnings to send.
+fn decode(
+    shared: &Shared,
+    target: &Target,
+    body: &mut Value,
+    mode: crate::schema::FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let res = &target.res;
+    let name = body
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .or(target.name.as_deref())
+        .unwrap_or_default()
+        .to_owned();
+    let reject = |r: crate::schema::Rejection| {
+        let mut e = ApiError::new(r.code(), r.reason(), r.message(&res.kind, &res.gvr.version, &name));
+        if let crate::schema::Rejection::Invalid(errs) = &r {
+            e.details = Some((name.clone(), res.gvr.group.clone(), res.kind.clone()));
+            e.causes = errs.iter().map(crate::field_error::FieldError::cause).collect();
+        }
+        e
+    };
+    if !body.is_object() {
+        return Err(ApiError::new(400, "BadRequest", "the body must be a JSON object"));
+    }
+    // The URL names the kind; the body may not name another.
+    for (field, want) in [("apiVersion", res.gvr.api_version()), ("kind", res.kind.clone())] {
+        if let Some(v) = body.get(field).and_then(Value::as_str)
+            && !v.is_empty()
+            && v != want
+        {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!("the {field} of the provided object ({v}) does not match the {field} of the request ({want})"),
+            ));
+        }
+    }
+    if shared
+        .schemas
+        .knows(&res.gvr.group, &res.gvr.version, &res.kind)
+    {
+        return shared
+            .schemas
+            .check(&res.gvr.group, &res.gvr.version, &res.kind, body, mode)
+            .map_err(reject);
+    }
+    let Some((schema, _)) = shared.store().crd_schema(&res.gvr) else {
+        return Ok(Vec::new());
+    };
+    let mut warnings = match body.get_mut("metadata") {
+        Some(m) => shared.schemas.check_metadata(m, mode).map_err(&reject)?,
+        None => Vec::new(),
+    };
+    warnings.extend(schema.check(body, mode).map_err(reject)?);
+    Ok(warnings)
+}
+
+/// The list types server-side apply and field ownership use for `target`'s kind.
+fn with_list_types<T>(
+    shared: &Shared,
+    target: &Target,
+    f: impl FnOnce(&dyn crate::apply::ListTypes) -> T,
+) -> T {
+    let res = &target.res;
+    if let Some(meta) = shared
+        .schemas
+        .patch_meta(&res.gvr.group, &res.gvr.version, &res.kind)
+    {
+        return f(&crate::schema::KindListTypes(meta));
+    }
+    match shared.store().crd_schema(&res.gvr) {
+        Some((_, raw)) => f(&crate::schema::CrdListTypes(&raw)),
+        None => f(&crate::apply::AllAtomic),
+    }
+}
+
+fn write_options_kind(method: &Method) -> &'static str {
+    match *method {
+        Method::POST => "CreateOptions",
+        Method::PUT => "UpdateOptions",
+        _ => "PatchOptions",
+    }
+}
+
 async fn resource_request(
     shared: &Arc<Shared>,
     group: &str,
@@ -956,6 +1092,20 @@ async fn resource_request(
             .map(str::to_owned),
     };
     let sub = target.subresource.clone();
+    let mode = match crate::schema::FieldValidation::parse(qget("fieldValidation").as_deref()) {
+        Ok(m) => m,
+        Err(fe) => {
+            let kind = write_options_kind(&method);
+            let mut e = ApiError::new(
+                422,
+                "Invalid",
+                crate::field_error::invalid_message(&format!("{kind}.meta.k8s.io"), "", std::slice::from_ref(&fe)),
+            );
+            e.causes = vec![fe.cause()];
+            return error(&e);
+        }
+    };
+    let mut warnings: Vec<String> = Vec::new();
     let result = match (&method, &target.name) {
         (&Method::GET, None) if opts.watch => {
             return watch_response(Arc::clone(shared), target, opts).await;
@@ -965,9 +1115,17 @@ async fn resource_request(
             .store()
             .get(res, ns, name)
             .map(|o| (200, (*o).clone())),
-        (&Method::POST, None) => match read_body(req).await.and_then(|(_, b)| parse_json(&b)) {
+        (&Method::POST, None) => match read_body(req)
+            .await
+            .and_then(|(_, b)| parse_json(&b))
+            .and_then(|mut body| {
+                warnings = decode(shared, &target, &mut body, mode)?;
+                Ok(body)
+            }) {
             Ok(mut body) => {
-                crate::apply::record_update(None, &mut body, &writer.manager(), None, &crate::apply::AllAtomic);
+                with_list_types(shared, &target, |t| {
+                    crate::apply::record_update(None, &mut body, &writer.manager(), None, t);
+                });
                 shared
                     .store()
                     .create(res, ns, body, dry)
@@ -975,23 +1133,36 @@ async fn resource_request(
             }
             Err(e) => Err(e),
         },
-        (&Method::PUT, Some(name)) => {
-            match read_body(req).await.and_then(|(_, b)| parse_json(&b)) {
-                Ok(mut body) => {
-                    let mut store = shared.store();
-                    match store.get(res, ns, name) {
-                        Ok(old) => {
-                            crate::apply::record_update(Some(&old), &mut body, &writer.manager(), sub.as_deref(), &crate::apply::AllAtomic);
-                            store
-                                .update(res, ns, name, body, status_sub, dry)
-                                .map(|o| (200, (*o).clone()))
-                        }
-                        Err(e) => Err(e),
+        (&Method::PUT, Some(name)) => match read_body(req)
+            .await
+            .and_then(|(_, b)| parse_json(&b))
+            .and_then(|mut body| {
+                warnings = decode(shared, &target, &mut body, mode)?;
+                Ok(body)
+            }) {
+            Ok(mut body) => {
+                let old = shared.store().get(res, ns, name);
+                match old {
+                    Ok(old) => {
+                        with_list_types(shared, &target, |t| {
+                            crate::apply::record_update(
+                                Some(&old),
+                                &mut body,
+                                &writer.manager(),
+                                sub.as_deref(),
+                                t,
+                            );
+                        });
+                        shared
+                            .store()
+                            .update(res, ns, name, body, status_sub, dry)
+                            .map(|o| (200, (*o).clone()))
                     }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
             }
-        }
+            Err(e) => Err(e),
+        },
         (&Method::PATCH, Some(name)) => match read_body(req).await {
             Ok((ct, body)) => patch(
                 shared,
@@ -1001,6 +1172,8 @@ async fn resource_request(
                 &body,
                 dry,
                 &writer,
+                mode,
+                &mut warnings,
             ),
             Err(e) => Err(e),
         },
@@ -1046,9 +1219,20 @@ async fn resource_request(
             }
             json_response(200, &t)
         }
-        Ok((code, v)) => json_response(code, &v),
-        Err(e) => error(&e),
+        Ok((code, v)) => with_warnings(json_response(code, &v), &warnings),
+        Err(e) => with_warnings(error(&e), &warnings),
     }
+}
+
+/// Adds a `Warning: 299 - "..."` header per warning, as the apiserver does.
+fn with_warnings(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - {}", serde_json::Value::String(w.clone()));
+        if let Ok(h) = HeaderValue::from_str(&text) {
+            r.headers_mut().append(http::header::WARNING, h);
+        }
+    }
+    r
 }
 
 /// Who writes: the field manager of a write, and `force` for server-side apply.
@@ -1075,6 +1259,8 @@ fn server_side_apply(
     body: &[u8],
     dry_run: bool,
     writer: &Writer,
+    mode: crate::schema::FieldValidation,
+    warnings: &mut Vec<String>,
 ) -> Result<(u16, Value), ApiError> {
     let res = &target.res;
     let ns = target.namespace.as_deref();
@@ -1121,26 +1307,28 @@ fn server_side_apply(
         }
         None => applied["metadata"]["name"] = json!(name),
     }
-    let mut store = shared.store();
-    let live = match store.get(res, ns, name) {
+    *warnings = decode(shared, target, &mut applied, mode)?;
+    let live = match shared.store().get(res, ns, name) {
         Ok(o) => Some(o),
         Err(e) if e.code == 404 => None,
         Err(e) => return Err(e),
     };
-    let types = crate::apply::AllAtomic;
-    let merged = crate::apply::apply(
-        live.as_deref(),
-        &applied,
-        manager,
-        writer.force,
-        target.subresource.as_deref(),
-        &types,
-    )
+    let merged = with_list_types(shared, target, |types| {
+        crate::apply::apply(
+            live.as_deref(),
+            &applied,
+            manager,
+            writer.force,
+            target.subresource.as_deref(),
+            types,
+        )
+    })
     .map_err(|c| {
         let mut e = ApiError::new(409, "Conflict", c.message());
         e.causes = c.causes();
         e
     })?;
+    let mut store = shared.store();
     match live {
         None if target.subresource.is_none() => store
             .create(res, ns, merged, dry_run)
@@ -1167,50 +1355,62 @@ fn patch(
     body: &[u8],
     dry_run: bool,
     writer: &Writer,
+    mode: crate::schema::FieldValidation,
+    warnings: &mut Vec<String>,
 ) -> Result<(u16, Value), ApiError> {
     let res = &target.res;
     let ns = target.namespace.as_deref();
     if ct.starts_with("application/apply-patch+yaml") {
-        return server_side_apply(shared, target, name, body, dry_run, writer);
+        return server_side_apply(shared, target, name, body, dry_run, writer, mode, warnings);
     }
-    let mut store = shared.store();
-    let builtin = !store.is_custom(res);
-    if !builtin && ct.starts_with("application/strategic-merge-patch+json") {
+    if shared.store().is_custom(res) && ct.starts_with("application/strategic-merge-patch+json") {
         return Err(ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"),
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
         ));
     }
-    let current = store.get(res, ns, name)?;
-    let mut obj = (*current).clone();
-    let schemas = crate::schema::Schemas::shared()
-        .map_err(|e| ApiError::new(500, "InternalError", format!("{e:#}")))?;
-    let meta = schemas.patch_meta(&res.gvr.group, &res.gvr.version, &res.kind);
-    crate::patch::apply(&mut obj, ct, body, meta.as_ref()).map_err(|e| match e {
-        crate::patch::Error::Unsupported(_) | crate::patch::Error::NoStrategicMerge => {
-            ApiError::new(415, "UnsupportedMediaType", e.to_string())
-        }
-        crate::patch::Error::Failed(_) => ApiError::new(422, "Invalid", e.to_string()),
-        crate::patch::Error::Invalid(_) => ApiError::new(400, "BadRequest", e.to_string()),
-    })?;
-    crate::apply::record_update(
-        Some(&current),
-        &mut obj,
-        &writer.manager(),
-        target.subresource.as_deref(),
-        &crate::apply::AllAtomic,
-    );
-    store
-        .update(
+    let meta = shared
+        .schemas
+        .patch_meta(&res.gvr.group, &res.gvr.version, &res.kind);
+    // As the apiserver: the patch is applied to the current object and retried if the object
+    // changed meanwhile (a patch carries no resourceVersion unless the client put one in).
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let current = shared.store().get(res, ns, name)?;
+        let mut obj = (*current).clone();
+        crate::patch::apply(&mut obj, ct, body, meta.as_ref()).map_err(|e| match e {
+            crate::patch::Error::Unsupported(_) | crate::patch::Error::NoStrategicMerge => {
+                ApiError::new(415, "UnsupportedMediaType", e.to_string())
+            }
+            crate::patch::Error::Failed(_) => ApiError::new(422, "Invalid", e.to_string()),
+            crate::patch::Error::Invalid(_) => ApiError::new(400, "BadRequest", e.to_string()),
+        })?;
+        let client_rv = obj.pointer("/metadata/resourceVersion") != current.pointer("/metadata/resourceVersion");
+        *warnings = decode(shared, target, &mut obj, mode)?;
+        with_list_types(shared, target, |t| {
+            crate::apply::record_update(
+                Some(&current),
+                &mut obj,
+                &writer.manager(),
+                target.subresource.as_deref(),
+                t,
+            );
+        });
+        let result = shared.store().update(
             res,
             ns,
             name,
             obj,
             target.subresource.as_deref() == Some("status"),
             dry_run,
-        )
-        .map(|o| (200, (*o).clone()))
+        );
+        match result {
+            Err(e) if e.code == 409 && !client_rv && attempts < 5 => continue,
+            other => return other.map(|o| (200, (*o).clone())),
+        }
+    }
 }
 
 fn delete_collection(

@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::field_error::{FieldError, invalid_message};
 use crate::registry::{Gvr, Registry, Resource};
+use crate::schema::CrdSchema;
 use crate::strategy;
 
 /// The finalizer the garbage collector handles for `propagationPolicy=Orphan`.
@@ -297,6 +298,8 @@ pub struct Store {
     /// The resources served.
     pub registry: Registry,
     next_cluster_ip: u32,
+    /// The compiled schemas of custom resources (per served version) and their raw form.
+    crd_schemas: BTreeMap<Gvr, (Arc<CrdSchema>, Value)>,
     /// When terminating pods' grace periods end.
     grace_deadlines: BTreeMap<Key, tokio::time::Instant>,
     /// Wakes the reconciler.
@@ -366,6 +369,7 @@ impl Store {
             tx,
             registry: Registry::default(),
             next_cluster_ip: 1,
+            crd_schemas: BTreeMap::new(),
             grace_deadlines: BTreeMap::new(),
             notify: Arc::new(tokio::sync::Notify::new()),
         };
@@ -577,7 +581,7 @@ impl Store {
                 }
             }
             "CustomResourceDefinition" => {
-                let resources = self.validate_crd(&body, &name)?;
+                let (resources, schemas) = self.validate_crd(&body, &name)?;
                 let names = body.pointer("/spec/names").cloned().unwrap_or(Value::Null);
                 let stored: Vec<Value> = body
                     .pointer("/spec/versions")
@@ -600,6 +604,7 @@ impl Store {
                     for r in resources {
                         self.registry.add(r);
                     }
+                    self.crd_schemas.extend(schemas);
                 }
             }
             _ => {}
@@ -615,7 +620,11 @@ impl Store {
         Ok(obj)
     }
 
-    fn validate_crd(&self, crd: &Value, name: &str) -> Result<Vec<Resource>, ApiError> {
+    fn validate_crd(
+        &self,
+        crd: &Value,
+        name: &str,
+    ) -> Result<(Vec<Resource>, Vec<(Gvr, (Arc<CrdSchema>, Value))>), ApiError> {
         let crd_res = self
             .registry
             .get(&Gvr {
@@ -683,22 +692,55 @@ impl Store {
                 "must have exactly one version marked as storage version",
             ));
         }
+        let mut schemas = Vec::new();
         for (i, v) in versions.iter().enumerate() {
             if v.get("served").and_then(Value::as_bool).is_none() {
                 errs.push(FieldError::required(format!("spec.versions[{i}].served")));
             }
-            if v.pointer("/schema/openAPIV3Schema").is_none() {
-                errs.push(FieldError::required(format!(
+            match v.pointer("/schema/openAPIV3Schema") {
+                None => errs.push(FieldError::required(format!(
                     "spec.versions[{i}].schema.openAPIV3Schema"
-                )));
+                ))),
+                Some(raw) => match CrdSchema::compile_at(
+                    raw,
+                    &format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                ) {
+                    Ok(c) => {
+                        let version = v.get("name").and_then(Value::as_str).unwrap_or_default();
+                        schemas.push((
+                            Gvr {
+                                group: group.to_owned(),
+                                version: version.to_owned(),
+                                resource: plural.to_owned(),
+                            },
+                            (Arc::new(c), raw.clone()),
+                        ));
+                    }
+                    Err(mut e) => errs.append(&mut e),
+                },
             }
         }
         if !errs.is_empty() {
             return Err(ApiError::invalid(&crd_res, name, &errs));
         }
-        Registry::from_crd(crd).ok_or_else(|| {
+        let resources = Registry::from_crd(crd).ok_or_else(|| {
             ApiError::invalid(&crd_res, name, &[FieldError::required("spec")])
-        })
+        })?;
+        Ok((resources, schemas))
+    }
+
+    /// The compiled schema of a custom resource and its `openAPIV3Schema`.
+    pub fn crd_schema(&self, gvr: &Gvr) -> Option<(Arc<CrdSchema>, Value)> {
+        self.crd_schemas.get(gvr).cloned()
+    }
+
+    /// Every CRD object.
+    pub fn crds(&self) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| k.0.resource == "customresourcedefinitions")
+            .map(|(_, v)| (**v).clone())
+            .collect()
     }
 
     /// Reads one object.
@@ -792,8 +834,27 @@ impl Store {
         }
         body["metadata"]["resourceVersion"] = current_rv.clone();
         if res.kind == "CustomResourceDefinition" && !status {
-            // The status is the apiserver's: accepted names and stored versions.
+            // The status is the apiserver's: accepted names and stored versions (a new storage
+            // version is added to those objects may be stored in).
             body["status"] = current.get("status").cloned().unwrap_or(Value::Null);
+            let storage: Vec<Value> = body
+                .pointer("/spec/versions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|v| v.get("storage") == Some(&json!(true)))
+                .filter_map(|v| v.get("name").cloned())
+                .collect();
+            if let Some(stored) = body
+                .pointer_mut("/status/storedVersions")
+                .and_then(Value::as_array_mut)
+            {
+                for v in storage {
+                    if !stored.contains(&v) {
+                        stored.push(v);
+                    }
+                }
+            }
         }
         strategy::prepare_update(res, &current, &mut body, status);
         if current.pointer("/metadata/deletionTimestamp").is_some() {
@@ -840,13 +901,15 @@ impl Store {
             return Ok(Arc::new(body));
         }
         if res.kind == "CustomResourceDefinition" && !status {
-            let resources = self.validate_crd(&body, name)?;
+            let (resources, schemas) = self.validate_crd(&body, name)?;
             for r in Registry::from_crd(&current).unwrap_or_default() {
                 self.registry.remove(&r.gvr);
+                self.crd_schemas.remove(&r.gvr);
             }
             for r in resources {
                 self.registry.add(r);
             }
+            self.crd_schemas.extend(schemas);
         }
         let obj = self.write(&key, body, &current);
         if Self::finished(&obj) {
@@ -1036,6 +1099,7 @@ impl Store {
         if res.kind == "CustomResourceDefinition" {
             for r in Registry::from_crd(&gone).unwrap_or_default() {
                 self.registry.remove(&r.gvr);
+                self.crd_schemas.remove(&r.gvr);
             }
         }
         Some(gone)
