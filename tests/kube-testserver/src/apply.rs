@@ -93,7 +93,13 @@ impl FieldSet {
                         }
                     }
                 }
-                _ => walk(v, &mut vec![format!("f:{k}")], &mut vec![k.clone()], types, &mut set),
+                _ => walk(
+                    v,
+                    &mut vec![format!("f:{k}")],
+                    &mut vec![k.clone()],
+                    types,
+                    &mut set,
+                ),
             }
         }
         Self(set)
@@ -461,7 +467,11 @@ impl Conflicts {
         if list.len() == 1 {
             format!("Apply failed with 1 conflict: {}", list[0])
         } else {
-            format!("Apply failed with {} conflicts: {}", list.len(), list.join("\n"))
+            format!(
+                "Apply failed with {} conflicts: {}",
+                list.len(),
+                list.join("\n")
+            )
         }
     }
 
@@ -484,7 +494,10 @@ pub fn apply(
     subresource: Option<&str>,
     types: &dyn ListTypes,
 ) -> Result<Value, Conflicts> {
-    let api_version = applied["apiVersion"].as_str().unwrap_or_default().to_owned();
+    let api_version = applied["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let mine = FieldSet::of(applied, types);
     let Some(live) = live else {
         let mut obj = applied.clone();
@@ -523,13 +536,20 @@ pub fn apply(
         .map(|e| e.fields.clone())
         .unwrap_or_default();
     let mut obj = live.clone();
-    merge(&mut obj, &strip_server_fields(applied), &mut Vec::new(), types);
+    merge(
+        &mut obj,
+        &strip_server_fields(applied),
+        &mut Vec::new(),
+        types,
+    );
     // Fields this manager applied before and no longer applies go, unless others own them.
     for f in &before.minus(&mine).0 {
-        let shared = list
-            .iter()
-            .filter(|e| !same(e))
-            .any(|e| e.fields.0.iter().any(|g| g.starts_with(f) || f.starts_with(g)));
+        let shared = list.iter().filter(|e| !same(e)).any(|e| {
+            e.fields
+                .0
+                .iter()
+                .any(|g| g.starts_with(f) || f.starts_with(g))
+        });
         if !shared {
             remove_at(&mut obj, f);
         }
@@ -675,8 +695,8 @@ mod tests {
         let created = apply(None, &svc(1), "alice", false, None, &Ports).unwrap();
         assert_eq!(created["metadata"]["managedFields"][0]["manager"], "alice");
         assert_eq!(
-            created["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:ports"]
-                ["k:{\"port\":80,\"protocol\":\"TCP\"}"]["."],
+            created["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:ports"]["k:{\"port\":80,\"protocol\":\"TCP\"}"]
+                ["."],
             json!({})
         );
         // Bob applies a different replicas: conflict; forced, he owns it.
@@ -708,7 +728,13 @@ mod tests {
         edited["spec"]["replicas"] = json!(5);
         record_update(Some(&created), &mut edited, "kubectl-edit", None, &Ports);
         let err = apply(Some(&edited), &svc(1), "alice", false, None, &Ports).unwrap_err();
-        assert_eq!(err.0, vec![("kubectl-edit".into(), ".spec.replicas".into())]);
-        assert_eq!(manager_from_user_agent(Some("kubectl/v1.32.4 (linux/amd64)")), "kubectl");
+        assert_eq!(
+            err.0,
+            vec![("kubectl-edit".into(), ".spec.replicas".into())]
+        );
+        assert_eq!(
+            manager_from_user_agent(Some("kubectl/v1.32.4 (linux/amd64)")),
+            "kubectl"
+        );
     }
 }

@@ -890,7 +890,8 @@ impl<'s> PatchMeta<'s> {
     /// `x-kubernetes-list-map-keys`, else the patch merge key, else atomic.
     pub fn list_type(&self) -> crate::apply::ListType {
         list_type_of(self.node).unwrap_or_else(|| {
-            list_type_of(self.schemas.resolve(self.node).0).unwrap_or(crate::apply::ListType::Atomic)
+            list_type_of(self.schemas.resolve(self.node).0)
+                .unwrap_or(crate::apply::ListType::Atomic)
         })
     }
 }
@@ -903,7 +904,11 @@ pub fn list_type_of(node: &Value) -> Option<crate::apply::ListType> {
             let keys: Vec<String> = node
                 .get("x-kubernetes-list-map-keys")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|k| k.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default();
             Some(ListType::Map(keys))
         }
@@ -914,7 +919,10 @@ pub fn list_type_of(node: &Value) -> Option<crate::apply::ListType> {
                 .get("x-kubernetes-patch-strategy")
                 .and_then(Value::as_str)
                 .is_some_and(|s| s.split(',').any(|x| x.trim() == "merge"));
-            match node.get("x-kubernetes-patch-merge-key").and_then(Value::as_str) {
+            match node
+                .get("x-kubernetes-patch-merge-key")
+                .and_then(Value::as_str)
+            {
                 Some(k) if merges => Some(ListType::Map(vec![k.to_owned()])),
                 None if merges => Some(ListType::Set),
                 _ => None,
@@ -955,7 +963,10 @@ impl crate::apply::ListTypes for CrdListTypes<'_> {
                 }
             }
             let next = cur
-                .pointer(&format!("/properties/{}", p.replace('~', "~0").replace('/', "~1")))
+                .pointer(&format!(
+                    "/properties/{}",
+                    p.replace('~', "~0").replace('/', "~1")
+                ))
                 .or_else(|| cur.get("additionalProperties").filter(|a| a.is_object()));
             match next {
                 Some(n) => cur = n,

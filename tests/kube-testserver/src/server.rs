@@ -737,7 +737,11 @@ fn list_invalid(errors: &[crate::field_error::FieldError]) -> ApiError {
         "Invalid",
         crate::field_error::invalid_message("ListOptions.meta.k8s.io", "", errors),
     );
-    e.details = Some((String::new(), "meta.k8s.io".into(), "ListOptions".into()));
+    e.details = Some(Box::new((
+        String::new(),
+        "meta.k8s.io".into(),
+        "ListOptions".into(),
+    )));
     e.causes = errors.iter().map(|f| f.cause()).collect();
     e
 }
@@ -766,7 +770,9 @@ fn list_options(
             return Err(ApiError::new(
                 400,
                 "BadRequest",
-                format!("Invalid dry run value: dryRun: Unsupported value: {other:?}: supported values: \"All\""),
+                format!(
+                    "Invalid dry run value: dryRun: Unsupported value: {other:?}: supported values: \"All\""
+                ),
             ));
         }
     };
@@ -879,13 +885,19 @@ fn delete_options(
     };
     let grace = match get("gracePeriodSeconds") {
         Some(g) => Some(g.parse::<i64>().map_err(|_| {
-            ApiError::new(400, "BadRequest", format!("gracePeriodSeconds: invalid value {g:?}"))
+            ApiError::new(
+                400,
+                "BadRequest",
+                format!("gracePeriodSeconds: invalid value {g:?}"),
+            )
         })?),
         None => body.get("gracePeriodSeconds").and_then(Value::as_i64),
     };
-    let policy = get("propagationPolicy")
-        .map(str::to_owned)
-        .or_else(|| body.get("propagationPolicy").and_then(Value::as_str).map(str::to_owned));
+    let policy = get("propagationPolicy").map(str::to_owned).or_else(|| {
+        body.get("propagationPolicy")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
     let orphan = get("orphanDependents")
         .map(|v| qbool(Some(v)))
         .or_else(|| body.get("orphanDependents").and_then(Value::as_bool));
@@ -904,7 +916,9 @@ fn delete_options(
             return Err(ApiError::new(
                 422,
                 "Invalid",
-                format!("DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""),
+                format!(
+                    "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
+                ),
             ));
         }
         (None, Some(true)) => Some(Propagation::Orphan),
@@ -913,7 +927,11 @@ fn delete_options(
     };
     let body_dry = match body.get("dryRun").and_then(Value::as_array) {
         Some(a) if a.iter().any(|v| v != "All") => {
-            return Err(ApiError::new(400, "BadRequest", "Invalid dry run value: supported values: \"All\""));
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                "Invalid dry run value: supported values: \"All\"",
+            ));
         }
         Some(a) => !a.is_empty(),
         None => false,
@@ -974,18 +992,36 @@ fn decode(
         .unwrap_or_default()
         .to_owned();
     let reject = |r: crate::schema::Rejection| {
-        let mut e = ApiError::new(r.code(), r.reason(), r.message(&res.kind, &res.gvr.version, &name));
+        let mut e = ApiError::new(
+            r.code(),
+            r.reason(),
+            r.message(&res.kind, &res.gvr.version, &name),
+        );
         if let crate::schema::Rejection::Invalid(errs) = &r {
-            e.details = Some((name.clone(), res.gvr.group.clone(), res.kind.clone()));
-            e.causes = errs.iter().map(crate::field_error::FieldError::cause).collect();
+            e.details = Some(Box::new((
+                name.clone(),
+                res.gvr.group.clone(),
+                res.kind.clone(),
+            )));
+            e.causes = errs
+                .iter()
+                .map(crate::field_error::FieldError::cause)
+                .collect();
         }
         e
     };
     if !body.is_object() {
-        return Err(ApiError::new(400, "BadRequest", "the body must be a JSON object"));
+        return Err(ApiError::new(
+            400,
+            "BadRequest",
+            "the body must be a JSON object",
+        ));
     }
     // The URL names the kind; the body may not name another.
-    for (field, want) in [("apiVersion", res.gvr.api_version()), ("kind", res.kind.clone())] {
+    for (field, want) in [
+        ("apiVersion", res.gvr.api_version()),
+        ("kind", res.kind.clone()),
+    ] {
         if let Some(v) = body.get(field).and_then(Value::as_str)
             && !v.is_empty()
             && v != want
@@ -993,7 +1029,9 @@ fn decode(
             return Err(ApiError::new(
                 400,
                 "BadRequest",
-                format!("the {field} of the provided object ({v}) does not match the {field} of the request ({want})"),
+                format!(
+                    "the {field} of the provided object ({v}) does not match the {field} of the request ({want})"
+                ),
             ));
         }
     }
@@ -1082,15 +1120,6 @@ async fn resource_request(
     let status_sub = target.subresource.as_deref() == Some("status");
     let dry = opts.dry_run;
     let qget = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-    let writer = Writer {
-        field_manager: qget("fieldManager").filter(|m| !m.is_empty()),
-        force: qbool(qget("force").as_deref()),
-        user_agent: req
-            .headers()
-            .get(http::header::USER_AGENT)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned),
-    };
     let sub = target.subresource.clone();
     let mode = match crate::schema::FieldValidation::parse(qget("fieldValidation").as_deref()) {
         Ok(m) => m,
@@ -1099,11 +1128,26 @@ async fn resource_request(
             let mut e = ApiError::new(
                 422,
                 "Invalid",
-                crate::field_error::invalid_message(&format!("{kind}.meta.k8s.io"), "", std::slice::from_ref(&fe)),
+                crate::field_error::invalid_message(
+                    &format!("{kind}.meta.k8s.io"),
+                    "",
+                    std::slice::from_ref(&fe),
+                ),
             );
             e.causes = vec![fe.cause()];
             return error(&e);
         }
+    };
+    let writer = Writer {
+        field_manager: qget("fieldManager").filter(|m| !m.is_empty()),
+        force: qbool(qget("force").as_deref()),
+        user_agent: req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned),
+        dry_run: dry,
+        mode,
     };
     let mut warnings: Vec<String> = Vec::new();
     let result = match (&method, &target.name) {
@@ -1170,9 +1214,7 @@ async fn resource_request(
                 name,
                 ct.as_deref().unwrap_or(""),
                 &body,
-                dry,
                 &writer,
-                mode,
                 &mut warnings,
             ),
             Err(e) => Err(e),
@@ -1240,6 +1282,8 @@ struct Writer {
     field_manager: Option<String>,
     force: bool,
     user_agent: Option<String>,
+    dry_run: bool,
+    mode: crate::schema::FieldValidation,
 }
 
 impl Writer {
@@ -1257,11 +1301,10 @@ fn server_side_apply(
     target: &Target,
     name: &str,
     body: &[u8],
-    dry_run: bool,
     writer: &Writer,
-    mode: crate::schema::FieldValidation,
     warnings: &mut Vec<String>,
 ) -> Result<(u16, Value), ApiError> {
+    let (dry_run, mode) = (writer.dry_run, writer.mode);
     let res = &target.res;
     let ns = target.namespace.as_deref();
     let Some(manager) = &writer.field_manager else {
@@ -1271,13 +1314,19 @@ fn server_side_apply(
             "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
         ));
     };
-    let mut applied: Value = serde_yaml::from_slice(body).map_err(|e| {
-        ApiError::new(400, "BadRequest", format!("error decoding YAML: {e}"))
-    })?;
+    let mut applied: Value = serde_yaml::from_slice(body)
+        .map_err(|e| ApiError::new(400, "BadRequest", format!("error decoding YAML: {e}")))?;
     if !applied.is_object() {
-        return Err(ApiError::new(400, "BadRequest", "the applied configuration must be an object"));
+        return Err(ApiError::new(
+            400,
+            "BadRequest",
+            "the applied configuration must be an object",
+        ));
     }
-    for (field, want) in [("apiVersion", res.gvr.api_version()), ("kind", res.kind.clone())] {
+    for (field, want) in [
+        ("apiVersion", res.gvr.api_version()),
+        ("kind", res.kind.clone()),
+    ] {
         match applied.get(field).and_then(Value::as_str) {
             Some(v) if v == want => {}
             Some(v) => {
@@ -1308,6 +1357,9 @@ fn server_side_apply(
         None => applied["metadata"]["name"] = json!(name),
     }
     *warnings = decode(shared, target, &mut applied, mode)?;
+    // The applied configuration is defaulted before it is merged, so list keys that default
+    // (a port's protocol) identify the same items as in the live object.
+    crate::strategy::default(res, &mut applied);
     let live = match shared.store().get(res, ns, name) {
         Ok(o) => Some(o),
         Err(e) if e.code == 404 => None,
@@ -1353,15 +1405,14 @@ fn patch(
     name: &str,
     ct: &str,
     body: &[u8],
-    dry_run: bool,
     writer: &Writer,
-    mode: crate::schema::FieldValidation,
     warnings: &mut Vec<String>,
 ) -> Result<(u16, Value), ApiError> {
     let res = &target.res;
     let ns = target.namespace.as_deref();
+    let (dry_run, mode) = (writer.dry_run, writer.mode);
     if ct.starts_with("application/apply-patch+yaml") {
-        return server_side_apply(shared, target, name, body, dry_run, writer, mode, warnings);
+        return server_side_apply(shared, target, name, body, writer, warnings);
     }
     if shared.store().is_custom(res) && ct.starts_with("application/strategic-merge-patch+json") {
         return Err(ApiError::new(
@@ -1387,7 +1438,8 @@ fn patch(
             crate::patch::Error::Failed(_) => ApiError::new(422, "Invalid", e.to_string()),
             crate::patch::Error::Invalid(_) => ApiError::new(400, "BadRequest", e.to_string()),
         })?;
-        let client_rv = obj.pointer("/metadata/resourceVersion") != current.pointer("/metadata/resourceVersion");
+        let client_rv = obj.pointer("/metadata/resourceVersion")
+            != current.pointer("/metadata/resourceVersion");
         *warnings = decode(shared, target, &mut obj, mode)?;
         with_list_types(shared, target, |t| {
             crate::apply::record_update(
@@ -1464,7 +1516,9 @@ async fn wait_for_rv(shared: &Shared, rv: u64) -> Result<(), ApiError> {
                 "Timeout",
                 format!("Timeout: Too large resource version: {rv}, current: {current}"),
             );
-            e.causes = vec![json!({"reason": "ResourceVersionTooLarge", "message": "Too large resource version"})];
+            e.causes = vec![
+                json!({"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}),
+            ];
             e.retry_after = Some(1);
             return Err(e);
         }
@@ -1514,9 +1568,7 @@ async fn list(
     // An exact list (or, as the apiserver does, a paginated one from a given RV) is served
     // from that revision; otherwise from the newest state.
     let exact = opts.rv_match == Some(RvMatch::Exact)
-        || (opts.rv_match.is_none()
-            && opts.limit.is_some()
-            && requested.is_some_and(|r| r > 0));
+        || (opts.rv_match.is_none() && opts.limit.is_some() && requested.is_some_and(|r| r > 0));
     let store = shared.store();
     let token = match &opts.cont {
         Some(c) => {

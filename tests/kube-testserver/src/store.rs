@@ -113,7 +113,7 @@ fn set_if_absent(obj: &mut Value, key: &str, v: Value) {
 }
 
 /// The conditions a terminating namespace reports about what is left in it.
-fn namespace_conditions(remaining: &[((Gvr, String, String), Arc<Value>)]) -> Value {
+fn namespace_conditions(remaining: &[(Key, Arc<Value>)]) -> Value {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut finalizer_counts: BTreeMap<String, usize> = BTreeMap::new();
     for ((gvr, _, _), v) in remaining {
@@ -127,9 +127,7 @@ fn namespace_conditions(remaining: &[((Gvr, String, String), Arc<Value>)]) -> Va
             *finalizer_counts.entry(f).or_default() += 1;
         }
     }
-    let cond = |ty: &str, ok: bool, reason: &str, message: String| {
-        json!({"type": ty, "status": if ok { "False" } else { "True" }, "reason": reason, "message": message})
-    };
+    let cond = |ty: &str, ok: bool, reason: &str, message: String| json!({"type": ty, "status": if ok { "False" } else { "True" }, "reason": reason, "message": message});
     let content: Vec<String> = counts
         .iter()
         .map(|(r, n)| format!("{r} has {n} resource instances"))
@@ -139,18 +137,56 @@ fn namespace_conditions(remaining: &[((Gvr, String, String), Arc<Value>)]) -> Va
         .map(|(f, n)| format!("{f} in {n} resource instances"))
         .collect();
     json!([
-        cond("NamespaceDeletionDiscoveryFailure", true, "ResourcesDiscovered", "All resources successfully discovered".into()),
-        cond("NamespaceDeletionGroupVersionParsingFailure", true, "ParsedGroupVersions", "All legacy kube types successfully parsed".into()),
-        cond("NamespaceDeletionContentFailure", true, "ContentDeleted", "All content successfully deleted, may be waiting on finalization".into()),
+        cond(
+            "NamespaceDeletionDiscoveryFailure",
+            true,
+            "ResourcesDiscovered",
+            "All resources successfully discovered".into()
+        ),
+        cond(
+            "NamespaceDeletionGroupVersionParsingFailure",
+            true,
+            "ParsedGroupVersions",
+            "All legacy kube types successfully parsed".into()
+        ),
+        cond(
+            "NamespaceDeletionContentFailure",
+            true,
+            "ContentDeleted",
+            "All content successfully deleted, may be waiting on finalization".into()
+        ),
         if content.is_empty() {
-            cond("NamespaceContentRemaining", true, "ContentRemoved", "All content successfully removed".into())
+            cond(
+                "NamespaceContentRemaining",
+                true,
+                "ContentRemoved",
+                "All content successfully removed".into(),
+            )
         } else {
-            cond("NamespaceContentRemaining", false, "SomeResourcesRemain", format!("Some resources are remaining: {}", content.join(", ")))
+            cond(
+                "NamespaceContentRemaining",
+                false,
+                "SomeResourcesRemain",
+                format!("Some resources are remaining: {}", content.join(", ")),
+            )
         },
         if fins.is_empty() {
-            cond("NamespaceFinalizersRemaining", true, "ContentHasNoFinalizers", "All content-preserving finalizers finished".into())
+            cond(
+                "NamespaceFinalizersRemaining",
+                true,
+                "ContentHasNoFinalizers",
+                "All content-preserving finalizers finished".into(),
+            )
         } else {
-            cond("NamespaceFinalizersRemaining", false, "SomeFinalizersRemain", format!("Some content in the namespace has finalizers remaining: {}", fins.join(", ")))
+            cond(
+                "NamespaceFinalizersRemaining",
+                false,
+                "SomeFinalizersRemain",
+                format!(
+                    "Some content in the namespace has finalizers remaining: {}",
+                    fins.join(", ")
+                ),
+            )
         },
     ])
 }
@@ -165,7 +201,7 @@ pub struct ApiError {
     /// Human-readable message.
     pub message: String,
     /// `(name, group, kind)` of the object concerned.
-    pub details: Option<(String, String, String)>,
+    pub details: Option<Box<(String, String, String)>>,
     /// `details.causes`.
     pub causes: Vec<Value>,
     /// `details.retryAfterSeconds` (and a `Retry-After` header).
@@ -188,17 +224,21 @@ impl ApiError {
     /// A `422 Invalid` for `name` of `res`, a cause per field.
     pub fn invalid(res: &Resource, name: &str, errors: &[FieldError]) -> Self {
         let mut e = Self::new(422, "Invalid", invalid_message(&res.kind, name, errors));
-        e.details = Some((name.to_owned(), res.gvr.group.clone(), res.kind.clone()));
+        e.details = Some(Box::new((
+            name.to_owned(),
+            res.gvr.group.clone(),
+            res.kind.clone(),
+        )));
         e.causes = errors.iter().map(FieldError::cause).collect();
         e
     }
 
     fn about(mut self, res: &Resource, name: &str) -> Self {
-        self.details = Some((
+        self.details = Some(Box::new((
             name.to_owned(),
             res.gvr.group.clone(),
             res.gvr.resource.clone(),
-        ));
+        )));
         self
     }
 
@@ -213,7 +253,7 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
-        if let Some((name, group, kind)) = &self.details {
+        if let Some((name, group, kind)) = self.details.as_deref() {
             s["details"] = json!({"name": name, "group": group, "kind": kind});
         }
         if !self.causes.is_empty() {
@@ -281,6 +321,9 @@ pub struct Change {
 }
 
 type Key = (Gvr, String, String);
+
+/// A CRD's compiled schemas, per served resource version, with their raw form.
+type CompiledSchemas = Vec<(Gvr, (Arc<CrdSchema>, Value))>;
 
 /// What [`Store::watch_from`] returns: the retained changes to replay and the live feed.
 pub type WatchStart = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
@@ -528,11 +571,15 @@ impl Store {
             }
         };
         if !is_dns_subdomain(&name) {
-            return Err(ApiError::invalid(res, &name, &[FieldError::invalid(
-                "metadata.name",
-                json!(name),
-                "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
-            )]));
+            return Err(ApiError::invalid(
+                res,
+                &name,
+                &[FieldError::invalid(
+                    "metadata.name",
+                    json!(name),
+                    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+                )],
+            ));
         }
         let key = (res.gvr.clone(), ns, name.clone());
         if self.objects.contains_key(&key) {
@@ -624,7 +671,7 @@ impl Store {
         &self,
         crd: &Value,
         name: &str,
-    ) -> Result<(Vec<Resource>, Vec<(Gvr, (Arc<CrdSchema>, Value))>), ApiError> {
+    ) -> Result<(Vec<Resource>, CompiledSchemas), ApiError> {
         let crd_res = self
             .registry
             .get(&Gvr {
@@ -635,7 +682,10 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::new(500, "InternalError", "CRDs are not registered"))?;
         let mut errs = Vec::new();
-        let group = crd.pointer("/spec/group").and_then(Value::as_str).unwrap_or("");
+        let group = crd
+            .pointer("/spec/group")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let plural = crd
             .pointer("/spec/names/plural")
             .and_then(Value::as_str)
@@ -688,7 +738,12 @@ impl Store {
         if !versions.is_empty() && storage != 1 {
             errs.push(FieldError::invalid(
                 "spec.versions",
-                json!(versions.iter().filter_map(|v| v.get("name")).collect::<Vec<_>>()),
+                json!(
+                    versions
+                        .iter()
+                        .filter_map(|v| v.get("name"))
+                        .collect::<Vec<_>>()
+                ),
                 "must have exactly one version marked as storage version",
             ));
         }
@@ -723,9 +778,8 @@ impl Store {
         if !errs.is_empty() {
             return Err(ApiError::invalid(&crd_res, name, &errs));
         }
-        let resources = Registry::from_crd(crd).ok_or_else(|| {
-            ApiError::invalid(&crd_res, name, &[FieldError::required("spec")])
-        })?;
+        let resources = Registry::from_crd(crd)
+            .ok_or_else(|| ApiError::invalid(&crd_res, name, &[FieldError::required("spec")]))?;
         Ok((resources, schemas))
     }
 
@@ -1050,7 +1104,9 @@ impl Store {
             }
             self.grace_deadlines.remove(&key);
             self.notify.notify_one();
-            return Ok(Deleted::Gone(self.remove_object(res, &key).unwrap_or(current)));
+            return Ok(Deleted::Gone(
+                self.remove_object(res, &key).unwrap_or(current),
+            ));
         }
         let now = time::OffsetDateTime::now_utc();
         if already {
@@ -1061,7 +1117,8 @@ impl Store {
                 .unwrap_or(0);
             if grace < running {
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-                next["metadata"]["deletionTimestamp"] = json!(rfc3339(now + time::Duration::seconds(grace)));
+                next["metadata"]["deletionTimestamp"] =
+                    json!(rfc3339(now + time::Duration::seconds(grace)));
             }
         } else {
             next["metadata"]["deletionTimestamp"] =
@@ -1075,7 +1132,8 @@ impl Store {
             return Ok(Deleted::Pending(Arc::new(next)));
         }
         if grace > 0 {
-            let at = tokio::time::Instant::now() + std::time::Duration::from_secs(grace.unsigned_abs());
+            let at =
+                tokio::time::Instant::now() + std::time::Duration::from_secs(grace.unsigned_abs());
             let e = self.grace_deadlines.entry(key.clone()).or_insert(at);
             if at < *e {
                 *e = at;
@@ -1088,7 +1146,9 @@ impl Store {
             return Ok(Deleted::Pending(current));
         }
         if Self::finished(&next) {
-            return Ok(Deleted::Gone(self.remove_object(res, &key).unwrap_or(current)));
+            return Ok(Deleted::Gone(
+                self.remove_object(res, &key).unwrap_or(current),
+            ));
         }
         Ok(Deleted::Pending(self.write(&key, next, &current)))
     }
@@ -1212,7 +1272,9 @@ impl Store {
             let inside: Vec<(Key, Arc<Value>)> = self
                 .objects
                 .iter()
-                .filter(|(k, _)| k.1 == nskey.2 && self.registry.get(&k.0).is_some_and(|r| r.namespaced))
+                .filter(|(k, _)| {
+                    k.1 == nskey.2 && self.registry.get(&k.0).is_some_and(|r| r.namespaced)
+                })
                 .map(|(k, v)| (k.clone(), Arc::clone(v)))
                 .collect();
             for (k, v) in &inside {
@@ -1224,7 +1286,9 @@ impl Store {
             let remaining: Vec<(Key, Arc<Value>)> = self
                 .objects
                 .iter()
-                .filter(|(k, _)| k.1 == nskey.2 && self.registry.get(&k.0).is_some_and(|r| r.namespaced))
+                .filter(|(k, _)| {
+                    k.1 == nskey.2 && self.registry.get(&k.0).is_some_and(|r| r.namespaced)
+                })
                 .map(|(k, v)| (k.clone(), Arc::clone(v)))
                 .collect();
             let Some(current) = self.objects.get(&nskey).cloned() else {
@@ -1233,7 +1297,9 @@ impl Store {
             let mut next = (*current).clone();
             next["status"]["conditions"] = namespace_conditions(&remaining);
             if remaining.is_empty()
-                && let Some(f) = next.pointer_mut("/spec/finalizers").and_then(Value::as_array_mut)
+                && let Some(f) = next
+                    .pointer_mut("/spec/finalizers")
+                    .and_then(Value::as_array_mut)
             {
                 f.retain(|x| x != "kubernetes");
             }
@@ -1298,7 +1364,8 @@ impl Store {
                 .is_some_and(|a| !a.is_empty());
         }
         let deleting = |v: &Value, f: &str| {
-            v.pointer("/metadata/deletionTimestamp").is_some() && finalizers(v).iter().any(|x| x == f)
+            v.pointer("/metadata/deletionTimestamp").is_some()
+                && finalizers(v).iter().any(|x| x == f)
         };
         let owners_in: Vec<(Key, Arc<Value>)> = self
             .objects
@@ -1309,17 +1376,18 @@ impl Store {
         if !any_owned && owners_in.is_empty() {
             return false;
         }
-        let dependents_of = |objects: &BTreeMap<Key, Arc<Value>>, uid: &str| -> Vec<(Key, Arc<Value>)> {
-            objects
-                .iter()
-                .filter(|(_, v)| {
-                    v.pointer("/metadata/ownerReferences")
-                        .and_then(Value::as_array)
-                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
-                })
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
-                .collect()
-        };
+        let dependents_of =
+            |objects: &BTreeMap<Key, Arc<Value>>, uid: &str| -> Vec<(Key, Arc<Value>)> {
+                objects
+                    .iter()
+                    .filter(|(_, v)| {
+                        v.pointer("/metadata/ownerReferences")
+                            .and_then(Value::as_array)
+                            .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+                    })
+                    .map(|(k, v)| (k.clone(), Arc::clone(v)))
+                    .collect()
+            };
         for (okey, owner) in owners_in {
             let uid = owner
                 .pointer("/metadata/uid")
@@ -1355,8 +1423,9 @@ impl Store {
                     dv.pointer("/metadata/ownerReferences")
                         .and_then(Value::as_array)
                         .is_some_and(|refs| {
-                            refs.iter()
-                                .any(|r| r["uid"] == uid.as_str() && r["blockOwnerDeletion"] == true)
+                            refs.iter().any(|r| {
+                                r["uid"] == uid.as_str() && r["blockOwnerDeletion"] == true
+                            })
                         })
                 });
                 if !blocking && let Some(cur) = self.objects.get(&okey).cloned() {
@@ -1377,9 +1446,9 @@ impl Store {
                     .and_then(Value::as_array)
                     .is_some_and(|refs| {
                         !refs.is_empty()
-                            && refs.iter().all(|r| {
-                                r["uid"].as_str().is_none_or(|u| !uids.contains_key(u))
-                            })
+                            && refs
+                                .iter()
+                                .all(|r| r["uid"].as_str().is_none_or(|u| !uids.contains_key(u)))
                     })
             })
             .map(|(k, _)| k.clone())

@@ -220,8 +220,7 @@ fn default_job_spec(spec: &mut Value, uid: &str) {
             "controller-uid": uid,
         });
         if spec.get("selector").is_none_or(Value::is_null) {
-            spec["selector"] =
-                json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+            spec["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
         }
         let tmeta = object_at(object_at(spec, "template"), "metadata");
         let tl = object_at(tmeta, "labels");
@@ -318,7 +317,11 @@ fn qos_class(pod: &Value) -> &'static str {
             l.is_some() && (q.is_none() || q == l)
         })
     });
-    if guaranteed { "Guaranteed" } else { "Burstable" }
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
 }
 
 /// Folds a Secret's `stringData` into `data` (write-only field, never stored).
@@ -347,7 +350,8 @@ pub fn decode_errors(res: &Resource, obj: &Value) -> Option<String> {
         let Some(s) = v.as_str() else { continue };
         if let Err(e) = base64::engine::general_purpose::STANDARD.decode(s) {
             let at = match e {
-                base64::DecodeError::InvalidByte(i, _) | base64::DecodeError::InvalidLastSymbol(i, _) => i,
+                base64::DecodeError::InvalidByte(i, _)
+                | base64::DecodeError::InvalidLastSymbol(i, _) => i,
                 _ => s.len(),
             };
             return Some(format!(
@@ -421,19 +425,15 @@ fn is_qualified_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
-    let prefix_ok = prefix.is_none_or(|p| {
-        !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(is_dns_label)
-    });
+    let prefix_ok =
+        prefix.is_none_or(|p| !p.is_empty() && p.len() <= 253 && p.split('.').all(is_dns_label));
     name_ok && prefix_ok
 }
 
 fn is_label_value(s: &str) -> bool {
     s.is_empty()
         || (s.len() <= 63
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             && s.as_bytes()[0].is_ascii_alphanumeric()
             && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
@@ -455,7 +455,7 @@ fn validate_labels(path: &str, labels: Option<&Value>, errs: &mut Vec<FieldError
             && !is_label_value(s)
         {
             errs.push(FieldError::invalid(
-                format!("{path}"),
+                path.to_string(),
                 json!(s),
                 "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')",
             ));
@@ -495,9 +495,7 @@ fn validate_meta(res: &Resource, obj: &Value, errs: &mut Vec<FieldError>) {
                 json!(s),
                 "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
             ));
-        } else if !s.contains('/')
-            && !matches!(s, "kubernetes" | "orphan" | "foregroundDeletion")
-        {
+        } else if !s.contains('/') && !matches!(s, "kubernetes" | "orphan" | "foregroundDeletion") {
             errs.push(FieldError::invalid(
                 format!("metadata.finalizers[{i}]"),
                 json!(s),
@@ -670,16 +668,17 @@ pub fn validate(res: &Resource, obj: &Value) -> Vec<FieldError> {
                 errs.push(FieldError::required("spec.ports"));
             }
             validate_ports("spec.ports", &ports, &mut errs, true);
-            if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
+            if !matches!(
+                ty,
+                "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+            ) {
                 errs.push(FieldError::not_supported(
                     "spec.type",
                     json!(ty),
                     &["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"],
                 ));
             }
-            if ty == "ExternalName"
-                && str_at(obj, "/spec/externalName").is_none_or(str::is_empty)
-            {
+            if ty == "ExternalName" && str_at(obj, "/spec/externalName").is_none_or(str::is_empty) {
                 errs.push(FieldError::required("spec.externalName"));
             }
             validate_labels("spec.selector", obj.pointer("/spec/selector"), &mut errs);
@@ -771,18 +770,19 @@ pub fn validate(res: &Resource, obj: &Value) -> Vec<FieldError> {
                 &mut errs,
             );
         }
-        ("policy", "PodDisruptionBudget") => {
-            if obj.pointer("/spec/minAvailable").is_some_and(|v| !v.is_null())
+        ("policy", "PodDisruptionBudget")
+            if obj
+                .pointer("/spec/minAvailable")
+                .is_some_and(|v| !v.is_null())
                 && obj
                     .pointer("/spec/maxUnavailable")
-                    .is_some_and(|v| !v.is_null())
-            {
-                errs.push(FieldError::invalid(
-                    "spec",
-                    obj["spec"].clone(),
-                    "minAvailable and maxUnavailable cannot be both set",
-                ));
-            }
+                    .is_some_and(|v| !v.is_null()) =>
+        {
+            errs.push(FieldError::invalid(
+                "spec",
+                obj["spec"].clone(),
+                "minAvailable and maxUnavailable cannot be both set",
+            ));
         }
         ("rbac.authorization.k8s.io", "Role" | "ClusterRole") => {
             let rules = obj
@@ -892,20 +892,26 @@ pub fn validate_update(res: &Resource, old: &Value, new: &Value) -> Vec<FieldErr
         {
             errs.push(FieldError::immutable(
                 "spec.selector",
-                new.pointer("/spec/selector").cloned().unwrap_or(Value::Null),
+                new.pointer("/spec/selector")
+                    .cloned()
+                    .unwrap_or(Value::Null),
             ));
         }
         ("batch", "Job") => {
             if changed("/spec/selector") {
                 errs.push(FieldError::immutable(
                     "spec.selector",
-                    new.pointer("/spec/selector").cloned().unwrap_or(Value::Null),
+                    new.pointer("/spec/selector")
+                        .cloned()
+                        .unwrap_or(Value::Null),
                 ));
             }
             if changed("/spec/completions") {
                 errs.push(FieldError::immutable(
                     "spec.completions",
-                    new.pointer("/spec/completions").cloned().unwrap_or(Value::Null),
+                    new.pointer("/spec/completions")
+                        .cloned()
+                        .unwrap_or(Value::Null),
                 ));
             }
         }
@@ -956,7 +962,10 @@ mod tests {
         assert_eq!(o["spec"]["sessionAffinity"], "None");
         assert!(validate(&svc, &o).is_empty());
         let bare = json!({"metadata": {"name": "web"}, "spec": {}});
-        assert_eq!(validate(&svc, &bare)[0].message(), "spec.ports: Required value");
+        assert_eq!(
+            validate(&svc, &bare)[0].message(),
+            "spec.ports: Required value"
+        );
     }
 
     #[test]
@@ -968,10 +977,17 @@ mod tests {
         assert_eq!(p["spec"]["containers"][0]["imagePullPolicy"], "Always");
         assert_eq!(p["status"]["qosClass"], "BestEffort");
         let none = json!({"metadata": {"name": "p"}, "spec": {"containers": []}});
-        assert_eq!(validate(&pod, &none)[0].message(), "spec.containers: Required value");
+        assert_eq!(
+            validate(&pod, &none)[0].message(),
+            "spec.containers: Required value"
+        );
         let mut changed = p.clone();
         changed["spec"]["nodeName"] = json!("n2");
-        assert!(validate_update(&pod, &p, &changed)[0].message().starts_with("spec: Forbidden"));
+        assert!(
+            validate_update(&pod, &p, &changed)[0]
+                .message()
+                .starts_with("spec: Forbidden")
+        );
         let mut image = p.clone();
         image["spec"]["containers"][0]["image"] = json!("nginx:2");
         assert!(validate_update(&pod, &p, &image).is_empty());
@@ -985,7 +1001,8 @@ mod tests {
         prepare_update(&pod, &old, &mut new, true);
         assert_eq!(new["metadata"]["labels"]["a"], "1");
         assert_eq!(new["status"]["phase"], "Running");
-        let mut main = json!({"metadata": {"name": "p"}, "spec": {"x": 1}, "status": {"phase": "Failed"}});
+        let mut main =
+            json!({"metadata": {"name": "p"}, "spec": {"x": 1}, "status": {"phase": "Failed"}});
         prepare_update(&pod, &old, &mut main, false);
         assert_eq!(main["status"]["phase"], "Pending");
     }
