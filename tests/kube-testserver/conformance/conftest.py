@@ -299,6 +299,7 @@ def _start_server(name: str) -> Server:
     proc = subprocess.Popen(
         [binary, "--cluster", name, "--dir", d, "--bind", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     lines: "queue.Queue[Optional[str]]" = queue.Queue()
 
@@ -340,6 +341,15 @@ def _start_server(name: str) -> Server:
                  ca_file=ca_file, proc=proc, http=http)
     srv._log = log  # type: ignore[attr-defined]
     return srv
+
+
+def _die_with_parent():
+    """In the child: ask Linux to SIGKILL it when pytest dies (even by SIGKILL)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the fixtures' teardown still stops it
+        pass
 
 
 def _stop(proc: subprocess.Popen):
