@@ -35,7 +35,15 @@ fn conformance_suite_against_the_real_apiserver_behaviour() {
     );
     let suite = crate_dir.join("conformance");
     let mut child = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rfE",
+            "--tb=short",
+        ])
         .arg(&suite)
         .current_dir(&suite)
         .env("KUBE_TESTSERVER_BIN", env!("CARGO_BIN_EXE_kube-testserver"))
