@@ -75,6 +75,11 @@ impl Resource {
         self
     }
 
+    fn with_sub(mut self, sub: &str) -> Self {
+        self.subresources.push(sub.into());
+        self
+    }
+
     fn in_all(mut self) -> Self {
         self.categories.push("all".into());
         self
@@ -99,13 +104,23 @@ impl Resource {
         }
         let mut out = vec![main];
         for sub in &self.subresources {
-            out.push(json!({
+            let mut d = json!({
                 "name": format!("{}/{sub}", self.gvr.resource),
                 "singularName": "",
                 "namespaced": self.namespaced,
                 "kind": self.kind,
                 "verbs": ["get", "patch", "update"],
-            }));
+            });
+            match sub.as_str() {
+                "log" => d["verbs"] = json!(["get"]),
+                "scale" => {
+                    d["kind"] = json!("Scale");
+                    d["group"] = json!("autoscaling");
+                    d["version"] = json!("v1");
+                }
+                _ => {}
+            }
+            out.push(d);
         }
         out
     }
@@ -142,6 +157,7 @@ impl Registry {
                 .in_all(),
             Resource::builtin("", "v1", "pods", "Pod", true, &["po"])
                 .with_status()
+                .with_sub("log")
                 .in_all(),
             Resource::builtin("", "v1", "nodes", "Node", false, &["no"]).with_status(),
             Resource::builtin("", "v1", "secrets", "Secret", true, &[]),
@@ -161,15 +177,18 @@ impl Registry {
             Resource::builtin("events.k8s.io", "v1", "events", "Event", true, &["ev"]),
             Resource::builtin("apps", "v1", "deployments", "Deployment", true, &["deploy"])
                 .with_status()
+                .with_sub("scale")
                 .in_all(),
             Resource::builtin("apps", "v1", "daemonsets", "DaemonSet", true, &["ds"])
                 .with_status()
                 .in_all(),
             Resource::builtin("apps", "v1", "statefulsets", "StatefulSet", true, &["sts"])
                 .with_status()
+                .with_sub("scale")
                 .in_all(),
             Resource::builtin("apps", "v1", "replicasets", "ReplicaSet", true, &["rs"])
                 .with_status()
+                .with_sub("scale")
                 .in_all(),
             Resource::builtin(
                 "apps",

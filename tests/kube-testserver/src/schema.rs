@@ -2157,3 +2157,23 @@ mod tests {
         assert!(parse_quantity("abc").is_err());
     }
 }
+
+#[cfg(test)]
+mod nested_prune_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_below_the_root_are_pruned_and_reported() {
+        let s = CrdSchema::compile(&json!({"type": "object", "properties": {
+            "spec": {"type": "object", "properties": {"size": {"type": "integer", "minimum": 1}}}}}))
+        .expect("compiles");
+        let mut obj = json!({"apiVersion": "x.io/v1", "kind": "Thing", "metadata": {"name": "t"},
+            "spec": {"size": 2, "extra": "d"}, "toplevel": 1});
+        let w = s.check(&mut obj, FieldValidation::Warn).expect("valid");
+        assert_eq!(
+            w,
+            ["unknown field \"spec.extra\"", "unknown field \"toplevel\""]
+        );
+        assert_eq!(obj["spec"], json!({"size": 2}));
+    }
+}

@@ -157,8 +157,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     )?;
 
     let schemas = crate::schema::Schemas::shared()?;
+    let mut store = Store::new(config.retain);
+    store.set_root_ca(ca.cert_pem());
     let shared = Arc::new(Shared {
-        store: Mutex::new(Store::new(config.retain)),
+        store: Mutex::new(store),
         schemas,
         token,
         faults: Faults::default(),
@@ -713,6 +715,7 @@ enum RvMatch {
     NotOlderThan,
 }
 
+use crate::field_error::FieldError;
 use crate::tables::{IncludeObject, table};
 
 struct ListOptions {
@@ -751,8 +754,8 @@ fn list_options(
     accept: &str,
     watch_prefix: bool,
     res: &Resource,
+    method: &Method,
 ) -> Result<ListOptions, ApiError> {
-    use crate::field_error::FieldError;
     let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     let bad = |e: crate::selectors::Error| ApiError::new(400, "BadRequest", e.to_string());
     let field = FieldSelector::parse(get("fieldSelector").unwrap_or("")).map_err(bad)?;
@@ -767,13 +770,23 @@ fn list_options(
         None | Some("") => false,
         Some("All") => true,
         Some(other) => {
-            return Err(ApiError::new(
-                400,
-                "BadRequest",
-                format!(
-                    "Invalid dry run value: dryRun: Unsupported value: {other:?}: supported values: \"All\""
+            let kind = if *method == Method::DELETE {
+                "DeleteOptions"
+            } else {
+                write_options_kind(method)
+            };
+            let fe = FieldError::not_supported("dryRun", json!(other), &["All"]);
+            let mut e = ApiError::new(
+                422,
+                "Invalid",
+                crate::field_error::invalid_message(
+                    &format!("{kind}.meta.k8s.io"),
+                    "",
+                    std::slice::from_ref(&fe),
                 ),
-            ));
+            );
+            e.causes = vec![fe.cause()];
+            return Err(e);
         }
     };
     let watch = watch_prefix || qbool(get("watch"));
@@ -928,9 +941,9 @@ fn delete_options(
     let body_dry = match body.get("dryRun").and_then(Value::as_array) {
         Some(a) if a.iter().any(|v| v != "All") => {
             return Err(ApiError::new(
-                400,
-                "BadRequest",
-                "Invalid dry run value: supported values: \"All\"",
+                422,
+                "Invalid",
+                "DeleteOptions.meta.k8s.io \"\" is invalid: dryRun: Unsupported value: supported values: \"All\"",
             ));
         }
         Some(a) => !a.is_empty(),
@@ -951,6 +964,18 @@ fn delete_options(
     })
 }
 
+fn details(res: &Resource, o: &Value) -> Value {
+    let mut d = json!({
+        "name": o.pointer("/metadata/name").cloned().unwrap_or(Value::Null),
+        "kind": res.gvr.resource,
+        "uid": o.pointer("/metadata/uid").cloned().unwrap_or(Value::Null),
+    });
+    if !res.gvr.group.is_empty() {
+        d["group"] = json!(res.gvr.group);
+    }
+    d
+}
+
 /// The response to a delete: the object while it terminates (or for kinds that return it),
 /// else a `Status` naming what was deleted.
 fn deleted_response(res: &Resource, outcome: Deleted) -> (u16, Value) {
@@ -964,12 +989,7 @@ fn deleted_response(res: &Resource, outcome: Deleted) -> (u16, Value) {
                 "apiVersion": "v1",
                 "metadata": {},
                 "status": "Success",
-                "details": {
-                    "name": o.pointer("/metadata/name").cloned().unwrap_or(Value::Null),
-                    "group": res.gvr.group,
-                    "kind": res.gvr.resource,
-                    "uid": o.pointer("/metadata/uid").cloned().unwrap_or(Value::Null),
-                },
+                "details": details(res, &o),
             }),
         ),
     }
@@ -992,11 +1012,13 @@ fn decode(
         .unwrap_or_default()
         .to_owned();
     let reject = |r: crate::schema::Rejection| {
-        let mut e = ApiError::new(
-            r.code(),
-            r.reason(),
-            r.message(&res.kind, &res.gvr.version, &name),
-        );
+        let message = match &r {
+            crate::schema::Rejection::Invalid(_) => {
+                r.message(&crate::store::qualified_kind(res), &res.gvr.version, &name)
+            }
+            crate::schema::Rejection::Decode(_) => r.message(&res.kind, &res.gvr.version, &name),
+        };
+        let mut e = ApiError::new(r.code(), r.reason(), message);
         if let crate::schema::Rejection::Invalid(errs) = &r {
             e.details = Some(Box::new((
                 name.clone(),
@@ -1104,13 +1126,29 @@ async fn resource_request(
         ));
     }
     let q = query(&req);
+    if let Some(a) = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|h| h.to_str().ok())
+        && a.contains("application/vnd.kubernetes.protobuf")
+        && !a.contains("json")
+        && !a.contains("*/*")
+    {
+        // Protobuf bodies are decoded, not produced: a client that accepts nothing else is
+        // told so, as the apiserver tells a client asking for a media type it cannot serve.
+        return error(&ApiError::new(
+            406,
+            "NotAcceptable",
+            "only the following media types are accepted: application/json, application/yaml, application/json;as=Table;v=v1;g=meta.k8s.io",
+        ));
+    }
     let accept = req
         .headers()
         .get(http::header::ACCEPT)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let opts = match list_options(&q, &accept, watch_prefix, &target.res) {
+    let opts = match list_options(&q, &accept, watch_prefix, &target.res, req.method()) {
         Ok(o) => o,
         Err(e) => return error(&e),
     };
@@ -1150,6 +1188,17 @@ async fn resource_request(
         mode,
     };
     let mut warnings: Vec<String> = Vec::new();
+    if let (Some(sub @ ("log" | "scale")), Some(name)) = (sub.as_deref(), target.name.as_deref()) {
+        let r = if sub == "log" {
+            pod_log(shared, &target, name, &method)
+        } else {
+            scale(shared, &target, name, &method, req, dry).await
+        };
+        return match r {
+            Ok((code, v)) => json_response(code, &v),
+            Err(e) => error(&e),
+        };
+    }
     let result = match (&method, &target.name) {
         (&Method::GET, None) if opts.watch => {
             return watch_response(Arc::clone(shared), target, opts).await;
@@ -1275,6 +1324,150 @@ fn with_warnings(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
         }
     }
     r
+}
+
+/// `pods/<name>/log`: there is no kubelet, so the answer is what a cluster answers when it
+/// cannot reach one, after the same checks (the pod exists, is bound, its node exists).
+fn pod_log(
+    shared: &Shared,
+    target: &Target,
+    name: &str,
+    method: &Method,
+) -> Result<(u16, Value), ApiError> {
+    if *method != Method::GET {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource: {method}"),
+        ));
+    }
+    let store = shared.store();
+    let pod = store.get(&target.res, target.namespace.as_deref(), name)?;
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::new(
+                400,
+                "BadRequest",
+                format!("pod {name} does not have a host assigned"),
+            )
+        })?;
+    let nodes = store
+        .registry
+        .get(&crate::registry::Gvr {
+            group: String::new(),
+            version: "v1".into(),
+            resource: "nodes".into(),
+        })
+        .cloned()
+        .ok_or_else(|| ApiError::new(500, "InternalError", "nodes are not served"))?;
+    store.get(&nodes, None, node)?;
+    Err(ApiError::new(
+        500,
+        "InternalError",
+        format!(
+            "no kubelet answers on node {node}: the Kubernetes API test server runs no containers, so there are no logs"
+        ),
+    ))
+}
+
+/// The `autoscaling/v1` `Scale` of a workload.
+fn scale_of(obj: &Value) -> Value {
+    let selector = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let meta = &obj["metadata"];
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+            "resourceVersion": meta["resourceVersion"], "creationTimestamp": meta["creationTimestamp"],
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector,
+        },
+    })
+}
+
+/// `<workload>/<name>/scale`: read or change `spec.replicas` through a `Scale`.
+async fn scale(
+    shared: &Shared,
+    target: &Target,
+    name: &str,
+    method: &Method,
+    req: Request<Incoming>,
+    dry_run: bool,
+) -> Result<(u16, Value), ApiError> {
+    let res = &target.res;
+    let ns = target.namespace.as_deref();
+    let current = shared.store().get(res, ns, name)?;
+    let wanted = match *method {
+        Method::GET => return Ok((200, scale_of(&current))),
+        Method::PUT => {
+            let (_, body) = read_body(req).await?;
+            parse_json(&body)?
+        }
+        Method::PATCH => {
+            let (ct, body) = read_body(req).await?;
+            let mut s = scale_of(&current);
+            crate::patch::apply(&mut s, ct.as_deref().unwrap_or(""), &body, None).map_err(|e| {
+                match e {
+                    crate::patch::Error::Failed(_) => ApiError::new(422, "Invalid", e.to_string()),
+                    crate::patch::Error::Invalid(_) => {
+                        ApiError::new(400, "BadRequest", e.to_string())
+                    }
+                    _ => ApiError::new(415, "UnsupportedMediaType", e.to_string()),
+                }
+            })?;
+            s
+        }
+        _ => {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!(
+                    "the server does not allow this method on the requested resource: {method}"
+                ),
+            ));
+        }
+    };
+    let replicas = wanted
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| ApiError::invalid(res, name, &[FieldError::required("spec.replicas")]))?;
+    if replicas < 0 {
+        return Err(ApiError::invalid(
+            res,
+            name,
+            &[FieldError::invalid(
+                "spec.replicas",
+                json!(replicas),
+                "must be greater than or equal to 0",
+            )],
+        ));
+    }
+    let mut next = (*current).clone();
+    next["spec"]["replicas"] = json!(replicas);
+    if let Some(rv) = wanted
+        .pointer("/metadata/resourceVersion")
+        .filter(|v| !v.is_null())
+    {
+        next["metadata"]["resourceVersion"] = rv.clone();
+    }
+    let stored = shared.store().update(res, ns, name, next, false, dry_run)?;
+    Ok((200, scale_of(&stored)))
 }
 
 /// Who writes: the field manager of a write, and `force` for server-side apply.
@@ -1413,6 +1606,20 @@ fn patch(
     let (dry_run, mode) = (writer.dry_run, writer.mode);
     if ct.starts_with("application/apply-patch+yaml") {
         return server_side_apply(shared, target, name, body, writer, warnings);
+    }
+    if writer.force {
+        let fe = FieldError::forbidden("force", "may not be specified for non-apply patch");
+        let mut e = ApiError::new(
+            422,
+            "Invalid",
+            crate::field_error::invalid_message(
+                "PatchOptions.meta.k8s.io",
+                "",
+                std::slice::from_ref(&fe),
+            ),
+        );
+        e.causes = vec![fe.cause()];
+        return Err(e);
     }
     if shared.store().is_custom(res) && ct.starts_with("application/strategic-merge-patch+json") {
         return Err(ApiError::new(
@@ -1757,8 +1964,21 @@ async fn watch_response(shared: Arc<Shared>, target: Target, opts: ListOptions) 
             }
         }
         let mut processed = last_sent;
-        let mut tick = tokio::time::interval(bookmark_every);
-        tick.tick().await;
+        // As the watch cache: a bookmark about once a minute, and one shortly before the
+        // watch's own timeout so the client can resume from it.
+        let next_bookmark = |now: tokio::time::Instant| {
+            let regular = now + bookmark_every;
+            match deadline {
+                Some(d)
+                    if d.checked_sub(Duration::from_secs(2))
+                        .is_some_and(|b| b > now && b < regular) =>
+                {
+                    d - Duration::from_secs(2)
+                }
+                _ => regular,
+            }
+        };
+        let mut bookmark_at = next_bookmark(tokio::time::Instant::now());
         loop {
             let sleep_until_deadline = async {
                 match deadline {
@@ -1780,7 +2000,8 @@ async fn watch_response(shared: Arc<Shared>, target: Target, opts: ListOptions) 
                     // Too slow a client: end the watch; it resumes from its last RV.
                     Err(_) => return,
                 },
-                _ = tick.tick(), if opts.bookmarks => {
+                () = tokio::time::sleep_until(bookmark_at), if opts.bookmarks => {
+                    bookmark_at = next_bookmark(tokio::time::Instant::now());
                     if tx.send(bookmark(processed, false)).await.is_err() {
                         return;
                     }

@@ -223,7 +223,11 @@ impl ApiError {
 
     /// A `422 Invalid` for `name` of `res`, a cause per field.
     pub fn invalid(res: &Resource, name: &str, errors: &[FieldError]) -> Self {
-        let mut e = Self::new(422, "Invalid", invalid_message(&res.kind, name, errors));
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            invalid_message(&qualified_kind(res), name, errors),
+        );
         e.details = Some(Box::new((
             name.to_owned(),
             res.gvr.group.clone(),
@@ -254,7 +258,10 @@ impl ApiError {
             "code": self.code,
         });
         if let Some((name, group, kind)) = self.details.as_deref() {
-            s["details"] = json!({"name": name, "group": group, "kind": kind});
+            s["details"] = json!({"name": name, "kind": kind});
+            if !group.is_empty() {
+                s["details"]["group"] = json!(group);
+            }
         }
         if !self.causes.is_empty() {
             if !s.get("details").is_some_and(Value::is_object) {
@@ -279,6 +286,15 @@ impl ApiError {
     fn not_found(res: &Resource, name: &str) -> Self {
         let what = qualified(res);
         Self::new(404, "NotFound", format!("{what} \"{name}\" not found")).about(res, name)
+    }
+}
+
+/// `Kind` for the core group, `Kind.group` otherwise, as `422 Invalid` messages name kinds.
+pub fn qualified_kind(res: &Resource) -> String {
+    if res.gvr.group.is_empty() {
+        res.kind.clone()
+    } else {
+        format!("{}.{}", res.kind, res.gvr.group)
     }
 }
 
@@ -341,6 +357,9 @@ pub struct Store {
     /// The resources served.
     pub registry: Registry,
     next_cluster_ip: u32,
+    next_node_port: i64,
+    /// The cluster CA the root-CA publisher puts in every namespace (`kube-root-ca.crt`).
+    root_ca: Option<String>,
     /// The compiled schemas of custom resources (per served version) and their raw form.
     crd_schemas: BTreeMap<Gvr, (Arc<CrdSchema>, Value)>,
     /// When terminating pods' grace periods end.
@@ -412,6 +431,8 @@ impl Store {
             tx,
             registry: Registry::default(),
             next_cluster_ip: 1,
+            next_node_port: 0,
+            root_ca: None,
             crd_schemas: BTreeMap::new(),
             grace_deadlines: BTreeMap::new(),
             notify: Arc::new(tokio::sync::Notify::new()),
@@ -468,7 +489,12 @@ impl Store {
         let _ = self.tx.send(change);
     }
 
-    fn check_namespace(&self, res: &Resource, ns: Option<&str>) -> Result<String, ApiError> {
+    fn check_namespace(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<String, ApiError> {
         if !res.namespaced {
             return Ok(String::new());
         }
@@ -484,10 +510,17 @@ impl Store {
             let mut e = ApiError::new(
                 403,
                 "Forbidden",
-                format!(
-                    "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
-                    qualified(res)
-                ),
+                if name.is_empty() {
+                    format!(
+                        "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                        qualified(res)
+                    )
+                } else {
+                    format!(
+                        "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                        qualified(res)
+                    )
+                },
             );
             e.causes.push(json!({"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}));
             return Err(e);
@@ -501,6 +534,49 @@ impl Store {
             self.next_cluster_ip += 1;
         }
         format!("10.96.{}.{}", (n / 254) % 256, n % 254 + 1)
+    }
+
+    /// Gives every port of a NodePort or LoadBalancer Service without one a node port from
+    /// 30000-32767 that no other Service uses.
+    fn allocate_node_ports(&mut self, svc: &mut Value, dry_run: bool) {
+        let mut used: std::collections::BTreeSet<i64> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0.resource == "services" && k.0.group.is_empty())
+            .flat_map(|(_, v)| {
+                v.pointer("/spec/ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let Some(ports) = svc.pointer_mut("/spec/ports").and_then(Value::as_array_mut) else {
+            return;
+        };
+        for p in ports.iter() {
+            if let Some(n) = p.get("nodePort").and_then(Value::as_i64) {
+                used.insert(n);
+            }
+        }
+        let mut next = self.next_node_port;
+        for p in ports.iter_mut() {
+            if p.get("nodePort").and_then(Value::as_i64).unwrap_or(0) > 0 {
+                continue;
+            }
+            for _ in 0..2768 {
+                let candidate = 30000 + (next % 2768);
+                next = next.wrapping_add(1);
+                if used.insert(candidate) {
+                    p["nodePort"] = json!(candidate);
+                    break;
+                }
+            }
+        }
+        if !dry_run {
+            self.next_node_port = next;
+        }
     }
 
     fn key(res: &Resource, ns: Option<&str>, name: &str) -> Key {
@@ -523,7 +599,12 @@ impl Store {
         mut body: Value,
         dry_run: bool,
     ) -> Result<Arc<Value>, ApiError> {
-        let ns = self.check_namespace(res, ns)?;
+        let given = body
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let ns = self.check_namespace(res, ns, &given)?;
         let obj = body
             .as_object_mut()
             .ok_or_else(|| ApiError::new(400, "BadRequest", "the body must be a JSON object"))?;
@@ -608,7 +689,11 @@ impl Store {
         }
         match res.kind.as_str() {
             "Service" => {
-                let ty = body.pointer("/spec/type").and_then(Value::as_str);
+                let ty = body
+                    .pointer("/spec/type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let ty = ty.as_deref();
                 let set = body
                     .pointer("/spec/clusterIP")
                     .and_then(Value::as_str)
@@ -625,6 +710,9 @@ impl Store {
                     let ip = self.allocate_cluster_ip(dry_run);
                     body["spec"]["clusterIP"] = json!(ip);
                     body["spec"]["clusterIPs"] = json!([ip]);
+                }
+                if matches!(ty, Some("NodePort" | "LoadBalancer")) {
+                    self.allocate_node_ports(&mut body, dry_run);
                 }
             }
             "CustomResourceDefinition" => {
@@ -664,6 +752,9 @@ impl Store {
         let obj = Arc::new(body);
         self.objects.insert(key.clone(), Arc::clone(&obj));
         self.record(ChangeKind::Added, &key, Arc::clone(&obj), None);
+        if res.kind == "Namespace" {
+            self.notify.notify_one();
+        }
         Ok(obj)
     }
 
@@ -867,6 +958,24 @@ impl Store {
         body["kind"] = json!(res.kind);
         if !body.get("metadata").is_some_and(Value::is_object) {
             body["metadata"] = json!({});
+        }
+        for field in ["deletionTimestamp", "deletionGracePeriodSeconds"] {
+            let given = body.pointer(&format!("/metadata/{field}"));
+            if given.is_some_and(|g| !g.is_null())
+                && given != current.pointer(&format!("/metadata/{field}"))
+            {
+                return Err(ApiError::invalid(
+                    res,
+                    name,
+                    &[FieldError {
+                        field: format!("metadata.{field}"),
+                        kind: crate::field_error::FieldErrorKind::Invalid(
+                            "field is immutable; may only be changed via deletion".into(),
+                        ),
+                        value: given.cloned(),
+                    }],
+                ));
+            }
         }
         for field in [
             "name",
@@ -1199,6 +1308,12 @@ impl Store {
         !self.registry.is_builtin(&res.gvr)
     }
 
+    /// Sets the CA certificate published in every namespace as ConfigMap `kube-root-ca.crt`.
+    pub fn set_root_ca(&mut self, pem: &str) {
+        self.root_ca = Some(pem.to_owned());
+        self.notify.notify_one();
+    }
+
     /// The notifier [`Store::reconcile`] should be run on.
     pub fn notifier(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.notify)
@@ -1345,6 +1460,64 @@ impl Store {
             }
         }
         changed |= self.collect_garbage();
+        changed |= self.namespace_defaults();
+        changed
+    }
+
+    /// The ServiceAccount controller and the root-CA publisher: every active namespace has a
+    /// `default` ServiceAccount and a `kube-root-ca.crt` ConfigMap.
+    fn namespace_defaults(&mut self) -> bool {
+        let active: Vec<String> = self
+            .objects
+            .iter()
+            .filter(|(k, v)| {
+                k.0 == namespaces_gvr() && v.pointer("/metadata/deletionTimestamp").is_none()
+            })
+            .map(|(k, _)| k.2.clone())
+            .collect();
+        let core = |resource: &str| Gvr {
+            group: String::new(),
+            version: "v1".into(),
+            resource: resource.into(),
+        };
+        let (Some(sa), Some(cm)) = (
+            self.registry.get(&core("serviceaccounts")).cloned(),
+            self.registry.get(&core("configmaps")).cloned(),
+        ) else {
+            return false;
+        };
+        let mut changed = false;
+        for ns in active {
+            if !self
+                .objects
+                .contains_key(&(sa.gvr.clone(), ns.clone(), "default".into()))
+            {
+                changed |= self
+                    .create(
+                        &sa,
+                        Some(&ns),
+                        json!({"metadata": {"name": "default"}}),
+                        false,
+                    )
+                    .is_ok();
+            }
+            if let Some(ca) = self.root_ca.clone()
+                && !self.objects.contains_key(&(
+                    cm.gvr.clone(),
+                    ns.clone(),
+                    "kube-root-ca.crt".into(),
+                ))
+            {
+                changed |= self
+                    .create(
+                        &cm,
+                        Some(&ns),
+                        json!({"metadata": {"name": "kube-root-ca.crt", "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}}, "data": {"ca.crt": ca}}),
+                        false,
+                    )
+                    .is_ok();
+            }
+        }
         changed
     }
 

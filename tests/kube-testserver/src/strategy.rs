@@ -66,6 +66,43 @@ pub fn prepare_create(res: &Resource, obj: &mut Value) {
         let status = object_at(obj, "status");
         status["phase"] = json!("Active");
     }
+    if let ("", "Service") = group_kind(res) {
+        obj["status"] = json!({"loadBalancer": {}});
+    }
+    if let ("", "Pod") = group_kind(res)
+        && let Some(spec) = obj.get_mut("spec")
+    {
+        default_tolerations(spec);
+    }
+}
+
+/// The `DefaultTolerationSeconds` admission plugin: pods tolerate a not-ready or unreachable
+/// node for 300 s unless they say otherwise.
+fn default_tolerations(spec: &mut Value) {
+    if !spec.is_object() {
+        return;
+    }
+    if !spec.get("tolerations").is_some_and(Value::is_array) {
+        spec["tolerations"] = json!([]);
+    }
+    let Some(list) = spec["tolerations"].as_array_mut() else {
+        return;
+    };
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        let covered = list.iter().any(|t| {
+            let k = t.get("key").and_then(Value::as_str);
+            let effect = t.get("effect").and_then(Value::as_str);
+            let exists_all =
+                k.is_none() && t.get("operator").and_then(Value::as_str) == Some("Exists");
+            (k == Some(key) || exists_all) && effect.is_none_or(|e| e == "NoExecute")
+        });
+        if !covered {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
+        }
+    }
 }
 
 /// Defaults of a kind, applied on create and on every update (as the apiserver's decoder does).
@@ -142,8 +179,9 @@ pub fn default(res: &Resource, obj: &mut Value) {
         }
         ("batch", "Job") => {
             let uid = str_at(obj, "/metadata/uid").unwrap_or_default().to_owned();
+            let name = str_at(obj, "/metadata/name").unwrap_or_default().to_owned();
             let spec = object_at(obj, "spec");
-            default_job_spec(spec, &uid);
+            default_job_spec(spec, &uid, &name);
         }
         ("batch", "CronJob") => {
             let spec = object_at(obj, "spec");
@@ -205,7 +243,7 @@ fn default_template(spec: &mut Value) {
     }
 }
 
-fn default_job_spec(spec: &mut Value, uid: &str) {
+fn default_job_spec(spec: &mut Value, uid: &str, name: &str) {
     set_default(spec, "backoffLimit", json!(6));
     set_default(spec, "completions", json!(1));
     set_default(spec, "parallelism", json!(1));
@@ -214,10 +252,13 @@ fn default_job_spec(spec: &mut Value, uid: &str) {
     set_default(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
     set_default(spec, "manualSelector", json!(false));
     if spec["manualSelector"] != true && !uid.is_empty() {
-        // The apiserver generates the selector and the template's labels from the Job's uid.
+        // The apiserver generates the selector and the template's labels from the Job's uid
+        // and name.
         let labels = json!({
             "batch.kubernetes.io/controller-uid": uid,
             "controller-uid": uid,
+            "batch.kubernetes.io/job-name": name,
+            "job-name": name,
         });
         if spec.get("selector").is_none_or(Value::is_null) {
             spec["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
@@ -269,6 +310,17 @@ fn default_container(c: &mut Value) {
         set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
         set_default(c, "terminationMessagePolicy", json!("File"));
         set_default(c, "resources", json!({}));
+        // Requests default to the limits.
+        if let Some(limits) = c
+            .pointer("/resources/limits")
+            .and_then(Value::as_object)
+            .cloned()
+        {
+            let requests = object_at(object_at(c, "resources"), "requests");
+            for (k, v) in limits {
+                set_default(requests, &k, v);
+            }
+        }
         let image = c.get("image").and_then(Value::as_str).unwrap_or("");
         let policy = if image_is_latest(image) {
             "Always"
@@ -760,8 +812,13 @@ pub fn validate(res: &Resource, obj: &Value) -> Vec<FieldError> {
             }
         }
         ("batch", "CronJob") => {
-            if str_at(obj, "/spec/schedule").is_none_or(str::is_empty) {
-                errs.push(FieldError::required("spec.schedule"));
+            match str_at(obj, "/spec/schedule") {
+                None | Some("") => errs.push(FieldError::required("spec.schedule")),
+                Some(s) => {
+                    if let Err(why) = parse_cron(s) {
+                        errs.push(FieldError::invalid("spec.schedule", json!(s), why));
+                    }
+                }
             }
             let js = obj.pointer("/spec/jobTemplate/spec");
             validate_pod_spec(
@@ -816,6 +873,84 @@ pub fn validate(res: &Resource, obj: &Value) -> Vec<FieldError> {
         _ => {}
     }
     errs
+}
+
+/// Checks a cron schedule as the CronJob controller's parser does: five fields (minute, hour,
+/// day of month, month, day of week) with `*`, ranges, steps and lists, or a descriptor.
+fn parse_cron(s: &str) -> Result<(), String> {
+    let s = s.trim();
+    let s = match s.split_once(' ') {
+        Some((tz, rest)) if tz.starts_with("TZ=") || tz.starts_with("CRON_TZ=") => rest.trim(),
+        _ => s,
+    };
+    if s.starts_with('@') {
+        return match s {
+            "@yearly" | "@annually" | "@monthly" | "@weekly" | "@daily" | "@midnight"
+            | "@hourly" => Ok(()),
+            _ if s.starts_with("@every ") => Ok(()),
+            _ => Err(format!("unrecognized descriptor: {s}")),
+        };
+    }
+    let fields: Vec<&str> = s.split_whitespace().collect();
+    if fields.len() != 5 {
+        return Err(format!(
+            "expected exactly 5 fields, found {}: {s}",
+            fields.len()
+        ));
+    }
+    let bounds = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
+    let names: [&[&str]; 5] = [
+        &[],
+        &[],
+        &[],
+        &[
+            "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+        ],
+        &["sun", "mon", "tue", "wed", "thu", "fri", "sat"],
+    ];
+    for (i, field) in fields.iter().enumerate() {
+        let (lo, hi) = bounds[i];
+        for part in field.split(',') {
+            let (range, step) = match part.split_once('/') {
+                Some((r, st)) => (r, Some(st)),
+                None => (part, None),
+            };
+            if let Some(st) = step
+                && st.parse::<u32>().map_or(true, |n| n == 0)
+            {
+                return Err(format!("invalid step {st:?} in {part:?}"));
+            }
+            if range == "*" || range == "?" {
+                continue;
+            }
+            let value = |t: &str| -> Result<u32, String> {
+                if let Ok(n) = t.parse::<u32>() {
+                    return Ok(n);
+                }
+                names[i]
+                    .iter()
+                    .position(|n| n.eq_ignore_ascii_case(t))
+                    .map(|p| {
+                        let p = u32::try_from(p).unwrap_or(0);
+                        if i == 3 { p + 1 } else { p }
+                    })
+                    .ok_or_else(|| format!("failed to parse int from {t}"))
+            };
+            let (a, b) = match range.split_once('-') {
+                Some((a, b)) => (value(a)?, value(b)?),
+                None => {
+                    let v = value(range)?;
+                    (v, v)
+                }
+            };
+            if a < lo || b > hi || a > b {
+                return Err(format!(
+                    "end of range ({b}) above maximum ({hi}) or beginning of range ({a}) below minimum ({lo}): {part}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fields that may not change, and the other update-only rules.
@@ -932,7 +1067,10 @@ pub fn validate_update(res: &Resource, old: &Value, new: &Value) -> Vec<FieldErr
 /// Whether a DELETE of this kind answers with the deleted object rather than a `Status`
 /// (the apiserver's `ReturnDeletedObject`).
 pub fn returns_deleted_object(res: &Resource) -> bool {
-    matches!(group_kind(res), ("", "Pod" | "Service" | "Namespace"))
+    matches!(
+        group_kind(res),
+        ("", "Pod" | "Service" | "Namespace" | "ServiceAccount")
+    )
 }
 
 #[cfg(test)]

@@ -140,8 +140,8 @@ fn service_ports(o: &Value) -> String {
                 x => x,
             };
             match p.get("nodePort").and_then(Value::as_i64) {
-                Some(np) => format!("{port}:{np}/{proto}"),
-                None => format!("{port}/{proto}"),
+                Some(np) if np > 0 => format!("{port}:{np}/{proto}"),
+                _ => format!("{port}/{proto}"),
             }
         })
         .collect();

@@ -141,7 +141,8 @@ async fn api_verbs_and_errors() {
             .unwrap();
         assert_eq!(sel.items.len(), 8, "a, gen-*, p0, p2..p6");
         let mut seen = Vec::new();
-        let mut lp = ListParams::default().limit(3);
+        // The test's objects (the namespace also holds the root-CA publisher's ConfigMap).
+        let mut lp = ListParams::default().labels("app=demo").limit(3);
         let mut pages = 0;
         loop {
             let page = api.list(&lp).await.unwrap();
@@ -229,9 +230,13 @@ async fn reflector_sees_every_change() {
             .unwrap();
     }
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api.clone(), watcher::Config::default()))
-        .default_backoff()
-        .applied_objects();
+    // The test's objects (the namespace also holds the root-CA publisher's ConfigMap).
+    let stream = reflector(
+        writer,
+        watcher(api.clone(), watcher::Config::default().labels("app=demo")),
+    )
+    .default_backoff()
+    .applied_objects();
     let task = tokio::spawn(async move {
         futures::pin_mut!(stream);
         while stream.next().await.is_some() {}
