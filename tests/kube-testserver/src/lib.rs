@@ -2,25 +2,25 @@
 //! exists because no real kube-apiserver can run on the machines this project is built and
 //! tested on; it is never part of a production image.
 //!
-//! It speaks the real REST protocol, faithfully where clients depend on it: discovery for
-//! kubectl, get/list (label and field selectors, `limit`/`continue` served from a consistent
-//! snapshot)/watch (one monotonic resourceVersion, replay from an RV, `410 Gone` beyond the
-//! retained window, bookmarks, `timeoutSeconds`)/create (`generateName`, 409 on conflicts)/
-//! update (409 on a stale RV)/patch (merge, JSON and strategic merge)/delete, `Status` errors,
-//! Table output for kubectl, HTTPS with bearer-token or client-certificate authentication, and
-//! a kubeconfig with a named context. Storage is generic by group/version/resource, and CRDs
-//! register new resources at runtime.
+//! It is strict where the real kube-apiserver 1.32 is strict, and works over time where the
+//! real one does (README: what it does and, honestly, what it does not):
 //!
-//! For reliability tests a [`Handle`] injects faults: close every open watch, fail the next N
-//! requests with 500 or 429, stall responses, compact the change log, and restart while keeping
-//! state. What it does not do: admission, defaulting beyond Service cluster IPs and Namespace
-//! phase, the apiserver's hand-written per-kind validation, finalizers, server-side apply,
-//! authorization.
-//!
-//! [`schema`] validates objects against the official Kubernetes 1.32 schemas (from the PyPI
-//! package `kubernetes-validate`, installed by `scripts/setup.sh`) and CRD structural schemas,
-//! and drives strategic merge patch; [`openapi`] builds the `/openapi/v3` and `/openapi/v2`
-//! documents from the same schemas.
+//! * [`server`]: HTTPS, routing, verbs, watches (bookmarks, `sendInitialEvents`,
+//!   `resourceVersionMatch`), `dryRun`, subresources (`status`, `scale`, `pods/log`), the
+//!   OpenAPI documents, fault injection through [`Handle`];
+//! * [`store`]: storage with one monotonic resourceVersion and MVCC history, and deletion as a
+//!   cluster does it (finalizers, graceful Pods, namespace termination, garbage collection,
+//!   preconditions), finished by [`store::Store::reconcile`];
+//! * [`schema`]: decoding against the official schemas (PyPI `kubernetes-validate`, installed
+//!   by `scripts/setup.sh`), CRD structural schemas, patch metadata; [`openapi`]: the
+//!   `/openapi/v2` and `/openapi/v3` documents from them;
+//! * [`strategy`]: per-kind defaulting, status handling and semantic validation;
+//!   [`field_error`]: the apiserver's field errors;
+//! * [`patch`]: merge, JSON and strategic merge patches; [`apply`]: server-side apply and
+//!   `managedFields`;
+//! * [`tables`]: kubectl's server-side printing; [`selectors`]: label and field selectors;
+//!   [`protobuf`]: protobuf request bodies of every built-in kind; [`registry`]: the resources
+//!   served (built-in and from CRDs).
 
 pub mod apply;
 pub mod field_error;
