@@ -604,7 +604,13 @@ async fn leader_failover_and_step_down() {
 
     // Someone else takes the Lease: B steps down and stops exporting at once.
     let leases: Api<Lease> = Api::namespaced(lab.client.clone(), "kube-system");
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    // A MicroTime, as a real apiserver parses it (RFC 3339 with exactly six fractional digits).
+    let now = serde_json::to_value(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ),
+    )
+    .unwrap();
     leases
         .patch(
             clustermesh_apiserver::LEADER_LEASE_NAME,
@@ -908,18 +914,26 @@ async fn terminating_pods_stay_endpoints_until_gone() {
     let apiserver = lab.apiserver("r1").await;
     ready(&apiserver).await;
     eventually("the pod is an endpoint", T, || async {
-        lab.endpoints().await.contains_key("10.1.1.10").then_some(())
+        lab.endpoints()
+            .await
+            .contains_key("10.1.1.10")
+            .then_some(())
     })
     .await;
 
     let pods: Api<Pod> = Api::namespaced(lab.client.clone(), "shop");
-    pods.delete("web-a", &DeleteParams::default()).await.unwrap();
+    pods.delete("web-a", &DeleteParams::default())
+        .await
+        .unwrap();
     let terminating = pods.get("web-a").await.unwrap();
     assert!(
         terminating.metadata.deletion_timestamp.is_some(),
         "a bound pod terminates for its grace period"
     );
-    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(GRACE));
+    assert_eq!(
+        terminating.metadata.deletion_grace_period_seconds,
+        Some(GRACE)
+    );
     // The EndpointSlice controller: not ready, still serving, terminating.
     let slices: Api<EndpointSlice> = Api::namespaced(lab.client.clone(), "shop");
     slices
@@ -932,11 +946,15 @@ async fn terminating_pods_stay_endpoints_until_gone() {
         )
         .await
         .unwrap();
-    eventually("the backend is exported as terminating and serving", T, || async {
-        let s = lab.services().await;
-        let b = s.get("shop/web")?.backends.first()?.clone();
-        (!b.conditions.ready && b.conditions.serving && b.conditions.terminating).then_some(())
-    })
+    eventually(
+        "the backend is exported as terminating and serving",
+        T,
+        || async {
+            let s = lab.services().await;
+            let b = s.get("shop/web")?.backends.first()?.clone();
+            (!b.conditions.ready && b.conditions.serving && b.conditions.terminating).then_some(())
+        },
+    )
     .await;
     // Read the export, then the pod: if the pod still existed after the read, its endpoint
     // must have been in it.
