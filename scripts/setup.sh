@@ -47,4 +47,12 @@ if ! "$venv/bin/python" -c 'import kubernetes_validate, kubernetes, pytest' 2>/d
   "$venv/bin/pip" install -q --disable-pip-version-check "${py_pkgs[@]}"
 fi
 
+# The IaC scanner for deploy/, in a venv of its own (its pins conflict with the client's).
+checkov_venv="$repo/.venv-checkov"
+if [ ! -x "$checkov_venv/bin/checkov" ]; then
+  echo "setup: installing checkov into $checkov_venv"
+  python3 -m venv "$checkov_venv"
+  "$checkov_venv/bin/pip" install -q --disable-pip-version-check "checkov==3.2.*"
+fi
+
 echo "setup: ok (etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}'), clang $(clang --version | head -1 | awk '{print $4}'), protoc $(protoc --version | awk '{print $2}'))"

@@ -135,6 +135,10 @@ async fn kube_client(config: &config::Config) -> anyhow::Result<kube::Client> {
 pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let metrics = metrics::registry();
     let (ready_tx, ready) = watch::channel(Err("starting".to_owned()));
+    // `/readyz` says whether this replica can serve the Mesh API, leader or standby: a standby
+    // that serves is Ready, so a rolling update of the Deployment completes while another
+    // replica holds the Lease. Leadership and the exporter's state are in `/status`.
+    let (serving_tx, serving) = watch::channel(Err("starting: etcd not listed yet".to_owned()));
     let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
     let board = Arc::new(mesh::importer::Board::default());
     let exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>> = Arc::default();
@@ -177,7 +181,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let health = telemetry::metrics::spawn(
         config.health_bind,
         metrics.clone(),
-        ready.clone(),
+        serving.clone(),
         Some(status),
     )
     .await
@@ -210,6 +214,13 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             .context("parse the Mesh API trust bundle")?;
         let (cache, cache_task) = mesh::cache::WatchCache::start(&kv);
         mesh_tasks.push(AbortOnDrop(cache_task));
+        {
+            let (cache, serving_tx) = (Arc::clone(&cache), serving_tx.clone());
+            mesh_tasks.push(AbortOnDrop(tokio::spawn(async move {
+                cache.wait_ready().await;
+                let _ = serving_tx.send_replace(Ok(()));
+            })));
+        }
         mesh_cache = Some(Arc::clone(&cache));
         if let Ok(mut e) = exported.lock() {
             *e = Some(Arc::clone(&cache));
@@ -250,6 +261,9 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             .with_context(|| format!("listen on {}", config.mesh_bind))?;
         mesh_tasks.push(AbortOnDrop(task));
         mesh = Some(addr);
+    } else {
+        // No Mesh API to serve: ready once registered in etcd.
+        let _ = serving_tx.send_replace(Ok(()));
     }
     tracing::info!(
         cluster = %config.cluster_name,

@@ -588,6 +588,17 @@ async fn leader_failover_and_step_down() {
     .unwrap()
     .unwrap();
     assert!(b.ready().borrow().as_ref().unwrap_err().contains("standby"));
+    // Readiness is not leadership: the standby can serve, so it is Ready (a rolling update of
+    // the Deployment completes while another replica holds the Lease); /status says who leads.
+    eventually("the standby is Ready", T, || async {
+        http_get(b.health_addr(), "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
+    let status = http_get(b.health_addr(), "/status").await;
+    assert!(status.contains("\"leader\": false"), "{status}");
 
     // Kill the leader: B takes over once A's lease runs out, and exports new pods.
     a.kill();
@@ -605,11 +616,9 @@ async fn leader_failover_and_step_down() {
     // Someone else takes the Lease: B steps down and stops exporting at once.
     let leases: Api<Lease> = Api::namespaced(lab.client.clone(), "kube-system");
     // A MicroTime, as a real apiserver parses it (RFC 3339 with exactly six fractional digits).
-    let now = serde_json::to_value(
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-    )
+    let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ))
     .unwrap();
     leases
         .patch(

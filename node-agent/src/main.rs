@@ -27,8 +27,10 @@ struct Args {
     /// This node's name (the Kubernetes Node name).
     #[arg(long, env = env::NODE_NAME)]
     node_name: String,
-    /// The cgroup (v2) whose processes get socket load balancing: the node's pods.
-    #[arg(long, env = env::CGROUP)]
+    /// The cgroup (v2) whose processes get socket load balancing: the node's pods. `auto`
+    /// finds the kubelet's pods cgroup under /sys/fs/cgroup (`kubepods.slice` with the systemd
+    /// cgroup driver, `kubepods` with cgroupfs).
+    #[arg(long, env = env::CGROUP, default_value = "auto")]
     cgroup: PathBuf,
     /// Where bpffs is mounted; maps and links are pinned below it.
     #[arg(long, env = env::BPFFS, default_value = "/sys/fs/bpf")]
@@ -66,6 +68,23 @@ struct Args {
     log: telemetry::LogArgs,
 }
 
+/// The kubelet's cgroup for pods below the cgroup v2 mount `root`: `kubepods.slice` (systemd
+/// cgroup driver) or `kubepods` (cgroupfs driver), whichever exists.
+fn find_pods_cgroup(root: &Path) -> Result<PathBuf, String> {
+    let candidates = [root.join("kubepods.slice"), root.join("kubepods")];
+    candidates
+        .iter()
+        .find(|c| c.is_dir())
+        .cloned()
+        .ok_or_else(|| {
+            let list: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+            format!(
+                "no kubelet pods cgroup found (looked for {}); pass the pods' cgroup with --cgroup",
+                list.join(" and ")
+            )
+        })
+}
+
 /// Filesystem types the agent needs, as /proc/self/mountinfo names them.
 const BPFFS_TYPE: &str = "bpf";
 const CGROUP2_FS: &str = "cgroup2";
@@ -88,7 +107,7 @@ fn fs_type(path: &Path) -> Option<String> {
         .map(|(_, t)| t)
 }
 
-fn validate(args: &Args) -> Vec<String> {
+fn validate(args: &mut Args) -> Vec<String> {
     let mut problems = Vec::new();
     if let Err(e) = ClusterName::new(args.cluster_name.clone()) {
         problems.push(format!("--cluster-name: {e}"));
@@ -107,6 +126,12 @@ fn validate(args: &Args) -> Vec<String> {
             args.bpffs.display()
         )),
         None => problems.push(format!("--bpffs: {} does not exist", args.bpffs.display())),
+    }
+    if args.cgroup == Path::new("auto") {
+        match find_pods_cgroup(Path::new("/sys/fs/cgroup")) {
+            Ok(found) => args.cgroup = found,
+            Err(e) => problems.push(format!("--cgroup=auto: {e}")),
+        }
     }
     match fs_type(&args.cgroup) {
         Some(t) if t == CGROUP2_FS => {
@@ -176,7 +201,7 @@ fn validate(args: &Args) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if let Err(e) = telemetry::init(&args.log) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -184,7 +209,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let open_files = telemetry::raise_fd_limit();
     tracing::debug!(open_files = ?open_files, "open-files limit");
-    let problems = validate(&args);
+    let problems = validate(&mut args);
     if !problems.is_empty() {
         eprintln!(
             "error: invalid configuration:\n  - {}",
@@ -275,4 +300,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     telemetry::shutdown_signal().await;
     tracing::info!("stopping; programs stay attached and maps pinned for the next agent");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pods_cgroup_is_found_under_either_cgroup_driver() {
+        let root = tempfile::tempdir().expect("tempdir");
+        assert!(
+            find_pods_cgroup(root.path())
+                .unwrap_err()
+                .contains("--cgroup")
+        );
+        std::fs::create_dir(root.path().join("kubepods")).expect("mkdir");
+        assert_eq!(
+            find_pods_cgroup(root.path()).expect("cgroupfs driver"),
+            root.path().join("kubepods")
+        );
+        std::fs::create_dir(root.path().join("kubepods.slice")).expect("mkdir");
+        assert_eq!(
+            find_pods_cgroup(root.path()).expect("systemd driver"),
+            root.path().join("kubepods.slice")
+        );
+    }
 }

@@ -29,7 +29,7 @@ EOT
   # apiserver's etcd client certificate only (its key never enters the cluster).
   $cm certs init --etcd --cluster-name $c --out "$d/etcd-ca"
   $cm certs issue --ca-dir "$d/etcd-ca" --role etcd --cluster-name $c --cluster-id ${ID[$c]} \
-    --dns clustermesh-etcd.kube-system.svc --out "$d/etcd-server"
+    --dns clustermesh-etcd-0.clustermesh-etcd.kube-system.svc --dns clustermesh-etcd.kube-system.svc --out "$d/etcd-server"
   $cm certs issue --ca-dir "$d/etcd-ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} --out "$d/etcd-client"
   node_ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' $c-control-plane)
   $cm certs issue --ca-dir "$d/ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} \
@@ -42,10 +42,27 @@ EOT
   done
   $k create secret generic clustermesh-apiserver-tls --from-file="$d/apiserver/tls.crt" --from-file="$d/apiserver/tls.key" --from-file="$d/apiserver/ca.crt"
   $k create secret generic clustermesh-node-agent-tls --from-file="$d/node-agent/tls.crt" --from-file="$d/node-agent/tls.key" --from-file="$d/node-agent/ca.crt"
-  CLUSTER_NAME=$c CLUSTER_ID=${ID[$c]} IMAGE=$image MESH_ENDPOINT="$node_ip:32379" envsubst < deploy/clustermesh.yaml \
-    | kubectl --context kind-$c apply -f -
+  # This cluster's overlay of deploy/overlays/kind: its name, ID and Mesh API endpoint.
+  mkdir -p "$d/overlay"
+  cat > "$d/overlay/kustomization.yaml" <<EOT
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [$(realpath --relative-to="$d/overlay" "$PWD/deploy/overlays/kind")]
+configMapGenerator:
+  - name: clustermesh-config
+    namespace: kube-system
+    behavior: replace
+    literals: [CLUSTER_NAME=$c, CLUSTER_ID=${ID[$c]}, MESH_ENDPOINT=$node_ip:32379]
+replacements:
+  - source: {kind: ConfigMap, name: clustermesh-config, fieldPath: data.MESH_ENDPOINT}
+    targets:
+      - select: {kind: Service, name: clustermesh-apiserver}
+        fieldPaths: ["metadata.annotations.[clustermesh.dev/mesh-endpoints]"]
+EOT
+  kubectl --context kind-$c apply -k "$d/overlay"
+  $k rollout status statefulset/clustermesh-etcd --timeout=180s
   $k rollout status deployment/clustermesh-apiserver --timeout=180s
-  $k rollout status daemonset/node-agent --timeout=180s
+  $k rollout status daemonset/clustermesh-node-agent --timeout=180s
 done
 # Pod IPs must be routable between clusters (as for Cilium's cluster mesh): routes on every
 # node of one cluster to the other cluster's pod CIDRs, through that cluster's nodes.

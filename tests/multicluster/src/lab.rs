@@ -613,13 +613,12 @@ impl Lab {
         let addr: SocketAddr = ([127, 0, 0, 1], c.health_port).into();
         let log = c.dir.join("apiserver.log");
         wait_for(
-            &format!("{cluster}'s apiserver to be ready (log: {})", log.display()),
+            &format!(
+                "{cluster}'s apiserver to lead and export (log: {})",
+                log.display()
+            ),
             Duration::from_secs(60),
-            || async move {
-                test_support::http_get(addr, "/readyz")
-                    .await
-                    .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-            },
+            || async move { apiserver_exporting(addr).await },
         )
         .await
     }
@@ -807,8 +806,11 @@ impl Lab {
                 "conditions": [{"type": "Ready", "status": "True"}],
             },
         }))?;
-        test_support::kube::create_with_status(&Api::<Pod>::namespaced(client, namespace), &pod_obj)
-            .await?;
+        test_support::kube::create_with_status(
+            &Api::<Pod>::namespaced(client, namespace),
+            &pod_obj,
+        )
+        .await?;
         Ok(pod)
     }
 
@@ -1287,9 +1289,7 @@ impl Lab {
             Component::Apiserver => {
                 let addr: SocketAddr = ([127, 0, 0, 1], c.health_port).into();
                 wait_for(&what, Duration::from_secs(60), || async move {
-                    test_support::http_get(addr, "/readyz")
-                        .await
-                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+                    apiserver_exporting(addr).await
                 })
                 .await
             }
@@ -1463,4 +1463,24 @@ impl Lab {
         cmd.args(&full[1..]);
         Ok(cmd)
     }
+}
+
+/// Whether the apiserver at `health` serves (`/readyz`) and, as the single replica of its lab
+/// cluster, leads and exports (`/status`): readiness alone says only that it can serve the
+/// Mesh API, leader or standby.
+async fn apiserver_exporting(health: SocketAddr) -> bool {
+    let ready = test_support::http_get(health, "/readyz")
+        .await
+        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
+    if !ready {
+        return false;
+    }
+    test_support::http_get(health, "/status")
+        .await
+        .ok()
+        .and_then(|r| {
+            let body = r.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+            serde_json::from_str::<model::status::ClusterStatus>(&body).ok()
+        })
+        .is_some_and(|s| s.leader && s.ready)
 }
