@@ -988,3 +988,121 @@ async fn terminating_pods_stay_endpoints_until_gone() {
     .await;
     apiserver.stop().await.unwrap();
 }
+
+/// Applies `deploy/base/rbac.yaml` (as edited by `edit`) to the lab's server with kubectl and
+/// returns a kubeconfig that authenticates as the apiserver's ServiceAccount.
+fn deploy_rbac(lab: &Lab, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rbac = std::fs::read_to_string(repo.join("deploy/base/rbac.yaml")).unwrap();
+    let dir = lab.kube.kubeconfig().parent().unwrap().to_owned();
+    let file = dir.join("rbac.yaml");
+    std::fs::write(&file, edit(rbac)).unwrap();
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(lab.kube.kubeconfig())
+        .args(["-n", "kube-system", "apply", "-f"])
+        .arg(&file)
+        .env("HOME", &dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = lab
+        .kube
+        .service_account_token("kube-system", "clustermesh-apiserver")
+        .unwrap();
+    let mut kc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab.kube.kubeconfig()).unwrap()).unwrap();
+    kc["users"][0]["user"] = json!({ "token": token });
+    let path = dir.join("apiserver-sa.kubeconfig");
+    std::fs::write(&path, serde_json::to_vec(&kc).unwrap()).unwrap();
+    path
+}
+
+const APISERVER_SA: &str = "system:serviceaccount:kube-system:clustermesh-apiserver";
+
+/// The apiserver runs as its ServiceAccount with exactly the RBAC `deploy/` grants (the test
+/// server enforces it): it exports, nothing it asks is refused, and a rule it does not need
+/// shows up in the audit listing of unused rules. Without one verb (`list` on EndpointSlices)
+/// it is refused and never becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_with_exactly_the_rbac_deploy_grants() {
+    let lab = Lab::start().await;
+    create_namespace(&lab, "shop", json!({})).await;
+    lab.apply::<Service>(
+        Some("shop"),
+        global_service("web", json!({"service.cilium.io/global": "true"})),
+    )
+    .await;
+    // deploy/'s RBAC plus one rule the apiserver never needs.
+    let kubeconfig = deploy_rbac(&lab, |rbac| {
+        format!(
+            "{rbac}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: unneeded}}\nrules: [{{apiGroups: [\"\"], resources: [pods], verbs: [delete]}}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: unneeded}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: unneeded}}\nsubjects: [{{kind: ServiceAccount, name: clustermesh-apiserver, namespace: kube-system}}]\n"
+        )
+    });
+    let mut config = lab.config("r1");
+    config.kubeconfig = Some(kubeconfig);
+    let apiserver = clustermesh_apiserver::start(config).await.unwrap();
+    ready(&apiserver).await;
+    eventually("the service exported", T, || async {
+        lab.services().await.contains_key("shop/web").then_some(())
+    })
+    .await;
+    let audit = lab.kube.audit();
+    let refused: Vec<_> = audit
+        .refused
+        .iter()
+        .filter(|(u, _)| u == APISERVER_SA)
+        .collect();
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    assert!(
+        audit.allowed.iter().any(|(u, what, _)| u == APISERVER_SA
+            && what.starts_with("watch discovery.k8s.io/endpointslices")),
+        "{:?}",
+        audit.allowed
+    );
+    let unused = lab
+        .kube
+        .unused_rules("kube-system", "clustermesh-apiserver");
+    assert!(
+        unused
+            .iter()
+            .any(|(r, _)| r.role == "Role kube-system/unneeded"),
+        "the unneeded rule is listed: {unused:?}"
+    );
+    apiserver.stop().await.unwrap();
+
+    // Without `list` on EndpointSlices: refused, said so, not ready.
+    let lab = Lab::start().await;
+    let kubeconfig = deploy_rbac(&lab, |rbac| {
+        rbac.replace(
+            "resources: [endpointslices]\n    verbs: [get, list, watch]",
+            "resources: [endpointslices]\n    verbs: [get, watch]",
+        )
+    });
+    let mut config = lab.config("r1");
+    config.kubeconfig = Some(kubeconfig);
+    let apiserver = clustermesh_apiserver::start(config).await.unwrap();
+    eventually("the missing verb refused", T, || async {
+        lab.kube
+            .audit()
+            .refused
+            .iter()
+            .any(|(u, m)| {
+                u == APISERVER_SA
+                    && m.contains(
+                        "cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\"",
+                    )
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        apiserver.ready().borrow().is_err(),
+        "an exporter that cannot list EndpointSlices is not ready"
+    );
+    apiserver.stop().await.unwrap();
+}

@@ -113,6 +113,12 @@ impl Resource {
             });
             match sub.as_str() {
                 "log" => d["verbs"] = json!(["get"]),
+                "token" => {
+                    d["verbs"] = json!(["create"]);
+                    d["kind"] = json!("TokenRequest");
+                    d["group"] = json!("authentication.k8s.io");
+                    d["version"] = json!("v1");
+                }
                 "scale" => {
                     d["kind"] = json!("Scale");
                     d["group"] = json!("autoscaling");
@@ -162,7 +168,8 @@ impl Registry {
             Resource::builtin("", "v1", "nodes", "Node", false, &["no"]).with_status(),
             Resource::builtin("", "v1", "secrets", "Secret", true, &[]),
             Resource::builtin("", "v1", "configmaps", "ConfigMap", true, &["cm"]),
-            Resource::builtin("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"]),
+            Resource::builtin("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"])
+                .with_sub("token"),
             Resource::builtin("", "v1", "events", "Event", true, &["ev"]),
             Resource::builtin("", "v1", "endpoints", "Endpoints", true, &["ep"]),
             Resource::builtin(

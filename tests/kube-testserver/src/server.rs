@@ -72,6 +72,12 @@ struct Faults {
 #[derive(Debug)]
 struct Shared {
     store: Mutex<Store>,
+    /// ServiceAccount tokens the TokenRequest API issued, with when they expire.
+    tokens: Mutex<
+        std::collections::HashMap<String, (crate::rbac::User, Option<std::time::SystemTime>)>,
+    >,
+    /// RBAC decisions about ServiceAccounts.
+    audit: Mutex<crate::rbac::Audit>,
     /// The official schemas of the built-in kinds.
     schemas: Arc<crate::schema::Schemas>,
     token: String,
@@ -161,6 +167,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     store.set_root_ca(ca.cert_pem());
     let shared = Arc::new(Shared {
         store: Mutex::new(store),
+        tokens: Mutex::default(),
+        audit: Mutex::default(),
         schemas,
         token,
         faults: Faults::default(),
@@ -330,6 +338,63 @@ impl Handle {
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.store().rv()
+    }
+
+    /// A bearer token for ServiceAccount `namespace/name` (which must exist), as the
+    /// TokenRequest API issues one: requests with it are authorized by RBAC.
+    pub fn service_account_token(&self, namespace: &str, name: &str) -> anyhow::Result<String> {
+        {
+            let store = self.shared.store();
+            let res = store
+                .registry
+                .get(&crate::registry::Gvr {
+                    group: String::new(),
+                    version: "v1".into(),
+                    resource: "serviceaccounts".into(),
+                })
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("serviceaccounts are not served"))?;
+            store
+                .get(&res, Some(namespace), name)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        }
+        let token: String = (0..48)
+            .map(|_| format!("{:x}", rand::random_range(0..16u8)))
+            .collect();
+        if let Ok(mut t) = self.shared.tokens.lock() {
+            t.insert(
+                token.clone(),
+                (
+                    crate::rbac::User::ServiceAccount {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                    },
+                    None,
+                ),
+            );
+        }
+        Ok(token)
+    }
+
+    /// The RBAC decisions about ServiceAccounts so far.
+    pub fn audit(&self) -> crate::rbac::Audit {
+        self.shared
+            .audit
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// The rules bound to ServiceAccount `namespace/name` that none of its requests needed.
+    pub fn unused_rules(&self, namespace: &str, name: &str) -> Vec<(crate::rbac::RuleRef, Value)> {
+        let audit = self.audit();
+        audit.unused_rules(
+            &self.shared.store(),
+            &crate::rbac::User::ServiceAccount {
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+        )
     }
 
     /// Fault: ends every open watch (clients see the stream close and re-watch).
@@ -521,15 +586,26 @@ async fn handle(shared: Arc<Shared>, cert_auth: bool, req: Request<Incoming>) ->
     if let Some(d) = stall {
         tokio::time::sleep(d).await;
     }
-    let token_ok = req
+    let bearer = req
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
-        .is_some_and(|t| t == shared.token);
-    if !token_ok && !cert_auth {
+        .map(str::to_owned);
+    let user = match bearer {
+        Some(t) if t == shared.token => Some(crate::rbac::User::Admin),
+        Some(t) => shared.tokens.lock().ok().and_then(|tokens| {
+            tokens.get(&t).and_then(|(u, exp)| {
+                exp.is_none_or(|e| e > std::time::SystemTime::now())
+                    .then(|| u.clone())
+            })
+        }),
+        None if cert_auth => Some(crate::rbac::User::Admin),
+        None => None,
+    };
+    let Some(user) = user else {
         return error(&ApiError::new(401, "Unauthorized", "Unauthorized"));
-    }
+    };
     let remaining = shared.faults.fail_count.load(Ordering::SeqCst);
     if remaining > 0
         && shared
@@ -640,14 +716,14 @@ async fn handle(shared: Arc<Shared>, cert_auth: bool, req: Request<Incoming>) ->
         },
         (_, ["api", "v1", rest @ ..]) => {
             let (watch_prefix, rest) = strip_watch(rest);
-            resource_request(&shared, "", "v1", rest, watch_prefix, req).await
+            resource_request(&shared, &user, "", "v1", rest, watch_prefix, req).await
         }
         (_, ["apis", g, v, rest @ ..]) => {
             let (g, v) = ((*g).to_owned(), (*v).to_owned());
             let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
             let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
             let (watch_prefix, rest) = strip_watch(&rest);
-            resource_request(&shared, &g, &v, rest, watch_prefix, req).await
+            resource_request(&shared, &user, &g, &v, rest, watch_prefix, req).await
         }
         _ => error(&ApiError::new(
             404,
@@ -1106,6 +1182,7 @@ fn write_options_kind(method: &Method) -> &'static str {
 
 async fn resource_request(
     shared: &Arc<Shared>,
+    user: &crate::rbac::User,
     group: &str,
     version: &str,
     rest: &[&str],
@@ -1126,6 +1203,53 @@ async fn resource_request(
         ));
     }
     let q = query(&req);
+    // RBAC: the verb as the authorizer sees it.
+    {
+        let watching = watch_prefix
+            || qbool(
+                q.iter()
+                    .find(|(k, _)| k == "watch")
+                    .map(|(_, v)| v.as_str()),
+            );
+        let verb = match (req.method(), target.name.is_some()) {
+            (&Method::GET, _) if watching => "watch",
+            (&Method::GET, false) => "list",
+            (&Method::GET, true) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, false) => "deletecollection",
+            (&Method::DELETE, true) => "delete",
+            _ => "unknown",
+        };
+        let attrs = crate::rbac::Attributes::new(
+            verb,
+            &target.res.gvr,
+            target.subresource.as_deref(),
+            target.namespace.as_deref(),
+            target.name.as_deref(),
+        );
+        let decision = crate::rbac::authorize(&shared.store(), user, &attrs);
+        if let Ok(mut a) = shared.audit.lock() {
+            a.record(user, &attrs, &decision);
+        }
+        if let Err(message) = decision {
+            let mut e = ApiError::new(403, "Forbidden", message);
+            e.details = Some(Box::new((
+                target.name.clone().unwrap_or_default(),
+                target.res.gvr.group.clone(),
+                target.res.gvr.resource.clone(),
+            )));
+            return error(&e);
+        }
+    }
+    if let (Some("token"), Some(name)) = (target.subresource.as_deref(), target.name.as_deref()) {
+        let name = name.to_owned();
+        return match token_request(shared, &target, &name, req).await {
+            Ok(v) => json_response(201, &v),
+            Err(e) => error(&e),
+        };
+    }
     if let Some(a) = req
         .headers()
         .get(http::header::ACCEPT)
@@ -1324,6 +1448,75 @@ fn with_warnings(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
         }
     }
     r
+}
+
+/// `serviceaccounts/<name>/token` (the TokenRequest API): a bearer token that authenticates
+/// as the ServiceAccount, for `spec.expirationSeconds` (default one hour, at least ten minutes).
+async fn token_request(
+    shared: &Shared,
+    target: &Target,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Value, ApiError> {
+    if req.method() != Method::POST {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    let ns = target.namespace.clone().unwrap_or_default();
+    shared.store().get(&target.res, Some(&ns), name)?;
+    let (_, body) = read_body(req).await?;
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        parse_json(&body)?
+    };
+    let seconds = body
+        .pointer("/spec/expirationSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(3600);
+    if seconds < 600 {
+        return Err(ApiError::new(
+            422,
+            "Invalid",
+            format!(
+                "TokenRequest.authentication.k8s.io \"{name}\" is invalid: spec.expirationSeconds: Invalid value: {seconds}: may not specify a duration less than 10 minutes"
+            ),
+        ));
+    }
+    let token: String = (0..48)
+        .map(|_| format!("{:x}", rand::random_range(0..16u8)))
+        .collect();
+    let expires = std::time::SystemTime::now() + Duration::from_secs(seconds.unsigned_abs());
+    if let Ok(mut t) = shared.tokens.lock() {
+        t.insert(
+            token.clone(),
+            (
+                crate::rbac::User::ServiceAccount {
+                    namespace: ns.clone(),
+                    name: name.to_owned(),
+                },
+                Some(expires),
+            ),
+        );
+    }
+    let exp = time::OffsetDateTime::from(expires)
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    Ok(json!({
+        "kind": "TokenRequest",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"name": name, "namespace": ns, "creationTimestamp": Value::Null},
+        "spec": {"audiences": body.pointer("/spec/audiences").cloned().unwrap_or(json!(["https://kubernetes.default.svc"])), "expirationSeconds": seconds, "boundObjectRef": body.pointer("/spec/boundObjectRef").cloned().unwrap_or(Value::Null)},
+        "status": {"token": token, "expirationTimestamp": exp},
+    }))
 }
 
 /// `pods/<name>/log`: there is no kubelet, so the answer is what a cluster answers when it
