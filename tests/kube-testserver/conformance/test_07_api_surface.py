@@ -3,6 +3,7 @@ APIs (create, read, list, patch, replace, delete), and `kubectl apply -f deploy/
 """
 
 import os
+import subprocess
 import re
 import shutil
 
@@ -259,52 +260,67 @@ def test_list_across_namespaces(k8s, ns):
 
 
 def _render_deploy(tmp, ns):
-    src = REPO / "deploy"
-    out = tmp / "deploy"
-    out.mkdir()
-    values = {"CLUSTER_NAME": "conf", "CLUSTER_ID": "7", "IMAGE": "clustermesh:conformance",
-              "MESH_ENDPOINT": "192.0.2.1:32379"}
-    for f in sorted(os.listdir(src)):
-        if not f.endswith((".yaml", ".yml")):
-            continue
-        text = (src / f).read_text()
-        text = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], text)
-        # the manifests name kube-system; the copy goes to a namespace of the test's own
-        text = text.replace("namespace: kube-system", f"namespace: {ns}")
-        text = text.replace("clustermesh-etcd.kube-system.svc", f"clustermesh-etcd.{ns}.svc")
-        text = text.replace("clustermesh-apiserver.kube-system.svc", f"clustermesh-apiserver.{ns}.svc")
-        (out / f).write_text(text)
+    """deploy/ as users install it: a per-cluster overlay of deploy/overlays/kind rendered with
+    kubectl's kustomize, moved into the test's namespace (cluster-scoped names prefixed)."""
+    overlay = tmp / "overlay"
+    overlay.mkdir()
+    rel = os.path.relpath(REPO / "deploy" / "overlays" / "kind", overlay)
+    (overlay / "kustomization.yaml").write_text(f"""apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [{rel}]
+configMapGenerator:
+  - name: clustermesh-config
+    namespace: kube-system
+    behavior: replace
+    literals: [CLUSTER_NAME=conf, CLUSTER_ID=7, MESH_ENDPOINT=192.0.2.1:32379]
+replacements:
+  - source: {{kind: ConfigMap, name: clustermesh-config, fieldPath: data.MESH_ENDPOINT}}
+    targets:
+      - select: {{kind: Service, name: clustermesh-apiserver}}
+        fieldPaths: ["metadata.annotations.[clustermesh.dev/mesh-endpoints]"]
+""")
+    p = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    text = p.stdout.replace("namespace: kube-system", f"namespace: {ns}")
+    text = text.replace(".kube-system.svc", f".{ns}.svc")
+    # cluster-scoped names are shared by every test: give them the test's own
+    text = re.sub(r"(kind: ClusterRole(?:Binding)?\nmetadata:\n(?:  .*\n)*?  name: )clustermesh-apiserver",
+                  rf"\g<1>{ns}-apiserver", text)
+    text = text.replace("kind: ClusterRole\n  name: clustermesh-apiserver", f"kind: ClusterRole\n  name: {ns}-apiserver")
+    out = tmp / "deploy.yaml"
+    out.write_text(text)
     return out
 
 
 def test_kubectl_apply_deploy_manifests(server, ns, tmp):
     out = _render_deploy(tmp, ns)
-    # cluster-scoped names are shared: give them the test's own names
-    for f in out.iterdir():
-        f.write_text(f.read_text().replace("name: clustermesh-apiserver}\nrules",
-                                           f"name: {ns}-apiserver}}\nrules")
-                     .replace("kind: ClusterRole, name: clustermesh-apiserver}",
-                              f"kind: ClusterRole, name: {ns}-apiserver}}")
-                     .replace("kind: ClusterRoleBinding\nmetadata: {name: clustermesh-apiserver}",
-                              f"kind: ClusterRoleBinding\nmetadata: {{name: {ns}-apiserver}}"))
     p = server.kubectl("apply", "-f", str(out))
     expected = [
-        "serviceaccount/clustermesh-apiserver", f"clusterrole.rbac.authorization.k8s.io/{ns}-apiserver",
+        "serviceaccount/clustermesh-apiserver", "serviceaccount/clustermesh-node-agent",
+        f"clusterrole.rbac.authorization.k8s.io/{ns}-apiserver",
         f"clusterrolebinding.rbac.authorization.k8s.io/{ns}-apiserver",
         "role.rbac.authorization.k8s.io/clustermesh-apiserver",
         "rolebinding.rbac.authorization.k8s.io/clustermesh-apiserver",
         "service/clustermesh-etcd", "statefulset.apps/clustermesh-etcd",
         "service/clustermesh-apiserver", "deployment.apps/clustermesh-apiserver",
-        "daemonset.apps/node-agent",
+        "poddisruptionbudget.policy/clustermesh-apiserver",
+        "daemonset.apps/clustermesh-node-agent",
+        "networkpolicy.networking.k8s.io/clustermesh-etcd",
     ]
     for e in expected:
         assert f"{e} created" in p.stdout, p.stdout
     svc = server.kubectl_json("-n", ns, "get", "service", "clustermesh-apiserver")
     assert svc["spec"]["ports"][0]["nodePort"] == 32379
     assert svc["metadata"]["annotations"]["clustermesh.dev/mesh-endpoints"] == "192.0.2.1:32379"
-    dep = server.kubectl_json("-n", ns, "get", "deployment", "clustermesh-apiserver")
-    assert "--cluster-id=7" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    # a second apply changes nothing
-    p = server.kubectl("apply", "-f", str(out))
-    assert "created" not in p.stdout and "configured" not in p.stdout, p.stdout
+    etcd = server.kubectl_json("-n", ns, "get", "service", "clustermesh-etcd")
+    assert etcd["spec"]["clusterIP"] == "None", "etcd's Service is headless"
+    ds = server.kubectl_json("-n", ns, "get", "daemonset", "clustermesh-node-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet" and pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["privileged"] is False
+    # a second apply writes nothing
+    before = server.kubectl("get", "-f", str(out), "-o", "jsonpath={.items[*].metadata.resourceVersion}").stdout
+    server.kubectl("apply", "-f", str(out))
+    after = server.kubectl("get", "-f", str(out), "-o", "jsonpath={.items[*].metadata.resourceVersion}").stdout
+    assert before == after and before.strip(), (before, after)
     server.kubectl("delete", "-f", str(out), "--wait=false")
