@@ -66,6 +66,82 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The capabilities `deploy/` gives the node agent (its DaemonSet's `securityContext`): the
+/// lab runs every agent with exactly these as its bounding set, so an agent that needs more
+/// fails the lab's tests, as it would fail on a cluster.
+pub fn agent_capabilities() -> Result<Vec<String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/base/node-agent.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let ds: serde_json::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    let add = ds
+        .pointer("/spec/template/spec/containers/0/securityContext/capabilities/add")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no capabilities.add on the agent container",
+                path.display()
+            )
+        })?;
+    Ok(add
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_ascii_lowercase))
+        .collect())
+}
+
+/// The bit mask of capability names (`bpf`, `net_admin`, ...), as `/proc/<pid>/status` shows
+/// capability sets.
+fn capability_mask(caps: &[String]) -> Result<u64> {
+    const BITS: &[(&str, u32)] = &[
+        ("chown", 0),
+        ("dac_override", 1),
+        ("dac_read_search", 2),
+        ("fowner", 3),
+        ("fsetid", 4),
+        ("kill", 5),
+        ("setgid", 6),
+        ("setuid", 7),
+        ("setpcap", 8),
+        ("net_bind_service", 10),
+        ("net_raw", 13),
+        ("net_admin", 12),
+        ("ipc_lock", 14),
+        ("sys_module", 16),
+        ("sys_rawio", 17),
+        ("sys_chroot", 18),
+        ("sys_ptrace", 19),
+        ("sys_admin", 21),
+        ("sys_nice", 23),
+        ("sys_resource", 24),
+        ("sys_time", 25),
+        ("mknod", 27),
+        ("audit_write", 29),
+        ("setfcap", 31),
+        ("syslog", 34),
+        ("perfmon", 38),
+        ("bpf", 39),
+        ("checkpoint_restore", 40),
+    ];
+    caps.iter().try_fold(0u64, |mask, c| {
+        BITS.iter()
+            .find(|(n, _)| n == c)
+            .map(|(_, b)| mask | (1u64 << b))
+            .ok_or_else(|| anyhow!("unknown capability {c:?} in deploy/base/node-agent.yaml"))
+    })
+}
+
+/// `setpriv` arguments that bound a process to `caps`.
+fn bounded(caps: &[String]) -> Vec<String> {
+    let list: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+    vec![
+        "setpriv".into(),
+        format!("--bounding-set=-all,{}", list.join(",")),
+        "--inh-caps=-all".into(),
+        "--".into(),
+    ]
+}
+
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(cmd)
         .args(args)
@@ -680,33 +756,41 @@ impl Lab {
             .create(&PostParams::default(), &node_obj)
             .await?;
         let log = c.dir.join(format!("{node}-agent.log"));
+        let mut argv = vec![
+            "nsenter".to_owned(),
+            format!("--net=/run/netns/{netns}"),
+            "--".into(),
+        ];
+        argv.extend(bounded(&agent_capabilities()?));
         let agent = spawn(
             &[
-                "nsenter".into(),
-                format!("--net=/run/netns/{netns}"),
-                "--".into(),
-                binary("node-agent")?.display().to_string(),
-                "--cluster-name".into(),
-                cluster.into(),
-                "--cluster-id".into(),
-                c.id.to_string(),
-                "--node-name".into(),
-                node.into(),
-                "--cgroup".into(),
-                cgroup.display().to_string(),
-                "--bpffs".into(),
-                pins_root.display().to_string(),
-                "--apiserver".into(),
-                format!("{host}:{}", c.mesh_port),
-                "--tls-dir".into(),
-                tls.display().to_string(),
-                "--health-interval-ms".into(),
-                "100".into(),
-                "--health-timeout-ms".into(),
-                "100".into(),
-            ],
+                argv,
+                vec![
+                    binary("node-agent")?.display().to_string(),
+                    "--cluster-name".into(),
+                    cluster.into(),
+                    "--cluster-id".into(),
+                    c.id.to_string(),
+                    "--node-name".into(),
+                    node.into(),
+                    "--cgroup".into(),
+                    cgroup.display().to_string(),
+                    "--bpffs".into(),
+                    pins_root.display().to_string(),
+                    "--apiserver".into(),
+                    format!("{host}:{}", c.mesh_port),
+                    "--tls-dir".into(),
+                    tls.display().to_string(),
+                    "--health-interval-ms".into(),
+                    "100".into(),
+                    "--health-timeout-ms".into(),
+                    "100".into(),
+                ],
+            ]
+            .concat(),
             &log,
         )?;
+        let agent_pid = agent.pid;
         state.agent = Some(agent);
         self.cluster_mut(cluster)?.nodes.push(state);
         self.save()?;
@@ -720,7 +804,23 @@ impl Lab {
                     .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
             },
         )
-        .await
+        .await?;
+        // The agent runs bounded to deploy/'s capabilities (nsenter and setpriv exec'd it).
+        let bound = std::fs::read_to_string(format!("/proc/{}/status", agent_pid))
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("CapBnd:"))
+                    .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            });
+        let allowed = capability_mask(&agent_capabilities()?)?;
+        match bound {
+            Some(bits) if bits & !allowed == 0 => {}
+            other => bail!(
+                "node agent of {node}: capability bound {other:#x?} exceeds deploy/'s {allowed:#x}"
+            ),
+        }
+        Ok(())
     }
 
     /// `node`'s `/state` over mutual TLS, as `clustermesh services --node` reads it (with an
@@ -1236,14 +1336,18 @@ impl Lab {
             .clone()
             .filter(|p| alive(p.pid))
             .ok_or_else(|| anyhow!("{comp} of {cluster} is not running"))?;
-        // A node agent runs as `nsenter --net=… -- node-agent …`; nsenter exec'd it, so its
-        // command line lacks the namespace.
+        // A node agent runs as `nsenter --net=… -- setpriv … -- node-agent …`; both exec'd
+        // it, so its command line lacks the namespace and the capability bound.
         let mut argv = match netns {
-            Some(ns) => vec![
-                "nsenter".into(),
-                format!("--net=/run/netns/{ns}"),
-                "--".into(),
-            ],
+            Some(ns) => [
+                vec![
+                    "nsenter".to_owned(),
+                    format!("--net=/run/netns/{ns}"),
+                    "--".into(),
+                ],
+                bounded(&agent_capabilities()?),
+            ]
+            .concat(),
             None => Vec::new(),
         };
         argv.extend(cmdline(p.pid)?);
