@@ -75,6 +75,7 @@ impl Lab {
             peers_dir: None,
             peers_from_secrets: false,
             peer_quota: Default::default(),
+            node_agent_state_port: model::status::NODE_AGENT_STATE_PORT,
             grants_dir: None,
         }
     }
@@ -605,11 +606,9 @@ async fn leader_failover_and_step_down() {
     // Someone else takes the Lease: B steps down and stops exporting at once.
     let leases: Api<Lease> = Api::namespaced(lab.client.clone(), "kube-system");
     // A MicroTime, as a real apiserver parses it (RFC 3339 with exactly six fractional digits).
-    let now = serde_json::to_value(
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-    )
+    let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ))
     .unwrap();
     leases
         .patch(
