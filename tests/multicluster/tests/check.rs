@@ -58,16 +58,22 @@ async fn check(kc: &Path) -> Result<Run> {
     })
 }
 
-/// Runs `check` until its failed lines are exactly `want` (none: healthy), within [`SHOW`];
-/// then asserts the exit code.
+/// Runs `check` until its failed lines are exactly `want` (none: every line is one of
+/// [`healthy_lines`]), within [`SHOW`]; then asserts the exit code.
 async fn until_failed(kc: &Path, want: &[String], what: &str) -> Result<Run> {
     let deadline = tokio::time::Instant::now() + SHOW;
     loop {
         let run = check(kc).await?;
-        if run.failed() == want {
+        if run.failed() == want && (!want.is_empty() || run.lines == healthy_lines()) {
             let code = if want.is_empty() { 0 } else { 1 };
             if run.code != code {
                 bail!("{what}: exit code {} (want {code}):\n{}", run.code, run.out);
+            }
+            if !want.is_empty() {
+                eprintln!(
+                    "--- {what}: `clustermesh check` exit {}\n{}",
+                    run.code, run.out
+                );
             }
             return Ok(run);
         }
@@ -203,7 +209,7 @@ async fn check_reports_each_failure_it_names() {
     ]);
     lab.lock()
         .await
-        .deploy(EAST, "demo/bad", 0, &bad)
+        .deploy(EAST, "demo/bad", 1, &bad)
         .await
         .unwrap();
     until_failed(
