@@ -121,8 +121,10 @@ impl Check {
     }
 }
 
-fn days(secs: i64) -> i64 {
-    secs.div_euclid(86_400)
+/// How long ago `since` was: `9s`, `3m`, ...
+fn span(since: i64, now: i64) -> String {
+    let r = output::relative(since, now);
+    r.strip_suffix(" ago").unwrap_or(&r).to_owned()
 }
 
 fn expiry(not_after: i64, now: i64) -> String {
@@ -213,8 +215,8 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
             "etcd",
             "etcd not answering".into(),
             format!(
-                "the apiserver's probes fail since {}: {}; exported state is kept meanwhile. Check etcd's process or pods and its logs",
-                output::relative(e.since_unix, now),
+                "the apiserver's probes have failed for {}: {}; exported state is kept meanwhile. Check etcd's process or pods and its logs",
+                span(e.since_unix, now),
                 e.error.as_deref().unwrap_or("no answer")
             ),
         )),
@@ -271,9 +273,9 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
                 "peer",
                 format!("peer {name} {}", p.phase),
                 format!(
-                    "{} since {}{}; check the peer's apiserver (`clustermesh check --context <peer>`) and the network to {}",
+                    "{} for {}{}; check the peer's apiserver (`clustermesh check --context <peer>`) and the network to {}",
                     p.phase,
-                    output::relative(p.since_unix, now),
+                    span(p.since_unix, now),
                     p.last_error
                         .as_ref()
                         .map(|e| format!(", last error: {e}"))
@@ -368,7 +370,7 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
         let what: Vec<String> = bad
             .iter()
             .map(|(n, t)| match t {
-                Ok(t) => format!("{n} {} ({} days left)", expiry(*t, now), days(t - now)),
+                Ok(t) => format!("{n} {}", expiry(*t, now)),
                 Err(e) => format!("{n}: {e}"),
             })
             .collect();
@@ -834,7 +836,10 @@ mod tests {
             ]
         );
         let hint = checks.iter().find(|c| !c.ok).and_then(|c| c.hint.clone());
-        assert!(hint.is_some_and(|h| h.contains("(10 days left)")));
+        assert!(
+            hint.is_some_and(|h| h.starts_with("apiserver certificate expires in 10d (")),
+            "the hint says when"
+        );
         // The limit is the flag's.
         let checks = evaluate(&m[1..], NOW, 400);
         assert_eq!(
