@@ -93,6 +93,10 @@ pub struct Args {
     /// from the Secrets labelled `clustermesh.dev/grant`.
     #[arg(long, env = "CLUSTERMESH_PEERS_FROM_SECRETS")]
     pub peers_from_secrets: bool,
+    /// Port of the node agents' `/state` over mutual TLS, read at each Node's InternalIP for
+    /// the node-agent summary of the status document.
+    #[arg(long, env = env::NODE_AGENT_STATE_PORT, default_value_t = model::status::NODE_AGENT_STATE_PORT)]
+    pub node_agent_state_port: u16,
     #[command(flatten)]
     pub log: telemetry::LogArgs,
 }
@@ -135,6 +139,8 @@ pub struct Config {
     pub grants_dir: Option<PathBuf>,
     /// Per-peer limits.
     pub peer_quota: crate::mesh::importer::Quota,
+    /// Port of the node agents' `/state`.
+    pub node_agent_state_port: u16,
 }
 
 /// Every problem found in the flags.
@@ -283,6 +289,7 @@ impl Args {
                         max_objects: self.peer_max_objects,
                         max_bytes: self.peer_max_bytes,
                     },
+                    node_agent_state_port: self.node_agent_state_port,
                 })
             }
             _ => Err(Error { problems }),

@@ -10,9 +10,11 @@
 //! Must not talk to a peer's etcd (peers talk through the Mesh API only).
 
 pub mod config;
+pub mod etcd_health;
 pub mod exporter;
 pub mod mesh;
 pub mod metrics;
+pub mod node_agents;
 pub mod publish;
 
 use std::net::SocketAddr;
@@ -142,9 +144,18 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
     let board = Arc::new(mesh::importer::Board::default());
     let exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>> = Arc::default();
+    let serving: Arc<std::sync::Mutex<Option<Arc<certs::Reloader>>>> = Arc::default();
+    let etcd_health = etcd_health::Health::default();
+    let agents = node_agents::Summary::default();
+    let rejected = exporter::Rejected::default();
     let status_of: StatusFn = {
         let (board, ready, leadership) = (Arc::clone(&board), ready.clone(), leadership.clone());
-        let exported = Arc::clone(&exported);
+        let (exported, serving) = (Arc::clone(&exported), Arc::clone(&serving));
+        let (etcd_health, agents, rejected) = (
+            Arc::clone(&etcd_health),
+            Arc::clone(&agents),
+            Arc::clone(&rejected),
+        );
         let (cluster, cluster_id, replica) = (
             config.cluster_name.to_string(),
             config.cluster_id.get(),
@@ -163,6 +174,13 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                 exported: cache.map(|c| c.exported()).unwrap_or_default(),
                 peers: board.snapshot(),
                 updated_unix: 0,
+                etcd: etcd_health.lock().ok().and_then(|h| h.clone()),
+                serving_cert_not_after_unix: serving
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.as_ref().map(|t| t.not_after_unix())),
+                rejected_services: rejected.lock().map(|r| r.clone()).unwrap_or_default(),
+                node_agents: agents.lock().ok().and_then(|a| a.clone()),
             }
         })
     };
@@ -197,6 +215,27 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     .await
     .context("register cluster")?;
     let client = kube_client(&config).await?;
+    // Probes for the status document run on every replica (each serves `/status`); the
+    // leader publishes them. Outside the leader loop, so an etcd outage that restarts the
+    // exporter does not restart them.
+    let mut probe_tasks = vec![AbortOnDrop(tokio::spawn(etcd_health::run(
+        kv.clone(),
+        Duration::from_secs(2),
+        Arc::clone(&etcd_health),
+    )))];
+    if let Some(files) = &config.mesh_tls {
+        probe_tasks.push(AbortOnDrop(tokio::spawn(node_agents::run(
+            node_agents::Config {
+                cluster: config.cluster_name.clone(),
+                cluster_id: config.cluster_id,
+                tls: files.clone(),
+                port: config.node_agent_state_port,
+                interval: Duration::from_secs(3),
+            },
+            client.clone(),
+            Arc::clone(&agents),
+        ))));
+    }
 
     // The Mesh API is served by every replica: it only reads etcd.
     let mut mesh_tasks = Vec::new();
@@ -206,6 +245,9 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     if let Some(files) = &config.mesh_tls {
         let tls = certs::Reloader::load(files.clone()).context("load the Mesh API certificate")?;
         mesh_tasks.push(AbortOnDrop(tls.spawn_watch(Duration::from_secs(5))));
+        if let Ok(mut s) = serving.lock() {
+            *s = Some(Arc::clone(&tls));
+        }
         let ca_pem =
             std::fs::read(&files.ca).with_context(|| format!("read {}", files.ca.display()))?;
         let ca_der = rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem)
@@ -286,6 +328,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         cluster_id: config.cluster_id,
         lease_ttl: config.lease_ttl,
         identity_gc_grace: config.identity_gc_grace,
+        rejected,
     };
     let rescan_now = Arc::new(tokio::sync::Notify::new());
     let importer = config.peers_dir.clone().map(|dir| {
@@ -333,7 +376,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         mesh_cache,
         peers: board,
         mesh_stop,
-        _mesh_tasks: mesh_tasks,
+        _mesh_tasks: mesh_tasks.into_iter().chain(probe_tasks).collect(),
         ready,
         leadership,
         metrics,

@@ -38,6 +38,9 @@ fn significant(s: &ClusterStatus) -> ClusterStatus {
         p.objects.clear();
         p.revision = 0;
     }
+    if let Some(a) = &mut s.node_agents {
+        a.checked_unix = 0;
+    }
     s
 }
 

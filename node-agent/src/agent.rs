@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use certs::{Reloader, TlsFiles};
 use model::ClusterName;
 use model::keys::Kind;
-use model::status::{NodeService, NodeState, ProgrammedBackend, RefusedService};
+use model::status::{ApiserverLink, NodeService, NodeState, ProgrammedBackend, RefusedService};
 use telemetry::metrics::Registry;
 use tokio::sync::watch;
 use wire::{Codec, pb};
@@ -130,6 +130,41 @@ pub struct Settings {
 struct Report {
     desired: Mutex<Option<Vec<DesiredService>>>,
     refused: Mutex<Vec<Refusal>>,
+    /// The Watch stream to the apiserver; `None` until the first attempt ends or succeeds.
+    link: Mutex<Option<ApiserverLink>>,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl Report {
+    /// Records that the stream is up (at `endpoint`) or down (with `error`).
+    fn set_link(&self, endpoint: Option<String>, error: Option<String>) {
+        let mut link = lock(&self.link);
+        let connected = endpoint.is_some();
+        let since_unix = match link.as_ref() {
+            Some(l) if l.connected == connected => l.since_unix,
+            _ => now_unix(),
+        };
+        let revision = link.as_ref().map_or(0, |l| l.revision);
+        *link = Some(ApiserverLink {
+            connected,
+            since_unix,
+            endpoint,
+            revision,
+            last_error: error.or_else(|| link.as_ref().and_then(|l| l.last_error.clone())),
+        });
+    }
+
+    /// Records the revision of the state just programmed.
+    fn set_revision(&self, revision: i64) {
+        if let Some(l) = lock(&self.link).as_mut() {
+            l.revision = revision;
+        }
+    }
 }
 
 /// A running agent.
@@ -216,7 +251,17 @@ impl Agent {
                 .map_err(|e| format!("reading the maps: {e}"))?;
             let desired = lock(&report.desired).clone();
             let refused = lock(&report.refused).clone();
-            Ok(node_state(cluster.clone(), desired, programmed, &refused))
+            let mut state = node_state(cluster.clone(), desired, programmed, &refused);
+            state.apiserver = lock(&report.link).clone().or_else(|| {
+                Some(ApiserverLink {
+                    connected: false,
+                    since_unix: 0,
+                    endpoint: None,
+                    revision: 0,
+                    last_error: Some("connecting for the first time".into()),
+                })
+            });
+            Ok(state)
         }
     }
 }
@@ -297,6 +342,7 @@ pub fn node_state(
                 kept_previous: r.kept_previous,
             })
             .collect(),
+        apiserver: None,
     }
 }
 
@@ -349,6 +395,7 @@ async fn follow(
         let e = r
             .err()
             .unwrap_or_else(|| "the apiserver ended the watch".into());
+        report.set_link(None, Some(e.clone()));
         tracing::warn!(error = %e, "Mesh API connection lost; the datapath keeps its state");
         if ready.borrow().is_err() {
             let _ = ready.send_replace(Err(format!("no Mesh API connection yet: {e}")));
@@ -511,8 +558,10 @@ async fn session(
         .map_err(|e| format!("Watch: {}: {}", e.code(), e.message()))?
         .into_inner();
     tracing::info!(endpoint = %connected.endpoint, "following the Mesh API");
+    report.set_link(Some(connected.endpoint.clone()), None);
     let mut view = MeshView::default();
     let mut snapshot_done = false;
+    let mut revision = 0;
     loop {
         let msg = match stream.message().await {
             Ok(Some(m)) => m,
@@ -527,6 +576,7 @@ async fn session(
             decode(&mut view, c);
         }
         snapshot_done |= msg.snapshot_complete;
+        revision = revision.max(msg.revision);
         // Coalesce what is already waiting before touching the maps.
         let mut more = true;
         while more {
@@ -540,6 +590,7 @@ async fn session(
                         decode(&mut view, c);
                     }
                     snapshot_done |= m.snapshot_complete;
+                    revision = revision.max(m.revision);
                 }
                 Some(Ok(None)) => return Err("the apiserver ended the watch".into()),
                 Some(Err(e)) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
@@ -576,6 +627,7 @@ async fn session(
                     changed
                 });
                 set_ready(ready, readiness(&desired, &refused), desired.len());
+                report.set_revision(revision);
             }
             Err(e) => set_ready(
                 ready,

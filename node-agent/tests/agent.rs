@@ -105,6 +105,7 @@ impl East {
             peers_dir: None,
             peers_from_secrets: false,
             peer_quota: Default::default(),
+            node_agent_state_port: model::status::NODE_AGENT_STATE_PORT,
             grants_dir: None,
         })
         .await

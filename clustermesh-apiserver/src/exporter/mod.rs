@@ -51,7 +51,12 @@ pub struct Settings {
     pub lease_ttl: Duration,
     /// How long an identity no pod uses is kept before it is released.
     pub identity_gc_grace: Duration,
+    /// Where the services it refuses to export are shown (the status document reads it).
+    pub rejected: Rejected,
 }
+
+/// The services the exporter currently refuses to export, by `namespace/name`.
+pub type Rejected = std::sync::Arc<std::sync::Mutex<Vec<model::status::RejectedService>>>;
 
 const DIRTY_SERVICES: u8 = 1;
 /// Every pod: a full recompute of endpoints (relist, namespace labels changed).
@@ -633,6 +638,7 @@ impl Exporter {
                 .push(s);
         }
         let mut still_bad = HashMap::new();
+        let mut rejected = Vec::new();
         for svc in self.services.state() {
             let ns = svc.namespace().unwrap_or_default();
             let key = (ns.clone(), svc.name_any());
@@ -654,9 +660,20 @@ impl Exporter {
                         tracing::warn!(service = %id, reason = e.reason(), error = %message, "service not exported");
                         self.warn_event(&svc, e.reason(), &message).await;
                     }
+                    rejected.push(model::status::RejectedService {
+                        service: id.clone(),
+                        reason: e.reason().to_owned(),
+                        message: message.clone(),
+                    });
                     still_bad.insert(id, message);
                 }
             }
+        }
+        rejected.sort_by(|a, b| a.service.cmp(&b.service));
+        rejected.truncate(model::status::MAX_LISTED_SERVICES);
+        match self.settings.rejected.lock() {
+            Ok(mut r) => *r = rejected,
+            Err(p) => *p.into_inner() = rejected,
         }
         self.reported = still_bad;
     }

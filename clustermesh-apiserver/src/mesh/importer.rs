@@ -160,6 +160,7 @@ impl Board {
             revision: 0,
             peer_cert_not_after_unix: None,
             endpoint: None,
+            refused_objects: 0,
         });
         f(s);
     }
@@ -740,6 +741,14 @@ impl Mirror {
 }
 
 impl Mirror {
+    /// Objects of the peer refused at the moment.
+    fn refused(&self) -> usize {
+        self.withheld
+            .values()
+            .filter(|w| !w.refused.is_empty())
+            .count()
+    }
+
     /// Objects held per kind.
     fn counts(&self) -> BTreeMap<String, usize> {
         let mut counts: BTreeMap<String, usize> =
@@ -1043,8 +1052,11 @@ async fn session(
                 Err(_) => {
                     counts_dirty = false;
                     last_count = std::time::Instant::now();
-                    let counts = mirror.counts();
-                    ctx.board.update(&cfg.name, |s| s.objects = counts);
+                    let (counts, refused) = (mirror.counts(), mirror.refused());
+                    ctx.board.update(&cfg.name, |s| {
+                        s.objects = counts;
+                        s.refused_objects = refused;
+                    });
                     continue;
                 }
             }
@@ -1253,8 +1265,11 @@ async fn session(
         if last_count.elapsed() >= Duration::from_secs(1) {
             last_count = std::time::Instant::now();
             counts_dirty = false;
-            let counts = mirror.counts();
-            ctx.board.update(&cfg.name, |s| s.objects = counts);
+            let (counts, refused) = (mirror.counts(), mirror.refused());
+            ctx.board.update(&cfg.name, |s| {
+                s.objects = counts;
+                s.refused_objects = refused;
+            });
         }
         ctx.board
             .update(&cfg.name, |s| s.revision = mirror.revision);

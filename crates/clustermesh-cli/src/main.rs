@@ -6,6 +6,7 @@
 //! cause chain and exit non-zero.
 
 mod certs_cmd;
+mod check;
 mod connect;
 mod drill;
 mod kctx;
@@ -46,6 +47,10 @@ enum Command {
     Disconnect(connect::DisconnectArgs),
     /// Show every cluster's apiserver and peers; exit 1 when anything is not healthy.
     Status(status::StatusArgs),
+    /// Check every cluster (apiserver, etcd, leader, peers, node agents, certificates,
+    /// clocks, IDs, rejected objects): a ✔/✗ list with a hint per failure; exit 0 healthy,
+    /// 1 unhealthy, 2 cannot check.
+    Check(check::CheckArgs),
     /// Show the mesh's global services and their backends per cluster, or with --node what
     /// a node programmed against what it should have.
     Services(services::ServicesArgs),
@@ -126,6 +131,7 @@ fn main() -> std::process::ExitCode {
                     Command::Connect(a) => connect::connect(a).await,
                     Command::Disconnect(a) => connect::disconnect(a).await,
                     Command::Status(a) => status::run(a).await,
+                    Command::Check(a) => check::run(a).await,
                     Command::Services(a) => services::run(a).await,
                     Command::Drill(a) => drill::run(a).await,
                     Command::Certs(_) | Command::Probe(_) => unreachable!("handled above"),

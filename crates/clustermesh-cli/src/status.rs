@@ -66,6 +66,8 @@ pub(crate) struct ClusterReport {
     pub exported: BTreeMap<String, usize>,
     pub status_age_seconds: Option<i64>,
     pub peers: Vec<PeerRow>,
+    /// The node agents, as the leader last read them.
+    pub node_agents: Option<model::status::NodeAgents>,
     pub healthy: bool,
     pub problems: Vec<String>,
 }
@@ -88,6 +90,7 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
         exported: BTreeMap::new(),
         status_age_seconds: None,
         peers: Vec::new(),
+        node_agents: None,
         healthy: false,
         problems: Vec::new(),
     };
@@ -104,6 +107,15 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
     r.replica = Some(status.replica.clone());
     r.ready = status.ready;
     r.exported = status.exported.clone();
+    r.node_agents = status.node_agents.clone();
+    if let Some(a) = &status.node_agents {
+        if let Some(e) = &a.error {
+            r.problems
+                .push(format!("node agents could not be read: {e}"));
+        } else if a.ready < a.nodes {
+            r.problems.push(a.headline());
+        }
+    }
     let age = now - status.updated_unix;
     r.status_age_seconds = Some(age);
     if !status.ready {
@@ -274,6 +286,15 @@ fn print_table(reports: &[ClusterReport]) {
             &rows
         )
     );
+    for r in reports {
+        if let Some(a) = &r.node_agents {
+            println!(
+                "{}: {}",
+                r.cluster.as_deref().unwrap_or(&r.context),
+                a.headline()
+            );
+        }
+    }
     for r in reports {
         for p in &r.problems {
             println!("! {}: {p}", r.cluster.as_deref().unwrap_or(&r.context));

@@ -71,6 +71,25 @@ pub async fn fetch(
     key_pem: &str,
     timeout: Duration,
 ) -> Result<NodeState, Error> {
+    fetch_with_cert(
+        addr, cluster, cluster_id, node, ca_pem, cert_pem, key_pem, timeout,
+    )
+    .await
+    .map(|(state, _)| state)
+}
+
+/// [`fetch`], and the end of validity (Unix seconds) of the certificate the agent presented.
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch_with_cert(
+    addr: &str,
+    cluster: &ClusterName,
+    cluster_id: ClusterId,
+    node: &NodeName,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    timeout: Duration,
+) -> Result<(NodeState, i64), Error> {
     let expected = MeshIdentity::node_agent(cluster.clone(), cluster_id, node.clone());
     let config =
         certs::identity_client_config(ca_pem, cert_pem, key_pem, move |id| *id == expected)
@@ -89,14 +108,22 @@ pub async fn fetch(
         let name = rustls_pki_types::ServerName::try_from("node-agent")
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         let mut tls = connector.connect(name, tcp).await.map_err(io)?;
+        // The handshake verified the leaf; a date that does not parse reads as expired.
+        let not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| certs::identity::CertInfo::from_der(leaf.as_ref()).ok())
+            .map_or(0, |i| i.not_after_unix);
         tls.write_all(b"GET /state HTTP/1.0\r\nHost: node-agent\r\n\r\n")
             .await
             .map_err(io)?;
         let mut buf = Vec::new();
         tls.read_to_end(&mut buf).await.map_err(io)?;
-        Ok::<_, Error>(buf)
+        Ok::<_, Error>((buf, not_after))
     };
-    let body = tokio::time::timeout(timeout, exchange)
+    let (body, not_after) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| Error::Timeout {
             addr: addr.to_owned(),
@@ -112,8 +139,10 @@ pub async fn fetch(
             body: model::escape::bounded(body.trim(), 200),
         });
     }
-    serde_json::from_str(body).map_err(|source| Error::Decode {
-        addr: addr.to_owned(),
-        source,
-    })
+    serde_json::from_str(body)
+        .map(|state| (state, not_after))
+        .map_err(|source| Error::Decode {
+            addr: addr.to_owned(),
+            source,
+        })
 }

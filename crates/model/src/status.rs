@@ -98,6 +98,10 @@ pub struct PeerStatus {
     pub peer_cert_not_after_unix: Option<i64>,
     /// The endpoint in use.
     pub endpoint: Option<String>,
+    /// Objects of the peer the importer refuses at the moment (each named once in
+    /// `last_error` and the log when refused; absent from older documents).
+    #[serde(default)]
+    pub refused_objects: usize,
 }
 
 /// One apiserver's view of itself and its peers.
@@ -123,6 +127,246 @@ pub struct ClusterStatus {
     /// When this report was written (Unix seconds); 0 when served live.
     #[serde(default)]
     pub updated_unix: i64,
+    /// Whether this cluster's etcd answers the leader (absent from older documents).
+    #[serde(default)]
+    pub etcd: Option<EtcdHealth>,
+    /// End of validity of the apiserver's Mesh API certificate (Unix seconds).
+    #[serde(default)]
+    pub serving_cert_not_after_unix: Option<i64>,
+    /// Services the exporter refuses to export (a malformed annotation, ...), each also
+    /// reported as a Warning Event on the Service.
+    #[serde(default)]
+    pub rejected_services: Vec<RejectedService>,
+    /// The node agents of this cluster, as the leader last read their `/state`.
+    #[serde(default)]
+    pub node_agents: Option<NodeAgents>,
+}
+
+/// Whether etcd answers, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdHealth {
+    /// Whether the last probe was answered.
+    pub healthy: bool,
+    /// Since when it is in this state (Unix seconds).
+    pub since_unix: i64,
+    /// Why not, when not.
+    pub error: Option<String>,
+}
+
+/// A Service the exporter does not export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedService {
+    /// `namespace/name`.
+    pub service: String,
+    /// The kind of reason (the reason of its Warning Event).
+    pub reason: String,
+    /// The reason in words.
+    pub message: String,
+}
+
+/// Rejected services listed in the status document at most.
+pub const MAX_LISTED_SERVICES: usize = 50;
+
+/// Node agents listed by name in [`NodeAgents::not_ready`] at most (the counts cover all).
+pub const MAX_LISTED_NODES: usize = 20;
+
+/// What the leader knows of its cluster's node agents: one `/state` read per Kubernetes Node
+/// ([ADR 0017](../../../docs/architecture/adr/0017-node-agents-in-status.md)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAgents {
+    /// Kubernetes Nodes of the cluster.
+    pub nodes: usize,
+    /// Agents that answered and follow their apiserver.
+    pub connected: usize,
+    /// Agents connected and programmed as desired (phase [`AgentPhase::Ready`]).
+    pub ready: usize,
+    /// The agents that are not ready, by node name (at most [`MAX_LISTED_NODES`]).
+    pub not_ready: Vec<NodeAgentProblem>,
+    /// The node-agent certificate that expires first (as served on its `/state` port).
+    pub earliest_cert: Option<NodeCert>,
+    /// Why the nodes could not be listed; the counts are then those of the last good round.
+    pub error: Option<String>,
+    /// When the agents were last read (Unix seconds).
+    pub checked_unix: i64,
+}
+
+/// Where a node agent stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentPhase {
+    /// Its `/state` could not be read (the agent is down, or its certificate is refused).
+    Unreachable,
+    /// It answers, but its Watch stream to the apiserver is down (its maps keep their state).
+    Disconnected,
+    /// Connected, without a complete snapshot yet.
+    Syncing,
+    /// Some frontend's maps differ from what it should have.
+    OutOfSync,
+    /// It refused some desired services; the rest of the node is programmed.
+    Refusing,
+    /// Connected and programmed as desired.
+    Ready,
+}
+
+impl std::fmt::Display for AgentPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentPhase::Unreachable => "unreachable",
+            AgentPhase::Disconnected => "disconnected",
+            AgentPhase::Syncing => "syncing",
+            AgentPhase::OutOfSync => "out-of-sync",
+            AgentPhase::Refusing => "refusing",
+            AgentPhase::Ready => "ready",
+        })
+    }
+}
+
+/// A node agent that is not ready, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAgentProblem {
+    /// The node.
+    pub node: String,
+    /// Its phase.
+    pub phase: AgentPhase,
+    /// What is wrong, in words.
+    pub detail: String,
+}
+
+/// A node agent's certificate expiry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCert {
+    /// The node.
+    pub node: String,
+    /// End of validity (Unix seconds).
+    pub not_after_unix: i64,
+}
+
+/// One node agent's `/state` as the leader read it: the document and the end of validity of
+/// the certificate the agent served it with, or why it could not be read.
+pub type NodeProbe = (String, Result<(NodeState, i64), String>);
+
+/// The phase of an agent whose `/state` is `s`.
+pub fn agent_phase(s: &NodeState) -> AgentPhase {
+    if s.apiserver.as_ref().is_some_and(|l| !l.connected) {
+        AgentPhase::Disconnected
+    } else if !s.synced {
+        AgentPhase::Syncing
+    } else if !s.in_sync {
+        AgentPhase::OutOfSync
+    } else if !s.refused.is_empty() {
+        AgentPhase::Refusing
+    } else {
+        AgentPhase::Ready
+    }
+}
+
+fn agent_detail(phase: AgentPhase, s: &NodeState) -> String {
+    match phase {
+        AgentPhase::Disconnected => {
+            let error = s.apiserver.as_ref().and_then(|l| l.last_error.as_ref());
+            format!(
+                "its Watch stream to the apiserver is down{}",
+                error.map(|e| format!(": {e}")).unwrap_or_default()
+            )
+        }
+        AgentPhase::Syncing => "connected, waiting for a complete snapshot".into(),
+        AgentPhase::OutOfSync => {
+            let off: Vec<&str> = s
+                .services
+                .iter()
+                .filter(|f| !f.in_sync)
+                .map(|f| f.frontend.as_str())
+                .collect();
+            format!(
+                "{} of {} frontends differ from what it should have (first: {})",
+                off.len(),
+                s.services.len(),
+                off.first().copied().unwrap_or("-")
+            )
+        }
+        AgentPhase::Refusing => {
+            let first = &s.refused[0];
+            format!(
+                "refused {} service(s) (first: {} {}: {})",
+                s.refused.len(),
+                first.service.as_deref().unwrap_or("?"),
+                first.frontend,
+                first.message
+            )
+        }
+        AgentPhase::Unreachable | AgentPhase::Ready => String::new(),
+    }
+}
+
+impl NodeAgents {
+    /// The summary of one round of `/state` reads at `now_unix`, in node name order.
+    pub fn summarize(mut probes: Vec<NodeProbe>, now_unix: i64) -> Self {
+        probes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = NodeAgents {
+            nodes: probes.len(),
+            connected: 0,
+            ready: 0,
+            not_ready: Vec::new(),
+            earliest_cert: None,
+            error: None,
+            checked_unix: now_unix,
+        };
+        for (node, result) in probes {
+            let (phase, detail) = match result {
+                Ok((state, not_after)) => {
+                    if out
+                        .earliest_cert
+                        .as_ref()
+                        .is_none_or(|c| not_after < c.not_after_unix)
+                    {
+                        out.earliest_cert = Some(NodeCert {
+                            node: node.clone(),
+                            not_after_unix: not_after,
+                        });
+                    }
+                    let phase = agent_phase(&state);
+                    (phase, agent_detail(phase, &state))
+                }
+                Err(e) => (AgentPhase::Unreachable, e),
+            };
+            if !matches!(phase, AgentPhase::Unreachable | AgentPhase::Disconnected) {
+                out.connected += 1;
+            }
+            if phase == AgentPhase::Ready {
+                out.ready += 1;
+            } else if out.not_ready.len() < MAX_LISTED_NODES {
+                out.not_ready.push(NodeAgentProblem {
+                    node,
+                    phase,
+                    detail: crate::escape::bounded(&detail, crate::escape::MAX_TEXT),
+                });
+            }
+        }
+        out
+    }
+
+    /// `4/4 nodes connected and in sync`, naming the ones that are not.
+    pub fn headline(&self) -> String {
+        let mut line = format!("{}/{} nodes connected and in sync", self.ready, self.nodes);
+        if !self.not_ready.is_empty() {
+            let names: Vec<String> = self
+                .not_ready
+                .iter()
+                .map(|p| format!("{} {}", p.node, p.phase))
+                .collect();
+            let more = (self.nodes - self.ready).saturating_sub(self.not_ready.len());
+            line.push_str(&format!(
+                " ({}{})",
+                names.join(", "),
+                if more > 0 {
+                    format!(", {more} more")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        line
+    }
 }
 
 /// The name of the Secret configuring `peer` (see [`PEER_SECRET_PREFIX`]).
@@ -195,6 +439,24 @@ pub struct NodeState {
     /// Desired services the agent refused to program (absent from older agents' documents).
     #[serde(default)]
     pub refused: Vec<RefusedService>,
+    /// The agent's Watch stream to its apiserver (absent from older agents' documents).
+    #[serde(default)]
+    pub apiserver: Option<ApiserverLink>,
+}
+
+/// A node agent's Watch stream to its apiserver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiserverLink {
+    /// Whether the stream is up.
+    pub connected: bool,
+    /// Since when (Unix seconds).
+    pub since_unix: i64,
+    /// The endpoint in use, when connected.
+    pub endpoint: Option<String>,
+    /// The Mesh API revision of the last state the agent programmed (0: none yet).
+    pub revision: i64,
+    /// Why the last stream ended, when it did.
+    pub last_error: Option<String>,
 }
 
 /// A desired service a node agent refused to program; the rest of the node is programmed.
@@ -216,6 +478,119 @@ pub struct RefusedService {
 #[cfg(test)]
 mod node_state_tests {
     use super::*;
+
+    fn state(synced: bool, in_sync: bool, connected: Option<bool>) -> NodeState {
+        NodeState {
+            cluster: "east".into(),
+            synced,
+            services: vec![NodeService {
+                frontend: "10.0.0.1:80/tcp".into(),
+                desired: vec![vec!["10.1.0.1:80".into()]],
+                programmed: Vec::new(),
+                in_sync,
+            }],
+            in_sync,
+            refused: Vec::new(),
+            apiserver: connected.map(|connected| ApiserverLink {
+                connected,
+                since_unix: 1,
+                endpoint: None,
+                revision: 7,
+                last_error: (!connected).then(|| "watch stream: unavailable".into()),
+            }),
+        }
+    }
+
+    #[test]
+    fn agent_phases_follow_link_snapshot_maps_and_refusals() {
+        assert_eq!(
+            agent_phase(&state(true, true, Some(true))),
+            AgentPhase::Ready
+        );
+        assert_eq!(
+            agent_phase(&state(true, true, None)),
+            AgentPhase::Ready,
+            "older agent"
+        );
+        assert_eq!(
+            agent_phase(&state(true, true, Some(false))),
+            AgentPhase::Disconnected
+        );
+        assert_eq!(
+            agent_phase(&state(false, false, Some(true))),
+            AgentPhase::Syncing
+        );
+        assert_eq!(
+            agent_phase(&state(true, false, Some(true))),
+            AgentPhase::OutOfSync
+        );
+        let mut refusing = state(true, true, Some(true));
+        refusing.refused.push(RefusedService {
+            frontend: "10.0.0.2:80/tcp".into(),
+            service: Some("demo/big".into()),
+            reason: "tier_full".into(),
+            message: "tier 0 holds at most 64 backends".into(),
+            kept_previous: false,
+        });
+        assert_eq!(agent_phase(&refusing), AgentPhase::Refusing);
+    }
+
+    #[test]
+    fn summary_counts_every_node_and_names_the_ones_not_ready() {
+        let probes: Vec<NodeProbe> = vec![
+            ("n2".into(), Ok((state(true, true, Some(true)), 900))),
+            ("n1".into(), Ok((state(true, true, Some(true)), 500))),
+            (
+                "n4".into(),
+                Err("node agent at 10.0.0.4:9882: connection refused".into()),
+            ),
+            ("n3".into(), Ok((state(true, true, Some(false)), 700))),
+        ];
+        let s = NodeAgents::summarize(probes, 42);
+        assert_eq!((s.nodes, s.connected, s.ready), (4, 2, 2));
+        assert_eq!(
+            s.earliest_cert,
+            Some(NodeCert {
+                node: "n1".into(),
+                not_after_unix: 500
+            })
+        );
+        let names: Vec<(&str, AgentPhase)> = s
+            .not_ready
+            .iter()
+            .map(|p| (p.node.as_str(), p.phase))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("n3", AgentPhase::Disconnected),
+                ("n4", AgentPhase::Unreachable)
+            ]
+        );
+        assert_eq!(
+            s.not_ready[0].detail,
+            "its Watch stream to the apiserver is down: watch stream: unavailable"
+        );
+        assert_eq!(
+            s.headline(),
+            "2/4 nodes connected and in sync (n3 disconnected, n4 unreachable)"
+        );
+        let all = NodeAgents::summarize(
+            vec![("n1".into(), Ok((state(true, true, Some(true)), 1)))],
+            0,
+        );
+        assert_eq!(all.headline(), "1/1 nodes connected and in sync");
+    }
+
+    #[test]
+    fn a_long_list_of_bad_nodes_is_capped_and_counted() {
+        let probes: Vec<NodeProbe> = (0..MAX_LISTED_NODES + 3)
+            .map(|i| (format!("n{i:02}"), Err("down".into())))
+            .collect();
+        let s = NodeAgents::summarize(probes, 0);
+        assert_eq!(s.not_ready.len(), MAX_LISTED_NODES);
+        assert!(s.headline().ends_with(", 3 more)"), "{}", s.headline());
+    }
 
     #[test]
     fn node_state_without_refusals_still_parses() {

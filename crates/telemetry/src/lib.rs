@@ -64,6 +64,8 @@ pub mod env {
     pub const HEALTH_BIND: &str = "CLUSTERMESH_HEALTH_BIND";
     /// `--state-bind` (node agent: `/state` over mutual TLS).
     pub const STATE_BIND: &str = "CLUSTERMESH_STATE_BIND";
+    /// `--node-agent-state-port` (apiserver: where it reads the node agents' `/state`).
+    pub const NODE_AGENT_STATE_PORT: &str = "CLUSTERMESH_NODE_AGENT_STATE_PORT";
     /// Address of the Mesh API.
     pub const MESH_BIND: &str = "CLUSTERMESH_MESH_BIND";
     /// Directory with the Mesh API's `tls.crt`, `tls.key`, `ca.crt`.

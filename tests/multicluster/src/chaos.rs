@@ -1815,6 +1815,7 @@ mod tests {
             }],
             in_sync: true,
             refused: Vec::new(),
+            apiserver: None,
         };
         let good = node(vec![
             vec![("10.1.17.10:8080", 1, true)],
