@@ -140,7 +140,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     // `/readyz` says whether this replica can serve the Mesh API, leader or standby: a standby
     // that serves is Ready, so a rolling update of the Deployment completes while another
     // replica holds the Lease. Leadership and the exporter's state are in `/status`.
-    let (serving_tx, serving) = watch::channel(Err("starting: etcd not listed yet".to_owned()));
+    let (can_serve_tx, can_serve) = watch::channel(Err("starting: etcd not listed yet".to_owned()));
     let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
     let board = Arc::new(mesh::importer::Board::default());
     let exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>> = Arc::default();
@@ -199,7 +199,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let health = telemetry::metrics::spawn(
         config.health_bind,
         metrics.clone(),
-        serving.clone(),
+        can_serve.clone(),
         Some(status),
     )
     .await
@@ -257,10 +257,10 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         let (cache, cache_task) = mesh::cache::WatchCache::start(&kv);
         mesh_tasks.push(AbortOnDrop(cache_task));
         {
-            let (cache, serving_tx) = (Arc::clone(&cache), serving_tx.clone());
+            let (cache, can_serve_tx) = (Arc::clone(&cache), can_serve_tx.clone());
             mesh_tasks.push(AbortOnDrop(tokio::spawn(async move {
                 cache.wait_ready().await;
-                let _ = serving_tx.send_replace(Ok(()));
+                let _ = can_serve_tx.send_replace(Ok(()));
             })));
         }
         mesh_cache = Some(Arc::clone(&cache));
@@ -305,7 +305,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
         mesh = Some(addr);
     } else {
         // No Mesh API to serve: ready once registered in etcd.
-        let _ = serving_tx.send_replace(Ok(()));
+        let _ = can_serve_tx.send_replace(Ok(()));
     }
     tracing::info!(
         cluster = %config.cluster_name,
