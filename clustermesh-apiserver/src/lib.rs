@@ -136,7 +136,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let metrics = metrics::registry();
     let (ready_tx, ready) = watch::channel(Err("starting".to_owned()));
     let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
-    let board = Arc::new(mesh::importer::Board::default());
+    let board = Arc::new(mesh::importer::Board::new(metrics.clone()));
     let exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>> = Arc::default();
     let status_of: StatusFn = {
         let (board, ready, leadership) = (Arc::clone(&board), ready.clone(), leadership.clone());
@@ -434,7 +434,7 @@ async fn supervise(
             result = &mut run => {
                 if let Err(e) = result {
                     metrics.inc(metrics::ERRORS, &["exporter"]);
-                    tracing::error!(error = format!("{e:#}"), "exporter failed; restarting it");
+                    tracing::error!(error = telemetry::chain(e.as_ref()).to_string(), "exporter failed; restarting it");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
