@@ -38,6 +38,8 @@ pub const PEER_RECONNECTS: &str = "clustermesh_peer_reconnects_total";
 pub const PEER_BYTES: &str = "clustermesh_peer_received_bytes_total";
 /// Objects refused, per peer.
 pub const PEER_REJECTED: &str = "clustermesh_peer_rejected_objects_total";
+/// 1 while a peer is `Ready` (connected and in sync), 0 otherwise, per configured peer.
+pub const PEER_READY: &str = "clustermesh_peer_ready";
 
 /// A registry with every apiserver metric declared.
 pub fn registry() -> Registry {
@@ -107,6 +109,11 @@ pub fn registry() -> Registry {
     r.counter(
         PEER_REJECTED,
         "Objects from a peer refused by validation.",
+        &["peer"],
+    );
+    r.gauge(
+        PEER_READY,
+        "1 while the peer is connected and in sync (phase Ready), 0 otherwise.",
         &["peer"],
     );
     r.set(LEADER, &[], 0.0);
