@@ -18,7 +18,13 @@ use telemetry::env;
     about = "Exports this cluster's services, endpoints and identities to its mesh peers.",
     long_about = "Exports this cluster's services, endpoints and identities to its mesh peers.\n\n\
         Runs once per cluster, next to the cluster's etcd, which it is the only writer of. \
-        Every flag can also be set through the environment variable shown with it."
+        Every flag can also be set through the environment variable shown with it. Durations \
+        take a unit: 500ms, 30s, 1m30s, 1h.",
+    after_help = "Example:\n  \
+        clustermesh-apiserver --cluster-name east --cluster-id 1 \\\n    \
+        --etcd-endpoints https://etcd:2379 --etcd-tls-dir /etcd-tls --mesh-tls-dir /mesh-tls \\\n    \
+        --peers-dir /peers --peers-from-secrets --lease-ttl 30s --leader-lease 15s \\\n    \
+        --identity-gc-grace 5m --log-format json"
 )]
 pub struct Args {
     /// This cluster's name: a DNS-1123 label of at most 32 characters, unique in the mesh.
@@ -409,6 +415,9 @@ mod tests {
     #[test]
     fn every_flag_has_its_environment_variable() {
         use clap::CommandFactory;
-        assert_eq!(telemetry::env::missing(&Args::command()), Vec::<String>::new());
+        assert_eq!(
+            telemetry::env::missing(&Args::command()),
+            Vec::<String>::new()
+        );
     }
 }

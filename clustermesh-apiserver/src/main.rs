@@ -16,7 +16,10 @@ async fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let open_files = telemetry::raise_fd_limit();
     tracing::debug!(open_files = ?open_files, "open-files limit");
-    tracing::info!(version = telemetry::version::LONG, "clustermesh-apiserver starting");
+    tracing::info!(
+        version = telemetry::version::LONG,
+        "clustermesh-apiserver starting"
+    );
     let config = match args.validate() {
         Ok(c) => c,
         Err(e) => {

@@ -67,14 +67,28 @@ fn a_fatal_configuration_error_is_one_json_line_with_log_format_json() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
-    assert_eq!(v["level"], "ERROR", "{v}");
+    // Every line is a JSON log line (the start-up one, then the error), the error once.
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let errors: Vec<&serde_json::Value> = lines.iter().filter(|v| v["level"] == "ERROR").collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    let v = errors[0];
     assert_eq!(v["message"], "invalid configuration", "{v}");
     let text = v["error"].as_str().unwrap();
-    assert!(text.starts_with("invalid configuration:\n  - --cluster-name: "), "{text}");
-    assert!(text.contains("--lease-ttl: 1s is out of range 5s..=1h"), "{text}");
+    assert!(
+        text.starts_with("invalid configuration:\n  - --cluster-name: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("--lease-ttl: 1s is out of range 5s..=1h"),
+        "{text}"
+    );
+    assert!(
+        !err.contains("error: "),
+        "no bare line besides the log: {err}"
+    );
 }
 
 #[test]

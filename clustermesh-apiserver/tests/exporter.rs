@@ -605,11 +605,9 @@ async fn leader_failover_and_step_down() {
     // Someone else takes the Lease: B steps down and stops exporting at once.
     let leases: Api<Lease> = Api::namespaced(lab.client.clone(), "kube-system");
     // A MicroTime, as a real apiserver parses it (RFC 3339 with exactly six fractional digits).
-    let now = serde_json::to_value(
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-    )
+    let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ))
     .unwrap();
     leases
         .patch(

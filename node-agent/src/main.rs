@@ -295,7 +295,10 @@ mod tests {
     #[test]
     fn every_flag_has_its_environment_variable() {
         use clap::CommandFactory;
-        assert_eq!(telemetry::env::missing(&Args::command()), Vec::<String>::new());
+        assert_eq!(
+            telemetry::env::missing(&Args::command()),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -311,11 +314,12 @@ mod tests {
             "--cgroup",
             "/sys/fs/cgroup/x",
         ];
-        let args = Args::try_parse_from(
-            base.iter()
-                .copied()
-                .chain(["--health-interval", "1s", "--health-timeout", "250ms"]),
-        )
+        let args = Args::try_parse_from(base.iter().copied().chain([
+            "--health-interval",
+            "1s",
+            "--health-timeout",
+            "250ms",
+        ]))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(args.health_interval, Duration::from_secs(1));
         assert_eq!(args.health_timeout, Duration::from_millis(250));

@@ -135,8 +135,14 @@ fn a_fatal_configuration_error_is_one_json_line_with_log_format_json() {
     assert_eq!(v["level"], "ERROR", "{v}");
     assert_eq!(v["message"], "invalid configuration", "{v}");
     let text = v["error"].as_str().unwrap();
-    assert!(text.starts_with("invalid configuration:\n  - --cluster-name: "), "{text}");
-    assert!(text.contains("--cgroup: /nonexistent/cgroup does not exist"), "{text}");
+    assert!(
+        text.starts_with("invalid configuration:\n  - --cluster-name: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("--cgroup: /nonexistent/cgroup does not exist"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -195,7 +195,6 @@ impl Board {
         self.metrics.set(m::PEER_READY, &[peer.as_str()], ready);
     }
 
-
     /// Clears the last error if it happened before `unix` (it no longer applies).
     fn clear_error_before(&self, peer: &ClusterName, unix: i64) {
         self.update(peer, |s| {
@@ -620,7 +619,8 @@ fn admission(
             Err(e) => Admission {
                 hold: None,
                 refused: vec![format!(
-                    "peer {peer} sent an invalid endpoint {name:?}: {}", telemetry::chain(&e)
+                    "peer {peer} sent an invalid endpoint {name:?}: {}",
+                    telemetry::chain(&e)
                 )],
             },
         },
@@ -649,7 +649,10 @@ fn admission(
             }
             Err(e) => Admission {
                 hold: None,
-                refused: vec![format!("peer {peer} sent an invalid service {name:?}: {}", telemetry::chain(&e))],
+                refused: vec![format!(
+                    "peer {peer} sent an invalid service {name:?}: {}",
+                    telemetry::chain(&e)
+                )],
             },
         },
         Kind::Identities | Kind::Nodes => Admission {
@@ -885,7 +888,13 @@ fn validate(
         }
         Ok(())
     };
-    let bad = |e: wire::Error| format!("peer {peer} sent an invalid {kind} {:?}: {}", c.name, telemetry::chain(&e));
+    let bad = |e: wire::Error| {
+        format!(
+            "peer {peer} sent an invalid {kind} {:?}: {}",
+            c.name,
+            telemetry::chain(&e)
+        )
+    };
     match kind {
         Kind::Services => {
             let o = model::GlobalService::decode(&c.value).map_err(bad)?;
@@ -951,7 +960,8 @@ async fn session(
     own: &mut OwnSpace,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
-    let tls = Reloader::load(cfg.tls.clone()).map_err(|e| format!("peer TLS files: {}", telemetry::chain(&e)))?;
+    let tls = Reloader::load(cfg.tls.clone())
+        .map_err(|e| format!("peer TLS files: {}", telemetry::chain(&e)))?;
     let connected = client::connect(&cfg.name, &cfg.endpoints, &tls)
         .await
         .map_err(|e| e.to_string())?;
@@ -1339,7 +1349,11 @@ mod tests {
         board.set_phase(&west, Phase::Stale);
         assert_eq!(metrics.value(m::PEER_READY, &["west"]), 0.0);
         board.remove(&west);
-        assert!(!metrics.render().contains("peer=\"west\""), "{}", metrics.render());
+        assert!(
+            !metrics.render().contains("peer=\"west\""),
+            "{}",
+            metrics.render()
+        );
     }
 
     fn peer_dir(root: &Path, name: &str) -> PathBuf {

@@ -336,10 +336,7 @@ fn status(paths: &[PathBuf], warn: Duration, format: Format) -> Result<ExitCode>
         }
     }
     if !output::structured(format, &rows)? {
-        println!(
-            "{:<14} {:>6}  {:<45} PATH",
-            "STATE", "DAYS", "IDENTITY"
-        );
+        println!("{:<14} {:>6}  {:<45} PATH", "STATE", "DAYS", "IDENTITY");
         for r in &rows {
             let who = r.identity.clone().unwrap_or_else(|| {
                 if r.is_ca {

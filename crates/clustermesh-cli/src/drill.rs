@@ -179,10 +179,7 @@ pub(crate) fn probe(args: ProbeArgs) -> Result<std::process::ExitCode> {
     loop {
         let started = Instant::now();
         let t = now_micros();
-        let attempt = match TcpStream::connect_timeout(
-            &args.target,
-            args.timeout,
-        ) {
+        let attempt = match TcpStream::connect_timeout(&args.target, args.timeout) {
             Ok(s) => {
                 let backend = inode_of(&s).and_then(socket_peer).map(|a| a.to_string());
                 Attempt {

@@ -207,7 +207,8 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
         });
     }
     for (peer, cert) in configured {
-        let text = format!("peer {peer}: configured (Secret) but not reported by the apiserver yet");
+        let text =
+            format!("peer {peer}: configured (Secret) but not reported by the apiserver yet");
         r.problem(text.clone(), text);
         r.peers.push(PeerRow {
             name: peer,

@@ -173,7 +173,11 @@ fn status_speaks_yaml_too() {
             .success()
     );
     let out = run(&["certs", "status", p(&ca.join("ca.crt")), "-o", "yaml"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("- path: "), "{text}");
     assert!(text.contains("is_ca: true"), "{text}");

@@ -32,8 +32,8 @@ async fn server(cluster: &str) -> kube_testserver::Handle {
     kube_testserver::start(kube_testserver::Config::new(
         model::ClusterName::new(cluster).unwrap(),
     ))
-        .await
-        .unwrap()
+    .await
+    .unwrap()
 }
 
 #[tokio::test]

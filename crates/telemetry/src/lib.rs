@@ -45,7 +45,10 @@ pub mod env {
         if flag == "kubeconfig" {
             return KUBECONFIG.to_owned();
         }
-        format!("CLUSTERMESH_{}", flag.to_ascii_uppercase().replace('-', "_"))
+        format!(
+            "CLUSTERMESH_{}",
+            flag.to_ascii_uppercase().replace('-', "_")
+        )
     }
 
     /// Every argument of `cmd` (and its subcommands) that has no environment variable, or not
@@ -59,7 +62,9 @@ pub mod env {
                 continue;
             }
             let Some(long) = arg.get_long() else {
-                problems.push(format!("{id}: not a --flag, so it has no environment variable"));
+                problems.push(format!(
+                    "{id}: not a --flag, so it has no environment variable"
+                ));
                 continue;
             };
             let want = for_flag(long);
@@ -207,7 +212,6 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
-
 
 /// Installs the global subscriber, writing to stderr.
 pub fn init(args: &LogArgs) -> Result<(), Error> {

@@ -158,7 +158,7 @@ impl Registry {
         });
     }
 
-        /// Records one observation in a histogram.
+    /// Records one observation in a histogram.
     pub fn observe(&self, name: &'static str, labels: &[&str], value: f64) {
         self.with(|m| {
             if let Some(f) = m.get_mut(name) {

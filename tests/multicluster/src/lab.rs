@@ -807,8 +807,11 @@ impl Lab {
                 "conditions": [{"type": "Ready", "status": "True"}],
             },
         }))?;
-        test_support::kube::create_with_status(&Api::<Pod>::namespaced(client, namespace), &pod_obj)
-            .await?;
+        test_support::kube::create_with_status(
+            &Api::<Pod>::namespaced(client, namespace),
+            &pod_obj,
+        )
+        .await?;
         Ok(pod)
     }
 

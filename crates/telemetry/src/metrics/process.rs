@@ -130,12 +130,12 @@ mod tests {
     #[test]
     fn stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
         let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 500 0 0 0 150 50 0 0 20 0 3 0 12345 10485760 2560 18446744073709551615";
-        assert_eq!(
-            stat_fields(stat),
-            Some((150, 50, 12345, 10_485_760, 2560))
-        );
+        assert_eq!(stat_fields(stat), Some((150, 50, 12345, 10_485_760, 2560)));
         assert_eq!(stat_fields("garbage"), None);
-        assert_eq!(boot_time("cpu 1 2 3\nbtime 1700000000\n"), Some(1_700_000_000));
+        assert_eq!(
+            boot_time("cpu 1 2 3\nbtime 1700000000\n"),
+            Some(1_700_000_000)
+        );
     }
 
     #[test]
@@ -148,7 +148,10 @@ mod tests {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        assert!(start > 1_000_000_000.0 && start <= now + 1.0, "{start} {now}");
+        assert!(
+            start > 1_000_000_000.0 && start <= now + 1.0,
+            "{start} {now}"
+        );
         let text = render(&s);
         for name in [
             "process_cpu_seconds_total ",
