@@ -199,3 +199,84 @@ async fn version_and_completion_work_without_a_cluster() {
     let out = clustermesh(home.path(), None, &["completion", "tcsh"]).await;
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A Mesh API that accepts connections and never answers: `services` gives up after
+/// `--request-timeout` and names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_api_that_never_answers_fails_the_command_after_the_request_timeout() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
+    use kube::api::{Api, PostParams};
+    let home = tempfile::tempdir().unwrap();
+    let kube = server("east").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mesh = silent.local_addr().unwrap();
+    // Accepted connections are held open, unanswered, until the test ends.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let client = kube.client().await.unwrap();
+    let pp = PostParams::default();
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "kube-system"}})).unwrap();
+    let _ = Api::<Namespace>::all(client.clone()).create(&pp, &ns).await;
+    let status = model::status::ClusterStatus {
+        cluster: "east".into(),
+        cluster_id: 1,
+        replica: "east-0".into(),
+        leader: true,
+        ready: true,
+        reason: None,
+        exported: Default::default(),
+        peers: Vec::new(),
+        updated_unix: 0,
+    };
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": model::status::STATUS_CONFIGMAP},
+        "data": {model::status::STATUS_KEY: serde_json::to_string(&status).unwrap()},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
+        .create(&pp, &cm)
+        .await
+        .unwrap();
+    let name = model::ClusterName::new("east").unwrap();
+    let ca = certs::Ca::generate(&name, Duration::from_secs(86_400)).unwrap();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": model::status::CA_SECRET},
+        "stringData": {"ca.crt": ca.cert_pem(), "ca.key": ca.key_pem()},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "kube-system")
+        .create(&pp, &secret)
+        .await
+        .unwrap();
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": model::status::APISERVER_SERVICE,
+            "annotations": {model::status::MESH_ENDPOINTS_ANNOTATION: mesh.to_string()},
+        },
+        "spec": {"ports": [{"name": model::status::MESH_PORT_NAME, "port": 4240}]},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client, "kube-system")
+        .create(&pp, &svc)
+        .await
+        .unwrap();
+    let out = clustermesh(
+        home.path(),
+        Some(kube.kubeconfig()),
+        &["services", "--context", "east", "--request-timeout", "1s"],
+    )
+    .await;
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: no answer from the Mesh API of east at {mesh} within 1s (--request-timeout)\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(1));
+    holder.abort();
+}
