@@ -23,7 +23,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// rcgen refused to build or sign a certificate.
-    #[error("cannot issue certificate for {subject}: {source}")]
+    #[error("cannot issue certificate for {subject}")]
     Issue {
         /// The certificate being issued.
         subject: String,
@@ -31,7 +31,7 @@ pub enum Error {
         source: rcgen::Error,
     },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -59,7 +59,7 @@ pub enum Error {
         reason: String,
     },
     /// rustls refused the material (for example a key that does not match its certificate).
-    #[error("tls material from {cert}: {source}")]
+    #[error("tls material from {cert}")]
     Tls {
         /// The certificate file.
         cert: PathBuf,

@@ -204,7 +204,7 @@ impl Reloader {
                     Ok(false) => {}
                     Err(e) => tracing::warn!(
                         cert = %this.files.cert.display(),
-                        error = %e,
+                        error = %telemetry::chain(&e),
                         "new tls material refused; keeping the previous one"
                     ),
                 }

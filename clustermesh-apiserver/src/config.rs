@@ -14,11 +14,17 @@ use telemetry::env;
 #[derive(Debug, Parser)]
 #[command(
     name = "clustermesh-apiserver",
-    version,
+    version = telemetry::version::LONG,
     about = "Exports this cluster's services, endpoints and identities to its mesh peers.",
     long_about = "Exports this cluster's services, endpoints and identities to its mesh peers.\n\n\
         Runs once per cluster, next to the cluster's etcd, which it is the only writer of. \
-        Every flag can also be set through the environment variable shown with it."
+        Every flag can also be set through the environment variable shown with it. Durations \
+        take a unit: 500ms, 30s, 1m30s, 1h.",
+    after_help = "Example:\n  \
+        clustermesh-apiserver --cluster-name east --cluster-id 1 \\\n    \
+        --etcd-endpoints https://etcd:2379 --etcd-tls-dir /etcd-tls --mesh-tls-dir /mesh-tls \\\n    \
+        --peers-dir /peers --peers-from-secrets --lease-ttl 30s --leader-lease 15s \\\n    \
+        --identity-gc-grace 5m --log-format json"
 )]
 pub struct Args {
     /// This cluster's name: a DNS-1123 label of at most 32 characters, unique in the mesh.
@@ -34,11 +40,11 @@ pub struct Args {
     /// (`ca.crt`), e.g. a mounted Kubernetes TLS Secret.
     #[arg(long, env = env::ETCD_TLS_DIR)]
     pub etcd_tls_dir: PathBuf,
-    /// TTL in seconds of the exporter's session lease. Only the session record hangs on it
-    /// (exported state hangs on no lease and survives any etcd outage): when it expires,
-    /// peers and status show this cluster's exporter as not heartbeating.
-    #[arg(long, env = env::LEASE_TTL, default_value_t = 30)]
-    pub lease_ttl: u64,
+    /// TTL of the exporter's session lease, 5s..=1h (e.g. `30s`, `1m30s`). Only the session
+    /// record hangs on it (exported state hangs on no lease and survives any etcd outage):
+    /// when it expires, peers and status show this cluster's exporter as not heartbeating.
+    #[arg(long, env = env::LEASE_TTL, default_value = "30s", value_parser = telemetry::duration::parse)]
+    pub lease_ttl: Duration,
     /// Kubeconfig of this cluster's Kubernetes API (unset: the in-cluster service account, then
     /// `~/.kube/config`).
     #[arg(long, env = env::KUBECONFIG)]
@@ -52,13 +58,13 @@ pub struct Args {
     /// This replica's name in leader election (default: the host name).
     #[arg(long, env = env::REPLICA)]
     pub replica: Option<String>,
-    /// Leader lease duration in seconds: how long a dead leader blocks a takeover.
-    #[arg(long, env = env::LEADER_LEASE, default_value_t = 15)]
-    pub leader_lease: u64,
-    /// Seconds an identity no pod uses is kept before it is released (pods that come back
-    /// within it keep their ID).
-    #[arg(long, env = env::IDENTITY_GC_GRACE, default_value_t = 300)]
-    pub identity_gc_grace: u64,
+    /// Leader lease duration, 2s..=5m: how long a dead leader blocks a takeover.
+    #[arg(long, env = env::LEADER_LEASE, default_value = "15s", value_parser = telemetry::duration::parse)]
+    pub leader_lease: Duration,
+    /// How long an identity no pod uses is kept before it is released, 1s..=24h (pods that
+    /// come back within it keep their ID), e.g. `5m`, `1h`.
+    #[arg(long, env = env::IDENTITY_GC_GRACE, default_value = "5m", value_parser = telemetry::duration::parse)]
+    pub identity_gc_grace: Duration,
     /// Address of the `/metrics`, `/healthz` and `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9880")]
     pub health_bind: String,
@@ -83,15 +89,15 @@ pub struct Args {
     pub grants_dir: Option<PathBuf>,
     /// Objects one peer may make this cluster hold (all kinds together); past it, its new
     /// objects are refused and named in its status.
-    #[arg(long, env = "CLUSTERMESH_PEER_MAX_OBJECTS", default_value_t = 500_000)]
+    #[arg(long, env = env::PEER_MAX_OBJECTS, default_value_t = 500_000)]
     pub peer_max_objects: usize,
     /// Bytes of values one peer may make this cluster hold.
-    #[arg(long, env = "CLUSTERMESH_PEER_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = env::PEER_MAX_BYTES, default_value_t = 256 * 1024 * 1024)]
     pub peer_max_bytes: usize,
     /// Take peer configurations from this namespace's Secrets labelled `clustermesh.dev/peer`
     /// (what `clustermesh connect` writes) and keep `--peers-dir` equal to them; take grants
     /// from the Secrets labelled `clustermesh.dev/grant`.
-    #[arg(long, env = "CLUSTERMESH_PEERS_FROM_SECRETS")]
+    #[arg(long, env = env::PEERS_FROM_SECRETS)]
     pub peers_from_secrets: bool,
     /// Port of the node agents' `/state` over mutual TLS, read at each Node's InternalIP for
     /// the node-agent summary of the status document.
@@ -179,12 +185,13 @@ impl Args {
                 problems.push(format!("--etcd-tls-dir: {} does not exist", f.display()));
             }
         }
-        if !(5..=3600).contains(&self.lease_ttl) {
-            problems.push(format!(
-                "--lease-ttl: {} is out of range 5..=3600 seconds",
-                self.lease_ttl
-            ));
-        }
+        in_range(
+            &mut problems,
+            "--lease-ttl",
+            self.lease_ttl,
+            Duration::from_secs(5),
+            Duration::from_secs(3600),
+        );
         if let Some(k) = &self.kubeconfig
             && !k.is_file()
         {
@@ -202,18 +209,20 @@ impl Args {
                 "--replica: {replica:?} must be 1 to 253 characters"
             ));
         }
-        if !(2..=300).contains(&self.leader_lease) {
-            problems.push(format!(
-                "--leader-lease: {} is out of range 2..=300 seconds",
-                self.leader_lease
-            ));
-        }
-        if !(1..=86_400).contains(&self.identity_gc_grace) {
-            problems.push(format!(
-                "--identity-gc-grace: {} is out of range 1..=86400 seconds",
-                self.identity_gc_grace
-            ));
-        }
+        in_range(
+            &mut problems,
+            "--leader-lease",
+            self.leader_lease,
+            Duration::from_secs(2),
+            Duration::from_secs(300),
+        );
+        in_range(
+            &mut problems,
+            "--identity-gc-grace",
+            self.identity_gc_grace,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        );
         let health_bind = self
             .health_bind
             .parse::<SocketAddr>()
@@ -272,13 +281,13 @@ impl Args {
                     cluster_name,
                     cluster_id,
                     etcd: kvstore::Config::new(self.etcd_endpoints.clone(), Some(tls)),
-                    lease_ttl: Duration::from_secs(self.lease_ttl),
+                    lease_ttl: self.lease_ttl,
                     kubeconfig: self.kubeconfig.clone(),
                     kube_context: self.kube_context.clone(),
                     namespace: self.namespace.clone(),
                     replica,
-                    leader_lease: Duration::from_secs(self.leader_lease),
-                    identity_gc_grace: Duration::from_secs(self.identity_gc_grace),
+                    leader_lease: self.leader_lease,
+                    identity_gc_grace: self.identity_gc_grace,
                     health_bind,
                     mesh_bind,
                     mesh_tls,
@@ -294,6 +303,18 @@ impl Args {
             }
             _ => Err(Error { problems }),
         }
+    }
+}
+
+/// Adds a problem when `value` of `flag` is outside `min..=max`.
+fn in_range(problems: &mut Vec<String>, flag: &str, value: Duration, min: Duration, max: Duration) {
+    if !(min..=max).contains(&value) {
+        problems.push(format!(
+            "{flag}: {} is out of range {}..={}",
+            telemetry::duration::format(value),
+            telemetry::duration::format(min),
+            telemetry::duration::format(max)
+        ));
     }
 }
 
@@ -329,13 +350,13 @@ mod tests {
             "--etcd-tls-dir",
             "/nonexistent",
             "--lease-ttl",
-            "1",
+            "1s",
             "--namespace",
             "Kube_System",
             "--leader-lease",
-            "1",
+            "1s",
             "--identity-gc-grace",
-            "0",
+            "0s",
             "--health-bind",
             "nowhere",
             "--kubeconfig",
@@ -359,5 +380,51 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle}: {text}");
         }
+    }
+
+    #[test]
+    fn durations_take_units_and_a_bare_number_is_refused() {
+        let base = [
+            "clustermesh-apiserver",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--etcd-endpoints",
+            "https://127.0.0.1:2379",
+            "--etcd-tls-dir",
+            "/nonexistent",
+        ];
+        let args = Args::try_parse_from(base.iter().copied().chain([
+            "--lease-ttl",
+            "1m30s",
+            "--leader-lease",
+            "15s",
+            "--identity-gc-grace",
+            "10m",
+        ]))
+        .unwrap();
+        assert_eq!(args.lease_ttl, Duration::from_secs(90));
+        assert_eq!(args.leader_lease, Duration::from_secs(15));
+        assert_eq!(args.identity_gc_grace, Duration::from_secs(600));
+        let defaults = Args::try_parse_from(base).unwrap();
+        assert_eq!(defaults.lease_ttl, Duration::from_secs(30));
+        assert_eq!(defaults.identity_gc_grace, Duration::from_secs(300));
+        let e = Args::try_parse_from(base.iter().copied().chain(["--lease-ttl", "30"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid duration \"30\": add a unit (30s, 30ms, 1m30s)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_flag_has_its_environment_variable() {
+        use clap::CommandFactory;
+        assert_eq!(
+            telemetry::env::missing(&Args::command()),
+            Vec::<String>::new()
+        );
     }
 }

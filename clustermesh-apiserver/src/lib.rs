@@ -142,7 +142,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     // replica holds the Lease. Leadership and the exporter's state are in `/status`.
     let (can_serve_tx, can_serve) = watch::channel(Err("starting: etcd not listed yet".to_owned()));
     let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
-    let board = Arc::new(mesh::importer::Board::default());
+    let board = Arc::new(mesh::importer::Board::new(metrics.clone()));
     let exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>> = Arc::default();
     let serving: Arc<std::sync::Mutex<Option<Arc<certs::Reloader>>>> = Arc::default();
     let etcd_health = etcd_health::Health::default();
@@ -491,7 +491,7 @@ async fn supervise(
             result = &mut run => {
                 if let Err(e) = result {
                     metrics.inc(metrics::ERRORS, &["exporter"]);
-                    tracing::error!(error = format!("{e:#}"), "exporter failed; restarting it");
+                    tracing::error!(error = telemetry::chain(e.as_ref()).to_string(), "exporter failed; restarting it");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

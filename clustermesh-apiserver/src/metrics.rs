@@ -38,6 +38,8 @@ pub const PEER_RECONNECTS: &str = "clustermesh_peer_reconnects_total";
 pub const PEER_BYTES: &str = "clustermesh_peer_received_bytes_total";
 /// Objects refused, per peer.
 pub const PEER_REJECTED: &str = "clustermesh_peer_rejected_objects_total";
+/// 1 while a peer is `Ready` (connected and in sync), 0 otherwise, per configured peer.
+pub const PEER_READY: &str = "clustermesh_peer_ready";
 
 /// A registry with every apiserver metric declared.
 pub fn registry() -> Registry {
@@ -109,6 +111,74 @@ pub fn registry() -> Registry {
         "Objects from a peer refused by validation.",
         &["peer"],
     );
+    r.gauge(
+        PEER_READY,
+        "1 while the peer is connected and in sync (phase Ready), 0 otherwise.",
+        &["peer"],
+    );
     r.set(LEADER, &[], 0.0);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// What `/metrics` serves, with a series in each kind of family.
+    fn exposition() -> String {
+        let r = registry();
+        r.set(PEER_READY, &["west"], 1.0);
+        r.inc(PEER_RECONNECTS, &["west"]);
+        r.observe(WRITE_SECONDS, &["services"], 0.003);
+        telemetry::metrics::render_all(&r)
+    }
+
+    #[test]
+    fn metrics_carry_build_info_process_figures_and_peer_readiness() {
+        let text = exposition();
+        for line in [
+            "clustermesh_peer_ready{peer=\"west\"} 1",
+            "# TYPE process_cpu_seconds_total counter",
+            "# TYPE process_resident_memory_bytes gauge",
+            "# TYPE process_open_fds gauge",
+            "# TYPE process_start_time_seconds gauge",
+            &format!(
+                "clustermesh_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+                telemetry::version::VERSION,
+                telemetry::version::COMMIT
+            ),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}:\n{text}");
+        }
+    }
+
+    /// `promtool check metrics` (Debian package `prometheus`) where it is installed.
+    #[test]
+    fn the_exposition_passes_promtool_where_it_is_installed() {
+        use std::io::Write;
+        let Ok(mut child) = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("promtool not installed: exposition not linted");
+            return;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(exposition().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

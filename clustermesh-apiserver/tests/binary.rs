@@ -44,6 +44,70 @@ fn bad_flags_exit_non_zero_naming_every_problem() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("CLUSTERMESH_CLUSTER_ID"));
 }
 
+#[test]
+fn version_names_the_commit_and_the_build_date() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("clustermesh-apiserver {}\n", telemetry::version::LONG)
+    );
+    assert!(telemetry::version::LONG.contains(" (commit "));
+}
+
+#[test]
+fn a_fatal_configuration_error_is_one_json_line_with_log_format_json() {
+    let out = Command::new(BIN)
+        .args(["--cluster-name", "Bad_Name", "--cluster-id", "1"])
+        .args(["--etcd-endpoints", "https://127.0.0.1:2379"])
+        .args(["--etcd-tls-dir", "/nonexistent", "--log-format", "json"])
+        .args(["--lease-ttl", "1s"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Every line is a JSON log line (the start-up one, then the error), the error once.
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let errors: Vec<&serde_json::Value> = lines.iter().filter(|v| v["level"] == "ERROR").collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    let v = errors[0];
+    assert_eq!(v["message"], "invalid configuration", "{v}");
+    let text = v["error"].as_str().unwrap();
+    assert!(
+        text.starts_with("invalid configuration:\n  - --cluster-name: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("--lease-ttl: 1s is out of range 5s..=1h"),
+        "{text}"
+    );
+    assert!(
+        !err.contains("error: "),
+        "no bare line besides the log: {err}"
+    );
+}
+
+#[test]
+fn a_duration_without_a_unit_is_refused_with_a_hint() {
+    let out = Command::new(BIN)
+        .args(["--cluster-name", "east", "--cluster-id", "1"])
+        .args(["--etcd-endpoints", "https://127.0.0.1:2379"])
+        .args(["--etcd-tls-dir", "/nonexistent", "--leader-lease", "15"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid duration \"15\": add a unit (15s, 15ms, 1m30s)"),
+        "{err}"
+    );
+}
+
 struct Killed(std::process::Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -89,7 +153,12 @@ async fn registers_its_cluster_and_refuses_a_conflicting_id() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refusing to register it as ID 4"), "{err}");
+    // Printed once: not by the log and again by main.
+    assert_eq!(
+        err.matches("refusing to register it as ID 4").count(),
+        1,
+        "{err}"
+    );
     let record = c.get_raw(&key).await.unwrap().unwrap();
     assert_eq!(
         wire::ClusterConfig::decode(&record.value).unwrap().id.get(),

@@ -543,7 +543,8 @@ async fn session(
     targets: &watch::Sender<Vec<SocketAddr>>,
     zones: &mut Zones,
 ) -> Result<(), String> {
-    let tls = Reloader::load(settings.tls.clone()).map_err(|e| format!("TLS files: {e}"))?;
+    let tls = Reloader::load(settings.tls.clone())
+        .map_err(|e| format!("TLS files: {}", telemetry::chain(&e)))?;
     let connected = meshapi::client::connect(&settings.cluster, &settings.apiserver, &tls)
         .await
         .map_err(|e| e.to_string())?;

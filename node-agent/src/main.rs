@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use model::{ClusterId, ClusterName, NodeName};
@@ -16,7 +17,17 @@ use telemetry::env;
 
 /// Programs this node's socket load-balancing for the mesh's global services.
 #[derive(Debug, Parser)]
-#[command(name = "node-agent", version)]
+#[command(
+    name = "node-agent",
+    version = telemetry::version::LONG,
+    long_about = "Programs this node's socket load-balancing for the mesh's global services.\n\n\
+        Every flag can also be set through the environment variable shown with it. Durations \
+        take a unit: 200ms, 1s, 1m30s.",
+    after_help = "Example:\n  \
+        node-agent --cluster-name east --cluster-id 1 --node-name east-node-1 \\\n    \
+        --cgroup /sys/fs/cgroup/pods --apiserver 10.0.0.5:4240 --tls-dir /tls \\\n    \
+        --health-interval 200ms --health-timeout 150ms"
+)]
 struct Args {
     /// This node's cluster.
     #[arg(long, env = env::CLUSTER_NAME)]
@@ -42,17 +53,17 @@ struct Args {
     /// cluster CA (`ca.crt`).
     #[arg(long, env = env::TLS_DIR)]
     tls_dir: Option<PathBuf>,
-    /// Milliseconds between health checks of a backend.
-    #[arg(long, default_value_t = 200)]
-    health_interval_ms: u64,
-    /// Milliseconds a health-check connect may take.
-    #[arg(long, default_value_t = 150)]
-    health_timeout_ms: u64,
+    /// Time between health checks of a backend, 10ms..=1m (e.g. `200ms`, `1s`).
+    #[arg(long, env = env::HEALTH_INTERVAL, default_value = "200ms", value_parser = telemetry::duration::parse)]
+    health_interval: Duration,
+    /// How long a health-check connect may take, 10ms..=1m.
+    #[arg(long, env = env::HEALTH_TIMEOUT, default_value = "150ms", value_parser = telemetry::duration::parse)]
+    health_timeout: Duration,
     /// Failed checks in a row that mark a backend unhealthy.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = env::FALL, default_value_t = 2)]
     fall: u32,
     /// Successful checks in a row that mark it healthy again.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = env::RISE, default_value_t = 2)]
     rise: u32,
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9881")]
@@ -62,7 +73,7 @@ struct Args {
     #[arg(long, env = env::STATE_BIND, default_value = "0.0.0.0:9882")]
     state_bind: String,
     /// Only check the configuration and the node's prerequisites, print the result, and exit.
-    #[arg(long)]
+    #[arg(long, env = env::CHECK)]
     check: bool,
     #[command(flatten)]
     log: telemetry::LogArgs,
@@ -169,17 +180,19 @@ fn validate(args: &mut Args) -> Vec<String> {
                 }
             }
         }
-        if !(10..=60_000).contains(&args.health_interval_ms) {
-            problems.push(format!(
-                "--health-interval-ms: {} is out of range 10..=60000",
-                args.health_interval_ms
-            ));
-        }
-        if !(10..=60_000).contains(&args.health_timeout_ms) {
-            problems.push(format!(
-                "--health-timeout-ms: {} is out of range 10..=60000",
-                args.health_timeout_ms
-            ));
+        let (min, max) = (Duration::from_millis(10), Duration::from_secs(60));
+        for (flag, d) in [
+            ("--health-interval", args.health_interval),
+            ("--health-timeout", args.health_timeout),
+        ] {
+            if !(min..=max).contains(&d) {
+                problems.push(format!(
+                    "{flag}: {} is out of range {}..={}",
+                    telemetry::duration::format(d),
+                    telemetry::duration::format(min),
+                    telemetry::duration::format(max)
+                ));
+            }
         }
         if !(1..=100).contains(&args.fall) || !(1..=100).contains(&args.rise) {
             problems.push("--fall and --rise must be 1..=100".into());
@@ -202,8 +215,9 @@ fn validate(args: &mut Args) -> Vec<String> {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
+    let format = args.log.log_format;
     if let Err(e) = telemetry::init(&args.log) {
-        eprintln!("error: {e}");
+        telemetry::fatal(format, "invalid logging flags", &e);
         return ExitCode::from(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -211,10 +225,8 @@ fn main() -> ExitCode {
     tracing::debug!(open_files = ?open_files, "open-files limit");
     let problems = validate(&mut args);
     if !problems.is_empty() {
-        eprintln!(
-            "error: invalid configuration:\n  - {}",
-            problems.join("\n  - ")
-        );
+        let text = format!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        telemetry::fatal(format, "invalid configuration", &text);
         return ExitCode::from(2);
     }
     println!(
@@ -230,15 +242,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            telemetry::fatal(format, "cannot start the runtime", &e);
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "node-agent failed");
-            eprintln!("error: {e:#}");
+            telemetry::fatal(format, "node-agent failed", &telemetry::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -256,8 +267,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pin_dir: args.bpffs.join(format!("clustermesh-{cluster}-{node}")),
         cgroup: args.cgroup.clone(),
         health: HealthConfig {
-            interval: std::time::Duration::from_millis(args.health_interval_ms),
-            timeout: std::time::Duration::from_millis(args.health_timeout_ms),
+            interval: args.health_interval,
+            timeout: args.health_timeout,
             fall: args.fall,
             rise: args.rise,
         },
@@ -323,6 +334,51 @@ mod tests {
         assert_eq!(
             find_pods_cgroup(root.path()).expect("systemd driver"),
             root.path().join("kubepods.slice")
+        );
+    }
+
+    #[test]
+    fn every_flag_has_its_environment_variable() {
+        use clap::CommandFactory;
+        assert_eq!(
+            telemetry::env::missing(&Args::command()),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn health_durations_take_units_and_a_bare_number_is_refused() {
+        let base = [
+            "node-agent",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "n1",
+            "--cgroup",
+            "/sys/fs/cgroup/x",
+        ];
+        let args = Args::try_parse_from(base.iter().copied().chain([
+            "--health-interval",
+            "1s",
+            "--health-timeout",
+            "250ms",
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(args.health_interval, Duration::from_secs(1));
+        assert_eq!(args.health_timeout, Duration::from_millis(250));
+        let defaults = Args::try_parse_from(base).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(defaults.health_interval, Duration::from_millis(200));
+        assert_eq!(defaults.health_timeout, Duration::from_millis(150));
+        let Err(e) = Args::try_parse_from(base.iter().copied().chain(["--health-interval", "200"]))
+        else {
+            panic!("a bare number was accepted");
+        };
+        assert!(
+            e.to_string()
+                .contains("invalid duration \"200\": add a unit (200s, 200ms, 1m30s)"),
+            "{e}"
         );
     }
 }

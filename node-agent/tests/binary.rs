@@ -88,8 +88,8 @@ fn running_needs_the_apiserver_and_a_certificate() {
         .args([
             "--cgroup",
             "/sys/fs/cgroup/unified",
-            "--health-interval-ms",
-            "5",
+            "--health-interval",
+            "5ms",
             "--health-bind",
             "nowhere",
         ])
@@ -102,9 +102,55 @@ fn running_needs_the_apiserver_and_a_certificate() {
     for needle in [
         "--apiserver",
         "--tls-dir",
-        "--health-interval-ms",
+        "--health-interval: 5ms is out of range 10ms..=1m",
         "--health-bind",
     ] {
         assert!(err.contains(needle), "{needle}: {err}");
     }
+}
+
+#[test]
+fn a_fatal_configuration_error_is_one_json_line_with_log_format_json() {
+    let out = Command::new(BIN)
+        .args([
+            "--cluster-name",
+            "East",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "node-1",
+            "--cgroup",
+            "/nonexistent/cgroup",
+            "--log-format",
+            "json",
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["level"], "ERROR", "{v}");
+    assert_eq!(v["message"], "invalid configuration", "{v}");
+    let text = v["error"].as_str().unwrap();
+    assert!(
+        text.starts_with("invalid configuration:\n  - --cluster-name: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("--cgroup: /nonexistent/cgroup does not exist"),
+        "{text}"
+    );
+}
+
+#[test]
+fn version_names_the_commit_and_the_build_date() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("node-agent {}\n", telemetry::version::LONG)
+    );
 }

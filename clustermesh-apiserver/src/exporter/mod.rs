@@ -356,7 +356,7 @@ pub async fn run(
             Err(e) => {
                 // Keep what was written; the failed kinds are retried on the next pass.
                 ex.metrics.inc(m::ERRORS, &["etcd"]);
-                let error = format!("{e:#}");
+                let error = telemetry::chain(e.as_ref()).to_string();
                 let delay = retry.next_delay();
                 // One line per outage and per changed error, not one per retry.
                 if failing.as_ref().is_none_or(|(_, old)| *old != error) {
@@ -926,7 +926,7 @@ impl Exporter {
                 }
                 Err(err) => {
                     self.metrics.inc(m::ERRORS, &["identities"]);
-                    tracing::warn!(identity = %e.id, error = %err, "could not release an identity; retrying");
+                    tracing::warn!(identity = %e.id, error = %telemetry::chain(&err), "could not release an identity; retrying");
                     self.identities.insert(k, e);
                 }
             }

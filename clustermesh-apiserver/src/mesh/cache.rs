@@ -134,7 +134,7 @@ impl WatchCache {
                 let event = match watcher.next().await {
                     Ok(e) => e,
                     Err(e) => {
-                        tracing::warn!(error = %e, "watch cache: etcd listing failed; retrying");
+                        tracing::warn!(error = %telemetry::chain(&e), "watch cache: etcd listing failed; retrying");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         continue;
                     }

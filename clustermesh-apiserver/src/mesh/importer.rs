@@ -135,32 +135,52 @@ fn now_micros() -> i64 {
         .unwrap_or_default()
 }
 
-/// The status of every peer, shared with `/status`.
+/// A peer's status before anything happened.
+fn new_status(peer: &ClusterName) -> PeerStatus {
+    PeerStatus {
+        name: peer.to_string(),
+        cluster_id: None,
+        phase: Phase::Connecting,
+        since_unix: now_unix(),
+        last_error: None,
+        last_error_unix: None,
+        objects: BTreeMap::new(),
+        revision: 0,
+        peer_cert_not_after_unix: None,
+        endpoint: None,
+        refused_objects: 0,
+    }
+}
+
+/// The status of every peer, shared with `/status`, and its phase as the
+/// `clustermesh_peer_ready` gauge (1 while `Ready`, 0 otherwise, gone with the peer).
 #[derive(Debug, Default)]
 pub struct Board {
     peers: Mutex<BTreeMap<String, PeerStatus>>,
     /// Connected peers' IDs, to refuse a collision.
     ids: Mutex<HashMap<ClusterId, ClusterName>>,
+    /// Where the readiness gauge goes.
+    metrics: Registry,
 }
 
 impl Board {
+    /// A board that keeps `clustermesh_peer_ready` in `metrics`.
+    pub fn new(metrics: Registry) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
     fn update(&self, peer: &ClusterName, f: impl FnOnce(&mut PeerStatus)) {
         let mut g = match self.peers.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let s = g.entry(peer.to_string()).or_insert_with(|| PeerStatus {
-            name: peer.to_string(),
-            cluster_id: None,
-            phase: Phase::Connecting,
-            since_unix: now_unix(),
-            last_error: None,
-            last_error_unix: None,
-            objects: BTreeMap::new(),
-            revision: 0,
-            peer_cert_not_after_unix: None,
-            endpoint: None,
-            refused_objects: 0,
+        let metrics = &self.metrics;
+        let s = g.entry(peer.to_string()).or_insert_with(|| {
+            metrics.set(m::PEER_READY, &[peer.as_str()], 0.0);
+            new_status(peer)
         });
         f(s);
     }
@@ -172,6 +192,8 @@ impl Board {
                 s.since_unix = now_unix();
             }
         });
+        let ready = if phase == Phase::Ready { 1.0 } else { 0.0 };
+        self.metrics.set(m::PEER_READY, &[peer.as_str()], ready);
     }
 
     /// Clears the last error if it happened before `unix` (it no longer applies).
@@ -196,6 +218,7 @@ impl Board {
         if let Ok(mut g) = self.peers.lock() {
             g.remove(peer.as_str());
         }
+        self.metrics.remove(m::PEER_READY, &[peer.as_str()]);
         self.release_id(peer);
     }
 
@@ -391,7 +414,7 @@ pub async fn run(ctx: Context, dir: PathBuf, rescan: Duration) {
                 tracing::info!(peer = %cfg.name, "peer configuration removed; draining its state");
                 let prefix = keys::cluster_prefix(Scope::Cache, &cfg.name);
                 if let Err(e) = ctx.kv.delete_prefix(&prefix).await {
-                    tracing::warn!(peer = %cfg.name, error = %e, "could not drain the peer's state");
+                    tracing::warn!(peer = %cfg.name, error = %telemetry::chain(&e), "could not drain the peer's state");
                 }
                 ctx.board.remove(&cfg.name);
             }
@@ -446,7 +469,7 @@ async fn follow_own_space(ctx: Context, tx: watch::Sender<Option<Arc<AddressSpac
                 Ok(event) => event,
                 Err(e) => {
                     // Only the first listing fails; later faults are retried inside the watcher.
-                    tracing::warn!(error = %e, "cannot list this cluster's own nodes; peers wait");
+                    tracing::warn!(error = %telemetry::chain(&e), "cannot list this cluster's own nodes; peers wait");
                     ctx.metrics.inc(m::ERRORS, &["etcd"]);
                     break;
                 }
@@ -460,7 +483,7 @@ async fn follow_own_space(ctx: Context, tx: watch::Sender<Option<Arc<AddressSpac
                             nodes.insert(name(&kv.key), node);
                         }
                         Err(e) => {
-                            tracing::warn!(key = %kv.key, error = %e, "an own node does not decode; its addresses are not known as this cluster's");
+                            tracing::warn!(key = %kv.key, error = %telemetry::chain(&e), "an own node does not decode; its addresses are not known as this cluster's");
                             nodes.remove(&name(&kv.key));
                         }
                     }
@@ -597,7 +620,8 @@ fn admission(
             Err(e) => Admission {
                 hold: None,
                 refused: vec![format!(
-                    "peer {peer} sent an invalid endpoint {name:?}: {e}"
+                    "peer {peer} sent an invalid endpoint {name:?}: {}",
+                    telemetry::chain(&e)
                 )],
             },
         },
@@ -626,7 +650,10 @@ fn admission(
             }
             Err(e) => Admission {
                 hold: None,
-                refused: vec![format!("peer {peer} sent an invalid service {name:?}: {e}")],
+                refused: vec![format!(
+                    "peer {peer} sent an invalid service {name:?}: {}",
+                    telemetry::chain(&e)
+                )],
             },
         },
         Kind::Identities | Kind::Nodes => Admission {
@@ -870,7 +897,13 @@ fn validate(
         }
         Ok(())
     };
-    let bad = |e: wire::Error| format!("peer {peer} sent an invalid {kind} {:?}: {e}", c.name);
+    let bad = |e: wire::Error| {
+        format!(
+            "peer {peer} sent an invalid {kind} {:?}: {}",
+            c.name,
+            telemetry::chain(&e)
+        )
+    };
     match kind {
         Kind::Services => {
             let o = model::GlobalService::decode(&c.value).map_err(bad)?;
@@ -936,7 +969,8 @@ async fn session(
     own: &mut OwnSpace,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
-    let tls = Reloader::load(cfg.tls.clone()).map_err(|e| format!("peer TLS files: {e}"))?;
+    let tls = Reloader::load(cfg.tls.clone())
+        .map_err(|e| format!("peer TLS files: {}", telemetry::chain(&e)))?;
     let connected = client::connect(&cfg.name, &cfg.endpoints, &tls)
         .await
         .map_err(|e| e.to_string())?;
@@ -1281,7 +1315,7 @@ async fn session(
 const LOCAL_ETCD: &str = "local etcd: ";
 
 fn local(e: &kvstore::Error) -> String {
-    format!("{LOCAL_ETCD}{e}")
+    format!("{LOCAL_ETCD}{}", telemetry::chain(e))
 }
 
 async fn flush(
@@ -1309,6 +1343,33 @@ async fn flush(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_peer_ready_gauge_follows_the_phase_and_leaves_with_the_peer() {
+        let metrics = crate::metrics::registry();
+        let board = Board::new(metrics.clone());
+        let west = ClusterName::new("west").unwrap();
+        board.update(&west, |_| {});
+        assert!(
+            metrics
+                .render()
+                .contains("clustermesh_peer_ready{peer=\"west\"} 0"),
+            "{}",
+            metrics.render()
+        );
+        board.set_phase(&west, Phase::Syncing);
+        assert_eq!(metrics.value(m::PEER_READY, &["west"]), 0.0);
+        board.set_phase(&west, Phase::Ready);
+        assert_eq!(metrics.value(m::PEER_READY, &["west"]), 1.0);
+        board.set_phase(&west, Phase::Stale);
+        assert_eq!(metrics.value(m::PEER_READY, &["west"]), 0.0);
+        board.remove(&west);
+        assert!(
+            !metrics.render().contains("peer=\"west\""),
+            "{}",
+            metrics.render()
+        );
+    }
 
     fn peer_dir(root: &Path, name: &str) -> PathBuf {
         let d = root.join(name);

@@ -14,6 +14,8 @@ use anyhow::{Context, Result, bail};
 use certs::identity::CertInfo;
 use certs::{Ca, LeafSpec, MeshIdentity, Role, TlsFiles};
 use clap::{Args, Subcommand, ValueEnum};
+
+use crate::output::{self, Format};
 use model::{ClusterId, ClusterName, NodeName};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -29,7 +31,7 @@ pub(crate) enum Certs {
         #[arg(long)]
         out: PathBuf,
         /// Validity, e.g. `3650d`, `8760h`.
-        #[arg(long, default_value = "3650d", value_parser = parse_duration)]
+        #[arg(long, default_value = "3650d", value_parser = telemetry::duration::parse_positive)]
         valid_for: Duration,
         /// Create the cluster's etcd CA instead: a separate trust domain that signs only etcd's
         /// server certificate (`--role etcd`) and the apiserver's etcd client certificate
@@ -48,21 +50,24 @@ pub(crate) enum Certs {
         #[arg(long)]
         dir: PathBuf,
         /// Validity of the new certificate.
-        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        #[arg(long, default_value = "365d", value_parser = telemetry::duration::parse_positive)]
         valid_for: Duration,
     },
     /// Show identity and expiry of certificate files; exits 1 if any is expired or expires
-    /// within --warn.
+    /// within --warn, or if a file holds no certificate.
+    #[command(after_help = "Examples:\n  \
+        clustermesh certs status ./east-tls                 # tls.crt and ca.crt in a directory\n  \
+        clustermesh certs status ca.crt --warn 90d -o yaml")]
     Status {
         /// Certificate files (PEM), or directories holding tls.crt / ca.crt.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Warn (and exit 1) if a certificate expires within this time.
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        /// Warn (and exit 1) if a certificate expires within this time (e.g. `30d`, `72h`).
+        #[arg(long, default_value = "30d", value_parser = telemetry::duration::parse_positive)]
         warn: Duration,
         /// Output format.
-        #[arg(short, long, default_value = "table")]
-        output: Output,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
     },
 }
 
@@ -90,7 +95,7 @@ pub(crate) struct IssueArgs {
     #[arg(long = "ip")]
     ips: Vec<IpAddr>,
     /// Validity.
-    #[arg(long, default_value = "365d", value_parser = parse_duration)]
+    #[arg(long, default_value = "365d", value_parser = telemetry::duration::parse_positive)]
     valid_for: Duration,
     /// Where to write tls.crt, tls.key and ca.crt.
     #[arg(long)]
@@ -117,14 +122,6 @@ impl From<RoleArg> for Role {
         }
     }
 }
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub(crate) enum Output {
-    Table,
-    Json,
-}
-
-use crate::parse_duration;
 
 /// Writes `contents` to `path` atomically, with `mode` permissions.
 fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
@@ -268,13 +265,14 @@ struct Row {
     identity: Option<String>,
     subject: String,
     is_ca: bool,
-    not_after_unix: i64,
-    expires_in_days: i64,
+    not_after_unix: Option<i64>,
+    expires_in_days: Option<i64>,
+    /// `ok`, `expiring`, `expired`, or `no-certificate` (a file without one).
     state: &'static str,
-    fingerprint: String,
+    fingerprint: Option<String>,
 }
 
-fn status(paths: &[PathBuf], warn: Duration, output: Output) -> Result<ExitCode> {
+fn status(paths: &[PathBuf], warn: Duration, format: Format) -> Result<ExitCode> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -294,6 +292,7 @@ fn status(paths: &[PathBuf], warn: Duration, output: Output) -> Result<ExitCode>
             bail!("{}: no tls.crt or ca.crt in this directory", p.display());
         }
         for f in files {
+            let before = rows.len();
             for der in CertificateDer::pem_file_iter(&f)
                 .with_context(|| format!("read {}", f.display()))?
             {
@@ -314,31 +313,44 @@ fn status(paths: &[PathBuf], warn: Duration, output: Output) -> Result<ExitCode>
                         .map(|i| i.to_string()),
                     subject: info.subject,
                     is_ca: info.is_ca,
-                    not_after_unix: info.not_after_unix,
-                    expires_in_days: left / 86400,
+                    not_after_unix: Some(info.not_after_unix),
+                    expires_in_days: Some(left / 86400),
                     state,
-                    fingerprint: info.fingerprint,
+                    fingerprint: Some(info.fingerprint),
+                });
+            }
+            // A file that holds no certificate (empty, a key, not PEM) is a problem, never an
+            // empty answer.
+            if rows.len() == before {
+                rows.push(Row {
+                    path: f.display().to_string(),
+                    identity: None,
+                    subject: String::new(),
+                    is_ca: false,
+                    not_after_unix: None,
+                    expires_in_days: None,
+                    state: "no-certificate",
+                    fingerprint: None,
                 });
             }
         }
     }
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Table => {
-            println!("{:<9} {:>6}  {:<45} PATH", "STATE", "DAYS", "IDENTITY");
-            for r in &rows {
-                let who = r.identity.clone().unwrap_or_else(|| {
-                    if r.is_ca {
-                        format!("CA: {}", r.subject)
-                    } else {
-                        r.subject.clone()
-                    }
-                });
-                println!(
-                    "{:<9} {:>6}  {:<45} {}",
-                    r.state, r.expires_in_days, who, r.path
-                );
-            }
+    if !output::structured(format, &rows)? {
+        println!("{:<14} {:>6}  {:<45} PATH", "STATE", "DAYS", "IDENTITY");
+        for r in &rows {
+            let who = r.identity.clone().unwrap_or_else(|| {
+                if r.is_ca {
+                    format!("CA: {}", r.subject)
+                } else if r.subject.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.subject.clone()
+                }
+            });
+            let days = r
+                .expires_in_days
+                .map_or_else(|| "-".to_owned(), |d| d.to_string());
+            println!("{:<14} {days:>6}  {who:<45} {}", r.state, r.path);
         }
     }
     Ok(if rows.iter().all(|r| r.state == "ok") {
@@ -346,20 +358,4 @@ fn status(paths: &[PathBuf], warn: Duration, output: Output) -> Result<ExitCode>
     } else {
         ExitCode::FAILURE
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::parse_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86400)));
-        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
-        assert!(parse_duration("12").is_err());
-        assert!(parse_duration("0d").is_err());
-        assert!(parse_duration("d").is_err());
-        assert!(parse_duration("5w").is_err());
-    }
 }

@@ -43,7 +43,7 @@ pub(crate) struct ConnectArgs {
     #[arg(long)]
     wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "2m", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = telemetry::duration::parse_positive)]
     timeout: Duration,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]
@@ -67,10 +67,39 @@ pub(crate) struct DisconnectArgs {
     #[arg(long)]
     wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "1m", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "1m", value_parser = telemetry::duration::parse_positive)]
     timeout: Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
     #[command(flatten)]
     kube: KubeArgs,
+}
+
+/// What `disconnect` did to one cluster's side.
+#[derive(Debug, Clone, Serialize)]
+struct Removed {
+    /// The cluster whose Secrets were removed.
+    cluster: String,
+    /// The peer it no longer imports from nor admits.
+    peer: String,
+    /// Its import configuration of the peer.
+    secret: String,
+    /// `deleted` or `absent`.
+    secret_action: &'static str,
+    /// The grant that admitted the peer.
+    grant: String,
+    /// `deleted` or `absent`.
+    grant_action: &'static str,
+}
+
+impl Removed {
+    fn line(&self) -> String {
+        format!(
+            "{} → {}: Secret {} {}; grant {} {}",
+            self.cluster, self.peer, self.secret, self.secret_action, self.grant, self.grant_action
+        )
+    }
 }
 
 /// What happened to one direction.
@@ -378,13 +407,17 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<std::process::ExitCode>
         pending.push((&b, &a));
     }
     let deadline = Instant::now() + args.timeout;
-    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    // Per direction: the line last printed, and the same without its times (a line is printed
+    // again only when that changes, not because "3s ago" became "4s ago").
+    let mut shown: BTreeMap<String, (String, String)> = BTreeMap::new();
     loop {
         let mut all = true;
         for (me, peer) in &pending {
+            let mut stable = None;
             let line = match me.cluster.status().await {
                 Ok(s) if !model::status::status_is_current(s.updated_unix, output::now_unix()) => {
                     all = false;
+                    stable = Some(format!("{}'s apiserver stopped reporting", me.name));
                     format!(
                         "{}'s apiserver stopped reporting (status last written {})",
                         me.name,
@@ -407,13 +440,14 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<std::process::ExitCode>
                 },
                 Err(e) => {
                     all = false;
-                    format!("{e:#}")
+                    crate::errors::render(&e)
                 }
             };
             let key = format!("{} → {}", me.name, peer.name);
-            if shown.get(&key) != Some(&line) {
+            let stable = stable.unwrap_or_else(|| line.clone());
+            if shown.get(&key).map(|(_, s)| s) != Some(&stable) {
                 eprintln!("{key}: {line}");
-                shown.insert(key, line);
+                shown.insert(key, (line, stable));
             }
         }
         if all {
@@ -422,11 +456,11 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<std::process::ExitCode>
         }
         if Instant::now() >= deadline {
             bail!(
-                "not connected after {:?}: {}",
-                args.timeout,
+                "not connected after {}: {}",
+                telemetry::duration::format(args.timeout),
                 shown
                     .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
+                    .map(|(k, (v, _))| format!("{k}: {v}"))
                     .collect::<Vec<_>>()
                     .join("; ")
             );
@@ -452,10 +486,19 @@ async fn delete_secret(cluster: &Cluster, name: &str) -> Result<&'static str> {
 /// Removes `cluster`'s side of the connection with `peer`: its import configuration of
 /// `peer`, and the grant that lets `peer` import from it (the peer's certificate is refused
 /// from then on). Returns what happened to each.
-async fn remove_side(cluster: &Cluster, peer: &str) -> Result<(&'static str, &'static str)> {
-    let grant = delete_secret(cluster, &grant_secret_name(peer)).await?;
-    let import = delete_secret(cluster, &peer_secret_name(peer)).await?;
-    Ok((import, grant))
+async fn remove_side(cluster: &Cluster, name: &str, peer: &str) -> Result<Removed> {
+    let grant = grant_secret_name(peer);
+    let grant_action = delete_secret(cluster, &grant).await?;
+    let secret = peer_secret_name(peer);
+    let secret_action = delete_secret(cluster, &secret).await?;
+    Ok(Removed {
+        cluster: name.to_owned(),
+        peer: peer.to_owned(),
+        secret,
+        secret_action,
+        grant,
+        grant_action,
+    })
 }
 
 pub(crate) async fn disconnect(args: DisconnectArgs) -> Result<std::process::ExitCode> {
@@ -478,20 +521,20 @@ pub(crate) async fn disconnect(args: DisconnectArgs) -> Result<std::process::Exi
         Some((_, n)) => n.to_string(),
         None => args.destination_context.clone(),
     };
+    let table = args.output == Format::Table;
+    let mut done = Vec::new();
     if let Some((b, _)) = &b {
-        let (import, grant) = remove_side(b, a_name.as_str()).await?;
-        println!(
-            "{b_name} → {a_name}: Secret {} {import}; grant {} {grant}",
-            peer_secret_name(a_name.as_str()),
-            grant_secret_name(a_name.as_str())
-        );
+        let removed = remove_side(b, &b_name, a_name.as_str()).await?;
+        if table {
+            println!("{}", removed.line());
+        }
+        done.push(removed);
     }
-    let (import, grant) = remove_side(&a, &b_name).await?;
-    println!(
-        "{a_name} → {b_name}: Secret {} {import}; grant {} {grant}",
-        peer_secret_name(&b_name),
-        grant_secret_name(&b_name)
-    );
+    let removed = remove_side(&a, a_name.as_str(), &b_name).await?;
+    if table {
+        println!("{}", removed.line());
+    }
+    done.push(removed);
     if args.force {
         eprintln!(
             "note: only {a_name}'s side was removed ({b_name} can no longer import from {a_name}); remove Secrets {} and {} from {b_name} when it is reachable",
@@ -508,11 +551,15 @@ pub(crate) async fn disconnect(args: DisconnectArgs) -> Result<std::process::Exi
                 break;
             }
             if Instant::now() >= deadline {
-                bail!("{a_name} still lists {b_name} after {:?}", args.timeout);
+                bail!(
+                    "{a_name} still lists {b_name} after {}",
+                    telemetry::duration::format(args.timeout)
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+    output::structured(args.output, &done)?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -531,6 +578,7 @@ mod tests {
                 ))
                 .unwrap(),
                 namespace: "kube-system".into(),
+                request_timeout: None,
             },
             ca: Ca::generate(&name, Duration::from_secs(86_400 * 3650)).unwrap(),
             name,

@@ -74,19 +74,19 @@ pub(crate) struct DrillArgs {
     #[arg(long)]
     client_cgroup: Option<PathBuf>,
     /// Time between the client's connections.
-    #[arg(long, default_value = "20ms", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "20ms", value_parser = telemetry::duration::parse_positive)]
     interval: Duration,
     /// How long the backends stay down once traffic has failed over.
-    #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = telemetry::duration::parse_positive)]
     hold: Duration,
     /// Give up waiting for failover or recovery after this long.
-    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = telemetry::duration::parse_positive)]
     timeout: Duration,
     /// SLO: first local failure (or the take-down) → first connection served remotely.
-    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = telemetry::duration::parse_positive)]
     max_failover: Duration,
     /// SLO: bring-up → first connection served locally again.
-    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = telemetry::duration::parse_positive)]
     max_recover: Duration,
     /// SLO: failed connections during the drill (unset: not checked).
     #[arg(long)]
@@ -103,12 +103,12 @@ pub(crate) struct ProbeArgs {
     /// `ip:port` to connect to.
     #[arg(long)]
     target: SocketAddr,
-    /// Milliseconds between connections.
-    #[arg(long, default_value_t = 20)]
-    interval_ms: u64,
-    /// Connect timeout in milliseconds.
-    #[arg(long, default_value_t = 500)]
-    timeout_ms: u64,
+    /// Time between connections.
+    #[arg(long, default_value = "20ms", value_parser = telemetry::duration::parse_positive)]
+    interval: Duration,
+    /// Connect timeout.
+    #[arg(long, default_value = "500ms", value_parser = telemetry::duration::parse_positive)]
+    timeout: Duration,
     /// Stop after this many connections (0: until stdout closes).
     #[arg(long, default_value_t = 0)]
     count: u64,
@@ -179,10 +179,7 @@ pub(crate) fn probe(args: ProbeArgs) -> Result<std::process::ExitCode> {
     loop {
         let started = Instant::now();
         let t = now_micros();
-        let attempt = match TcpStream::connect_timeout(
-            &args.target,
-            Duration::from_millis(args.timeout_ms),
-        ) {
+        let attempt = match TcpStream::connect_timeout(&args.target, args.timeout) {
             Ok(s) => {
                 let backend = inode_of(&s).and_then(socket_peer).map(|a| a.to_string());
                 Attempt {
@@ -208,7 +205,7 @@ pub(crate) fn probe(args: ProbeArgs) -> Result<std::process::ExitCode> {
         if args.count > 0 && n >= args.count {
             return Ok(std::process::ExitCode::SUCCESS);
         }
-        let interval = Duration::from_millis(args.interval_ms);
+        let interval = args.interval;
         if let Some(rest) = interval.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);
         }
@@ -235,7 +232,7 @@ impl Prober {
             script.push_str(&format!("echo $$ > '{}/cgroup.procs'\n", cg.display()));
         }
         let probe = format!(
-            "'{}' probe --target {target} --interval-ms {}",
+            "'{}' probe --target {target} --interval {}ms",
             me.display(),
             interval.as_millis().max(1)
         );

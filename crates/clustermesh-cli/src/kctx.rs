@@ -1,9 +1,11 @@
 //! Kubeconfig contexts, the way kubectl reads them, and what the CLI needs to know about the
 //! mesh installation of one cluster: its name and ID (from the apiserver's status ConfigMap),
 //! its CA (Secret `clustermesh-ca`) and its Mesh API endpoints (Service
-//! `clustermesh-apiserver`).
+//! `clustermesh-apiserver`). Every request to a Kubernetes API is bounded by
+//! `--request-timeout`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use certs::Ca;
@@ -26,24 +28,54 @@ pub(crate) struct KubeArgs {
     /// Namespace the mesh is installed in.
     #[arg(long, global = true, default_value = "kube-system")]
     pub mesh_namespace: String,
+    /// How long one request to a Kubernetes API or a Mesh API may take before the command
+    /// fails, e.g. `5s`, `1m30s`; `0` waits forever.
+    #[arg(long, global = true, default_value = "15s", value_parser = telemetry::duration::parse_timeout)]
+    pub request_timeout: Timeout,
+}
+
+/// A timeout or none (`--request-timeout 0`). An alias, so that clap takes the parser's
+/// `Option` as the value rather than as "the flag is optional".
+pub(crate) type Timeout = Option<Duration>;
+
+/// A request that got no answer within `--request-timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no answer from {server} within {} (--request-timeout)",
+    telemetry::duration::format(*after)
+)]
+pub(crate) struct RequestTimeout {
+    /// The server asked.
+    pub server: String,
+    /// The timeout.
+    pub after: Duration,
 }
 
 impl KubeArgs {
     fn load(&self) -> Result<Kubeconfig> {
-        let paths: Vec<PathBuf> = match &self.kubeconfig {
-            Some(list) => std::env::split_paths(list).collect(),
+        // Where the list came from, for the message when a file is missing.
+        let (paths, from): (Vec<PathBuf>, &str) = match &self.kubeconfig {
+            Some(list) => (std::env::split_paths(list).collect(), "--kubeconfig"),
             None => match std::env::var_os("KUBECONFIG") {
-                Some(list) if !list.is_empty() => std::env::split_paths(&list).collect(),
-                _ => vec![
-                    std::env::var_os("HOME")
-                        .map(PathBuf::from)
-                        .unwrap_or_default()
-                        .join(".kube/config"),
-                ],
+                Some(list) if !list.is_empty() => {
+                    (std::env::split_paths(&list).collect(), "$KUBECONFIG")
+                }
+                _ => (
+                    vec![
+                        std::env::var_os("HOME")
+                            .map(PathBuf::from)
+                            .unwrap_or_default()
+                            .join(".kube/config"),
+                    ],
+                    "the default; set --kubeconfig or KUBECONFIG",
+                ),
             },
         };
         let mut merged: Option<Kubeconfig> = None;
         for p in paths.iter().filter(|p| !p.as_os_str().is_empty()) {
+            if !p.exists() {
+                bail!("kubeconfig {} does not exist ({from})", p.display());
+            }
             let kc = Kubeconfig::read_from(p)
                 .with_context(|| format!("read kubeconfig {}", p.display()))?;
             merged = Some(match merged {
@@ -75,11 +107,37 @@ impl KubeArgs {
             context: Some(name.clone()),
             ..Default::default()
         };
-        let config = kube::Config::from_custom_kubeconfig(kc, &opts)
+        let mut config = kube::Config::from_custom_kubeconfig(kc, &opts)
             .await
             .with_context(|| format!("context {name}"))?;
-        let client = kube::Client::try_from(config).with_context(|| format!("context {name}"))?;
-        Ok((client, name))
+        let Some(after) = self.request_timeout else {
+            let client =
+                kube::Client::try_from(config).with_context(|| format!("context {name}"))?;
+            return Ok((client, name));
+        };
+        // The connect and each read of a body are bounded by kube's own timeouts; the whole
+        // request up to the response headers by a tower timeout, whose error names the server.
+        config.connect_timeout = Some(after);
+        config.read_timeout = Some(after);
+        config.write_timeout = Some(after);
+        let server = config.cluster_url.to_string();
+        let server = server.trim_end_matches('/').to_owned();
+        let builder = kube::client::ClientBuilder::try_from(config)
+            .with_context(|| format!("context {name}"))?;
+        let timeout = tower::ServiceBuilder::new()
+            .map_err(move |e: tower::BoxError| -> tower::BoxError {
+                if e.is::<tower::timeout::error::Elapsed>() {
+                    Box::new(RequestTimeout {
+                        server: server.clone(),
+                        after,
+                    })
+                } else {
+                    e
+                }
+            })
+            .timeout(after)
+            .into_inner();
+        Ok((builder.with_layer(&timeout).build(), name))
     }
 }
 
@@ -91,6 +149,8 @@ pub(crate) struct Cluster {
     pub client: kube::Client,
     /// The mesh namespace.
     pub namespace: String,
+    /// `--request-timeout` (`None`: no timeout), for the Mesh API and node agent requests.
+    pub request_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -109,6 +169,25 @@ fn api_error(e: &kube::Error) -> Option<u16> {
 }
 
 impl Cluster {
+    /// Runs `f` within `--request-timeout`, failing with [`RequestTimeout`] naming `server`.
+    pub(crate) async fn bounded<T>(
+        &self,
+        server: &str,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match self.request_timeout {
+            None => f.await,
+            Some(after) => match tokio::time::timeout(after, f).await {
+                Ok(r) => r,
+                Err(_) => Err(RequestTimeout {
+                    server: server.to_owned(),
+                    after,
+                }
+                .into()),
+            },
+        }
+    }
+
     /// Connects to `context`.
     pub(crate) async fn open(args: &KubeArgs, context: Option<&str>) -> Result<Self> {
         let (client, context) = args.client(context).await?;
@@ -116,6 +195,7 @@ impl Cluster {
             context,
             client,
             namespace: args.mesh_namespace.clone(),
+            request_timeout: args.request_timeout,
         })
     }
 
@@ -139,7 +219,10 @@ impl Cluster {
             ),
             Err(e) => {
                 return Err(anyhow!(e)).with_context(|| {
-                    format!("context {}: cannot reach the Kubernetes API", self.context)
+                    format!(
+                        "context {}: read ConfigMap {}/{STATUS_CONFIGMAP}",
+                        self.context, self.namespace
+                    )
                 });
             }
         };

@@ -2,34 +2,38 @@
 //!
 //! It works on kubeconfig contexts the way kubectl does: `connect` and `disconnect` clusters,
 //! `status` of every cluster and peer, the mesh's global `services` (and what a node
-//! programmed), failover `drill`s, and `certs`. Errors print as `error: ...` with their whole
-//! cause chain and exit non-zero.
+//! programmed), failover `drill`s, and `certs`; `version` and shell `completion`. Errors print
+//! as `error: ...` with their whole cause chain, each cause once ([`errors`]), and exit
+//! non-zero.
 
 mod certs_cmd;
 mod check;
 mod connect;
 mod drill;
+mod errors;
 mod kctx;
 mod output;
 mod services;
 mod status;
 
-use std::time::Duration;
-
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use serde::Serialize;
 
 /// Connect Kubernetes clusters into one mesh, and see what it is doing.
 #[derive(Debug, Parser)]
 #[command(
     name = "clustermesh",
-    version,
+    version = telemetry::version::LONG,
     propagate_version = true,
     after_help = "Typical use:\n  \
         clustermesh connect --context east --destination-context west --wait\n  \
-        clustermesh status --context east --context west\n  \
+        clustermesh status --context east --context west --request-timeout 5s\n  \
         clustermesh services --context east\n  \
-        clustermesh drill --context east --service demo/echo\n\n\
-        Contexts come from --kubeconfig, $KUBECONFIG (several files, `:`-separated) or ~/.kube/config."
+        clustermesh drill --context east --service demo/echo\n  \
+        source <(clustermesh completion bash)\n\n\
+        Contexts come from --kubeconfig, $KUBECONFIG (several files, `:`-separated) or ~/.kube/config.\n\
+        Every request to a Kubernetes API or a Mesh API gives up after --request-timeout \
+        (default 15s, 0: never). Durations take a unit: 500ms, 30s, 1m30s, 90d."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -68,30 +72,26 @@ enum Command {
     /// Create cluster CAs, issue, rotate and inspect certificates.
     #[command(subcommand)]
     Certs(certs_cmd::Certs),
+    /// Print the version, git commit and build date.
+    Version {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: output::Format,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  \
+        source <(clustermesh completion bash)                      # this bash session\n  \
+        clustermesh completion bash > /etc/bash_completion.d/clustermesh\n  \
+        clustermesh completion zsh > \"${fpath[1]}/_clustermesh\"\n  \
+        clustermesh completion fish > ~/.config/fish/completions/clustermesh.fish")]
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// (Used by `drill`.) Connect to an address repeatedly and print where each connection
     /// really went, one JSON line per attempt.
     #[command(hide = true)]
     Probe(drill::ProbeArgs),
-}
-
-/// `90d`, `12h`, `30m`, `45s`, `250ms`.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90d, 12h, 30m, 45s or 250ms"))?;
-    let d = match unit {
-        "d" => Duration::from_secs(n * 86400),
-        "h" => Duration::from_secs(n * 3600),
-        "m" => Duration::from_secs(n * 60),
-        "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        _ => return Err(format!("{s:?}: unit must be one of d, h, m, s, ms")),
-    };
-    if d.is_zero() {
-        return Err("duration must be positive".into());
-    }
-    Ok(d)
 }
 
 /// A Unix time as an RFC 3339 date.
@@ -105,6 +105,26 @@ pub(crate) fn format_unix(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
+/// What `clustermesh version -o json|yaml` prints.
+#[derive(Debug, Serialize)]
+struct Version {
+    version: &'static str,
+    commit: &'static str,
+    build_date: &'static str,
+}
+
+fn version(format: output::Format) -> anyhow::Result<std::process::ExitCode> {
+    let v = Version {
+        version: telemetry::version::VERSION,
+        commit: telemetry::version::COMMIT,
+        build_date: telemetry::version::BUILD_DATE,
+    };
+    if !output::structured(format, &v)? {
+        println!("clustermesh {}", telemetry::version::LONG);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
     // A command-line tool reports its own errors; libraries' logs are noise unless asked for.
@@ -114,13 +134,23 @@ fn main() -> std::process::ExitCode {
         cli.log.filter = "warn,kube_client=off".into();
     }
     if let Err(e) = telemetry::init(&cli.log) {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", errors::render_dyn(&e));
         return std::process::ExitCode::from(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Certs(c) => certs_cmd::run(c),
         Command::Probe(p) => drill::probe(p),
+        Command::Version { output } => version(output),
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "clustermesh",
+                &mut std::io::stdout(),
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         other => match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -134,7 +164,10 @@ fn main() -> std::process::ExitCode {
                     Command::Check(a) => check::run(a).await,
                     Command::Services(a) => services::run(a).await,
                     Command::Drill(a) => drill::run(a).await,
-                    Command::Certs(_) | Command::Probe(_) => unreachable!("handled above"),
+                    Command::Certs(_)
+                    | Command::Probe(_)
+                    | Command::Version { .. }
+                    | Command::Completion { .. } => unreachable!("handled above"),
                 }
             }),
             Err(e) => Err(e.into()),
@@ -143,21 +176,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", errors::render(&e));
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units_including_milliseconds() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 minutes").is_err());
     }
 }

@@ -69,7 +69,20 @@ pub(crate) async fn mesh_services(
     std::fs::write(dir.path().join("tls.key"), &leaf.key_pem)?;
     std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())?;
     let tls = Reloader::load(TlsFiles::in_dir(dir.path()))?;
-    let connected = meshapi::client::connect(&name, &endpoints, &tls)
+    let server = format!("the Mesh API of {name} at {}", endpoints.join(","));
+    // Connect, watch and the whole snapshot within --request-timeout.
+    cluster
+        .bounded(&server, snapshot(&name, &endpoints, &tls))
+        .await
+}
+
+/// The services of one Mesh API snapshot, by name.
+async fn snapshot(
+    name: &ClusterName,
+    endpoints: &[String],
+    tls: &std::sync::Arc<Reloader>,
+) -> Result<BTreeMap<String, Vec<GlobalService>>> {
+    let connected = meshapi::client::connect(name, endpoints, tls)
         .await
         .with_context(|| format!("Mesh API of {name} at {}", endpoints.join(",")))?;
     let mut api = connected.client;
@@ -107,9 +120,7 @@ pub(crate) async fn mesh_services(
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(30), read)
-        .await
-        .map_err(|_| anyhow!("no complete snapshot from the Mesh API within 30 s"))??;
+    read.await?;
     let mut by_name: BTreeMap<String, Vec<GlobalService>> = BTreeMap::new();
     for ((_, n), gs) in services {
         by_name.entry(n).or_default().push(gs);
@@ -148,7 +159,10 @@ async fn node_state(cluster: &Cluster, node: &str, port: u16) -> Result<NodeStat
         ca.cert_pem(),
         &leaf.cert_pem,
         &leaf.key_pem,
-        Duration::from_secs(10),
+        // `--request-timeout 0`: no limit (a year is as good as none).
+        cluster
+            .request_timeout
+            .unwrap_or(Duration::from_secs(365 * 86_400)),
     )
     .await?)
 }

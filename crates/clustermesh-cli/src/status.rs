@@ -31,7 +31,7 @@ pub(crate) struct StatusArgs {
     #[arg(long)]
     wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "2m", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = telemetry::duration::parse_positive)]
     timeout: Duration,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]
@@ -70,6 +70,18 @@ pub(crate) struct ClusterReport {
     pub node_agents: Option<model::status::NodeAgents>,
     pub healthy: bool,
     pub problems: Vec<String>,
+    /// The problems without the times in them ("since 3s ago"), which change at every look:
+    /// `--wait` prints a progress line only when these change.
+    #[serde(skip)]
+    pub problem_keys: Vec<String>,
+}
+
+impl ClusterReport {
+    /// Records a problem: `text` for people, `key` the same without times.
+    fn problem(&mut self, key: String, text: String) {
+        self.problem_keys.push(key);
+        self.problems.push(text);
+    }
 }
 
 fn client_cert_expiry(secret: &Secret) -> Option<i64> {
@@ -93,11 +105,13 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
         node_agents: None,
         healthy: false,
         problems: Vec::new(),
+        problem_keys: Vec::new(),
     };
     let status: ClusterStatus = match cluster.status().await {
         Ok(s) => s,
         Err(e) => {
-            r.problems.push(format!("{e:#}"));
+            let text = crate::errors::render(&e);
+            r.problem(text.clone(), text);
             return r;
         }
     };
@@ -119,18 +133,22 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
     let age = now - status.updated_unix;
     r.status_age_seconds = Some(age);
     if !status.ready {
-        r.problems.push(format!(
+        let text = format!(
             "apiserver {} not ready: {}",
             status.replica,
             status.reason.clone().unwrap_or_default()
-        ));
+        );
+        r.problem(text.clone(), text);
     }
     if !model::status::status_is_current(status.updated_unix, now) {
-        r.problems.push(format!(
-            "status last written {} by {}: the apiserver stopped reporting",
-            output::relative(status.updated_unix, now),
-            status.replica
-        ));
+        r.problem(
+            format!("apiserver {} stopped reporting", status.replica),
+            format!(
+                "status last written {} by {}: the apiserver stopped reporting",
+                output::relative(status.updated_unix, now),
+                status.replica
+            ),
+        );
     }
     let secrets = match cluster
         .api::<Secret>()
@@ -139,7 +157,11 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
     {
         Ok(l) => l.items,
         Err(e) => {
-            r.problems.push(format!("list peer Secrets: {e}"));
+            let text = format!(
+                "list peer Secrets: {}",
+                crate::errors::render(&anyhow::Error::from(e))
+            );
+            r.problem(text.clone(), text);
             Vec::new()
         }
     };
@@ -157,25 +179,32 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
             (a, b) => a.or(b),
         };
         if p.phase != Phase::Ready {
-            r.problems.push(format!(
-                "peer {} is {} since {}{}",
-                p.name,
-                p.phase,
-                output::relative(p.since_unix, now),
-                p.last_error
-                    .as_ref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            ));
+            let error = p
+                .last_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            r.problem(
+                format!("peer {} is {}{error}", p.name, p.phase),
+                format!(
+                    "peer {} is {} since {}{error}",
+                    p.name,
+                    p.phase,
+                    output::relative(p.since_unix, now),
+                ),
+            );
         }
         if let Some(c) = cert
             && c - now < CERT_WARN_SECS
         {
-            r.problems.push(format!(
-                "peer {}: a certificate expires {}",
-                p.name,
-                output::relative(c, now)
-            ));
+            r.problem(
+                format!("peer {}: a certificate expires soon", p.name),
+                format!(
+                    "peer {}: a certificate expires {}",
+                    p.name,
+                    output::relative(c, now)
+                ),
+            );
         }
         r.peers.push(PeerRow {
             name: p.name.clone(),
@@ -190,9 +219,9 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
         });
     }
     for (peer, cert) in configured {
-        r.problems.push(format!(
-            "peer {peer}: configured (Secret) but not reported by the apiserver yet"
-        ));
+        let text =
+            format!("peer {peer}: configured (Secret) but not reported by the apiserver yet");
+        r.problem(text.clone(), text);
         r.peers.push(PeerRow {
             name: peer,
             cluster_id: None,
@@ -210,25 +239,35 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
 }
 
 fn print_table(reports: &[ClusterReport]) {
-    let now = output::now_unix();
+    print!("{}", table_text(reports, output::now_unix()));
+}
+
+/// The table and the problems below it.
+fn table_text(reports: &[ClusterReport], now: i64) -> String {
     let mut rows = Vec::new();
     for r in reports {
         let cluster = match (&r.cluster, r.cluster_id) {
             (Some(c), Some(id)) => format!("{c} ({id})"),
             _ => format!("? (context {})", r.context),
         };
-        let exported = format!(
-            "{} svc / {} ep / {} id",
-            r.exported.get("services").unwrap_or(&0),
-            r.exported.get("endpoints").unwrap_or(&0),
-            r.exported.get("identities").unwrap_or(&0)
-        );
+        // A cluster whose status could not be read exports nothing we know of: `-`, not 0.
+        let exported = if r.cluster.is_none() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{} svc / {} ep / {} id",
+                r.exported.get("services").unwrap_or(&0),
+                r.exported.get("endpoints").unwrap_or(&0),
+                r.exported.get("identities").unwrap_or(&0)
+            )
+        };
         // An apiserver that stopped reporting is shown as such here, not only below the table.
         let apiserver = match r.status_age_seconds {
             Some(age) if !model::status::status_is_current(now - age, now) => {
                 format!("not reporting ({})", output::relative(now - age, now))
             }
             _ if r.ready => "ready".to_owned(),
+            _ if r.cluster.is_none() => "unknown".to_owned(),
             _ => "not ready".to_owned(),
         };
         if r.peers.is_empty() {
@@ -269,22 +308,19 @@ fn print_table(reports: &[ClusterReport]) {
             ]);
         }
     }
-    print!(
-        "{}",
-        output::table(
-            &[
-                "CLUSTER",
-                "APISERVER",
-                "EXPORTS",
-                "PEER",
-                "PHASE",
-                "SINCE",
-                "IMPORTED",
-                "CERT EXPIRES",
-                "LAST ERROR",
-            ],
-            &rows
-        )
+    let mut out = output::table(
+        &[
+            "CLUSTER",
+            "APISERVER",
+            "EXPORTS",
+            "PEER",
+            "PHASE",
+            "SINCE",
+            "IMPORTED",
+            "CERT EXPIRES",
+            "LAST ERROR",
+        ],
+        &rows,
     );
     for r in reports {
         if let Some(a) = &r.node_agents {
@@ -297,8 +333,39 @@ fn print_table(reports: &[ClusterReport]) {
     }
     for r in reports {
         for p in &r.problems {
-            println!("! {}: {p}", r.cluster.as_deref().unwrap_or(&r.context));
+            out.push_str(&format!(
+                "! {}: {p}\n",
+                r.cluster.as_deref().unwrap_or(&r.context)
+            ));
         }
+    }
+    out
+}
+
+/// `--wait`'s progress: one line per change of what is wrong, not one per look.
+#[derive(Debug, Default)]
+struct Progress {
+    last: Option<String>,
+}
+
+impl Progress {
+    /// The line to print for `reports`, or `None` when the problems are those of the last
+    /// line but for their times ("since 3s ago" is "since 4s ago" a second later).
+    fn line(&mut self, reports: &[ClusterReport]) -> Option<String> {
+        let keys: Vec<&str> = reports
+            .iter()
+            .flat_map(|r| r.problem_keys.iter().map(String::as_str))
+            .collect();
+        let keys = keys.join("; ");
+        if self.last.as_deref() == Some(keys.as_str()) {
+            return None;
+        }
+        self.last = Some(keys);
+        let problems: Vec<&str> = reports
+            .iter()
+            .flat_map(|r| r.problems.iter().map(String::as_str))
+            .collect();
+        Some(format!("waiting: {}", problems.join("; ")))
     }
 }
 
@@ -319,7 +386,7 @@ pub(crate) async fn run(args: StatusArgs) -> Result<std::process::ExitCode> {
         clusters.push(Cluster::open(&args.kube, c.as_deref()).await?);
     }
     let deadline = Instant::now() + args.timeout;
-    let mut last_problems = String::new();
+    let mut progress = Progress::default();
     loop {
         let mut reports = Vec::new();
         for c in &clusters {
@@ -340,12 +407,66 @@ pub(crate) async fn run(args: StatusArgs) -> Result<std::process::ExitCode> {
                 std::process::ExitCode::FAILURE
             });
         }
-        let problems: Vec<String> = reports.iter().flat_map(|r| r.problems.clone()).collect();
-        let joined = problems.join("; ");
-        if joined != last_problems {
-            eprintln!("waiting: {joined}");
-            last_problems = joined;
+        if let Some(line) = progress.line(&reports) {
+            eprintln!("{line}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable(context: &str) -> ClusterReport {
+        let mut r = ClusterReport {
+            context: context.into(),
+            cluster: None,
+            cluster_id: None,
+            replica: None,
+            ready: false,
+            exported: BTreeMap::new(),
+            status_age_seconds: None,
+            peers: Vec::new(),
+            healthy: false,
+            problems: Vec::new(),
+            problem_keys: Vec::new(),
+        };
+        r.problem("down".into(), format!("context {context}: down"));
+        r
+    }
+
+    #[test]
+    fn an_unreachable_cluster_shows_dashes_not_zero_counts() {
+        let text = table_text(&[unreachable("east")], 1_000);
+        assert_eq!(
+            text,
+            "CLUSTER            APISERVER   EXPORTS   PEER   PHASE   SINCE   IMPORTED   CERT EXPIRES   LAST ERROR\n\
+             ? (context east)   unknown     -         -      -       -       -          -              -\n\
+             ! east: context east: down\n"
+        );
+    }
+
+    #[test]
+    fn wait_prints_a_progress_line_only_when_the_problems_change() {
+        let at = |since: &str, phase: &str| {
+            let mut r = unreachable("east");
+            r.problem(
+                format!("peer west is {phase}"),
+                format!("peer west is {phase} since {since}"),
+            );
+            vec![r]
+        };
+        let mut p = Progress::default();
+        assert_eq!(
+            p.line(&at("3s ago", "Connecting")).as_deref(),
+            Some("waiting: context east: down; peer west is Connecting since 3s ago")
+        );
+        assert_eq!(p.line(&at("4s ago", "Connecting")), None);
+        assert_eq!(p.line(&at("5s ago", "Connecting")), None);
+        assert_eq!(
+            p.line(&at("0s ago", "Syncing")).as_deref(),
+            Some("waiting: context east: down; peer west is Syncing since 0s ago")
+        );
     }
 }

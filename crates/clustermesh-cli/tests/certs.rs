@@ -132,3 +132,54 @@ fn bad_issue_arguments_are_all_reported() {
     assert_eq!(out.status.code(), Some(2));
     assert!(run(&["--help"]).status.success());
 }
+
+#[test]
+fn status_fails_on_a_file_that_holds_no_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.crt");
+    std::fs::write(&empty, "").unwrap();
+    let key_only = tmp.path().join("key.pem");
+    std::fs::write(
+        &key_only,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    for file in [&empty, &key_only] {
+        let out = run(&["certs", "status", p(file)]);
+        assert_eq!(out.status.code(), Some(1), "{}", p(file));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.lines().nth(1).unwrap(),
+            format!(
+                "no-certificate      -  -                                             {}",
+                p(file)
+            )
+        );
+    }
+    let out = run(&["certs", "status", p(&empty), "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["state"], "no-certificate");
+    assert_eq!(rows[0]["not_after_unix"], serde_json::Value::Null);
+}
+
+#[test]
+fn status_speaks_yaml_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    assert!(
+        run(&["certs", "init", "--cluster-name", "east", "--out", p(&ca)])
+            .status
+            .success()
+    );
+    let out = run(&["certs", "status", p(&ca.join("ca.crt")), "-o", "yaml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("- path: "), "{text}");
+    assert!(text.contains("is_ca: true"), "{text}");
+    assert!(text.contains("state: ok"), "{text}");
+}

@@ -51,13 +51,13 @@ pub const MAX_TXN_OPS: usize = 128;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// TLS files could not be read.
-    #[error("etcd tls material: {source}")]
+    #[error("etcd tls material")]
     Tls {
         /// The underlying error.
         source: certs::Error,
     },
     /// etcd could not be reached, or refused us (TLS or otherwise).
-    #[error("cannot connect to etcd at {endpoints}: {source}")]
+    #[error("cannot connect to etcd at {endpoints}")]
     Connect {
         /// The endpoints tried.
         endpoints: String,
@@ -65,7 +65,7 @@ pub enum Error {
         source: etcd_client::Error,
     },
     /// A request failed.
-    #[error("etcd {op} {key:?}: {source}")]
+    #[error("etcd {op} {key:?}")]
     Request {
         /// The operation.
         op: &'static str,
@@ -75,7 +75,7 @@ pub enum Error {
         source: etcd_client::Error,
     },
     /// A value did not decode into its model type.
-    #[error("value of {key:?} is invalid: {source}")]
+    #[error("value of {key:?} is invalid")]
     Decode {
         /// Its key.
         key: String,

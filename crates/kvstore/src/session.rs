@@ -409,18 +409,18 @@ async fn keep_alive(
                         Liveness::Alive => {
                             *l = Liveness::Unreachable {
                                 since_unix_ms: now_unix_ms(),
-                                error: format!("{e}"),
+                                error: telemetry::chain(&e).to_string(),
                             };
                             true
                         }
                         Liveness::Unreachable { error: old, .. } => {
-                            let new = format!("{e}");
+                            let new = telemetry::chain(&e).to_string();
                             let changed = *old != new;
                             *old = new;
                             changed
                         }
                     });
-                    tracing::debug!(error = %e, "etcd unreachable for keep-alives; retrying");
+                    tracing::debug!(error = %telemetry::chain(&e), "etcd unreachable for keep-alives; retrying");
                     backoff.wait().await;
                     continue;
                 }
@@ -432,7 +432,7 @@ async fn keep_alive(
                 && let Err(e) = recreate(&client, ttl, &mut guard).await
             {
                 drop(guard);
-                tracing::warn!(error = %e, "cannot re-create the session lease; retrying");
+                tracing::warn!(error = %telemetry::chain(&e), "cannot re-create the session lease; retrying");
                 backoff.wait().await;
                 continue;
             }

@@ -125,7 +125,7 @@ impl Watcher {
                     Ok(()) => continue,
                     Err(e) if self.received == 0 => return Err(e),
                     Err(e) => {
-                        tracing::warn!(prefix = %self.prefix, error = %e, "relist failed; retrying");
+                        tracing::warn!(prefix = %self.prefix, error = %telemetry::chain(&e), "relist failed; retrying");
                         self.sleep_backoff().await;
                         continue;
                     }

@@ -30,12 +30,15 @@ pub enum Error {
         source: std::io::Error,
     },
     /// No answer in time.
-    #[error("node agent at {addr}: no answer within {secs} s")]
+    #[error(
+        "node agent at {addr}: no answer within {}",
+        telemetry::duration::format(*after)
+    )]
     Timeout {
         /// Where.
         addr: String,
         /// The limit.
-        secs: u64,
+        after: std::time::Duration,
     },
     /// The agent answered with an error.
     #[error("node agent at {addr}: {status}: {body}")]
@@ -127,7 +130,7 @@ pub async fn fetch_with_cert(
         .await
         .map_err(|_| Error::Timeout {
             addr: addr.to_owned(),
-            secs: timeout.as_secs(),
+            after: timeout,
         })??;
     let text = String::from_utf8_lossy(&body);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

@@ -110,7 +110,7 @@ pub enum Error {
         kind: String,
     },
     /// The cluster segment is not a valid cluster name.
-    #[error("key {key:?} names an invalid cluster: {source}")]
+    #[error("key {key:?} names an invalid cluster")]
     Cluster {
         /// The refused key.
         key: String,

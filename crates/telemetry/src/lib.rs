@@ -1,9 +1,15 @@
 //! Logging set-up shared by every binary, and the names declared once: environment variables
-//! and log field names.
+//! and log field names; the version string of every binary ([`version`]), the one duration
+//! syntax of every flag ([`duration`]), error chains printed once ([`chain`]), metrics.
 //!
 //! Must not hold business logic; binaries call [`init`] first thing in `main`.
 
 pub mod backoff;
+mod chain;
+pub mod duration;
+pub mod version;
+
+pub use chain::{Chain, chain};
 
 /// Raises this process's soft limit of open files to its hard limit (a daemon must not be
 /// turned into a fault by the common soft default of 1,024). Returns the limit now in force.
@@ -29,7 +35,51 @@ use std::fmt;
 use clap::ValueEnum;
 
 /// Environment variables, each read through clap's `env` fallback of the flag of the same name.
+///
+/// The rule: flag `--some-flag` ↔ `CLUSTERMESH_SOME_FLAG` ([`env::for_flag`]); the only
+/// exception is `--kubeconfig` ↔ `KUBECONFIG`, the name every Kubernetes tool reads.
 pub mod env {
+    /// The environment variable of the long flag `flag` (without the dashes):
+    /// `CLUSTERMESH_` and the flag in upper case, `-` as `_`.
+    pub fn for_flag(flag: &str) -> String {
+        if flag == "kubeconfig" {
+            return KUBECONFIG.to_owned();
+        }
+        format!(
+            "CLUSTERMESH_{}",
+            flag.to_ascii_uppercase().replace('-', "_")
+        )
+    }
+
+    /// Every argument of `cmd` (and its subcommands) that has no environment variable, or not
+    /// the one [`for_flag`] names, as `--flag: problem` lines; `--help` and `--version` aside.
+    /// Daemons assert this is empty in a test, so that no future flag forgets its variable.
+    pub fn missing(cmd: &clap::Command) -> Vec<String> {
+        let mut problems = Vec::new();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let Some(long) = arg.get_long() else {
+                problems.push(format!(
+                    "{id}: not a --flag, so it has no environment variable"
+                ));
+                continue;
+            };
+            let want = for_flag(long);
+            match arg.get_env().and_then(|e| e.to_str()) {
+                Some(got) if got == want => {}
+                Some(got) => problems.push(format!("--{long}: env {got}, expected {want}")),
+                None => problems.push(format!("--{long}: no env (expected {want})")),
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            problems.extend(missing(sub));
+        }
+        problems
+    }
+
     /// Log filter (`info`, `clustermesh=debug,kvstore=trace`, ...).
     pub const LOG: &str = "CLUSTERMESH_LOG";
     /// Log format: `plain` or `json`.
@@ -42,7 +92,7 @@ pub mod env {
     pub const ETCD_ENDPOINTS: &str = "CLUSTERMESH_ETCD_ENDPOINTS";
     /// Directory holding `tls.crt`, `tls.key`, `ca.crt` for etcd.
     pub const ETCD_TLS_DIR: &str = "CLUSTERMESH_ETCD_TLS_DIR";
-    /// TTL of the lease exported state is attached to, in seconds.
+    /// TTL of the exporter's session lease (a duration: `30s`).
     pub const LEASE_TTL: &str = "CLUSTERMESH_LEASE_TTL";
     /// This node's name.
     pub const NODE_NAME: &str = "CLUSTERMESH_NODE_NAME";
@@ -56,10 +106,26 @@ pub mod env {
     pub const NAMESPACE: &str = "CLUSTERMESH_NAMESPACE";
     /// This replica's name in leader election.
     pub const REPLICA: &str = "CLUSTERMESH_REPLICA";
-    /// Leader lease duration, seconds.
+    /// Leader lease duration (`15s`).
     pub const LEADER_LEASE: &str = "CLUSTERMESH_LEADER_LEASE";
-    /// How long an unused identity is kept before it is released, seconds.
+    /// How long an unused identity is kept before it is released (`5m`).
     pub const IDENTITY_GC_GRACE: &str = "CLUSTERMESH_IDENTITY_GC_GRACE";
+    /// `--peer-max-objects`.
+    pub const PEER_MAX_OBJECTS: &str = "CLUSTERMESH_PEER_MAX_OBJECTS";
+    /// `--peer-max-bytes`.
+    pub const PEER_MAX_BYTES: &str = "CLUSTERMESH_PEER_MAX_BYTES";
+    /// `--peers-from-secrets`.
+    pub const PEERS_FROM_SECRETS: &str = "CLUSTERMESH_PEERS_FROM_SECRETS";
+    /// Node agent: time between health checks of a backend (`200ms`).
+    pub const HEALTH_INTERVAL: &str = "CLUSTERMESH_HEALTH_INTERVAL";
+    /// Node agent: how long a health-check connect may take (`150ms`).
+    pub const HEALTH_TIMEOUT: &str = "CLUSTERMESH_HEALTH_TIMEOUT";
+    /// Node agent: failed checks in a row that mark a backend unhealthy.
+    pub const FALL: &str = "CLUSTERMESH_FALL";
+    /// Node agent: successful checks in a row that mark it healthy again.
+    pub const RISE: &str = "CLUSTERMESH_RISE";
+    /// Node agent: `--check` (validate and exit).
+    pub const CHECK: &str = "CLUSTERMESH_CHECK";
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     pub const HEALTH_BIND: &str = "CLUSTERMESH_HEALTH_BIND";
     /// `--state-bind` (node agent: `/state` over mutual TLS).
@@ -168,6 +234,45 @@ pub fn init(args: &LogArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// Reports an error that ends the process, once, in the log format asked for: with `plain`,
+/// `error: <error>` on stderr; with `json`, one JSON log line (`level` `ERROR`, `message`,
+/// `error`) and nothing else. Works before [`init`] (or after it failed) too.
+pub fn fatal(format: Format, message: &str, error: &dyn fmt::Display) {
+    match format {
+        Format::Plain => eprintln!("error: {error}"),
+        Format::Json if tracing::dispatcher::has_been_set() => {
+            tracing::error!(error = %error, "{message}");
+        }
+        Format::Json => eprintln!("{}", json_line(message, &error.to_string())),
+    }
+}
+
+/// One log line as the JSON subscriber writes it, for when there is no subscriber.
+fn json_line(message: &str, error: &str) -> String {
+    fn quote(s: &str) -> String {
+        let mut q = String::with_capacity(s.len() + 2);
+        q.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => q.push_str("\\\""),
+                '\\' => q.push_str("\\\\"),
+                '\n' => q.push_str("\\n"),
+                '\r' => q.push_str("\\r"),
+                '\t' => q.push_str("\\t"),
+                c if (c as u32) < 0x20 => q.push_str(&format!("\\u{:04x}", c as u32)),
+                c => q.push(c),
+            }
+        }
+        q.push('"');
+        q
+    }
+    format!(
+        "{{\"level\":\"ERROR\",\"message\":{},\"error\":{}}}",
+        quote(message),
+        quote(error)
+    )
+}
+
 /// Resolves on SIGTERM or Ctrl-C: what every binary waits for before shutting down.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -178,5 +283,38 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fatal_error_without_a_subscriber_is_one_json_line() {
+        let line = json_line("invalid configuration", "bad:\n  - \"x\"\tand \\");
+        assert_eq!(
+            line,
+            r#"{"level":"ERROR","message":"invalid configuration","error":"bad:\n  - \"x\"\tand \\"}"#
+        );
+    }
+
+    #[test]
+    fn env_names_follow_the_flag_names() {
+        assert_eq!(env::for_flag("health-interval"), env::HEALTH_INTERVAL);
+        assert_eq!(env::for_flag("lease-ttl"), env::LEASE_TTL);
+        assert_eq!(env::for_flag("log"), env::LOG);
+        assert_eq!(env::for_flag("kubeconfig"), env::KUBECONFIG);
+        let cmd = clap::Command::new("x")
+            .arg(clap::Arg::new("good").long("good").env("CLUSTERMESH_GOOD"))
+            .arg(clap::Arg::new("bad").long("bad"))
+            .arg(clap::Arg::new("wrong").long("wrong").env("WRONG"));
+        assert_eq!(
+            env::missing(&cmd),
+            vec![
+                "--bad: no env (expected CLUSTERMESH_BAD)".to_owned(),
+                "--wrong: env WRONG, expected CLUSTERMESH_WRONG".to_owned(),
+            ]
+        );
     }
 }

@@ -1,7 +1,11 @@
 //! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint.
 //!
 //! Deliberately small: counters, gauges and histograms with label values, rendered in the
-//! Prometheus text format. Metric names carry the `clustermesh_` prefix.
+//! Prometheus text format. Metric names carry the `clustermesh_` prefix. Every daemon's
+//! `/metrics` also carries the standard `process_*` metrics and `clustermesh_build_info`
+//! ([`process`]).
+
+mod process;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -143,6 +147,17 @@ impl Registry {
         });
     }
 
+    /// Removes a series (a peer that is gone), so that it is no longer exported.
+    pub fn remove(&self, name: &'static str, labels: &[&str]) {
+        self.with(|m| {
+            if let Some(f) = m.get_mut(name) {
+                let key = Self::key(labels);
+                f.values.remove(&key);
+                f.histograms.remove(&key);
+            }
+        });
+    }
+
     /// Records one observation in a histogram.
     pub fn observe(&self, name: &'static str, labels: &[&str], value: f64) {
         self.with(|m| {
@@ -237,6 +252,13 @@ impl Registry {
     }
 }
 
+/// What `/metrics` serves: the registry, the `process_*` metrics and the build info.
+pub fn render_all(registry: &Registry) -> String {
+    let mut text = registry.render();
+    text.push_str(&process::render(&process::sample()));
+    text
+}
+
 /// Extra routes: path → (status code, content type, body), or `None` for 404.
 pub type Routes = Arc<dyn Fn(&str) -> Option<(u16, &'static str, String)> + Send + Sync>;
 
@@ -264,7 +286,7 @@ pub async fn serve(
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let mut ct = "text/plain; charset=utf-8";
                 let (code, body) = match req.uri().path() {
-                    "/metrics" => (StatusCode::OK, registry.render()),
+                    "/metrics" => (StatusCode::OK, render_all(&registry)),
                     "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
                     "/readyz" => match &*ready.borrow() {
                         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),

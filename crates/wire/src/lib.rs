@@ -28,7 +28,7 @@ pub mod pb {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Not a valid protobuf message.
-    #[error("{message}: malformed protobuf: {source}")]
+    #[error("{message}: malformed protobuf")]
     Decode {
         /// The message type expected.
         message: &'static str,

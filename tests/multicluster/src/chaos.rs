@@ -404,10 +404,10 @@ impl Client {
             "probe".into(),
             "--target".into(),
             target.to_string(),
-            "--interval-ms".into(),
-            interval.as_millis().to_string(),
-            "--timeout-ms".into(),
-            PROBE_TIMEOUT_MS.to_string(),
+            "--interval".into(),
+            format!("{}ms", interval.as_millis()),
+            "--timeout".into(),
+            format!("{PROBE_TIMEOUT_MS}ms"),
         ];
         let log = std::fs::File::create(lab.state.dir.join("probe.log"))?;
         let mut child = lab

@@ -680,7 +680,7 @@ impl Lab {
                 c.dir.join("peers").display().to_string(),
                 "--peers-from-secrets".into(),
                 "--identity-gc-grace".into(),
-                "60".into(),
+                "1m".into(),
             ],
             &c.dir.join("apiserver.log"),
         )?;
@@ -781,10 +781,10 @@ impl Lab {
                     format!("{host}:{}", c.mesh_port),
                     "--tls-dir".into(),
                     tls.display().to_string(),
-                    "--health-interval-ms".into(),
-                    "100".into(),
-                    "--health-timeout-ms".into(),
-                    "100".into(),
+                    "--health-interval".into(),
+                    "100ms".into(),
+                    "--health-timeout".into(),
+                    "100ms".into(),
                 ],
             ]
             .concat(),
