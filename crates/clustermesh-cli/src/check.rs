@@ -52,7 +52,7 @@ pub(crate) struct CheckArgs {
     #[arg(long, default_value_t = 30)]
     cert_warn_days: u32,
     /// How long each cluster's Kubernetes API may take to answer.
-    #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = telemetry::duration::parse_positive)]
     timeout: Duration,
     /// Output format (`table` is the ✔/✗ list).
     #[arg(short, long, value_enum, default_value = "table")]

@@ -428,6 +428,7 @@ mod tests {
             exported: BTreeMap::new(),
             status_age_seconds: None,
             peers: Vec::new(),
+            node_agents: None,
             healthy: false,
             problems: Vec::new(),
             problem_keys: Vec::new(),

@@ -232,6 +232,10 @@ async fn a_mesh_api_that_never_answers_fails_the_command_after_the_request_timeo
         exported: Default::default(),
         peers: Vec::new(),
         updated_unix: 0,
+        etcd: None,
+        serving_cert_not_after_unix: None,
+        rejected_services: Vec::new(),
+        node_agents: None,
     };
     let cm: ConfigMap = serde_json::from_value(serde_json::json!({
         "metadata": {"name": model::status::STATUS_CONFIGMAP},
