@@ -358,22 +358,7 @@ impl Handle {
                 .get(&res, Some(namespace), name)
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         }
-        let token: String = (0..48)
-            .map(|_| format!("{:x}", rand::random_range(0..16u8)))
-            .collect();
-        if let Ok(mut t) = self.shared.tokens.lock() {
-            t.insert(
-                token.clone(),
-                (
-                    crate::rbac::User::ServiceAccount {
-                        namespace: namespace.into(),
-                        name: name.into(),
-                    },
-                    None,
-                ),
-            );
-        }
-        Ok(token)
+        Ok(issue_token(&self.shared, namespace, name, None))
     }
 
     /// The RBAC decisions about ServiceAccounts so far.
@@ -852,17 +837,7 @@ fn list_options(
                 write_options_kind(method)
             };
             let fe = FieldError::not_supported("dryRun", json!(other), &["All"]);
-            let mut e = ApiError::new(
-                422,
-                "Invalid",
-                crate::field_error::invalid_message(
-                    &format!("{kind}.meta.k8s.io"),
-                    "",
-                    std::slice::from_ref(&fe),
-                ),
-            );
-            e.causes = vec![fe.cause()];
-            return Err(e);
+            return Err(options_invalid(kind, &fe));
         }
     };
     let watch = watch_prefix || qbool(get("watch"));
@@ -1285,20 +1260,7 @@ async fn resource_request(
     let sub = target.subresource.clone();
     let mode = match crate::schema::FieldValidation::parse(qget("fieldValidation").as_deref()) {
         Ok(m) => m,
-        Err(fe) => {
-            let kind = write_options_kind(&method);
-            let mut e = ApiError::new(
-                422,
-                "Invalid",
-                crate::field_error::invalid_message(
-                    &format!("{kind}.meta.k8s.io"),
-                    "",
-                    std::slice::from_ref(&fe),
-                ),
-            );
-            e.causes = vec![fe.cause()];
-            return error(&e);
-        }
+        Err(fe) => return error(&options_invalid(write_options_kind(&method), &fe)),
     };
     let writer = Writer {
         field_manager: qget("fieldManager").filter(|m| !m.is_empty()),
@@ -1450,6 +1412,46 @@ fn with_warnings(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
     r
 }
 
+/// A new bearer token that authenticates as ServiceAccount `namespace/name` until `expires`.
+fn issue_token(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    expires: Option<std::time::SystemTime>,
+) -> String {
+    let token: String = (0..48)
+        .map(|_| format!("{:x}", rand::random_range(0..16u8)))
+        .collect();
+    if let Ok(mut t) = shared.tokens.lock() {
+        t.insert(
+            token.clone(),
+            (
+                crate::rbac::User::ServiceAccount {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                },
+                expires,
+            ),
+        );
+    }
+    token
+}
+
+/// A `422` about a request option (`<kind>.meta.k8s.io "" is invalid: <field error>`).
+fn options_invalid(kind: &str, fe: &FieldError) -> ApiError {
+    let mut e = ApiError::new(
+        422,
+        "Invalid",
+        crate::field_error::invalid_message(
+            &format!("{kind}.meta.k8s.io"),
+            "",
+            std::slice::from_ref(fe),
+        ),
+    );
+    e.causes = vec![fe.cause()];
+    e
+}
+
 /// `serviceaccounts/<name>/token` (the TokenRequest API): a bearer token that authenticates
 /// as the ServiceAccount, for `spec.expirationSeconds` (default one hour, at least ten minutes).
 async fn token_request(
@@ -1486,22 +1488,8 @@ async fn token_request(
             ),
         ));
     }
-    let token: String = (0..48)
-        .map(|_| format!("{:x}", rand::random_range(0..16u8)))
-        .collect();
     let expires = std::time::SystemTime::now() + Duration::from_secs(seconds.unsigned_abs());
-    if let Ok(mut t) = shared.tokens.lock() {
-        t.insert(
-            token.clone(),
-            (
-                crate::rbac::User::ServiceAccount {
-                    namespace: ns.clone(),
-                    name: name.to_owned(),
-                },
-                Some(expires),
-            ),
-        );
-    }
+    let token = issue_token(shared, &ns, name, Some(expires));
     let exp = time::OffsetDateTime::from(expires)
         .replace_nanosecond(0)
         .ok()
@@ -1802,17 +1790,7 @@ fn patch(
     }
     if writer.force {
         let fe = FieldError::forbidden("force", "may not be specified for non-apply patch");
-        let mut e = ApiError::new(
-            422,
-            "Invalid",
-            crate::field_error::invalid_message(
-                "PatchOptions.meta.k8s.io",
-                "",
-                std::slice::from_ref(&fe),
-            ),
-        );
-        e.causes = vec![fe.cause()];
-        return Err(e);
+        return Err(options_invalid("PatchOptions", &fe));
     }
     if shared.store().is_custom(res) && ct.starts_with("application/strategic-merge-patch+json") {
         return Err(ApiError::new(

@@ -1356,6 +1356,15 @@ impl Store {
         let _ = self.delete(&res, ns, &key.2, &DeleteOptions::default());
     }
 
+    /// Every object in namespace `ns`.
+    fn namespace_content(&self, ns: &str) -> Vec<(Key, Arc<Value>)> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| k.1 == ns && self.registry.get(&k.0).is_some_and(|r| r.namespaced))
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+
     fn reconcile_once(&mut self, now: tokio::time::Instant) -> bool {
         let mut changed = false;
         // The kubelet: a pod whose grace period ended is deleted with grace 0.
@@ -1384,28 +1393,14 @@ impl Store {
             .map(|(k, v)| (k.clone(), Arc::clone(v)))
             .collect();
         for (nskey, nsobj) in terminating {
-            let inside: Vec<(Key, Arc<Value>)> = self
-                .objects
-                .iter()
-                .filter(|(k, _)| {
-                    k.1 == nskey.2 && self.registry.get(&k.0).is_some_and(|r| r.namespaced)
-                })
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
-                .collect();
+            let inside = self.namespace_content(&nskey.2);
             for (k, v) in &inside {
                 if v.pointer("/metadata/deletionTimestamp").is_none() {
                     self.delete_background(k);
                     changed = true;
                 }
             }
-            let remaining: Vec<(Key, Arc<Value>)> = self
-                .objects
-                .iter()
-                .filter(|(k, _)| {
-                    k.1 == nskey.2 && self.registry.get(&k.0).is_some_and(|r| r.namespaced)
-                })
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
-                .collect();
+            let remaining = self.namespace_content(&nskey.2);
             let Some(current) = self.objects.get(&nskey).cloned() else {
                 continue;
             };
