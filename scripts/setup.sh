@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_pkgs=(etcd-server etcd-client clang llvm libbpf-dev bpftool iproute2 iputils-ping
-           protobuf-compiler libprotobuf-dev iptables procps psmisc)
+           protobuf-compiler libprotobuf-dev iptables procps psmisc prometheus)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,11 +15,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# Debian starts an etcd service on install; our tests start their own, on random ports.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
-  systemctl stop etcd || true
-  systemctl disable etcd >/dev/null 2>&1 || true
-fi
+# Debian starts etcd and prometheus services on install; our tests start their own etcd on
+# random ports and only use prometheus's `promtool`.
+for svc in etcd prometheus; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet $svc 2>/dev/null; then
+    systemctl stop $svc || true
+    systemctl disable $svc >/dev/null 2>&1 || true
+  fi
+done
 
 # bpffs is not mounted at boot on these machines.
 if ! mount | grep -q 'type bpf on /sys/fs/bpf\|on /sys/fs/bpf type bpf'; then

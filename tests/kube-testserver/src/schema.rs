@@ -279,24 +279,7 @@ impl Schemas {
         if let Some(msg) = d.hard.or(d.saved) {
             return Err(Rejection::Decode(msg));
         }
-        let warnings: Vec<String> = d
-            .unknown
-            .iter()
-            .map(|f| format!("unknown field {f:?}"))
-            .collect();
-        if mode == FieldValidation::Strict && !warnings.is_empty() {
-            return Err(Rejection::Decode(format!(
-                "strict decoding error: {}",
-                warnings.join(", ")
-            )));
-        }
-        if !d.invalid.is_empty() {
-            return Err(Rejection::Invalid(d.invalid));
-        }
-        Ok(match mode {
-            FieldValidation::Warn => warnings,
-            _ => Vec::new(),
-        })
+        conclude(&d.unknown, d.invalid, mode)
     }
 
     /// The strategic-merge-patch metadata of a built-in kind, to walk field by field.
@@ -1073,25 +1056,34 @@ impl CrdSchema {
             errors: Vec::new(),
         };
         v.value(&self.root, obj, "", true);
-        let warnings: Vec<String> = v
-            .unknown
-            .iter()
-            .map(|f| format!("unknown field {f:?}"))
-            .collect();
-        if mode == FieldValidation::Strict && !warnings.is_empty() {
-            return Err(Rejection::Decode(format!(
-                "strict decoding error: {}",
-                warnings.join(", ")
-            )));
-        }
-        if !v.errors.is_empty() {
-            return Err(Rejection::Invalid(v.errors));
-        }
-        Ok(match mode {
-            FieldValidation::Warn => warnings,
-            _ => Vec::new(),
-        })
+        conclude(&v.unknown, v.errors, mode)
     }
+}
+
+/// The outcome of a decode, as the apiserver orders it: unknown fields fail a `Strict`
+/// request (400) before field errors (422); otherwise they are warnings under `Warn`.
+fn conclude(
+    unknown: &[String],
+    invalid: Vec<FieldError>,
+    mode: FieldValidation,
+) -> Result<Vec<String>, Rejection> {
+    let warnings: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field {f:?}"))
+        .collect();
+    if mode == FieldValidation::Strict && !warnings.is_empty() {
+        return Err(Rejection::Decode(format!(
+            "strict decoding error: {}",
+            warnings.join(", ")
+        )));
+    }
+    if !invalid.is_empty() {
+        return Err(Rejection::Invalid(invalid));
+    }
+    Ok(match mode {
+        FieldValidation::Warn => warnings,
+        _ => Vec::new(),
+    })
 }
 
 fn child_path(base: &str, child: &str) -> String {
