@@ -3,9 +3,19 @@
 // sendmsg() and recvmsg() in the kernel, per cgroup. Loaded by node-agent (aya); the map
 // layouts here and in node-agent/src/maps.rs must match byte for byte.
 //
-// Backend choice: random among the healthy backends of the first tier that has one. The agent
+// Backend choice: random among the usable backends of the first tier that has one. The agent
 // fills the tiers from the service's affinity (local: local then remote; remote: remote then
-// local; none: one tier). A backend marked unhealthy is skipped without any other update.
+// local; none: one tier). A backend is usable when the agent has not marked it down and it is
+// not *suspect*: the sock_ops program marks a backend suspect for this node the moment a
+// translated connection to it is refused or its SYN times out, so the very next connect()
+// skips it with no agent round trip (ADR 0018). Suspicion ends when its quarantine expires,
+// when a connection to it succeeds, or when the agent's probe clears it. When every backend
+// of every tier is down or suspect, a suspect one is still tried rather than refusing.
+//
+// Per-socket state lives in socket storage (freed with the socket): the translation of a
+// connected socket, for getpeername()/recvmsg() and for sock_ops. Only unconnected UDP, which
+// may talk to several backends, also writes the reverse-NAT map, once per new backend, and
+// sock_release removes its last entry.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -21,6 +31,23 @@
 #define FAMILY_V6 6
 
 #define BACKEND_ACTIVE 1
+
+// Why a backend became suspect (health_event.reason).
+#define SUSPECT_REFUSED 1     // SYN_SENT -> CLOSE: RST, or the caller gave up
+#define SUSPECT_SYN_TIMEOUT 2 // the SYN's retransmission timer fired
+#define CLEARED_ESTABLISHED 3 // a translated connection to a suspect backend succeeded
+
+// Counters (CM_STATS index).
+#define STAT_SUSPECTS 0       // backends marked suspect
+#define STAT_CLEARED 1        // suspicions cleared by an established connection
+#define STAT_EVENTS_LOST 2    // health events the ring had no room for
+#define STAT_SUSPECT_TRIED 3  // connects that went to a suspect backend (nothing else usable)
+#define STAT_NO_BACKEND 4     // connects refused: no backend at all
+#define STATS 5
+
+// socket state flags
+#define SOCK_TRANSLATED 1     // connect() translated this socket
+#define SOCK_REVNAT 2         // sendmsg() wrote a reverse-NAT entry for `be`
 
 // A frontend: the service address and port (network order) and protocol.
 struct svc_key {
@@ -46,12 +73,30 @@ struct backend {
 	__u8 addr[16];
 	__u16 port;       // network byte order
 	__u8 family;
-	__u8 state;       // BACKEND_ACTIVE or 0 (unhealthy)
+	__u8 state;       // BACKEND_ACTIVE or 0 (down, set by the agent)
 	__u16 cluster_id;
 	__u16 zone;
+	__u64 suspect_until; // bpf_ktime_get_ns() deadline of the quarantine; 0 = not suspect
 };
 
-// Reverse translation for UDP replies and getpeername: per socket, backend → service.
+// An address and port (the service's or the backend's).
+struct sockaddr_cm {
+	__u8 addr[16];
+	__u16 port;
+	__u8 family;
+	__u8 pad;
+	__u32 pad2;
+};
+
+// Per socket (socket storage): what connect()/sendmsg() translated last.
+struct sock_state {
+	__u32 backend_id;
+	__u32 flags;
+	struct sockaddr_cm svc;
+	struct sockaddr_cm be;
+};
+
+// Reverse translation for unconnected UDP replies: per socket, backend -> service.
 struct revnat_key {
 	__u64 cookie;
 	__u8 addr[16];
@@ -77,6 +122,23 @@ struct ipcache_val {
 	__u32 identity;
 	__u16 cluster_id;
 	__u16 pad;
+};
+
+// Settings the agent writes (CM_CONFIG[0]).
+struct config {
+	__u64 quarantine_ns;   // how long a suspect stays skipped without other news
+	__u32 syn_rto_jiffies; // initial SYN retransmission timeout of translated connects; 0 = kernel's
+	__u32 flags;
+};
+
+// A health event for the agent (CM_HEALTH_EVENTS ring).
+struct health_event {
+	__u64 ts;
+	__u32 backend_id;
+	__u8 reason;
+	__u8 family;
+	__u16 port;
+	__u8 addr[16];
 };
 
 struct {
@@ -105,11 +167,19 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 65536);
 	__type(key, struct revnat_key);
 	__type(value, struct revnat_val);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_REVNAT SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_SOCKS SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -120,36 +190,175 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_IPCACHE SEC(".maps");
 
-static __always_inline struct backend *pick(const struct svc_val *svc)
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_CONFIG SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_STATS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_HEALTH_EVENTS SEC(".maps");
+
+static __always_inline void count(__u32 stat)
 {
+	__u64 *n = bpf_map_lookup_elem(&CM_STATS, &stat);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline void emit(__u32 id, const struct backend *be, __u8 reason, __u64 now)
+{
+	struct health_event *ev = bpf_ringbuf_reserve(&CM_HEALTH_EVENTS, sizeof(*ev), 0);
+	if (!ev) {
+		// Never back-pressure: the agent's sweep and the quarantine cover a lost event.
+		count(STAT_EVENTS_LOST);
+		return;
+	}
+	ev->ts = now;
+	ev->backend_id = id;
+	ev->reason = reason;
+	ev->family = be->family;
+	ev->port = be->port;
+	__builtin_memcpy(ev->addr, be->addr, 16);
+	bpf_ringbuf_submit(ev, 0);
+}
+
+// Backend choice: the search over a tier's slots runs in bpf_loop(), so the verifier checks
+// one iteration instead of every path through 256 of them.
+struct pick_ctx {
+	__u64 now;      // the clock, read only when a suspect backend is met
+	__u32 svc_id;
+	__u32 tier;
+	__u32 n;
+	__u32 start;
+	__u32 found;    // a usable backend's ID
+	__u32 spare;    // the first suspect backend's ID, tried when nothing else is usable
+	__u8 has_found;
+	__u8 has_spare;
+};
+
+static long pick_slot(__u32 i, void *data)
+{
+	struct pick_ctx *c = data;
+	__u32 slot = c->start + i;
+	if (slot >= c->n)
+		slot -= c->n;
+	struct slot_key sk = { .svc_id = c->svc_id, .tier = (__u16)c->tier, .slot = (__u16)slot };
+	__u32 *id = bpf_map_lookup_elem(&CM_SLOTS, &sk);
+	if (!id)
+		return 0;
+	__u32 bid = *id;
+	struct backend *be = bpf_map_lookup_elem(&CM_BACKENDS, &bid);
+	if (!be || be->state != BACKEND_ACTIVE)
+		return 0;
+	__u64 until = be->suspect_until;
+	if (until) {
+		if (!c->now)
+			c->now = bpf_ktime_get_ns();
+		if (c->now < until) {
+			if (!c->has_spare) {
+				c->spare = bid;
+				c->has_spare = 1;
+			}
+			return 0;
+		}
+	}
+	c->found = bid;
+	c->has_found = 1;
+	return 1;
+}
+
+// Random among the usable backends of the first tier that has one; else a suspect one; else 0.
+// Reads the clock only when it meets a suspect backend.
+static __always_inline struct backend *pick(const struct svc_val *svc, __u32 *picked)
+{
+	struct pick_ctx c = {};
+	c.svc_id = svc->id;
 	for (int tier = 0; tier < TIERS; tier++) {
 		__u32 n = svc->count[tier];
 		if (n == 0)
 			continue;
 		if (n > MAX_TIER_SLOTS)
 			n = MAX_TIER_SLOTS;
-		__u32 start = bpf_get_prandom_u32() % n;
-		for (__u32 i = 0; i < MAX_TIER_SLOTS; i++) {
-			if (i >= n)
-				break;
-			__u32 slot = start + i;
-			if (slot >= n)
-				slot -= n;
-			struct slot_key sk = { .svc_id = svc->id, .tier = tier, .slot = slot };
-			__u32 *id = bpf_map_lookup_elem(&CM_SLOTS, &sk);
-			if (!id)
-				continue;
-			struct backend *be = bpf_map_lookup_elem(&CM_BACKENDS, id);
-			if (be && be->state == BACKEND_ACTIVE)
-				return be;
-		}
+		c.tier = tier;
+		c.n = n;
+		c.start = bpf_get_prandom_u32() % n;
+		bpf_loop(n, pick_slot, &c, 0);
+		if (c.has_found)
+			break;
 	}
-	return 0;
+	__u32 id;
+	if (c.has_found) {
+		id = c.found;
+	} else if (c.has_spare) {
+		id = c.spare;
+		count(STAT_SUSPECT_TRIED);
+	} else {
+		count(STAT_NO_BACKEND);
+		return 0;
+	}
+	*picked = id;
+	return bpf_map_lookup_elem(&CM_BACKENDS, &id);
 }
 
-static __always_inline void remember(struct bpf_sock_addr *ctx, const struct backend *be,
-				     const struct svc_key *key)
+static __always_inline void copy_addr(struct sockaddr_cm *dst, const __u8 *addr, __u16 port,
+				      __u8 family)
 {
+	__builtin_memcpy(dst->addr, addr, 16);
+	dst->port = port;
+	dst->family = family;
+	dst->pad = 0;
+	dst->pad2 = 0;
+}
+
+static __always_inline int same_addr(const struct sockaddr_cm *a, const __u8 *addr, __u16 port,
+				     __u8 family)
+{
+	if (a->port != port || a->family != family)
+		return 0;
+	const __u64 *x = (const __u64 *)a->addr;
+	__u64 y0, y1;
+	__builtin_memcpy(&y0, addr, 8);
+	__builtin_memcpy(&y1, addr + 8, 8);
+	return x[0] == y0 && x[1] == y1;
+}
+
+// Records the translation on the socket. `revnat`: an unconnected UDP send, which also needs
+// the reverse-NAT map because the socket may talk to several backends.
+static __always_inline void remember(struct bpf_sock_addr *ctx, __u32 id, const struct backend *be,
+				     const struct svc_key *key, int revnat)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct sock_state *st = bpf_sk_storage_get(&CM_SOCKS, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return;
+	int known = (st->flags & SOCK_REVNAT) && same_addr(&st->be, be->addr, be->port, be->family) &&
+		    same_addr(&st->svc, key->addr, key->port, key->family);
+	st->backend_id = id;
+	copy_addr(&st->svc, key->addr, key->port, key->family);
+	copy_addr(&st->be, be->addr, be->port, be->family);
+	if (!revnat) {
+		st->flags = SOCK_TRANSLATED;
+		return;
+	}
+	st->flags |= SOCK_REVNAT;
+	if (known)
+		return;
 	struct revnat_key rk = {};
 	struct revnat_val rv = {};
 	rk.cookie = bpf_get_socket_cookie(ctx);
@@ -162,8 +371,8 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct bac
 	bpf_map_update_elem(&CM_REVNAT, &rk, &rv, BPF_ANY);
 }
 
-// Returns 1 to let the call proceed (rewritten or not), 0 to refuse it (no healthy backend).
-static __always_inline int translate4(struct bpf_sock_addr *ctx)
+// Returns 1 to let the call proceed (rewritten or not), 0 to refuse it (no usable backend).
+static __always_inline int translate4(struct bpf_sock_addr *ctx, int revnat)
 {
 	struct svc_key key = {};
 	__u32 ip = ctx->user_ip4;
@@ -174,18 +383,19 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 	struct svc_val *svc = bpf_map_lookup_elem(&CM_SERVICES, &key);
 	if (!svc)
 		return 1;
-	struct backend *be = pick(svc);
+	__u32 id = 0;
+	struct backend *be = pick(svc, &id);
 	if (!be || be->family != FAMILY_V4)
 		return 0;
 	__u32 dst;
 	__builtin_memcpy(&dst, be->addr, 4);
 	ctx->user_ip4 = dst;
 	ctx->user_port = be->port;
-	remember(ctx, be, &key);
+	remember(ctx, id, be, &key, revnat);
 	return 1;
 }
 
-static __always_inline int translate6(struct bpf_sock_addr *ctx)
+static __always_inline int translate6(struct bpf_sock_addr *ctx, int revnat)
 {
 	struct svc_key key = {};
 	__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
@@ -199,7 +409,8 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	struct svc_val *svc = bpf_map_lookup_elem(&CM_SERVICES, &key);
 	if (!svc)
 		return 1;
-	struct backend *be = pick(svc);
+	__u32 id = 0;
+	struct backend *be = pick(svc, &id);
 	if (!be || be->family != FAMILY_V6)
 		return 0;
 	__u32 d0, d1, d2, d3;
@@ -212,67 +423,82 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[2] = d2;
 	ctx->user_ip6[3] = d3;
 	ctx->user_port = be->port;
-	remember(ctx, be, &key);
+	remember(ctx, id, be, &key, revnat);
 	return 1;
 }
 
-// Replies (recvmsg) and getpeername: backend address → service address, for this socket.
+// The service address a reply from (addr, port) on this socket should show, or 0.
+static __always_inline const struct sockaddr_cm *reverse_lookup(struct bpf_sock_addr *ctx,
+								 const __u8 *addr, __u16 port,
+								 __u8 family)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (sk) {
+		struct sock_state *st = bpf_sk_storage_get(&CM_SOCKS, sk, 0, 0);
+		if (st && st->flags && same_addr(&st->be, addr, port, family))
+			return &st->svc;
+		if (!st || !(st->flags & SOCK_REVNAT))
+			return 0;
+	}
+	struct revnat_key rk = {};
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rk.addr, addr, 16);
+	rk.port = port;
+	rk.family = family;
+	return bpf_map_lookup_elem(&CM_REVNAT, &rk);
+}
+
+// Replies (recvmsg) and getpeername: backend address -> service address, for this socket.
 static __always_inline int reverse4(struct bpf_sock_addr *ctx)
 {
-	struct revnat_key rk = {};
+	__u8 addr[16] = {};
 	__u32 ip = ctx->user_ip4;
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	__builtin_memcpy(rk.addr, &ip, 4);
-	rk.port = (__u16)ctx->user_port;
-	rk.family = FAMILY_V4;
-	struct revnat_val *rv = bpf_map_lookup_elem(&CM_REVNAT, &rk);
-	if (rv && rv->family == FAMILY_V4) {
+	__builtin_memcpy(addr, &ip, 4);
+	const struct sockaddr_cm *svc = reverse_lookup(ctx, addr, (__u16)ctx->user_port, FAMILY_V4);
+	if (svc && svc->family == FAMILY_V4) {
 		__u32 src;
-		__builtin_memcpy(&src, rv->addr, 4);
+		__builtin_memcpy(&src, svc->addr, 4);
 		ctx->user_ip4 = src;
-		ctx->user_port = rv->port;
+		ctx->user_port = svc->port;
 	}
 	return 1;
 }
 
 static __always_inline int reverse6(struct bpf_sock_addr *ctx)
 {
-	struct revnat_key rk = {};
+	__u8 addr[16];
 	__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	__builtin_memcpy(&rk.addr[0], &a0, 4);
-	__builtin_memcpy(&rk.addr[4], &a1, 4);
-	__builtin_memcpy(&rk.addr[8], &a2, 4);
-	__builtin_memcpy(&rk.addr[12], &a3, 4);
-	rk.port = (__u16)ctx->user_port;
-	rk.family = FAMILY_V6;
-	struct revnat_val *rv = bpf_map_lookup_elem(&CM_REVNAT, &rk);
-	if (rv && rv->family == FAMILY_V6) {
+	__builtin_memcpy(&addr[0], &a0, 4);
+	__builtin_memcpy(&addr[4], &a1, 4);
+	__builtin_memcpy(&addr[8], &a2, 4);
+	__builtin_memcpy(&addr[12], &a3, 4);
+	const struct sockaddr_cm *svc = reverse_lookup(ctx, addr, (__u16)ctx->user_port, FAMILY_V6);
+	if (svc && svc->family == FAMILY_V6) {
 		__u32 s0, s1, s2, s3;
-		__builtin_memcpy(&s0, &rv->addr[0], 4);
-		__builtin_memcpy(&s1, &rv->addr[4], 4);
-		__builtin_memcpy(&s2, &rv->addr[8], 4);
-		__builtin_memcpy(&s3, &rv->addr[12], 4);
+		__builtin_memcpy(&s0, &svc->addr[0], 4);
+		__builtin_memcpy(&s1, &svc->addr[4], 4);
+		__builtin_memcpy(&s2, &svc->addr[8], 4);
+		__builtin_memcpy(&s3, &svc->addr[12], 4);
 		ctx->user_ip6[0] = s0;
 		ctx->user_ip6[1] = s1;
 		ctx->user_ip6[2] = s2;
 		ctx->user_ip6[3] = s3;
-		ctx->user_port = rv->port;
+		ctx->user_port = svc->port;
 	}
 	return 1;
 }
 
 SEC("cgroup/connect4")
-int cm_connect4(struct bpf_sock_addr *ctx) { return translate4(ctx); }
+int cm_connect4(struct bpf_sock_addr *ctx) { return translate4(ctx, 0); }
 
 SEC("cgroup/connect6")
-int cm_connect6(struct bpf_sock_addr *ctx) { return translate6(ctx); }
+int cm_connect6(struct bpf_sock_addr *ctx) { return translate6(ctx, 0); }
 
 SEC("cgroup/sendmsg4")
-int cm_sendmsg4(struct bpf_sock_addr *ctx) { return translate4(ctx); }
+int cm_sendmsg4(struct bpf_sock_addr *ctx) { return translate4(ctx, 1); }
 
 SEC("cgroup/sendmsg6")
-int cm_sendmsg6(struct bpf_sock_addr *ctx) { return translate6(ctx); }
+int cm_sendmsg6(struct bpf_sock_addr *ctx) { return translate6(ctx, 1); }
 
 SEC("cgroup/recvmsg4")
 int cm_recvmsg4(struct bpf_sock_addr *ctx) { return reverse4(ctx); }
@@ -285,5 +511,87 @@ int cm_getpeername4(struct bpf_sock_addr *ctx) { return reverse4(ctx); }
 
 SEC("cgroup/getpeername6")
 int cm_getpeername6(struct bpf_sock_addr *ctx) { return reverse6(ctx); }
+
+// Passive health: the outcome of every TCP connection connect() translated.
+SEC("sockops")
+int cm_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_TIMEOUT_INIT &&
+	    op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTO_CB &&
+	    op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	struct sock_state *st = bpf_sk_storage_get(&CM_SOCKS, sk, 0, 0);
+	if (!st || !(st->flags & SOCK_TRANSLATED))
+		return 1;
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
+	if (op == BPF_SOCK_OPS_TIMEOUT_INIT) {
+		// Re-invoked from the RTO timer: a pure function of the socket.
+		if (cfg && cfg->syn_rto_jiffies)
+			skops->reply = cfg->syn_rto_jiffies;
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
+		return 1;
+	}
+	__u32 id = st->backend_id;
+	struct backend *be = bpf_map_lookup_elem(&CM_BACKENDS, &id);
+	// The backend may have been replaced since connect(): act only on the same one.
+	if (!be || !same_addr(&st->be, be->addr, be->port, be->family))
+		return 1;
+	__u64 now = bpf_ktime_get_ns();
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		// Done watching this connection; a success clears a suspicion.
+		bpf_sock_ops_cb_flags_set(skops, 0);
+		if (be->suspect_until) {
+			be->suspect_until = 0;
+			count(STAT_CLEARED);
+			emit(id, be, CLEARED_ESTABLISHED, now);
+		}
+		return 1;
+	}
+	__u8 reason;
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		if (skops->args[0] != BPF_TCP_SYN_SENT || skops->args[1] != BPF_TCP_CLOSE)
+			return 1;
+		reason = SUSPECT_REFUSED;
+	} else {
+		// RTO_CB
+		if (skops->state != BPF_TCP_SYN_SENT)
+			return 1;
+		reason = SUSPECT_SYN_TIMEOUT;
+	}
+	if (be->suspect_until > now)
+		return 1;
+	__u64 quarantine = cfg ? cfg->quarantine_ns : 0;
+	if (!quarantine)
+		quarantine = 10ULL * 1000 * 1000 * 1000;
+	be->suspect_until = now + quarantine;
+	count(STAT_SUSPECTS);
+	emit(id, be, reason, now);
+	return 1;
+}
+
+// A socket goes away: its socket storage goes with it; an unconnected UDP socket's last
+// reverse-NAT entry is removed here (older ones age out of the LRU map).
+SEC("cgroup/sock_release")
+int cm_release(struct bpf_sock *ctx)
+{
+	struct sock_state *st = bpf_sk_storage_get(&CM_SOCKS, ctx, 0, 0);
+	if (!st || !(st->flags & SOCK_REVNAT))
+		return 1;
+	struct revnat_key rk = {};
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rk.addr, st->be.addr, 16);
+	rk.port = st->be.port;
+	rk.family = st->be.family;
+	bpf_map_delete_elem(&CM_REVNAT, &rk);
+	return 1;
+}
 
 char _license[] SEC("license") = "GPL";

@@ -281,12 +281,16 @@ fn main() {
     let programmer = Arc::new(Mutex::new(p));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(vec![local_addr, remote_addr]);
-    let health = rt.spawn(node_agent::agent::health_checks(
+    let health = rt.spawn(node_agent::health::run(
         node_agent::agent::HealthConfig {
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(100),
             fall: 2,
             rise: 2,
+            sweep_rate: 50,
+            max_in_flight: 64,
+            quarantine: Duration::from_secs(10),
+            syn_timeout: None,
         },
         rx,
         Arc::clone(&programmer),

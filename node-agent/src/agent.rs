@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use certs::{Reloader, TlsFiles};
 use model::ClusterName;
@@ -63,14 +63,10 @@ pub fn registry() -> Registry {
     r.counter(m::MAP_OPS, "Map entries written or deleted.", &["op"]);
     r.gauge(
         m::BACKEND_HEALTH,
-        "Backends by health-check state.",
+        "Backends by health: healthy (up or suspect) and unhealthy (confirmed down).",
         &["state"],
     );
-    r.counter(
-        m::FAILOVERS,
-        "Backends marked unhealthy by health checks.",
-        &[],
-    );
+    r.counter(m::FAILOVERS, "Backends confirmed down by probes.", &[]);
     r.counter(m::RECOVERIES, "Backends marked healthy again.", &[]);
     r.gauge(
         m::SERVICES_REFUSED,
@@ -86,6 +82,7 @@ pub fn registry() -> Registry {
         &[],
     );
     r.counter(m::RECONNECTS, "Mesh API connections lost.", &[]);
+    crate::health::register(&r);
     r.histogram(
         m::APPLY_SECONDS,
         "Time to apply a desired state to the maps.",
@@ -95,18 +92,7 @@ pub fn registry() -> Registry {
     r
 }
 
-/// Active health checks.
-#[derive(Debug, Clone, Copy)]
-pub struct HealthConfig {
-    /// Time between checks of one backend.
-    pub interval: Duration,
-    /// Connect timeout of one check.
-    pub timeout: Duration,
-    /// Consecutive failures that mark a backend unhealthy.
-    pub fall: u32,
-    /// Consecutive successes that mark it healthy again.
-    pub rise: u32,
-}
+pub use crate::health::HealthConfig;
 
 /// The agent's settings.
 #[derive(Debug, Clone)]
@@ -216,7 +202,7 @@ impl Agent {
             ready,
             targets_tx,
         ));
-        let health = tokio::spawn(health_checks(
+        let health = tokio::spawn(crate::health::run(
             settings.health,
             targets_rx,
             Arc::clone(&programmer),
@@ -639,91 +625,6 @@ async fn session(
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Check {
-    healthy: bool,
-    fails: u32,
-    oks: u32,
-}
-
-/// Checks every TCP backend every `interval`; flips its state after `fall` failures or `rise`
-/// successes in a row.
-pub async fn health_checks(
-    cfg: HealthConfig,
-    mut targets: watch::Receiver<Vec<SocketAddr>>,
-    programmer: Arc<Mutex<Programmer>>,
-    metrics: Registry,
-) {
-    let mut state: HashMap<SocketAddr, Check> = HashMap::new();
-    let mut tick = tokio::time::interval(cfg.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = targets.changed() => {}
-        }
-        let list = targets.borrow().clone();
-        state.retain(|a, _| list.contains(a));
-        let results = futures::future::join_all(list.iter().map(|addr| async move {
-            let ok = matches!(
-                tokio::time::timeout(cfg.timeout, tokio::net::TcpStream::connect(addr)).await,
-                Ok(Ok(_))
-            );
-            (*addr, ok)
-        }))
-        .await;
-        for (addr, ok) in results {
-            let known = lock(&programmer)
-                .health()
-                .into_iter()
-                .find(|(a, _)| *a == addr)
-                .map(|(_, h)| h);
-            let s = state.entry(addr).or_insert(Check {
-                healthy: known.unwrap_or(true),
-                ..Default::default()
-            });
-            if ok {
-                s.oks += 1;
-                s.fails = 0;
-            } else {
-                s.fails += 1;
-                s.oks = 0;
-            }
-            let flip = if s.healthy && s.fails >= cfg.fall {
-                Some(false)
-            } else if !s.healthy && s.oks >= cfg.rise {
-                Some(true)
-            } else {
-                None
-            };
-            if let Some(h) = flip {
-                s.healthy = h;
-                match lock(&programmer).set_health(addr, h) {
-                    Ok(_) => {
-                        if h {
-                            metrics.inc(m::RECOVERIES, &[]);
-                            tracing::info!(backend = %addr, "backend healthy again");
-                        } else {
-                            metrics.inc(m::FAILOVERS, &[]);
-                            tracing::warn!(backend = %addr, "backend unhealthy; skipped by new connections");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(backend = %addr, error = %e, "could not update backend health")
-                    }
-                }
-            }
-        }
-        let healthy = state.values().filter(|s| s.healthy).count();
-        metrics.set(m::BACKEND_HEALTH, &["healthy"], healthy as f64);
-        metrics.set(
-            m::BACKEND_HEALTH,
-            &["unhealthy"],
-            (state.len() - healthy) as f64,
-        );
-    }
-}
-
 #[cfg(test)]
 mod state_tests {
     #![allow(clippy::unwrap_used)]
@@ -752,6 +653,7 @@ mod state_tests {
             healthy,
             cluster_id,
             zone: 0,
+            suspect_until_ns: 0,
         }
     }
 

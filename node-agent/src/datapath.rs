@@ -10,18 +10,18 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, LpmTrie, MapData};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSock, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::maps::{self, BackendVal, IpcacheAddr, IpcacheVal, SlotKey, SvcKey, SvcVal};
+use crate::maps::{self, BackendVal, ConfigVal, IpcacheAddr, IpcacheVal, SlotKey, SvcKey, SvcVal};
 
 /// The compiled programs (built from `bpf/sock_lb.c` by build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
 
-/// Every program and the hook it attaches to.
-pub const PROGRAMS: [&str; 8] = [
+/// Every program (its hook is its section in the object).
+pub const PROGRAMS: [&str; 10] = [
     "cm_connect4",
     "cm_connect6",
     "cm_sendmsg4",
@@ -30,7 +30,64 @@ pub const PROGRAMS: [&str; 8] = [
     "cm_recvmsg6",
     "cm_getpeername4",
     "cm_getpeername6",
+    "cm_sockops",
+    "cm_release",
 ];
+
+/// Loads `name` and attaches it to `cg`, returning the link to pin.
+fn attach(ebpf: &mut Ebpf, name: &str, cg: &File) -> Result<FdLink, String> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| "missing from the object".to_owned())?;
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = match prog {
+        aya::programs::Program::CgroupSockAddr(p) => {
+            load_prog(p.load())?;
+            let id = p.attach(cg, mode).map_err(|e| e.to_string())?;
+            p.take_link(id)
+                .map_err(|e| e.to_string())?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
+        }
+        aya::programs::Program::SockOps(p) => {
+            let p: &mut SockOps = p;
+            load_prog(p.load())?;
+            let id = p.attach(cg, mode).map_err(|e| e.to_string())?;
+            p.take_link(id)
+                .map_err(|e| e.to_string())?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
+        }
+        aya::programs::Program::CgroupSock(p) => {
+            let p: &mut CgroupSock = p;
+            load_prog(p.load())?;
+            let id = p.attach(cg, mode).map_err(|e| e.to_string())?;
+            p.take_link(id)
+                .map_err(|e| e.to_string())?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
+        }
+        other => return Err(format!("unexpected program type {:?}", other.prog_type())),
+    };
+    Ok(link)
+}
+
+fn load_prog(r: Result<(), aya::programs::ProgramError>) -> Result<(), String> {
+    r.map_err(|e| match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(8).collect();
+            format!(
+                "load: {io_error}; verifier: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        }
+        e => format!("load: {e}"),
+    })
+}
 
 /// Why the datapath could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +144,12 @@ pub struct Datapath {
     pub slots: HashMap<MapData, SlotKey, u32>,
     /// IP cache: prefix → identity, cluster.
     pub ipcache: LpmTrie<MapData, IpcacheAddr, IpcacheVal>,
+    /// The programs' settings (one entry).
+    pub config: Array<MapData, ConfigVal>,
+    /// Per-CPU counters of the programs ([`maps::STAT_NAMES`]).
+    pub stats: PerCpuArray<MapData, u64>,
+    /// Health events from the kernel; taken by the agent's reader.
+    pub events: Option<RingBuf<MapData>>,
     _ebpf: Ebpf,
 }
 
@@ -94,6 +157,13 @@ impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath").field("dir", &self.dir).finish()
     }
+}
+
+fn take_any(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or_else(|| Error::Map {
+        map: name,
+        reason: "missing from the object".into(),
+    })
 }
 
 fn take<K: aya::Pod, V: aya::Pod>(
@@ -135,6 +205,7 @@ impl Datapath {
             detach(dir)?;
             std::fs::remove_dir(old).map_err(io("remove", old))?;
         }
+        check_layout(dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .load(OBJECT)
@@ -145,27 +216,16 @@ impl Datapath {
             if link_path.exists() {
                 continue;
             }
-            let attach_err = |reason: String| Error::Attach {
+            let link = attach(&mut ebpf, name, &cg).map_err(|reason| Error::Attach {
                 program: name.into(),
                 cgroup: cgroup.to_owned(),
                 reason,
-            };
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| attach_err("missing from the object".into()))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-            prog.load().map_err(|e| attach_err(format!("load: {e}")))?;
-            let id = prog
-                .attach(&cg, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(e.to_string()))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|e| attach_err(e.to_string()))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-            link.pin(&link_path)
-                .map_err(|e| attach_err(format!("pin: {e}")))?;
+            })?;
+            link.pin(&link_path).map_err(|e| Error::Attach {
+                program: name.into(),
+                cgroup: cgroup.to_owned(),
+                reason: format!("pin: {e}"),
+            })?;
             tracing::info!(program = name, cgroup = %cgroup.display(), "attached");
         }
         if !record.exists() {
@@ -182,12 +242,31 @@ impl Datapath {
             map: maps::IPCACHE,
             reason: e.to_string(),
         })?;
+        let config =
+            Array::try_from(take_any(&mut ebpf, maps::CONFIG)?).map_err(|e| Error::Map {
+                map: maps::CONFIG,
+                reason: e.to_string(),
+            })?;
+        let stats =
+            PerCpuArray::try_from(take_any(&mut ebpf, maps::STATS)?).map_err(|e| Error::Map {
+                map: maps::STATS,
+                reason: e.to_string(),
+            })?;
+        let events = RingBuf::try_from(take_any(&mut ebpf, maps::HEALTH_EVENTS)?).map_err(|e| {
+            Error::Map {
+                map: maps::HEALTH_EVENTS,
+                reason: e.to_string(),
+            }
+        })?;
         Ok(Self {
             dir: dir.to_owned(),
             services,
             backends,
             slots,
             ipcache,
+            config,
+            stats,
+            events: Some(events),
             _ebpf: ebpf,
         })
     }
@@ -196,6 +275,71 @@ impl Datapath {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Entries in the reverse-NAT map (only unconnected UDP writes it; sock_release removes
+    /// them).
+    pub fn revnat_entries(&self) -> Result<usize, Error> {
+        let path = self.dir.join(maps::REVNAT);
+        let data = MapData::from_pin(&path).map_err(|e| Error::Map {
+            map: maps::REVNAT,
+            reason: e.to_string(),
+        })?;
+        let map: HashMap<MapData, [u8; 32], [u8; 20]> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(|e| Error::Map {
+                map: maps::REVNAT,
+                reason: e.to_string(),
+            })?;
+        Ok(map.keys().count())
+    }
+
+    /// Writes the programs' settings.
+    pub fn set_config(&mut self, c: &maps::Config) -> Result<(), Error> {
+        self.config
+            .set(0, maps::config_val(c), 0)
+            .map_err(|e| Error::Map {
+                map: maps::CONFIG,
+                reason: e.to_string(),
+            })
+    }
+
+    /// The programs' counters, summed over CPUs, named as [`maps::STAT_NAMES`].
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+        let mut out = Vec::new();
+        for (i, name) in maps::STAT_NAMES.iter().enumerate() {
+            let per_cpu = self.stats.get(&(i as u32), 0).map_err(|e| Error::Map {
+                map: maps::STATS,
+                reason: e.to_string(),
+            })?;
+            out.push((*name, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+}
+
+/// Refuses pinned maps whose key or value size differs from this agent's layout.
+fn check_layout(dir: &Path) -> Result<(), Error> {
+    for (name, key, value) in maps::LAYOUT {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| Error::Map {
+            map: name,
+            reason: format!("reading the pinned map's layout: {e}"),
+        })?;
+        if (info.key_size(), info.value_size()) != (key, value) {
+            return Err(Error::Map {
+                map: name,
+                reason: format!(
+                    "the pinned map under {} has key/value sizes {}/{}, this agent's layout is                      {key}/{value}: the datapath layout changed between versions; drain the node                      and remove the pins (the directory) before starting this agent",
+                    dir.display(),
+                    info.key_size(),
+                    info.value_size()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Detaches every program (removes the pinned links).
@@ -214,13 +358,7 @@ pub fn detach(dir: &Path) -> Result<(), Error> {
 /// and the directory.
 pub fn remove(dir: &Path) -> Result<(), Error> {
     detach(dir)?;
-    for name in [
-        maps::SERVICES,
-        maps::BACKENDS,
-        maps::SLOTS,
-        maps::REVNAT,
-        maps::IPCACHE,
-    ] {
+    for name in maps::ALL {
         let p = dir.join(name);
         if p.exists() {
             std::fs::remove_file(&p).map_err(io("unpin", &p))?;

@@ -4,7 +4,8 @@
 //! programs, pins maps and links under bpffs and attaches to the node's cgroup, reusing what an
 //! earlier agent pinned; [`program`] turns desired services into map entries, writing only
 //! differences in an order that never exposes a half-written service, and refusing alone (with a
-//! reason) each service that cannot be programmed.
+//! reason) each service that cannot be programmed; [`health`] acts on the kernel's evidence of
+//! dead backends and confirms it with bounded probes.
 //!
 //! Must not write to etcd (only the apiserver does) nor talk to peers.
 
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod batch;
 pub mod datapath;
 pub mod desired;
+pub mod health;
 pub mod maps;
 pub mod program;
 pub mod state_server;

@@ -53,18 +53,36 @@ struct Args {
     /// cluster CA (`ca.crt`).
     #[arg(long, env = env::TLS_DIR)]
     tls_dir: Option<PathBuf>,
-    /// Time between health checks of a backend, 10ms..=1m (e.g. `200ms`, `1s`).
+    /// Time between probes of a suspect or down backend, 10ms..=1m (e.g. `200ms`, `1s`).
+    /// Healthy backends are not probed on this interval: the kernel reports failed
+    /// connections at once, and the background sweep (`--probe-sweep-rate`) covers the rest.
     #[arg(long, env = env::HEALTH_INTERVAL, default_value = "200ms", value_parser = telemetry::duration::parse)]
     health_interval: Duration,
-    /// How long a health-check connect may take, 10ms..=1m.
+    /// How long a probe's connect may take, 10ms..=1m.
     #[arg(long, env = env::HEALTH_TIMEOUT, default_value = "150ms", value_parser = telemetry::duration::parse)]
     health_timeout: Duration,
-    /// Failed checks in a row that mark a backend unhealthy.
+    /// Failed probes in a row that confirm a suspect backend down.
     #[arg(long, env = env::FALL, default_value_t = 2)]
     fall: u32,
-    /// Successful checks in a row that mark it healthy again.
+    /// Successful probes in a row that bring a down backend back.
     #[arg(long, env = env::RISE, default_value_t = 2)]
     rise: u32,
+    /// Background probes per second, over all backends that carry no evidence, round robin
+    /// (0: none). The node's probe load stays at this rate whatever the mesh's size.
+    #[arg(long, env = env::PROBE_SWEEP_RATE, default_value_t = 50)]
+    probe_sweep_rate: u32,
+    /// Probes in flight at most.
+    #[arg(long, env = env::PROBE_MAX_IN_FLIGHT, default_value_t = 256)]
+    probe_max_in_flight: usize,
+    /// How long the kernel skips a backend it saw fail when the agent says nothing (the agent
+    /// confirms or clears it within a probe), 100ms..=10m.
+    #[arg(long, env = env::QUARANTINE, default_value = "10s", value_parser = telemetry::duration::parse)]
+    quarantine: Duration,
+    /// Initial SYN retransmission timeout of connections to global services (`0s`: the
+    /// kernel's 1s). A backend whose SYN is not answered within it is skipped by the next
+    /// connect(); e.g. `200ms` when backends answer within a few milliseconds.
+    #[arg(long, env = env::SYN_TIMEOUT, default_value = "0s", value_parser = telemetry::duration::parse)]
+    syn_timeout: Duration,
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9881")]
     health_bind: String,
@@ -194,6 +212,18 @@ fn validate(args: &mut Args) -> Vec<String> {
                 ));
             }
         }
+        if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&args.quarantine) {
+            problems.push(format!(
+                "--quarantine: {} is out of range 100ms..=10m",
+                telemetry::duration::format(args.quarantine)
+            ));
+        }
+        if args.syn_timeout > Duration::from_secs(60) {
+            problems.push("--syn-timeout: at most 1m".into());
+        }
+        if args.probe_max_in_flight == 0 {
+            problems.push("--probe-max-in-flight must be at least 1".into());
+        }
         if !(1..=100).contains(&args.fall) || !(1..=100).contains(&args.rise) {
             problems.push("--fall and --rise must be 1..=100".into());
         }
@@ -271,6 +301,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             timeout: args.health_timeout,
             fall: args.fall,
             rise: args.rise,
+            sweep_rate: args.probe_sweep_rate,
+            max_in_flight: args.probe_max_in_flight,
+            quarantine: args.quarantine,
+            syn_timeout: (!args.syn_timeout.is_zero()).then_some(args.syn_timeout),
         },
     };
     let metrics = agent::registry();

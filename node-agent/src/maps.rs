@@ -26,6 +26,48 @@ pub const SLOTS: &str = "CM_SLOTS";
 pub const REVNAT: &str = "CM_REVNAT";
 /// IP cache map.
 pub const IPCACHE: &str = "CM_IPCACHE";
+/// Per-socket translation state (socket storage).
+pub const SOCKS: &str = "CM_SOCKS";
+/// The agent's settings for the programs.
+pub const CONFIG: &str = "CM_CONFIG";
+/// Per-CPU counters of the programs.
+pub const STATS: &str = "CM_STATS";
+/// Health events (ring buffer).
+pub const HEALTH_EVENTS: &str = "CM_HEALTH_EVENTS";
+/// Every map the object pins, in the order they are removed.
+pub const ALL: [&str; 9] = [
+    SERVICES,
+    BACKENDS,
+    SLOTS,
+    REVNAT,
+    IPCACHE,
+    SOCKS,
+    CONFIG,
+    STATS,
+    HEALTH_EVENTS,
+];
+
+/// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
+/// pinned map of another layout (an upgrade that changed it) instead of misreading it.
+pub const LAYOUT: [(&str, u32, u32); 8] = [
+    (SERVICES, 20, 12),
+    (BACKENDS, 4, 32),
+    (SLOTS, 8, 4),
+    (REVNAT, 32, 20),
+    (IPCACHE, 20, 8),
+    (SOCKS, 4, 56),
+    (CONFIG, 4, 16),
+    (STATS, 4, 8),
+];
+
+/// `CM_STATS` indices (`STAT_*` in C), with the metric label of each.
+pub const STAT_NAMES: [&str; 5] = [
+    "suspects_marked",
+    "suspects_cleared_by_traffic",
+    "health_events_lost",
+    "connects_to_suspect",
+    "connects_without_backend",
+];
 
 /// Transport protocol of a frontend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,7 +145,11 @@ pub type SvcVal = [u8; 12];
 /// `struct slot_key`.
 pub type SlotKey = [u8; 8];
 /// `struct backend`.
-pub type BackendVal = [u8; 24];
+pub type BackendVal = [u8; 32];
+/// `struct config`.
+pub type ConfigVal = [u8; 16];
+/// `struct health_event`.
+pub const HEALTH_EVENT_LEN: usize = 32;
 /// `struct ipcache_key` address part (the LPM trie adds the prefix length).
 pub type IpcacheAddr = [u8; 16];
 /// `struct ipcache_val`.
@@ -188,18 +234,36 @@ pub struct BackendEntry {
     pub cluster_id: u16,
     /// Its zone (an index the agent assigns; 0 = unknown).
     pub zone: u16,
+    /// Until when (`CLOCK_MONOTONIC` ns, the kernel's `bpf_ktime_get_ns`) the kernel skips it
+    /// as suspect; 0 = not suspect. Only the kernel sets it; the agent keeps it when it
+    /// rewrites a backend and clears it when a probe succeeds.
+    pub suspect_until_ns: u64,
+}
+
+impl BackendEntry {
+    /// Whether the kernel skips it as suspect at `now_ns` (`CLOCK_MONOTONIC`).
+    pub fn suspect_at(&self, now_ns: u64) -> bool {
+        self.suspect_until_ns > now_ns
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
 /// Encodes a backend.
 pub fn backend_val(b: &BackendEntry) -> BackendVal {
     let (a, family) = addr16(b.addr.ip());
-    let mut v = [0u8; 24];
+    let mut v = [0u8; 32];
     v[..16].copy_from_slice(&a);
     v[16..18].copy_from_slice(&b.addr.port().to_be_bytes());
     v[18] = family;
     v[19] = u8::from(b.healthy);
     v[20..22].copy_from_slice(&b.cluster_id.to_ne_bytes());
     v[22..24].copy_from_slice(&b.zone.to_ne_bytes());
+    v[24..32].copy_from_slice(&b.suspect_until_ns.to_ne_bytes());
     v
 }
 
@@ -211,6 +275,82 @@ pub fn parse_backend_val(v: &BackendVal) -> Option<BackendEntry> {
         healthy: v[19] == 1,
         cluster_id: u16::from_ne_bytes([v[20], v[21]]),
         zone: u16::from_ne_bytes([v[22], v[23]]),
+        suspect_until_ns: u64::from_ne_bytes([
+            v[24], v[25], v[26], v[27], v[28], v[29], v[30], v[31],
+        ]),
+    })
+}
+
+/// The programs' settings (`struct config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Config {
+    /// How long the kernel skips a suspect backend without other news, in ns.
+    pub quarantine_ns: u64,
+    /// Initial SYN retransmission timeout of translated connects, in kernel jiffies; 0 = the
+    /// kernel's (1 s).
+    pub syn_rto_jiffies: u32,
+}
+
+/// Encodes the settings.
+pub fn config_val(c: &Config) -> ConfigVal {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&c.quarantine_ns.to_ne_bytes());
+    v[8..12].copy_from_slice(&c.syn_rto_jiffies.to_ne_bytes());
+    v
+}
+
+/// Why the kernel reported a backend (`struct health_event.reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HealthReason {
+    /// A translated connect went from SYN_SENT to CLOSE: refused (RST), or the caller gave up.
+    Refused,
+    /// The SYN of a translated connect was not answered within its retransmission timeout.
+    SynTimeout,
+    /// A translated connection to a suspect backend was established (suspicion cleared).
+    Established,
+}
+
+impl HealthReason {
+    /// A label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::SynTimeout => "syn_timeout",
+            Self::Established => "established",
+        }
+    }
+}
+
+/// A health event from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthEvent {
+    /// `bpf_ktime_get_ns()` when it happened.
+    pub ts_ns: u64,
+    /// The backend's ID in `CM_BACKENDS`.
+    pub backend_id: u32,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// What happened.
+    pub reason: HealthReason,
+}
+
+/// Decodes a health event (`None` for a record of another size or an unknown reason).
+pub fn parse_health_event(b: &[u8]) -> Option<HealthEvent> {
+    if b.len() != HEALTH_EVENT_LEN {
+        return None;
+    }
+    let reason = match b[12] {
+        1 => HealthReason::Refused,
+        2 => HealthReason::SynTimeout,
+        3 => HealthReason::Established,
+        _ => return None,
+    };
+    let ip = ip_from(&b[16..32], b[13])?;
+    Some(HealthEvent {
+        ts_ns: u64::from_ne_bytes(b[..8].try_into().ok()?),
+        backend_id: u32::from_ne_bytes(b[8..12].try_into().ok()?),
+        addr: SocketAddr::new(ip, u16::from_be_bytes([b[14], b[15]])),
+        reason,
     })
 }
 
@@ -270,10 +410,35 @@ mod tests {
             healthy: true,
             cluster_id: 4095,
             zone: 2,
+            suspect_until_ns: 1_234_567,
         };
         let v = backend_val(&b);
         assert_eq!(v[19], 1);
+        assert_eq!(&v[24..32], &1_234_567u64.to_ne_bytes());
         assert_eq!(parse_backend_val(&v), Some(b));
+        assert!(b.suspect_at(1_000_000) && !b.suspect_at(1_234_567));
+        let mut ev = [0u8; HEALTH_EVENT_LEN];
+        ev[..8].copy_from_slice(&99u64.to_ne_bytes());
+        ev[8..12].copy_from_slice(&7u32.to_ne_bytes());
+        ev[12] = 2;
+        ev[13] = 4;
+        ev[14..16].copy_from_slice(&8080u16.to_be_bytes());
+        ev[16..20].copy_from_slice(&[10, 1, 0, 5]);
+        assert_eq!(
+            parse_health_event(&ev),
+            Some(HealthEvent {
+                ts_ns: 99,
+                backend_id: 7,
+                addr: "10.1.0.5:8080".parse().unwrap(),
+                reason: HealthReason::SynTimeout,
+            })
+        );
+        assert_eq!(parse_health_event(&ev[..31]), None);
+        let c = config_val(&Config {
+            quarantine_ns: 5,
+            syn_rto_jiffies: 25,
+        });
+        assert_eq!(&c[8..12], &25u32.to_ne_bytes());
         let (len, a) = ipcache_key(&"10.1.0.0/16".parse().unwrap());
         assert_eq!(len, 112);
         assert_eq!(&a[10..16], &[0xff, 0xff, 10, 1, 0, 0]);

@@ -550,14 +550,21 @@ impl Programmer {
                     id
                 }
             };
+            // The kernel's suspicion stays as it is: it is the kernel's to set.
+            let current = self.dp.backends.get(&id, 0).ok();
             let entry = BackendEntry {
                 addr: *addr,
                 healthy: *self.health.get(addr).unwrap_or(&true),
                 cluster_id: spec.cluster_id,
                 zone: spec.zone,
+                suspect_until_ns: current
+                    .as_ref()
+                    .and_then(maps::parse_backend_val)
+                    .filter(|b| b.addr == *addr)
+                    .map_or(0, |b| b.suspect_until_ns),
             };
             let value = maps::backend_val(&entry);
-            if self.dp.backends.get(&id, 0).ok() != Some(value) {
+            if current != Some(value) {
                 backend_writes.push((id, value));
             }
             self.backend_ids.insert(*addr, id);
@@ -682,27 +689,78 @@ impl Programmer {
     }
 
     /// Marks a backend healthy or not, directly in the backends map. Returns whether it
-    /// changed (unknown backends are ignored).
+    /// changed (unknown backends are ignored). Marking it healthy also clears the kernel's
+    /// suspicion of it.
     pub fn set_health(&mut self, addr: SocketAddr, healthy: bool) -> Result<bool, Error> {
-        let Some(id) = self.backend_ids.get(&addr).copied() else {
-            return Ok(false);
-        };
         if self.health.get(&addr) == Some(&healthy) {
             return Ok(false);
         }
+        let changed = self.update_backend(addr, |b| {
+            b.healthy = healthy;
+            if healthy {
+                b.suspect_until_ns = 0;
+            }
+        })?;
+        if changed {
+            self.health.insert(addr, healthy);
+        }
+        Ok(changed)
+    }
+
+    /// Sets the kernel's suspicion of a backend: skipped by new connections until
+    /// `until_ns` (`CLOCK_MONOTONIC`), or no longer (0). Returns whether it changed.
+    pub fn set_suspect(&mut self, addr: SocketAddr, until_ns: u64) -> Result<bool, Error> {
+        self.update_backend(addr, |b| b.suspect_until_ns = until_ns)
+    }
+
+    /// The backend as the kernel holds it now.
+    pub fn backend(&self, addr: SocketAddr) -> Option<BackendEntry> {
+        let id = self.backend_ids.get(&addr)?;
+        let value = self.dp.backends.get(id, 0).ok()?;
+        maps::parse_backend_val(&value)
+    }
+
+    /// The address of backend `id` (from a kernel event), if it is still programmed as that ID.
+    pub fn backend_addr(&self, id: u32) -> Option<SocketAddr> {
+        let value = self.dp.backends.get(&id, 0).ok()?;
+        let b = maps::parse_backend_val(&value)?;
+        (self.backend_ids.get(&b.addr) == Some(&id)).then_some(b.addr)
+    }
+
+    /// Whether the agent has marked `addr` healthy (O(1)); `None` when not programmed.
+    pub fn is_healthy(&self, addr: SocketAddr) -> Option<bool> {
+        self.health.get(&addr).copied()
+    }
+
+    fn update_backend(
+        &mut self,
+        addr: SocketAddr,
+        f: impl FnOnce(&mut BackendEntry),
+    ) -> Result<bool, Error> {
+        let Some(id) = self.backend_ids.get(&addr).copied() else {
+            return Ok(false);
+        };
         let Ok(value) = self.dp.backends.get(&id, 0) else {
             return Ok(false);
         };
         let Some(mut entry) = maps::parse_backend_val(&value) else {
             return Ok(false);
         };
-        entry.healthy = healthy;
+        f(&mut entry);
+        let new = maps::backend_val(&entry);
+        if new == value {
+            return Ok(false);
+        }
         self.dp
             .backends
-            .insert(id, maps::backend_val(&entry), 0)
+            .insert(id, new, 0)
             .map_err(map_err(maps::BACKENDS))?;
-        self.health.insert(addr, healthy);
         Ok(true)
+    }
+
+    /// The datapath, to change its settings.
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.dp
     }
 
     /// What the kernel's maps hold, read back: every frontend with its backends per tier.

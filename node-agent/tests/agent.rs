@@ -133,6 +133,10 @@ impl East {
                 timeout: Duration::from_millis(100),
                 fall: 2,
                 rise: 2,
+                sweep_rate: 50,
+                max_in_flight: 64,
+                quarantine: Duration::from_secs(10),
+                syn_timeout: None,
             },
         }
     }
