@@ -59,8 +59,33 @@ struct svc_key {
 
 struct svc_val {
 	__u32 id;
-	__u16 count[TIERS]; // backends per tier
-	__u32 flags;
+	__u16 count[TIERS];   // slots (backends) per tier
+	__u16 healthy[TIERS]; // usable backends per tier as the agent sees them
+	__u16 overprov_pct;   // spill-over factor x100 (140 = 1.4); 0 = all or nothing
+	__u16 min_healthy;    // below this many healthy backends the first tier is skipped
+	__u32 flags;          // SVC_WEIGHTED: CM_GROUPS holds the tier's cluster groups
+};
+
+#define SVC_WEIGHTED 1
+#define MAX_GROUPS 9 // 8 weighted clusters and the rest
+
+// A weighted tier: its slots grouped by cluster, each group a contiguous range of slots.
+struct group {
+	__u16 start;
+	__u16 len;
+	__u16 weight;
+	__u16 healthy;  // usable backends in the group as the agent sees them
+};
+
+struct groups_key {
+	__u32 svc_id;
+	__u32 tier;
+};
+
+struct groups_val {
+	__u32 n;
+	__u32 pad;
+	struct group g[MAX_GROUPS];
 };
 
 struct slot_key {
@@ -166,6 +191,15 @@ struct {
 } CM_SLOTS SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, struct groups_key);
+	__type(value, struct groups_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_GROUPS SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct revnat_key);
@@ -236,14 +270,15 @@ static __always_inline void emit(__u32 id, const struct backend *be, __u8 reason
 	bpf_ringbuf_submit(ev, 0);
 }
 
-// Backend choice: the search over a tier's slots runs in bpf_loop(), so the verifier checks
-// one iteration instead of every path through 256 of them.
+// Backend choice: the search over a range of a tier's slots runs in bpf_loop(), so the
+// verifier checks one iteration instead of every path through 256 of them.
 struct pick_ctx {
 	__u64 now;      // the clock, read only when a suspect backend is met
 	__u32 svc_id;
 	__u32 tier;
-	__u32 n;
-	__u32 start;
+	__u32 base;     // first slot of the range
+	__u32 n;        // slots in the range
+	__u32 start;    // random offset into the range
 	__u32 found;    // a usable backend's ID
 	__u32 spare;    // the first suspect backend's ID, tried when nothing else is usable
 	__u8 has_found;
@@ -253,10 +288,11 @@ struct pick_ctx {
 static long pick_slot(__u32 i, void *data)
 {
 	struct pick_ctx *c = data;
-	__u32 slot = c->start + i;
-	if (slot >= c->n)
-		slot -= c->n;
-	struct slot_key sk = { .svc_id = c->svc_id, .tier = (__u16)c->tier, .slot = (__u16)slot };
+	__u32 off = c->start + i;
+	if (off >= c->n)
+		off -= c->n;
+	struct slot_key sk = { .svc_id = c->svc_id, .tier = (__u16)c->tier,
+			       .slot = (__u16)(c->base + off) };
 	__u32 *id = bpf_map_lookup_elem(&CM_SLOTS, &sk);
 	if (!id)
 		return 0;
@@ -281,35 +317,112 @@ static long pick_slot(__u32 i, void *data)
 	return 1;
 }
 
-// Random among the usable backends of the first tier that has one; else a suspect one; else 0.
-// Reads the clock only when it meets a suspect backend.
+// Looks for a usable backend in slots [base, base + len) of `tier`, from a random offset.
+static __always_inline int scan(struct pick_ctx *c, __u32 tier, __u32 base, __u32 len)
+{
+	if (len == 0 || len > MAX_TIER_SLOTS)
+		return 0;
+	c->tier = tier;
+	c->base = base;
+	c->n = len;
+	c->start = bpf_get_prandom_u32() % len;
+	bpf_loop(len, pick_slot, c, 0);
+	return c->has_found;
+}
+
+// A weighted tier: draws a cluster group by weight among the groups with a healthy backend
+// (a dead cluster's weight goes to the others). Returns 0 when no group qualifies.
+static __always_inline int weighted_range(const struct svc_val *svc, __u32 tier, __u32 n,
+					  __u32 *base, __u32 *len)
+{
+	struct groups_key gk = { .svc_id = svc->id, .tier = tier };
+	struct groups_val *gv = bpf_map_lookup_elem(&CM_GROUPS, &gk);
+	if (!gv)
+		return 0;
+	__u32 total = 0;
+	for (int i = 0; i < MAX_GROUPS; i++) {
+		if (i < gv->n && gv->g[i].healthy)
+			total += gv->g[i].weight;
+	}
+	if (!total)
+		return 0;
+	__u32 r = bpf_get_prandom_u32() % total;
+	for (int i = 0; i < MAX_GROUPS; i++) {
+		if (i >= gv->n)
+			break;
+		__u32 w = gv->g[i].healthy ? gv->g[i].weight : 0;
+		if (r < w) {
+			__u32 start = gv->g[i].start, l = gv->g[i].len;
+			if (l == 0 || start + l > n)
+				return 0;
+			*base = start;
+			*len = l;
+			return 1;
+		}
+		r -= w;
+	}
+	return 0;
+}
+
+// Whether tier 0 hands this connection to the next tier: below the minimum of healthy
+// backends always; else with probability 1 - min(1, healthy/n x factor) (spill-over).
+static __always_inline int spills(const struct svc_val *svc, __u32 n)
+{
+	__u32 h = svc->healthy[0];
+	if (h < svc->min_healthy)
+		return 1;
+	if (!svc->overprov_pct)
+		return 0;
+	__u64 share = (__u64)h * svc->overprov_pct * 100 / n; // basis points
+	if (share >= 10000)
+		return 0;
+	return bpf_get_prandom_u32() % 10000 >= share;
+}
+
+// Pass 1 honours spill-over and weights; when it finds nothing usable (the tier spilled to
+// is dead too, the agent's counts lag the kernel), pass 2 takes the first usable backend of
+// any tier; when there is none, a suspect one; else none.
 static __always_inline struct backend *pick(const struct svc_val *svc, __u32 *picked)
 {
 	struct pick_ctx c = {};
 	c.svc_id = svc->id;
-	for (int tier = 0; tier < TIERS; tier++) {
-		__u32 n = svc->count[tier];
-		if (n == 0)
-			continue;
-		if (n > MAX_TIER_SLOTS)
-			n = MAX_TIER_SLOTS;
-		c.tier = tier;
-		c.n = n;
-		c.start = bpf_get_prandom_u32() % n;
-		bpf_loop(n, pick_slot, &c, 0);
-		if (c.has_found)
-			break;
+	__u32 n0 = svc->count[0], n1 = svc->count[1];
+	if (n0 > MAX_TIER_SLOTS)
+		n0 = MAX_TIER_SLOTS;
+	if (n1 > MAX_TIER_SLOTS)
+		n1 = MAX_TIER_SLOTS;
+	if (n0 && !(n1 && spills(svc, n0))) {
+		__u32 base = 0, len = n0;
+		if ((svc->flags & SVC_WEIGHTED) && weighted_range(svc, 0, n0, &base, &len)) {
+			if (scan(&c, 0, base, len))
+				goto found;
+		}
+		if (scan(&c, 0, 0, n0))
+			goto found;
 	}
+	if (n1) {
+		__u32 base = 0, len = n1;
+		if ((svc->flags & SVC_WEIGHTED) && weighted_range(svc, 1, n1, &base, &len)) {
+			if (scan(&c, 1, base, len))
+				goto found;
+		}
+		if (scan(&c, 1, 0, n1))
+			goto found;
+	}
+	// Pass 2: tier 0 again when it was spilled away from.
+	if (n0 && scan(&c, 0, 0, n0))
+		goto found;
 	__u32 id;
-	if (c.has_found) {
-		id = c.found;
-	} else if (c.has_spare) {
+	if (c.has_spare) {
 		id = c.spare;
 		count(STAT_SUSPECT_TRIED);
-	} else {
-		count(STAT_NO_BACKEND);
-		return 0;
+		*picked = id;
+		return bpf_map_lookup_elem(&CM_BACKENDS, &id);
 	}
+	count(STAT_NO_BACKEND);
+	return 0;
+found:
+	id = c.found;
 	*picked = id;
 	return bpf_map_lookup_elem(&CM_BACKENDS, &id);
 }

@@ -697,6 +697,7 @@ fn encoded_service(cluster: &str, name: &str) -> Vec<u8> {
         backends: vec![],
         shared: true,
         affinity: model::service::Affinity::None,
+        balancing: Default::default(),
     }
     .encode()
 }

@@ -120,6 +120,7 @@ fn services(n: usize, backend: SocketAddr) -> Vec<DesiredService> {
                 }],
                 vec![],
             ],
+            balancing: Default::default(),
         })
         .collect()
 }
@@ -276,6 +277,7 @@ fn main() {
                 zone: 0,
             }],
         ],
+        balancing: Default::default(),
     }];
     p.apply(&svc).unwrap();
     let programmer = Arc::new(Mutex::new(p));

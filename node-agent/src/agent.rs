@@ -664,11 +664,13 @@ mod state_tests {
                 frontend: fe("10.96.0.1:80"),
                 service: None,
                 tiers: [vec![spec("10.1.0.1:80", 1)], vec![spec("10.2.0.1:80", 2)]],
+                balancing: Default::default(),
             },
             DesiredService {
                 frontend: fe("10.96.0.2:80"),
                 service: None,
                 tiers: [vec![spec("10.1.0.2:80", 1)], vec![]],
+                balancing: Default::default(),
             },
         ];
         let programmed = vec![
@@ -710,6 +712,7 @@ mod state_tests {
             frontend: fe(frontend),
             service: Some(model::service::ServiceName::new("shop", name).unwrap()),
             tiers: [vec![spec(backend, 1)], vec![]],
+            balancing: Default::default(),
         }
     }
 

@@ -15,7 +15,10 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSock, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::maps::{self, BackendVal, ConfigVal, IpcacheAddr, IpcacheVal, SlotKey, SvcKey, SvcVal};
+use crate::maps::{
+    self, BackendVal, ConfigVal, GroupsKey, GroupsVal, IpcacheAddr, IpcacheVal, SlotKey, SvcKey,
+    SvcVal,
+};
 
 /// The compiled programs (built from `bpf/sock_lb.c` by build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
@@ -142,6 +145,8 @@ pub struct Datapath {
     pub backends: HashMap<MapData, u32, BackendVal>,
     /// Slots: (service, tier, slot) → backend ID.
     pub slots: HashMap<MapData, SlotKey, u32>,
+    /// Cluster groups of weighted tiers: (service, tier) → groups.
+    pub groups: HashMap<MapData, GroupsKey, GroupsVal>,
     /// IP cache: prefix → identity, cluster.
     pub ipcache: LpmTrie<MapData, IpcacheAddr, IpcacheVal>,
     /// The programs' settings (one entry).
@@ -234,6 +239,7 @@ impl Datapath {
         let services = take(&mut ebpf, maps::SERVICES)?;
         let backends = take(&mut ebpf, maps::BACKENDS)?;
         let slots = take(&mut ebpf, maps::SLOTS)?;
+        let groups = take(&mut ebpf, maps::GROUPS)?;
         let ipcache_map = ebpf.take_map(maps::IPCACHE).ok_or_else(|| Error::Map {
             map: maps::IPCACHE,
             reason: "missing from the object".into(),
@@ -263,6 +269,7 @@ impl Datapath {
             services,
             backends,
             slots,
+            groups,
             ipcache,
             config,
             stats,

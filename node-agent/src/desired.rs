@@ -3,7 +3,9 @@
 //! A global service is programmed on this node when this cluster exports it (its cluster IPs
 //! are the frontends). Its backends are this cluster's ready backends and the ready backends
 //! of every other cluster that shares it (`shared: true`), matched to each frontend port by
-//! port name. The local service's affinity orders them into tiers.
+//! port name. The local service's affinity orders them into tiers; its balancing annotations
+//! set the spill-over between them, or, with cluster weights, one tier split by cluster
+//! (ADR 0019).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +14,7 @@ use model::service::{Affinity, GlobalService, Protocol, ServiceName};
 use model::{ClusterName, NumericIdentity};
 
 use crate::maps::{Frontend, Proto};
-use crate::program::{BackendSpec, DesiredService};
+use crate::program::{BackendSpec, Balancing, DesiredService};
 
 /// What the node knows of the mesh.
 #[derive(Debug, Default, Clone)]
@@ -60,6 +62,8 @@ pub fn services(own: &ClusterName, view: &MeshView, zones: &mut Zones) -> Vec<De
             };
             let mut local_backends = Vec::new();
             let mut remote_backends = Vec::new();
+            // Per cluster, for a weighted service.
+            let mut by_cluster: BTreeMap<&ClusterName, Vec<BackendSpec>> = BTreeMap::new();
             for gs in &all {
                 let is_local = gs.cluster == *own;
                 if !is_local && !gs.shared {
@@ -86,6 +90,7 @@ pub fn services(own: &ClusterName, view: &MeshView, zones: &mut Zones) -> Vec<De
                         cluster_id,
                         zone: zones.index(b.zone.as_deref()),
                     };
+                    by_cluster.entry(&gs.cluster).or_default().push(spec);
                     if is_local {
                         local_backends.push(spec);
                     } else {
@@ -97,15 +102,47 @@ pub fn services(own: &ClusterName, view: &MeshView, zones: &mut Zones) -> Vec<De
             local_backends.dedup();
             remote_backends.sort();
             remote_backends.dedup();
-            let tiers = match local.affinity {
-                Affinity::Local => [local_backends, remote_backends],
-                Affinity::Remote => [remote_backends, local_backends],
-                Affinity::None => {
-                    let mut all: Vec<BackendSpec> =
-                        local_backends.into_iter().chain(remote_backends).collect();
-                    all.sort();
-                    [all, Vec::new()]
+            let lb = &local.balancing;
+            let mut balancing = Balancing {
+                overprov_pct: u16::try_from(lb.overprovisioning_pct).unwrap_or(u16::MAX),
+                min_healthy: u16::try_from(lb.min_healthy_local).unwrap_or(u16::MAX),
+                groups: Vec::new(),
+            };
+            let tiers = if lb.cluster_weights.is_empty() {
+                match local.affinity {
+                    Affinity::Local => [local_backends, remote_backends],
+                    Affinity::Remote => [remote_backends, local_backends],
+                    Affinity::None => {
+                        let mut all: Vec<BackendSpec> =
+                            local_backends.into_iter().chain(remote_backends).collect();
+                        all.sort();
+                        [all, Vec::new()]
+                    }
                 }
+            } else {
+                // Weights replace the affinity's tiers: one tier, a group per weighted cluster
+                // (in name order), then the clusters not named, with weight 0.
+                let mut tier = Vec::new();
+                let mut rest = Vec::new();
+                for (cluster, list) in &mut by_cluster {
+                    list.sort();
+                    list.dedup();
+                    match lb.cluster_weights.get(*cluster) {
+                        Some(w) if !list.is_empty() => {
+                            balancing
+                                .groups
+                                .push((list.len() as u16, u16::try_from(*w).unwrap_or(u16::MAX)));
+                            tier.extend(list.iter().copied());
+                        }
+                        Some(_) => {}
+                        None => rest.extend(list.iter().copied()),
+                    }
+                }
+                if !rest.is_empty() {
+                    balancing.groups.push((rest.len() as u16, 0));
+                    tier.extend(rest);
+                }
+                [tier, Vec::new()]
             };
             for ip in &local.cluster_ips {
                 out.push(DesiredService {
@@ -115,6 +152,7 @@ pub fn services(own: &ClusterName, view: &MeshView, zones: &mut Zones) -> Vec<De
                     },
                     service: Some(name.clone()),
                     tiers: tiers.clone(),
+                    balancing: balancing.clone(),
                 });
             }
         }
@@ -164,6 +202,7 @@ mod tests {
                 .collect(),
             shared,
             affinity,
+            balancing: Default::default(),
         }
     }
 
@@ -210,6 +249,62 @@ mod tests {
             assert_eq!(addrs(&d[0].tiers[0]), first, "{affinity:?}");
             assert_eq!(addrs(&d[0].tiers[1]), second, "{affinity:?}");
         }
+    }
+
+    #[test]
+    fn balancing_follows_the_local_service_and_weights_make_one_grouped_tier() {
+        let east = ClusterName::new("east").unwrap();
+        let mut z = Zones::default();
+        let mut local = gs(
+            "east",
+            Affinity::Local,
+            true,
+            &["10.1.0.2", "10.1.0.1"],
+            true,
+        );
+        local.balancing.overprovisioning_pct = 200;
+        local.balancing.min_healthy_local = 1;
+        let mut west = gs("west", Affinity::None, true, &["10.2.0.1"], true);
+        west.balancing.overprovisioning_pct = 1000;
+        let south = gs("south", Affinity::None, true, &["10.3.0.1"], true);
+        let d = services(
+            &east,
+            &view(vec![local.clone(), west.clone(), south.clone()]),
+            &mut z,
+        );
+        assert_eq!(
+            d[0].balancing.overprov_pct, 200,
+            "the local service decides"
+        );
+        assert_eq!(d[0].balancing.min_healthy, 1);
+        assert!(d[0].balancing.groups.is_empty());
+        assert_eq!(
+            addrs(&d[0].tiers[0]),
+            vec!["10.1.0.1:8080", "10.1.0.2:8080"]
+        );
+
+        for (c, w) in [("west", 10), ("east", 90)] {
+            local
+                .balancing
+                .cluster_weights
+                .insert(ClusterName::new(c).unwrap(), w);
+        }
+        let d = services(&east, &view(vec![local, west, south]), &mut z);
+        assert_eq!(
+            addrs(&d[0].tiers[0]),
+            vec![
+                "10.1.0.1:8080",
+                "10.1.0.2:8080",
+                "10.2.0.1:8080",
+                "10.3.0.1:8080"
+            ],
+            "one tier: weighted clusters in name order, then the rest"
+        );
+        assert!(
+            d[0].tiers[1].is_empty(),
+            "weights replace the affinity's tiers"
+        );
+        assert_eq!(d[0].balancing.groups, vec![(2, 90), (1, 10), (1, 0)]);
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub enum Action {
     Suspect,
     /// Mark it down in the datapath.
     MarkDown,
+    /// The kernel already skips it: count it as unhealthy (spill-over and weights follow).
+    Noted,
 }
 
 /// The health bookkeeping, free of I/O so that it can be tested on its own.
@@ -348,12 +350,12 @@ impl Tracker {
             // The kernel already skips it: probe it now to confirm or clear.
             (HealthReason::Refused | HealthReason::SynTimeout, State::Up) => {
                 self.change(addr, State::Suspect, now);
-                None
+                Some(Action::Noted)
             }
             // A real connection got through: the kernel cleared its suspicion.
             (HealthReason::Established, State::Suspect) => {
                 self.change(addr, State::Up, now);
-                None
+                Some(Action::Restore)
             }
             _ => None,
         }
@@ -538,6 +540,7 @@ fn act(
                 tracing::info!(backend = %addr, "backend suspect (probe failed); skipped by new connections");
             })
         }
+        Action::Noted => p.note_suspect(addr, true),
         Action::MarkDown => p.set_health(addr, false).map(|changed| {
             if changed {
                 metrics.inc(crate::agent::m::FAILOVERS, &[]);
@@ -709,7 +712,10 @@ mod tests {
         let mut t = Tracker::new(cfg(0), t0);
         t.set_targets(&[(addr(1), true), (addr(2), true)], t0);
         assert!(t.due(t0).is_empty(), "no sweep, no evidence: no probe");
-        assert_eq!(t.on_event(addr(1), HealthReason::Refused, t0), None);
+        assert_eq!(
+            t.on_event(addr(1), HealthReason::Refused, t0),
+            Some(Action::Noted)
+        );
         assert_eq!(t.state(addr(1)), Some(State::Suspect));
         assert_eq!(t.due(t0), vec![(addr(1), "suspect")]);
         assert!(t.due(t0).is_empty(), "one probe in flight per backend");

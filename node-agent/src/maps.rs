@@ -34,9 +34,14 @@ pub const CONFIG: &str = "CM_CONFIG";
 pub const STATS: &str = "CM_STATS";
 /// Health events (ring buffer).
 pub const HEALTH_EVENTS: &str = "CM_HEALTH_EVENTS";
+/// Cluster groups of weighted tiers.
+pub const GROUPS: &str = "CM_GROUPS";
+/// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
+pub const MAX_GROUPS: usize = 9;
 /// Every map the object pins, in the order they are removed.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     SERVICES,
+    GROUPS,
     BACKENDS,
     SLOTS,
     REVNAT,
@@ -49,8 +54,9 @@ pub const ALL: [&str; 9] = [
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
-pub const LAYOUT: [(&str, u32, u32); 8] = [
-    (SERVICES, 20, 12),
+pub const LAYOUT: [(&str, u32, u32); 9] = [
+    (SERVICES, 20, 20),
+    (GROUPS, 8, 80),
     (BACKENDS, 4, 32),
     (SLOTS, 8, 4),
     (REVNAT, 32, 20),
@@ -141,7 +147,11 @@ fn ip_from(a: &[u8], family: u8) -> Option<IpAddr> {
 /// `struct svc_key`.
 pub type SvcKey = [u8; 20];
 /// `struct svc_val`.
-pub type SvcVal = [u8; 12];
+pub type SvcVal = [u8; 20];
+/// `struct groups_key`.
+pub type GroupsKey = [u8; 8];
+/// `struct groups_val`.
+pub type GroupsVal = [u8; 80];
 /// `struct slot_key`.
 pub type SlotKey = [u8; 8];
 /// `struct backend`.
@@ -176,33 +186,104 @@ pub fn parse_svc_key(k: &SvcKey) -> Option<Frontend> {
     })
 }
 
-/// A service's map value: its ID and backends per tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `svc_val.flags`: the tier's cluster groups are in `CM_GROUPS`.
+pub const SVC_WEIGHTED: u32 = 1;
+
+/// A service's map value: its ID, backends per tier and how connections are split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SvcEntry {
     /// Service ID (keys the slots).
     pub id: u32,
     /// Backends per tier.
     pub counts: [u16; TIERS],
+    /// Usable backends per tier, as the agent sees them (spill-over reads them).
+    pub healthy: [u16; TIERS],
+    /// Overprovisioning factor × 100 (140 = 1.4); 0 = all or nothing.
+    pub overprov_pct: u16,
+    /// Below this many healthy backends the first tier is skipped.
+    pub min_healthy: u16,
+    /// [`SVC_WEIGHTED`].
+    pub flags: u32,
 }
 
 /// Encodes a service value.
 pub fn svc_val(e: &SvcEntry) -> SvcVal {
-    let mut v = [0u8; 12];
+    let mut v = [0u8; 20];
     v[..4].copy_from_slice(&e.id.to_ne_bytes());
     v[4..6].copy_from_slice(&e.counts[0].to_ne_bytes());
     v[6..8].copy_from_slice(&e.counts[1].to_ne_bytes());
+    v[8..10].copy_from_slice(&e.healthy[0].to_ne_bytes());
+    v[10..12].copy_from_slice(&e.healthy[1].to_ne_bytes());
+    v[12..14].copy_from_slice(&e.overprov_pct.to_ne_bytes());
+    v[14..16].copy_from_slice(&e.min_healthy.to_ne_bytes());
+    v[16..20].copy_from_slice(&e.flags.to_ne_bytes());
     v
 }
 
 /// Decodes a service value.
 pub fn parse_svc_val(v: &SvcVal) -> SvcEntry {
+    let u16_at = |i: usize| u16::from_ne_bytes([v[i], v[i + 1]]);
     SvcEntry {
         id: u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
-        counts: [
-            u16::from_ne_bytes([v[4], v[5]]),
-            u16::from_ne_bytes([v[6], v[7]]),
-        ],
+        counts: [u16_at(4), u16_at(6)],
+        healthy: [u16_at(8), u16_at(10)],
+        overprov_pct: u16_at(12),
+        min_healthy: u16_at(14),
+        flags: u32::from_ne_bytes([v[16], v[17], v[18], v[19]]),
     }
+}
+
+/// One cluster group of a weighted tier: a contiguous range of its slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupEntry {
+    /// First slot.
+    pub start: u16,
+    /// Slots.
+    pub len: u16,
+    /// Weight (0: only when no weighted group has a healthy backend).
+    pub weight: u16,
+    /// Usable backends in it, as the agent sees them.
+    pub healthy: u16,
+}
+
+/// Encodes a groups key.
+pub fn groups_key(svc: u32, tier: u32) -> GroupsKey {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&svc.to_ne_bytes());
+    k[4..].copy_from_slice(&tier.to_ne_bytes());
+    k
+}
+
+/// Decodes a tier's groups.
+pub fn parse_groups_val(v: &GroupsVal) -> Vec<GroupEntry> {
+    let n = (u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) as usize).min(MAX_GROUPS);
+    let u16_at = |i: usize| u16::from_ne_bytes([v[i], v[i + 1]]);
+    (0..n)
+        .map(|i| {
+            let o = 8 + i * 8;
+            GroupEntry {
+                start: u16_at(o),
+                len: u16_at(o + 2),
+                weight: u16_at(o + 4),
+                healthy: u16_at(o + 6),
+            }
+        })
+        .collect()
+}
+
+/// Encodes a tier's groups (at most [`MAX_GROUPS`]; the rest are ignored).
+pub fn groups_val(groups: &[GroupEntry]) -> GroupsVal {
+    let mut v = [0u8; 80];
+    let n = groups.len().min(MAX_GROUPS);
+    v[..4].copy_from_slice(&(n as u32).to_ne_bytes());
+    for (i, g) in groups.iter().take(n).enumerate() {
+        let o = 8 + i * 8;
+        v[o..o + 2].copy_from_slice(&g.start.to_ne_bytes());
+        v[o + 2..o + 4].copy_from_slice(&g.len.to_ne_bytes());
+        v[o + 4..o + 6].copy_from_slice(&g.weight.to_ne_bytes());
+        v[o + 6..o + 8].copy_from_slice(&g.healthy.to_ne_bytes());
+    }
+    v
 }
 
 /// Encodes a slot key.
@@ -402,8 +483,20 @@ mod tests {
         let e = SvcEntry {
             id: 7,
             counts: [3, 2],
+            healthy: [2, 2],
+            overprov_pct: 140,
+            min_healthy: 1,
+            flags: SVC_WEIGHTED,
         };
         assert_eq!(parse_svc_val(&svc_val(&e)), e);
+        let g = groups_val(&[GroupEntry {
+            start: 2,
+            len: 3,
+            weight: 90,
+            healthy: 1,
+        }]);
+        assert_eq!(&g[..4], &1u32.to_ne_bytes());
+        assert_eq!(&g[8..16], &[2, 0, 3, 0, 90, 0, 1, 0]);
         assert_eq!(parse_slot_key(&slot_key(9, 1, 255)), (9, 1, 255));
         let b = BackendEntry {
             addr: "10.1.0.5:8080".parse().unwrap(),

@@ -17,8 +17,8 @@ use model::service::ServiceName;
 
 use crate::datapath::{Datapath, Error};
 use crate::maps::{
-    self, BackendEntry, Frontend, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, MAX_TIER_SLOTS, Proto,
-    SvcEntry, TIERS,
+    self, BackendEntry, Frontend, GroupEntry, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
+    MAX_TIER_SLOTS, Proto, SVC_WEIGHTED, SvcEntry, TIERS,
 };
 
 /// One backend of a desired service.
@@ -42,6 +42,21 @@ pub struct DesiredService {
     pub service: Option<ServiceName>,
     /// Backends per tier.
     pub tiers: [Vec<BackendSpec>; TIERS],
+    /// How new connections are split (spill-over, weights).
+    pub balancing: Balancing,
+}
+
+/// How a service splits new connections (ADR 0019). The default is the plain tiers: all or
+/// nothing, unweighted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Balancing {
+    /// Overprovisioning factor × 100 (140 = 1.4); 0 = all or nothing.
+    pub overprov_pct: u16,
+    /// Below this many healthy backends the first tier is skipped.
+    pub min_healthy: u16,
+    /// The first tier's backends grouped by cluster, in slot order: (backends, weight). Empty:
+    /// unweighted.
+    pub groups: Vec<(u16, u16)>,
 }
 
 /// A frontend as read back from the maps, with its backends per tier.
@@ -105,6 +120,19 @@ pub enum Reason {
         /// The limit.
         capacity: usize,
     },
+    /// A weighted tier with more cluster groups than a tier holds, or groups that do not
+    /// cover the tier.
+    #[error(
+        "{groups} cluster groups over {backends} backends; a weighted tier holds {capacity} groups covering all its backends (MAX_GROUPS)"
+    )]
+    BadGroups {
+        /// Groups asked for.
+        groups: usize,
+        /// Backends they cover.
+        backends: usize,
+        /// The limit.
+        capacity: usize,
+    },
     /// The slots map has no room for the service's new slots.
     #[error("{wanted} new slots, {free} free of {capacity} (MAX_SLOTS)")]
     SlotsFull {
@@ -119,12 +147,13 @@ pub enum Reason {
 
 impl Reason {
     /// Every [`Reason::kind`], for metrics.
-    pub const KINDS: [&'static str; 5] = [
+    pub const KINDS: [&'static str; 6] = [
         "tier_full",
         "duplicate_frontend",
         "services_full",
         "backends_full",
         "slots_full",
+        "bad_groups",
     ];
 
     /// A short name of the reason (a metric label).
@@ -135,6 +164,7 @@ impl Reason {
             Self::ServicesFull { .. } => Self::KINDS[2],
             Self::BackendsFull { .. } => Self::KINDS[3],
             Self::SlotsFull { .. } => Self::KINDS[4],
+            Self::BadGroups { .. } => Self::KINDS[5],
         }
     }
 }
@@ -196,6 +226,10 @@ impl Limits {
 struct Installed {
     entry: SvcEntry,
     backends: BTreeSet<SocketAddr>,
+    /// The backends per tier in slot order (for the healthy counts).
+    tiers: [Vec<SocketAddr>; TIERS],
+    /// The first tier's groups (start, len, weight) when weighted.
+    groups: Vec<(u16, u16, u16)>,
 }
 
 impl Installed {
@@ -276,6 +310,20 @@ fn plan<'a>(
                 wanted: list.len(),
                 capacity: limits.tier_slots,
             })
+        } else if !s.balancing.groups.is_empty()
+            && (s.balancing.groups.len() > maps::MAX_GROUPS
+                || s.balancing
+                    .groups
+                    .iter()
+                    .map(|(n, _)| usize::from(*n))
+                    .sum::<usize>()
+                    != s.tiers[0].len())
+        {
+            Some(Reason::BadGroups {
+                groups: s.balancing.groups.len(),
+                backends: s.tiers[0].len(),
+                capacity: maps::MAX_GROUPS,
+            })
         } else {
             let new_service = usize::from(old.is_none());
             let new_slots: usize = s
@@ -347,6 +395,10 @@ pub struct Programmer {
     services: BTreeMap<Frontend, Installed>,
     backend_ids: HashMap<SocketAddr, u32>,
     health: HashMap<SocketAddr, bool>,
+    /// Backends the agent knows the kernel suspects (they count as unhealthy).
+    suspects: HashSet<SocketAddr>,
+    /// Backend → the frontends whose tiers hold it.
+    users: HashMap<SocketAddr, BTreeSet<Frontend>>,
     next_svc: u32,
     next_backend: u32,
     batching: bool,
@@ -426,6 +478,7 @@ impl Programmer {
             };
             let entry = maps::parse_svc_val(&v);
             let mut backends = BTreeSet::new();
+            let mut tiers: [Vec<SocketAddr>; TIERS] = Default::default();
             for (tier, n) in entry.counts.iter().enumerate() {
                 for slot in 0..*n {
                     // A slot that is missing references nothing (the slot gets rewritten).
@@ -436,22 +489,123 @@ impl Programmer {
                         .and_then(|bid| by_id.get(&bid))
                     {
                         backends.insert(*addr);
+                        tiers[tier].push(*addr);
                     }
                 }
             }
-            services.insert(f, Installed { entry, backends });
+            let groups = if entry.flags & SVC_WEIGHTED != 0 {
+                dp.groups
+                    .get(&maps::groups_key(entry.id, 0), 0)
+                    .map(|v| {
+                        maps::parse_groups_val(&v)
+                            .into_iter()
+                            .map(|g| (g.start, g.len, g.weight))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            services.insert(
+                f,
+                Installed {
+                    entry,
+                    backends,
+                    tiers,
+                    groups,
+                },
+            );
         }
         let next_svc = services.values().map(|s| s.entry.id).max().unwrap_or(0) + 1;
         let next_backend = backend_ids.values().copied().max().unwrap_or(0) + 1;
-        Ok(Self {
+        let mut p = Self {
             dp,
             services,
             backend_ids,
             health,
+            suspects: HashSet::new(),
+            users: HashMap::new(),
             next_svc,
             next_backend,
             batching: true,
-        })
+        };
+        p.index_users();
+        Ok(p)
+    }
+
+    /// Rebuilds the backend → frontends index.
+    fn index_users(&mut self) {
+        self.users.clear();
+        for (f, inst) in &self.services {
+            for a in &inst.backends {
+                self.users.entry(*a).or_default().insert(*f);
+            }
+        }
+    }
+
+    /// Whether new connections may go to `addr` as the agent sees it: not down, not suspect.
+    fn usable(&self, addr: &SocketAddr) -> bool {
+        self.health.get(addr).copied().unwrap_or(true) && !self.suspects.contains(addr)
+    }
+
+    /// The usable backends per tier and per group of `tiers`.
+    fn healthy_counts(
+        &self,
+        tiers: &[Vec<SocketAddr>; TIERS],
+        groups: &[(u16, u16, u16)],
+    ) -> ([u16; TIERS], Vec<GroupEntry>) {
+        let mut healthy = [0u16; TIERS];
+        for (t, list) in tiers.iter().enumerate() {
+            healthy[t] = list.iter().filter(|a| self.usable(a)).count() as u16;
+        }
+        let groups = groups
+            .iter()
+            .map(|(start, len, weight)| GroupEntry {
+                start: *start,
+                len: *len,
+                weight: *weight,
+                healthy: tiers[0]
+                    .iter()
+                    .skip(usize::from(*start))
+                    .take(usize::from(*len))
+                    .filter(|a| self.usable(a))
+                    .count() as u16,
+            })
+            .collect();
+        (healthy, groups)
+    }
+
+    /// Rewrites the healthy counts of every service that uses `addr` (after its health
+    /// changed), so that spill-over and weights follow it.
+    fn refresh(&mut self, addr: SocketAddr) -> Result<(), Error> {
+        let Some(frontends) = self.users.get(&addr).cloned() else {
+            return Ok(());
+        };
+        for f in frontends {
+            let Some(inst) = self.services.get(&f) else {
+                continue;
+            };
+            let (healthy, groups) = self.healthy_counts(&inst.tiers, &inst.groups);
+            let id = inst.entry.id;
+            if !groups.is_empty() {
+                self.dp
+                    .groups
+                    .insert(maps::groups_key(id, 0), maps::groups_val(&groups), 0)
+                    .map_err(map_err(maps::GROUPS))?;
+            }
+            if healthy != inst.entry.healthy {
+                let mut entry = inst.entry;
+                entry.healthy = healthy;
+                self.dp
+                    .services
+                    .insert(maps::svc_key(&f), maps::svc_val(&entry), 0)
+                    .map_err(map_err(maps::SERVICES))?;
+                if let Some(inst) = self.services.get_mut(&f) {
+                    inst.entry = entry;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether writes of one phase go to the kernel as one batch (the default) or one by one
@@ -495,6 +649,7 @@ impl Programmer {
             }
             self.backend_ids.remove(&addr);
             self.health.remove(&addr);
+            self.suspects.remove(&addr);
         }
     }
 
@@ -517,6 +672,15 @@ impl Programmer {
                 continue;
             };
             if self.dp.services.remove(&maps::svc_key(&f)).is_ok() {
+                ops.deletes += 1;
+            }
+            if !old.groups.is_empty()
+                && self
+                    .dp
+                    .groups
+                    .remove(&maps::groups_key(old.entry.id, 0))
+                    .is_ok()
+            {
                 ops.deletes += 1;
             }
             for tier in 0..TIERS {
@@ -577,14 +741,17 @@ impl Programmer {
             &backend_writes,
             self.batching,
         )?;
-        // 3. Services: slots (all services), counts, then slots past the counts.
+        // 3. Services: slots (all services), groups, counts, then slots past the counts.
         let mut slot_writes = Vec::new();
         let mut svc_writes = Vec::new();
+        let mut group_writes = Vec::new();
+        let mut group_deletes = Vec::new();
         let mut stale_slots = Vec::new();
         let mut installed = Vec::new();
         for (frontend, s) in &plan.accepted {
-            let old = self.services.get(frontend).map(|i| i.entry);
-            let id = old.map(|e| e.id).unwrap_or_else(|| {
+            let old = self.services.get(frontend);
+            let old_entry = old.map(|i| i.entry);
+            let id = old_entry.map(|e| e.id).unwrap_or_else(|| {
                 let id = self.next_svc;
                 self.next_svc += 1;
                 id
@@ -601,14 +768,46 @@ impl Programmer {
                     }
                 }
             }
-            let entry = SvcEntry { id, counts };
+            let tiers: [Vec<SocketAddr>; TIERS] = [
+                s.tiers[0].iter().map(|b| b.addr).collect(),
+                s.tiers[1].iter().map(|b| b.addr).collect(),
+            ];
+            let mut start = 0u16;
+            let groups: Vec<(u16, u16, u16)> = s
+                .balancing
+                .groups
+                .iter()
+                .map(|(len, weight)| {
+                    let g = (start, *len, *weight);
+                    start += len;
+                    g
+                })
+                .collect();
+            let (healthy, group_entries) = self.healthy_counts(&tiers, &groups);
+            let gkey = maps::groups_key(id, 0);
+            if !group_entries.is_empty() {
+                let value = maps::groups_val(&group_entries);
+                if self.dp.groups.get(&gkey, 0).ok() != Some(value) {
+                    group_writes.push((gkey, value));
+                }
+            } else if old.is_some_and(|o| !o.groups.is_empty()) {
+                group_deletes.push(gkey);
+            }
+            let entry = SvcEntry {
+                id,
+                counts,
+                healthy,
+                overprov_pct: s.balancing.overprov_pct,
+                min_healthy: s.balancing.min_healthy,
+                flags: if groups.is_empty() { 0 } else { SVC_WEIGHTED },
+            };
             let key = maps::svc_key(frontend);
-            if old != Some(entry)
+            if old_entry != Some(entry)
                 || self.dp.services.get(&key, 0).ok() != Some(maps::svc_val(&entry))
             {
                 svc_writes.push((key, maps::svc_val(&entry)));
             }
-            if let Some(old) = old {
+            if let Some(old) = old_entry {
                 for (tier, (new_n, old_n)) in counts.iter().zip(old.counts).enumerate() {
                     for slot in *new_n..old_n {
                         stale_slots.push(maps::slot_key(id, tier as u16, slot));
@@ -616,8 +815,23 @@ impl Programmer {
                 }
             }
             let backends = s.tiers.iter().flatten().map(|b| b.addr).collect();
-            installed.push((*frontend, Installed { entry, backends }));
+            installed.push((
+                *frontend,
+                Installed {
+                    entry,
+                    backends,
+                    tiers,
+                    groups,
+                },
+            ));
         }
+        ops.writes += group_writes.len();
+        write_all(
+            &mut self.dp.groups,
+            maps::GROUPS,
+            &group_writes,
+            self.batching,
+        )?;
         // Every service's new slots before any service's new counts; stale slots after.
         ops.writes += slot_writes.len() + svc_writes.len();
         write_all(&mut self.dp.slots, maps::SLOTS, &slot_writes, self.batching)?;
@@ -632,7 +846,13 @@ impl Programmer {
                 ops.deletes += 1;
             }
         }
+        for key in group_deletes {
+            if self.dp.groups.remove(&key).is_ok() {
+                ops.deletes += 1;
+            }
+        }
         self.services.extend(installed);
+        self.index_users();
         // 4. Backends no longer referenced.
         self.remove_backends(|a| plan.final_backends.contains(a), &mut ops);
         ops.refused = plan.refused;
@@ -703,6 +923,10 @@ impl Programmer {
         })?;
         if changed {
             self.health.insert(addr, healthy);
+            if healthy {
+                self.suspects.remove(&addr);
+            }
+            self.refresh(addr)?;
         }
         Ok(changed)
     }
@@ -710,7 +934,26 @@ impl Programmer {
     /// Sets the kernel's suspicion of a backend: skipped by new connections until
     /// `until_ns` (`CLOCK_MONOTONIC`), or no longer (0). Returns whether it changed.
     pub fn set_suspect(&mut self, addr: SocketAddr, until_ns: u64) -> Result<bool, Error> {
-        self.update_backend(addr, |b| b.suspect_until_ns = until_ns)
+        let changed = self.update_backend(addr, |b| b.suspect_until_ns = until_ns)?;
+        self.note_suspect(addr, until_ns > maps::monotonic_ns())?;
+        Ok(changed)
+    }
+
+    /// Records what the agent knows of the kernel's suspicion of `addr` (the kernel set or
+    /// cleared it itself), so that the healthy counts behind spill-over and weights follow.
+    pub fn note_suspect(&mut self, addr: SocketAddr, suspect: bool) -> Result<(), Error> {
+        if !self.backend_ids.contains_key(&addr) {
+            return Ok(());
+        }
+        let changed = if suspect {
+            self.suspects.insert(addr)
+        } else {
+            self.suspects.remove(&addr)
+        };
+        if changed {
+            self.refresh(addr)?;
+        }
+        Ok(())
     }
 
     /// The backend as the kernel holds it now.
@@ -831,6 +1074,7 @@ mod tests {
             frontend: fe(i),
             service: Some(ServiceName::new("shop", name).unwrap()),
             tiers,
+            balancing: Default::default(),
         }
     }
 
@@ -840,8 +1084,17 @@ mod tests {
         (
             s.frontend,
             Installed {
-                entry: SvcEntry { id, counts },
+                entry: SvcEntry {
+                    id,
+                    counts,
+                    ..Default::default()
+                },
                 backends,
+                tiers: [
+                    s.tiers[0].iter().map(|b| b.addr).collect(),
+                    s.tiers[1].iter().map(|b| b.addr).collect(),
+                ],
+                groups: Vec::new(),
             },
         )
     }

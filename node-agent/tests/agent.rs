@@ -214,6 +214,7 @@ impl East {
                 .collect(),
             shared: true,
             affinity: Affinity::None,
+            balancing: Default::default(),
         };
         let kv = self.etcd.client().await.unwrap();
         kv.put_raw(&keys::object(Scope::Cache, &west), west.encode())

@@ -93,22 +93,26 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
             frontend: frontend(vip_local, Proto::Tcp),
             service: None,
             tiers: [local.clone(), remote.clone()],
+            balancing: Default::default(),
         },
         DesiredService {
             frontend: frontend(vip_remote, Proto::Tcp),
             service: None,
             tiers: [remote.clone(), local.clone()],
+            balancing: Default::default(),
         },
         DesiredService {
             frontend: frontend(vip_none, Proto::Tcp),
             service: None,
             tiers: [both.clone(), vec![]],
+            balancing: Default::default(),
         },
         // UDP to l1 only; the port must match the backend's.
         DesiredService {
             frontend: frontend(vip_udp, Proto::Udp),
             service: None,
             tiers: [vec![spec(l1, 1)], vec![]],
+            balancing: Default::default(),
         },
     ];
     let mut p = node.open();
@@ -177,6 +181,7 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
         frontend: frontend("127.100.0.9:80", Proto::Tcp),
         service: None,
         tiers: [many(300), vec![]],
+        balancing: Default::default(),
     });
     let ops = p.apply(&too_big).unwrap();
     assert_eq!((ops.writes, ops.deletes), (0, 0), "{ops:?}");
@@ -205,6 +210,7 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
         frontend: frontend(vip6, Proto::Tcp),
         service: None,
         tiers: [vec![spec(v6a, 1)], vec![spec(v6b, 2)]],
+        balancing: Default::default(),
     });
     p.apply(&with_v6).unwrap();
     let six = node.client(true, "tcp", vip6.parse().unwrap(), 50);
@@ -252,11 +258,13 @@ fn an_oversized_service_is_refused_alone() {
         frontend: frontend("127.100.1.1:80", Proto::Tcp),
         service: service("web"),
         tiers: [vec![spec(w1, 1), spec(w2, 1)], vec![]],
+        balancing: Default::default(),
     };
     let oversized = DesiredService {
         frontend: frontend("127.100.1.2:80", Proto::Tcp),
         service: service("big"),
         tiers: [vec![spec(b1, 1)], many(300)],
+        balancing: Default::default(),
     };
     let mut p = node.open();
     let ops = p.apply(&[oversized.clone(), web.clone()]).unwrap();
@@ -333,11 +341,13 @@ fn a_programmed_service_that_grows_past_the_limit_keeps_its_old_programming() {
         frontend: frontend("127.100.2.1:80", Proto::Tcp),
         service: service("api"),
         tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![]],
+        balancing: Default::default(),
     };
     let web = DesiredService {
         frontend: frontend("127.100.2.2:80", Proto::Tcp),
         service: service("web"),
         tiers: [vec![spec(w1, 1)], vec![]],
+        balancing: Default::default(),
     };
     let mut p = node.open();
     assert!(
@@ -435,6 +445,7 @@ fn pods_in_their_own_network_namespace_and_child_cgroup() {
             },
             service: None,
             tiers: [vec![spec(l1, 1), spec(l2, 1)], vec![spec(r1, 2)]],
+            balancing: Default::default(),
         },
         DesiredService {
             frontend: Frontend {
@@ -443,6 +454,7 @@ fn pods_in_their_own_network_namespace_and_child_cgroup() {
             },
             service: None,
             tiers: [vec![spec(r1, 2)], vec![spec(l1, 1), spec(l2, 1)]],
+            balancing: Default::default(),
         },
     ])
     .unwrap();

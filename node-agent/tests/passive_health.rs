@@ -98,6 +98,7 @@ fn a_refused_backend_is_skipped_from_the_next_connect() {
         frontend: tcp(vip),
         service: None,
         tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![spec(r1, 2)]],
+        balancing: Default::default(),
     }])
     .unwrap();
     let warm = node.client(true, "tcp", vip.parse().unwrap(), 50);
@@ -148,6 +149,7 @@ fn a_refused_backend_is_skipped_from_the_next_connect() {
             frontend: tcp(vip),
             service: None,
             tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![spec(r1, 2)]],
+            balancing: Default::default(),
         }])
         .unwrap();
     assert_eq!(ops.writes, 0, "{ops:?}");
@@ -283,6 +285,7 @@ fn a_blackholed_backend_is_skipped_after_its_first_syn_timeout() {
         frontend: tcp(vip),
         service: None,
         tiers: [vec![spec(dark, 1), spec(lit, 1)], vec![]],
+        balancing: Default::default(),
     }])
     .unwrap();
     // The rule lives in the test's own namespace and goes with it.
@@ -340,6 +343,7 @@ fn the_reverse_nat_map_does_not_grow_with_connections() {
             frontend: tcp(vip),
             service: None,
             tiers: [vec![spec(b, 1)], vec![]],
+            balancing: Default::default(),
         },
         DesiredService {
             frontend: Frontend {
@@ -348,6 +352,7 @@ fn the_reverse_nat_map_does_not_grow_with_connections() {
             },
             service: None,
             tiers: [vec![spec(b, 1)], vec![]],
+            balancing: Default::default(),
         },
     ])
     .unwrap();

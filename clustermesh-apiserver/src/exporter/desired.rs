@@ -180,6 +180,7 @@ pub fn service<'a>(
         backends: backends.into_values().collect(),
         shared: policy.shared,
         affinity: policy.affinity,
+        balancing: policy.balancing,
     };
     gs.normalize();
     gs.validate().map_err(|e| invalid(&sn, e.to_string()))?;
@@ -319,15 +320,20 @@ mod tests {
         let other = slice("db-a", "db", json!([{"addresses": ["10.1.9.9"]}]));
         let gs = service(
             &cluster(),
-            &svc(
-                json!({"service.cilium.io/global": "true", "service.cilium.io/affinity": "local"}),
-            ),
+            &svc(json!({
+                "service.cilium.io/global": "true",
+                "service.cilium.io/affinity": "local",
+                "clustermesh.dev/overprovisioning-factor": "2",
+                "clustermesh.dev/cluster-weights": "east=90,west=10"
+            })),
             None,
             [&s1, &other],
         )
         .unwrap()
         .unwrap();
         assert_eq!(gs.affinity, Affinity::Local);
+        assert_eq!(gs.balancing.overprovisioning_pct, 200);
+        assert_eq!(gs.balancing.cluster_weights.len(), 2);
         assert!(gs.shared);
         assert_eq!(
             gs.cluster_ips,

@@ -1451,6 +1451,7 @@ mod tests {
                 .collect(),
             shared: true,
             affinity: model::service::Affinity::None,
+            balancing: Default::default(),
         };
         svc.normalize();
         svc.encode()

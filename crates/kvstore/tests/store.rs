@@ -109,6 +109,7 @@ async fn typed_objects_round_trip_under_the_key_layout() {
         backends: vec![],
         shared: true,
         affinity: model::Affinity::Local,
+        balancing: Default::default(),
     };
     c.put(Scope::State, &svc).await.unwrap();
     let raw = c

@@ -3,7 +3,7 @@
 //! Must not parse Kubernetes objects (the exporter does) nor decide which backends a node uses
 //! (the node agent does); this module only describes one cluster's share of a global service.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -69,6 +69,83 @@ pub enum Error {
         /// The refused text.
         value: String,
     },
+    /// Balancing settings out of range.
+    #[error("service {service}: {reason}")]
+    Balancing {
+        /// The service.
+        service: ServiceName,
+        /// What is out of range.
+        reason: String,
+    },
+}
+
+/// The overprovisioning factor when none is set, in percent (Envoy's 1.4).
+pub const DEFAULT_OVERPROVISIONING_PCT: u32 = 140;
+/// Overprovisioning factors accepted, in percent (1.0 ..= 10.0).
+pub const OVERPROVISIONING_PCT: std::ops::RangeInclusive<u32> = 100..=1000;
+/// Clusters a weighted service may name.
+pub const MAX_WEIGHTED_CLUSTERS: usize = 8;
+/// The largest weight of one cluster.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// The largest minimum of healthy local backends.
+pub const MAX_MIN_HEALTHY: u32 = 256;
+
+/// How a node splits new connections between tiers and clusters (annotations of this
+/// project's prefix, ADR 0019).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Balancing {
+    /// Overprovisioning factor in percent (140 = 1.4): the first tier keeps
+    /// `min(1, healthy fraction × factor)` of new connections, the rest spills to the next.
+    pub overprovisioning_pct: u32,
+    /// Below this many healthy backends the first tier is skipped altogether (0: never).
+    pub min_healthy_local: u32,
+    /// Per-cluster weights of new connections; empty: no weights (affinity decides). When set,
+    /// the service's backends form one tier split by these weights, a cluster without a
+    /// healthy backend giving its share to the others, clusters not named being the last
+    /// resort.
+    pub cluster_weights: BTreeMap<ClusterName, u32>,
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Self {
+            overprovisioning_pct: DEFAULT_OVERPROVISIONING_PCT,
+            min_healthy_local: 0,
+            cluster_weights: BTreeMap::new(),
+        }
+    }
+}
+
+impl Balancing {
+    /// Checks the ranges; the error says which.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !OVERPROVISIONING_PCT.contains(&self.overprovisioning_pct) {
+            return Err(format!(
+                "overprovisioning factor {}.{:02} is outside 1.0..=10.0",
+                self.overprovisioning_pct / 100,
+                self.overprovisioning_pct % 100
+            ));
+        }
+        if self.min_healthy_local > MAX_MIN_HEALTHY {
+            return Err(format!(
+                "minimum of healthy local backends {} is above {MAX_MIN_HEALTHY}",
+                self.min_healthy_local
+            ));
+        }
+        if self.cluster_weights.len() > MAX_WEIGHTED_CLUSTERS {
+            return Err(format!(
+                "{} clusters weighted, at most {MAX_WEIGHTED_CLUSTERS}",
+                self.cluster_weights.len()
+            ));
+        }
+        if let Some((c, w)) = self.cluster_weights.iter().find(|(_, w)| **w > MAX_WEIGHT) {
+            return Err(format!("weight {w} of cluster {c} is above {MAX_WEIGHT}"));
+        }
+        if !self.cluster_weights.is_empty() && self.cluster_weights.values().all(|w| *w == 0) {
+            return Err("every cluster weight is 0".into());
+        }
+        Ok(())
+    }
 }
 
 /// Result type of this module.
@@ -283,6 +360,9 @@ pub struct GlobalService {
     pub shared: bool,
     /// Which backends clients in this cluster prefer (`service.cilium.io/affinity`).
     pub affinity: Affinity,
+    /// How this cluster's nodes split new connections (spill-over, weights).
+    #[serde(default)]
+    pub balancing: Balancing,
 }
 
 impl GlobalService {
@@ -299,6 +379,10 @@ impl GlobalService {
     /// Checks the rules that span fields: port numbers, unique port names and backend
     /// addresses, and no backends on a service that is not shared.
     pub fn validate(&self) -> Result<()> {
+        self.balancing.check().map_err(|reason| Error::Balancing {
+            service: self.name.clone(),
+            reason,
+        })?;
         let mut names = BTreeSet::new();
         for p in &self.ports {
             if p.port == 0 {
@@ -387,6 +471,7 @@ mod tests {
             }],
             shared: true,
             affinity: Affinity::Local,
+            balancing: Balancing::default(),
         }
     }
 
@@ -414,6 +499,40 @@ mod tests {
         let mut s = svc();
         s.ports[0].port = 0;
         assert!(matches!(s.validate(), Err(Error::PortZero { .. })));
+
+        let mut s = svc();
+        s.balancing.overprovisioning_pct = 99;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("0.99") && e.contains("shop/cart"), "{e}");
+        let mut s = svc();
+        for (i, c) in ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+            .iter()
+            .enumerate()
+        {
+            s.balancing
+                .cluster_weights
+                .insert(ClusterName::new(*c).unwrap(), i as u32);
+        }
+        assert!(s.validate().unwrap_err().to_string().contains("at most 8"));
+        let mut s = svc();
+        s.balancing
+            .cluster_weights
+            .insert(ClusterName::new("east").unwrap(), 0);
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("every cluster weight is 0")
+        );
+        s.balancing
+            .cluster_weights
+            .insert(ClusterName::new("west").unwrap(), MAX_WEIGHT + 1);
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("above 10000")
+        );
     }
 
     #[test]

@@ -59,6 +59,7 @@ fn service(backends: u32) -> GlobalService {
             .collect(),
         shared: true,
         affinity: Affinity::Local,
+        balancing: Default::default(),
     }
 }
 

@@ -274,6 +274,14 @@ impl Codec for GlobalService {
                 Affinity::Local => pb::Affinity::Local,
                 Affinity::Remote => pb::Affinity::Remote,
             }) as i32,
+            overprovisioning_pct: self.balancing.overprovisioning_pct,
+            min_healthy_local: self.balancing.min_healthy_local,
+            cluster_weights: self
+                .balancing
+                .cluster_weights
+                .iter()
+                .map(|(c, w)| (c.to_string(), *w))
+                .collect(),
         }
     }
 
@@ -339,6 +347,20 @@ impl Codec for GlobalService {
                 )));
             }
         };
+        let cluster_weights = m
+            .cluster_weights
+            .into_iter()
+            .map(|(c, w)| Ok((cluster(M, c)?, w)))
+            .collect::<Result<_>>()?;
+        let balancing = model::service::Balancing {
+            overprovisioning_pct: if m.overprovisioning_pct == 0 {
+                model::service::DEFAULT_OVERPROVISIONING_PCT
+            } else {
+                m.overprovisioning_pct
+            },
+            min_healthy_local: m.min_healthy_local,
+            cluster_weights,
+        };
         let mut svc = GlobalService {
             cluster: cluster(M, m.cluster)?,
             name,
@@ -347,10 +369,17 @@ impl Codec for GlobalService {
             backends,
             shared: m.shared,
             affinity,
+            balancing,
         };
         svc.normalize();
-        svc.validate()
-            .map_err(|e| field(M, "backends")(e.to_string()))?;
+        svc.validate().map_err(|e| {
+            let f = if matches!(e, model::service::Error::Balancing { .. }) {
+                "balancing"
+            } else {
+                "backends"
+            };
+            field(M, f)(e.to_string())
+        })?;
         Ok(svc)
     }
 }

@@ -41,6 +41,7 @@ pub(crate) fn sample_service() -> GlobalService {
             .collect(),
         shared: true,
         affinity: Affinity::Local,
+        balancing: Default::default(),
     };
     s.normalize();
     s
@@ -50,6 +51,28 @@ pub(crate) fn sample_service() -> GlobalService {
 fn every_kind_round_trips() {
     let svc = sample_service();
     assert_eq!(GlobalService::decode(&svc.encode()).unwrap(), svc);
+    let mut weighted = sample_service();
+    weighted.balancing.overprovisioning_pct = 200;
+    weighted.balancing.min_healthy_local = 2;
+    weighted
+        .balancing
+        .cluster_weights
+        .insert(ClusterName::new("west").unwrap(), 10);
+    assert_eq!(GlobalService::decode(&weighted.encode()).unwrap(), weighted);
+    // A message from a sender that knows nothing of balancing: the defaults.
+    let mut m = svc.to_message();
+    m.overprovisioning_pct = 0;
+    assert_eq!(
+        GlobalService::from_message(m).unwrap().balancing,
+        model::service::Balancing::default()
+    );
+    let mut m = weighted.to_message();
+    m.cluster_weights.insert("NotACluster".into(), 1);
+    assert!(GlobalService::from_message(m).is_err());
+    let mut m = weighted.to_message();
+    m.overprovisioning_pct = 50;
+    let e = GlobalService::from_message(m).unwrap_err().to_string();
+    assert!(e.contains("balancing"), "{e}");
 
     let ep = Endpoint {
         cluster: ClusterName::new("west").unwrap(),

@@ -1,0 +1,193 @@
+//! Proportional spill-over and per-cluster weights (ADR 0019), decided in the kernel per
+//! connection, from the healthy counts the agent keeps in the maps. Real connects from a
+//! process in the node's cgroup. Needs root and bpffs (scripts/setup.sh mounts it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Node, backend};
+use node_agent::maps::{Frontend, Proto};
+use node_agent::program::{BackendSpec, Balancing, DesiredService};
+use serde_json::Value;
+
+const N: usize = 10_000;
+
+fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
+    BackendSpec {
+        addr,
+        cluster_id,
+        zone: 0,
+    }
+}
+
+/// The share of a run's connections (in %) answered by backends whose name starts with
+/// `prefix`; the run must have had no failure.
+fn share(run: &Value, prefix: &str) -> f64 {
+    assert_eq!(run["failures"], 0, "{run}");
+    let counts = run["counts"].as_object().unwrap();
+    let total: u64 = counts.values().map(|n| n.as_u64().unwrap()).sum();
+    let hits: u64 = counts
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum();
+    hits as f64 * 100.0 / total as f64
+}
+
+fn within(what: &str, got: f64, want: f64, tolerance: f64) {
+    println!("{what}: {got:.1} % (want {want} ± {tolerance})");
+    assert!(
+        (got - want).abs() <= tolerance,
+        "{what}: {got:.2} %, want {want} ± {tolerance}"
+    );
+}
+
+/// Four local backends, factor 1.4: killing 1, 2, 3 and 4 of them moves 0, 30, 65 and 100 % of
+/// new connections to the remote tier — never all at once; below the minimum of healthy local
+/// backends the local tier is skipped.
+#[test]
+fn spill_over_is_proportional_to_the_healthy_local_backends() {
+    let node = Node::new();
+    let mut p = node.open();
+    let locals: Vec<SocketAddr> = ["local-1", "local-2", "local-3", "local-4"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| backend(n, &format!("127.0.1.{}", 51 + i)))
+        .collect();
+    let remote = backend("remote-1", "127.0.2.51");
+    let vip: SocketAddr = "127.100.8.1:80".parse().unwrap();
+    let mut svc = DesiredService {
+        frontend: Frontend {
+            addr: vip,
+            proto: Proto::Tcp,
+        },
+        service: None,
+        tiers: [
+            locals.iter().map(|a| spec(*a, 1)).collect(),
+            vec![spec(remote, 2)],
+        ],
+        balancing: Balancing {
+            overprov_pct: 140,
+            min_healthy: 0,
+            groups: Vec::new(),
+        },
+    };
+    p.apply(std::slice::from_ref(&svc)).unwrap();
+    for (dead, want) in [(0, 0.0), (1, 0.0), (2, 30.0), (3, 65.0), (4, 100.0)] {
+        if dead > 0 {
+            assert!(p.set_health(locals[dead - 1], false).unwrap());
+        }
+        let run = node.client(true, "tcp", vip, N);
+        within(
+            &format!("{dead} of 4 local backends down: to the remote tier"),
+            share(&run, "remote"),
+            want,
+            3.0,
+        );
+    }
+    // Back up: all local again.
+    for a in &locals {
+        p.set_health(*a, true).unwrap();
+    }
+    let run = node.client(true, "tcp", vip, 1000);
+    assert_eq!(run["counts"].get("remote-1"), None, "{run}");
+    // A minimum of 3 healthy local backends: with 2, the local tier is skipped.
+    svc.balancing.min_healthy = 3;
+    p.apply(std::slice::from_ref(&svc)).unwrap();
+    p.set_health(locals[0], false).unwrap();
+    p.set_health(locals[1], false).unwrap();
+    let run = node.client(true, "tcp", vip, 1000);
+    assert_eq!(run["counts"]["remote-1"], 1000, "below the minimum: {run}");
+    // The agent's counts follow a kernel suspicion too (note_suspect), not only its own.
+    svc.balancing.min_healthy = 0;
+    p.apply(std::slice::from_ref(&svc)).unwrap();
+    p.set_health(locals[0], true).unwrap();
+    p.set_health(locals[1], true).unwrap();
+    p.note_suspect(locals[2], true).unwrap();
+    p.note_suspect(locals[3], true).unwrap();
+    let run = node.client(true, "tcp", vip, N);
+    within(
+        "2 of 4 local backends suspect: to the remote tier",
+        share(&run, "remote"),
+        30.0,
+        3.0,
+    );
+}
+
+/// Weights 90/10 and 50/50 between two clusters hold over 10,000 connections; a cluster with
+/// no healthy backend gives its share to the others; clusters not named are the last resort.
+#[test]
+fn cluster_weights_split_new_connections() {
+    let node = Node::new();
+    let mut p = node.open();
+    let east = [
+        backend("east-1", "127.0.1.61"),
+        backend("east-2", "127.0.1.62"),
+    ];
+    let west = [
+        backend("west-1", "127.0.2.61"),
+        backend("west-2", "127.0.2.62"),
+    ];
+    let south = backend("south-1", "127.0.3.61");
+    let vip: SocketAddr = "127.100.9.1:80".parse().unwrap();
+    let weighted = |e: u16, w: u16| DesiredService {
+        frontend: Frontend {
+            addr: vip,
+            proto: Proto::Tcp,
+        },
+        service: None,
+        tiers: [
+            vec![
+                spec(east[0], 1),
+                spec(east[1], 1),
+                spec(west[0], 2),
+                spec(west[1], 2),
+                spec(south, 3),
+            ],
+            vec![],
+        ],
+        balancing: Balancing {
+            overprov_pct: 140,
+            min_healthy: 0,
+            groups: vec![(2, e), (2, w), (1, 0)],
+        },
+    };
+    for (e, w) in [(90, 10), (50, 50)] {
+        let ops = p.apply(&[weighted(e, w)]).unwrap();
+        assert!(ops.refused.is_empty(), "{ops:?}");
+        let run = node.client(true, "tcp", vip, N);
+        within(
+            &format!("weights {e}/{w}: east"),
+            share(&run, "east"),
+            f64::from(e),
+            2.0,
+        );
+        within(
+            &format!("weights {e}/{w}: west"),
+            share(&run, "west"),
+            f64::from(w),
+            2.0,
+        );
+        assert_eq!(share(&run, "south"), 0.0, "weight 0 while others serve");
+    }
+    // West dead: its weight goes to east.
+    p.apply(&[weighted(90, 10)]).unwrap();
+    p.set_health(west[0], false).unwrap();
+    p.set_health(west[1], false).unwrap();
+    let run = node.client(true, "tcp", vip, 2000);
+    assert_eq!(share(&run, "east"), 100.0, "{run}");
+    // Everyone named dead: the cluster not named serves.
+    p.set_health(east[0], false).unwrap();
+    p.set_health(east[1], false).unwrap();
+    let run = node.client(true, "tcp", vip, 200);
+    assert_eq!(run["counts"]["south-1"], 200, "{run}");
+    // More groups than a tier holds: that service alone is refused.
+    let mut bad = weighted(1, 1);
+    bad.balancing.groups = vec![(1, 1); 10];
+    let ops = p.apply(&[bad]).unwrap();
+    assert_eq!(ops.refused.len(), 1);
+    assert_eq!(ops.refused[0].reason.kind(), "bad_groups");
+}
