@@ -232,12 +232,23 @@ impl Agent {
         let (programmer, report) = (Arc::clone(&self.programmer), Arc::clone(&self.report));
         let cluster = self.cluster.to_string();
         move || {
-            let programmed = lock(&programmer)
-                .programmed()
-                .map_err(|e| format!("reading the maps: {e}"))?;
+            let (programmed, shares) = {
+                let p = lock(&programmer);
+                let programmed = p
+                    .programmed()
+                    .map_err(|e| format!("reading the maps: {e}"))?;
+                (programmed, p.shares())
+            };
             let desired = lock(&report.desired).clone();
             let refused = lock(&report.refused).clone();
-            let mut state = node_state(cluster.clone(), desired, programmed, &refused);
+            let mut state = node_state_at(
+                cluster.clone(),
+                desired,
+                programmed,
+                &refused,
+                &shares,
+                crate::maps::monotonic_ns(),
+            );
             state.apiserver = lock(&report.link).clone().or_else(|| {
                 Some(ApiserverLink {
                     connected: false,
@@ -260,6 +271,26 @@ pub fn node_state(
     programmed: Vec<crate::program::Programmed>,
     refused: &[Refusal],
 ) -> NodeState {
+    node_state_at(
+        cluster,
+        desired,
+        programmed,
+        refused,
+        &HashMap::new(),
+        crate::maps::monotonic_ns(),
+    )
+}
+
+/// [`node_state`] with each frontend's tier shares and the clock the kernel's suspicions are
+/// read against.
+pub fn node_state_at(
+    cluster: String,
+    desired: Option<Vec<DesiredService>>,
+    programmed: Vec<crate::program::Programmed>,
+    refused: &[Refusal],
+    shares: &HashMap<Frontend, Vec<u32>>,
+    now_ns: u64,
+) -> NodeState {
     let synced = desired.is_some();
     let mut desired = desired.unwrap_or_default();
     desired.sort_by(|a, b| (a.frontend, &a.service).cmp(&(b.frontend, &b.service)));
@@ -276,6 +307,7 @@ pub fn node_state(
                     .collect(),
                 programmed: Vec::new(),
                 in_sync: false,
+                shares_pct: Vec::new(),
             });
     }
     for (f, tiers) in programmed {
@@ -284,7 +316,9 @@ pub fn node_state(
             desired: Vec::new(),
             programmed: Vec::new(),
             in_sync: false,
+            shares_pct: Vec::new(),
         });
+        entry.shares_pct = shares.get(&f).cloned().unwrap_or_default();
         entry.programmed = tiers
             .iter()
             .map(|t| {
@@ -293,6 +327,7 @@ pub fn node_state(
                         addr: b.addr.to_string(),
                         healthy: b.healthy,
                         cluster_id: b.cluster_id,
+                        suspect: b.suspect_at(now_ns),
                     })
                     .collect()
             })

@@ -389,6 +389,28 @@ fn plan<'a>(
     out
 }
 
+/// The share of new connections each tier gets, in whole percent, from a service's entry: the
+/// kernel's spill-over rule (`spills` in `bpf/sock_lb.c`) on the agent's healthy counts.
+pub fn tier_shares(e: &SvcEntry) -> [u32; TIERS] {
+    let [n0, n1] = e.counts.map(u64::from);
+    let [h0, h1] = e.healthy.map(u64::from);
+    if n0 == 0 {
+        return [0, if n1 > 0 { 100 } else { 0 }];
+    }
+    if n1 == 0 || h1 == 0 {
+        return [100, 0];
+    }
+    let stay_bp = if h0 < u64::from(e.min_healthy) {
+        0
+    } else if e.overprov_pct == 0 {
+        if h0 > 0 { 10_000 } else { 0 }
+    } else {
+        (h0 * u64::from(e.overprov_pct) * 100 / n0).min(10_000)
+    };
+    let first = ((stay_bp + 50) / 100) as u32;
+    [first, 100 - first]
+}
+
 /// Keeps the maps equal to the desired services.
 pub struct Programmer {
     dp: Datapath,
@@ -1001,6 +1023,15 @@ impl Programmer {
         Ok(true)
     }
 
+    /// Each programmed frontend's tier shares of new connections, in whole percent, as the
+    /// kernel computes them from the healthy counts ([`tier_shares`]).
+    pub fn shares(&self) -> HashMap<Frontend, Vec<u32>> {
+        self.services
+            .iter()
+            .map(|(f, i)| (*f, tier_shares(&i.entry).to_vec()))
+            .collect()
+    }
+
     /// The datapath, to change its settings.
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.dp
@@ -1101,6 +1132,27 @@ mod tests {
 
     fn accepted(p: &Plan<'_>) -> Vec<Frontend> {
         p.accepted.keys().copied().collect()
+    }
+
+    #[test]
+    fn tier_shares_follow_the_kernels_spill_over_rule() {
+        let e = |h0, overprov_pct, min_healthy| SvcEntry {
+            counts: [4, 1],
+            healthy: [h0, 1],
+            overprov_pct,
+            min_healthy,
+            ..Default::default()
+        };
+        assert_eq!(tier_shares(&e(4, 140, 0)), [100, 0]);
+        assert_eq!(tier_shares(&e(3, 140, 0)), [100, 0]);
+        assert_eq!(tier_shares(&e(2, 140, 0)), [70, 30]);
+        assert_eq!(tier_shares(&e(1, 140, 0)), [35, 65]);
+        assert_eq!(tier_shares(&e(0, 140, 0)), [0, 100]);
+        assert_eq!(tier_shares(&e(1, 0, 0)), [100, 0], "all or nothing");
+        assert_eq!(tier_shares(&e(2, 140, 3)), [0, 100], "below the minimum");
+        let mut dead_remote = e(1, 140, 0);
+        dead_remote.healthy[1] = 0;
+        assert_eq!(tier_shares(&dead_remote), [100, 0], "nowhere to spill to");
     }
 
     #[test]

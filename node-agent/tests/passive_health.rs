@@ -142,6 +142,23 @@ fn a_refused_backend_is_skipped_from_the_next_connect() {
         vec![(a1, HealthReason::Refused), (a2, HealthReason::Refused)],
         "one event per suspicion"
     );
+    // /state names the source: passive (the kernel), not a probe.
+    let state = node_agent::agent::node_state_at(
+        "east".into(),
+        None,
+        p.programmed().unwrap(),
+        &[],
+        &p.shares(),
+        maps::monotonic_ns(),
+    );
+    let local_tier = &state.services[0].programmed[0];
+    assert!(
+        local_tier
+            .iter()
+            .all(|b| b.health_source() == Some("passive")),
+        "{local_tier:?}"
+    );
+    assert_eq!(state.services[0].programmed[1][0].health_source(), None);
 
     // A re-programmed service keeps the kernel's suspicion (apply does not clear it).
     let ops = p

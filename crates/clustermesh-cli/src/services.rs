@@ -26,7 +26,10 @@ pub(crate) struct ServicesArgs {
     /// Only this service (`namespace/name`).
     #[arg(long)]
     service: Option<String>,
-    /// Show what this node has programmed against what it should have.
+    /// Show what this node has programmed against what it should have: per tier its current
+    /// share of new connections (spill-over included) and per backend its health and where
+    /// that comes from (`down: probe` = confirmed by the agent's probes, `suspect: passive` =
+    /// the kernel saw a connection to it fail and skips it).
     #[arg(long)]
     node: Option<String>,
     /// Port of the node agent's `/state` (mutual TLS; this command presents a short-lived
@@ -223,12 +226,10 @@ pub(crate) async fn run(args: ServicesArgs) -> Result<std::process::ExitCode> {
                         .get(t)
                         .map(|l| {
                             l.iter()
-                                .map(|b| {
-                                    format!(
-                                        "{}{}",
-                                        b.addr,
-                                        if b.healthy { "" } else { " (unhealthy)" }
-                                    )
+                                .map(|b| match b.health_source() {
+                                    None => b.addr.clone(),
+                                    Some("passive") => format!("{} (suspect: passive)", b.addr),
+                                    Some(source) => format!("{} (down: {source})", b.addr),
                                 })
                                 .collect()
                         })
@@ -236,6 +237,9 @@ pub(crate) async fn run(args: ServicesArgs) -> Result<std::process::ExitCode> {
                     rows.push(vec![
                         s.frontend.clone(),
                         t.to_string(),
+                        s.shares_pct
+                            .get(t)
+                            .map_or_else(|| "-".into(), |p| format!("{p}%")),
                         if desired.is_empty() {
                             "-".into()
                         } else {
@@ -257,7 +261,7 @@ pub(crate) async fn run(args: ServicesArgs) -> Result<std::process::ExitCode> {
             print!(
                 "{}",
                 output::table(
-                    &["FRONTEND", "TIER", "DESIRED", "PROGRAMMED", "STATE"],
+                    &["FRONTEND", "TIER", "SHARE", "DESIRED", "PROGRAMMED", "STATE"],
                     &rows
                 )
             );

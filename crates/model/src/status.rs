@@ -406,10 +406,27 @@ pub const NODE_AGENT_STATE_PORT: u16 = 9882;
 pub struct ProgrammedBackend {
     /// `ip:port`.
     pub addr: String,
-    /// The state byte new connections check.
+    /// Not confirmed down by the agent's probes (the state byte new connections check).
     pub healthy: bool,
     /// Its cluster's ID.
     pub cluster_id: u16,
+    /// Skipped now because the kernel saw a connection to it fail (passive health,
+    /// quarantined until the agent's probe or a successful connection clears it).
+    #[serde(default)]
+    pub suspect: bool,
+}
+
+impl ProgrammedBackend {
+    /// Where its bad health comes from: `probe` (confirmed down), `passive` (the kernel's
+    /// suspicion), `probe+passive`, or `None` when it serves.
+    pub fn health_source(&self) -> Option<&'static str> {
+        match (self.healthy, self.suspect) {
+            (true, false) => None,
+            (true, true) => Some("passive"),
+            (false, false) => Some("probe"),
+            (false, true) => Some("probe+passive"),
+        }
+    }
 }
 
 /// One service frontend on a node: what it should have and what the maps hold.
@@ -423,6 +440,10 @@ pub struct NodeService {
     pub programmed: Vec<Vec<ProgrammedBackend>>,
     /// Whether the two agree.
     pub in_sync: bool,
+    /// Each tier's current share of new connections in whole percent (spill-over included),
+    /// when programmed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares_pct: Vec<u32>,
 }
 
 /// A node agent's `/state`: desired against programmed, read back from the kernel's maps.
@@ -467,7 +488,7 @@ pub struct RefusedService {
     /// `namespace/name`, when known.
     pub service: Option<String>,
     /// The kind of reason: `tier_full`, `duplicate_frontend`, `services_full`,
-    /// `backends_full` or `slots_full`.
+    /// `backends_full`, `slots_full` or `bad_groups`.
     pub reason: String,
     /// The reason in words, naming the field and the limit.
     pub message: String,
@@ -488,6 +509,7 @@ mod node_state_tests {
                 desired: vec![vec!["10.1.0.1:80".into()]],
                 programmed: Vec::new(),
                 in_sync,
+                shares_pct: Vec::new(),
             }],
             in_sync,
             refused: Vec::new(),

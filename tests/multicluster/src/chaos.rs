@@ -1807,11 +1807,13 @@ mod tests {
                                 addr: b.0.into(),
                                 cluster_id: b.1,
                                 healthy: b.2,
+                                suspect: false,
                             })
                             .collect()
                     })
                     .collect(),
                 in_sync: true,
+                shares_pct: Vec::new(),
             }],
             in_sync: true,
             refused: Vec::new(),
