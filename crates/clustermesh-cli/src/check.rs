@@ -267,13 +267,15 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
     } else {
         let reason = s.reason.as_deref().unwrap_or("no reason given");
         let (line, hint) = match (s.phase, s.phase_since_unix) {
+            // The line without times, so that it is the same at every look; the hint says
+            // since when.
             (Some(phase), Some(since)) => (
+                format!("leader {} elected, {phase}", s.replica),
                 format!(
-                    "leader {} elected, {phase} for {}",
-                    s.replica,
-                    span(since, now)
+                    "{phase} for {}: {}{reason}",
+                    span(since, now),
+                    phase_hint(phase)
                 ),
-                format!("{}{reason}", phase_hint(phase)),
             ),
             // An older apiserver: readiness and its reason only.
             _ => (
@@ -862,7 +864,7 @@ mod tests {
             failed(&checks),
             [
                 "✗ east: etcd not answering",
-                "✗ east: leader east-apiserver-0 elected, lease-lost for 45s",
+                "✗ east: leader east-apiserver-0 elected, lease-lost",
             ]
         );
         let hint = checks
@@ -871,7 +873,7 @@ mod tests {
             .and_then(|c| c.hint.clone())
             .unwrap_or_default();
         assert!(
-            hint.starts_with("the apiserver's etcd session lease expired")
+            hint.starts_with("lease-lost for 45s: the apiserver's etcd session lease expired")
                 && hint.ends_with("session lease lost: keep-alive not answered"),
             "{hint}"
         );

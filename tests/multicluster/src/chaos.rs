@@ -1732,7 +1732,7 @@ pub struct CutReport {
     pub exit_codes_during: (i32, i32),
     /// `clustermesh check`'s line about the leader at the end of the cut.
     pub leader_check_during: Option<String>,
-    /// The phase once whole again.
+    /// The phase `clustermesh status` shows once whole again (within 15 s).
     pub phase_after: Option<String>,
     /// The failed connections (at most 100).
     pub failures: Vec<Failure>,
@@ -1925,14 +1925,18 @@ pub async fn etcd_cut(dir: &Path, cluster: &str, hold: Duration) -> Result<CutRe
         .await
         .map_err(|e| anyhow!("after the cut (held {held:?}), the mesh did not recover: {e}"))?;
     let whole_after = healed.elapsed();
-    let (keys_after, deletes_after, (phase_after, _, _)) = {
+    let (keys_after, deletes_after) = {
         let lab = soak.lab.lock().await;
-        (
-            exported(&lab, cluster).await?,
-            map_deletes(&lab).await?,
-            cli_view(&lab, cluster).await?,
-        )
+        (exported(&lab, cluster).await?, map_deletes(&lab).await?)
     };
+    // The status ConfigMap follows the live status a moment later: wait (with a deadline) for
+    // `ready` there; the last phase seen otherwise.
+    let mut phase_after = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while phase_after.as_deref() != Some("ready") && Instant::now() < deadline {
+        phase_after = cli_view(&*soak.lab.lock().await, cluster).await?.0;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let attempts: Vec<Attempt> = soak
         .client
         .take()
