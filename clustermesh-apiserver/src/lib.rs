@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node_agents;
 pub mod publish;
+pub mod readiness;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub struct Running {
     peers: Arc<mesh::importer::Board>,
     mesh_stop: watch::Sender<bool>,
     _mesh_tasks: Vec<AbortOnDrop>,
-    ready: watch::Receiver<Result<(), String>>,
+    ready: readiness::Receiver,
     leadership: watch::Receiver<Leadership>,
     metrics: Registry,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -53,8 +54,10 @@ impl Running {
         self.health
     }
 
-    /// `Ok` once this replica leads and its initial state is exported; the reason otherwise.
-    pub fn ready(&self) -> watch::Receiver<Result<(), String>> {
+    /// Its phase: ready once this replica leads and its initial state is exported and etcd
+    /// answers; otherwise the phase (standby, etcd unreachable, lease lost, ...), since when and
+    /// why.
+    pub fn ready(&self) -> readiness::Receiver {
         self.ready.clone()
     }
 
@@ -136,7 +139,7 @@ async fn kube_client(config: &config::Config) -> anyhow::Result<kube::Client> {
 /// (while leading) exporter and importer.
 pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let metrics = metrics::registry();
-    let (ready_tx, ready) = watch::channel(Err("starting".to_owned()));
+    let (ready_tx, ready) = readiness::channel();
     // `/readyz` says whether this replica can serve the Mesh API, leader or standby: a standby
     // that serves is Ready, so a rolling update of the Deployment completes while another
     // replica holds the Lease. Leadership and the exporter's state are in `/status`.
@@ -169,8 +172,10 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                 cluster_id,
                 replica: replica.clone(),
                 leader: *leadership.borrow() == Leadership::Leader,
-                ready: r.is_ok(),
-                reason: r.err(),
+                ready: r.is_ready(),
+                reason: r.reason,
+                phase: Some(r.phase),
+                phase_since_unix: Some(r.since_unix),
                 exported: cache.map(|c| c.exported()).unwrap_or_default(),
                 peers: board.snapshot(),
                 updated_unix: 0,
@@ -409,7 +414,7 @@ async fn supervise(
     client: kube::Client,
     kv: kvstore::Client,
     metrics: Registry,
-    ready: watch::Sender<Result<(), String>>,
+    ready: readiness::Sender,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     let mut leadership = lead_tx.subscribe();
@@ -421,7 +426,15 @@ async fn supervise(
             Leadership::Follower(Some(h)) => format!("standby: {h} leads"),
             _ => "standby: no leader yet".to_owned(),
         };
-        let _ = ready.send_replace(Err(follower_reason(&leadership.borrow())));
+        let standby = |l: &Leadership| {
+            readiness::set(
+                &ready,
+                model::status::ApiserverPhase::Standby,
+                Some(follower_reason(l)),
+                None,
+            );
+        };
+        standby(&leadership.borrow());
         loop {
             if *leadership.borrow_and_update() == Leadership::Leader {
                 break;
@@ -429,7 +442,7 @@ async fn supervise(
             tokio::select! {
                 changed = leadership.changed() => {
                     changed.context("leader election stopped")?;
-                    let _ = ready.send_replace(Err(follower_reason(&leadership.borrow())));
+                    standby(&leadership.borrow());
                 }
                 _ = &mut stop => return Ok(()),
             }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clustermesh_apiserver::config::Config;
 use clustermesh_apiserver::exporter::leader::Leadership;
+use clustermesh_apiserver::readiness::Readiness;
 use clustermesh_apiserver::{Running, metrics as m};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -17,6 +18,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kvstore::watch::{Event as KvEvent, Watcher};
 use model::keys::{self, Kind, Scope};
+use model::status::{ApiserverPhase, ClusterStatus};
 use model::{ClusterId, ClusterName, Endpoint, GlobalService, Identity};
 use serde_json::json;
 use test_support::{Etcd, eventually};
@@ -144,7 +146,7 @@ impl Lab {
 
 async fn ready(r: &Running) {
     let mut rx = r.ready();
-    tokio::time::timeout(T, rx.wait_for(Result::is_ok))
+    tokio::time::timeout(T, rx.wait_for(Readiness::is_ready))
         .await
         .expect("apiserver ready in time")
         .unwrap();
@@ -588,7 +590,7 @@ async fn leader_failover_and_step_down() {
     .await
     .unwrap()
     .unwrap();
-    assert!(b.ready().borrow().as_ref().unwrap_err().contains("standby"));
+    assert_eq!(b.ready().borrow().phase, ApiserverPhase::Standby);
     // Readiness is not leadership: the standby can serve, so it is Ready (a rolling update of
     // the Deployment completes while another replica holds the Lease); /status says who leads.
     eventually("the standby is Ready", T, || async {
@@ -638,7 +640,7 @@ async fn leader_failover_and_step_down() {
     .unwrap();
     assert_eq!(b.metrics().value(m::LEADER, &[]), 0.0);
     let mut b_ready = b.ready();
-    tokio::time::timeout(T, b_ready.wait_for(Result::is_err))
+    tokio::time::timeout(T, b_ready.wait_for(|r| !r.is_ready()))
         .await
         .unwrap()
         .unwrap();
@@ -738,8 +740,9 @@ async fn bursts_are_batched() {
 
 /// Issue 13, cases 1 and 2: an apiserver cut from its etcd (etcd itself up) for longer than its
 /// session lease, with no Kubernetes change. Nothing it exported is deleted (not one delete
-/// event), readiness reports the outage with its cause while it lasts, and after the cut the
-/// apiserver is ready again by itself, and a change made during the cut lands.
+/// event), its phase says `etcd-unreachable` and then `lease-lost` with since-when while the
+/// cut lasts (also in `/status`), and after the cut the apiserver is `ready` again by itself,
+/// and a change made during the cut lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_cut_longer_than_the_lease_withdraws_nothing() {
     etcd_cut_withdraws_nothing(Duration::from_secs(8)).await;
@@ -811,10 +814,28 @@ async fn etcd_cut_withdraws_nothing(hold: Duration) {
         }
     });
 
+    // Every phase the apiserver goes through.
+    let mut readiness = apiserver.ready();
+    let phases = Arc::new(Mutex::new(Vec::new()));
+    let recorder = {
+        let (mut rx, sink) = (readiness.clone(), Arc::clone(&phases));
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let r: Readiness = rx.borrow_and_update().clone();
+                let mut seen = sink.lock().unwrap();
+                if seen.last() != Some(&r.phase) {
+                    seen.push(r.phase);
+                }
+            }
+        })
+    };
     proxy.set_blocked(true);
     proxy.cut();
+    let cut_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let healed_at = tokio::time::Instant::now() + hold;
-    let mut readiness = apiserver.ready();
     // A change during the cut waits; it is not lost.
     lab.apply::<Pod>(Some("shop"), pod("web-b", "10.1.1.11", "web"))
         .await;
@@ -830,18 +851,53 @@ async fn etcd_cut_withdraws_nothing(hold: Duration) {
                 .then_some(())
         })
         .await;
-        let reason = tokio::time::timeout(T, readiness.wait_for(Result::is_err))
-            .await
-            .expect("readiness reports the outage")
+        let lost = tokio::time::timeout(
+            T,
+            readiness.wait_for(|r| r.phase == ApiserverPhase::LeaseLost),
+        )
+        .await
+        .expect("the phase says the lease is lost")
+        .unwrap()
+        .clone();
+        let reason = lost.reason.unwrap_or_default();
+        assert!(reason.contains("etcd unreachable"), "{reason}");
+        assert!(
+            lost.since_unix >= cut_at,
+            "lost since {} (cut at {cut_at})",
+            lost.since_unix
+        );
+        // The status document says the same, with since-when.
+        let body = http_get(apiserver.health_addr(), "/status").await;
+        let status: ClusterStatus =
+            serde_json::from_str(body.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap();
+        assert_eq!(status.phase, Some(ApiserverPhase::LeaseLost), "{body}");
+        assert_eq!(status.phase_since_unix, Some(lost.since_unix));
+        assert!(!status.ready);
+        // Unreachable first (a write may fail before the keep-alive notices), the lease lost
+        // past its TTL.
+        let seen: Vec<ApiserverPhase> = phases
+            .lock()
             .unwrap()
-            .clone()
-            .unwrap_err();
-        assert!(reason.contains("etcd"), "{reason}");
+            .iter()
+            .copied()
+            .skip_while(|p| *p == ApiserverPhase::Ready)
+            .collect();
+        let unreachable = seen
+            .iter()
+            .position(|p| *p == ApiserverPhase::EtcdUnreachable);
+        assert!(
+            unreachable.is_some_and(|i| i + 2 == seen.len())
+                && seen.last() == Some(&ApiserverPhase::LeaseLost)
+                && seen[..unreachable.unwrap_or(0)]
+                    .iter()
+                    .all(|p| *p == ApiserverPhase::EtcdWritesFailing),
+            "{seen:?}"
+        );
     }
     // The fault lasts `hold` (a fault's duration, not a wait for a condition).
     tokio::time::sleep_until(healed_at).await;
     proxy.set_blocked(false);
-    tokio::time::timeout(T, readiness.wait_for(Result::is_ok))
+    tokio::time::timeout(T, readiness.wait_for(Readiness::is_ready))
         .await
         .expect("ready again after the cut")
         .unwrap();
@@ -880,7 +936,16 @@ async fn etcd_cut_withdraws_nothing(hold: Duration) {
         })
         .collect();
     assert!(deletes.is_empty(), "no exported key deleted: {deletes:?}");
-    assert!(apiserver.ready().borrow().is_ok());
+    assert!(apiserver.ready().borrow().is_ready());
+    recorder.abort();
+    if hold > LEASE {
+        assert_eq!(
+            phases.lock().unwrap().last(),
+            Some(&ApiserverPhase::Ready),
+            "{:?}",
+            phases.lock().unwrap()
+        );
+    }
 }
 
 /// A pod deleted gracefully, on a server that deletes as a real apiserver does (first a
@@ -1102,7 +1167,7 @@ async fn runs_with_exactly_the_rbac_deploy_grants() {
     })
     .await;
     assert!(
-        apiserver.ready().borrow().is_err(),
+        !apiserver.ready().borrow().is_ready(),
         "an exporter that cannot list EndpointSlices is not ready"
     );
     apiserver.stop().await.unwrap();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use certs::{Ca, LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
 use clustermesh_apiserver::config::Config;
 use clustermesh_apiserver::mesh::importer::Phase;
+use clustermesh_apiserver::readiness::Readiness;
 use clustermesh_apiserver::{Running, metrics as m};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -111,7 +112,7 @@ impl Cluster {
     async fn up_with(&mut self, config: Config) {
         let r = clustermesh_apiserver::start(config).await.unwrap();
         let mut ready = r.ready();
-        tokio::time::timeout(T, ready.wait_for(Result::is_ok))
+        tokio::time::timeout(T, ready.wait_for(Readiness::is_ready))
             .await
             .unwrap()
             .unwrap();
@@ -853,7 +854,7 @@ async fn malicious_peer_cannot_corrupt_the_cache() {
     let st = b.running().peers().get("evil").unwrap();
     assert!(st.last_error.is_some());
     // bravo itself is unharmed.
-    assert!(b.running().ready().borrow().is_ok());
+    assert!(b.running().ready().borrow().is_ready());
     server.abort();
 }
 
@@ -1401,7 +1402,7 @@ async fn a_peer_cannot_claim_addresses_outside_its_own_space_nor_reserved_identi
         0.0,
         "one stream throughout"
     );
-    assert!(b.running().ready().borrow().is_ok());
+    assert!(b.running().ready().borrow().is_ready());
     server.abort();
 }
 

@@ -33,12 +33,14 @@ use kube::{Api, Resource, ResourceExt};
 use kvstore::Session;
 use kvstore::alloc::Allocator;
 use model::keys::{self, Kind, Scope};
+use model::status::ApiserverPhase;
 use model::{ClusterId, ClusterName, Endpoint, Identity, Labels, NumericIdentity, PodRef};
 use telemetry::metrics::Registry;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use wire::Codec;
 
 use crate::metrics as m;
+use crate::readiness;
 
 /// What the exporter needs to know.
 #[derive(Debug, Clone)]
@@ -224,7 +226,7 @@ pub async fn run(
     client: kube::Client,
     kv: kvstore::Client,
     metrics: Registry,
-    ready: watch::Sender<Result<(), String>>,
+    ready: readiness::Sender,
 ) -> anyhow::Result<()> {
     let cluster = settings.cluster.clone();
     let (session, adopted) = Session::resume(
@@ -287,7 +289,12 @@ pub async fn run(
         ("namespaces", namespaces.wait_until_ready().boxed()),
         ("nodes", nodes.wait_until_ready().boxed()),
     ] {
-        let _ = ready.send_replace(Err(format!("waiting for the initial list of {what}")));
+        readiness::set(
+            &ready,
+            ApiserverPhase::Syncing,
+            Some(format!("waiting for the initial list of {what}")),
+            None,
+        );
         wait.await
             .with_context(|| format!("initial list of {what}"))?;
     }
@@ -312,9 +319,14 @@ pub async fn run(
     };
     // The initial pass covers every pod.
     dirty.take_pods();
-    let _ = ready.send_replace(Err("writing the initial state".into()));
+    readiness::set(
+        &ready,
+        ApiserverPhase::Syncing,
+        Some("writing the initial state".into()),
+        None,
+    );
     ex.initial_sync().await?;
-    let _ = ready.send_replace(Ok(()));
+    readiness::set(&ready, ApiserverPhase::Ready, None, None);
     tracing::info!(cluster = %ex.settings.cluster, "initial state exported; synced markers written");
 
     let gc_every = (ex.settings.identity_gc_grace / 4)
@@ -336,7 +348,7 @@ pub async fn run(
                 if changed.is_err() {
                     anyhow::bail!("the etcd session ended");
                 }
-                let _ = ready.send_replace(readiness(&liveness.borrow_and_update(), failing.as_ref()));
+                set_phase(&ready, &liveness.borrow_and_update(), failing.as_ref());
                 continue;
             }
         }
@@ -350,7 +362,7 @@ pub async fn run(
                 retry.healthy();
                 if failing.take().is_some() {
                     tracing::info!("reconcile pass succeeded again");
-                    let _ = ready.send_replace(readiness(&liveness.borrow(), None));
+                    set_phase(&ready, &liveness.borrow(), None);
                 }
             }
             Err(e) => {
@@ -364,7 +376,7 @@ pub async fn run(
                 }
                 let since = failing.as_ref().map_or_else(unix_ms, |(t, _)| *t);
                 failing = Some((since, error));
-                let _ = ready.send_replace(readiness(&liveness.borrow(), failing.as_ref()));
+                set_phase(&ready, &liveness.borrow(), failing.as_ref());
                 // Incremental state may be ahead of etcd: recompute everything affected.
                 let full = if bits & DIRTY_POD_SET != 0 {
                     DIRTY_PODS
@@ -385,32 +397,64 @@ fn unix_ms() -> i64 {
         .unwrap_or_default()
 }
 
-/// Readiness of a leading exporter: not ready while etcd does not answer keep-alives or refuses
-/// writes, with since when (the exported state stays in etcd meanwhile).
-fn readiness(
+/// The phase of a leading exporter whose initial state is written: not ready while etcd does
+/// not answer keep-alives (past the lease TTL: the lease is lost) or refuses writes, since when
+/// the condition began (the exported state stays in etcd meanwhile).
+fn phase(
     liveness: &kvstore::session::Liveness,
     failing: Option<&(i64, String)>,
-) -> Result<(), String> {
-    let ago = |since: i64| {
-        let secs = (unix_ms() - since).max(0) / 1000;
-        format!("{secs}s")
-    };
+) -> (ApiserverPhase, Option<(i64, String)>) {
+    use kvstore::session::Liveness;
     match (liveness, failing) {
         (
-            kvstore::session::Liveness::Unreachable {
+            Liveness::Unreachable {
                 since_unix_ms,
                 error,
             },
             _,
-        ) => Err(format!(
-            "etcd unreachable for {} (since unix ms {since_unix_ms}): {error}; exported state kept",
-            ago(*since_unix_ms)
-        )),
-        (_, Some((since, error))) => Err(format!(
-            "etcd writes failing for {} (since unix ms {since}): {error}; exported state kept",
-            ago(*since)
-        )),
-        (kvstore::session::Liveness::Alive, None) => Ok(()),
+        ) => (
+            ApiserverPhase::EtcdUnreachable,
+            Some((
+                *since_unix_ms,
+                format!("etcd unreachable: {error}; exported state kept"),
+            )),
+        ),
+        (
+            Liveness::LeaseLost {
+                since_unix_ms,
+                error,
+            },
+            _,
+        ) => (
+            ApiserverPhase::LeaseLost,
+            Some((
+                *since_unix_ms,
+                format!(
+                    "session lease lost (etcd unreachable for longer than its TTL, or it could not be re-created): {error}; peers see no heartbeat, exported state kept"
+                ),
+            )),
+        ),
+        (Liveness::Alive, Some((since, error))) => (
+            ApiserverPhase::EtcdWritesFailing,
+            Some((
+                *since,
+                format!("etcd writes failing: {error}; exported state kept"),
+            )),
+        ),
+        (Liveness::Alive, None) => (ApiserverPhase::Ready, None),
+    }
+}
+
+fn set_phase(
+    ready: &readiness::Sender,
+    liveness: &kvstore::session::Liveness,
+    failing: Option<&(i64, String)>,
+) {
+    match phase(liveness, failing) {
+        (p, Some((since_ms, reason))) => {
+            readiness::set(ready, p, Some(reason), Some(since_ms / 1000))
+        }
+        (p, None) => readiness::set(ready, p, None, None),
     }
 }
 

@@ -15,8 +15,8 @@ use clap::Args;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::ListParams;
 use model::status::{
-    CA_SECRET, ClusterStatus, PEER_LABEL, Phase, STATUS_CONFIGMAP, STATUS_HEARTBEAT_SECS,
-    STATUS_KEY,
+    ApiserverPhase, CA_SECRET, ClusterStatus, PEER_LABEL, Phase, STATUS_CONFIGMAP,
+    STATUS_HEARTBEAT_SECS, STATUS_KEY,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -37,11 +37,12 @@ pub(crate) const CLOCK_BEHIND_SECS: i64 = STATUS_HEARTBEAT_SECS + 5;
     clustermesh check --context east --cert-warn-days 60\n  \
     clustermesh check --context east -o json | jq '.checks[] | select(.ok | not)'\n\n\
     Checks, per cluster: the apiserver is reporting (its status document is current), etcd\n\
-    answers, a leader is elected and ready, every configured peer is connected and in sync,\n\
-    every node agent is connected and programmed as desired, certificates (CA, apiserver, peers,\n\
-    node agents) are valid for more than --cert-warn-days, the apiserver's clock is within\n\
-    +5s/-15s of this machine's, no service is rejected by the exporter and no peer object\n\
-    is refused by the importer; across clusters: no two clusters share a name or an ID.\n\n\
+    answers, a leader is elected and ready (else its phase: etcd-unreachable,\n\
+    etcd-writes-failing, lease-lost, ..., and since when), every configured peer is connected\n\
+    and in sync, every node agent is connected and programmed as desired, certificates (CA,\n\
+    apiserver, peers, node agents) are valid for more than --cert-warn-days, the apiserver's\n\
+    clock is within +5s/-15s of this machine's, no service is rejected by the exporter and no\n\
+    peer object is refused by the importer; across clusters: no two clusters share a name or an ID.\n\n\
     Exit codes: 0 healthy, 1 unhealthy, 2 cannot check (kubeconfig, context or Kubernetes API).")]
 pub(crate) struct CheckArgs {
     /// Kubeconfig contexts of the clusters to check; repeat for several (default: the current
@@ -122,6 +123,25 @@ impl Check {
 }
 
 /// How long ago `since` was: `9s`, `3m`, ...
+/// What to do about an apiserver phase that is not ready, before its reason.
+fn phase_hint(phase: ApiserverPhase) -> &'static str {
+    match phase {
+        ApiserverPhase::EtcdUnreachable => {
+            "the apiserver cannot reach its etcd (exported state is kept, changes wait): check the network path to etcd and etcd's logs. "
+        }
+        ApiserverPhase::EtcdWritesFailing => {
+            "etcd answers but refuses the exporter's writes (exported state is kept, changes wait): check etcd's space quota, alarms and logs. "
+        }
+        ApiserverPhase::LeaseLost => {
+            "the apiserver's etcd session lease expired (peers see no heartbeat but keep its state): it is re-created as soon as etcd answers; check the path to etcd. "
+        }
+        ApiserverPhase::Standby => {
+            "this replica does not lead: check the Lease kube-system/clustermesh-apiserver. "
+        }
+        ApiserverPhase::Starting | ApiserverPhase::Syncing | ApiserverPhase::Ready => "",
+    }
+}
+
 fn span(since: i64, now: i64) -> String {
     let r = output::relative(since, now);
     r.strip_suffix(" ago").unwrap_or(&r).to_owned()
@@ -245,15 +265,25 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
             format!("leader {} elected and ready", s.replica),
         ));
     } else {
-        out.push(Check::fail(
-            c,
-            "leader",
-            format!("leader {} elected, not ready", s.replica),
-            format!(
-                "not ready: {}",
-                s.reason.as_deref().unwrap_or("no reason given")
+        let reason = s.reason.as_deref().unwrap_or("no reason given");
+        let (line, hint) = match (s.phase, s.phase_since_unix) {
+            // The line without times, so that it is the same at every look; the hint says
+            // since when.
+            (Some(phase), Some(since)) => (
+                format!("leader {} elected, {phase}", s.replica),
+                format!(
+                    "{phase} for {}: {}{reason}",
+                    span(since, now),
+                    phase_hint(phase)
+                ),
             ),
-        ));
+            // An older apiserver: readiness and its reason only.
+            _ => (
+                format!("leader {} elected, not ready", s.replica),
+                format!("not ready: {reason}"),
+            ),
+        };
+        out.push(Check::fail(c, "leader", line, hint));
     }
     // Peers: those reported and those configured through Secrets.
     let mut names: BTreeSet<&str> = s.peers.iter().map(|p| p.name.as_str()).collect();
@@ -686,6 +716,8 @@ mod tests {
                 leader: true,
                 ready: true,
                 reason: None,
+                phase: Some(ApiserverPhase::Ready),
+                phase_since_unix: Some(NOW - 100),
                 exported: BTreeMap::new(),
                 peers: vec![peer(peer_name, peer_id, Phase::Ready)],
                 updated_unix: NOW - 3,
@@ -813,14 +845,39 @@ mod tests {
         });
         s.ready = false;
         s.reason = Some("etcd unreachable for 12s".into());
+        (s.phase, s.phase_since_unix) = (None, None);
         let checks = evaluate(&m, NOW, 30);
         assert_eq!(
             failed(&checks),
             [
                 "✗ east: etcd not answering",
                 "✗ east: leader east-apiserver-0 elected, not ready",
+            ],
+            "an older apiserver, without a phase"
+        );
+        let s = status(&mut m[0]);
+        s.phase = Some(ApiserverPhase::LeaseLost);
+        s.phase_since_unix = Some(NOW - 45);
+        s.reason = Some("session lease lost: keep-alive not answered".into());
+        let checks = evaluate(&m, NOW, 30);
+        assert_eq!(
+            failed(&checks),
+            [
+                "✗ east: etcd not answering",
+                "✗ east: leader east-apiserver-0 elected, lease-lost",
             ]
         );
+        let hint = checks
+            .iter()
+            .find(|c| c.check == "leader")
+            .and_then(|c| c.hint.clone())
+            .unwrap_or_default();
+        assert!(
+            hint.starts_with("lease-lost for 45s: the apiserver's etcd session lease expired")
+                && hint.ends_with("session lease lost: keep-alive not answered"),
+            "{hint}"
+        );
+        assert_eq!(exit_code(&checks), 1);
     }
 
     #[test]

@@ -63,6 +63,11 @@ pub(crate) struct ClusterReport {
     pub cluster_id: Option<u16>,
     pub replica: Option<String>,
     pub ready: bool,
+    /// The apiserver's phase (`ready`, `etcd-unreachable`, `lease-lost`, ...); absent when its
+    /// status could not be read or comes from an older apiserver.
+    pub phase: Option<String>,
+    /// Since when it is in that phase (Unix seconds).
+    pub phase_since_unix: Option<i64>,
     pub exported: BTreeMap<String, usize>,
     pub status_age_seconds: Option<i64>,
     pub peers: Vec<PeerRow>,
@@ -99,6 +104,8 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
         cluster_id: None,
         replica: None,
         ready: false,
+        phase: None,
+        phase_since_unix: None,
         exported: BTreeMap::new(),
         status_age_seconds: None,
         peers: Vec::new(),
@@ -120,6 +127,8 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
     r.cluster_id = Some(status.cluster_id);
     r.replica = Some(status.replica.clone());
     r.ready = status.ready;
+    r.phase = status.phase.map(|p| p.to_string());
+    r.phase_since_unix = status.phase_since_unix;
     r.exported = status.exported.clone();
     r.node_agents = status.node_agents.clone();
     if let Some(a) = &status.node_agents {
@@ -133,12 +142,22 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
     let age = now - status.updated_unix;
     r.status_age_seconds = Some(age);
     if !status.ready {
-        let text = format!(
-            "apiserver {} not ready: {}",
-            status.replica,
-            status.reason.clone().unwrap_or_default()
-        );
-        r.problem(text.clone(), text);
+        let reason = status.reason.clone().unwrap_or_default();
+        match (status.phase, status.phase_since_unix) {
+            (Some(phase), Some(since)) => r.problem(
+                format!("apiserver {} is {phase}", status.replica),
+                format!(
+                    "apiserver {} is {phase} since {}: {reason}",
+                    status.replica,
+                    output::relative(since, now)
+                ),
+            ),
+            // An older apiserver: readiness and its reason only.
+            _ => {
+                let text = format!("apiserver {} not ready: {reason}", status.replica);
+                r.problem(text.clone(), text);
+            }
+        }
     }
     if !model::status::status_is_current(status.updated_unix, now) {
         r.problem(
@@ -268,7 +287,11 @@ fn table_text(reports: &[ClusterReport], now: i64) -> String {
             }
             _ if r.ready => "ready".to_owned(),
             _ if r.cluster.is_none() => "unknown".to_owned(),
-            _ => "not ready".to_owned(),
+            // Its phase and since when: `lease-lost (45s ago)`.
+            _ => match (&r.phase, r.phase_since_unix) {
+                (Some(p), Some(since)) => format!("{p} ({})", output::relative(since, now)),
+                _ => "not ready".to_owned(),
+            },
         };
         if r.peers.is_empty() {
             rows.push(vec![
@@ -425,6 +448,8 @@ mod tests {
             cluster_id: None,
             replica: None,
             ready: false,
+            phase: None,
+            phase_since_unix: None,
             exported: BTreeMap::new(),
             status_age_seconds: None,
             peers: Vec::new(),
@@ -445,6 +470,25 @@ mod tests {
             "CLUSTER            APISERVER   EXPORTS   PEER   PHASE   SINCE   IMPORTED   CERT EXPIRES   LAST ERROR\n\
              ? (context east)   unknown     -         -      -       -       -          -              -\n\
              ! east: context east: down\n"
+        );
+    }
+
+    #[test]
+    fn an_apiserver_cut_from_etcd_shows_its_phase_and_since_when_in_the_table() {
+        let mut r = unreachable("east");
+        r.problems.clear();
+        r.problem_keys.clear();
+        r.cluster = Some("east".into());
+        r.cluster_id = Some(1);
+        r.phase = Some(model::status::ApiserverPhase::LeaseLost.to_string());
+        r.phase_since_unix = Some(955);
+        r.status_age_seconds = Some(2);
+        r.exported = BTreeMap::from([("services".to_owned(), 3)]);
+        let text = table_text(&[r], 1_000);
+        let row = text.lines().nth(1).unwrap_or_default();
+        assert!(
+            row.starts_with("east (1)   lease-lost (45s ago)   3 svc / 0 ep / 0 id"),
+            "{text}"
         );
     }
 

@@ -229,6 +229,8 @@ async fn a_mesh_api_that_never_answers_fails_the_command_after_the_request_timeo
         leader: true,
         ready: true,
         reason: None,
+        phase: None,
+        phase_since_unix: None,
         exported: Default::default(),
         peers: Vec::new(),
         updated_unix: 0,

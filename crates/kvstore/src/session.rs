@@ -40,6 +40,72 @@ pub enum Liveness {
         /// The last error.
         error: String,
     },
+    /// The lease is lost: no keep-alive answered for longer than the TTL (so etcd has expired
+    /// the lease and the session record with it), or a lost lease could not be re-created.
+    /// Readers see no heartbeat; the exported keys are still untouched.
+    LeaseLost {
+        /// When the lease was certainly gone (the last answered keep-alive plus the TTL, or
+        /// when etcd reported it gone).
+        since_unix_ms: i64,
+        /// The last error.
+        error: String,
+    },
+}
+
+impl Liveness {
+    /// The liveness after a failed attempt to reach etcd at `now_unix_ms` with `error`, given
+    /// the lease `ttl` and when a keep-alive was last answered; whether it changed. No answer
+    /// for longer than the TTL means the lease is lost.
+    fn unreachable(
+        &mut self,
+        error: String,
+        ttl: Duration,
+        now_unix_ms: i64,
+        answered_unix_ms: i64,
+    ) -> bool {
+        let expiry =
+            answered_unix_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        match self {
+            Liveness::Alive => {
+                *self = Liveness::Unreachable {
+                    since_unix_ms: now_unix_ms,
+                    error,
+                };
+                true
+            }
+            Liveness::Unreachable { .. } if now_unix_ms >= expiry => {
+                *self = Liveness::LeaseLost {
+                    since_unix_ms: expiry,
+                    error,
+                };
+                true
+            }
+            Liveness::Unreachable { error: old, .. } | Liveness::LeaseLost { error: old, .. } => {
+                let changed = *old != error;
+                *old = error;
+                changed
+            }
+        }
+    }
+
+    /// The liveness after etcd said the lease is gone and a new one could not be granted at
+    /// `now_unix_ms`; whether it changed.
+    fn lost(&mut self, error: String, now_unix_ms: i64) -> bool {
+        match self {
+            Liveness::LeaseLost { error: old, .. } => {
+                let changed = *old != error;
+                *old = error;
+                changed
+            }
+            _ => {
+                *self = Liveness::LeaseLost {
+                    since_unix_ms: now_unix_ms,
+                    error,
+                };
+                true
+            }
+        }
+    }
 }
 
 struct State {
@@ -349,6 +415,7 @@ async fn run_stream(
     ttl: Duration,
     backoff: &mut Backoff,
     live: &watch::Sender<Liveness>,
+    answered_unix_ms: &mut i64,
 ) -> Ended {
     let period = (ttl / 3).max(Duration::from_millis(100));
     let (mut keeper, mut stream) = match client.etcd().lease_keep_alive(lease).await {
@@ -371,6 +438,7 @@ async fn run_stream(
             return Ended::Expired;
         }
         backoff.healthy();
+        *answered_unix_ms = now_unix_ms();
         live.send_if_modified(|l| {
             let changed = *l != Liveness::Alive;
             *l = Liveness::Alive;
@@ -394,9 +462,11 @@ async fn keep_alive(
         (ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(2)),
         ttl,
     );
+    // When a keep-alive was last answered (the lease was granted just before this loop).
+    let mut answered = now_unix_ms();
     loop {
         let lease = state.lock().await.lease;
-        let gone = match run_stream(&client, lease, ttl, &mut backoff, &live).await {
+        let gone = match run_stream(&client, lease, ttl, &mut backoff, &live, &mut answered).await {
             Ended::Expired => true,
             Ended::Broken(error) => match lease_state(&client, lease).await {
                 Ok(LeaseState::Gone) => true,
@@ -405,21 +475,8 @@ async fn keep_alive(
                     false
                 }
                 Err(e) => {
-                    live.send_if_modified(|l| match l {
-                        Liveness::Alive => {
-                            *l = Liveness::Unreachable {
-                                since_unix_ms: now_unix_ms(),
-                                error: telemetry::chain(&e).to_string(),
-                            };
-                            true
-                        }
-                        Liveness::Unreachable { error: old, .. } => {
-                            let new = telemetry::chain(&e).to_string();
-                            let changed = *old != new;
-                            *old = new;
-                            changed
-                        }
-                    });
+                    let error = telemetry::chain(&e).to_string();
+                    live.send_if_modified(|l| l.unreachable(error, ttl, now_unix_ms(), answered));
                     tracing::debug!(error = %telemetry::chain(&e), "etcd unreachable for keep-alives; retrying");
                     backoff.wait().await;
                     continue;
@@ -432,13 +489,101 @@ async fn keep_alive(
                 && let Err(e) = recreate(&client, ttl, &mut guard).await
             {
                 drop(guard);
-                tracing::warn!(error = %telemetry::chain(&e), "cannot re-create the session lease; retrying");
+                let error = telemetry::chain(&e).to_string();
+                tracing::warn!(error = %error, "cannot re-create the session lease; retrying");
+                live.send_if_modified(|l| l.lost(error, now_unix_ms()));
                 backoff.wait().await;
                 continue;
             }
+            // A new lease, just granted: its TTL runs from now.
+            answered = now_unix_ms();
             backoff.reset();
         } else {
             backoff.wait().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    fn unreachable(since: i64, error: &str) -> Liveness {
+        Liveness::Unreachable {
+            since_unix_ms: since,
+            error: error.into(),
+        }
+    }
+
+    fn lost(since: i64, error: &str) -> Liveness {
+        Liveness::LeaseLost {
+            since_unix_ms: since,
+            error: error.into(),
+        }
+    }
+
+    #[test]
+    fn an_outage_longer_than_the_ttl_is_a_lost_lease() {
+        // The last keep-alive was answered at 500 ms; the outage is noticed at 1 s.
+        // (before, error, now ms) → (after, changed)
+        let table = [
+            (Liveness::Alive, "a", 1_000, unreachable(1_000, "a"), true),
+            (
+                unreachable(1_000, "a"),
+                "a",
+                5_000,
+                unreachable(1_000, "a"),
+                false,
+            ),
+            (
+                unreachable(1_000, "a"),
+                "b",
+                5_000,
+                unreachable(1_000, "b"),
+                true,
+            ),
+            (
+                unreachable(1_000, "a"),
+                "a",
+                30_499,
+                unreachable(1_000, "a"),
+                false,
+            ),
+            (
+                unreachable(1_000, "a"),
+                "a",
+                30_500,
+                lost(30_500, "a"),
+                true,
+            ),
+            (
+                unreachable(1_000, "a"),
+                "a",
+                40_000,
+                lost(30_500, "a"),
+                true,
+            ),
+            (lost(30_500, "a"), "a", 90_000, lost(30_500, "a"), false),
+            (lost(30_500, "a"), "c", 90_000, lost(30_500, "c"), true),
+        ];
+        for (before, error, now, after, changed) in table {
+            let mut l = before.clone();
+            let got = l.unreachable(error.into(), TTL, now, 500);
+            assert_eq!(got, changed, "{before:?} at {now}");
+            assert_eq!(l, after, "{before:?} at {now}");
+        }
+    }
+
+    #[test]
+    fn a_lease_that_cannot_be_re_created_is_lost_from_then() {
+        let mut l = Liveness::Alive;
+        assert!(l.lost("grant refused".into(), 7));
+        assert_eq!(l, lost(7, "grant refused"));
+        assert!(!l.lost("grant refused".into(), 9));
+        let mut l = unreachable(1, "a");
+        assert!(l.lost("b".into(), 9));
+        assert_eq!(l, lost(9, "b"));
     }
 }

@@ -479,12 +479,13 @@ async fn a_cut_longer_than_the_ttl_deletes_nothing_and_recovers_by_itself() {
             .then_some(())
     })
     .await;
+    // Unreachable first, then — past the TTL — the lease lost.
     tokio::time::timeout(
         WAIT,
-        liveness.wait_for(|l| matches!(l, kvstore::session::Liveness::Unreachable { .. })),
+        liveness.wait_for(|l| matches!(l, kvstore::session::Liveness::LeaseLost { .. })),
     )
     .await
-    .expect("liveness reports the outage")
+    .expect("liveness reports the lost lease")
     .unwrap();
     assert_eq!(
         observer

@@ -75,6 +75,43 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// Where an apiserver stands: why it is not ready, or that it is. A phase that is not
+/// [`ApiserverPhase::Ready`] never means its exported state was withdrawn: etcd keeps it
+/// (ADR 0013).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiserverPhase {
+    /// Starting: not listed etcd or joined the election yet.
+    Starting,
+    /// Another replica leads (or none yet); this one serves the Mesh API only.
+    Standby,
+    /// Leading: listing Kubernetes and writing the initial state.
+    Syncing,
+    /// Leading, the initial state exported, following changes.
+    Ready,
+    /// etcd does not answer the session's keep-alives (within the lease TTL).
+    EtcdUnreachable,
+    /// etcd answers keep-alives but refuses or fails the exporter's writes.
+    EtcdWritesFailing,
+    /// The session lease expired (etcd unreachable for longer than its TTL, or it could not be
+    /// re-created): peers see no heartbeat; the exported state is kept.
+    LeaseLost,
+}
+
+impl std::fmt::Display for ApiserverPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApiserverPhase::Starting => "starting",
+            ApiserverPhase::Standby => "standby",
+            ApiserverPhase::Syncing => "syncing",
+            ApiserverPhase::Ready => "ready",
+            ApiserverPhase::EtcdUnreachable => "etcd-unreachable",
+            ApiserverPhase::EtcdWritesFailing => "etcd-writes-failing",
+            ApiserverPhase::LeaseLost => "lease-lost",
+        })
+    }
+}
+
 /// One peer's status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
@@ -119,6 +156,13 @@ pub struct ClusterStatus {
     pub ready: bool,
     /// Why not, when not.
     pub reason: Option<String>,
+    /// Where the apiserver stands (absent from older documents: then only `ready` and
+    /// `reason` tell).
+    #[serde(default)]
+    pub phase: Option<ApiserverPhase>,
+    /// Since when it is in `phase` (Unix seconds).
+    #[serde(default)]
+    pub phase_since_unix: Option<i64>,
     /// Objects this cluster exports, per kind.
     #[serde(default)]
     pub exported: BTreeMap<String, usize>,
@@ -387,11 +431,35 @@ mod tests {
         let s: ClusterStatus = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.peers[0].phase, Phase::Ready);
         assert_eq!(s.updated_unix, 0);
+        assert_eq!(
+            (s.phase, s.phase_since_unix),
+            (None, None),
+            "an older document"
+        );
         let back: ClusterStatus =
             serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default())
                 .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, s);
         assert_eq!(peer_secret_name("west"), "clustermesh-peer-west");
+    }
+
+    #[test]
+    fn apiserver_phases_are_kebab_case_on_the_wire_as_displayed() {
+        for p in [
+            ApiserverPhase::Starting,
+            ApiserverPhase::Standby,
+            ApiserverPhase::Syncing,
+            ApiserverPhase::Ready,
+            ApiserverPhase::EtcdUnreachable,
+            ApiserverPhase::EtcdWritesFailing,
+            ApiserverPhase::LeaseLost,
+        ] {
+            let wire = serde_json::to_string(&p).unwrap_or_default();
+            assert_eq!(wire, format!("\"{p}\""));
+            let back: ApiserverPhase =
+                serde_json::from_str(&wire).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(back, p);
+        }
     }
 }
 

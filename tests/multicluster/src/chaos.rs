@@ -1694,6 +1694,301 @@ pub async fn run(dir: &Path, config: Config) -> Result<Report> {
     soak.run().await
 }
 
+// ---------------------------------------------------------------------------------------------
+// One apiserver↔etcd cut, held past the session lease TTL (issue 13, case 1).
+
+/// What [`etcd_cut`] saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct CutReport {
+    /// The cluster whose apiserver was cut from its etcd.
+    pub cluster: String,
+    /// How long the cut was held, ms.
+    pub held_ms: u64,
+    /// From the end of the cut to the mesh whole again ([`until_healthy`]: the apiserver ready,
+    /// its peers ready, every node equal to the truth), ms.
+    pub whole_after_ms: u64,
+    /// Keys under the cluster's `state/` prefix in its etcd before the cut.
+    pub exported_keys: usize,
+    /// Keys of those missing afterwards, changed, or deleted and written again meanwhile (their
+    /// create revision moved).
+    pub keys_lost: Vec<String>,
+    /// Map entries each node agent deleted from the start of the cut to whole again
+    /// (`clustermesh_datapath_map_ops_total{op="delete"}`), by node.
+    pub map_deletes: BTreeMap<String, f64>,
+    /// Connections the client attempted during the whole run (bring-up aside), and of those
+    /// failed.
+    pub attempts: u64,
+    /// Of those, failed.
+    pub failed: u64,
+    /// Looks at every node's maps during the cut and until whole again.
+    pub state_checks: u64,
+    /// Of those, how many found a node's maps differing from the truth (health aside).
+    pub withdrawn_looks: u64,
+    /// What the first of those found.
+    pub withdrawn: Vec<String>,
+    /// The apiserver's phase in `clustermesh status -o json` at the end of the cut.
+    pub phase_during: Option<String>,
+    /// `clustermesh status` and `clustermesh check` exit codes at the end of the cut.
+    pub exit_codes_during: (i32, i32),
+    /// `clustermesh check`'s line about the leader at the end of the cut.
+    pub leader_check_during: Option<String>,
+    /// The phase `clustermesh status` shows once whole again (within 15 s).
+    pub phase_after: Option<String>,
+    /// The failed connections (at most 100).
+    pub failures: Vec<Failure>,
+}
+
+impl CutReport {
+    /// What the cut withdrew or broke: keys lost, map entries deleted, nodes that lost
+    /// backends, failed connections, a client that did not run, a phase not reported.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.keys_lost.is_empty() {
+            v.push(format!(
+                "{} of {} exported keys lost or rewritten: {}",
+                self.keys_lost.len(),
+                self.exported_keys,
+                self.keys_lost.join(", ")
+            ));
+        }
+        for (node, n) in &self.map_deletes {
+            if *n != 0.0 {
+                v.push(format!("{node} deleted {n} map entries"));
+            }
+        }
+        if self.withdrawn_looks > 0 {
+            v.push(format!(
+                "{} looks found nodes that lost programmed backends: {}",
+                self.withdrawn_looks,
+                self.withdrawn.join("; ")
+            ));
+        }
+        if self.failed > 0 {
+            v.push(format!(
+                "{} of {} connections failed",
+                self.failed, self.attempts
+            ));
+        }
+        let expected = (self.held_ms + self.whole_after_ms) / PROBE_INTERVAL_MS / 2;
+        if self.attempts < expected {
+            v.push(format!(
+                "the client made {} connection attempts, fewer than {expected}",
+                self.attempts
+            ));
+        }
+        if self.phase_during.as_deref() != Some("lease-lost") || self.exit_codes_during != (1, 1) {
+            v.push(format!(
+                "past the lease TTL, status said phase {:?} (want lease-lost) and status/check exited {:?} (want 1, 1)",
+                self.phase_during, self.exit_codes_during
+            ));
+        }
+        if self.phase_after.as_deref() != Some("ready") {
+            v.push(format!(
+                "whole again, the phase is {:?}, not ready",
+                self.phase_after
+            ));
+        }
+        v
+    }
+
+    /// The report as text.
+    pub fn text(&self) -> String {
+        let mut s = format!(
+            "etcd cut: {}'s apiserver cut from its etcd for {} ms; whole again {} ms after; {} exported keys, {} lost; map deletes {:?}; {} connections, {} failed; {} state checks, {} with backends withdrawn\nduring the cut: phase {:?}, status/check exit {:?}, check: {}\nafter: phase {:?}\n",
+            self.cluster,
+            self.held_ms,
+            self.whole_after_ms,
+            self.exported_keys,
+            self.keys_lost.len(),
+            self.map_deletes,
+            self.attempts,
+            self.failed,
+            self.state_checks,
+            self.withdrawn_looks,
+            self.phase_during,
+            self.exit_codes_during,
+            self.leader_check_during.as_deref().unwrap_or("-"),
+            self.phase_after,
+        );
+        for f in &self.failures {
+            s.push_str(&format!("  failed at {} ms: {}\n", f.at_ms, f.error));
+        }
+        s
+    }
+}
+
+/// The keys under `cluster`'s `state/` prefix in its own etcd (reached directly, not through
+/// the apiserver's proxy), with value and create revision.
+async fn exported(lab: &Lab, cluster: &str) -> Result<BTreeMap<String, (Vec<u8>, i64)>> {
+    let c = lab.cluster(cluster)?;
+    let kv = kvstore::Client::connect(kvstore::Config::new(
+        vec![format!("https://127.0.0.1:{}", c.etcd_port)],
+        Some(certs::TlsFiles::in_dir(&c.dir.join("etcd-tls"))),
+    ))
+    .await
+    .with_context(|| format!("connect to {cluster}'s etcd"))?;
+    let prefix = model::keys::cluster_prefix(
+        model::keys::Scope::State,
+        &model::ClusterName::new(cluster)?,
+    );
+    let (kvs, _) = kv
+        .list_raw(&prefix)
+        .await
+        .with_context(|| format!("list {prefix} in {cluster}'s etcd"))?;
+    Ok(kvs
+        .into_iter()
+        .map(|k| (k.key, (k.value, k.create_revision)))
+        .collect())
+}
+
+/// Map entries deleted by every node agent so far, by node.
+async fn map_deletes(lab: &Lab) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for c in &lab.state.clusters {
+        for n in &c.nodes {
+            let addr = SocketAddr::from((n.ip, model::status::NODE_AGENT_PORT));
+            let text = get(addr, "/metrics").await.map_err(|e| anyhow!(e))?;
+            out.insert(
+                n.name.clone(),
+                crate::metric_sum(
+                    body(&text),
+                    "clustermesh_datapath_map_ops_total",
+                    "op=\"delete\"",
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `clustermesh status -o json` and `clustermesh check` for `cluster`: the apiserver's phase,
+/// both exit codes and check's line about the leader.
+async fn cli_view(
+    lab: &Lab,
+    cluster: &str,
+) -> Result<(Option<String>, (i32, i32), Option<String>)> {
+    let kc = lab.kubeconfig();
+    let status = crate::clustermesh(&kc, &["status", "--context", cluster, "-o", "json"]).await?;
+    let doc: serde_json::Value = serde_json::from_str(&status.stdout)
+        .with_context(|| format!("clustermesh status -o json: {}", status.stdout))?;
+    let phase = doc
+        .pointer("/clusters/0/phase")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned);
+    let check = crate::clustermesh(&kc, &["check", "--context", cluster]).await?;
+    let leader = check
+        .stdout
+        .lines()
+        .find(|l| l.contains(" leader "))
+        .map(str::to_owned);
+    Ok((phase, (status.code, check.code), leader))
+}
+
+/// Brings the chaos lab up in `dir`, cuts `cluster`'s apiserver from its etcd (both up; no
+/// Kubernetes change) for `hold`, looking at every node's maps meanwhile, heals the cut and
+/// waits until the mesh is whole again; what it saw. Everything is removed when it returns,
+/// also on failure.
+pub async fn etcd_cut(dir: &Path, cluster: &str, hold: Duration) -> Result<CutReport> {
+    let mut soak = Soak::up(
+        dir,
+        Config {
+            seed: DEFAULT_SEED,
+            seconds: DEFAULT_SECONDS,
+        },
+    )
+    .await?;
+    until_healthy(&soak.lab, RECOVERY, None)
+        .await
+        .map_err(|e| anyhow!("the lab before the cut: {e}"))?;
+    let started_us = now_us();
+    let (keys_before, deletes_before) = {
+        let lab = soak.lab.lock().await;
+        (exported(&lab, cluster).await?, map_deletes(&lab).await?)
+    };
+    let proxy = soak
+        .proxies
+        .get(cluster)
+        .ok_or_else(|| anyhow!("no etcd proxy for {cluster}"))?;
+    let mut checks = Checks::default();
+    eprintln!("etcd cut: cutting {cluster}'s apiserver from its etcd for {hold:?}");
+    let cut = Instant::now();
+    proxy.set_blocked(true);
+    proxy.cut();
+    // The fault lasts `hold` (its duration, not a wait for a condition).
+    soak.hold(hold, &mut checks).await;
+    let (phase_during, exit_codes_during, leader_check_during) =
+        cli_view(&*soak.lab.lock().await, cluster).await?;
+    proxy.set_blocked(false);
+    let healed = Instant::now();
+    let held = healed.duration_since(cut);
+    until_healthy(&soak.lab, RECOVERY, Some(&mut checks))
+        .await
+        .map_err(|e| anyhow!("after the cut (held {held:?}), the mesh did not recover: {e}"))?;
+    let whole_after = healed.elapsed();
+    let (keys_after, deletes_after) = {
+        let lab = soak.lab.lock().await;
+        (exported(&lab, cluster).await?, map_deletes(&lab).await?)
+    };
+    // The status ConfigMap follows the live status a moment later: wait (with a deadline) for
+    // `ready` there; the last phase seen otherwise.
+    let mut phase_after = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while phase_after.as_deref() != Some("ready") && Instant::now() < deadline {
+        phase_after = cli_view(&*soak.lab.lock().await, cluster).await?.0;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let attempts: Vec<Attempt> = soak
+        .client
+        .take()
+        .map(Client::stop)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.t >= started_us)
+        .collect();
+    let keys_lost = keys_before
+        .iter()
+        .filter(|(k, v)| keys_after.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let map_deletes = deletes_after
+        .iter()
+        .map(|(n, after)| {
+            (
+                n.clone(),
+                after - deletes_before.get(n).copied().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    let failures = attempts
+        .iter()
+        .filter(|a| !a.ok)
+        .take(100)
+        .map(|a| Failure {
+            at_ms: (a.t - started_us).max(0) as u64 / 1000,
+            during: Kind::ApiserverEtcdCut.name().into(),
+            error: a.error.clone().unwrap_or_default(),
+        })
+        .collect();
+    Ok(CutReport {
+        cluster: cluster.into(),
+        held_ms: held.as_millis() as u64,
+        whole_after_ms: whole_after.as_millis() as u64,
+        exported_keys: keys_before.len(),
+        keys_lost,
+        map_deletes,
+        attempts: attempts.len() as u64,
+        failed: attempts.iter().filter(|a| !a.ok).count() as u64,
+        state_checks: checks.looks,
+        withdrawn_looks: checks.bad,
+        withdrawn: checks.found,
+        phase_during,
+        exit_codes_during,
+        leader_check_during,
+        phase_after,
+        failures,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -63,6 +63,35 @@ pub trait Cluster {
     async fn agent_metric(&self, name: &str, labels: &str) -> Result<f64>;
 }
 
+/// A test's lab directory under `parent` (`<prefix>…`): removed when the test passes, kept
+/// (logs, reports) when it panics, and named on stderr then.
+#[derive(Debug)]
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    /// A new directory in `parent` (a test's `CARGO_TARGET_TMPDIR`).
+    pub fn new(parent: &Path, prefix: &str) -> Result<Self> {
+        Ok(Self(Some(
+            tempfile::Builder::new().prefix(prefix).tempdir_in(parent)?,
+        )))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take()
+            && std::thread::panicking()
+        {
+            eprintln!("the lab's logs are kept in {}", d.keep().display());
+        }
+    }
+}
+
 /// Sums the series of `name` whose label set contains `labels` in Prometheus text.
 pub fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()

@@ -19,20 +19,8 @@
 
 use std::path::PathBuf;
 
+use multicluster::TestDir;
 use multicluster::chaos::{self, Config};
-
-/// Removes the lab's directory on success; keeps it (logs, report) when the test panics.
-struct Dir(Option<tempfile::TempDir>);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        if let Some(d) = self.0.take()
-            && std::thread::panicking()
-        {
-            eprintln!("chaos: the lab's logs are kept in {}", d.keep().display());
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_keeps_connections_and_converges_to_the_truth() {
@@ -46,14 +34,8 @@ async fn chaos_soak_keeps_connections_and_converges_to_the_truth() {
         chaos::SECONDS_ENV
     );
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let dir = Dir(Some(
-        tempfile::Builder::new()
-            .prefix("chaos-")
-            .tempdir_in(&tmp)
-            .unwrap(),
-    ));
-    let path = dir.0.as_ref().unwrap().path().to_path_buf();
-    let report = match chaos::run(&path, config).await {
+    let dir = TestDir::new(&tmp, "chaos-").unwrap();
+    let report = match chaos::run(dir.path(), config).await {
         Ok(r) => r,
         Err(e) => panic!("chaos soak (seed {}): {e:#}", config.seed),
     };

@@ -251,7 +251,7 @@ async fn check_reports_each_failure_it_names() {
         &kc,
         &[
             format!("✗ {EAST}: etcd not answering"),
-            format!("✗ {EAST}: leader {EAST}-apiserver-0 elected, not ready"),
+            format!("✗ {EAST}: leader {EAST}-apiserver-0 elected, etcd-unreachable"),
         ],
         "etcd down",
     )
