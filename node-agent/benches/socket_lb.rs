@@ -156,25 +156,8 @@ fn iptables_clear() {
 }
 
 fn main() {
-    let netns = std::env::var("CMBENCH_NETNS").ok();
-    if netns.is_none() {
-        // Re-execute inside a fresh network namespace; iptables rules and addresses stay there.
-        let name = format!("cmbench{}", std::process::id());
-        sh(&format!(
-            "ip netns add {name} && ip -n {name} link set lo up"
-        ));
-        let exe = std::env::current_exe().unwrap();
-        let status = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{name}"))
-            .arg(exe)
-            .args(std::env::args().skip(1))
-            .env("CMBENCH_NETNS", &name)
-            .status()
-            .unwrap();
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        std::process::exit(status.code().unwrap_or(1));
-    }
-    let name = netns.unwrap();
+    // Runs again inside a fresh network namespace; iptables rules and addresses stay there.
+    let name = test_support::reexec_in_private_netns("cmbench");
     let cgroup = Path::new("/sys/fs/cgroup/unified").join(&name);
     let pins = Path::new("/sys/fs/bpf").join(&name);
     std::fs::create_dir_all(&cgroup).unwrap();

@@ -588,6 +588,22 @@ fn read_events(mut ring: aya::maps::RingBuf<aya::maps::MapData>, tx: mpsc::Sende
     }
 }
 
+/// Makes the tracker follow the current targets, with what the datapath says of each.
+fn follow_targets(
+    targets: &mut watch::Receiver<Vec<SocketAddr>>,
+    programmer: &Mutex<Programmer>,
+    tracker: &mut Tracker,
+) {
+    let list = targets.borrow_and_update().clone();
+    let p = lock(programmer);
+    let with_health: Vec<(SocketAddr, bool)> = list
+        .iter()
+        .map(|a| (*a, p.is_healthy(*a).unwrap_or(true)))
+        .collect();
+    drop(p);
+    tracker.set_targets(&with_health, Instant::now());
+}
+
 /// Runs health for the programmed TCP backends in `targets` until the task is dropped.
 pub async fn run(
     cfg: HealthConfig,
@@ -614,6 +630,8 @@ pub async fn run(
     }
     let (res_tx, mut res_rx) = mpsc::unbounded_channel::<(SocketAddr, Outcome, &'static str)>();
     let mut tracker = Tracker::new(cfg, Instant::now());
+    // What is programmed already, then every change.
+    follow_targets(&mut targets, &programmer, &mut tracker);
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
     // The sweep's pace: often enough to spread its budget, rarely enough to cost nothing.
     let step = Duration::from_millis(20);
@@ -628,14 +646,7 @@ pub async fn run(
                 if changed.is_err() {
                     return;
                 }
-                let list = targets.borrow_and_update().clone();
-                let p = lock(&programmer);
-                let with_health: Vec<(SocketAddr, bool)> = list
-                    .iter()
-                    .map(|a| (*a, p.is_healthy(*a).unwrap_or(true)))
-                    .collect();
-                drop(p);
-                tracker.set_targets(&with_health, Instant::now());
+                follow_targets(&mut targets, &programmer, &mut tracker);
             }
             Some(ev) = ev_rx.recv() => {
                 metrics.inc(m::EVENTS, &[ev.reason.as_str()]);

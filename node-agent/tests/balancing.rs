@@ -81,7 +81,11 @@ fn spill_over_is_proportional_to_the_healthy_local_backends() {
             assert!(p.set_health(locals[dead - 1], false).unwrap());
         }
         let shares = p.shares()[&svc.frontend].clone();
-        assert_eq!(f64::from(shares[1]), want, "/state shows the share: {shares:?}");
+        assert_eq!(
+            f64::from(shares[1]),
+            want,
+            "/state shows the share: {shares:?}"
+        );
         let run = node.client(true, "tcp", vip, N);
         within(
             &format!("{dead} of 4 local backends down: to the remote tier"),

@@ -212,6 +212,9 @@ struct Exporter {
     identities: BTreeMap<String, IdentityEntry>,
     /// Services reported as invalid, with the message, so each problem is reported once.
     reported: HashMap<String, String>,
+    /// The services' keys and values found in etcd at start: a service refused before this
+    /// process exported it keeps what an earlier run exported.
+    previous_services: BTreeMap<String, Vec<u8>>,
     dirty: Arc<Dirty>,
     /// The endpoint keys of each pod, and its identity's canonical labels.
     pod_keys: HashMap<ObjectRef<Pod>, (Vec<String>, String)>,
@@ -313,6 +316,7 @@ pub async fn run(
         nodes,
         identities: BTreeMap::new(),
         reported: HashMap::new(),
+        previous_services: BTreeMap::new(),
         dirty: Arc::clone(&dirty),
         pod_keys: HashMap::new(),
         key_owner: HashMap::new(),
@@ -475,6 +479,12 @@ impl Exporter {
             .list_raw(&keys::cluster_prefix(Scope::State, &cluster))
             .await?;
         let now = Instant::now();
+        let services_prefix = keys::kind_prefix(Scope::State, &cluster, Kind::Services);
+        self.previous_services = existing
+            .iter()
+            .filter(|kv| kv.key.starts_with(&services_prefix))
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .collect();
         let ids_prefix = keys::kind_prefix(Scope::State, &cluster, Kind::Identities);
         for kv in existing.iter().filter(|kv| kv.key.starts_with(&ids_prefix)) {
             if let Ok(identity) = Identity::decode(&kv.value) {
@@ -683,6 +693,14 @@ impl Exporter {
         }
         let mut still_bad = HashMap::new();
         let mut rejected = Vec::new();
+        let held = self
+            .session
+            .held(&keys::kind_prefix(
+                Scope::State,
+                &self.settings.cluster,
+                Kind::Services,
+            ))
+            .await;
         for svc in self.services.state() {
             let ns = svc.namespace().unwrap_or_default();
             let key = (ns.clone(), svc.name_any());
@@ -699,15 +717,31 @@ impl Exporter {
                 Err(e) => {
                     let id = format!("{}/{}", key.0, key.1);
                     let message = e.to_string();
+                    // Bad input never erases good state: what was exported stays.
+                    let exported_key =
+                        keys::object_key(Scope::State, &self.settings.cluster, Kind::Services, &id);
+                    let kept = held
+                        .get(&exported_key)
+                        .or_else(|| self.previous_services.get(&exported_key))
+                        .cloned();
+                    let kept_previous = kept.is_some();
+                    if let Some(value) = kept {
+                        out.insert(exported_key, value);
+                    }
                     if self.reported.get(&id) != Some(&message) {
                         self.metrics.inc(m::INVALID_SERVICES, &[e.reason()]);
-                        tracing::warn!(service = %id, reason = e.reason(), error = %message, "service not exported");
+                        if kept_previous {
+                            tracing::warn!(service = %id, reason = e.reason(), error = %message, "service refused; its last good export stays");
+                        } else {
+                            tracing::warn!(service = %id, reason = e.reason(), error = %message, "service not exported");
+                        }
                         self.warn_event(&svc, e.reason(), &message).await;
                     }
                     rejected.push(model::status::RejectedService {
                         service: id.clone(),
                         reason: e.reason().to_owned(),
                         message: message.clone(),
+                        kept_previous,
                     });
                     still_bad.insert(id, message);
                 }

@@ -431,7 +431,19 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
         let why: Vec<String> = s
             .rejected_services
             .iter()
-            .map(|r| format!("{} ({}): {}", r.service, r.reason, r.message))
+            .map(|r| {
+                format!(
+                    "{} ({}): {}{}",
+                    r.service,
+                    r.reason,
+                    r.message,
+                    if r.kept_previous {
+                        " [its last good export stays]"
+                    } else {
+                        ""
+                    }
+                )
+            })
             .collect();
         out.push(Check::fail(
             c,
@@ -942,6 +954,7 @@ mod tests {
             service: "demo/bad".into(),
             reason: "InvalidAffinity".into(),
             message: "annotation service.cilium.io/affinity: \"sideways\"".into(),
+            kept_previous: false,
         });
         s.peers[0].refused_objects = 2;
         s.peers[0].last_error = Some("peer west sent endpoint 10.9.0.1 ...: refused".into());

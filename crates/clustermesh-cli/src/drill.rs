@@ -352,6 +352,9 @@ struct Report {
     timeline: Vec<Event>,
     attempts: usize,
     failures: usize,
+    /// Failed connections per backend the drill took down (passive health: at most 1 per
+    /// client node).
+    failures_per_backend: f64,
     served_local: usize,
     served_remote: usize,
     detect_ms: f64,
@@ -816,6 +819,7 @@ fn analyse(
         timeline,
         attempts: attempts.len(),
         failures,
+        failures_per_backend: failures as f64 / local.len().max(1) as f64,
         served_local,
         served_remote,
         detect_ms,
@@ -844,8 +848,8 @@ fn print_report(r: &Report) {
     }
     println!();
     println!(
-        "  connections: {} ({} local, {} remote, {} failed)",
-        r.attempts, r.served_local, r.served_remote, r.failures
+        "  connections: {} ({} local, {} remote, {} failed: {:.1} per backend taken down)",
+        r.attempts, r.served_local, r.served_remote, r.failures, r.failures_per_backend
     );
     println!(
         "  detect {:.1} ms · failover {:.1} ms · recover {:.1} ms",

@@ -261,7 +261,14 @@ pub(crate) async fn run(args: ServicesArgs) -> Result<std::process::ExitCode> {
             print!(
                 "{}",
                 output::table(
-                    &["FRONTEND", "TIER", "SHARE", "DESIRED", "PROGRAMMED", "STATE"],
+                    &[
+                        "FRONTEND",
+                        "TIER",
+                        "SHARE",
+                        "DESIRED",
+                        "PROGRAMMED",
+                        "STATE"
+                    ],
                     &rows
                 )
             );

@@ -206,6 +206,10 @@ pub struct RejectedService {
     pub reason: String,
     /// The reason in words.
     pub message: String,
+    /// Whether its last good export stays in place (it was exported before it became
+    /// invalid: bad input never erases good state).
+    #[serde(default)]
+    pub kept_previous: bool,
 }
 
 /// Rejected services listed in the status document at most.

@@ -130,3 +130,35 @@ pub fn rss_kib(pid: u32) -> std::io::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| std::io::Error::other("no VmRSS"))
 }
+
+/// For benchmarks that need a network namespace of their own: the first call re-executes the
+/// current binary (same arguments) inside a fresh namespace `<prefix><pid>` with its loopback
+/// up, through `nsenter --net` so that bpffs and cgroupfs stay visible, deletes the namespace
+/// when it ends and exits with its status. Inside, it returns the namespace's name.
+pub fn reexec_in_private_netns(prefix: &str) -> String {
+    const VAR: &str = "CLUSTERMESH_BENCH_NETNS";
+    if let Ok(name) = std::env::var(VAR) {
+        return name;
+    }
+    let name = format!("{prefix}{}", std::process::id());
+    let run = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(
+        run(&["netns", "add", &name]) && run(&["-n", &name, "link", "set", "lo", "up"]),
+        "cannot create network namespace {name} (root needed)"
+    );
+    let status = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{name}"))
+            .arg(exe)
+            .args(std::env::args().skip(1))
+            .env(VAR, &name)
+            .status()
+    });
+    let _ = run(&["netns", "del", &name]);
+    std::process::exit(status.ok().and_then(|s| s.code()).unwrap_or(1));
+}

@@ -317,11 +317,15 @@ pub async fn failover<A: Cluster, B: Cluster>(
         let mut a2 = args.clone();
         a2.extend(["--method".into(), method.into()]);
         if method == "command" {
+            // Backend processes killed (connections refused) while the client connects every
+            // millisecond: the kernel's passive health allows one failure per dead backend.
             a2.extend([
                 "--down-cmd".into(),
                 down.clone(),
                 "--up-cmd".into(),
                 up.clone(),
+                "--interval".into(),
+                "1ms".into(),
             ]);
         }
         let refs: Vec<&str> = a2.iter().map(String::as_str).collect();
@@ -337,10 +341,86 @@ pub async fn failover<A: Cluster, B: Cluster>(
             v["passed"] == true && v["served_remote"].as_u64() > Some(0),
             "{v}"
         );
+        if method == "command" {
+            ensure!(
+                v["failures_per_backend"].as_f64() <= Some(1.0),
+                "more than one failed connection per killed backend: {v}"
+            );
+        }
         reports.push(v);
     }
     until_answered_by(a, "client", target, &[&an]).await?;
     Ok(reports)
+}
+
+/// Annotates `kubectl annotate --overwrite` on `service` in `c` (`value` `None` removes it).
+fn annotate<C: Cluster>(
+    kc: &Path,
+    c: &C,
+    service: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<()> {
+    let (ns, name) = service.split_once('/').context("namespace/name")?;
+    let arg = match value {
+        Some(v) => format!("{key}={v}"),
+        None => format!("{key}-"),
+    };
+    let out = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", kc)
+        .args([
+            "--context",
+            &c.context(),
+            "-n",
+            ns,
+            "annotate",
+            "--overwrite",
+            "service",
+            name,
+            &arg,
+        ])
+        .output()
+        .context("run kubectl")?;
+    ensure!(
+        out.status.success(),
+        "kubectl annotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Per-cluster weights, end to end (`clustermesh.dev/cluster-weights` on a's `demo/echo`,
+/// affinity local): all to b at `a=0,b=100` (the weights replace the affinity), both at
+/// `a=50,b=50`, and back to the affinity when the annotation goes. Returns how long each change
+/// took to be in effect on a's client node.
+pub async fn cluster_weights<A: Cluster, B: Cluster>(
+    kc: &Path,
+    a: &A,
+    b: &B,
+    echo_a: IpAddr,
+) -> Result<Vec<Duration>> {
+    const KEY: &str = "clustermesh.dev/cluster-weights";
+    let target = SocketAddr::new(echo_a, 80);
+    let (an, bn) = (a.name().to_owned(), b.name().to_owned());
+    let mut both = vec![an.as_str(), bn.as_str()];
+    both.sort();
+    let mut took = Vec::new();
+    let steps: [(Option<String>, Vec<&str>); 3] = [
+        (Some(format!("{an}=0,{bn}=100")), vec![bn.as_str()]),
+        (Some(format!("{an}=50,{bn}=50")), both.clone()),
+        (None, vec![an.as_str()]),
+    ];
+    for (value, want) in steps {
+        let started = Instant::now();
+        annotate(kc, a, "demo/echo", KEY, value.as_deref())?;
+        until_answered_by(a, "client", target, &want).await?;
+        took.push(started.elapsed());
+    }
+    // An invalid value refuses the service alone: what the nodes have stays as it was.
+    annotate(kc, a, "demo/echo", KEY, Some("nobody=-1"))?;
+    until_answered_by(a, "client", target, &[&an]).await?;
+    annotate(kc, a, "demo/echo", KEY, None)?;
+    Ok(took)
 }
 
 /// Kills b's apiserver: a's client keeps reaching b's backends (`demo/remote`, affinity

@@ -57,6 +57,12 @@ async fn mesh_scenarios_on_the_lab() {
     scenarios::interrupted_drill_restores(&kc, &east, &west, echo_east)
         .await
         .unwrap();
+    let took = scenarios::cluster_weights(&kc, &east, &west, echo_east)
+        .await
+        .unwrap();
+    eprintln!(
+        "cluster weights: 0/100, 50/50 and removed, in effect on east's client node after {took:?} (kubectl annotate → first matching connections)"
+    );
 
     let remote_east =
         std::net::IpAddr::V4(lab.lock().await.cluster("east").unwrap().services["demo/remote"]);

@@ -1,0 +1,403 @@
+//! The datapath v2's costs, each next to a baseline measured in the same run (ADR 0018, 0019):
+//! - the kernel's own time per translated connect (`bpf_stats`: `run_time_ns / run_cnt` of
+//!   `cm_connect4`), with passive health, spill-over and socket storage on, at 1 and 10,000
+//!   services, before and after 300,000 connects, against an empty program on the same hook;
+//!   the `sock_ops` program's time per connect; the tax on a connect to a non-service address;
+//! - reverse-NAT entries left after 300,000 TCP connects;
+//! - health-probe connects per second and the agent's CPU with 100, 1,000 and 10,000 live
+//!   backends, against the previous design (every backend every 200 ms) run on the same
+//!   backends;
+//! - kernel memory of the maps (`bytes_memlock`) at the default sizes and with 10,000 services.
+//!
+//! Run (root): `cargo bench -p node-agent --bench datapath_cost`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use node_agent::datapath::{self, Datapath};
+use node_agent::health::{self, HealthConfig};
+use node_agent::maps::{self, Frontend, Proto};
+use node_agent::program::{BackendSpec, Balancing, DesiredService, Programmer};
+use serde_json::Value;
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn listener(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind(format!("{ip}:0")).unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || for _ in l.incoming() {});
+    a
+}
+
+fn vip(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 200, (i / 250) as u8, (i % 250 + 1) as u8], 80))
+}
+
+fn services(n: usize, backends: &[SocketAddr]) -> Vec<DesiredService> {
+    (0..n)
+        .map(|i| DesiredService {
+            frontend: Frontend {
+                addr: vip(i),
+                proto: Proto::Tcp,
+            },
+            service: None,
+            tiers: [
+                vec![BackendSpec {
+                    addr: backends[0],
+                    cluster_id: 1,
+                    zone: 0,
+                }],
+                backends[1..]
+                    .iter()
+                    .map(|a| BackendSpec {
+                        addr: *a,
+                        cluster_id: 2,
+                        zone: 0,
+                    })
+                    .collect(),
+            ],
+            balancing: Balancing {
+                overprov_pct: 140,
+                min_healthy: 0,
+                groups: Vec::new(),
+            },
+        })
+        .collect()
+}
+
+/// `n` connect()+close to `targets`, round robin.
+fn connects(targets: &[SocketAddr], n: usize) {
+    for i in 0..n {
+        let t = targets[(i * 7919) % targets.len()];
+        drop(TcpStream::connect_timeout(&t, Duration::from_secs(2)).unwrap());
+    }
+}
+
+/// (run_time_ns, run_cnt) of program `id` (bpf_stats must be on).
+fn prog_stats(id: u64) -> (u64, u64) {
+    let v: Value = serde_json::from_str(&sh(&format!("bpftool prog show id {id} -j"))).unwrap();
+    (
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The ID of the program named `name` attached to `cgroup`.
+fn attached(cgroup: &Path, name: &str) -> u64 {
+    let v: Value =
+        serde_json::from_str(&sh(&format!("bpftool cgroup show {} -j", cgroup.display()))).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["id"].as_u64())
+        .unwrap_or_else(|| panic!("{name} not attached to {}", cgroup.display()))
+}
+
+/// Nanoseconds per run of `ids` (summed) over `n` connects to `targets`, and runs per connect.
+fn cost(ids: &[u64], targets: &[SocketAddr], n: usize) -> (f64, f64) {
+    let before: Vec<(u64, u64)> = ids.iter().map(|id| prog_stats(*id)).collect();
+    connects(targets, n);
+    let (mut time, mut runs) = (0, 0);
+    for (id, (t0, r0)) in ids.iter().zip(before) {
+        let (t1, r1) = prog_stats(*id);
+        time += t1 - t0;
+        runs += r1 - r0;
+    }
+    (time as f64 / runs.max(1) as f64, runs as f64 / n as f64)
+}
+
+/// Bytes of kernel memory the maps pinned under `dir` hold.
+fn memlock(dir: &Path) -> u64 {
+    maps::ALL
+        .iter()
+        .filter_map(|m| {
+            let p = dir.join(m);
+            let out = Command::new("bpftool")
+                .args(["map", "show", "pinned"])
+                .arg(&p)
+                .arg("-j")
+                .output()
+                .ok()?;
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            v["bytes_memlock"].as_u64()
+        })
+        .sum()
+}
+
+/// An empty `cgroup/connect4` program attached to `cgroup` (the hook's floor), detached and
+/// unpinned on drop.
+struct EmptyProgram {
+    pin: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl EmptyProgram {
+    fn attach(cgroup: &Path, dir: &Path) -> Self {
+        let src = dir.join("empty.c");
+        let obj = dir.join("empty.o");
+        std::fs::write(
+            &src,
+            "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n\
+             SEC(\"cgroup/connect4\") int empty(struct bpf_sock_addr *ctx) { return 1; }\n\
+             char _license[] SEC(\"license\") = \"GPL\";\n",
+        )
+        .unwrap();
+        sh(&format!(
+            "clang -O2 -target bpf -I/usr/include/{}-linux-gnu -c {} -o {}",
+            std::env::consts::ARCH,
+            src.display(),
+            obj.display()
+        ));
+        let pin = Path::new("/sys/fs/bpf").join(format!("cmcost-empty-{}", std::process::id()));
+        sh(&format!(
+            "bpftool prog load {} {} type cgroup/connect4 && bpftool cgroup attach {} connect4 pinned {} multi",
+            obj.display(),
+            pin.display(),
+            cgroup.display(),
+            pin.display()
+        ));
+        Self {
+            pin,
+            cgroup: cgroup.to_owned(),
+        }
+    }
+}
+
+impl Drop for EmptyProgram {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "bpftool cgroup detach {} connect4 pinned {}; rm -f {}",
+                self.cgroup.display(),
+                self.pin.display(),
+                self.pin.display()
+            ))
+            .status();
+    }
+}
+
+/// The process's CPU seconds so far.
+fn cpu_seconds(metrics: &telemetry::metrics::Registry) -> f64 {
+    telemetry::metrics::render_all(metrics)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The previous design: every backend every 200 ms, all at once.
+async fn probe_everything(targets: Vec<SocketAddr>, count: Arc<std::sync::atomic::AtomicU64>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let results = futures::future::join_all(targets.iter().map(|a| async move {
+            tokio::time::timeout(
+                Duration::from_millis(150),
+                tokio::net::TcpStream::connect(a),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
+        }))
+        .await;
+        count.fetch_add(results.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn main() {
+    let name = test_support::reexec_in_private_netns("cmcost");
+    // 300,000 connects from one address: reuse TIME_WAIT ports (this namespace only).
+    sh("sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range='1024 65000'");
+    let cgroup = Path::new("/sys/fs/cgroup/unified").join(&name);
+    let pins = Path::new("/sys/fs/bpf").join(&name);
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = listener("127.0.1.1");
+    let remote = listener("127.0.2.1");
+    let stats_before = sh("sysctl -n kernel.bpf_stats_enabled").trim().to_owned();
+    sh("sysctl -qw kernel.bpf_stats_enabled=1");
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+    let n = 20_000;
+    let mut report = String::from("## Datapath v2: the kernel's cost per connect (bpf_stats)\n\n");
+    report.push_str(&format!("{n} sequential connect()+close per row from a process in the node's cgroup, TCP over loopback, in a private network namespace; `run_time_ns / run_cnt` of the program (bpf_stats, which adds its own clock reads: the empty program shows that floor).\n\n| program, state | services | ns per run | runs per connect |\n|---|---|---|---|\n"));
+    let mut row = |what: &str, services: &str, (ns, runs): (f64, f64)| {
+        report.push_str(&format!("| {what} | {services} | {ns:.0} | {runs:.1} |\n"));
+    };
+
+    // Baseline: an empty program on the same hook, nothing else attached.
+    {
+        let empty = EmptyProgram::attach(&cgroup, tmp.path());
+        let id = attached(&cgroup, "empty");
+        row(
+            "empty connect4 program (baseline)",
+            "-",
+            cost(&[id], &[backend], n),
+        );
+        drop(empty);
+    }
+
+    let mut p = Programmer::new(Datapath::open(&pins, &cgroup).unwrap()).unwrap();
+    p.datapath_mut()
+        .set_config(&maps::Config {
+            quarantine_ns: 10_000_000_000,
+            syn_rto_jiffies: health::syn_rto_jiffies(Duration::from_millis(200)),
+        })
+        .unwrap();
+    let memlock_empty = memlock(&pins);
+    let connect4 = attached(&cgroup, "cm_connect4");
+    let sockops = attached(&cgroup, "cm_sockops");
+    for count in [1, 10_000] {
+        p.apply(&services(count, &[backend, remote])).unwrap();
+        let targets: Vec<SocketAddr> = (0..count).map(vip).collect();
+        let label = count.to_string();
+        row(
+            "cm_connect4, translated connect",
+            &label,
+            cost(&[connect4], &targets, n),
+        );
+        row(
+            "cm_sockops (all callbacks), translated connect",
+            &label,
+            cost(&[sockops], &targets, n),
+        );
+        row(
+            "cm_connect4, connect to a non-service address",
+            &label,
+            cost(&[connect4], &[backend], n),
+        );
+    }
+    let memlock_10k = memlock(&pins);
+    let targets: Vec<SocketAddr> = (0..10_000).map(vip).collect();
+    let started = Instant::now();
+    connects(&targets, 300_000);
+    let bulk = started.elapsed();
+    let revnat = p.datapath().revnat_entries().unwrap();
+    row(
+        "cm_connect4, translated connect, after 300,000 connects",
+        "10000",
+        cost(&[connect4], &targets, n),
+    );
+    report.push_str(&format!(
+        "\nReverse-NAT entries after 300,000 TCP connects: **{revnat}** (before socket storage: one per connect, the LRU map full after 262,144). The 300,000 connects took {:.1} s.\n",
+        bulk.as_secs_f64()
+    ));
+    report.push_str(&format!(
+        "\nKernel memory of the maps (`bytes_memlock`, sum over the pinned maps): {:.1} MiB at the default sizes with nothing programmed, {:.1} MiB with 10,000 services.\n",
+        memlock_empty as f64 / 1048576.0,
+        memlock_10k as f64 / 1048576.0
+    ));
+    p.apply(&[]).unwrap();
+    let _ = std::fs::write(
+        "/sys/fs/cgroup/unified/cgroup.procs",
+        std::process::id().to_string(),
+    );
+    sh(&format!(
+        "sysctl -qw kernel.bpf_stats_enabled={stats_before}"
+    ));
+
+    // Probe load: live backends on 40 addresses, in this process (outside the node's cgroup).
+    report.push_str("\n## Health probes: connects per second and agent CPU, 10 s per row\n\n| backends | design | probe connects/s | CPU (% of a core) |\n|---|---|---|---|\n");
+    let programmer = Arc::new(Mutex::new(p));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut live: Vec<SocketAddr> = Vec::new();
+    for count in [100usize, 1_000, 10_000] {
+        while live.len() < count {
+            let i = live.len();
+            live.push(listener(&format!("127.0.{}.{}", 10 + i / 250, 1 + i % 250)));
+        }
+        let svcs: Vec<DesiredService> = live
+            .chunks(250)
+            .enumerate()
+            .map(|(i, chunk)| DesiredService {
+                frontend: Frontend {
+                    addr: vip(i),
+                    proto: Proto::Tcp,
+                },
+                service: None,
+                tiers: [
+                    chunk
+                        .iter()
+                        .map(|a| BackendSpec {
+                            addr: *a,
+                            cluster_id: 1,
+                            zone: 0,
+                        })
+                        .collect(),
+                    vec![],
+                ],
+                balancing: Balancing::default(),
+            })
+            .collect();
+        programmer.lock().unwrap().apply(&svcs).unwrap();
+        let targets = programmer.lock().unwrap().backends_of(Proto::Tcp);
+        let window = Duration::from_secs(10);
+        // Ours, at the default settings.
+        let metrics = node_agent::agent::registry();
+        let (_tx, rx) = tokio::sync::watch::channel(targets.clone());
+        let cpu0 = cpu_seconds(&metrics);
+        let task = rt.spawn(health::run(
+            HealthConfig {
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_millis(150),
+                fall: 2,
+                rise: 2,
+                sweep_rate: 50,
+                max_in_flight: 256,
+                quarantine: Duration::from_secs(10),
+                syn_timeout: None,
+            },
+            rx,
+            Arc::clone(&programmer),
+            metrics.clone(),
+        ));
+        std::thread::sleep(window);
+        task.abort();
+        let cpu = cpu_seconds(&metrics) - cpu0;
+        let probes: f64 = ["suspect", "down", "sweep"]
+            .iter()
+            .flat_map(|why| {
+                ["ok", "fail", "inconclusive"].map(|r| metrics.value(health::m::PROBES, &[why, r]))
+            })
+            .sum();
+        report.push_str(&format!(
+            "| {count} | kernel evidence + sweep at 50/s (this design) | {:.0} | {:.1} |\n",
+            probes / window.as_secs_f64(),
+            cpu * 100.0 / window.as_secs_f64()
+        ));
+        // The previous design on the same backends.
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let cpu0 = cpu_seconds(&metrics);
+        let task = rt.spawn(probe_everything(targets, Arc::clone(&done)));
+        std::thread::sleep(window);
+        task.abort();
+        let cpu = cpu_seconds(&metrics) - cpu0;
+        report.push_str(&format!(
+            "| {count} | every backend every 200 ms (previous design, baseline) | {:.0} | {:.1} |\n",
+            done.load(std::sync::atomic::Ordering::Relaxed) as f64 / window.as_secs_f64(),
+            cpu * 100.0 / window.as_secs_f64()
+        ));
+    }
+    print!("{report}");
+    drop(programmer);
+    let _ = datapath::remove(&pins);
+    let _ = std::fs::remove_dir(&cgroup);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-reports");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join("datapath_cost.md"), &report);
+    }
+}
