@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_pkgs=(etcd-server etcd-client clang llvm libbpf-dev bpftool iproute2 iputils-ping
-           protobuf-compiler libprotobuf-dev iptables procps psmisc prometheus)
+           protobuf-compiler libprotobuf-dev iptables nftables procps psmisc prometheus)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -221,6 +221,7 @@ async fn probe_everything(targets: Vec<SocketAddr>, count: Arc<std::sync::atomic
 
 fn main() {
     let name = test_support::reexec_in_private_netns("cmcost");
+    telemetry::raise_fd_limit();
     // 300,000 connects from one address: reuse TIME_WAIT ports (this namespace only).
     sh("sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range='1024 65000'");
     let cgroup = Path::new("/sys/fs/cgroup/unified").join(&name);
@@ -236,7 +237,9 @@ fn main() {
     let mut report = String::from("## Datapath v2: the kernel's cost per connect (bpf_stats)\n\n");
     report.push_str(&format!("{n} sequential connect()+close per row from a process in the node's cgroup, TCP over loopback, in a private network namespace; `run_time_ns / run_cnt` of the program (bpf_stats, which adds its own clock reads: the empty program shows that floor).\n\n| program, state | services | ns per run | runs per connect |\n|---|---|---|---|\n"));
     let mut row = |what: &str, services: &str, (ns, runs): (f64, f64)| {
-        report.push_str(&format!("| {what} | {services} | {ns:.0} | {runs:.1} |\n"));
+        let line = format!("| {what} | {services} | {ns:.0} | {runs:.1} |\n");
+        eprint!("{line}");
+        report.push_str(&line);
     };
 
     // Baseline: an empty program on the same hook, nothing else attached.
@@ -311,16 +314,29 @@ fn main() {
     ));
 
     // Probe load: live backends on 40 addresses, in this process (outside the node's cgroup).
+    // CMCOST_KERNEL_ONLY=1 stops here (for quick comparisons of datapath variants).
+    if std::env::var_os("CMCOST_KERNEL_ONLY").is_some() {
+        print!("{report}");
+        drop(p);
+        let _ = datapath::remove(&pins);
+        let _ = std::fs::remove_dir(&cgroup);
+        return;
+    }
     report.push_str("\n## Health probes: connects per second and agent CPU, 10 s per row\n\n| backends | design | probe connects/s | CPU (% of a core) |\n|---|---|---|---|\n");
     let programmer = Arc::new(Mutex::new(p));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut live: Vec<SocketAddr> = Vec::new();
+    // Listeners that never accept: the kernel completes each probe's handshake (backlog 128,
+    // far more than the probes one backend gets in a window); no thread per backend.
+    let mut live: Vec<TcpListener> = Vec::new();
     for count in [100usize, 1_000, 10_000] {
         while live.len() < count {
             let i = live.len();
-            live.push(listener(&format!("127.0.{}.{}", 10 + i / 250, 1 + i % 250)));
+            live.push(
+                TcpListener::bind(format!("127.0.{}.{}:0", 10 + i / 250, 1 + i % 250)).unwrap(),
+            );
         }
-        let svcs: Vec<DesiredService> = live
+        let addrs: Vec<SocketAddr> = live.iter().map(|l| l.local_addr().unwrap()).collect();
+        let svcs: Vec<DesiredService> = addrs
             .chunks(250)
             .enumerate()
             .map(|(i, chunk)| DesiredService {
@@ -357,6 +373,7 @@ fn main() {
                 fall: 2,
                 rise: 2,
                 sweep_rate: 50,
+                retry_rate: 200,
                 max_in_flight: 256,
                 quarantine: Duration::from_secs(10),
                 syn_timeout: None,

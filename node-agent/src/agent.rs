@@ -107,6 +107,8 @@ pub struct Settings {
     pub pin_dir: PathBuf,
     /// The node's cgroup.
     pub cgroup: PathBuf,
+    /// How many entries the datapath's maps hold.
+    pub sizes: crate::maps::Sizes,
     /// Health checks.
     pub health: HealthConfig,
 }
@@ -185,7 +187,7 @@ impl Agent {
         metrics: Registry,
         ready: watch::Sender<Result<(), String>>,
     ) -> anyhow::Result<Self> {
-        let dp = Datapath::open(&settings.pin_dir, &settings.cgroup)?;
+        let dp = Datapath::open_sized(&settings.pin_dir, &settings.cgroup, settings.sizes)?;
         let programmer = Arc::new(Mutex::new(Programmer::new(dp)?));
         {
             let p = lock(&programmer);

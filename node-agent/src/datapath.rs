@@ -155,6 +155,7 @@ pub struct Datapath {
     pub stats: PerCpuArray<MapData, u64>,
     /// Health events from the kernel; taken by the agent's reader.
     pub events: Option<RingBuf<MapData>>,
+    sizes: maps::Sizes,
     _ebpf: Ebpf,
 }
 
@@ -186,9 +187,15 @@ fn take<K: aya::Pod, V: aya::Pod>(
 }
 
 impl Datapath {
-    /// Loads (or reuses) the maps under `dir` and makes sure every program is attached to
-    /// `cgroup` through a pinned link.
+    /// Loads (or reuses) the maps under `dir`, at the default sizes, and makes sure every
+    /// program is attached to `cgroup` through a pinned link.
     pub fn open(dir: &Path, cgroup: &Path) -> Result<Self, Error> {
+        Self::open_sized(dir, cgroup, maps::Sizes::default())
+    }
+
+    /// [`Datapath::open`] with the sized maps holding `sizes` entries. Maps pinned earlier at
+    /// another size are refused (resizing needs a drain: the pins must go).
+    pub fn open_sized(dir: &Path, cgroup: &Path, sizes: maps::Sizes) -> Result<Self, Error> {
         let links = dir.join("links");
         std::fs::create_dir_all(&links).map_err(io("create", &links))?;
         // bpffs holds no regular files: the attached cgroup is recorded as a directory name.
@@ -210,9 +217,13 @@ impl Datapath {
             detach(dir)?;
             std::fs::remove_dir(old).map_err(io("remove", old))?;
         }
-        check_layout(dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(dir)
+        check_layout(dir, sizes)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(dir);
+        for (name, entries) in sizes.maps() {
+            loader.map_max_entries(name, entries);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::Load(e.to_string()))?;
         let cg = File::open(cgroup).map_err(io("open cgroup", cgroup))?;
@@ -274,8 +285,14 @@ impl Datapath {
             config,
             stats,
             events: Some(events),
+            sizes,
             _ebpf: ebpf,
         })
+    }
+
+    /// How many entries the sized maps hold.
+    pub fn sizes(&self) -> maps::Sizes {
+        self.sizes
     }
 
     /// The pin directory.
@@ -323,8 +340,31 @@ impl Datapath {
     }
 }
 
-/// Refuses pinned maps whose key or value size differs from this agent's layout.
-fn check_layout(dir: &Path) -> Result<(), Error> {
+/// Refuses pinned maps whose key or value size differs from this agent's layout, or whose
+/// capacity differs from `sizes`.
+fn check_layout(dir: &Path, sizes: maps::Sizes) -> Result<(), Error> {
+    for (name, entries) in sizes.maps() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| Error::Map {
+            map: name,
+            reason: format!("reading the pinned map's size: {e}"),
+        })?;
+        if info.max_entries() != entries {
+            return Err(Error::Map {
+                map: name,
+                reason: format!(
+                    "the pinned map under {} holds {} entries, this agent is configured for {entries} \
+                     (--max-services): resizing needs a drain; remove the pins (the directory) \
+                     first, or keep the old --max-services",
+                    dir.display(),
+                    info.max_entries()
+                ),
+            });
+        }
+    }
     for (name, key, value) in maps::LAYOUT {
         let path = dir.join(name);
         if !path.exists() {

@@ -71,6 +71,9 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Background probes per second over all backends that carry no evidence (0: none).
     pub sweep_rate: u32,
+    /// Re-probes of suspect and down backends per second at most, all together: a mass
+    /// failure does not turn into a probe storm (the kernel keeps skipping them meanwhile).
+    pub retry_rate: u32,
     /// Probes in flight at most.
     pub max_in_flight: usize,
     /// How long the kernel skips a suspect backend when the agent says nothing.
@@ -228,6 +231,7 @@ pub struct Tracker {
     sweep: Vec<SocketAddr>,
     cursor: usize,
     tokens: f64,
+    retry_tokens: f64,
     last_refill: Instant,
     in_flight: usize,
 }
@@ -242,6 +246,7 @@ impl Tracker {
             sweep: Vec::new(),
             cursor: 0,
             tokens: 0.0,
+            retry_tokens: f64::from(cfg.retry_rate.max(1)),
             last_refill: now,
             in_flight: 0,
         }
@@ -362,7 +367,8 @@ impl Tracker {
     }
 
     /// The probes to start now, at most what the in-flight cap allows: due re-probes of
-    /// suspect and down backends first, then the sweep as far as its rate allows.
+    /// suspect and down backends first (as far as the retry rate allows), then the sweep as
+    /// far as its rate allows.
     pub fn due(&mut self, now: Instant) -> Vec<(SocketAddr, &'static str)> {
         let mut out = Vec::new();
         let elapsed = now
@@ -372,7 +378,9 @@ impl Tracker {
         let rate = f64::from(self.cfg.sweep_rate);
         // At most one second's worth saved up, so a pause never turns into a burst.
         self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
-        while self.in_flight < self.cfg.max_in_flight {
+        let retry = f64::from(self.cfg.retry_rate.max(1));
+        self.retry_tokens = (self.retry_tokens + elapsed * retry).min(retry);
+        while self.in_flight < self.cfg.max_in_flight && self.retry_tokens >= 1.0 {
             let Some(std::cmp::Reverse((at, addr, generation))) = self.due.peek().copied() else {
                 break;
             };
@@ -388,6 +396,7 @@ impl Tracker {
             }
             b.in_flight = true;
             self.in_flight += 1;
+            self.retry_tokens -= 1.0;
             let why = if b.state == State::Down {
                 Why::Down
             } else {
@@ -588,6 +597,26 @@ fn read_events(mut ring: aya::maps::RingBuf<aya::maps::MapData>, tx: mpsc::Sende
     }
 }
 
+/// A small xorshift generator for jitter (no cryptographic use).
+#[derive(Debug)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn seeded() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self((t ^ u64::from(std::process::id()).rotate_left(32)) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
 /// Makes the tracker follow the current targets, with what the datapath says of each.
 fn follow_targets(
     targets: &mut watch::Receiver<Vec<SocketAddr>>,
@@ -633,9 +662,11 @@ pub async fn run(
     // What is programmed already, then every change.
     follow_targets(&mut targets, &programmer, &mut tracker);
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
-    // The sweep's pace: often enough to spread its budget, rarely enough to cost nothing.
-    let step = Duration::from_millis(20);
+    // The sweep's pace: often enough to spread its budget, rarely enough to cost nothing;
+    // jittered (15..25 ms) so that the nodes of a cluster do not probe in step.
+    let mut jitter = Jitter::seeded();
     loop {
+        let step = Duration::from_micros(15_000 + jitter.below(10_000));
         let now = Instant::now();
         let wake = tracker
             .next_due()
@@ -707,6 +738,7 @@ mod tests {
             fall: 2,
             rise: 2,
             sweep_rate,
+            retry_rate: 1000,
             max_in_flight: 8,
             quarantine: Duration::from_secs(5),
             syn_timeout: None,
@@ -816,6 +848,31 @@ mod tests {
         for (a, _) in t.due(later) {
             assert!(targets[..10].iter().any(|(x, _)| *x == a));
         }
+    }
+
+    #[test]
+    fn re_probes_stay_within_the_retry_rate_in_a_mass_failure() {
+        let t0 = Instant::now();
+        let mut c = cfg(0);
+        c.retry_rate = 100;
+        c.max_in_flight = 100_000;
+        let mut t = Tracker::new(c, t0);
+        let targets: Vec<(SocketAddr, bool)> = (0..10_000).map(|i| (addr(i), false)).collect();
+        t.set_targets(&targets, t0);
+        let mut probes = 0;
+        for step in 0..=500 {
+            let now = t0 + Duration::from_millis(20 * step);
+            for (a, why) in t.due(now) {
+                assert_eq!(why, "down");
+                probes += 1;
+                t.on_result(a, Outcome::Fail, now);
+            }
+        }
+        // One second's burst, then 100/s for 10 s.
+        assert!(
+            (1000..=1110).contains(&probes),
+            "{probes} re-probes in 10 s"
+        );
     }
 
     #[test]

@@ -26,7 +26,8 @@ use telemetry::env;
     after_help = "Example:\n  \
         node-agent --cluster-name east --cluster-id 1 --node-name east-node-1 \\\n    \
         --cgroup /sys/fs/cgroup/pods --apiserver 10.0.0.5:4240 --tls-dir /tls \\\n    \
-        --health-interval 200ms --health-timeout 150ms"
+        --health-interval 200ms --health-timeout 150ms --syn-timeout 200ms \\\n    \
+        --probe-sweep-rate 50 --max-services 131072"
 )]
 struct Args {
     /// This node's cluster.
@@ -71,6 +72,10 @@ struct Args {
     /// (0: none). The node's probe load stays at this rate whatever the mesh's size.
     #[arg(long, env = env::PROBE_SWEEP_RATE, default_value_t = 50)]
     probe_sweep_rate: u32,
+    /// Re-probes of suspect and down backends per second at most, all together (a mass failure
+    /// never becomes a probe storm; the kernel keeps skipping them meanwhile).
+    #[arg(long, env = env::PROBE_RETRY_RATE, default_value_t = 200)]
+    probe_retry_rate: u32,
     /// Probes in flight at most.
     #[arg(long, env = env::PROBE_MAX_IN_FLIGHT, default_value_t = 256)]
     probe_max_in_flight: usize,
@@ -83,6 +88,12 @@ struct Args {
     /// connect(); e.g. `200ms` when backends answer within a few milliseconds.
     #[arg(long, env = env::SYN_TIMEOUT, default_value = "0s", value_parser = telemetry::duration::parse)]
     syn_timeout: Duration,
+    /// Services the datapath's maps hold, 1024..=1048576. Sizes them at load time: backends
+    /// 4 and slots 8 per service; the maps preallocate about 1.25 KiB of kernel memory per
+    /// service at these ratios (65,536: 82 MiB measured; see docs/benchmarks.md). Changing it
+    /// on a node whose maps are pinned needs a drain (the pins removed first).
+    #[arg(long, env = env::MAX_SERVICES, default_value_t = 65_536)]
+    max_services: u32,
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9881")]
     health_bind: String,
@@ -221,6 +232,13 @@ fn validate(args: &mut Args) -> Vec<String> {
         if args.syn_timeout > Duration::from_secs(60) {
             problems.push("--syn-timeout: at most 1m".into());
         }
+        if !(1024..=node_agent::maps::Sizes::MAX).contains(&args.max_services) {
+            problems.push(format!(
+                "--max-services: {} is out of range 1024..={}",
+                args.max_services,
+                node_agent::maps::Sizes::MAX
+            ));
+        }
         if args.probe_max_in_flight == 0 {
             problems.push("--probe-max-in-flight must be at least 1".into());
         }
@@ -296,12 +314,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls: certs::TlsFiles::in_dir(&tls_dir),
         pin_dir: args.bpffs.join(format!("clustermesh-{cluster}-{node}")),
         cgroup: args.cgroup.clone(),
+        sizes: node_agent::maps::Sizes {
+            services: args.max_services,
+        },
         health: HealthConfig {
             interval: args.health_interval,
             timeout: args.health_timeout,
             fall: args.fall,
             rise: args.rise,
             sweep_rate: args.probe_sweep_rate,
+            retry_rate: args.probe_retry_rate,
             max_in_flight: args.probe_max_in_flight,
             quarantine: args.quarantine,
             syn_timeout: (!args.syn_timeout.is_zero()).then_some(args.syn_timeout),

@@ -3,7 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// Services map capacity (`MAX_SERVICES` in C).
+/// Services map capacity by default (`MAX_SERVICES` in C; the agent's `--max-services` sizes
+/// the maps at load time).
 pub const MAX_SERVICES: usize = 65_536;
 /// Backends map capacity (`MAX_BACKENDS`).
 pub const MAX_BACKENDS: usize = 262_144;
@@ -51,6 +52,47 @@ pub const ALL: [&str; 10] = [
     STATS,
     HEALTH_EVENTS,
 ];
+
+/// How many entries the sized maps hold: services, and from it backends (4 per service) and
+/// slots (8 per service), as the defaults in C.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// `CM_SERVICES` (and `CM_GROUPS`).
+    pub services: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            services: MAX_SERVICES as u32,
+        }
+    }
+}
+
+impl Sizes {
+    /// Services supported at most (`--max-services`).
+    pub const MAX: u32 = 1 << 20;
+
+    /// `CM_BACKENDS` entries.
+    pub fn backends(&self) -> u32 {
+        self.services.saturating_mul(4)
+    }
+
+    /// `CM_SLOTS` entries.
+    pub fn slots(&self) -> u32 {
+        self.services.saturating_mul(8)
+    }
+
+    /// Every sized map with its entries.
+    pub fn maps(&self) -> [(&'static str, u32); 4] {
+        [
+            (SERVICES, self.services),
+            (GROUPS, self.services),
+            (BACKENDS, self.backends()),
+            (SLOTS, self.slots()),
+        ]
+    }
+}
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.

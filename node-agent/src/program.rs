@@ -17,9 +17,10 @@ use model::service::ServiceName;
 
 use crate::datapath::{Datapath, Error};
 use crate::maps::{
-    self, BackendEntry, Frontend, GroupEntry, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
-    MAX_TIER_SLOTS, Proto, SVC_WEIGHTED, SvcEntry, TIERS,
+    self, BackendEntry, Frontend, GroupEntry, MAX_TIER_SLOTS, Proto, SVC_WEIGHTED, SvcEntry, TIERS,
 };
+#[cfg(test)]
+use crate::maps::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS};
 
 /// One backend of a desired service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,13 +106,13 @@ pub enum Reason {
         claimed_by: Option<ServiceName>,
     },
     /// The services map has no room for one more service.
-    #[error("the services map is full: {capacity} services (MAX_SERVICES)")]
+    #[error("the services map is full: {capacity} services (--max-services)")]
     ServicesFull {
         /// The limit.
         capacity: usize,
     },
     /// The backends map has no room for the service's new backends.
-    #[error("{wanted} new backends, {free} free of {capacity} (MAX_BACKENDS)")]
+    #[error("{wanted} new backends, {free} free of {capacity} (4 × --max-services)")]
     BackendsFull {
         /// Backends the service adds.
         wanted: usize,
@@ -134,7 +135,7 @@ pub enum Reason {
         capacity: usize,
     },
     /// The slots map has no room for the service's new slots.
-    #[error("{wanted} new slots, {free} free of {capacity} (MAX_SLOTS)")]
+    #[error("{wanted} new slots, {free} free of {capacity} (8 × --max-services)")]
     SlotsFull {
         /// Slots the service adds.
         wanted: usize,
@@ -212,13 +213,24 @@ struct Limits {
 }
 
 impl Limits {
-    /// The maps of `bpf/sock_lb.c`.
+    /// The maps of `bpf/sock_lb.c` at their default sizes.
+    #[cfg(test)]
     const MAPS: Self = Self {
         services: MAX_SERVICES,
         backends: MAX_BACKENDS,
         slots: MAX_SLOTS,
         tier_slots: MAX_TIER_SLOTS,
     };
+
+    /// The maps as loaded.
+    fn of(sizes: maps::Sizes) -> Self {
+        Self {
+            services: sizes.services as usize,
+            backends: sizes.backends() as usize,
+            slots: sizes.slots() as usize,
+            tier_slots: MAX_TIER_SLOTS,
+        }
+    }
 }
 
 /// A service as the maps hold it: its entry and the backends its slots reference.
@@ -679,7 +691,7 @@ impl Programmer {
     /// [`Ops::refused`]; those programmed before keep their programming). Fails only when a map
     /// operation fails.
     pub fn apply(&mut self, desired: &[DesiredService]) -> Result<Ops, ProgramError> {
-        let plan = plan(&self.services, desired, Limits::MAPS);
+        let plan = plan(&self.services, desired, Limits::of(self.dp.sizes()));
         let mut ops = Ops::default();
         // 1. Services no longer desired: the service first, then its slots; then the backends
         //    nothing references any more, to make room.

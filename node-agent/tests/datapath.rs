@@ -474,3 +474,49 @@ fn pods_in_their_own_network_namespace_and_child_cgroup() {
     let outside = pod.client(&node, false, vip_local, 2);
     assert_eq!(outside["failures"], 2);
 }
+
+/// The maps are sized from configuration: 100,000 services (over the default 65,536) are
+/// programmed and translated; an agent configured for another size refuses the pinned maps
+/// instead of misusing them.
+#[test]
+fn a_hundred_thousand_services_with_maps_sized_for_them() {
+    let node = Node::new();
+    let mut p = node.open_sized(131_072).unwrap();
+    let b = backend("only", "127.0.1.71");
+    let vip = |i: usize| {
+        SocketAddr::from((
+            [127, 101, (i / 250 / 250) as u8, (i / 250 % 250) as u8 + 1],
+            (1000 + i % 250) as u16,
+        ))
+    };
+    let desired: Vec<DesiredService> = (0..100_000)
+        .map(|i| DesiredService {
+            frontend: Frontend {
+                addr: vip(i),
+                proto: Proto::Tcp,
+            },
+            service: None,
+            tiers: [vec![spec(b, 1)], vec![]],
+            balancing: Default::default(),
+        })
+        .collect();
+    let ops = p.apply(&desired).unwrap();
+    assert!(ops.refused.is_empty(), "{:?}", &ops.refused[..1]);
+    assert_eq!(p.services(), 100_000);
+    for i in [0, 65_536, 99_999] {
+        let run = node.client(true, "tcp", vip(i), 3);
+        assert_eq!(run["failures"], 0, "service {i}: {run}");
+    }
+    drop(p);
+    let e = node.open_sized(65_536).unwrap_err().to_string();
+    assert!(e.contains("131072") && e.contains("--max-services"), "{e}");
+    // At the default size the same desired state is refused past 65,536 services, the rest
+    // programmed (a fresh node: the pins of the other size are gone).
+    drop(node);
+    let node = Node::new();
+    let mut p = node.open();
+    let ops = p.apply(&desired).unwrap();
+    assert_eq!(p.services(), 65_536);
+    assert_eq!(ops.refused.len(), 100_000 - 65_536);
+    assert_eq!(ops.refused[0].reason.kind(), "services_full");
+}

@@ -135,6 +135,7 @@ fn ten_thousand_live_backends_at_an_fd_limit_of_1024_stay_healthy() {
             rise: 2,
             // Every backend swept about twice in 4 s, 3,000 probes in flight at most.
             sweep_rate: 5_000,
+            retry_rate: 200,
             max_in_flight: 3_000,
             quarantine: Duration::from_secs(10),
             syn_timeout: None,

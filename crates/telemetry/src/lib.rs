@@ -126,12 +126,16 @@ pub mod env {
     pub const RISE: &str = "CLUSTERMESH_RISE";
     /// Node agent: background probes per second over backends without evidence (`50`).
     pub const PROBE_SWEEP_RATE: &str = "CLUSTERMESH_PROBE_SWEEP_RATE";
+    /// Node agent: re-probes of suspect and down backends per second at most (`200`).
+    pub const PROBE_RETRY_RATE: &str = "CLUSTERMESH_PROBE_RETRY_RATE";
     /// Node agent: probes in flight at most (`256`).
     pub const PROBE_MAX_IN_FLIGHT: &str = "CLUSTERMESH_PROBE_MAX_IN_FLIGHT";
     /// Node agent: how long the kernel skips a suspect backend without news (`10s`).
     pub const QUARANTINE: &str = "CLUSTERMESH_QUARANTINE";
     /// Node agent: initial SYN retransmission timeout of translated connects (`0s` = kernel's).
     pub const SYN_TIMEOUT: &str = "CLUSTERMESH_SYN_TIMEOUT";
+    /// Node agent: services its maps hold (sizes the datapath's maps at load time).
+    pub const MAX_SERVICES: &str = "CLUSTERMESH_MAX_SERVICES";
     /// Node agent: `--check` (validate and exit).
     pub const CHECK: &str = "CLUSTERMESH_CHECK";
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.

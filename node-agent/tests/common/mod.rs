@@ -77,6 +77,12 @@ impl Node {
         Programmer::new(Datapath::open(&self.dir, &self.cgroup).unwrap()).unwrap()
     }
 
+    /// With the maps sized for `services`.
+    pub fn open_sized(&self, services: u32) -> Result<Programmer, node_agent::datapath::Error> {
+        let sizes = node_agent::maps::Sizes { services };
+        Programmer::new(Datapath::open_sized(&self.dir, &self.cgroup, sizes)?)
+    }
+
     /// Starts the client in the node's cgroup: `n` connections, `delay` seconds apart.
     pub fn spawn_client(&self, vip: SocketAddr, n: usize, delay: f64) -> std::process::Child {
         let cmd = format!(
