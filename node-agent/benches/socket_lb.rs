@@ -80,8 +80,8 @@ fn connect_once(t: SocketAddr) -> Duration {
 fn paired(
     path: &[SocketAddr],
     base: SocketAddr,
-    mut on: impl FnMut(),
-    mut off: impl FnMut(),
+    on: impl Fn(),
+    off: impl Fn(),
 ) -> (Vec<Duration>, Vec<Duration>) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let mut k = 0usize;
@@ -234,7 +234,9 @@ fn iptables_chain(n: usize, backend: SocketAddr) {
 fn nft_ruleset(n: usize, backend: SocketAddr) {
     let mut r = String::from("table ip cmbench {\n");
     for i in 0..n {
-        r.push_str(&format!("  chain svc{i} {{ dnat to {backend} }}\n"));
+        r.push_str(&format!(
+            "  chain svc{i} {{\n    meta l4proto tcp dnat to {backend}\n  }}\n"
+        ));
     }
     r.push_str("  map svcs {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
     if n > 0 {
@@ -263,34 +265,31 @@ fn run_row(kind: &str, n: usize) {
         ),
         "iptables" => {
             iptables_chain(n, backend);
-            let path = paired(&vips, backend, || {}, || {});
-            let tax = paired(
-                &[backend],
-                backend,
-                || {
-                    sh(
-                        "iptables -t nat -C OUTPUT -j CMBENCH 2>/dev/null || iptables -t nat -A OUTPUT -j CMBENCH",
-                    )
-                },
-                || sh("iptables -t nat -D OUTPUT -j CMBENCH"),
-            );
+            // The hook: nat OUTPUT's jump to the chain, present for the path, absent for the
+            // baseline blocks.
+            let on = || {
+                sh(
+                    "iptables -t nat -C OUTPUT -j CMBENCH 2>/dev/null || iptables -t nat -A OUTPUT -j CMBENCH",
+                )
+            };
+            let off = || sh("iptables -t nat -D OUTPUT -j CMBENCH");
+            let path = paired(&vips, backend, on, off);
+            let tax = paired(&[backend], backend, on, off);
             (path, tax)
         }
         "nft" => {
             nft_ruleset(n, backend);
-            let path = paired(&vips, backend, || {}, || {});
+            // The hook: the output chain's verdict-map rule.
             let rule =
                 "nft add rule ip cmbench output ip daddr . meta l4proto . th dport vmap @svcs";
-            let tax = paired(
-                &[backend],
-                backend,
-                || {
-                    sh(&format!(
-                        "nft list chain ip cmbench output | grep -q vmap || {rule}"
-                    ))
-                },
-                || sh("nft flush chain ip cmbench output"),
-            );
+            let on = || {
+                sh(&format!(
+                    "nft list chain ip cmbench output | grep -q vmap || {rule}"
+                ))
+            };
+            let off = || sh("nft flush chain ip cmbench output");
+            let path = paired(&vips, backend, on, off);
+            let tax = paired(&[backend], backend, on, off);
             (path, tax)
         }
         "ours" => {
@@ -404,7 +403,7 @@ fn main() {
             },
             r["listen_overflows"]
         );
-        eprint!("{line}");
+
         report.push_str(&line);
     }
 
