@@ -11,8 +11,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
+use aya::programs::CgroupAttachMode;
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSock, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::maps::{
@@ -39,37 +39,27 @@ pub const PROGRAMS: [&str; 10] = [
 
 /// Loads `name` and attaches it to `cg`, returning the link to pin.
 fn attach(ebpf: &mut Ebpf, name: &str, cg: &File) -> Result<FdLink, String> {
+    // The three cgroup program types share the load → attach → take the link steps; aya gives
+    // them no common trait, so the steps are spelled once here for each.
+    macro_rules! load_attach {
+        ($p:expr) => {{
+            load_prog($p.load())?;
+            let id = $p
+                .attach(cg, CgroupAttachMode::Single)
+                .map_err(|e| e.to_string())?;
+            $p.take_link(id)
+                .map_err(|e| e.to_string())?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
+        }};
+    }
     let prog = ebpf
         .program_mut(name)
         .ok_or_else(|| "missing from the object".to_owned())?;
-    let mode = CgroupAttachMode::Single;
     let link: FdLink = match prog {
-        aya::programs::Program::CgroupSockAddr(p) => {
-            load_prog(p.load())?;
-            let id = p.attach(cg, mode).map_err(|e| e.to_string())?;
-            p.take_link(id)
-                .map_err(|e| e.to_string())?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
-        }
-        aya::programs::Program::SockOps(p) => {
-            let p: &mut SockOps = p;
-            load_prog(p.load())?;
-            let id = p.attach(cg, mode).map_err(|e| e.to_string())?;
-            p.take_link(id)
-                .map_err(|e| e.to_string())?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
-        }
-        aya::programs::Program::CgroupSock(p) => {
-            let p: &mut CgroupSock = p;
-            load_prog(p.load())?;
-            let id = p.attach(cg, mode).map_err(|e| e.to_string())?;
-            p.take_link(id)
-                .map_err(|e| e.to_string())?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
-        }
+        aya::programs::Program::CgroupSockAddr(p) => load_attach!(p),
+        aya::programs::Program::SockOps(p) => load_attach!(p),
+        aya::programs::Program::CgroupSock(p) => load_attach!(p),
         other => return Err(format!("unexpected program type {:?}", other.prog_type())),
     };
     Ok(link)

@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use certs::{Ca, LeafSpec, MeshIdentity, Role, TlsFiles};
 use clustermesh_apiserver::config::Config;
-use common::{BackendProcess, Node, free_port};
+use common::{BackendProcess, Node, counts, free_port};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
@@ -34,15 +33,6 @@ const T: Duration = Duration::from_secs(30);
 
 fn write_tls(dir: &std::path::Path, ca: &Ca, leaf: &certs::Leaf) -> TlsFiles {
     test_support::write_tls(dir, ca, leaf).unwrap()
-}
-
-fn counts(v: &Value) -> BTreeMap<String, u64> {
-    v["counts"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
-        .collect()
 }
 
 fn all_start_with(v: &Value, prefix: &str) -> bool {

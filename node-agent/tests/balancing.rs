@@ -8,20 +8,12 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Node, backend};
+use common::{Node, backend, spec};
 use node_agent::maps::{Frontend, Proto};
-use node_agent::program::{BackendSpec, Balancing, DesiredService};
+use node_agent::program::{Balancing, DesiredService};
 use serde_json::Value;
 
 const N: usize = 10_000;
-
-fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
-    BackendSpec {
-        addr,
-        cluster_id,
-        zone: 0,
-    }
-}
 
 /// The share of a run's connections (in %) answered by backends whose name starts with
 /// `prefix`; the run must have had no failure.

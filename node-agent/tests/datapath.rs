@@ -11,19 +11,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use common::{Node, Pod, backend};
+use common::{Node, Pod, backend, counts, spec};
 use model::service::ServiceName;
 use node_agent::maps::{Frontend, Proto};
 use node_agent::program::{BackendSpec, DesiredService, Reason};
-use serde_json::Value;
-
-fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
-    BackendSpec {
-        addr,
-        cluster_id,
-        zone: 0,
-    }
-}
 
 /// `n` backends in 127.0.3.0/24 that nothing listens on.
 fn many(n: usize) -> Vec<BackendSpec> {
@@ -55,15 +46,6 @@ fn read_back(p: &node_agent::program::Programmer) -> BTreeMap<Frontend, Vec<Vec<
                     .collect(),
             )
         })
-        .collect()
-}
-
-fn counts(v: &Value) -> BTreeMap<String, u64> {
-    v["counts"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
         .collect()
 }
 

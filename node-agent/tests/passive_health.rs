@@ -14,33 +14,16 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BackendProcess, Node, backend, free_port};
+use common::{BackendProcess, Node, backend, counts, free_port, run, spec};
 use node_agent::maps::{self, Config, Frontend, HealthReason, Proto};
-use node_agent::program::{BackendSpec, DesiredService, Programmer};
+use node_agent::program::{DesiredService, Programmer};
 use serde_json::Value;
-
-fn spec(addr: SocketAddr, cluster_id: u16) -> BackendSpec {
-    BackendSpec {
-        addr,
-        cluster_id,
-        zone: 0,
-    }
-}
 
 fn tcp(vip: &str) -> Frontend {
     Frontend {
         addr: vip.parse().unwrap(),
         proto: Proto::Tcp,
     }
-}
-
-fn counts(v: &Value) -> std::collections::BTreeMap<String, u64> {
-    v["counts"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
-        .collect()
 }
 
 fn stat(p: &Programmer, name: &str) -> u64 {
@@ -218,15 +201,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
-}
-
-fn run(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Listeners answering with their name, in `ns`, as one process killed on drop.

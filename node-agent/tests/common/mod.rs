@@ -220,7 +220,8 @@ pub struct Pod {
     pub cgroup: PathBuf,
 }
 
-fn run(cmd: &str) {
+/// Runs a shell command; fails the test with its stderr when it fails.
+pub fn run(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
     assert!(
         out.status.success(),
@@ -288,4 +289,23 @@ impl Drop for Pod {
             .status();
         let _ = std::fs::remove_dir(&self.cgroup);
     }
+}
+
+/// A backend of cluster `cluster_id` (zone 0).
+pub fn spec(addr: SocketAddr, cluster_id: u16) -> node_agent::program::BackendSpec {
+    node_agent::program::BackendSpec {
+        addr,
+        cluster_id,
+        zone: 0,
+    }
+}
+
+/// The client's tally: who answered how many times.
+pub fn counts(v: &Value) -> std::collections::BTreeMap<String, u64> {
+    v["counts"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
+        .collect()
 }
