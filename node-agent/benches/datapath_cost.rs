@@ -259,6 +259,7 @@ fn main() {
         .set_config(&maps::Config {
             quarantine_ns: 10_000_000_000,
             syn_rto_jiffies: health::syn_rto_jiffies(Duration::from_millis(200)),
+            flags: 0,
         })
         .unwrap();
     let memlock_empty = memlock(&pins);
@@ -283,6 +284,17 @@ fn main() {
             &label,
             cost(&[connect4], &[backend], n),
         );
+        p.datapath_mut()
+            .update_config(|c| c.flags |= maps::CFG_NO_PEER_REWRITE)
+            .unwrap();
+        row(
+            "cm_connect4, translated connect, --tcp-peer-rewrite=false",
+            &label,
+            cost(&[connect4], &targets, n),
+        );
+        p.datapath_mut()
+            .update_config(|c| c.flags &= !maps::CFG_NO_PEER_REWRITE)
+            .unwrap();
     }
     let memlock_10k = memlock(&pins);
     let targets: Vec<SocketAddr> = (0..10_000).map(vip).collect();

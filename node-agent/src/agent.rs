@@ -109,6 +109,9 @@ pub struct Settings {
     pub cgroup: PathBuf,
     /// How many entries the datapath's maps hold.
     pub sizes: crate::maps::Sizes,
+    /// Whether `getpeername()` on a translated TCP socket shows the service (per-socket state,
+    /// about 0.7 µs per connect) or the backend.
+    pub tcp_peer_rewrite: bool,
     /// Health checks.
     pub health: HealthConfig,
 }
@@ -187,7 +190,14 @@ impl Agent {
         metrics: Registry,
         ready: watch::Sender<Result<(), String>>,
     ) -> anyhow::Result<Self> {
-        let dp = Datapath::open_sized(&settings.pin_dir, &settings.cgroup, settings.sizes)?;
+        let mut dp = Datapath::open_sized(&settings.pin_dir, &settings.cgroup, settings.sizes)?;
+        dp.update_config(|c| {
+            if settings.tcp_peer_rewrite {
+                c.flags &= !crate::maps::CFG_NO_PEER_REWRITE;
+            } else {
+                c.flags |= crate::maps::CFG_NO_PEER_REWRITE;
+            }
+        })?;
         let programmer = Arc::new(Mutex::new(Programmer::new(dp)?));
         {
             let p = lock(&programmer);

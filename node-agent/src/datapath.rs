@@ -137,6 +137,8 @@ pub struct Datapath {
     pub slots: HashMap<MapData, SlotKey, u32>,
     /// Cluster groups of weighted tiers: (service, tier) → groups.
     pub groups: HashMap<MapData, GroupsKey, GroupsVal>,
+    /// Backend address → ID (for sock_ops).
+    pub backend_ids: HashMap<MapData, maps::SockaddrKey, u32>,
     /// IP cache: prefix → identity, cluster.
     pub ipcache: LpmTrie<MapData, IpcacheAddr, IpcacheVal>,
     /// The programs' settings (one entry).
@@ -241,6 +243,7 @@ impl Datapath {
         let backends = take(&mut ebpf, maps::BACKENDS)?;
         let slots = take(&mut ebpf, maps::SLOTS)?;
         let groups = take(&mut ebpf, maps::GROUPS)?;
+        let backend_ids = take(&mut ebpf, maps::BACKEND_IDS)?;
         let ipcache_map = ebpf.take_map(maps::IPCACHE).ok_or_else(|| Error::Map {
             map: maps::IPCACHE,
             reason: "missing from the object".into(),
@@ -271,6 +274,7 @@ impl Datapath {
             backends,
             slots,
             groups,
+            backend_ids,
             ipcache,
             config,
             stats,
@@ -314,6 +318,17 @@ impl Datapath {
                 map: maps::CONFIG,
                 reason: e.to_string(),
             })
+    }
+
+    /// Changes some of the programs' settings, keeping the others.
+    pub fn update_config(&mut self, f: impl FnOnce(&mut maps::Config)) -> Result<(), Error> {
+        let mut c = self
+            .config
+            .get(&0, 0)
+            .map(|v| maps::parse_config_val(&v))
+            .unwrap_or_default();
+        f(&mut c);
+        self.set_config(&c)
     }
 
     /// The programs' counters, summed over CPUs, named as [`maps::STAT_NAMES`].

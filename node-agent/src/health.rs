@@ -83,12 +83,10 @@ pub struct HealthConfig {
 }
 
 impl HealthConfig {
-    /// The kernel-side settings.
-    pub fn kernel(&self) -> maps::Config {
-        maps::Config {
-            quarantine_ns: u64::try_from(self.quarantine.as_nanos()).unwrap_or(u64::MAX),
-            syn_rto_jiffies: self.syn_timeout.map_or(0, syn_rto_jiffies),
-        }
+    /// Writes the kernel-side health settings into `c` (its other settings stay).
+    pub fn apply_to(&self, c: &mut maps::Config) {
+        c.quarantine_ns = u64::try_from(self.quarantine.as_nanos()).unwrap_or(u64::MAX);
+        c.syn_rto_jiffies = self.syn_timeout.map_or(0, syn_rto_jiffies);
     }
 }
 
@@ -642,7 +640,7 @@ pub async fn run(
 ) {
     {
         let mut p = lock(&programmer);
-        if let Err(e) = p.datapath_mut().set_config(&cfg.kernel()) {
+        if let Err(e) = p.datapath_mut().update_config(|c| cfg.apply_to(c)) {
             tracing::error!(error = %e, "cannot write the datapath's health settings; the kernel uses its defaults");
         }
     }

@@ -94,6 +94,12 @@ struct Args {
     /// on a node whose maps are pinned needs a drain (the pins removed first).
     #[arg(long, env = env::MAX_SERVICES, default_value_t = 65_536)]
     max_services: u32,
+    /// Whether `getpeername()` on a TCP socket connected to a global service shows the
+    /// service's address (`true`, as a kube-proxy DNAT would) or the backend's (`false`). The
+    /// former keeps per-socket state in the kernel, about 0.7 µs per translated connect; the
+    /// latter makes a translated connect about 0.3 µs of kernel time in all.
+    #[arg(long, env = env::TCP_PEER_REWRITE, default_value_t = true, action = clap::ArgAction::Set)]
+    tcp_peer_rewrite: bool,
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9881")]
     health_bind: String,
@@ -317,6 +323,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sizes: node_agent::maps::Sizes {
             services: args.max_services,
         },
+        tcp_peer_rewrite: args.tcp_peer_rewrite,
         health: HealthConfig {
             interval: args.health_interval,
             timeout: args.health_timeout,

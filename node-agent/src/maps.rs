@@ -37,12 +37,15 @@ pub const STATS: &str = "CM_STATS";
 pub const HEALTH_EVENTS: &str = "CM_HEALTH_EVENTS";
 /// Cluster groups of weighted tiers.
 pub const GROUPS: &str = "CM_GROUPS";
+/// Backend address → ID (for sock_ops).
+pub const BACKEND_IDS: &str = "CM_BACKEND_IDS";
 /// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
 pub const MAX_GROUPS: usize = 9;
 /// Every map the object pins, in the order they are removed.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     SERVICES,
     GROUPS,
+    BACKEND_IDS,
     BACKENDS,
     SLOTS,
     REVNAT,
@@ -84,11 +87,12 @@ impl Sizes {
     }
 
     /// Every sized map with its entries.
-    pub fn maps(&self) -> [(&'static str, u32); 4] {
+    pub fn maps(&self) -> [(&'static str, u32); 5] {
         [
             (SERVICES, self.services),
             (GROUPS, self.services),
             (BACKENDS, self.backends()),
+            (BACKEND_IDS, self.backends()),
             (SLOTS, self.slots()),
         ]
     }
@@ -96,8 +100,9 @@ impl Sizes {
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
-pub const LAYOUT: [(&str, u32, u32); 9] = [
+pub const LAYOUT: [(&str, u32, u32); 10] = [
     (SERVICES, 20, 20),
+    (BACKEND_IDS, 24, 4),
     (GROUPS, 8, 80),
     (BACKENDS, 4, 32),
     (SLOTS, 8, 4),
@@ -404,6 +409,22 @@ pub fn parse_backend_val(v: &BackendVal) -> Option<BackendEntry> {
     })
 }
 
+/// `struct sockaddr_cm`: a backend's address as `CM_BACKEND_IDS` keys it.
+pub type SockaddrKey = [u8; 24];
+
+/// Encodes a backend address for `CM_BACKEND_IDS`.
+pub fn sockaddr_key(addr: &SocketAddr) -> SockaddrKey {
+    let (a, family) = addr16(addr.ip());
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(&a);
+    k[16..18].copy_from_slice(&addr.port().to_be_bytes());
+    k[18] = family;
+    k
+}
+
+/// `config.flags`: TCP sockets keep no per-socket state (getpeername shows the backend).
+pub const CFG_NO_PEER_REWRITE: u32 = 1;
+
 /// The programs' settings (`struct config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Config {
@@ -412,6 +433,8 @@ pub struct Config {
     /// Initial SYN retransmission timeout of translated connects, in kernel jiffies; 0 = the
     /// kernel's (1 s).
     pub syn_rto_jiffies: u32,
+    /// `CFG_*` bits.
+    pub flags: u32,
 }
 
 /// Encodes the settings.
@@ -419,7 +442,17 @@ pub fn config_val(c: &Config) -> ConfigVal {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&c.quarantine_ns.to_ne_bytes());
     v[8..12].copy_from_slice(&c.syn_rto_jiffies.to_ne_bytes());
+    v[12..16].copy_from_slice(&c.flags.to_ne_bytes());
     v
+}
+
+/// Decodes the settings.
+pub fn parse_config_val(v: &ConfigVal) -> Config {
+    Config {
+        quarantine_ns: u64::from_ne_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
+        syn_rto_jiffies: u32::from_ne_bytes([v[8], v[9], v[10], v[11]]),
+        flags: u32::from_ne_bytes([v[12], v[13], v[14], v[15]]),
+    }
 }
 
 /// Why the kernel reported a backend (`struct health_event.reason`).
@@ -569,11 +602,16 @@ mod tests {
             })
         );
         assert_eq!(parse_health_event(&ev[..31]), None);
-        let c = config_val(&Config {
+        let config = Config {
             quarantine_ns: 5,
             syn_rto_jiffies: 25,
-        });
+            flags: CFG_NO_PEER_REWRITE,
+        };
+        let c = config_val(&config);
         assert_eq!(&c[8..12], &25u32.to_ne_bytes());
+        assert_eq!(parse_config_val(&c), config);
+        let k = sockaddr_key(&"10.1.0.5:8080".parse().unwrap());
+        assert_eq!(&k[16..19], &[0x1f, 0x90, 4]);
         let (len, a) = ipcache_key(&"10.1.0.0/16".parse().unwrap());
         assert_eq!(len, 112);
         assert_eq!(&a[10..16], &[0xff, 0xff, 10, 1, 0, 0]);

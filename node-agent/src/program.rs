@@ -564,6 +564,14 @@ impl Programmer {
             batching: true,
         };
         p.index_users();
+        // The address → ID index sock_ops reads, for every backend already programmed.
+        let known: Vec<(maps::SockaddrKey, u32)> = p
+            .backend_ids
+            .iter()
+            .map(|(a, id)| (maps::sockaddr_key(a), *id))
+            .filter(|(k, id)| p.dp.backend_ids.get(k, 0).ok() != Some(*id))
+            .collect();
+        write_all(&mut p.dp.backend_ids, maps::BACKEND_IDS, &known, true)?;
         Ok(p)
     }
 
@@ -678,6 +686,7 @@ impl Programmer {
             .map(|(a, id)| (*a, *id))
             .collect();
         for (addr, id) in unused {
+            let _ = self.dp.backend_ids.remove(&maps::sockaddr_key(&addr));
             if self.dp.backends.remove(&id).is_ok() {
                 ops.deletes += 1;
             }
@@ -739,12 +748,14 @@ impl Programmer {
             }
         }
         let mut backend_writes = Vec::new();
+        let mut new_backends = Vec::new();
         for (addr, spec) in &wanted_backends {
             let id = match self.backend_ids.get(addr) {
                 Some(id) => *id,
                 None => {
                     let id = self.next_backend;
                     self.next_backend += 1;
+                    new_backends.push(*addr);
                     id
                 }
             };
@@ -773,6 +784,18 @@ impl Programmer {
             &mut self.dp.backends,
             maps::BACKENDS,
             &backend_writes,
+            self.batching,
+        )?;
+        // Address → ID for sock_ops, after the backend itself (new backends only; `new`
+        // completes the index of what an earlier agent programmed).
+        let id_writes: Vec<(maps::SockaddrKey, u32)> = new_backends
+            .iter()
+            .map(|a| (maps::sockaddr_key(a), self.backend_ids[a]))
+            .collect();
+        write_all(
+            &mut self.dp.backend_ids,
+            maps::BACKEND_IDS,
+            &id_writes,
             self.batching,
         )?;
         // 3. Services: slots (all services), groups, counts, then slots past the counts.

@@ -119,6 +119,7 @@ impl East {
             pin_dir: node.dir.clone(),
             cgroup: node.cgroup.clone(),
             sizes: Default::default(),
+            tcp_peer_rewrite: true,
             health: HealthConfig {
                 interval: Duration::from_millis(100),
                 timeout: Duration::from_millis(100),

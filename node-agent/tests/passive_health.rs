@@ -67,6 +67,7 @@ fn a_refused_backend_is_skipped_from_the_next_connect() {
         .set_config(&Config {
             quarantine_ns: 60_000_000_000,
             syn_rto_jiffies: 0,
+            flags: 0,
         })
         .unwrap();
     let (a1, a2) = (
@@ -263,6 +264,7 @@ fn a_blackholed_backend_is_skipped_after_its_first_syn_timeout() {
         .set_config(&Config {
             quarantine_ns: 60_000_000_000,
             syn_rto_jiffies: node_agent::health::syn_rto_jiffies(Duration::from_millis(100)),
+            flags: 0,
         })
         .unwrap();
     let port = 18_080;
@@ -368,4 +370,70 @@ fn the_reverse_nat_map_does_not_grow_with_connections() {
         0,
         "each UDP socket's entry went with it"
     );
+}
+
+/// With `--tcp-peer-rewrite=false` TCP sockets keep no per-socket state: `getpeername()` shows
+/// the backend, and passive health works the same (sock_ops finds the backend by the
+/// connection's address). UDP replies are still reverse-translated.
+#[test]
+fn without_per_socket_state_passive_health_works_and_getpeername_shows_the_backend() {
+    let node = Node::new();
+    let mut p = node.open();
+    p.datapath_mut()
+        .update_config(|c| {
+            c.quarantine_ns = 60_000_000_000;
+            c.flags |= maps::CFG_NO_PEER_REWRITE;
+        })
+        .unwrap();
+    let (a1, a2) = (
+        SocketAddr::from(([127, 0, 1, 81], free_port())),
+        SocketAddr::from(([127, 0, 1, 82], free_port())),
+    );
+    let local1 = BackendProcess::start("local-1", a1);
+    let _local2 = BackendProcess::start("local-2", a2);
+    let udp = backend("udp", "127.0.1.83");
+    let vip = "127.100.10.1:80";
+    let udp_vip = format!("127.100.10.2:{}", udp.port());
+    p.apply(&[
+        DesiredService {
+            frontend: tcp(vip),
+            service: None,
+            tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![]],
+            balancing: Default::default(),
+        },
+        DesiredService {
+            frontend: Frontend {
+                addr: udp_vip.parse().unwrap(),
+                proto: Proto::Udp,
+            },
+            service: None,
+            tiers: [vec![spec(udp, 1)], vec![]],
+            balancing: Default::default(),
+        },
+    ])
+    .unwrap();
+    let run = node.client(true, "tcp", vip.parse().unwrap(), 50);
+    assert_eq!(run["failures"], 0, "{run}");
+    let mut backends = vec![a1.to_string(), a2.to_string()];
+    backends.sort();
+    assert_eq!(
+        run["sources"],
+        serde_json::json!(backends),
+        "the backends, not {vip}"
+    );
+    let udp_run = node.client(true, "udp", udp_vip.parse().unwrap(), 10);
+    assert_eq!(
+        udp_run["sources"],
+        serde_json::json!([udp_vip]),
+        "{udp_run}"
+    );
+    drop(local1);
+    let one_dead = node.client(true, "tcp", vip.parse().unwrap(), 300);
+    println!("no per-socket state, one backend dead, 300 connects: {one_dead}");
+    assert!(one_dead["failures"].as_u64().unwrap() <= 1, "{one_dead}");
+    assert_eq!(
+        counts(&one_dead).keys().collect::<Vec<_>>(),
+        vec!["local-2"]
+    );
+    assert!(p.backend(a1).unwrap().suspect_at(maps::monotonic_ns()));
 }

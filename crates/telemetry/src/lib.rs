@@ -136,6 +136,8 @@ pub mod env {
     pub const SYN_TIMEOUT: &str = "CLUSTERMESH_SYN_TIMEOUT";
     /// Node agent: services its maps hold (sizes the datapath's maps at load time).
     pub const MAX_SERVICES: &str = "CLUSTERMESH_MAX_SERVICES";
+    /// Node agent: whether getpeername() on a translated TCP socket shows the service.
+    pub const TCP_PEER_REWRITE: &str = "CLUSTERMESH_TCP_PEER_REWRITE";
     /// Node agent: `--check` (validate and exit).
     pub const CHECK: &str = "CLUSTERMESH_CHECK";
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
