@@ -89,9 +89,10 @@ struct Args {
     #[arg(long, env = env::SYN_TIMEOUT, default_value = "0s", value_parser = telemetry::duration::parse)]
     syn_timeout: Duration,
     /// Services the datapath's maps hold, 1024..=1048576. Sizes them at load time: backends
-    /// 4 and slots 8 per service; the maps preallocate about 1.25 KiB of kernel memory per
-    /// service at these ratios (65,536: 82 MiB measured; see docs/benchmarks.md). Changing it
-    /// on a node whose maps are pinned needs a drain (the pins removed first).
+    /// 4 and slots 8 per service. The maps the agent writes allocate per entry (26 MiB of
+    /// kernel memory at the default with nothing programmed, +2.3 MiB for 10,000 services,
+    /// measured; see docs/benchmarks.md). Changing it on a node whose maps are pinned needs a
+    /// drain (the pins removed first).
     #[arg(long, env = env::MAX_SERVICES, default_value_t = 65_536)]
     max_services: u32,
     /// Whether `getpeername()` on a TCP socket connected to a global service shows the
