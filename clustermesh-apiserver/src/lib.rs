@@ -294,12 +294,20 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             );
             grants_tx.send_replace(Some(Arc::default()));
         }
+        // Nodes: a node agent is admitted while its Node exists, followed on every replica.
+        let (nodes_tx, nodes_rx) = watch::channel(None);
+        mesh_tasks.push(AbortOnDrop(tokio::spawn(mesh::nodes::follow(
+            kube::Api::all(client.clone()),
+            nodes_tx,
+            metrics.clone(),
+        ))));
         let service = mesh::server::MeshService::new(
             config.cluster_name.clone(),
             config.cluster_id,
             certs::fingerprint(ca_der.as_ref()),
             cache,
             grants_rx,
+            nodes_rx,
             metrics.clone(),
             mesh_stop_rx,
         );

@@ -235,6 +235,27 @@ impl Cluster {
             .unwrap();
     }
 
+    /// A Node `name` (as [`Cluster::add_node`]) and a certificate of its node agent, as TLS
+    /// files in `dir`; returns once the Mesh API admits that agent.
+    async fn node_agent(&self, dir: &Path, name: &str, address: &str, pod_cidr: &str) -> TlsFiles {
+        self.add_node(name, address, pod_cidr).await;
+        let files = self.client_files(
+            dir,
+            MeshIdentity::node_agent(
+                self.name.clone(),
+                self.id,
+                model::NodeName::new(name).unwrap(),
+            ),
+        );
+        eventually(
+            "the node agent is admitted once its Node is listed",
+            T,
+            || async { raw_watch(self, &files).await.ok().map(drop) },
+        )
+        .await;
+        files
+    }
+
     /// The services this cluster holds of `peer`.
     async fn cached_services(
         &self,
@@ -363,11 +384,16 @@ async fn exports_propagate_to_peers_and_node_agents() {
         "alpha's synced marker mirrored"
     );
 
-    // A node agent of bravo sees bravo's own exports and what bravo imported.
-    let na = b.client_files(
-        &b.dir.path().join("na"),
-        MeshIdentity::node_agent(b.name.clone(), b.id, model::NodeName::new("n1").unwrap()),
-    );
+    // A node agent of bravo sees bravo's own exports and what bravo imported (its Node
+    // exists: a node agent is admitted only then).
+    let na = b
+        .node_agent(
+            &b.dir.path().join("na"),
+            "n1",
+            "192.168.12.1",
+            "10.12.0.0/24",
+        )
+        .await;
     let view = follow(watch(&b, na).await.unwrap());
     let key = (
         "alpha".to_owned(),
@@ -645,11 +671,15 @@ async fn untrusted_mismatched_expired_plaintext_and_unauthorized_clients_are_ref
     let e = watch(&a, files).await.unwrap_err();
     assert!(e.contains("PermissionDenied"), "{e}");
     assert!(a.running().metrics().value(m::MESH_DENIED, &[]) >= 2.0);
-    // alpha's own node agent and admin are served.
-    let files = a.client_files(
-        &a.dir.path().join("na"),
-        MeshIdentity::node_agent(a.name.clone(), a.id, model::NodeName::new("n1").unwrap()),
-    );
+    // alpha's own node agent (of a Node that exists) is served.
+    let files = a
+        .node_agent(
+            &a.dir.path().join("na"),
+            "n1",
+            "192.168.31.1",
+            "10.31.0.0/24",
+        )
+        .await;
     assert!(watch(&a, files).await.is_ok());
 
     // After all that, a correct configuration works.
@@ -973,6 +1003,163 @@ async fn disconnect_revokes_the_peer_certificate_and_only_the_issued_one_is_admi
     assert!(e.message().contains("not the one issued"), "{e}");
 }
 
+/// Reads `stream` until it ends or `deadline` passes: `Some(status)` when it ended with an
+/// error, `None` when it closed cleanly; panics at the deadline.
+async fn ended(
+    stream: &mut tonic::Streaming<pb::WatchResponse>,
+    deadline: Duration,
+) -> Option<tonic::Status> {
+    tokio::time::timeout(deadline, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within the deadline")
+}
+
+/// Reads `stream` until a put of service `name` arrives; panics if it ends first.
+async fn sees_service(stream: &mut tonic::Streaming<pb::WatchResponse>, name: &str) {
+    tokio::time::timeout(T, async {
+        loop {
+            let msg = stream
+                .message()
+                .await
+                .expect("the stream is still served")
+                .expect("the stream is still open");
+            if msg
+                .changes
+                .iter()
+                .any(|c| c.kind == Kind::Services.as_str() && c.name.ends_with(name))
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the service reaches the stream");
+}
+
+/// Issue 12, case 2 (node agents): a node agent's certificate names its node, and the Mesh API
+/// admits it only while a Kubernetes Node of that name exists. A certificate for a name that
+/// is not a Node is refused (PERMISSION_DENIED naming it); deleting the Node ends that agent's
+/// open stream with PERMISSION_DENIED at once, while other nodes' agents are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_agent_is_admitted_only_while_its_node_exists() {
+    let mut a = Cluster::new("alpha", 71).await;
+    a.up().await;
+
+    // (a) A certificate from alpha's own CA for a node that is not a Node.
+    let ghost = a.client_files(
+        &a.dir.path().join("na-ghost"),
+        MeshIdentity::node_agent(a.name.clone(), a.id, model::NodeName::new("ghost").unwrap()),
+    );
+    let e = raw_watch(&a, &ghost).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("ghost"), "{e}");
+
+    // (b) Agents of existing Nodes are admitted (`node_agent` waits for that).
+    let n1 = a
+        .node_agent(
+            &a.dir.path().join("na-n1"),
+            "n1",
+            "192.168.71.1",
+            "10.71.1.0/24",
+        )
+        .await;
+    let n2 = a
+        .node_agent(
+            &a.dir.path().join("na-n2"),
+            "n2",
+            "192.168.71.2",
+            "10.71.2.0/24",
+        )
+        .await;
+    let mut open1 = raw_watch(&a, &n1).await.expect("n1 exists: admitted");
+    let mut open2 = raw_watch(&a, &n2).await.expect("n2 exists: admitted");
+    for open in [&mut open1, &mut open2] {
+        let first = open.message().await.unwrap().unwrap();
+        assert!(first.reset, "a snapshot first");
+    }
+    // Still refused: the ghost is no Node.
+    let e = raw_watch(&a, &ghost).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+
+    // (c) Node n1 is deleted: its agent's open stream ends with PERMISSION_DENIED.
+    let denied_before = a.running().metrics().value(m::MESH_DENIED, &[]);
+    let nodes: Api<Node> = Api::all(a.client.clone());
+    nodes.delete("n1", &DeleteParams::default()).await.unwrap();
+    let status = ended(&mut open1, Duration::from_secs(10))
+        .await
+        .expect("ended with an error, not a clean close");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("n1"), "{status}");
+    let e = raw_watch(&a, &n1).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("n1"), "{e}");
+    assert!(a.running().metrics().value(m::MESH_DENIED, &[]) > denied_before);
+    // n2's agent keeps its stream and gets new exports.
+    a.create_service("after", &["10.71.2.5"]).await;
+    sees_service(&mut open2, "after").await;
+}
+
+/// Issue 12, cases 2 and 3 (node agents): a Node list that fails is not a deletion. While the
+/// Kubernetes API fails every request and forgets its change log (so the Nodes must be listed
+/// again), admitted node agents keep their streams and are still admitted; the failure is
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_node_list_does_not_end_node_agent_streams() {
+    let mut a = Cluster::new("alpha", 72).await;
+    a.up().await;
+    let n1 = a
+        .node_agent(
+            &a.dir.path().join("na-n1"),
+            "n1",
+            "192.168.72.1",
+            "10.72.1.0/24",
+        )
+        .await;
+    let mut open = raw_watch(&a, &n1).await.expect("admitted");
+    assert!(open.message().await.unwrap().unwrap().reset);
+
+    // Every watch breaks; the re-watch finds the log compacted (a re-list is needed), and
+    // requests fail meanwhile. Repeated until the Node follower has met the fault.
+    let errors = || a.running().metrics().value(m::ERRORS, &["nodes"]);
+    let before = errors();
+    eventually("the Node follower meets the failing list", T, || async {
+        if errors() > before {
+            return Some(());
+        }
+        if a.kube.pending_failures() == 0 {
+            a.kube.compact();
+            a.kube.fail_next(40, 500);
+            a.kube.close_watches();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        None
+    })
+    .await;
+    // While failures are still served, the agent is admitted and its stream stays open.
+    if a.kube.pending_failures() > 0 {
+        raw_watch(&a, &n1)
+            .await
+            .expect("admitted during the fault: the last good Node list holds");
+    }
+    eventually("the injected failures are all served", T, || async {
+        (a.kube.pending_failures() == 0).then_some(())
+    })
+    .await;
+    a.create_service("after", &["10.72.1.5"]).await;
+    sees_service(&mut open, "after").await;
+    raw_watch(&a, &n1)
+        .await
+        .expect("still admitted after the fault");
+}
+
 /// Issue 12, cases 3 and 4: unauthenticated connections are capped per source before the
 /// handshake (other sources are still served), a peer identity holds a bounded number of
 /// watches, and an oversized filter is refused.
@@ -1045,10 +1232,14 @@ async fn connection_watch_and_filter_limits_hold_while_others_are_served() {
     .await;
 
     // An oversized filter is refused, not held.
-    let node = a.client_files(
-        &a.dir.path().join("na-filter"),
-        MeshIdentity::node_agent(a.name.clone(), a.id, model::NodeName::new("n1").unwrap()),
-    );
+    let node = a
+        .node_agent(
+            &a.dir.path().join("na-filter"),
+            "n1",
+            "192.168.51.1",
+            "10.51.0.0/24",
+        )
+        .await;
     let tls = Reloader::load(node).unwrap();
     let c = clustermesh_apiserver::mesh::client::connect(&a.name, &[a.endpoint()], &tls)
         .await

@@ -61,6 +61,14 @@ impl East {
             .await
             .unwrap();
         let client = kube.client().await.unwrap();
+        // The agent's Node: the Mesh API admits a node agent only while its Node exists.
+        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap(),
+            )
+            .await
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::generate(&east, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
         let server = ca

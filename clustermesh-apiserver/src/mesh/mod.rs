@@ -5,4 +5,5 @@ pub mod cache;
 pub mod grants;
 pub use meshapi::client;
 pub mod importer;
+pub mod nodes;
 pub mod server;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use certs::{MeshIdentity, Reloader, Role};
 use model::keys::{Kind, Scope};
-use model::{ClusterId, ClusterName};
+use model::{ClusterId, ClusterName, NodeName};
 use telemetry::metrics::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -20,7 +20,7 @@ use wire::pb::mesh_server::{Mesh, MeshServer};
 use wire::{Codec, pb};
 
 use super::cache::{Item, Record, Start, Update, WatchCache};
-use super::grants;
+use super::{grants, nodes};
 use crate::metrics as m;
 
 pub use meshapi::MAX_MESSAGE;
@@ -269,50 +269,87 @@ pub struct MeshService {
     trust_bundle_sha256: String,
     cache: Arc<WatchCache>,
     grants: grants::Receiver,
+    nodes: nodes::Receiver,
     metrics: Registry,
     stop: watch::Receiver<bool>,
     watches: Arc<Slots>,
     budget: Arc<tokio::sync::Semaphore>,
 }
 
-/// A peer stream's standing, re-checked whenever the grants change: a disconnected peer's
-/// open streams end at once.
+/// What an open stream's admission rests on, re-checked whenever it changes: a disconnected
+/// peer's streams end at once (its grant is gone), and so do a node agent's when its Node is
+/// deleted.
 #[derive(Debug)]
-struct Recheck {
-    identity: MeshIdentity,
-    fingerprint: String,
-    grants: grants::Receiver,
+enum Recheck {
+    /// A peer: its grant must still list this certificate.
+    Grant {
+        identity: MeshIdentity,
+        fingerprint: String,
+        grants: grants::Receiver,
+    },
+    /// A node agent: its Node must still exist.
+    Node {
+        identity: MeshIdentity,
+        node: NodeName,
+        nodes: nodes::Receiver,
+    },
 }
 
 impl Recheck {
     fn admitted(&self) -> Result<(), String> {
-        match self.grants.borrow().as_deref() {
-            Some(g) => g.admits(&self.identity, &self.fingerprint),
-            None => Err("grants not loaded".into()),
+        match self {
+            Self::Grant {
+                identity,
+                fingerprint,
+                grants,
+            } => match grants.borrow().as_deref() {
+                Some(g) => g.admits(identity, fingerprint),
+                None => Err("grants not loaded".into()),
+            },
+            Self::Node { node, nodes, .. } => match nodes.borrow().as_deref() {
+                Some(n) => n.admits(node),
+                None => Err("Nodes not listed".into()),
+            },
+        }
+    }
+
+    fn identity(&self) -> &MeshIdentity {
+        match self {
+            Self::Grant { identity, .. } | Self::Node { identity, .. } => identity,
+        }
+    }
+
+    /// Resolves when what the admission rests on changes (never, once its source is gone).
+    async fn changed(&mut self) {
+        let changed = match self {
+            Self::Grant { grants, .. } => grants.changed().await,
+            Self::Node { nodes, .. } => nodes.changed().await,
+        };
+        if changed.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
 
-/// Resolves when the grants change (never, for callers without a recheck).
-async fn grants_changed(r: &mut Option<Recheck>) {
+/// Resolves when the caller's standing changes (never, for callers without a recheck).
+async fn standing_changed(r: &mut Option<Recheck>) {
     match r {
-        Some(rc) => {
-            if rc.grants.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+        Some(rc) => rc.changed().await,
         None => std::future::pending().await,
     }
 }
 
 impl MeshService {
-    /// The service of `cluster` over `cache`; peers are admitted by `grants`.
+    /// The service of `cluster` over `cache`; peers are admitted by `grants`, node agents
+    /// while their Node is in `nodes`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cluster: ClusterName,
         cluster_id: ClusterId,
         trust_bundle_sha256: String,
         cache: Arc<WatchCache>,
         grants: grants::Receiver,
+        nodes: nodes::Receiver,
         metrics: Registry,
         stop: watch::Receiver<bool>,
     ) -> Self {
@@ -322,6 +359,7 @@ impl MeshService {
             trust_bundle_sha256,
             cache,
             grants,
+            nodes,
             metrics,
             stop,
             watches: Arc::default(),
@@ -349,7 +387,8 @@ impl MeshService {
         self.admit(req).map(|(view, _)| view)
     }
 
-    /// [`MeshService::authorize`], and for a peer what its stream must keep re-checking.
+    /// [`MeshService::authorize`], and for a peer or a node agent what its stream must keep
+    /// re-checking.
     fn admit<T>(&self, req: &Request<T>) -> Result<(View, Option<Recheck>), Status> {
         let deny = |reason: String| {
             self.metrics.inc(m::MESH_DENIED, &[]);
@@ -371,21 +410,40 @@ impl MeshService {
                         "this apiserver has not read its peer grants yet; retry",
                     ));
                 }
-                let recheck = Recheck {
+                let recheck = Recheck::Grant {
                     identity: id,
                     fingerprint,
                     grants: self.grants.clone(),
                 };
                 recheck.admitted().map_err(deny)?;
-                Ok((View::Peer(recheck.identity.cluster.clone()), Some(recheck)))
+                let view = View::Peer(recheck.identity().cluster.clone());
+                Ok((view, Some(recheck)))
             }
             Role::Peer if !own => Err(deny(format!(
                 "peer {} claims cluster ID {}, which is this cluster's ({})",
                 id.cluster, id.cluster_id, self.cluster
             ))),
-            Role::NodeAgent | Role::Admin | Role::Apiserver
-                if own && id.cluster_id == self.cluster_id =>
-            {
+            Role::NodeAgent if own && id.cluster_id == self.cluster_id => {
+                let Some(node) = id.node.clone() else {
+                    return Err(deny(format!(
+                        "a node-agent certificate of cluster {} names no node",
+                        id.cluster
+                    )));
+                };
+                if self.nodes.borrow().is_none() {
+                    return Err(Status::unavailable(
+                        "this apiserver has not listed the Nodes yet; retry",
+                    ));
+                }
+                let recheck = Recheck::Node {
+                    identity: id,
+                    node,
+                    nodes: self.nodes.clone(),
+                };
+                recheck.admitted().map_err(deny)?;
+                Ok((View::Local(recheck.identity().clone()), Some(recheck)))
+            }
+            Role::Admin | Role::Apiserver if own && id.cluster_id == self.cluster_id => {
                 Ok((View::Local(id), None))
             }
             role => Err(deny(format!(
@@ -545,12 +603,12 @@ async fn stream_updates(
                 _ = stop.wait_for(|s| *s) => return,
                 // A client that went away is noticed at once, not at the next send.
                 () = tx.closed() => return,
-                () = grants_changed(&mut recheck) => {
+                () = standing_changed(&mut recheck) => {
                     if let Some(rc) = &recheck
                         && let Err(reason) = rc.admitted()
                     {
                         metrics.inc(m::MESH_DENIED, &[]);
-                        tracing::warn!(peer = %rc.identity.cluster, reason = %reason, "ending a Mesh API stream: the peer is no longer granted");
+                        tracing::warn!(caller = %rc.identity(), reason = %reason, "ending a Mesh API stream: the caller is no longer admitted");
                         tx.fail(Status::permission_denied(reason));
                         return;
                     }

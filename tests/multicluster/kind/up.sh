@@ -34,6 +34,9 @@ EOT
   node_ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' $c-control-plane)
   $cm certs issue --ca-dir "$d/ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} \
     --dns clustermesh-apiserver.kube-system.svc --ip "$node_ip" --out "$d/apiserver"
+  # One certificate for every node, naming node "kind": the Mesh API admits a node agent only
+  # while a Node of its certificate's name exists (ADR 0020), so these agents are refused until
+  # certificates are issued per node (issue 15).
   $cm certs issue --ca-dir "$d/ca" --role node-agent --cluster-name $c --cluster-id ${ID[$c]} --node kind --out "$d/node-agent"
   k="kubectl --context kind-$c -n kube-system"
   $k create secret generic clustermesh-ca --from-file="$d/ca/ca.crt" --from-file="$d/ca/ca.key"
