@@ -29,7 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
@@ -1859,6 +1859,205 @@ async fn map_deletes(lab: &Lab) -> Result<BTreeMap<String, f64>> {
         }
     }
     Ok(out)
+}
+
+/// What [`fd_exhaustion`] saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct FdReport {
+    /// The cluster whose apiserver ran out of file descriptors.
+    pub cluster: String,
+    /// How long it was held, ms.
+    pub held_ms: u64,
+    /// The apiserver's open descriptors when its limit was lowered to them (plus a few).
+    pub open_fds: usize,
+    /// Connections the test opened to its Mesh API port to take the rest.
+    pub connections: usize,
+    /// Failed scans of the peer directory counted meanwhile
+    /// (`clustermesh_errors_total{kind="peer-config"}`): the fault reached the importer.
+    pub failed_scans: f64,
+    /// "draining" lines the apiserver logged meanwhile (a peer taken for removed).
+    pub drains_logged: usize,
+    /// Map entries each node agent deleted from the start to whole again, by node.
+    pub map_deletes: BTreeMap<String, f64>,
+    /// Looks at every node's maps meanwhile, and how many found backends withdrawn.
+    pub state_checks: u64,
+    /// Of those, how many found a node's maps differing from the truth.
+    pub withdrawn_looks: u64,
+    /// What the first of those found.
+    pub withdrawn: Vec<String>,
+    /// Connections the client pod attempted meanwhile, and of those failed.
+    pub attempts: u64,
+    /// Of those, failed.
+    pub failed: u64,
+    /// From the end of the fault to the mesh whole again, ms.
+    pub whole_after_ms: u64,
+}
+
+impl FdReport {
+    /// What the fault withdrew or broke, and whether it reached the importer at all.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.failed_scans < 1.0 {
+            v.push(
+                "no scan of the peer directory failed: the fault never reached the importer".into(),
+            );
+        }
+        if self.drains_logged > 0 {
+            v.push(format!(
+                "the apiserver drained a peer {} times",
+                self.drains_logged
+            ));
+        }
+        for (node, n) in &self.map_deletes {
+            if *n != 0.0 {
+                v.push(format!("{node} deleted {n} map entries"));
+            }
+        }
+        if self.withdrawn_looks > 0 {
+            v.push(format!(
+                "{} looks found nodes that lost programmed backends: {}",
+                self.withdrawn_looks,
+                self.withdrawn.join("; ")
+            ));
+        }
+        if self.failed > 0 {
+            v.push(format!(
+                "{} of {} connections failed",
+                self.failed, self.attempts
+            ));
+        }
+        v
+    }
+}
+
+/// Issue 12, case 3, on real processes: `cluster`'s apiserver runs out of file descriptors
+/// for `hold` — its limit lowered (prlimit) to what it has open plus a few and unauthenticated
+/// TCP connections to its Mesh API taking the rest — so its scans of the peer directory fail
+/// meanwhile. Nothing may be drained or withdrawn: a failed read is not a removal.
+pub async fn fd_exhaustion(dir: &Path, cluster: &str, hold: Duration) -> Result<FdReport> {
+    let mut soak = Soak::up(
+        dir,
+        Config {
+            seed: DEFAULT_SEED,
+            seconds: DEFAULT_SECONDS,
+        },
+    )
+    .await?;
+    until_healthy(&soak.lab, RECOVERY, None)
+        .await
+        .map_err(|e| anyhow!("the lab before the fault: {e}"))?;
+    let started_us = now_us();
+    let (pid, log, mesh, health, deletes_before) = {
+        let lab = soak.lab.lock().await;
+        let c = lab.cluster(cluster)?;
+        let proc = c
+            .apiserver
+            .as_ref()
+            .ok_or_else(|| anyhow!("{cluster} runs no apiserver"))?;
+        (
+            proc.pid,
+            proc.log.clone(),
+            SocketAddr::from((lab.host_ip(), c.mesh_port)),
+            SocketAddr::from(([127, 0, 0, 1], c.health_port)),
+            map_deletes(&lab).await?,
+        )
+    };
+    let scans = |text: &str| {
+        crate::metric_sum(
+            body(text),
+            "clustermesh_errors_total",
+            "kind=\"peer-config\"",
+        )
+    };
+    let errors_before = scans(&get(health, "/metrics").await.map_err(|e| anyhow!(e))?);
+    let drains_before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("draining its state")
+        .count();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let (soft, hard) = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
+        })
+        .ok_or_else(|| anyhow!("no open-files limit for {pid}"))?;
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let limit = open_fds + 4;
+    let prlimit = |spec: &str| -> Result<()> {
+        let out = Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={spec}")])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "prlimit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    // The soft limit only: the process may raise it back, as a real one could; it does not.
+    prlimit(&format!("{limit}:{hard}"))?;
+    eprintln!(
+        "fd exhaustion: {cluster}'s apiserver (pid {pid}) limited to {limit} descriptors, {open_fds} open"
+    );
+    let mut conns = Vec::new();
+    for _ in 0..64 {
+        match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(mesh))
+            .await
+        {
+            Ok(Ok(s)) => conns.push(s),
+            _ => break,
+        }
+    }
+    let mut checks = Checks::default();
+    soak.hold(hold, &mut checks).await;
+    let connections = conns.len();
+    drop(conns);
+    let restored = prlimit(&format!("{soft}:{hard}"));
+    let healed = Instant::now();
+    restored?;
+    until_healthy(&soak.lab, RECOVERY, Some(&mut checks))
+        .await
+        .map_err(|e| anyhow!("after the fault, the mesh did not recover: {e}"))?;
+    let whole_after = healed.elapsed();
+    let deletes_after = map_deletes(&*soak.lab.lock().await).await?;
+    let errors_after = scans(&get(health, "/metrics").await.map_err(|e| anyhow!(e))?);
+    let drains_after = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("draining its state")
+        .count();
+    let attempts: Vec<Attempt> = soak
+        .client
+        .take()
+        .map(Client::stop)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.t >= started_us)
+        .collect();
+    Ok(FdReport {
+        cluster: cluster.to_owned(),
+        held_ms: hold.as_millis() as u64,
+        open_fds,
+        connections,
+        failed_scans: errors_after - errors_before,
+        drains_logged: drains_after.saturating_sub(drains_before),
+        map_deletes: deletes_after
+            .iter()
+            .map(|(n, after)| {
+                (
+                    n.clone(),
+                    after - deletes_before.get(n).copied().unwrap_or(0.0),
+                )
+            })
+            .collect(),
+        state_checks: checks.looks,
+        withdrawn_looks: checks.bad,
+        withdrawn: checks.found.clone(),
+        attempts: attempts.len() as u64,
+        failed: attempts.iter().filter(|a| !a.ok).count() as u64,
+        whole_after_ms: whole_after.as_millis() as u64,
+    })
 }
 
 /// `clustermesh status -o json` and `clustermesh check` for `cluster`: the apiserver's phase,
