@@ -1697,6 +1697,9 @@ pub async fn run(dir: &Path, config: Config) -> Result<Report> {
 // ---------------------------------------------------------------------------------------------
 // One apiserver↔etcd cut, held past the session lease TTL (issue 13, case 1).
 
+/// The lab apiservers' session lease TTL (`--lease-ttl`, the default), ms.
+const LEASE_TTL_MS: u64 = 30_000;
+
 /// What [`etcd_cut`] saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct CutReport {
@@ -1776,7 +1779,11 @@ impl CutReport {
                 self.attempts
             ));
         }
-        if self.phase_during.as_deref() != Some("lease-lost") || self.exit_codes_during != (1, 1) {
+        let past_the_ttl = self.held_ms > LEASE_TTL_MS;
+        if past_the_ttl
+            && (self.phase_during.as_deref() != Some("lease-lost")
+                || self.exit_codes_during != (1, 1))
+        {
             v.push(format!(
                 "past the lease TTL, status said phase {:?} (want lease-lost) and status/check exited {:?} (want 1, 1)",
                 self.phase_during, self.exit_codes_during
@@ -2088,6 +2095,13 @@ async fn cli_view(
 /// waits until the mesh is whole again; what it saw. Everything is removed when it returns,
 /// also on failure.
 pub async fn etcd_cut(dir: &Path, cluster: &str, hold: Duration) -> Result<CutReport> {
+    let mut reports = etcd_cuts(dir, cluster, &[hold]).await?;
+    reports.pop().ok_or_else(|| anyhow!("no cut was made"))
+}
+
+/// [`etcd_cut`] once per hold in `holds`, one after the other on one lab (each waits for the
+/// mesh to be whole again before the next).
+pub async fn etcd_cuts(dir: &Path, cluster: &str, holds: &[Duration]) -> Result<Vec<CutReport>> {
     let mut soak = Soak::up(
         dir,
         Config {
@@ -2099,6 +2113,38 @@ pub async fn etcd_cut(dir: &Path, cluster: &str, hold: Duration) -> Result<CutRe
     until_healthy(&soak.lab, RECOVERY, None)
         .await
         .map_err(|e| anyhow!("the lab before the cut: {e}"))?;
+    let mut partial = Vec::new();
+    for hold in holds {
+        partial.push(one_cut(&soak, cluster, *hold).await?);
+    }
+    let attempts: Vec<Attempt> = soak.client.take().map(Client::stop).unwrap_or_default();
+    Ok(partial
+        .into_iter()
+        .map(|(mut report, started_us, ended_us)| {
+            let window: Vec<&Attempt> = attempts
+                .iter()
+                .filter(|a| a.t >= started_us && a.t <= ended_us)
+                .collect();
+            report.attempts = window.len() as u64;
+            report.failed = window.iter().filter(|a| !a.ok).count() as u64;
+            report.failures = window
+                .iter()
+                .filter(|a| !a.ok)
+                .take(100)
+                .map(|a| Failure {
+                    at_ms: (a.t - started_us).max(0) as u64 / 1000,
+                    during: Kind::ApiserverEtcdCut.name().into(),
+                    error: a.error.clone().unwrap_or_default(),
+                })
+                .collect();
+            report
+        })
+        .collect())
+}
+
+/// One cut on `soak`'s lab: the report without its connections, and the cut's time window
+/// (µs) for them.
+async fn one_cut(soak: &Soak, cluster: &str, hold: Duration) -> Result<(CutReport, i64, i64)> {
     let started_us = now_us();
     let (keys_before, deletes_before) = {
         let lab = soak.lab.lock().await;
@@ -2136,14 +2182,6 @@ pub async fn etcd_cut(dir: &Path, cluster: &str, hold: Duration) -> Result<CutRe
         phase_after = cli_view(&*soak.lab.lock().await, cluster).await?.0;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let attempts: Vec<Attempt> = soak
-        .client
-        .take()
-        .map(Client::stop)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| a.t >= started_us)
-        .collect();
     let keys_lost = keys_before
         .iter()
         .filter(|(k, v)| keys_after.get(*k) != Some(*v))
@@ -2158,25 +2196,15 @@ pub async fn etcd_cut(dir: &Path, cluster: &str, hold: Duration) -> Result<CutRe
             )
         })
         .collect();
-    let failures = attempts
-        .iter()
-        .filter(|a| !a.ok)
-        .take(100)
-        .map(|a| Failure {
-            at_ms: (a.t - started_us).max(0) as u64 / 1000,
-            during: Kind::ApiserverEtcdCut.name().into(),
-            error: a.error.clone().unwrap_or_default(),
-        })
-        .collect();
-    Ok(CutReport {
+    let report = CutReport {
         cluster: cluster.into(),
         held_ms: held.as_millis() as u64,
         whole_after_ms: whole_after.as_millis() as u64,
         exported_keys: keys_before.len(),
         keys_lost,
         map_deletes,
-        attempts: attempts.len() as u64,
-        failed: attempts.iter().filter(|a| !a.ok).count() as u64,
+        attempts: 0,
+        failed: 0,
         state_checks: checks.looks,
         withdrawn_looks: checks.bad,
         withdrawn: checks.found,
@@ -2184,8 +2212,9 @@ pub async fn etcd_cut(dir: &Path, cluster: &str, hold: Duration) -> Result<CutRe
         exit_codes_during,
         leader_check_during,
         phase_after,
-        failures,
-    })
+        failures: Vec::new(),
+    };
+    Ok((report, started_us, now_us()))
 }
 
 #[cfg(test)]
