@@ -874,7 +874,11 @@ async fn etcd_cut_withdraws_nothing(hold: Duration) {
         assert_eq!(status.phase_since_unix, Some(lost.since_unix));
         assert!(!status.ready);
         // Unreachable first (a write may fail before the keep-alive notices), the lease lost
-        // past its TTL.
+        // past its TTL. The recorder task may see the last change a moment after we did.
+        eventually("the recorder saw the lease lost", T, || async {
+            (phases.lock().unwrap().last() == Some(&ApiserverPhase::LeaseLost)).then_some(())
+        })
+        .await;
         let seen: Vec<ApiserverPhase> = phases
             .lock()
             .unwrap()
