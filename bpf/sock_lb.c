@@ -119,8 +119,8 @@ struct sockaddr_cm {
 
 // Per socket (socket storage): what connect()/sendmsg() translated last.
 struct sock_state {
-	__u32 backend_id;
 	__u32 flags;
+	__u32 pad;
 	struct sockaddr_cm svc;
 	struct sockaddr_cm be;
 };
@@ -400,10 +400,22 @@ static __always_inline int spills(const struct svc_val *svc, __u32 n)
 	return bpf_get_prandom_u32() % 10000 >= share;
 }
 
+// One tier: a cluster group drawn by weight when the tier is weighted (the whole tier when
+// that group has nothing usable right now), else the whole tier.
+static __always_inline int try_tier(const struct svc_val *svc, struct pick_ctx *c, __u32 tier,
+				    __u32 n)
+{
+	__u32 base = 0, len = n;
+	if ((svc->flags & SVC_WEIGHTED) && weighted_range(svc, tier, n, &base, &len) &&
+	    scan(c, tier, base, len))
+		return 1;
+	return scan(c, tier, 0, n);
+}
+
 // Pass 1 honours spill-over and weights; when it finds nothing usable (the tier spilled to
-// is dead too, the agent's counts lag the kernel), pass 2 takes the first usable backend of
-// any tier; when there is none, a suspect one; else none.
-static __always_inline struct backend *pick(const struct svc_val *svc, __u32 *picked)
+// is dead too, the agent's counts lag the kernel), pass 2 takes tier 0 after all; when
+// nothing is usable, a suspect backend; else none.
+static __always_inline struct backend *pick(const struct svc_val *svc)
 {
 	struct pick_ctx c = {};
 	c.svc_id = svc->id;
@@ -412,39 +424,18 @@ static __always_inline struct backend *pick(const struct svc_val *svc, __u32 *pi
 		n0 = MAX_TIER_SLOTS;
 	if (n1 > MAX_TIER_SLOTS)
 		n1 = MAX_TIER_SLOTS;
-	if (n0 && !(n1 && spills(svc, n0))) {
-		__u32 base = 0, len = n0;
-		if ((svc->flags & SVC_WEIGHTED) && weighted_range(svc, 0, n0, &base, &len)) {
-			if (scan(&c, 0, base, len))
-				goto found;
-		}
-		if (scan(&c, 0, 0, n0))
-			goto found;
-	}
-	if (n1) {
-		__u32 base = 0, len = n1;
-		if ((svc->flags & SVC_WEIGHTED) && weighted_range(svc, 1, n1, &base, &len)) {
-			if (scan(&c, 1, base, len))
-				goto found;
-		}
-		if (scan(&c, 1, 0, n1))
-			goto found;
-	}
-	// Pass 2: tier 0 again when it was spilled away from.
-	if (n0 && scan(&c, 0, 0, n0))
-		goto found;
+	int found = (n0 && !(n1 && spills(svc, n0)) && try_tier(svc, &c, 0, n0)) ||
+		    (n1 && try_tier(svc, &c, 1, n1)) || (n0 && scan(&c, 0, 0, n0));
 	__u32 id;
-	if (c.has_spare) {
+	if (found) {
+		id = c.found;
+	} else if (c.has_spare) {
 		id = c.spare;
 		count(STAT_SUSPECT_TRIED);
-		*picked = id;
-		return bpf_map_lookup_elem(&CM_BACKENDS, &id);
+	} else {
+		count(STAT_NO_BACKEND);
+		return 0;
 	}
-	count(STAT_NO_BACKEND);
-	return 0;
-found:
-	id = c.found;
-	*picked = id;
 	return bpf_map_lookup_elem(&CM_BACKENDS, &id);
 }
 
@@ -472,7 +463,7 @@ static __always_inline int same_addr(const struct sockaddr_cm *a, const __u8 *ad
 
 // Records the translation on the socket. `revnat`: an unconnected UDP send, which also needs
 // the reverse-NAT map because the socket may talk to several backends.
-static __always_inline void remember(struct bpf_sock_addr *ctx, __u32 id, const struct backend *be,
+static __always_inline void remember(struct bpf_sock_addr *ctx, const struct backend *be,
 				     const struct svc_key *key, int revnat)
 {
 	if (!revnat) {
@@ -489,7 +480,6 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, __u32 id, const 
 		return;
 	int known = (st->flags & SOCK_REVNAT) && same_addr(&st->be, be->addr, be->port, be->family) &&
 		    same_addr(&st->svc, key->addr, key->port, key->family);
-	st->backend_id = id;
 	copy_addr(&st->svc, key->addr, key->port, key->family);
 	copy_addr(&st->be, be->addr, be->port, be->family);
 	if (!revnat) {
@@ -523,15 +513,14 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx, int revnat)
 	struct svc_val *svc = bpf_map_lookup_elem(&CM_SERVICES, &key);
 	if (!svc)
 		return 1;
-	__u32 id = 0;
-	struct backend *be = pick(svc, &id);
+	struct backend *be = pick(svc);
 	if (!be || be->family != FAMILY_V4)
 		return 0;
 	__u32 dst;
 	__builtin_memcpy(&dst, be->addr, 4);
 	ctx->user_ip4 = dst;
 	ctx->user_port = be->port;
-	remember(ctx, id, be, &key, revnat);
+	remember(ctx, be, &key, revnat);
 	return 1;
 }
 
@@ -549,8 +538,7 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int revnat)
 	struct svc_val *svc = bpf_map_lookup_elem(&CM_SERVICES, &key);
 	if (!svc)
 		return 1;
-	__u32 id = 0;
-	struct backend *be = pick(svc, &id);
+	struct backend *be = pick(svc);
 	if (!be || be->family != FAMILY_V6)
 		return 0;
 	__u32 d0, d1, d2, d3;
@@ -563,7 +551,7 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int revnat)
 	ctx->user_ip6[2] = d2;
 	ctx->user_ip6[3] = d3;
 	ctx->user_port = be->port;
-	remember(ctx, id, be, &key, revnat);
+	remember(ctx, be, &key, revnat);
 	return 1;
 }
 

@@ -348,28 +348,7 @@ impl Datapath {
 /// Refuses pinned maps whose key or value size differs from this agent's layout, or whose
 /// capacity differs from `sizes`.
 fn check_layout(dir: &Path, sizes: maps::Sizes) -> Result<(), Error> {
-    for (name, entries) in sizes.maps() {
-        let path = dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| Error::Map {
-            map: name,
-            reason: format!("reading the pinned map's size: {e}"),
-        })?;
-        if info.max_entries() != entries {
-            return Err(Error::Map {
-                map: name,
-                reason: format!(
-                    "the pinned map under {} holds {} entries, this agent is configured for {entries} \
-                     (--max-services): resizing needs a drain; remove the pins (the directory) \
-                     first, or keep the old --max-services",
-                    dir.display(),
-                    info.max_entries()
-                ),
-            });
-        }
-    }
+    let sized = sizes.maps();
     for (name, key, value) in maps::LAYOUT {
         let path = dir.join(name);
         if !path.exists() {
@@ -383,10 +362,26 @@ fn check_layout(dir: &Path, sizes: maps::Sizes) -> Result<(), Error> {
             return Err(Error::Map {
                 map: name,
                 reason: format!(
-                    "the pinned map under {} has key/value sizes {}/{}, this agent's layout is                      {key}/{value}: the datapath layout changed between versions; drain the node                      and remove the pins (the directory) before starting this agent",
+                    "the pinned map under {} has key/value sizes {}/{}, this agent's layout is \
+                     {key}/{value}: the datapath layout changed between versions; drain the node \
+                     and remove the pins (the directory) before starting this agent",
                     dir.display(),
                     info.key_size(),
                     info.value_size()
+                ),
+            });
+        }
+        if let Some((_, entries)) = sized.iter().find(|(n, _)| *n == name)
+            && info.max_entries() != *entries
+        {
+            return Err(Error::Map {
+                map: name,
+                reason: format!(
+                    "the pinned map under {} holds {} entries, this agent is configured for \
+                     {entries} (--max-services): resizing needs a drain; remove the pins (the \
+                     directory) first, or keep the old --max-services",
+                    dir.display(),
+                    info.max_entries()
                 ),
             });
         }

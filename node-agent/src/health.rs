@@ -90,23 +90,42 @@ impl HealthConfig {
     }
 }
 
-/// The kernel's tick rate, from `CONFIG_HZ` in the running kernel's config when readable.
-fn kernel_hz() -> u64 {
+/// The running kernel's tick rate: `CONFIG_HZ` from `/proc/config.gz`, else from
+/// `/boot/config-<release>`; `None` when neither can be read.
+pub fn kernel_hz() -> Option<u64> {
+    use std::io::Read;
     let from = |text: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix("CONFIG_HZ="))
             .and_then(|v| v.trim().parse().ok())
     };
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    std::fs::read_to_string(format!("/boot/config-{}", release.trim()))
-        .ok()
-        .and_then(|t| from(&t))
-        .unwrap_or(250)
+    let proc_config = std::fs::File::open("/proc/config.gz").ok().and_then(|f| {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut text)
+            .ok()?;
+        from(&text)
+    });
+    proc_config.or_else(|| {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+        from(&std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()?)
+    })
 }
+
+/// The tick rate assumed when the kernel's config cannot be read (the common distribution
+/// setting of x86-64 servers).
+const ASSUMED_HZ: u64 = 250;
 
 /// A duration in kernel jiffies (at least 1), for `syn_rto_jiffies`.
 pub fn syn_rto_jiffies(d: Duration) -> u32 {
-    let j = d.as_millis() as u64 * kernel_hz() / 1000;
+    let hz = kernel_hz().unwrap_or_else(|| {
+        tracing::warn!(
+            assumed = ASSUMED_HZ,
+            "cannot read the kernel's CONFIG_HZ (/proc/config.gz, /boot/config-*); the SYN timeout assumes it"
+        );
+        ASSUMED_HZ
+    });
+    let j = d.as_millis() as u64 * hz / 1000;
     u32::try_from(j.max(1)).unwrap_or(u32::MAX)
 }
 
@@ -699,10 +718,11 @@ pub async fn run(
                 }
             }
             _ = stats_tick.tick() => {
-                for (state, n) in tracker.counts() {
+                let counts = tracker.counts();
+                for (state, n) in counts {
                     metrics.set(m::STATE, &[state.label()], n as f64);
                 }
-                let (healthy, down) = (tracker.counts()[0].1 + tracker.counts()[1].1, tracker.counts()[2].1);
+                let (healthy, down) = (counts[0].1 + counts[1].1, counts[2].1);
                 metrics.set(crate::agent::m::BACKEND_HEALTH, &["healthy"], healthy as f64);
                 metrics.set(crate::agent::m::BACKEND_HEALTH, &["unhealthy"], down as f64);
                 if let Ok(stats) = lock(&programmer).datapath().stats() {
@@ -884,8 +904,22 @@ mod tests {
 
     #[test]
     fn jiffies_follow_the_kernel_tick() {
-        let hz = kernel_hz();
+        // The kernel's own config, read another way (zcat), where the machine exposes it.
+        let zcat = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("zcat /proc/config.gz | sed -n 's/^CONFIG_HZ=//p'")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<u64>().ok());
+        if let Some(hz) = zcat {
+            assert_eq!(kernel_hz(), Some(hz));
+        }
+        let hz = kernel_hz().unwrap_or(ASSUMED_HZ);
         assert_eq!(u64::from(syn_rto_jiffies(Duration::from_secs(1))), hz);
+        assert_eq!(
+            u64::from(syn_rto_jiffies(Duration::from_millis(100))),
+            hz / 10
+        );
         assert_eq!(syn_rto_jiffies(Duration::from_micros(1)), 1);
     }
 }

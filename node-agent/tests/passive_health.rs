@@ -16,13 +16,19 @@ use std::time::{Duration, Instant};
 
 use common::{BackendProcess, Node, backend, counts, free_port, run, spec};
 use node_agent::maps::{self, Config, Frontend, HealthReason, Proto};
-use node_agent::program::{DesiredService, Programmer};
+use node_agent::program::{BackendSpec, DesiredService, Programmer};
 use serde_json::Value;
 
-fn tcp(vip: &str) -> Frontend {
-    Frontend {
-        addr: vip.parse().unwrap(),
-        proto: Proto::Tcp,
+/// A plain (unweighted, all-or-nothing) service at `vip` with `proto`.
+fn svc(vip: &str, proto: Proto, tiers: [Vec<BackendSpec>; 2]) -> DesiredService {
+    DesiredService {
+        frontend: Frontend {
+            addr: vip.parse().unwrap(),
+            proto,
+        },
+        service: None,
+        tiers,
+        balancing: Default::default(),
     }
 }
 
@@ -78,12 +84,11 @@ fn a_refused_backend_is_skipped_from_the_next_connect() {
     let local2 = BackendProcess::start("local-2", a2);
     let r1 = backend("remote-1", "127.0.2.21");
     let vip = "127.100.5.1:80";
-    p.apply(&[DesiredService {
-        frontend: tcp(vip),
-        service: None,
-        tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![spec(r1, 2)]],
-        balancing: Default::default(),
-    }])
+    p.apply(&[svc(
+        vip,
+        Proto::Tcp,
+        [vec![spec(a1, 1), spec(a2, 1)], vec![spec(r1, 2)]],
+    )])
     .unwrap();
     let warm = node.client(true, "tcp", vip.parse().unwrap(), 50);
     assert_eq!(warm["failures"], 0, "{warm}");
@@ -146,12 +151,11 @@ fn a_refused_backend_is_skipped_from_the_next_connect() {
 
     // A re-programmed service keeps the kernel's suspicion (apply does not clear it).
     let ops = p
-        .apply(&[DesiredService {
-            frontend: tcp(vip),
-            service: None,
-            tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![spec(r1, 2)]],
-            balancing: Default::default(),
-        }])
+        .apply(&[svc(
+            vip,
+            Proto::Tcp,
+            [vec![spec(a1, 1), spec(a2, 1)], vec![spec(r1, 2)]],
+        )])
         .unwrap();
     assert_eq!(ops.writes, 0, "{ops:?}");
     assert!(p.backend(a2).unwrap().suspect_at(maps::monotonic_ns()));
@@ -274,12 +278,11 @@ fn a_blackholed_backend_is_skipped_after_its_first_syn_timeout() {
     );
     let _servers = Listeners::start(&ns, &[("dark", dark), ("lit", lit)]);
     let vip = "127.100.6.1:80";
-    p.apply(&[DesiredService {
-        frontend: tcp(vip),
-        service: None,
-        tiers: [vec![spec(dark, 1), spec(lit, 1)], vec![]],
-        balancing: Default::default(),
-    }])
+    p.apply(&[svc(
+        vip,
+        Proto::Tcp,
+        [vec![spec(dark, 1), spec(lit, 1)], vec![]],
+    )])
     .unwrap();
     // The rule lives in the test's own namespace and goes with it.
     let drop_syns = ns.exec(&format!(
@@ -337,21 +340,8 @@ fn the_reverse_nat_map_does_not_grow_with_connections() {
     let vip = "127.100.7.1:80";
     let udp_vip = format!("127.100.7.2:{}", b.port());
     p.apply(&[
-        DesiredService {
-            frontend: tcp(vip),
-            service: None,
-            tiers: [vec![spec(b, 1)], vec![]],
-            balancing: Default::default(),
-        },
-        DesiredService {
-            frontend: Frontend {
-                addr: udp_vip.parse().unwrap(),
-                proto: Proto::Udp,
-            },
-            service: None,
-            tiers: [vec![spec(b, 1)], vec![]],
-            balancing: Default::default(),
-        },
+        svc(vip, Proto::Tcp, [vec![spec(b, 1)], vec![]]),
+        svc(&udp_vip, Proto::Udp, [vec![spec(b, 1)], vec![]]),
     ])
     .unwrap();
     let tcp_run = node.client(true, "tcp", vip.parse().unwrap(), 2000);
@@ -395,21 +385,8 @@ fn without_per_socket_state_passive_health_works_and_getpeername_shows_the_backe
     let vip = "127.100.10.1:80";
     let udp_vip = format!("127.100.10.2:{}", udp.port());
     p.apply(&[
-        DesiredService {
-            frontend: tcp(vip),
-            service: None,
-            tiers: [vec![spec(a1, 1), spec(a2, 1)], vec![]],
-            balancing: Default::default(),
-        },
-        DesiredService {
-            frontend: Frontend {
-                addr: udp_vip.parse().unwrap(),
-                proto: Proto::Udp,
-            },
-            service: None,
-            tiers: [vec![spec(udp, 1)], vec![]],
-            balancing: Default::default(),
-        },
+        svc(vip, Proto::Tcp, [vec![spec(a1, 1), spec(a2, 1)], vec![]]),
+        svc(&udp_vip, Proto::Udp, [vec![spec(udp, 1)], vec![]]),
     ])
     .unwrap();
     let run = node.client(true, "tcp", vip.parse().unwrap(), 50);

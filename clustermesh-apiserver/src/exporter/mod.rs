@@ -212,8 +212,8 @@ struct Exporter {
     identities: BTreeMap<String, IdentityEntry>,
     /// Services reported as invalid, with the message, so each problem is reported once.
     reported: HashMap<String, String>,
-    /// The services' keys and values found in etcd at start: a service refused before this
-    /// process exported it keeps what an earlier run exported.
+    /// The services' keys and values found in etcd at start, for the initial sync only: a
+    /// service refused before this process exported it keeps what an earlier run exported.
     previous_services: BTreeMap<String, Vec<u8>>,
     dirty: Arc<Dirty>,
     /// The endpoint keys of each pod, and its identity's canonical labels.
@@ -561,6 +561,9 @@ impl Exporter {
                 }
             }
         }
+        // From now on the session holds what is exported; an earlier run's values would be
+        // stale (a service deleted and created again must not get them back).
+        self.previous_services.clear();
         let rev = self.kv.current_revision().await?;
         for kind in Kind::ALL {
             self.session
@@ -693,14 +696,6 @@ impl Exporter {
         }
         let mut still_bad = HashMap::new();
         let mut rejected = Vec::new();
-        let held = self
-            .session
-            .held(&keys::kind_prefix(
-                Scope::State,
-                &self.settings.cluster,
-                Kind::Services,
-            ))
-            .await;
         for svc in self.services.state() {
             let ns = svc.namespace().unwrap_or_default();
             let key = (ns.clone(), svc.name_any());
@@ -720,10 +715,10 @@ impl Exporter {
                     // Bad input never erases good state: what was exported stays.
                     let exported_key =
                         keys::object_key(Scope::State, &self.settings.cluster, Kind::Services, &id);
-                    let kept = held
-                        .get(&exported_key)
-                        .or_else(|| self.previous_services.get(&exported_key))
-                        .cloned();
+                    let kept = match self.session.held_value(&exported_key).await {
+                        Some(v) => Some(v),
+                        None => self.previous_services.get(&exported_key).cloned(),
+                    };
                     let kept_previous = kept.is_some();
                     if let Some(value) = kept {
                         out.insert(exported_key, value);

@@ -319,6 +319,11 @@ impl Session {
             .collect()
     }
 
+    /// The value the session holds at `key`, if any.
+    pub async fn held_value(&self, key: &str) -> Option<Vec<u8>> {
+        self.state.lock().await.keys.get(key).cloned()
+    }
+
     /// Writes the initial state of one kind of one cluster, then its synced marker. The marker
     /// is written only after every item has landed, and carries the revision at which they all
     /// had: a reader that sees the marker has seen every item.

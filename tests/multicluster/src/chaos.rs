@@ -1697,6 +1697,51 @@ pub async fn run(dir: &Path, config: Config) -> Result<Report> {
 // ---------------------------------------------------------------------------------------------
 // One apiserver↔etcd cut, held past the session lease TTL (issue 13, case 1).
 
+/// What a fault withdrew or broke on the lab, whatever the fault: map entries deleted by node
+/// (`deletes`), looks that found nodes without a programmed backend (how many, what the first
+/// found), failed connections (of attempts), and a client that did not run for the `ms` the
+/// fault and the recovery lasted.
+fn withdrawals(
+    deletes: &BTreeMap<String, f64>,
+    (withdrawn_looks, withdrawn): (u64, &[String]),
+    (attempts, failed): (u64, u64),
+    ms: u64,
+) -> Vec<String> {
+    let mut v = Vec::new();
+    for (node, n) in deletes {
+        if *n != 0.0 {
+            v.push(format!("{node} deleted {n} map entries"));
+        }
+    }
+    if withdrawn_looks > 0 {
+        v.push(format!(
+            "{withdrawn_looks} looks found nodes that lost programmed backends: {}",
+            withdrawn.join("; ")
+        ));
+    }
+    if failed > 0 {
+        v.push(format!("{failed} of {attempts} connections failed"));
+    }
+    let expected = ms / PROBE_INTERVAL_MS / 2;
+    if attempts < expected {
+        v.push(format!(
+            "the client made {attempts} connection attempts, fewer than {expected}"
+        ));
+    }
+    v
+}
+
+/// Map entries each node deleted between two readings of [`map_deletes`].
+fn deletes_since(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(n, a)| (n.clone(), a - before.get(n).copied().unwrap_or(0.0)))
+        .collect()
+}
+
 /// The lab apiservers' session lease TTL (`--lease-ttl`, the default), ms.
 const LEASE_TTL_MS: u64 = 30_000;
 
@@ -1754,31 +1799,12 @@ impl CutReport {
                 self.keys_lost.join(", ")
             ));
         }
-        for (node, n) in &self.map_deletes {
-            if *n != 0.0 {
-                v.push(format!("{node} deleted {n} map entries"));
-            }
-        }
-        if self.withdrawn_looks > 0 {
-            v.push(format!(
-                "{} looks found nodes that lost programmed backends: {}",
-                self.withdrawn_looks,
-                self.withdrawn.join("; ")
-            ));
-        }
-        if self.failed > 0 {
-            v.push(format!(
-                "{} of {} connections failed",
-                self.failed, self.attempts
-            ));
-        }
-        let expected = (self.held_ms + self.whole_after_ms) / PROBE_INTERVAL_MS / 2;
-        if self.attempts < expected {
-            v.push(format!(
-                "the client made {} connection attempts, fewer than {expected}",
-                self.attempts
-            ));
-        }
+        v.extend(withdrawals(
+            &self.map_deletes,
+            (self.withdrawn_looks, &self.withdrawn),
+            (self.attempts, self.failed),
+            self.held_ms + self.whole_after_ms,
+        ));
         let past_the_ttl = self.held_ms > LEASE_TTL_MS;
         if past_the_ttl
             && (self.phase_during.as_deref() != Some("lease-lost")
@@ -1915,24 +1941,12 @@ impl FdReport {
                 self.drains_logged
             ));
         }
-        for (node, n) in &self.map_deletes {
-            if *n != 0.0 {
-                v.push(format!("{node} deleted {n} map entries"));
-            }
-        }
-        if self.withdrawn_looks > 0 {
-            v.push(format!(
-                "{} looks found nodes that lost programmed backends: {}",
-                self.withdrawn_looks,
-                self.withdrawn.join("; ")
-            ));
-        }
-        if self.failed > 0 {
-            v.push(format!(
-                "{} of {} connections failed",
-                self.failed, self.attempts
-            ));
-        }
+        v.extend(withdrawals(
+            &self.map_deletes,
+            (self.withdrawn_looks, &self.withdrawn),
+            (self.attempts, self.failed),
+            self.held_ms + self.whole_after_ms,
+        ));
         v
     }
 }
@@ -2049,15 +2063,7 @@ pub async fn fd_exhaustion(dir: &Path, cluster: &str, hold: Duration) -> Result<
         connections,
         failed_scans: errors_after - errors_before,
         drains_logged: drains_after.saturating_sub(drains_before),
-        map_deletes: deletes_after
-            .iter()
-            .map(|(n, after)| {
-                (
-                    n.clone(),
-                    after - deletes_before.get(n).copied().unwrap_or(0.0),
-                )
-            })
-            .collect(),
+        map_deletes: deletes_since(&deletes_before, &deletes_after),
         state_checks: checks.looks,
         withdrawn_looks: checks.bad,
         withdrawn: checks.found.clone(),
@@ -2187,15 +2193,7 @@ async fn one_cut(soak: &Soak, cluster: &str, hold: Duration) -> Result<(CutRepor
         .filter(|(k, v)| keys_after.get(*k) != Some(*v))
         .map(|(k, _)| k.clone())
         .collect();
-    let map_deletes = deletes_after
-        .iter()
-        .map(|(n, after)| {
-            (
-                n.clone(),
-                after - deletes_before.get(n).copied().unwrap_or(0.0),
-            )
-        })
-        .collect();
+    let map_deletes = deletes_since(&deletes_before, &deletes_after);
     let report = CutReport {
         cluster: cluster.into(),
         held_ms: held.as_millis() as u64,
