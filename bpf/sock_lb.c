@@ -12,10 +12,13 @@
 // when a connection to it succeeds, or when the agent's probe clears it. When every backend
 // of every tier is down or suspect, a suspect one is still tried rather than refusing.
 //
-// Per-socket state lives in socket storage (freed with the socket): the translation of a
-// connected socket, for getpeername()/recvmsg() and for sock_ops. Only unconnected UDP, which
-// may talk to several backends, also writes the reverse-NAT map, once per new backend, and
-// sock_release removes its last entry.
+// Per-connect state costs an allocation, so the common case keeps none: a TCP socket
+// connected to a backend that only one frontend's slots hold is marked with a sock_ops
+// callback flag (a bit in the socket itself), and getpeername() finds that frontend in
+// CM_BACKEND_IDS. Other translated sockets keep their translation in socket storage (freed
+// with the socket), for getpeername()/recvmsg(). Only unconnected UDP, which may talk to
+// several backends, also writes the reverse-NAT map, once per new backend, and sock_release
+// removes its last entry.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -30,11 +33,27 @@
 #define MAX_SLOTS (MAX_BACKENDS * 2)
 #define MAX_TIER_SLOTS 256
 #define TIERS 2
+// A tier of at most this many backends keeps its slots in the service's own value (one map
+// lookup fewer per connect, and the slots change with the counts in one update); a bigger
+// tier's slots are in CM_SLOTS.
+#define INLINE_SLOTS 8
 
 #define FAMILY_V4 4
 #define FAMILY_V6 6
 
-#define BACKEND_ACTIVE 1
+// struct backend.state bits
+#define BACKEND_ACTIVE 1       // the agent has not marked it down
+#define BACKEND_ONE_FRONTEND 2 // exactly one frontend's slots hold it: CM_BACKEND_IDS names it
+
+#ifndef SOL_TCP
+#define SOL_TCP 6
+#endif
+#define TCP_BPF_SOCK_OPS_CB_FLAGS 1008
+// A TCP socket connect() translated to a backend with one frontend carries this sock_ops
+// callback flag instead of socket storage (no allocation): getpeername() then finds the
+// frontend in CM_BACKEND_IDS. Retransmission callbacks are the one kind with no cost on a
+// healthy connection; cm_sockops ignores them.
+#define TRANSLATED_MARK BPF_SOCK_OPS_RETRANS_CB_FLAG
 
 // Why a backend became suspect (health_event.reason).
 #define SUSPECT_REFUSED 1     // SYN_SENT -> CLOSE: RST, or the caller gave up
@@ -68,6 +87,7 @@ struct svc_val {
 	__u16 overprov_pct;   // spill-over factor x100 (140 = 1.4); 0 = all or nothing
 	__u16 min_healthy;    // below this many healthy backends the first tier is skipped
 	__u32 flags;          // SVC_WEIGHTED: CM_GROUPS holds the tier's cluster groups
+	__u32 slot[TIERS][INLINE_SLOTS]; // backend IDs of a tier with count <= INLINE_SLOTS
 };
 
 #define SVC_WEIGHTED 1
@@ -102,7 +122,7 @@ struct backend {
 	__u8 addr[16];
 	__u16 port;       // network byte order
 	__u8 family;
-	__u8 state;       // BACKEND_ACTIVE or 0 (down, set by the agent)
+	__u8 state;       // BACKEND_* bits (set by the agent)
 	__u16 cluster_id;
 	__u16 zone;
 	__u64 suspect_until; // bpf_ktime_get_ns() deadline of the quarantine; 0 = not suspect
@@ -115,6 +135,14 @@ struct sockaddr_cm {
 	__u8 family;
 	__u8 pad;
 	__u32 pad2;
+};
+
+// CM_BACKEND_IDS value. `front.family` is 0 while the backend never had exactly one frontend;
+// while it has several, the last one stays (sockets marked through it still resolve).
+struct backend_ref {
+	__u32 id;
+	__u32 pad;
+	struct sockaddr_cm front;
 };
 
 // Per socket (socket storage): what connect()/sendmsg() translated last.
@@ -192,12 +220,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_BACKENDS SEC(".maps");
 
-// Backend address -> ID, for sock_ops (which sees only the connection's remote address).
+// Backend address -> ID, for sock_ops (which sees only the connection's remote address), and
+// the one frontend whose slots hold it (for getpeername() of marked sockets).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_BACKENDS);
 	__type(key, struct sockaddr_cm);
-	__type(value, __u32);
+	__type(value, struct backend_ref);
 	__uint(map_flags, BPF_F_NO_PREALLOC); // written by the agent only: pay for what is used
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_BACKEND_IDS SEC(".maps");
@@ -291,35 +320,42 @@ static __always_inline void emit(__u32 id, const struct backend *be, __u8 reason
 	bpf_ringbuf_submit(ev, 0);
 }
 
-// Backend choice: the search over a range of a tier's slots runs in bpf_loop(), so the
-// verifier checks one iteration instead of every path through 256 of them.
+// Backend choice: the random first slot is tried inline; the search over the rest of a range
+// of a tier's slots runs in bpf_loop(), so the verifier checks one iteration instead of every
+// path through 256 of them.
 struct pick_ctx {
+	const struct svc_val *svc;
+	struct backend *found_be; // the usable backend found
 	__u64 now;      // the clock, read only when a suspect backend is met
-	__u32 svc_id;
 	__u32 tier;
 	__u32 base;     // first slot of the range
 	__u32 n;        // slots in the range
 	__u32 start;    // random offset into the range
-	__u32 found;    // a usable backend's ID
+	__u32 found;    // its ID
 	__u32 spare;    // the first suspect backend's ID, tried when nothing else is usable
 	__u8 has_found;
 	__u8 has_spare;
 };
 
-static long pick_slot(__u32 i, void *data)
+// Slot `off` of the range: 1 when its backend is usable (recorded in `c`).
+static __always_inline long try_slot(struct pick_ctx *c, __u32 off)
 {
-	struct pick_ctx *c = data;
-	__u32 off = c->start + i;
-	if (off >= c->n)
-		off -= c->n;
-	struct slot_key sk = { .svc_id = c->svc_id, .tier = (__u16)c->tier,
-			       .slot = (__u16)(c->base + off) };
-	__u32 *id = bpf_map_lookup_elem(&CM_SLOTS, &sk);
-	if (!id)
-		return 0;
-	__u32 bid = *id;
+	__u32 slot = c->base + off;
+	__u32 tier = c->tier;
+	__u32 bid;
+	if (c->svc->count[tier & 1] <= INLINE_SLOTS) {
+		if (slot >= INLINE_SLOTS)
+			return 0;
+		bid = c->svc->slot[tier & 1][slot];
+	} else {
+		struct slot_key sk = { .svc_id = c->svc->id, .tier = (__u16)tier, .slot = (__u16)slot };
+		__u32 *id = bpf_map_lookup_elem(&CM_SLOTS, &sk);
+		if (!id)
+			return 0;
+		bid = *id;
+	}
 	struct backend *be = bpf_map_lookup_elem(&CM_BACKENDS, &bid);
-	if (!be || be->state != BACKEND_ACTIVE)
+	if (!be || !(be->state & BACKEND_ACTIVE))
 		return 0;
 	__u64 until = be->suspect_until;
 	if (until) {
@@ -334,8 +370,19 @@ static long pick_slot(__u32 i, void *data)
 		}
 	}
 	c->found = bid;
+	c->found_be = be;
 	c->has_found = 1;
 	return 1;
+}
+
+// bpf_loop() step i: the slot i after the random first one.
+static long pick_slot(__u32 i, void *data)
+{
+	struct pick_ctx *c = data;
+	__u32 off = c->start + i + 1;
+	if (off >= c->n)
+		off -= c->n;
+	return try_slot(c, off);
 }
 
 // Looks for a usable backend in slots [base, base + len) of `tier`, from a random offset.
@@ -347,7 +394,10 @@ static __always_inline int scan(struct pick_ctx *c, __u32 tier, __u32 base, __u3
 	c->base = base;
 	c->n = len;
 	c->start = bpf_get_prandom_u32() % len;
-	bpf_loop(len, pick_slot, c, 0);
+	if (try_slot(c, c->start))
+		return 1;
+	if (len > 1)
+		bpf_loop(len - 1, pick_slot, c, 0);
 	return c->has_found;
 }
 
@@ -418,7 +468,7 @@ static __always_inline int try_tier(const struct svc_val *svc, struct pick_ctx *
 static __always_inline struct backend *pick(const struct svc_val *svc)
 {
 	struct pick_ctx c = {};
-	c.svc_id = svc->id;
+	c.svc = svc;
 	__u32 n0 = svc->count[0], n1 = svc->count[1];
 	if (n0 > MAX_TIER_SLOTS)
 		n0 = MAX_TIER_SLOTS;
@@ -428,7 +478,7 @@ static __always_inline struct backend *pick(const struct svc_val *svc)
 		    (n1 && try_tier(svc, &c, 1, n1)) || (n0 && scan(&c, 0, 0, n0));
 	__u32 id;
 	if (found) {
-		id = c.found;
+		return c.found_be;
 	} else if (c.has_spare) {
 		id = c.spare;
 		count(STAT_SUSPECT_TRIED);
@@ -466,11 +516,17 @@ static __always_inline int same_addr(const struct sockaddr_cm *a, const __u8 *ad
 static __always_inline void remember(struct bpf_sock_addr *ctx, const struct backend *be,
 				     const struct svc_key *key, int revnat)
 {
-	if (!revnat) {
+	if (!revnat && ctx->protocol == IPPROTO_TCP) {
 		__u32 zero = 0;
 		struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
 		if (cfg && (cfg->flags & CFG_NO_PEER_REWRITE))
 			return;
+		if (be->state & BACKEND_ONE_FRONTEND) {
+			int flags = TRANSLATED_MARK;
+			if (!bpf_setsockopt(ctx, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &flags,
+					    sizeof(flags)))
+				return;
+		}
 	}
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
@@ -555,6 +611,25 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int revnat)
 	return 1;
 }
 
+// A TCP socket marked at connect(): the one frontend of the backend it is connected to.
+static __always_inline const struct sockaddr_cm *marked_front(struct bpf_sock_addr *ctx,
+							      const __u8 *addr, __u16 port,
+							      __u8 family)
+{
+	int flags = 0;
+	if (bpf_getsockopt(ctx, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &flags, sizeof(flags)) ||
+	    !(flags & TRANSLATED_MARK))
+		return 0;
+	struct sockaddr_cm k = {};
+	__builtin_memcpy(k.addr, addr, 16);
+	k.port = port;
+	k.family = family;
+	struct backend_ref *ref = bpf_map_lookup_elem(&CM_BACKEND_IDS, &k);
+	if (!ref || !ref->front.family)
+		return 0;
+	return &ref->front;
+}
+
 // The service address a reply from (addr, port) on this socket should show, or 0.
 static __always_inline const struct sockaddr_cm *reverse_lookup(struct bpf_sock_addr *ctx,
 								 const __u8 *addr, __u16 port,
@@ -565,6 +640,8 @@ static __always_inline const struct sockaddr_cm *reverse_lookup(struct bpf_sock_
 		struct sock_state *st = bpf_sk_storage_get(&CM_SOCKS, sk, 0, 0);
 		if (st && st->flags && same_addr(&st->be, addr, port, family))
 			return &st->svc;
+		if (!st && ctx->protocol == IPPROTO_TCP)
+			return marked_front(ctx, addr, port, family);
 		if (!st || !(st->flags & SOCK_REVNAT))
 			return 0;
 	}
@@ -664,10 +741,10 @@ static __always_inline int remote_backend(struct bpf_sock_ops *skops, __u32 *id)
 	} else {
 		return 0;
 	}
-	__u32 *v = bpf_map_lookup_elem(&CM_BACKEND_IDS, &k);
+	struct backend_ref *v = bpf_map_lookup_elem(&CM_BACKEND_IDS, &k);
 	if (!v)
 		return 0;
-	*id = *v;
+	*id = v->id;
 	return 1;
 }
 
@@ -695,7 +772,10 @@ int cm_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
+		// Keeps the translation mark connect() may have set.
+		bpf_sock_ops_cb_flags_set(skops, (skops->bpf_sock_ops_cb_flags & TRANSLATED_MARK) |
+							 BPF_SOCK_OPS_STATE_CB_FLAG |
+							 BPF_SOCK_OPS_RTO_CB_FLAG);
 		return 1;
 	}
 	struct backend *be = bpf_map_lookup_elem(&CM_BACKENDS, &id);
@@ -704,7 +784,7 @@ int cm_sockops(struct bpf_sock_ops *skops)
 	__u64 now = bpf_ktime_get_ns();
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
 		// Done watching this connection; a success clears a suspicion.
-		bpf_sock_ops_cb_flags_set(skops, 0);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & TRANSLATED_MARK);
 		if (be->suspect_until) {
 			be->suspect_until = 0;
 			count(STAT_CLEARED);

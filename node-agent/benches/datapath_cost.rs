@@ -46,6 +46,32 @@ fn vip(i: usize) -> SocketAddr {
     SocketAddr::from(([127, 200, (i / 250) as u8, (i % 250 + 1) as u8], 80))
 }
 
+/// `n` services, each with its own local and remote backend (distinct addresses on the
+/// wildcard listeners' ports): every backend has one frontend, the common case.
+fn own_services(n: usize, local_port: u16, remote_port: u16) -> Vec<DesiredService> {
+    (0..n)
+        .map(|i| {
+            let at = |net: u8, port: u16| {
+                SocketAddr::from(([127, net, (i / 250) as u8, (i % 250 + 1) as u8], port))
+            };
+            let mut s = services(1, &[at(1, local_port), at(2, remote_port)]).remove(0);
+            s.frontend.addr = vip(i);
+            s
+        })
+        .collect()
+}
+
+/// Weighted by cluster (90/10): both backends in one tier, two cluster groups.
+fn weighted(mut svcs: Vec<DesiredService>) -> Vec<DesiredService> {
+    for s in &mut svcs {
+        let [local, remote] = std::mem::take(&mut s.tiers);
+        s.tiers[0] = local.into_iter().chain(remote).collect();
+        s.balancing.groups = vec![(1, 90), (1, 10)];
+    }
+    svcs
+}
+
+/// `n` services over the same `backends` (each backend has many frontends).
 fn services(n: usize, backends: &[SocketAddr]) -> Vec<DesiredService> {
     (0..n)
         .map(|i| DesiredService {
@@ -265,15 +291,26 @@ fn main() {
     let memlock_empty = memlock(&pins);
     let connect4 = attached(&cgroup, "cm_connect4");
     let sockops = attached(&cgroup, "cm_sockops");
+    // Wildcard listeners: every 127.x address of a backend reaches them.
+    let local_port = listener("0.0.0.0").port();
+    let remote_port = listener("0.0.0.0").port();
     for count in [1, 10_000] {
-        p.apply(&services(count, &[backend, remote])).unwrap();
+        p.apply(&own_services(count, local_port, remote_port))
+            .unwrap();
         let targets: Vec<SocketAddr> = (0..count).map(vip).collect();
         let label = count.to_string();
         row(
-            "cm_connect4, translated connect",
+            "cm_connect4, translated connect, round robin over every service",
             &label,
             cost(&[connect4], &targets, n),
         );
+        if count > 100 {
+            row(
+                "cm_connect4, translated connect, round robin over 100 of them",
+                &label,
+                cost(&[connect4], &targets[..100], n),
+            );
+        }
         row(
             "cm_sockops (all callbacks), translated connect",
             &label,
@@ -292,10 +329,30 @@ fn main() {
             &label,
             cost(&[connect4], &targets, n),
         );
+        row(
+            "cm_sockops (all callbacks), translated connect, --tcp-peer-rewrite=false",
+            &label,
+            cost(&[sockops], &targets, n),
+        );
         p.datapath_mut()
             .update_config(|c| c.flags &= !maps::CFG_NO_PEER_REWRITE)
             .unwrap();
+        p.apply(&weighted(own_services(count, local_port, remote_port)))
+            .unwrap();
+        row(
+            "cm_connect4, translated connect, cluster weights 90/10",
+            &label,
+            cost(&[connect4], &targets, n),
+        );
+        p.apply(&services(count, &[backend, remote])).unwrap();
+        row(
+            "cm_connect4, translated connect, every service on the same 2 backends (socket storage)",
+            &label,
+            cost(&[connect4], &targets, n),
+        );
     }
+    p.apply(&own_services(10_000, local_port, remote_port))
+        .unwrap();
     let memlock_10k = memlock(&pins);
     let targets: Vec<SocketAddr> = (0..10_000).map(vip).collect();
     let started = Instant::now();

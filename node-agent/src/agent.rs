@@ -700,6 +700,7 @@ mod state_tests {
             healthy,
             cluster_id,
             zone: 0,
+            one_frontend: false,
             suspect_until_ns: 0,
         }
     }

@@ -138,7 +138,7 @@ pub struct Datapath {
     /// Cluster groups of weighted tiers: (service, tier) → groups.
     pub groups: HashMap<MapData, GroupsKey, GroupsVal>,
     /// Backend address → ID (for sock_ops).
-    pub backend_ids: HashMap<MapData, maps::SockaddrKey, u32>,
+    pub backend_ids: HashMap<MapData, maps::SockaddrKey, maps::BackendRef>,
     /// IP cache: prefix → identity, cluster.
     pub ipcache: LpmTrie<MapData, IpcacheAddr, IpcacheVal>,
     /// The programs' settings (one entry).

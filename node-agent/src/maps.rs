@@ -10,6 +10,23 @@ pub const MAX_SERVICES: usize = 65_536;
 pub const MAX_BACKENDS: usize = 262_144;
 /// Backends per tier of one service (`MAX_TIER_SLOTS`).
 pub const MAX_TIER_SLOTS: usize = 256;
+/// A tier of at most this many backends keeps its slots in the service's value
+/// (`INLINE_SLOTS`); a bigger one in `CM_SLOTS`.
+pub const INLINE_SLOTS: usize = 8;
+
+/// Whether a tier of `count` backends keeps its slots in the service's value.
+pub fn tier_inline(count: u16) -> bool {
+    usize::from(count) <= INLINE_SLOTS
+}
+
+/// `CM_SLOTS` entries a tier of `count` backends takes.
+pub fn map_slots(count: u16) -> usize {
+    if tier_inline(count) {
+        0
+    } else {
+        usize::from(count)
+    }
+}
 /// Slots map capacity (`MAX_SLOTS`).
 pub const MAX_SLOTS: usize = MAX_BACKENDS * 2;
 /// IP cache capacity (`CM_IPCACHE` max_entries).
@@ -101,8 +118,8 @@ impl Sizes {
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
 pub const LAYOUT: [(&str, u32, u32); 10] = [
-    (SERVICES, 20, 20),
-    (BACKEND_IDS, 24, 4),
+    (SERVICES, 20, SVC_VAL_LEN as u32),
+    (BACKEND_IDS, 24, 32),
     (GROUPS, 8, 80),
     (BACKENDS, 4, 32),
     (SLOTS, 8, 4),
@@ -194,7 +211,8 @@ fn ip_from(a: &[u8], family: u8) -> Option<IpAddr> {
 /// `struct svc_key`.
 pub type SvcKey = [u8; 20];
 /// `struct svc_val`.
-pub type SvcVal = [u8; 20];
+pub type SvcVal = [u8; SVC_VAL_LEN];
+const SVC_VAL_LEN: usize = 20 + 4 * TIERS * INLINE_SLOTS;
 /// `struct groups_key`.
 pub type GroupsKey = [u8; 8];
 /// `struct groups_val`.
@@ -251,11 +269,13 @@ pub struct SvcEntry {
     pub min_healthy: u16,
     /// [`SVC_WEIGHTED`].
     pub flags: u32,
+    /// Backend IDs of each tier whose slots are inline ([`tier_inline`]); zeros past the count.
+    pub inline: [[u32; INLINE_SLOTS]; TIERS],
 }
 
 /// Encodes a service value.
 pub fn svc_val(e: &SvcEntry) -> SvcVal {
-    let mut v = [0u8; 20];
+    let mut v = [0u8; SVC_VAL_LEN];
     v[..4].copy_from_slice(&e.id.to_ne_bytes());
     v[4..6].copy_from_slice(&e.counts[0].to_ne_bytes());
     v[6..8].copy_from_slice(&e.counts[1].to_ne_bytes());
@@ -264,6 +284,9 @@ pub fn svc_val(e: &SvcEntry) -> SvcVal {
     v[12..14].copy_from_slice(&e.overprov_pct.to_ne_bytes());
     v[14..16].copy_from_slice(&e.min_healthy.to_ne_bytes());
     v[16..20].copy_from_slice(&e.flags.to_ne_bytes());
+    for (i, id) in e.inline.iter().flatten().enumerate() {
+        v[20 + 4 * i..24 + 4 * i].copy_from_slice(&id.to_ne_bytes());
+    }
     v
 }
 
@@ -277,6 +300,12 @@ pub fn parse_svc_val(v: &SvcVal) -> SvcEntry {
         overprov_pct: u16_at(12),
         min_healthy: u16_at(14),
         flags: u32::from_ne_bytes([v[16], v[17], v[18], v[19]]),
+        inline: std::array::from_fn(|t| {
+            std::array::from_fn(|i| {
+                let o = 20 + 4 * (t * INLINE_SLOTS + i);
+                u32::from_ne_bytes([v[o], v[o + 1], v[o + 2], v[o + 3]])
+            })
+        }),
     }
 }
 
@@ -362,6 +391,9 @@ pub struct BackendEntry {
     pub cluster_id: u16,
     /// Its zone (an index the agent assigns; 0 = unknown).
     pub zone: u16,
+    /// Whether exactly one frontend's slots hold it (then `CM_BACKEND_IDS` names that frontend
+    /// and translated TCP sockets to it keep no socket storage).
+    pub one_frontend: bool,
     /// Until when (`CLOCK_MONOTONIC` ns, the kernel's `bpf_ktime_get_ns`) the kernel skips it
     /// as suspect; 0 = not suspect. Only the kernel sets it; the agent keeps it when it
     /// rewrites a backend and clears it when a probe succeeds.
@@ -381,6 +413,10 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
+/// `struct backend.state` bits.
+const BACKEND_ACTIVE: u8 = 1;
+const BACKEND_ONE_FRONTEND: u8 = 2;
+
 /// Encodes a backend.
 pub fn backend_val(b: &BackendEntry) -> BackendVal {
     let (a, family) = addr16(b.addr.ip());
@@ -388,7 +424,7 @@ pub fn backend_val(b: &BackendEntry) -> BackendVal {
     v[..16].copy_from_slice(&a);
     v[16..18].copy_from_slice(&b.addr.port().to_be_bytes());
     v[18] = family;
-    v[19] = u8::from(b.healthy);
+    v[19] = u8::from(b.healthy) | (u8::from(b.one_frontend) << 1);
     v[20..22].copy_from_slice(&b.cluster_id.to_ne_bytes());
     v[22..24].copy_from_slice(&b.zone.to_ne_bytes());
     v[24..32].copy_from_slice(&b.suspect_until_ns.to_ne_bytes());
@@ -400,7 +436,8 @@ pub fn parse_backend_val(v: &BackendVal) -> Option<BackendEntry> {
     let ip = ip_from(&v[..16], v[18])?;
     Some(BackendEntry {
         addr: SocketAddr::new(ip, u16::from_be_bytes([v[16], v[17]])),
-        healthy: v[19] == 1,
+        healthy: v[19] & BACKEND_ACTIVE != 0,
+        one_frontend: v[19] & BACKEND_ONE_FRONTEND != 0,
         cluster_id: u16::from_ne_bytes([v[20], v[21]]),
         zone: u16::from_ne_bytes([v[22], v[23]]),
         suspect_until_ns: u64::from_ne_bytes([
@@ -420,6 +457,27 @@ pub fn sockaddr_key(addr: &SocketAddr) -> SockaddrKey {
     k[16..18].copy_from_slice(&addr.port().to_be_bytes());
     k[18] = family;
     k
+}
+
+/// `struct backend_ref`: a `CM_BACKEND_IDS` value.
+pub type BackendRef = [u8; 32];
+
+/// Encodes a backend's ID and the one frontend whose slots hold it (`None`: never had one).
+pub fn backend_ref(id: u32, front: Option<SocketAddr>) -> BackendRef {
+    let mut v = [0u8; 32];
+    v[..4].copy_from_slice(&id.to_ne_bytes());
+    if let Some(f) = front {
+        v[8..].copy_from_slice(&sockaddr_key(&f));
+    }
+    v
+}
+
+/// Decodes a `CM_BACKEND_IDS` value into (ID, frontend).
+pub fn parse_backend_ref(v: &BackendRef) -> (u32, Option<SocketAddr>) {
+    let id = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
+    let front =
+        ip_from(&v[8..24], v[26]).map(|ip| SocketAddr::new(ip, u16::from_be_bytes([v[24], v[25]])));
+    (id, front)
 }
 
 /// `config.flags`: TCP sockets keep no per-socket state (getpeername shows the backend).
@@ -562,8 +620,12 @@ mod tests {
             overprov_pct: 140,
             min_healthy: 1,
             flags: SVC_WEIGHTED,
+            inline: [[1, 2, 3, 0, 0, 0, 0, 0], [9, 10, 0, 0, 0, 0, 0, 0]],
         };
         assert_eq!(parse_svc_val(&svc_val(&e)), e);
+        assert_eq!(&svc_val(&e)[20 + 32..20 + 36], &9u32.to_ne_bytes());
+        assert!(tier_inline(8) && !tier_inline(9));
+        assert_eq!((map_slots(8), map_slots(9)), (0, 9));
         let g = groups_val(&[GroupEntry {
             start: 2,
             len: 3,
@@ -578,12 +640,30 @@ mod tests {
             healthy: true,
             cluster_id: 4095,
             zone: 2,
+            one_frontend: false,
             suspect_until_ns: 1_234_567,
         };
         let v = backend_val(&b);
         assert_eq!(v[19], 1);
         assert_eq!(&v[24..32], &1_234_567u64.to_ne_bytes());
         assert_eq!(parse_backend_val(&v), Some(b));
+        let one = BackendEntry {
+            one_frontend: true,
+            healthy: false,
+            ..b
+        };
+        assert_eq!(
+            backend_val(&one)[19],
+            2,
+            "BACKEND_ONE_FRONTEND without BACKEND_ACTIVE"
+        );
+        assert_eq!(parse_backend_val(&backend_val(&one)), Some(one));
+        let front: SocketAddr = "[fd00::10]:443".parse().unwrap();
+        let r = backend_ref(77, Some(front));
+        assert_eq!(&r[..4], &77u32.to_ne_bytes());
+        assert_eq!(&r[8..32], &sockaddr_key(&front));
+        assert_eq!(parse_backend_ref(&r), (77, Some(front)));
+        assert_eq!(parse_backend_ref(&backend_ref(5, None)), (5, None));
         assert!(b.suspect_at(1_000_000) && !b.suspect_at(1_234_567));
         let mut ev = [0u8; HEALTH_EVENT_LEN];
         ev[..8].copy_from_slice(&99u64.to_ne_bytes());

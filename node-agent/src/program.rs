@@ -245,8 +245,9 @@ struct Installed {
 }
 
 impl Installed {
+    /// `CM_SLOTS` entries it takes (inline tiers take none).
     fn slots(&self) -> usize {
-        self.entry.counts.iter().map(|c| usize::from(*c)).sum()
+        self.entry.counts.iter().map(|c| maps::map_slots(*c)).sum()
     }
 }
 
@@ -343,8 +344,8 @@ fn plan<'a>(
                 .iter()
                 .enumerate()
                 .map(|(t, l)| {
-                    l.len()
-                        .saturating_sub(old.map_or(0, |o| usize::from(o.entry.counts[t])))
+                    maps::map_slots(u16::try_from(l.len()).unwrap_or(u16::MAX))
+                        .saturating_sub(old.map_or(0, |o| maps::map_slots(o.entry.counts[t])))
                 })
                 .sum();
             let new_backends: BTreeSet<SocketAddr> = s
@@ -433,6 +434,9 @@ pub struct Programmer {
     suspects: HashSet<SocketAddr>,
     /// Backend → the frontends whose tiers hold it.
     users: HashMap<SocketAddr, BTreeSet<Frontend>>,
+    /// Backend → the frontend its `CM_BACKEND_IDS` entry names (for getpeername() of TCP
+    /// sockets marked at connect()).
+    fronts: HashMap<SocketAddr, SocketAddr>,
     next_svc: u32,
     next_backend: u32,
     batching: bool,
@@ -516,12 +520,14 @@ impl Programmer {
             for (tier, n) in entry.counts.iter().enumerate() {
                 for slot in 0..*n {
                     // A slot that is missing references nothing (the slot gets rewritten).
-                    if let Some(addr) = dp
-                        .slots
-                        .get(&maps::slot_key(entry.id, tier as u16, slot), 0)
-                        .ok()
-                        .and_then(|bid| by_id.get(&bid))
-                    {
+                    let bid = if maps::tier_inline(*n) {
+                        Some(entry.inline[tier][usize::from(slot)])
+                    } else {
+                        dp.slots
+                            .get(&maps::slot_key(entry.id, tier as u16, slot), 0)
+                            .ok()
+                    };
+                    if let Some(addr) = bid.and_then(|bid| by_id.get(&bid)) {
                         backends.insert(*addr);
                         tiers[tier].push(*addr);
                     }
@@ -559,18 +565,31 @@ impl Programmer {
             health,
             suspects: HashSet::new(),
             users: HashMap::new(),
+            fronts: HashMap::new(),
             next_svc,
             next_backend,
             batching: true,
         };
         p.index_users();
-        // The address → ID index sock_ops reads, for every backend already programmed.
-        let known: Vec<(maps::SockaddrKey, u32)> = p
-            .backend_ids
-            .iter()
-            .map(|(a, id)| (maps::sockaddr_key(a), *id))
-            .filter(|(k, id)| p.dp.backend_ids.get(k, 0).ok() != Some(*id))
-            .collect();
+        // The address → ID index sock_ops reads, for every backend already programmed (the
+        // frontend it names kept when the ID still matches).
+        let mut known = Vec::new();
+        for (a, id) in &p.backend_ids {
+            let key = maps::sockaddr_key(a);
+            let current = p.dp.backend_ids.get(&key, 0).ok();
+            let front = current
+                .as_ref()
+                .map(maps::parse_backend_ref)
+                .filter(|(i, _)| i == id)
+                .and_then(|(_, f)| f);
+            if let Some(f) = front {
+                p.fronts.insert(*a, f);
+            }
+            let value = maps::backend_ref(*id, front);
+            if current != Some(value) {
+                known.push((key, value));
+            }
+        }
         write_all(&mut p.dp.backend_ids, maps::BACKEND_IDS, &known, true)?;
         Ok(p)
     }
@@ -693,6 +712,7 @@ impl Programmer {
             self.backend_ids.remove(&addr);
             self.health.remove(&addr);
             self.suspects.remove(&addr);
+            self.fronts.remove(&addr);
         }
     }
 
@@ -727,6 +747,9 @@ impl Programmer {
                 ops.deletes += 1;
             }
             for tier in 0..TIERS {
+                if maps::tier_inline(old.entry.counts[tier]) {
+                    continue;
+                }
                 for slot in 0..old.entry.counts[tier] {
                     if self
                         .dp
@@ -747,18 +770,43 @@ impl Programmer {
                 wanted_backends.insert(b.addr, *b);
             }
         }
+        // While the plan is carried out a backend is in the slots of its old frontends and its
+        // new ones: it counts as having one frontend only when that set has one member (a
+        // backend moving from one frontend to another has none for the move).
+        let mut during: HashMap<SocketAddr, BTreeSet<Frontend>> = HashMap::new();
+        for (f, inst) in &self.services {
+            for a in &inst.backends {
+                during.entry(*a).or_default().insert(*f);
+            }
+        }
+        for (f, s) in &plan.accepted {
+            for b in s.tiers.iter().flatten() {
+                during.entry(b.addr).or_default().insert(*f);
+            }
+        }
+        let one_front = |users: Option<&BTreeSet<Frontend>>| match users {
+            Some(set) if set.len() == 1 => set.first().map(|f| f.addr),
+            _ => None,
+        };
         let mut backend_writes = Vec::new();
-        let mut new_backends = Vec::new();
+        let mut ref_writes = Vec::new();
         for (addr, spec) in &wanted_backends {
-            let id = match self.backend_ids.get(addr) {
-                Some(id) => *id,
+            let (id, is_new) = match self.backend_ids.get(addr) {
+                Some(id) => (*id, false),
                 None => {
                     let id = self.next_backend;
                     self.next_backend += 1;
-                    new_backends.push(*addr);
-                    id
+                    (id, true)
                 }
             };
+            // The frontend in the index before the flag that makes connect() rely on it.
+            let front = one_front(during.get(addr));
+            if let Some(f) = front.filter(|f| self.fronts.get(addr) != Some(f)) {
+                ref_writes.push((maps::sockaddr_key(addr), maps::backend_ref(id, Some(f))));
+                self.fronts.insert(*addr, f);
+            } else if is_new {
+                ref_writes.push((maps::sockaddr_key(addr), maps::backend_ref(id, None)));
+            }
             // The kernel's suspicion stays as it is: it is the kernel's to set.
             let current = self.dp.backends.get(&id, 0).ok();
             let entry = BackendEntry {
@@ -766,6 +814,7 @@ impl Programmer {
                 healthy: *self.health.get(addr).unwrap_or(&true),
                 cluster_id: spec.cluster_id,
                 zone: spec.zone,
+                one_frontend: front.is_some(),
                 suspect_until_ns: current
                     .as_ref()
                     .and_then(maps::parse_backend_val)
@@ -779,23 +828,18 @@ impl Programmer {
             self.backend_ids.insert(*addr, id);
             self.health.entry(*addr).or_insert(true);
         }
-        ops.writes += backend_writes.len();
+        // Address → ID (and one frontend) for sock_ops and getpeername(), then the backends.
+        ops.writes += ref_writes.len() + backend_writes.len();
+        write_all(
+            &mut self.dp.backend_ids,
+            maps::BACKEND_IDS,
+            &ref_writes,
+            self.batching,
+        )?;
         write_all(
             &mut self.dp.backends,
             maps::BACKENDS,
             &backend_writes,
-            self.batching,
-        )?;
-        // Address → ID for sock_ops, after the backend itself (new backends only; `new`
-        // completes the index of what an earlier agent programmed).
-        let id_writes: Vec<(maps::SockaddrKey, u32)> = new_backends
-            .iter()
-            .map(|a| (maps::sockaddr_key(a), self.backend_ids[a]))
-            .collect();
-        write_all(
-            &mut self.dp.backend_ids,
-            maps::BACKEND_IDS,
-            &id_writes,
             self.batching,
         )?;
         // 3. Services: slots (all services), groups, counts, then slots past the counts.
@@ -814,12 +858,17 @@ impl Programmer {
                 id
             });
             let mut counts = [0u16; TIERS];
+            let mut inline = [[0u32; maps::INLINE_SLOTS]; TIERS];
             for (tier, list) in s.tiers.iter().enumerate() {
                 // The plan bounds every tier by MAX_TIER_SLOTS, well within u16.
                 counts[tier] = list.len() as u16;
                 for (slot, b) in list.iter().enumerate() {
-                    let key = maps::slot_key(id, tier as u16, slot as u16);
                     let bid = self.backend_ids[&b.addr];
+                    if maps::tier_inline(counts[tier]) {
+                        inline[tier][slot] = bid;
+                        continue;
+                    }
+                    let key = maps::slot_key(id, tier as u16, slot as u16);
                     if self.dp.slots.get(&key, 0).ok() != Some(bid) {
                         slot_writes.push((key, bid));
                     }
@@ -857,6 +906,7 @@ impl Programmer {
                 overprov_pct: s.balancing.overprov_pct,
                 min_healthy: s.balancing.min_healthy,
                 flags: if groups.is_empty() { 0 } else { SVC_WEIGHTED },
+                inline,
             };
             let key = maps::svc_key(frontend);
             if old_entry != Some(entry)
@@ -866,7 +916,10 @@ impl Programmer {
             }
             if let Some(old) = old_entry {
                 for (tier, (new_n, old_n)) in counts.iter().zip(old.counts).enumerate() {
-                    for slot in *new_n..old_n {
+                    // The old slots in CM_SLOTS the new layout does not overwrite.
+                    let first = if maps::tier_inline(*new_n) { 0 } else { *new_n };
+                    let last = if maps::tier_inline(old_n) { 0 } else { old_n };
+                    for slot in first..last {
                         stale_slots.push(maps::slot_key(id, tier as u16, slot));
                     }
                 }
@@ -912,6 +965,28 @@ impl Programmer {
         self.index_users();
         // 4. Backends no longer referenced.
         self.remove_backends(|a| plan.final_backends.contains(a), &mut ops);
+        // 5. Backends left with one frontend once the plan is carried out: that frontend in
+        //    the index, then the flag.
+        for addr in wanted_backends.keys() {
+            if one_front(during.get(addr)).is_some() {
+                continue;
+            }
+            let Some(f) = one_front(self.users.get(addr)) else {
+                continue;
+            };
+            let id = self.backend_ids[addr];
+            if self.fronts.get(addr) != Some(&f) {
+                self.dp
+                    .backend_ids
+                    .insert(maps::sockaddr_key(addr), maps::backend_ref(id, Some(f)), 0)
+                    .map_err(map_err(maps::BACKEND_IDS))?;
+                self.fronts.insert(*addr, f);
+                ops.writes += 1;
+            }
+            if self.update_backend(*addr, |b| b.one_frontend = true)? {
+                ops.writes += 1;
+            }
+        }
         ops.refused = plan.refused;
         Ok(ops)
     }
@@ -1084,8 +1159,12 @@ impl Programmer {
             let mut tiers: [Vec<BackendEntry>; TIERS] = Default::default();
             for (tier, list) in tiers.iter_mut().enumerate() {
                 for slot in 0..entry.counts[tier] {
-                    let key = maps::slot_key(entry.id, tier as u16, slot);
-                    let bid = self.dp.slots.get(&key, 0).map_err(map_err(maps::SLOTS))?;
+                    let bid = if maps::tier_inline(entry.counts[tier]) {
+                        entry.inline[tier][usize::from(slot)]
+                    } else {
+                        let key = maps::slot_key(entry.id, tier as u16, slot);
+                        self.dp.slots.get(&key, 0).map_err(map_err(maps::SLOTS))?
+                    };
                     let val = self
                         .dp
                         .backends
@@ -1333,27 +1412,37 @@ mod tests {
             ]
         );
         assert_eq!(p.final_backends.len(), 3, "old b, old programmed, new a");
-        // Slots: counted per tier entry, old ones included while the plan is carried out.
+        // Slots in CM_SLOTS: one per backend of a tier bigger than INLINE_SLOTS (a smaller
+        // tier lives in its service's value), old ones included while the plan is carried out.
+        let big = maps::INLINE_SLOTS + 1;
+        let old_big = svc(9, "old", [backends(9000, big), vec![]]);
+        let current = BTreeMap::from([installed(&old_big, 1)]);
         let desired3 = [
-            programmed.clone(),
-            svc(1, "a", [backends(9000, 1), backends(9000, 1)]),
-            svc(2, "b", [backends(9000, 1), backends(9000, 4)]),
+            old_big.clone(),
+            svc(
+                1,
+                "a",
+                [backends(9000, big), backends(9000, maps::INLINE_SLOTS)],
+            ),
+            svc(2, "b", [backends(9000, 2), backends(9000, big)]),
         ];
         let p = plan(
             &current,
             &desired3,
             Limits {
                 services: 3,
-                ..limits
+                backends: 100,
+                slots: 2 * big + 2,
+                tier_slots: 256,
             },
         );
         assert_eq!(accepted(&p), [fe(1), fe(9)]);
         assert_eq!(
             p.refused[0].reason,
             Reason::SlotsFull {
-                wanted: 5,
-                free: 3,
-                capacity: 6,
+                wanted: big,
+                free: 2,
+                capacity: 2 * big + 2,
             }
         );
     }

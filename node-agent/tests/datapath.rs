@@ -502,3 +502,119 @@ fn a_hundred_thousand_services_with_maps_sized_for_them() {
     assert_eq!(ops.refused.len(), 100_000 - 65_536);
     assert_eq!(ops.refused[0].reason.kind(), "services_full");
 }
+
+/// getpeername() of a translated TCP socket shows its own service address on both paths: a
+/// backend with one frontend (the socket is marked, no socket storage) and a backend shared by
+/// two frontends (socket storage), through the transitions between them; a connection made
+/// straight to a backend's address is not marked and shows the backend.
+#[test]
+fn getpeername_shows_each_sockets_service_with_and_without_socket_storage() {
+    let node = Node::new();
+    let b1 = backend("b1", "127.0.1.21");
+    let b2 = backend("b2", "127.0.1.22");
+    let (vip_a, vip_b) = ("127.100.0.21:80", "127.100.0.22:80");
+    let svc = |vip: &str, backends: &[SocketAddr]| DesiredService {
+        frontend: frontend(vip, Proto::Tcp),
+        service: None,
+        tiers: [backends.iter().map(|b| spec(*b, 1)).collect(), vec![]],
+        balancing: Default::default(),
+    };
+    let mut p = node.open();
+    let sources = |vip: &str| {
+        let run = node.client(true, "tcp", vip.parse().unwrap(), 20);
+        assert_eq!(run["failures"], 0, "{run}");
+        run["sources"].clone()
+    };
+    let one_frontend = |p: &node_agent::program::Programmer, b: SocketAddr| {
+        p.backend(b).expect("programmed").one_frontend
+    };
+
+    // One frontend each: marked sockets.
+    p.apply(&[svc(vip_a, &[b1]), svc(vip_b, &[b2])]).unwrap();
+    assert!(one_frontend(&p, b1) && one_frontend(&p, b2));
+    assert_eq!(sources(vip_a), serde_json::json!([vip_a]));
+    assert_eq!(sources(vip_b), serde_json::json!([vip_b]));
+    // Straight to the backend: not translated, not marked, the backend's address.
+    assert_eq!(
+        sources(&b1.to_string()),
+        serde_json::json!([b1.to_string()])
+    );
+
+    // b1 shared by both frontends: socket storage, each socket its own service.
+    p.apply(&[svc(vip_a, &[b1]), svc(vip_b, &[b1, b2])])
+        .unwrap();
+    assert!(!one_frontend(&p, b1) && one_frontend(&p, b2));
+    assert_eq!(sources(vip_a), serde_json::json!([vip_a]));
+    assert_eq!(sources(vip_b), serde_json::json!([vip_b]));
+
+    // A leaves: b1 has one frontend again (B), set once the plan is carried out.
+    p.apply(&[svc(vip_b, &[b1, b2])]).unwrap();
+    assert!(one_frontend(&p, b1));
+    assert_eq!(sources(vip_b), serde_json::json!([vip_b]));
+
+    // b1 moves from B to a new A in one apply: B's and A's sockets each show their service.
+    p.apply(&[svc(vip_a, &[b1]), svc(vip_b, &[b2])]).unwrap();
+    assert!(one_frontend(&p, b1) && one_frontend(&p, b2));
+    assert_eq!(sources(vip_a), serde_json::json!([vip_a]));
+    assert_eq!(sources(vip_b), serde_json::json!([vip_b]));
+
+    // A restarted agent learns the index and the flags: the same state writes nothing.
+    drop(p);
+    let mut p = node.open();
+    let ops = p.apply(&[svc(vip_a, &[b1]), svc(vip_b, &[b2])]).unwrap();
+    assert_eq!((ops.writes, ops.deletes), (0, 0), "{ops:?}");
+    assert_eq!(sources(vip_a), serde_json::json!([vip_a]));
+}
+
+/// A tier's slots move between the service's value (at most `INLINE_SLOTS` backends) and
+/// `CM_SLOTS` as it grows and shrinks: every step serves from exactly the wanted backends, the
+/// read-back matches, and nothing is left in `CM_SLOTS` once the tier fits inline again.
+#[test]
+fn tiers_move_between_inline_slots_and_the_slots_map() {
+    use node_agent::maps::INLINE_SLOTS;
+    let node = Node::new();
+    let names: [&'static str; 10] = ["i0", "i1", "i2", "i3", "i4", "i5", "i6", "i7", "i8", "i9"];
+    let all: Vec<SocketAddr> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| backend(n, &format!("127.0.1.{}", 40 + i)))
+        .collect();
+    let vip = "127.100.0.40:80";
+    let desired = |k: usize| {
+        vec![DesiredService {
+            frontend: frontend(vip, Proto::Tcp),
+            service: None,
+            tiers: [all[..k].iter().map(|b| spec(*b, 1)).collect(), vec![]],
+            balancing: Default::default(),
+        }]
+    };
+    let mut p = node.open();
+    for k in [
+        2,
+        INLINE_SLOTS,
+        INLINE_SLOTS + 2,
+        INLINE_SLOTS,
+        3,
+        INLINE_SLOTS + 1,
+        1,
+    ] {
+        p.apply(&desired(k)).unwrap();
+        let back = read_back(&p);
+        assert_eq!(
+            back[&frontend(vip, Proto::Tcp)][0],
+            all[..k].to_vec(),
+            "{k} backends"
+        );
+        let in_map = p.datapath().slots.keys().count();
+        let expect = if k > INLINE_SLOTS { k } else { 0 };
+        assert_eq!(in_map, expect, "CM_SLOTS entries with {k} backends");
+        let run = node.client(true, "tcp", vip.parse().unwrap(), 40 * k);
+        assert_eq!(run["failures"], 0, "{run}");
+        let used = counts(&run);
+        assert_eq!(used.len(), k, "every one of {k} backends serves: {run}");
+        assert!(
+            used.keys().all(|n| names[..k].contains(&n.as_str())),
+            "{run}"
+        );
+    }
+}
