@@ -139,6 +139,7 @@ async fn kube_client(config: &config::Config) -> anyhow::Result<kube::Client> {
 /// (while leading) exporter and importer.
 pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let metrics = metrics::registry();
+    metrics.check().context("declare the metrics")?;
     let (ready_tx, ready) = readiness::channel();
     // `/readyz` says whether this replica can serve the Mesh API, leader or standby: a standby
     // that serves is Ready, so a rolling update of the Deployment completes while another
