@@ -187,6 +187,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                     .and_then(|t| t.as_ref().map(|t| t.not_after_unix())),
                 rejected_services: rejected.lock().map(|r| r.clone()).unwrap_or_default(),
                 node_agents: agents.lock().ok().and_then(|a| a.clone()),
+                version: Some(telemetry::version::REPORTED.to_owned()),
             }
         })
     };

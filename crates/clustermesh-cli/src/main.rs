@@ -15,6 +15,7 @@ mod kctx;
 mod output;
 mod services;
 mod status;
+mod versions;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
