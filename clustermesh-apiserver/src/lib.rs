@@ -139,6 +139,7 @@ async fn kube_client(config: &config::Config) -> anyhow::Result<kube::Client> {
 /// (while leading) exporter and importer.
 pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     let metrics = metrics::registry();
+    metrics.check().context("declare the metrics")?;
     let (ready_tx, ready) = readiness::channel();
     // `/readyz` says whether this replica can serve the Mesh API, leader or standby: a standby
     // that serves is Ready, so a rolling update of the Deployment completes while another
@@ -186,6 +187,7 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                     .and_then(|t| t.as_ref().map(|t| t.not_after_unix())),
                 rejected_services: rejected.lock().map(|r| r.clone()).unwrap_or_default(),
                 node_agents: agents.lock().ok().and_then(|a| a.clone()),
+                version: Some(telemetry::version::REPORTED.to_owned()),
             }
         })
     };

@@ -367,6 +367,15 @@ async fn exports_propagate_to_peers_and_node_agents() {
     .await;
     assert_eq!(status.cluster_id, Some(11));
     assert!(status.peer_cert_not_after_unix.unwrap() > 0);
+    // The peer's version as it reported it, and this apiserver's own, for skew checks.
+    assert_eq!(
+        status.version.as_deref(),
+        Some(telemetry::version::REPORTED)
+    );
+    let response = http_get(b.running().health_addr(), "/status").await;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let doc: model::status::ClusterStatus = serde_json::from_str(body).unwrap();
+    assert_eq!(doc.version.as_deref(), Some(telemetry::version::REPORTED));
     assert!(
         b.cached_services(&c.name).await.is_empty(),
         "a peer serves only its own exports"

@@ -840,3 +840,35 @@ mod state_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    /// Every metric the agent and its health module update is declared with the labels they
+    /// give (the registry panics on anything else in tests); the declarations are valid.
+    #[test]
+    fn every_metric_is_declared_with_its_labels() {
+        let r = registry();
+        assert_eq!(r.check(), Ok(()));
+        r.set(m::SERVICES, &[], 1.0);
+        r.set(m::BACKENDS, &[], 2.0);
+        r.add(m::MAP_OPS, &["write"], 3.0);
+        r.set(m::BACKEND_HEALTH, &["healthy"], 2.0);
+        r.inc(m::FAILOVERS, &[]);
+        r.inc(m::RECOVERIES, &[]);
+        r.set(m::SERVICES_REFUSED, &["tier_full"], 0.0);
+        r.inc(m::REFUSED, &[]);
+        r.inc(m::RECONNECTS, &[]);
+        r.observe(m::APPLY_SECONDS, &[], 0.001);
+        r.inc(crate::health::m::PROBES, &["sweep", "ok"]);
+        r.inc(crate::health::m::EVENTS, &["rst"]);
+        r.set(crate::health::m::STATE, &["up"], 2.0);
+        r.set(crate::health::m::KERNEL, &["suspects"], 0.0);
+        let text = r.render();
+        assert!(
+            text.contains("clustermesh_health_probes_total{why=\"sweep\",result=\"ok\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -338,6 +338,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     };
     let metrics = agent::registry();
+    anyhow::Context::context(metrics.check(), "declare the metrics")?;
     let (ready_tx, ready) = tokio::sync::watch::channel(Err("starting".to_owned()));
     let bind: std::net::SocketAddr = args.health_bind.parse()?;
     let agent = Agent::start(settings.clone(), metrics.clone(), ready_tx)?;

@@ -149,6 +149,7 @@ fn new_status(peer: &ClusterName) -> PeerStatus {
         peer_cert_not_after_unix: None,
         endpoint: None,
         refused_objects: 0,
+        version: None,
     }
 }
 
@@ -1006,8 +1007,11 @@ async fn session(
         ));
     }
     ctx.board.claim_id(&cfg.name, cert_id)?;
-    ctx.board
-        .update(&cfg.name, |s| s.cluster_id = Some(cert_id.get()));
+    ctx.board.update(&cfg.name, |s| {
+        s.cluster_id = Some(cert_id.get());
+        // Peer-chosen text reaches status and terminals: escaped and bounded.
+        s.version = (!info.version.is_empty()).then(|| model::escape::bounded(&info.version, 64));
+    });
     // Addresses are judged against this cluster's own space: it is known before anything is
     // imported (one listing of local etcd).
     let mut own_space: Arc<AddressSpace> =

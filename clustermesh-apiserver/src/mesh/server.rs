@@ -685,7 +685,7 @@ impl Mesh for MeshService {
             id: u32::from(self.cluster_id.get()),
             capabilities: vec!["watch-resume".into(), "gzip".into()],
             trust_bundle_sha256: self.trust_bundle_sha256.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: telemetry::version::REPORTED.into(),
         }))
     }
 

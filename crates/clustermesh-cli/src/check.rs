@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::kctx::{Cluster, KubeArgs};
 use crate::output::{self, Format};
+use crate::versions;
 
 /// How far ahead of this machine's clock a status timestamp may be.
 pub(crate) const CLOCK_AHEAD_SECS: i64 = 5;
@@ -42,8 +43,13 @@ pub(crate) const CLOCK_BEHIND_SECS: i64 = STATUS_HEARTBEAT_SECS + 5;
     and in sync, every node agent is connected and programmed as desired, certificates (CA,\n\
     apiserver, peers, node agents) are valid for more than --cert-warn-days, the apiserver's\n\
     clock is within +5s/-15s of this machine's, no service is rejected by the exporter and no\n\
-    peer object is refused by the importer; across clusters: no two clusters share a name or an ID.\n\n\
-    Exit codes: 0 healthy, 1 unhealthy, 2 cannot check (kubeconfig, context or Kubernetes API).")]
+    peer object is refused by the importer; across clusters: no two clusters share a name or an ID,\n\
+    and the apiservers run one version (their own and the one each peer reported).\n\n\
+    Version skew: one build everywhere passes (✔); the same major version with minor releases at\n\
+    most one apart (or other patch releases or commits, or an apiserver too old to report its\n\
+    version) is a warning (⚠, exit code unchanged: upgrades roll through it); anything wider fails (✗).\n\n\
+    Exit codes: 0 healthy (warnings included), 1 unhealthy, 2 cannot check (kubeconfig, context or\n\
+    Kubernetes API).")]
 pub(crate) struct CheckArgs {
     /// Kubeconfig contexts of the clusters to check; repeat for several (default: the current
     /// context).
@@ -81,10 +87,12 @@ pub(crate) struct Check {
     /// The cluster it is about (none for checks across clusters).
     pub cluster: Option<String>,
     /// What is checked: `apiserver`, `etcd`, `leader`, `peer`, `node-agents`, `certificates`,
-    /// `clock`, `rejected-services`, `refused-peer-objects`, `cluster-identity`.
+    /// `clock`, `rejected-services`, `refused-peer-objects`, `cluster-identity`, `versions`.
     pub check: &'static str,
-    /// Whether it passed.
+    /// Whether it passed (a warning passes).
     pub ok: bool,
+    /// Whether it passed with a warning (⚠, with a hint): worth a look, not unhealthy.
+    pub warning: bool,
     /// The line, without its mark.
     pub message: String,
     /// What to look at, when it failed.
@@ -97,6 +105,7 @@ impl Check {
             cluster: Some(cluster.to_owned()),
             check,
             ok: true,
+            warning: false,
             message,
             hint: None,
         }
@@ -107,14 +116,19 @@ impl Check {
             cluster: Some(cluster.to_owned()),
             check,
             ok: false,
+            warning: false,
             message,
             hint: Some(hint),
         }
     }
 
-    /// `✔ east: etcd answers` (the hint, when any, on the next line).
+    /// `✔ east: etcd answers`, `⚠ ...` for a warning (the hint, when any, on the next line).
     pub(crate) fn line(&self) -> String {
-        let mark = if self.ok { "✔" } else { "✗" };
+        let mark = match (self.ok, self.warning) {
+            (false, _) => "✗",
+            (true, true) => "⚠",
+            (true, false) => "✔",
+        };
         match &self.cluster {
             Some(c) => format!("{mark} {c}: {}", self.message),
             None => format!("{mark} {}", self.message),
@@ -502,6 +516,7 @@ fn identity_checks(observed: &[Observed]) -> Vec<Check> {
                 cluster: None,
                 check: "cluster-identity",
                 ok: false,
+                warning: false,
                 message: format!("cluster name {name} has several IDs: {}", ids.join(", ")),
                 hint: Some(
                     "a cluster keeps one ID for life: find the cluster (or peer Secret) that reuses the name".into(),
@@ -516,6 +531,7 @@ fn identity_checks(observed: &[Observed]) -> Vec<Check> {
                 cluster: None,
                 check: "cluster-identity",
                 ok: false,
+                warning: false,
                 message: format!("cluster ID {id} claimed by {}", names.join(", ")),
                 hint: Some(
                     "every cluster of a mesh needs its own ID (1..=4095): their identities would collide".into(),
@@ -528,6 +544,7 @@ fn identity_checks(observed: &[Observed]) -> Vec<Check> {
             cluster: None,
             check: "cluster-identity",
             ok: true,
+            warning: false,
             message: "cluster names and IDs unique across the checked clusters and their peers"
                 .into(),
             hint: None,
@@ -551,7 +568,34 @@ pub(crate) fn evaluate(observed: &[Observed], now: i64, warn_days: u32) -> Vec<C
         }
     }
     out.extend(identity_checks(observed));
+    out.extend(version_check(observed));
     out
+}
+
+/// One line on the versions the clusters and their peers run ([`versions`] has the rule).
+fn version_check(observed: &[Observed]) -> Option<Check> {
+    let reporters: Vec<versions::Reporter<'_>> = observed
+        .iter()
+        .filter_map(|o| o.status.as_ref().ok())
+        .map(|s| versions::Reporter {
+            cluster: &s.cluster,
+            version: s.version.as_deref(),
+            peers: s
+                .peers
+                .iter()
+                .map(|p| (p.name.as_str(), p.version.as_deref()))
+                .collect(),
+        })
+        .collect();
+    let skew = versions::assess(&reporters)?;
+    Some(Check {
+        cluster: None,
+        check: "versions",
+        ok: skew.level != versions::Level::Unsupported,
+        warning: skew.level == versions::Level::Minor,
+        message: skew.message(),
+        hint: skew.hint(),
+    })
 }
 
 /// The ✔/✗ list, hints indented under their line.
@@ -565,7 +609,13 @@ pub(crate) fn render(checks: &[Check]) -> String {
         }
     }
     let failed = checks.iter().filter(|c| !c.ok).count();
-    if failed == 0 {
+    let warned = checks.iter().filter(|c| c.ok && c.warning).count();
+    if failed == 0 && warned > 0 {
+        s.push_str(&format!(
+            "all {} checks passed, {warned} with a warning\n",
+            checks.len()
+        ));
+    } else if failed == 0 {
         s.push_str(&format!("all {} checks passed\n", checks.len()));
     } else {
         s.push_str(&format!("{failed} of {} checks failed\n", checks.len()));
@@ -700,6 +750,7 @@ mod tests {
     };
 
     const NOW: i64 = 1_800_000_000;
+    const VERSION: &str = "0.4.1+0123456789ab";
     const YEAR: i64 = 365 * 86_400;
 
     fn peer(name: &str, id: u16, phase: Phase) -> PeerStatus {
@@ -715,6 +766,7 @@ mod tests {
             peer_cert_not_after_unix: Some(NOW + YEAR),
             endpoint: Some("10.0.0.2:4240".into()),
             refused_objects: 0,
+            version: Some(VERSION.into()),
         }
     }
 
@@ -752,6 +804,7 @@ mod tests {
                     error: None,
                     checked_unix: NOW - 1,
                 }),
+                version: Some(VERSION.into()),
             }),
             ca_not_after_unix: Ok(NOW + 10 * YEAR),
             peer_secrets: BTreeMap::from([(peer_name.to_owned(), Some(NOW + YEAR))]),
@@ -792,12 +845,15 @@ mod tests {
             ]
         );
         assert_eq!(
-            lines(&checks).last().map(String::as_str),
-            Some("✔ cluster names and IDs unique across the checked clusters and their peers")
+            lines(&checks)[18..],
+            [
+                "✔ cluster names and IDs unique across the checked clusters and their peers",
+                "✔ one version across the clusters and their peers: 0.4.1 (commit 0123456789ab)",
+            ]
         );
-        assert_eq!(checks.len(), 19);
+        assert_eq!(checks.len(), 20);
         assert_eq!(exit_code(&checks), 0);
-        assert!(render(&checks).ends_with("all 19 checks passed\n"));
+        assert!(render(&checks).ends_with("all 20 checks passed\n"));
     }
 
     #[test]
@@ -986,5 +1042,61 @@ mod tests {
             ]
         );
         assert_eq!(exit_code(&checks), 1);
+    }
+
+    #[test]
+    fn minor_version_skew_warns_and_stays_healthy() {
+        let mut m = mesh();
+        status(&mut m[1]).version = Some("0.5.0+fedcba987654".into());
+        let checks = evaluate(&m, NOW, 30);
+        assert_eq!(failed(&checks), Vec::<String>::new());
+        let text = render(&checks);
+        assert!(
+            text.ends_with(
+                "⚠ version skew: 0.4.1 (commit 0123456789ab) on east; 0.5.0 (commit fedcba987654) on west\n    \
+                 hint: minor skew, supported while an upgrade rolls from one cluster to the next: finish it so that every cluster runs one build (`clustermesh version`; `kubectl -n kube-system get deploy clustermesh-apiserver -o wide` shows the image)\n\
+                 all 20 checks passed, 1 with a warning\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(exit_code(&checks), 0);
+    }
+
+    #[test]
+    fn a_peer_reporting_another_version_is_skew_even_when_only_one_cluster_is_checked() {
+        let mut m = mesh();
+        status(&mut m[0]).peers[0].version = Some("0.4.1+fedcba987654".into());
+        let checks = evaluate(&m[..1], NOW, 30);
+        assert_eq!(
+            lines(&checks).last().map(String::as_str),
+            Some(
+                "⚠ version skew: 0.4.1 (commit 0123456789ab) on east; 0.4.1 (commit fedcba987654) on west"
+            )
+        );
+        assert_eq!(exit_code(&checks), 0);
+    }
+
+    #[test]
+    fn unsupported_version_skew_fails() {
+        let mut m = mesh();
+        status(&mut m[1]).version = Some("1.0.0+fedcba987654".into());
+        status(&mut m[0]).peers[0].version = Some("1.0.0+fedcba987654".into());
+        let checks = evaluate(&m, NOW, 30);
+        assert_eq!(
+            failed(&checks),
+            [
+                "✗ version skew: 0.4.1 (commit 0123456789ab) on east; 1.0.0 (commit fedcba987654) on west"
+            ]
+        );
+        assert_eq!(exit_code(&checks), 1);
+        // An apiserver too old to say: a warning that names it.
+        let mut m = mesh();
+        status(&mut m[1]).version = None;
+        let checks = evaluate(&m, NOW, 30);
+        assert_eq!(
+            lines(&checks).last().map(String::as_str),
+            Some("⚠ version skew: 0.4.1 (commit 0123456789ab) on east; unknown on west")
+        );
+        assert_eq!(exit_code(&checks), 0);
     }
 }

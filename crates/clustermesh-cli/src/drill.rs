@@ -10,6 +10,10 @@
 //!
 //! Whatever it takes down is recorded first ([`restore::Guard`]); SIGINT or SIGTERM at any
 //! point stops the probe, restores exactly that and exits 130 / 143 ([`restore`]).
+//!
+//! Each event of the timeline is printed to stderr as it happens ([`timeline`]), with the
+//! progress lines (`drill: ...`); stdout holds only the final report, so `-o json|yaml` stays
+//! one clean document.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
@@ -31,8 +35,10 @@ use crate::kctx::{Cluster, KubeArgs};
 use crate::output::{self, Format};
 
 mod restore;
+mod timeline;
 
 use restore::{Guard, Interrupt, Signals, run_shell};
+use timeline::{Event, Timeline};
 
 /// How the local backends are taken down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -365,17 +371,22 @@ struct Report {
 }
 
 #[derive(Debug, Serialize)]
-struct Event {
-    at_ms: f64,
-    what: String,
-}
-
-#[derive(Debug, Serialize)]
 struct Slo {
     name: String,
     value: f64,
     limit: f64,
     passed: bool,
+}
+
+/// What a drill runs on, once looked up.
+struct Subject<'a> {
+    args: &'a DrillArgs,
+    /// The cluster whose backends go down.
+    cluster: &'a str,
+    /// The service's frontend the client connects to.
+    target: SocketAddr,
+    /// The addresses of its local endpoints.
+    local: &'a BTreeSet<IpAddr>,
 }
 
 fn is_local(a: &Attempt, local: &BTreeSet<IpAddr>) -> bool {
@@ -619,31 +630,39 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
     if let Err(e) = down {
         return abort(probe, guard, &mut signals, Cause::Error(e)).await;
     }
+    let mut timeline = Timeline::start(std::io::stderr(), t0);
+    timeline.taken_down(args.method, local.len(), t0_done);
     eprintln!("drill: local backends down; waiting for traffic to fail over");
     let held = race(&mut signals, async {
         let first_remote = probe
             .until(
                 10,
                 Instant::now() + args.timeout,
-                |a| a.ok && !is_local(a, &local),
+                |a| {
+                    timeline.saw(a);
+                    a.ok && !is_local(a, &local)
+                },
                 "traffic to fail over to remote backends",
             )
             .await?;
-        eprintln!(
-            "drill: failed over to {}; holding {:?}",
-            first_remote.backend.as_deref().unwrap_or("?"),
-            args.hold
-        );
+        let last_bad = probe
+            .seen
+            .iter()
+            .filter(|a| a.t >= t0 && a.t < first_remote.t)
+            .rev()
+            .find(|a| !a.ok || is_local(a, &local));
+        timeline.failed_over(last_bad, &first_remote);
+        eprintln!("drill: failed over; holding {:?}", args.hold);
         tokio::time::sleep(args.hold).await;
         probe.drain()?;
-        Ok::<_, anyhow::Error>(first_remote)
+        Ok::<_, anyhow::Error>(())
     })
     .await;
-    let first_remote = match held {
-        Step::Done(Ok(a)) => a,
+    match held {
+        Step::Done(Ok(())) => {}
         Step::Done(Err(e)) => return abort(probe, guard, &mut signals, Cause::Error(e)).await,
         Step::Interrupted(s) => return abort(probe, guard, &mut signals, Cause::Signal(s)).await,
-    };
+    }
 
     // Up: what the guard recorded, as an interruption would.
     eprintln!("drill: bringing the local backends back");
@@ -660,6 +679,7 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
         eprintln!("interrupted by {s}: the local backends are back");
         return Ok(s.exit_code());
     }
+    timeline.brought_up(args.method, t1);
     let back = match race(
         &mut signals,
         probe.until(
@@ -680,23 +700,21 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
             return Ok(s.exit_code());
         }
     };
+    timeline.back(&back);
     let attempts: Vec<Attempt> = std::mem::take(&mut probe.seen)
         .into_iter()
         .filter(|a| a.t >= t0)
         .collect();
     drop(probe);
-    let report = analyse(
-        &args,
-        cluster_name.as_str(),
+    let subject = Subject {
+        args: &args,
+        cluster: cluster_name.as_str(),
         target,
-        &local,
-        &attempts,
-        (t0, t0_done, t1),
-        &first_remote,
-        &back,
-    );
+        local: &local,
+    };
+    let report = analyse(&subject, &attempts, timeline);
     if !output::structured(args.output, &report)? {
-        print_report(&report);
+        print!("{}", report_text(&report));
     }
     Ok(if report.passed {
         std::process::ExitCode::SUCCESS
@@ -705,79 +723,16 @@ pub(crate) async fn run(args: DrillArgs) -> Result<std::process::ExitCode> {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn analyse(
-    args: &DrillArgs,
-    cluster: &str,
-    target: SocketAddr,
-    local: &BTreeSet<IpAddr>,
-    attempts: &[Attempt],
-    (t0, t0_done, t1): (i64, i64, i64),
-    first_remote: &Attempt,
-    back: &Attempt,
-) -> Report {
-    let ms = |t: i64| (t - t0) as f64 / 1000.0;
-    let mut timeline = vec![Event {
-        at_ms: 0.0,
-        what: match args.method {
-            Method::NotReady => format!(
-                "local backends marked not ready ({} endpoints, took {:.1} ms)",
-                local.len(),
-                ms(t0_done)
-            ),
-            Method::Command => format!("--down-cmd ran (took {:.1} ms)", ms(t0_done)),
-        },
-    }];
-    let down: Vec<&Attempt> = attempts.iter().filter(|a| a.t < first_remote.t).collect();
-    let first_failure = down.iter().find(|a| !a.ok);
-    if let Some(f) = first_failure {
-        timeline.push(Event {
-            at_ms: ms(f.t),
-            what: format!(
-                "first failed connection: {}",
-                f.error.clone().unwrap_or_default()
-            ),
-        });
-    }
-    let last_bad = down.iter().rev().find(|a| !a.ok || is_local(a, local));
-    if let Some(b) = last_bad {
-        timeline.push(Event {
-            at_ms: ms(b.t),
-            what: if b.ok {
-                format!(
-                    "last connection served locally ({})",
-                    b.backend.clone().unwrap_or_default()
-                )
-            } else {
-                "last failed connection".to_owned()
-            },
-        });
-    }
-    timeline.push(Event {
-        at_ms: ms(first_remote.t),
-        what: format!(
-            "first connection served remotely ({}); every later one too",
-            first_remote.backend.clone().unwrap_or_default()
-        ),
-    });
-    timeline.push(Event {
-        at_ms: ms(t1),
-        what: match args.method {
-            Method::NotReady => "local endpoints restored".to_owned(),
-            Method::Command => "--up-cmd ran".to_owned(),
-        },
-    });
-    timeline.push(Event {
-        at_ms: ms(back.t),
-        what: format!(
-            "first connection served locally again ({})",
-            back.backend.clone().unwrap_or_default()
-        ),
-    });
-    let detect_ms = last_bad.map_or(0.0, |b| ms(b.t));
-    let failover_from = first_failure.map_or(t0, |f| f.t);
-    let failover_ms = (first_remote.t - failover_from) as f64 / 1000.0;
-    let recover_ms = (back.t - t1) as f64 / 1000.0;
+/// The report of a drill on `s` whose client made `attempts` (from the take-down on), with the
+/// events and marks of its `timeline`.
+fn analyse<W: Write>(s: &Subject<'_>, attempts: &[Attempt], timeline: Timeline<W>) -> Report {
+    let (timeline, m) = timeline.finish();
+    let (args, local) = (s.args, s.local);
+    let ms = |t: i64| (t - m.t0) as f64 / 1000.0;
+    let detect_ms = m.last_bad.map_or(0.0, ms);
+    let failover_from = m.first_failure.unwrap_or(m.t0);
+    let failover_ms = (m.first_remote - failover_from) as f64 / 1000.0;
+    let recover_ms = (m.back - m.t1) as f64 / 1000.0;
     let failures = attempts.iter().filter(|a| !a.ok).count();
     let served_local = attempts
         .iter()
@@ -812,9 +767,9 @@ fn analyse(
     let passed = slo.iter().all(|s| s.passed);
     Report {
         service: args.service.clone(),
-        cluster: cluster.to_owned(),
+        cluster: s.cluster.to_owned(),
         method: args.method,
-        frontend: target.to_string(),
+        frontend: s.target.to_string(),
         local_backends: local.iter().map(ToString::to_string).collect(),
         timeline,
         attempts: attempts.len(),
@@ -830,8 +785,12 @@ fn analyse(
     }
 }
 
-fn print_report(r: &Report) {
-    println!(
+/// The report as a table: the same timeline lines as were printed live, then the figures.
+fn report_text(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "Failover drill: {} in {} (frontend {}, method {}, local backends {})",
         r.service,
         r.cluster,
@@ -842,16 +801,18 @@ fn print_report(r: &Report) {
             .unwrap_or_default(),
         r.local_backends.join(", ")
     );
-    println!();
+    let _ = writeln!(out);
     for e in &r.timeline {
-        println!("  {:>+10.1} ms  {}", e.at_ms, e.what);
+        let _ = writeln!(out, "{}", e.line());
     }
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "  connections: {} ({} local, {} remote, {} failed: {:.1} per backend taken down)",
         r.attempts, r.served_local, r.served_remote, r.failures, r.failures_per_backend
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  detect {:.1} ms · failover {:.1} ms · recover {:.1} ms",
         r.detect_ms, r.failover_ms, r.recover_ms
     );
@@ -861,7 +822,8 @@ fn print_report(r: &Report) {
         } else {
             " ms"
         };
-        println!(
+        let _ = writeln!(
+            out,
             "  SLO {:<18} {:>9.1}{unit} ≤ {:.1}{unit}  {}",
             s.name,
             s.value,
@@ -869,8 +831,9 @@ fn print_report(r: &Report) {
             if s.passed { "PASS" } else { "FAIL" }
         );
     }
-    println!();
-    println!("{}", if r.passed { "PASSED" } else { "FAILED" });
+    let _ = writeln!(out);
+    let _ = writeln!(out, "{}", if r.passed { "PASSED" } else { "FAILED" });
+    out
 }
 
 #[cfg(test)]
@@ -904,6 +867,131 @@ mod tests {
         assert!(is_local(&a(Some("10.1.0.1:8080")), &local));
         assert!(!is_local(&a(Some("10.2.0.1:8080")), &local));
         assert!(!is_local(&a(None), &local));
+    }
+
+    fn not_ready_args() -> DrillArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            drill: DrillArgs,
+        }
+        Cli::parse_from(["drill", "--service", "demo/echo"]).drill
+    }
+
+    /// A writer the test reads while the timeline writes to it (stderr in the drill).
+    #[derive(Clone, Default)]
+    struct Live(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Live {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Live {
+        fn lines(&self) -> Vec<String> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// A drill played from a fake clock: each event is printed the moment it is known, before
+    /// anything later happens, and the report lists the very same lines.
+    #[test]
+    fn the_timeline_is_printed_as_it_happens_and_the_report_repeats_it() {
+        const T0: i64 = 1_800_000_000_000_000;
+        let local: BTreeSet<IpAddr> = ["10.1.0.1".parse().unwrap()].into();
+        let at = |ms: i64, backend: Option<&str>| Attempt {
+            t: T0 + ms * 1000,
+            ok: backend.is_some(),
+            backend: backend.map(str::to_owned),
+            error: backend.is_none().then(|| "connection refused".to_owned()),
+        };
+        let (here, there) = (Some("10.1.0.1:8080"), Some("10.2.0.1:8080"));
+        let live = Live::default();
+        let mut timeline = Timeline::start(live.clone(), T0);
+        timeline.taken_down(Method::NotReady, 1, T0 + 2_500);
+        assert_eq!(
+            live.lines(),
+            ["        +0.0 ms  local backends marked not ready (1 endpoints, took 2.5 ms)"]
+        );
+        // The client, as the drill sees it while waiting for failover.
+        let before = at(-20, here);
+        let waiting = [
+            at(0, here),
+            at(20, here),
+            at(40, None),
+            at(60, None),
+            at(80, there),
+        ];
+        timeline.saw(&before);
+        timeline.saw(&waiting[0]);
+        timeline.saw(&waiting[1]);
+        assert_eq!(live.lines().len(), 1, "nothing happened yet");
+        timeline.saw(&waiting[2]);
+        assert_eq!(
+            live.lines()[1..],
+            ["       +40.0 ms  first failed connection: connection refused"],
+            "printed when seen"
+        );
+        timeline.saw(&waiting[3]);
+        timeline.saw(&waiting[4]);
+        assert_eq!(live.lines().len(), 2, "one first failure");
+        timeline.failed_over(Some(&waiting[3]), &waiting[4]);
+        assert_eq!(
+            live.lines()[2..],
+            [
+                "       +60.0 ms  last failed connection",
+                "       +80.0 ms  first connection served remotely (10.2.0.1:8080); every later one too",
+            ]
+        );
+        timeline.brought_up(Method::NotReady, T0 + 1_000_000);
+        assert_eq!(
+            live.lines()[4..],
+            ["     +1000.0 ms  local endpoints restored"]
+        );
+        let back = at(1_250, here);
+        timeline.back(&back);
+        assert_eq!(
+            live.lines()[5..],
+            ["     +1250.0 ms  first connection served locally again (10.1.0.1:8080)"]
+        );
+        let printed = live.lines();
+
+        let args = not_ready_args();
+        let subject = Subject {
+            args: &args,
+            cluster: "east",
+            target: "10.96.0.10:80".parse().unwrap(),
+            local: &local,
+        };
+        let attempts: Vec<Attempt> = waiting.iter().cloned().chain([back]).collect();
+        let report = analyse(&subject, &attempts, timeline);
+        assert_eq!(live.lines(), printed, "the report is not printed live");
+        assert_eq!(
+            report.timeline.iter().map(Event::line).collect::<Vec<_>>(),
+            printed
+        );
+        assert_eq!(
+            (report.detect_ms, report.failover_ms, report.recover_ms),
+            (60.0, 40.0, 250.0)
+        );
+        assert_eq!(
+            (report.failures, report.served_local, report.served_remote),
+            (2, 3, 1)
+        );
+        let text = report_text(&report);
+        let table: Vec<&str> = text.lines().skip(2).take(printed.len()).collect();
+        assert_eq!(table, printed, "{text}");
+        assert!(text.ends_with("\nPASSED\n"), "{text}");
     }
 
     mod interrupted {
@@ -966,16 +1054,6 @@ mod tests {
                 .await
                 .unwrap();
             (h, client, slice)
-        }
-
-        fn not_ready_args() -> DrillArgs {
-            use clap::Parser;
-            #[derive(Parser)]
-            struct Cli {
-                #[command(flatten)]
-                drill: DrillArgs,
-            }
-            Cli::parse_from(["drill", "--service", "demo/echo"]).drill
         }
 
         #[tokio::test]

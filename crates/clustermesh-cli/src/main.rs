@@ -15,6 +15,7 @@ mod kctx;
 mod output;
 mod services;
 mod status;
+mod versions;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
@@ -49,18 +50,24 @@ enum Command {
     Connect(connect::ConnectArgs),
     /// Disconnect two clusters: remove both directions (--force: only the first cluster's).
     Disconnect(connect::DisconnectArgs),
-    /// Show every cluster's apiserver and peers; exit 1 when anything is not healthy.
+    /// Show every cluster's apiserver and peers, and the versions they run (minor skew: a
+    /// warning); exit 1 when anything is not healthy.
     Status(status::StatusArgs),
     /// Check every cluster (apiserver, etcd, leader, peers, node agents, certificates,
-    /// clocks, IDs, rejected objects): a ✔/✗ list with a hint per failure; exit 0 healthy,
-    /// 1 unhealthy, 2 cannot check.
+    /// clocks, IDs, rejected objects, version skew): a ✔/⚠/✗ list with a hint per failure or
+    /// warning; exit 0 healthy (warnings included), 1 unhealthy, 2 cannot check.
     Check(check::CheckArgs),
     /// Show the mesh's global services and their backends per cluster, or with --node what
     /// a node programmed against what it should have.
     Services(services::ServicesArgs),
     /// Run a failover drill on a global service and report detect / failover / recover times
     /// measured from a client; exit 1 when an SLO is missed.
-    #[command(after_help = "Interrupting a drill:\n  \
+    #[command(after_help = "Output:\n  \
+        Each event of the timeline goes to stderr the moment the drill sees it, as\n  \
+        `  +41.2 ms  first failed connection: ...` (time since the take-down started), next to\n  \
+        `drill: ...` progress lines. stdout holds only the final report, which lists the same\n  \
+        events: with -o json|yaml it is one document.\n\n\
+        Interrupting a drill:\n  \
         Ctrl-C (SIGINT) or SIGTERM at any point stops the probe and restores what the drill took\n  \
         down before exiting: with --method not-ready every EndpointSlice it changed gets its\n  \
         endpoints' conditions back as they were; with --method command, --up-cmd runs. One\n  \

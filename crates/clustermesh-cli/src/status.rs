@@ -1,6 +1,8 @@
 //! `clustermesh status`: per cluster and peer, what the leading apiserver reports (phase,
 //! since when, counts, last error, certificate expiry), read from its status ConfigMap and the
-//! peer Secrets. Exits 1 when anything is not healthy, so scripts can rely on it.
+//! peer Secrets, and a line on the versions they run ([`versions`] has the skew rule: minor
+//! skew is a warning, wider skew unhealthy). Exits 1 when anything is not healthy, so scripts
+//! can rely on it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use serde::Serialize;
 
 use crate::kctx::{Cluster, KubeArgs};
 use crate::output::{self, Format};
+use crate::versions;
 
 /// A certificate expiring within this is reported as a problem.
 const CERT_WARN_SECS: i64 = 14 * 86_400;
@@ -53,6 +56,8 @@ pub(crate) struct PeerRow {
     /// The earlier of the peer's server certificate and this cluster's client certificate.
     pub cert_not_after_unix: Option<i64>,
     pub endpoint: Option<String>,
+    /// The version the peer reported when it connected.
+    pub version: Option<String>,
 }
 
 /// One cluster, as `status` reports it.
@@ -62,6 +67,8 @@ pub(crate) struct ClusterReport {
     pub cluster: Option<String>,
     pub cluster_id: Option<u16>,
     pub replica: Option<String>,
+    /// The apiserver's version (`0.1.0+0123456789ab`; absent from older apiservers).
+    pub version: Option<String>,
     pub ready: bool,
     /// The apiserver's phase (`ready`, `etcd-unreachable`, `lease-lost`, ...); absent when its
     /// status could not be read or comes from an older apiserver.
@@ -103,6 +110,7 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
         cluster: None,
         cluster_id: None,
         replica: None,
+        version: None,
         ready: false,
         phase: None,
         phase_since_unix: None,
@@ -126,6 +134,7 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
     r.cluster = Some(status.cluster.clone());
     r.cluster_id = Some(status.cluster_id);
     r.replica = Some(status.replica.clone());
+    r.version = status.version.clone();
     r.ready = status.ready;
     r.phase = status.phase.map(|p| p.to_string());
     r.phase_since_unix = status.phase_since_unix;
@@ -235,6 +244,7 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
             last_error_unix: p.last_error_unix,
             cert_not_after_unix: cert,
             endpoint: p.endpoint.clone(),
+            version: p.version.clone(),
         });
     }
     for (peer, cert) in configured {
@@ -251,6 +261,7 @@ pub(crate) async fn report(cluster: &Cluster) -> ClusterReport {
             last_error_unix: None,
             cert_not_after_unix: cert,
             endpoint: None,
+            version: None,
         });
     }
     r.healthy = r.problems.is_empty();
@@ -347,11 +358,22 @@ fn table_text(reports: &[ClusterReport], now: i64) -> String {
     );
     for r in reports {
         if let Some(a) = &r.node_agents {
-            println!(
-                "{}: {}",
+            out.push_str(&format!(
+                "{}: {}\n",
                 r.cluster.as_deref().unwrap_or(&r.context),
                 a.headline()
-            );
+            ));
+        }
+    }
+    if let Some(skew) = version_skew(reports) {
+        let line = skew.message();
+        out.push_str(&match skew.level {
+            versions::Level::Same => format!("{line}\n"),
+            versions::Level::Minor => format!("⚠ {line}\n"),
+            versions::Level::Unsupported => format!("✗ {line}\n"),
+        });
+        if let Some(hint) = skew.hint() {
+            out.push_str(&format!("    hint: {hint}\n"));
         }
     }
     for r in reports {
@@ -363,6 +385,25 @@ fn table_text(reports: &[ClusterReport], now: i64) -> String {
         }
     }
     out
+}
+
+/// The versions of the clusters whose status could be read, and of their peers.
+fn version_skew(reports: &[ClusterReport]) -> Option<versions::Skew> {
+    let reporters: Vec<versions::Reporter<'_>> = reports
+        .iter()
+        .filter_map(|r| {
+            Some(versions::Reporter {
+                cluster: r.cluster.as_deref()?,
+                version: r.version.as_deref(),
+                peers: r
+                    .peers
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.version.as_deref()))
+                    .collect(),
+            })
+        })
+        .collect();
+    versions::assess(&reporters)
 }
 
 /// `--wait`'s progress: one line per change of what is wrong, not one per look.
@@ -396,6 +437,8 @@ impl Progress {
 struct Report {
     healthy: bool,
     clusters: Vec<ClusterReport>,
+    /// The versions found across the clusters and their peers, and the verdict.
+    versions: Option<versions::Skew>,
 }
 
 pub(crate) async fn run(args: StatusArgs) -> Result<std::process::ExitCode> {
@@ -415,11 +458,16 @@ pub(crate) async fn run(args: StatusArgs) -> Result<std::process::ExitCode> {
         for c in &clusters {
             reports.push(report(c).await);
         }
-        let healthy = reports.iter().all(|r| r.healthy);
+        let skew = version_skew(&reports);
+        let healthy = reports.iter().all(|r| r.healthy)
+            && skew
+                .as_ref()
+                .is_none_or(|s| s.level != versions::Level::Unsupported);
         if healthy || !args.wait || Instant::now() >= deadline {
             let report = Report {
                 healthy,
                 clusters: reports,
+                versions: skew,
             };
             if !output::structured(args.output, &report)? {
                 print_table(&report.clusters);
@@ -447,6 +495,7 @@ mod tests {
             cluster: None,
             cluster_id: None,
             replica: None,
+            version: None,
             ready: false,
             phase: None,
             phase_since_unix: None,
@@ -512,6 +561,73 @@ mod tests {
         assert_eq!(
             p.line(&at("0s ago", "Syncing")).as_deref(),
             Some("waiting: context east: down; peer west is Syncing since 0s ago")
+        );
+    }
+
+    /// A reporting cluster `name` whose apiserver runs `version`, with a peer that reported
+    /// `peer_version`.
+    fn reporting(name: &str, version: Option<&str>, peer_version: Option<&str>) -> ClusterReport {
+        let mut r = unreachable(name);
+        r.problems.clear();
+        r.problem_keys.clear();
+        r.cluster = Some(name.into());
+        r.cluster_id = Some(1);
+        r.ready = true;
+        r.healthy = true;
+        r.status_age_seconds = Some(2);
+        r.version = version.map(str::to_owned);
+        r.peers.push(PeerRow {
+            name: "west".into(),
+            cluster_id: Some(2),
+            phase: "ready".into(),
+            since_unix: Some(900),
+            objects: BTreeMap::new(),
+            last_error: None,
+            last_error_unix: None,
+            cert_not_after_unix: None,
+            endpoint: None,
+            version: peer_version.map(str::to_owned),
+        });
+        r
+    }
+
+    #[test]
+    fn one_version_everywhere_is_one_line_under_the_table() {
+        let r = reporting("east", Some("0.1.0+abc"), Some("0.1.0+abc"));
+        let text = table_text(&[r], 1_000);
+        assert_eq!(
+            text.lines().skip(2).collect::<Vec<_>>(),
+            ["one version across the clusters and their peers: 0.1.0 (commit abc)"],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn version_skew_is_a_warning_or_unhealthy_by_how_wide() {
+        let r = reporting("east", Some("0.1.0+abc"), Some("0.2.0+def"));
+        let text = table_text(std::slice::from_ref(&r), 1_000);
+        assert_eq!(
+            text.lines().skip(2).collect::<Vec<_>>(),
+            [
+                "⚠ version skew: 0.1.0 (commit abc) on east; 0.2.0 (commit def) on west",
+                "    hint: minor skew, supported while an upgrade rolls from one cluster to the next: finish it so that every cluster runs one build (`clustermesh version`; `kubectl -n kube-system get deploy clustermesh-apiserver -o wide` shows the image)",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            version_skew(&[r]).map(|s| s.level),
+            Some(versions::Level::Minor)
+        );
+        let r = reporting("east", Some("0.1.0+abc"), Some("1.0.0+def"));
+        let text = table_text(std::slice::from_ref(&r), 1_000);
+        assert_eq!(
+            text.lines().nth(2),
+            Some("✗ version skew: 0.1.0 (commit abc) on east; 1.0.0 (commit def) on west"),
+            "{text}"
+        );
+        assert_eq!(
+            version_skew(&[r]).map(|s| s.level),
+            Some(versions::Level::Unsupported)
         );
     }
 }

@@ -238,6 +238,7 @@ async fn a_mesh_api_that_never_answers_fails_the_command_after_the_request_timeo
         serving_cert_not_after_unix: None,
         rejected_services: Vec::new(),
         node_agents: None,
+        version: None,
     };
     let cm: ConfigMap = serde_json::from_value(serde_json::json!({
         "metadata": {"name": model::status::STATUS_CONFIGMAP},

@@ -139,6 +139,10 @@ pub struct PeerStatus {
     /// `last_error` and the log when refused; absent from older documents).
     #[serde(default)]
     pub refused_objects: usize,
+    /// The peer's version as its Mesh API reports it (`ClusterInfo`: `0.1.0+0123456789ab`);
+    /// absent from older documents and before the first connection.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// One apiserver's view of itself and its peers.
@@ -184,6 +188,10 @@ pub struct ClusterStatus {
     /// The node agents of this cluster, as the leader last read their `/state`.
     #[serde(default)]
     pub node_agents: Option<NodeAgents>,
+    /// The reporting apiserver's version, `0.1.0+0123456789ab` (crate version and git commit;
+    /// absent from older documents).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// Whether etcd answers, and since when.

@@ -4,6 +4,14 @@
 //! Prometheus text format. Metric names carry the `clustermesh_` prefix. Every daemon's
 //! `/metrics` also carries the standard `process_*` metrics and `clustermesh_build_info`
 //! ([`process`]).
+//!
+//! Misuse is refused, never a silent no-op ([`Error`]): an invalid declaration (a name or label
+//! that Prometheus refuses, a name declared twice with another shape, unsorted buckets), a
+//! series of a metric that was never declared (a typo in its name), label values that do not
+//! match the declared labels in number, and an update of the wrong kind (`observe` on a
+//! counter). In debug builds (every test) the call panics at once; in release builds it is
+//! logged once, the update is dropped, and [`Registry::check`], which each daemon calls once
+//! its metrics are declared, fails its start-up.
 
 mod process;
 
@@ -19,6 +27,65 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
 
+/// A use of the registry that it refuses (a programming error, see the module header).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A metric name Prometheus refuses (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+    #[error("metric {name:?}: not a valid metric name")]
+    InvalidName {
+        /// The name.
+        name: String,
+    },
+    /// A label name Prometheus refuses (`[a-zA-Z_][a-zA-Z0-9_]*`, not `__*`, not twice, not
+    /// `le` on a histogram).
+    #[error("metric {name}: label {label:?} is not a valid label name here")]
+    InvalidLabel {
+        /// The metric.
+        name: String,
+        /// The label.
+        label: String,
+    },
+    /// Histogram buckets that are not finite and strictly ascending.
+    #[error("metric {name}: buckets must be finite and strictly ascending")]
+    InvalidBuckets {
+        /// The metric.
+        name: String,
+    },
+    /// A name declared twice with a different kind, labels or buckets.
+    #[error("metric {name}: declared twice, differently")]
+    Redeclared {
+        /// The metric.
+        name: String,
+    },
+    /// A series of a metric that was never declared (a typo in its name?).
+    #[error("metric {name}: not declared")]
+    Undeclared {
+        /// The name used.
+        name: String,
+    },
+    /// Label values that do not match the declared labels.
+    #[error("metric {name}: {got} label values for the labels {labels:?}")]
+    Arity {
+        /// The metric.
+        name: String,
+        /// Its declared labels.
+        labels: Vec<&'static str>,
+        /// How many values were given.
+        got: usize,
+    },
+    /// An update that the metric's kind does not have (`observe` on a counter, `set` on a
+    /// histogram).
+    #[error("metric {name}: a {kind} has no {op}")]
+    WrongKind {
+        /// The metric.
+        name: String,
+        /// Its kind.
+        kind: &'static str,
+        /// The refused update.
+        op: &'static str,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Type {
     Counter,
@@ -32,6 +99,26 @@ impl Type {
             Self::Counter => "counter",
             Self::Gauge => "gauge",
             Self::Histogram => "histogram",
+        }
+    }
+}
+
+/// What a call does to a series, to check it against the family's kind.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Add,
+    Set,
+    Observe,
+    Read,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Add => "add",
+            Self::Set => "set",
+            Self::Observe => "observe",
+            Self::Read => "read",
         }
     }
 }
@@ -54,9 +141,28 @@ struct Family {
 }
 
 /// A set of metric families. Cheap to clone; clones share the values.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Registry {
     families: Arc<Mutex<BTreeMap<&'static str, Family>>>,
+    /// What was refused so far (release builds; debug builds panic instead).
+    refused: Arc<Mutex<Vec<Error>>>,
+    /// Whether a refusal panics (debug builds) or is logged and recorded.
+    strict: bool,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::with_strictness(cfg!(debug_assertions))
+    }
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*` (metric names) or, without `:`, label names.
+fn valid_name(name: &str, colon: bool) -> bool {
+    let ok = |c: char, first: bool| {
+        c.is_ascii_alphabetic() || c == '_' || (colon && c == ':') || (!first && c.is_ascii_digit())
+    };
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| ok(c, true)) && chars.all(|c| ok(c, false))
 }
 
 /// Latency buckets in seconds, from 100 µs to 30 s.
@@ -66,9 +172,44 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry (refusals panic in debug builds, see the module header).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry whose refusals panic (`strict`) or are logged and recorded for
+    /// [`Registry::check`].
+    fn with_strictness(strict: bool) -> Self {
+        Self {
+            families: Arc::default(),
+            refused: Arc::default(),
+            strict,
+        }
+    }
+
+    /// `Ok` unless a call was refused (only release builds get here: debug builds panic at the
+    /// call). Daemons call it once their metrics are declared, and fail to start on `Err`.
+    pub fn check(&self) -> Result<(), Error> {
+        let refused = match self.refused.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        refused.first().map_or(Ok(()), |e| Err(e.clone()))
+    }
+
+    /// Refuses a call: panics when strict, else logs `e` the first time and records it.
+    fn refuse(&self, e: Error) {
+        if self.strict {
+            panic!("metrics registry: {e}");
+        }
+        let mut refused = match self.refused.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if !refused.contains(&e) {
+            tracing::error!(error = %e, "metrics registry refused a call");
+            refused.push(e);
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<&'static str, Family>) -> R) -> R {
@@ -87,16 +228,95 @@ impl Registry {
         labels: &'static [&'static str],
         buckets: &'static [f64],
     ) {
-        self.with(|m| {
-            m.entry(name).or_insert_with(|| Family {
-                help,
-                kind,
-                labels,
-                buckets,
-                values: BTreeMap::new(),
-                histograms: BTreeMap::new(),
-            });
+        let invalid = if !valid_name(name, true) {
+            Some(Error::InvalidName { name: name.into() })
+        } else if let Some((_, l)) = labels.iter().enumerate().find(|&(i, l)| {
+            !valid_name(l, false)
+                || l.starts_with("__")
+                || labels[..i].contains(l)
+                || (kind == Type::Histogram && *l == "le")
+        }) {
+            Some(Error::InvalidLabel {
+                name: name.into(),
+                label: (*l).into(),
+            })
+        } else if kind == Type::Histogram
+            && (buckets.is_empty()
+                || buckets.iter().any(|b| !b.is_finite())
+                || buckets.windows(2).any(|w| w[0] >= w[1]))
+        {
+            Some(Error::InvalidBuckets { name: name.into() })
+        } else {
+            None
+        };
+        let refused = invalid.or_else(|| {
+            self.with(|m| match m.get(name) {
+                Some(f) if f.kind != kind || f.labels != labels || f.buckets != buckets => {
+                    Some(Error::Redeclared { name: name.into() })
+                }
+                Some(_) => None,
+                None => {
+                    m.insert(
+                        name,
+                        Family {
+                            help,
+                            kind,
+                            labels,
+                            buckets,
+                            values: BTreeMap::new(),
+                            histograms: BTreeMap::new(),
+                        },
+                    );
+                    None
+                }
+            })
         });
+        if let Some(e) = refused {
+            self.refuse(e);
+        }
+    }
+
+    /// Runs `f` on the family `name` once `labels` are checked against it and `op` against its
+    /// kind (`Err` refused, outside the lock).
+    fn series<R>(
+        &self,
+        name: &'static str,
+        labels: &[&str],
+        op: Op,
+        f: impl FnOnce(&mut Family) -> R,
+    ) -> Option<R> {
+        let r = self.with(|m| {
+            let Some(family) = m.get_mut(name) else {
+                return Err(Error::Undeclared { name: name.into() });
+            };
+            if labels.len() != family.labels.len() {
+                return Err(Error::Arity {
+                    name: name.into(),
+                    labels: family.labels.to_vec(),
+                    got: labels.len(),
+                });
+            }
+            let fits = match op {
+                Op::Add | Op::Set => family.kind != Type::Histogram,
+                Op::Observe => family.kind == Type::Histogram,
+                Op::Read => true,
+            };
+            if !fits {
+                return Err(Error::WrongKind {
+                    name: name.into(),
+                    kind: family.kind.as_str(),
+                    op: op.as_str(),
+                });
+            }
+            Ok(f(family))
+        });
+        match r {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.refuse(e);
+                None
+            }
+        }
     }
 
     /// Declares a counter (shows up as 0 series-free until first incremented).
@@ -126,10 +346,8 @@ impl Registry {
 
     /// Adds `by` to a counter (or gauge).
     pub fn add(&self, name: &'static str, labels: &[&str], by: f64) {
-        self.with(|m| {
-            if let Some(f) = m.get_mut(name) {
-                *f.values.entry(Self::key(labels)).or_default() += by;
-            }
+        self.series(name, labels, Op::Add, |f| {
+            *f.values.entry(Self::key(labels)).or_default() += by;
         });
     }
 
@@ -140,63 +358,57 @@ impl Registry {
 
     /// Sets a gauge.
     pub fn set(&self, name: &'static str, labels: &[&str], value: f64) {
-        self.with(|m| {
-            if let Some(f) = m.get_mut(name) {
-                f.values.insert(Self::key(labels), value);
-            }
+        self.series(name, labels, Op::Set, |f| {
+            f.values.insert(Self::key(labels), value);
         });
     }
 
     /// Removes a series (a peer that is gone), so that it is no longer exported.
     pub fn remove(&self, name: &'static str, labels: &[&str]) {
-        self.with(|m| {
-            if let Some(f) = m.get_mut(name) {
-                let key = Self::key(labels);
-                f.values.remove(&key);
-                f.histograms.remove(&key);
-            }
+        self.series(name, labels, Op::Read, |f| {
+            let key = Self::key(labels);
+            f.values.remove(&key);
+            f.histograms.remove(&key);
         });
     }
 
     /// Records one observation in a histogram.
     pub fn observe(&self, name: &'static str, labels: &[&str], value: f64) {
-        self.with(|m| {
-            if let Some(f) = m.get_mut(name) {
-                let n = f.buckets.len();
-                let h = f
-                    .histograms
-                    .entry(Self::key(labels))
-                    .or_insert_with(|| HistogramData {
-                        counts: vec![0; n],
-                        ..Default::default()
-                    });
-                for (i, b) in f.buckets.iter().enumerate() {
-                    if value <= *b {
-                        h.counts[i] += 1;
-                    }
+        self.series(name, labels, Op::Observe, |f| {
+            let n = f.buckets.len();
+            let h = f
+                .histograms
+                .entry(Self::key(labels))
+                .or_insert_with(|| HistogramData {
+                    counts: vec![0; n],
+                    ..Default::default()
+                });
+            for (i, b) in f.buckets.iter().enumerate() {
+                if value <= *b {
+                    h.counts[i] += 1;
                 }
-                h.sum += value;
-                h.count += 1;
             }
+            h.sum += value;
+            h.count += 1;
         });
     }
 
     /// The current value of a counter or gauge series (0 if never set).
     pub fn value(&self, name: &'static str, labels: &[&str]) -> f64 {
-        self.with(|m| {
-            m.get(name)
-                .and_then(|f| f.values.get(&Self::key(labels)).copied())
-                .unwrap_or_default()
+        self.series(name, labels, Op::Read, |f| {
+            f.values.get(&Self::key(labels)).copied()
         })
+        .flatten()
+        .unwrap_or_default()
     }
 
     /// How many observations a histogram series has.
     pub fn observations(&self, name: &'static str, labels: &[&str]) -> u64 {
-        self.with(|m| {
-            m.get(name)
-                .and_then(|f| f.histograms.get(&Self::key(labels)).map(|h| h.count))
-                .unwrap_or_default()
+        self.series(name, labels, Op::Read, |f| {
+            f.histograms.get(&Self::key(labels)).map(|h| h.count)
         })
+        .flatten()
+        .unwrap_or_default()
     }
 
     /// The Prometheus text exposition of every family.
@@ -361,5 +573,113 @@ mod tests {
         );
         assert!(text.contains("clustermesh_lat_seconds_count 1"), "{text}");
         assert_eq!(r.value("clustermesh_x_total", &["services"]), 3.0);
+    }
+
+    /// A registry with one counter `clustermesh_x_total{kind}` whose refusals are recorded
+    /// (as in release builds) instead of panicking.
+    fn lenient() -> Registry {
+        let r = Registry::with_strictness(false);
+        r.counter("clustermesh_x_total", "Xs.", &["kind"]);
+        r
+    }
+
+    #[test]
+    #[should_panic(expected = "metric clustermesh_y_total: not declared")]
+    fn a_typo_in_a_metric_name_panics_in_debug_builds() {
+        let r = Registry::new();
+        r.counter("clustermesh_x_total", "Xs.", &["kind"]);
+        r.inc("clustermesh_y_total", &["services"]);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "metric clustermesh_x_total: 2 label values for the labels [\"kind\"]"
+    )]
+    fn a_wrong_number_of_label_values_panics_in_debug_builds() {
+        let r = Registry::new();
+        r.counter("clustermesh_x_total", "Xs.", &["kind"]);
+        r.inc("clustermesh_x_total", &["services", "put"]);
+    }
+
+    #[test]
+    fn a_typo_or_a_wrong_arity_is_refused_and_fails_the_start_up_check() {
+        let r = lenient();
+        r.inc("clustermesh_x_total", &["services"]);
+        assert_eq!(r.check(), Ok(()));
+        r.inc("clustermesh_x_totl", &["services"]);
+        assert_eq!(
+            r.check(),
+            Err(Error::Undeclared {
+                name: "clustermesh_x_totl".into()
+            })
+        );
+        let r = lenient();
+        r.set("clustermesh_x_total", &[], 1.0);
+        r.inc("clustermesh_x_total", &["services", "put"]);
+        assert_eq!(
+            r.check(),
+            Err(Error::Arity {
+                name: "clustermesh_x_total".into(),
+                labels: vec!["kind"],
+                got: 0,
+            })
+        );
+        // Nothing refused reached the exposition.
+        assert_eq!(
+            r.render(),
+            "# HELP clustermesh_x_total Xs.\n# TYPE clustermesh_x_total counter\n"
+        );
+        let r = lenient();
+        r.observe("clustermesh_x_total", &["services"], 1.0);
+        assert!(
+            matches!(r.check(), Err(Error::WrongKind { op: "observe", .. })),
+            "{:?}",
+            r.check()
+        );
+    }
+
+    #[test]
+    fn invalid_or_conflicting_declarations_are_refused() {
+        let refused = |declare: &dyn Fn(&Registry)| {
+            let r = Registry::with_strictness(false);
+            declare(&r);
+            r.check().err()
+        };
+        assert_eq!(
+            refused(&|r| r.counter("clustermesh-x", "X.", &[])),
+            Some(Error::InvalidName {
+                name: "clustermesh-x".into()
+            })
+        );
+        assert_eq!(
+            refused(&|r| r.gauge("clustermesh_x", "X.", &["kind", "kind"])),
+            Some(Error::InvalidLabel {
+                name: "clustermesh_x".into(),
+                label: "kind".into()
+            })
+        );
+        assert!(matches!(
+            refused(&|r| r.histogram("clustermesh_x", "X.", &["le"], &[1.0])),
+            Some(Error::InvalidLabel { .. })
+        ));
+        assert!(matches!(
+            refused(&|r| r.histogram("clustermesh_x", "X.", &[], &[1.0, 0.5])),
+            Some(Error::InvalidBuckets { .. })
+        ));
+        assert!(matches!(
+            refused(&|r| {
+                r.counter("clustermesh_x", "X.", &["kind"]);
+                r.counter("clustermesh_x", "X.", &["op"]);
+            }),
+            Some(Error::Redeclared { .. })
+        ));
+        // The same declaration twice is fine (a module declaring what another did).
+        assert_eq!(
+            refused(&|r| {
+                r.counter("clustermesh_x", "X.", &["kind"]);
+                r.counter("clustermesh_x", "X.", &["kind"]);
+            }),
+            None
+        );
     }
 }

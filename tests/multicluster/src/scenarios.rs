@@ -329,7 +329,7 @@ pub async fn failover<A: Cluster, B: Cluster>(
             ]);
         }
         let refs: Vec<&str> = a2.iter().map(String::as_str).collect();
-        let out = clustermesh(kc, &refs).await?;
+        let (out, said) = drill_live(kc, &refs).await?;
         ensure!(
             out.code == 0,
             "drill ({method}) did not pass: {}{}",
@@ -341,6 +341,7 @@ pub async fn failover<A: Cluster, B: Cluster>(
             v["passed"] == true && v["served_remote"].as_u64() > Some(0),
             "{v}"
         );
+        timeline_was_live(&said, &v).with_context(|| format!("drill ({method})"))?;
         if method == "command" {
             ensure!(
                 v["failures_per_backend"].as_f64() <= Some(1.0),
@@ -351,6 +352,80 @@ pub async fn failover<A: Cluster, B: Cluster>(
     }
     until_answered_by(a, "client", target, &[&an]).await?;
     Ok(reports)
+}
+
+/// Runs `clustermesh drill` with `args`, reading its stderr line by line as the drill writes
+/// it; returns its output and those lines in the order they came.
+async fn drill_live(kc: &Path, args: &[&str]) -> Result<(crate::CliOutput, Vec<String>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut drill = tokio::process::Command::new(crate::lab::binary("clustermesh")?)
+        .env("KUBECONFIG", kc)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start clustermesh drill")?;
+    let mut stdout = drill.stdout.take().context("the drill's stdout")?;
+    let stderr = drill.stderr.take().context("the drill's stderr")?;
+    let report = tokio::spawn(async move {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).await.map(|_| s)
+    });
+    let mut said = Vec::new();
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Some(l) = tokio::time::timeout_at(deadline, lines.next_line())
+        .await
+        .with_context(|| format!("the drill still runs after 120 s: {}", said.join("\n")))??
+    {
+        said.push(l);
+    }
+    let status = drill.wait().await?;
+    let stdout = report.await??;
+    let out = crate::CliOutput {
+        code: status.code().unwrap_or(-1),
+        stdout,
+        stderr: said.join("\n"),
+    };
+    Ok((out, said))
+}
+
+/// The drill's stderr `said` shows each event of the report `v` as it happened: the report's
+/// timeline, line for line (`  +12.3 ms  what`), and the failover printed before the drill
+/// started bringing the backends back, the return after it.
+fn timeline_was_live(said: &[String], v: &Value) -> Result<()> {
+    let live: Vec<(usize, &str)> = said
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let (at, what) = l.trim_start().split_once(" ms  ")?;
+            at.parse::<f64>().ok().map(|_| (i, what))
+        })
+        .collect();
+    let reported: Vec<&str> = v["timeline"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|e| e["what"].as_str()).collect())
+        .unwrap_or_default();
+    let printed: Vec<&str> = live.iter().map(|(_, w)| *w).collect();
+    ensure!(
+        printed == reported,
+        "live timeline {printed:#?} is not the report's {reported:#?}"
+    );
+    let at = |needle: &str| said.iter().position(|l| l.contains(needle));
+    let failed_over = at("first connection served remotely");
+    let bringing_back = at("drill: bringing the local backends back");
+    let returned = at("first connection served locally again");
+    ensure!(
+        failed_over.is_some()
+            && bringing_back.is_some()
+            && failed_over < bringing_back
+            && bringing_back < returned,
+        "events not printed as they happened: {}",
+        said.join("\n")
+    );
+    Ok(())
 }
 
 /// Annotates `kubectl annotate --overwrite` on `service` in `c` (`value` `None` removes it).

@@ -1,5 +1,5 @@
 //! `clustermesh check` on the emulated lab: the exact ✔/✗ lines and exit codes in a healthy
-//! mesh and in each failure it names — a node agent down, a rejected service, an expiring
+//! mesh (one version: this build's) and in each failure it names — a node agent down, a rejected service, an expiring
 //! certificate, etcd down, a peer apiserver down — and exit 2 for a context that does not
 //! exist. Its own lab (unique cluster names), torn down on drop even when an assertion fails.
 //! Run as root.
@@ -103,6 +103,12 @@ fn healthy_lines() -> Vec<String> {
         ]);
     }
     lines.push("✔ cluster names and IDs unique across the checked clusters and their peers".into());
+    // The lab's binaries are this build: one version, this test's own.
+    let version = telemetry::version::Version::parse(telemetry::version::REPORTED)
+        .expect("the reported version reads back");
+    lines.push(format!(
+        "✔ one version across the clusters and their peers: {version}"
+    ));
     lines
 }
 
