@@ -1,15 +1,20 @@
 //! The datapath v2's costs, each next to a baseline measured in the same run (ADR 0018, 0019):
 //! - the kernel's own time per translated connect (`bpf_stats`: `run_time_ns / run_cnt` of
-//!   `cm_connect4`), with passive health, spill-over and socket storage on, at 1 and 10,000
-//!   services, before and after 300,000 connects, against an empty program on the same hook;
-//!   the `sock_ops` program's time per connect; the tax on a connect to a non-service address;
+//!   `cm_connect4`), with passive health, spill-over and the peer rewrite on, at 1 and 10,000
+//!   services (each with its own backends: the sockets are marked; with weights; with every
+//!   service on the same two backends: socket storage), round robin over every service and
+//!   over 100 of them, before and after 300,000 connects, against an empty program on the same
+//!   hook; the `sock_ops` program's time per connect; the tax on a connect to a non-service
+//!   address;
 //! - reverse-NAT entries left after 300,000 TCP connects;
 //! - health-probe connects per second and the agent's CPU with 100, 1,000 and 10,000 live
 //!   backends, against the previous design (every backend every 200 ms) run on the same
 //!   backends;
 //! - kernel memory of the maps (`bytes_memlock`) at the default sizes and with 10,000 services.
 //!
-//! Run (root): `cargo bench -p node-agent --bench datapath_cost`.
+//! Run (root): `cargo bench -p node-agent --bench datapath_cost`. `CMCOST_KERNEL_ONLY=1` stops
+//! after the kernel rows; `CMCOST_MAX_SERVICES=N` sizes the maps for N services instead of the
+//! default (to see whether the maps' size matters: it does not, measured).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -280,7 +285,11 @@ fn main() {
         drop(empty);
     }
 
-    let mut p = Programmer::new(Datapath::open(&pins, &cgroup).unwrap()).unwrap();
+    let sizes = std::env::var("CMCOST_MAX_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or_else(maps::Sizes::default, |services| maps::Sizes { services });
+    let mut p = Programmer::new(Datapath::open_sized(&pins, &cgroup, sizes).unwrap()).unwrap();
     p.datapath_mut()
         .set_config(&maps::Config {
             quarantine_ns: 10_000_000_000,
