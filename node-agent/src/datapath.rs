@@ -24,7 +24,7 @@ use crate::maps::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
 
 /// Every program (its hook is its section in the object).
-pub const PROGRAMS: [&str; 10] = [
+pub const PROGRAMS: [&str; 11] = [
     "cm_connect4",
     "cm_connect6",
     "cm_sendmsg4",
@@ -35,6 +35,7 @@ pub const PROGRAMS: [&str; 10] = [
     "cm_getpeername6",
     "cm_sockops",
     "cm_release",
+    "cm_ingress",
 ];
 
 /// Loads `name` and attaches it to `cg`, returning the link to pin.
@@ -60,6 +61,20 @@ fn attach(ebpf: &mut Ebpf, name: &str, cg: &File) -> Result<FdLink, String> {
         aya::programs::Program::CgroupSockAddr(p) => load_attach!(p),
         aya::programs::Program::SockOps(p) => load_attach!(p),
         aya::programs::Program::CgroupSock(p) => load_attach!(p),
+        aya::programs::Program::CgroupSkb(p) => {
+            load_prog(p.load())?;
+            let id = p
+                .attach(
+                    cg,
+                    aya::programs::CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(|e| e.to_string())?;
+            p.take_link(id)
+                .map_err(|e| e.to_string())?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
+        }
         other => return Err(format!("unexpected program type {:?}", other.prog_type())),
     };
     Ok(link)
@@ -147,6 +162,12 @@ pub struct Datapath {
     pub stats: PerCpuArray<MapData, u64>,
     /// Health events from the kernel; taken by the agent's reader.
     pub events: Option<RingBuf<MapData>>,
+    /// Local endpoints: cgroup ID → identity and enforced directions.
+    pub endpoints: HashMap<MapData, u64, maps::EndpointVal>,
+    /// Policy entries (longest-prefix match; see [`crate::policy`]).
+    pub policy: LpmTrie<MapData, maps::PolicyData, maps::PolicyVal>,
+    /// Policy verdict counters (per direction, outcome and peer cluster).
+    pub policy_stats: PerCpuArray<MapData, u64>,
     sizes: maps::Sizes,
     _ebpf: Ebpf,
 }
@@ -268,8 +289,22 @@ impl Datapath {
                 reason: e.to_string(),
             }
         })?;
+        let endpoints = take(&mut ebpf, maps::ENDPOINTS)?;
+        let policy =
+            LpmTrie::try_from(take_any(&mut ebpf, maps::POLICY)?).map_err(|e| Error::Map {
+                map: maps::POLICY,
+                reason: e.to_string(),
+            })?;
+        let policy_stats = PerCpuArray::try_from(take_any(&mut ebpf, maps::POLICY_STATS)?)
+            .map_err(|e| Error::Map {
+                map: maps::POLICY_STATS,
+                reason: e.to_string(),
+            })?;
         Ok(Self {
             dir: dir.to_owned(),
+            endpoints,
+            policy,
+            policy_stats,
             services,
             backends,
             slots,

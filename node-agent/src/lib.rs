@@ -15,5 +15,6 @@ pub mod datapath;
 pub mod desired;
 pub mod health;
 pub mod maps;
+pub mod policy;
 pub mod program;
 pub mod state_server;

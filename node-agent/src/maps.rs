@@ -56,10 +56,22 @@ pub const HEALTH_EVENTS: &str = "CM_HEALTH_EVENTS";
 pub const GROUPS: &str = "CM_GROUPS";
 /// Backend address → ID (for sock_ops).
 pub const BACKEND_IDS: &str = "CM_BACKEND_IDS";
+/// Local endpoints: cgroup ID → identity and enforced directions.
+pub const ENDPOINTS: &str = "CM_ENDPOINTS";
+/// Policy entries (LPM trie).
+pub const POLICY: &str = "CM_POLICY";
+/// Policy verdict counters per direction and peer cluster.
+pub const POLICY_STATS: &str = "CM_POLICY_STATS";
+/// Unconnected UDP flows of endpoints with ingress policy (their replies pass).
+pub const UDP_FLOWS: &str = "CM_UDP_FLOWS";
 /// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
 pub const MAX_GROUPS: usize = 9;
 /// Every map the object pins, in the order they are removed.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 15] = [
+    ENDPOINTS,
+    POLICY,
+    POLICY_STATS,
+    UDP_FLOWS,
     SERVICES,
     GROUPS,
     BACKEND_IDS,
@@ -117,7 +129,10 @@ impl Sizes {
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
-pub const LAYOUT: [(&str, u32, u32); 10] = [
+pub const LAYOUT: [(&str, u32, u32); 13] = [
+    (ENDPOINTS, 8, 8),
+    (POLICY, 16, 8),
+    (UDP_FLOWS, 32, 1),
     (SERVICES, 20, SVC_VAL_LEN as u32),
     (BACKEND_IDS, 24, 32),
     (GROUPS, 8, 80),
@@ -149,14 +164,16 @@ pub enum Proto {
 }
 
 impl Proto {
-    fn number(self) -> u8 {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
         match self {
             Self::Tcp => 6,
             Self::Udp => 17,
         }
     }
 
-    fn from_number(n: u8) -> Option<Self> {
+    /// The protocol of an IP protocol number (TCP and UDP only).
+    pub fn from_number(n: u8) -> Option<Self> {
         match n {
             6 => Some(Self::Tcp),
             17 => Some(Self::Udp),
@@ -482,6 +499,15 @@ pub fn parse_backend_ref(v: &BackendRef) -> (u32, Option<SocketAddr>) {
 
 /// `config.flags`: TCP sockets keep no per-socket state (getpeername shows the backend).
 pub const CFG_NO_PEER_REWRITE: u32 = 1;
+/// `struct endpoint`: identity, `EP_*` flags.
+pub type EndpointVal = [u8; 8];
+/// The data of a `struct policy_key` (after its prefix length).
+pub type PolicyData = [u8; 12];
+/// `struct policy_val`.
+pub type PolicyVal = [u8; 8];
+
+/// `config.flags`: some endpoint has a policy (the programs look callers up in `CM_ENDPOINTS`).
+pub const CFG_POLICY: u32 = 2;
 
 /// The programs' settings (`struct config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -437,6 +437,8 @@ pub struct Programmer {
     /// Backend → the frontend its `CM_BACKEND_IDS` entry names (for getpeername() of TCP
     /// sockets marked at connect()).
     fronts: HashMap<SocketAddr, SocketAddr>,
+    /// What the policy maps hold.
+    policy: crate::policy::Tables,
     next_svc: u32,
     next_backend: u32,
     batching: bool,
@@ -558,8 +560,10 @@ impl Programmer {
         }
         let next_svc = services.values().map(|s| s.entry.id).max().unwrap_or(0) + 1;
         let next_backend = backend_ids.values().copied().max().unwrap_or(0) + 1;
+        let policy = crate::policy::Tables::learn(&dp)?;
         let mut p = Self {
             dp,
+            policy,
             services,
             backend_ids,
             health,
@@ -1140,6 +1144,27 @@ impl Programmer {
             .iter()
             .map(|(f, i)| (*f, tier_shares(&i.entry).to_vec()))
             .collect()
+    }
+
+    /// Makes the policy entries of local identity `local` those of `rules` (none: empty);
+    /// see [`crate::policy::Tables::set_identity`].
+    pub fn set_identity_policy(
+        &mut self,
+        local: u32,
+        rules: &[crate::policy::Rule],
+    ) -> Result<Ops, Error> {
+        self.policy.set_identity(&mut self.dp, local, rules)
+    }
+
+    /// Makes the local endpoints those of `endpoints`; see
+    /// [`crate::policy::Tables::set_endpoints`].
+    pub fn set_endpoints(&mut self, endpoints: &[crate::policy::Endpoint]) -> Result<Ops, Error> {
+        self.policy.set_endpoints(&mut self.dp, endpoints)
+    }
+
+    /// What the policy maps hold, as the agent wrote them.
+    pub fn policy_tables(&self) -> &crate::policy::Tables {
+        &self.policy
     }
 
     /// The datapath, to change its settings.

@@ -1,0 +1,419 @@
+//! Identity policy in the real kernel: processes in pod cgroups under the node's cgroup, each
+//! with its own loopback address mapped to an identity in the IP cache. Egress is refused at
+//! `connect()`/`sendmsg()` (after service translation) with `EPERM`; ingress drops a new
+//! connection's SYN or an unsolicited datagram at the receiving pod's cgroup; replies to what
+//! a pod opened itself always pass. Needs root and bpffs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::{Node, spec};
+use node_agent::maps::{Frontend, Proto};
+use node_agent::policy::{self, Direction, Endpoint, Outcome, Rule};
+use node_agent::program::{DesiredService, Programmer};
+use serde_json::Value;
+
+const A: u32 = 0x0001_0101; // client "x-wing"
+const B: u32 = 0x0001_0102; // client with other labels
+const S: u32 = 0x0002_0103; // server "rebel-base", cluster 2
+const T: u32 = 0x0003_0104; // another server, cluster 3
+
+const SERVER: &str = r#"
+import socket, sys, threading
+name, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = socket.socket()
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind((ip, port))
+t.listen(512)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((ip, port))
+def udp():
+    while True:
+        data, src = u.recvfrom(64)
+        u.sendto((name + "\n").encode(), src)
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    c, _ = t.accept()
+    try:
+        c.sendall((name + "\n").encode())
+    finally:
+        c.close()
+"#;
+
+/// `n` attempts from `src` to `dst`: TCP connect + read, or a UDP datagram + its answer.
+const CLIENT: &str = r#"
+import json, socket, sys
+mode, src, host, port, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ok, errors = {}, {}
+for _ in range(n):
+    try:
+        if mode == "tcp":
+            s = socket.socket()
+            s.settimeout(0.5)
+            s.bind((src, 0))
+            s.connect((host, port))
+            name = s.recv(64).decode().strip()
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(0.5)
+            s.bind((src, 0))
+            s.sendto(b"hi", (host, port))
+            name = s.recvfrom(64)[0].decode().strip()
+        s.close()
+        ok[name] = ok.get(name, 0) + 1
+    except Exception as e:
+        key = type(e).__name__
+        errors[key] = errors.get(key, 0) + 1
+print(json.dumps({"ok": ok, "errors": errors}))
+"#;
+
+/// A pod: a child cgroup of the node's cgroup, removed on drop.
+struct PodCgroup {
+    path: PathBuf,
+    id: u64,
+}
+
+impl PodCgroup {
+    fn new(node: &Node, name: &str) -> Self {
+        let path = node.cgroup.join(name);
+        std::fs::create_dir(&path).unwrap();
+        let id = std::fs::metadata(&path).unwrap().ino();
+        Self { path, id }
+    }
+
+    fn endpoint(&self, identity: u32, ingress: bool, egress: bool) -> Endpoint {
+        Endpoint {
+            cgroup_id: self.id,
+            identity,
+            ingress,
+            egress,
+        }
+    }
+
+    fn join(&self) -> String {
+        format!("echo $$ > {}/cgroup.procs && ", self.path.display())
+    }
+
+    /// Runs the client inside this pod.
+    fn client(&self, mode: &str, src: &str, dst: SocketAddr, n: usize) -> Value {
+        let cmd = format!(
+            "{}exec python3 -c '{}' {mode} {src} {} {} {n}",
+            self.join(),
+            CLIENT.replace('\'', "'\\''"),
+            dst.ip(),
+            dst.port()
+        );
+        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        assert!(
+            out.status.success(),
+            "client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Starts a TCP+UDP server named `name` inside this pod.
+    fn server(&self, name: &str, addr: SocketAddr) -> Server {
+        let cmd = format!(
+            "{}exec python3 -c '{}' {name} {} {}",
+            self.join(),
+            SERVER.replace('\'', "'\\''"),
+            addr.ip(),
+            addr.port()
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "server {name} on {addr}");
+        Server(child)
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ok(run: &Value, name: &str) -> u64 {
+    run["ok"][name].as_u64().unwrap_or(0)
+}
+
+fn errors(run: &Value, kind: &str) -> u64 {
+    run["errors"][kind].as_u64().unwrap_or(0)
+}
+
+fn egress(
+    remote: Option<u32>,
+    proto: Option<Proto>,
+    ports: Option<(u16, u16)>,
+    deny: bool,
+) -> Rule {
+    Rule {
+        direction: Direction::Egress,
+        remote,
+        proto,
+        ports,
+        deny,
+        rule: 0,
+    }
+}
+
+fn ingress(remote: Option<u32>, proto: Option<Proto>, ports: Option<(u16, u16)>) -> Rule {
+    Rule {
+        direction: Direction::Ingress,
+        remote,
+        proto,
+        ports,
+        deny: false,
+        rule: 1,
+    }
+}
+
+fn ipcache(entries: &[(&str, u32, u16)]) -> HashMap<IpAddr, (u32, u16)> {
+    entries
+        .iter()
+        .map(|(ip, id, c)| (ip.parse().unwrap(), (*id, *c)))
+        .collect()
+}
+
+fn counts(p: &Programmer) -> HashMap<(Direction, Outcome, u16), u64> {
+    policy::verdict_counts(p.datapath(), &[0, 1, 2, 3])
+        .unwrap()
+        .into_iter()
+        .map(|(c, d, o, n)| ((d, o, c), n))
+        .collect()
+}
+
+#[test]
+fn egress_and_ingress_by_identity_with_ports_deny_and_replies() {
+    let node = Node::new();
+    let (a, b, s, t) = (
+        PodCgroup::new(&node, "x-wing"),
+        PodCgroup::new(&node, "other"),
+        PodCgroup::new(&node, "rebel-base"),
+        PodCgroup::new(&node, "tie"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.6.3:{port}").parse().unwrap();
+    let t_addr: SocketAddr = format!("127.0.6.4:{port}").parse().unwrap();
+    let _s = s.server("rebel-base", s_addr);
+    let _t = t.server("tie", t_addr);
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[
+        ("127.0.6.1", A, 1),
+        ("127.0.6.2", B, 1),
+        ("127.0.6.3", S, 2),
+        ("127.0.6.4", T, 3),
+    ]))
+    .unwrap();
+    // A service in front of each server: egress is decided on the backend chosen.
+    let vip_s: SocketAddr = "127.100.6.3:80".parse().unwrap();
+    let vip_t: SocketAddr = "127.100.6.4:80".parse().unwrap();
+    let svc = |vip: SocketAddr, be: SocketAddr| DesiredService {
+        frontend: Frontend {
+            addr: vip,
+            proto: Proto::Tcp,
+        },
+        service: None,
+        tiers: [vec![spec(be, 2)], vec![]],
+        balancing: Default::default(),
+    };
+    p.apply(&[svc(vip_s, s_addr), svc(vip_t, t_addr)]).unwrap();
+
+    // No policy: everything flows.
+    assert_eq!(ok(&a.client("tcp", "127.0.6.1", t_addr, 3), "tie"), 3);
+
+    // x-wing: egress to rebel-base on TCP `port` only; UDP to anything on `port`; TCP to tie
+    // denied explicitly even though a range would allow it.
+    let rules = [
+        egress(Some(S), Some(Proto::Tcp), Some((port, port)), false),
+        egress(None, Some(Proto::Udp), Some((port, port)), false),
+        egress(
+            Some(T),
+            Some(Proto::Tcp),
+            Some((port.saturating_sub(5), port + 5)),
+            false,
+        ),
+        egress(Some(T), Some(Proto::Tcp), Some((port, port)), true),
+    ];
+    p.set_identity_policy(A, &rules).unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, true)]).unwrap();
+    let to_s = a.client("tcp", "127.0.6.1", s_addr, 5);
+    assert_eq!(ok(&to_s, "rebel-base"), 5, "{to_s}");
+    let via_vip = a.client("tcp", "127.0.6.1", vip_s, 5);
+    assert_eq!(ok(&via_vip, "rebel-base"), 5, "{via_vip}");
+    let to_t = a.client("tcp", "127.0.6.1", t_addr, 3);
+    assert_eq!(errors(&to_t, "PermissionError"), 3, "deny wins: {to_t}");
+    let t_vip = a.client("tcp", "127.0.6.1", vip_t, 3);
+    assert_eq!(
+        errors(&t_vip, "PermissionError"),
+        3,
+        "after translation: {t_vip}"
+    );
+    let udp_t = a.client("udp", "127.0.6.1", t_addr, 3);
+    assert_eq!(ok(&udp_t, "tie"), 3, "UDP allowed to any peer: {udp_t}");
+    // Another pod is not selected: unaffected.
+    assert_eq!(ok(&b.client("tcp", "127.0.6.2", t_addr, 2), "tie"), 2);
+
+    // rebel-base: ingress from x-wing on TCP and UDP `port` only. Its own outbound
+    // connection to tie (no egress policy) gets its replies: a SYN-ACK is no new connection.
+    p.set_identity_policy(S, &[ingress(Some(A), None, Some((port, port)))])
+        .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, true), s.endpoint(S, true, false)])
+        .unwrap();
+    assert_eq!(
+        ok(&a.client("tcp", "127.0.6.1", s_addr, 5), "rebel-base"),
+        5
+    );
+    assert_eq!(
+        ok(&a.client("udp", "127.0.6.1", s_addr, 3), "rebel-base"),
+        3
+    );
+    let from_b = b.client("tcp", "127.0.6.2", s_addr, 2);
+    assert_eq!(errors(&from_b, "TimeoutError"), 2, "SYN dropped: {from_b}");
+    let udp_b = b.client("udp", "127.0.6.2", s_addr, 2);
+    assert_eq!(
+        errors(&udp_b, "TimeoutError"),
+        2,
+        "datagram dropped: {udp_b}"
+    );
+    let out_s = s.client("tcp", "127.0.6.3", t_addr, 3);
+    assert_eq!(ok(&out_s, "tie"), 3, "replies pass: {out_s}");
+    let udp_out_s = s.client("udp", "127.0.6.3", t_addr, 3);
+    assert_eq!(ok(&udp_out_s, "tie"), 3, "UDP replies pass: {udp_out_s}");
+
+    let c = counts(&p);
+    println!("verdicts: {c:?}");
+    assert!(c[&(Direction::Egress, Outcome::Allowed, 2)] >= 10);
+    assert!(c[&(Direction::Egress, Outcome::DeniedByPolicy, 3)] >= 6);
+    assert!(c[&(Direction::Ingress, Outcome::Allowed, 1)] >= 8);
+    assert!(c[&(Direction::Ingress, Outcome::DeniedByDefault, 1)] >= 4);
+
+    // The agent goes away: enforcement stays; a new agent learns the tables and the same
+    // state writes nothing.
+    drop(p);
+    let meanwhile = b.client("tcp", "127.0.6.2", s_addr, 1);
+    assert_eq!(errors(&meanwhile, "TimeoutError"), 1, "{meanwhile}");
+    let mut p = node.open();
+    let w = p.set_identity_policy(A, &rules).unwrap();
+    let w2 = p
+        .set_identity_policy(S, &[ingress(Some(A), None, Some((port, port)))])
+        .unwrap();
+    let w3 = p
+        .set_endpoints(&[a.endpoint(A, false, true), s.endpoint(S, true, false)])
+        .unwrap();
+    assert_eq!(
+        (
+            w.writes + w2.writes + w3.writes,
+            w.deletes + w2.deletes + w3.deletes
+        ),
+        (0, 0)
+    );
+
+    // Policies gone: the endpoints first, then their entries; everything flows again.
+    p.set_endpoints(&[]).unwrap();
+    p.set_identity_policy(A, &[]).unwrap();
+    p.set_identity_policy(S, &[]).unwrap();
+    assert_eq!(p.datapath().policy.iter().count(), 0);
+    assert_eq!(ok(&a.client("tcp", "127.0.6.1", t_addr, 2), "tie"), 2);
+    assert_eq!(
+        ok(&b.client("tcp", "127.0.6.2", s_addr, 2), "rebel-base"),
+        2
+    );
+}
+
+/// A new remote identity appearing changes no verdict of an existing one, and its own entry
+/// takes effect with the next connection; one identity's entries are rewritten without a
+/// window in which an allowed port is refused.
+#[test]
+fn a_new_remote_identity_is_added_without_touching_the_others() {
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "x-wing"),
+        PodCgroup::new(&node, "rebel-base"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.7.3:{port}").parse().unwrap();
+    let s2_addr: SocketAddr = format!("127.0.7.5:{port}").parse().unwrap();
+    let _s = s.server("rebel-base", s_addr);
+    let _s2 = s.server("rebel-base-2", s2_addr);
+    let mut p = node.open();
+    let s2 = 0x0002_0199;
+    p.apply_ipcache(&ipcache(&[("127.0.7.3", S, 2), ("127.0.7.5", s2, 2)]))
+        .unwrap();
+    let allow = |ids: &[u32]| -> Vec<Rule> {
+        ids.iter()
+            .map(|id| egress(Some(*id), Some(Proto::Tcp), None, false))
+            .collect()
+    };
+    p.set_identity_policy(A, &allow(&[S])).unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, true)]).unwrap();
+    let loop_client = {
+        let cmd = format!(
+            "{}exec python3 -c '{}' tcp 127.0.7.1 {} {} 400",
+            a.join(),
+            CLIENT.replace('\'', "'\\''"),
+            s_addr.ip(),
+            s_addr.port()
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    assert_eq!(
+        errors(&a.client("tcp", "127.0.7.1", s2_addr, 1), "PermissionError"),
+        1
+    );
+    // While the loop runs: the new identity is allowed (entries for S untouched).
+    let before = p.policy_tables().entries(A).unwrap().clone();
+    let ops = p.set_identity_policy(A, &allow(&[S, s2])).unwrap();
+    assert_eq!(
+        (ops.writes, ops.deletes),
+        (1, 0),
+        "one new entry, none rewritten"
+    );
+    let after = p.policy_tables().entries(A).unwrap();
+    assert!(before.iter().all(|(k, v)| after.get(k) == Some(v)));
+    assert_eq!(
+        ok(&a.client("tcp", "127.0.7.1", s2_addr, 2), "rebel-base-2"),
+        2
+    );
+    let out = loop_client.wait_with_output().unwrap();
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        ok(&run, "rebel-base"),
+        400,
+        "no refusal during the change: {run}"
+    );
+    p.set_endpoints(&[]).unwrap();
+    p.set_identity_policy(A, &[]).unwrap();
+}
