@@ -105,6 +105,7 @@ async fn main() {
                 pod: Some(model::PodRef {
                     namespace: "default".into(),
                     name: format!("pod-{i}"),
+                    uid: String::new(),
                 }),
             };
             (keys::object(Scope::Cache, &ep), ep.encode())

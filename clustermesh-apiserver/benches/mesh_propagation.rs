@@ -186,6 +186,7 @@ fn endpoint(cluster: &ClusterName, id: ClusterId, i: usize) -> (String, Vec<u8>)
         pod: Some(model::PodRef {
             namespace: "default".into(),
             name: format!("pod-{i}"),
+            uid: String::new(),
         }),
     };
     (keys::object(Scope::State, &ep), ep.encode())

@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod desired;
 pub mod health;
 pub mod maps;
+pub mod pods;
 pub mod policy;
 pub mod program;
 pub mod state_server;

@@ -861,6 +861,7 @@ impl Exporter {
                 pod: Some(PodRef {
                     namespace: ns.clone(),
                     name: pod.name_any(),
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
                 }),
             };
             items.push((keys::object(Scope::State, &ep), ep.encode()));

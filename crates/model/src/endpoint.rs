@@ -15,6 +15,10 @@ pub struct PodRef {
     pub namespace: String,
     /// The pod's name.
     pub name: String,
+    /// The pod's UID (empty when the sender did not say): a node agent finds the pod's cgroup
+    /// by it.
+    #[serde(default)]
+    pub uid: String,
 }
 
 /// An IP address of a workload and its security identity.

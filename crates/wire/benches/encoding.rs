@@ -23,6 +23,7 @@ fn endpoint(i: u32) -> Endpoint {
         pod: Some(PodRef {
             namespace: "shop".into(),
             name: format!("cart-7d9f8b6c5-{i:05}"),
+            uid: format!("4f1c2d3e-0000-4000-8000-{i:012}"),
         }),
     }
 }

@@ -194,6 +194,7 @@ impl Codec for Endpoint {
             .as_ref()
             .map(|p| (p.namespace.clone(), p.name.clone()))
             .unwrap_or_default();
+        let pod_uid = self.pod.as_ref().map(|p| p.uid.clone()).unwrap_or_default();
         pb::Endpoint {
             cluster: self.cluster.to_string(),
             ip: ip_to_bytes(&self.ip),
@@ -201,6 +202,7 @@ impl Codec for Endpoint {
             node: self.node.to_string(),
             pod_namespace,
             pod_name,
+            pod_uid,
         }
     }
 
@@ -211,6 +213,7 @@ impl Codec for Endpoint {
             (false, false) => Some(PodRef {
                 namespace: m.pod_namespace,
                 name: m.pod_name,
+                uid: m.pod_uid,
             }),
             _ => {
                 return Err(field(M, "pod_name")(

@@ -82,6 +82,7 @@ fn every_kind_round_trips() {
         pod: Some(PodRef {
             namespace: "shop".into(),
             name: "cart-1".into(),
+            uid: "8d0b8a9e-2f7c-4a53-9b1e-3c5d6e7f8a90".into(),
         }),
     };
     assert_eq!(Endpoint::decode(&ep.encode()).unwrap(), ep);

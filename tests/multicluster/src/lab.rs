@@ -876,7 +876,31 @@ impl Lab {
         let ip4 = Ipv4Addr::new(10, x, 16 * c.index + ni as u8 + 1, 10 + n.pods);
         let netns = format!("cm{x}-{cluster}-{name}");
         self.plug(&netns, ip4)?;
-        let cgroup = n.cgroup.join(name);
+        let node_cgroup = n.cgroup.clone();
+        let client = self.client(cluster).await?;
+        ensure_namespace(&client, namespace).await?;
+        let pod_obj: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "lab"}]},
+            "status": {
+                "phase": "Running",
+                "podIP": ip4.to_string(),
+                "podIPs": [{"ip": ip4.to_string()}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }))?;
+        let created = test_support::kube::create_with_status(
+            &Api::<Pod>::namespaced(client, namespace),
+            &pod_obj,
+        )
+        .await?;
+        // Named as kubelet's cgroupfs driver names a pod's cgroup: the node agent finds the
+        // pod's cgroup (for its identity) by the pod's UID.
+        let uid = created
+            .metadata
+            .uid
+            .ok_or_else(|| anyhow!("pod {namespace}/{name} has no UID"))?;
+        let cgroup = node_cgroup.join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup)?;
         let pod = PodState {
             namespace: namespace.into(),
@@ -894,23 +918,6 @@ impl Lab {
             c.pods.push(pod.clone());
         }
         self.save()?;
-        let client = self.client(cluster).await?;
-        ensure_namespace(&client, namespace).await?;
-        let pod_obj: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "lab"}]},
-            "status": {
-                "phase": "Running",
-                "podIP": ip4.to_string(),
-                "podIPs": [{"ip": ip4.to_string()}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-            },
-        }))?;
-        test_support::kube::create_with_status(
-            &Api::<Pod>::namespaced(client, namespace),
-            &pod_obj,
-        )
-        .await?;
         Ok(pod)
     }
 
