@@ -129,3 +129,6 @@ pub use resolver::Resolver;
 pub use rule::{
     Direction, Entity, L4, PeerRule, Peers, Policy, PolicyKind, PolicyRef, PortSpec, Rule, Verdict,
 };
+
+#[cfg(test)]
+mod tests;
