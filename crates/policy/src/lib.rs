@@ -75,8 +75,9 @@
 //!   `NetworkPolicy` `ipBlock` peers (a CIDR cannot be mapped onto identities faithfully: as
 //!   WORLD it would over-allow or under-allow pod addresses).
 //! * A `toPorts` entry with no `ports` is refused instead of meaning every port.
-//! * Cilium port `0` (or no `port`) means every port of the protocol; Kubernetes ports must be
-//!   1–65535 and no `port` means every port.
+//! * Ports: Cilium requires `port` and reads `"0"` as every port of the protocol; Kubernetes
+//!   ports must be 1–65535 and no `port` means every port of the protocol. An `endPort` of 0
+//!   counts as absent.
 //!
 //! # Example
 //!

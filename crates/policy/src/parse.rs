@@ -431,7 +431,8 @@ fn in_range(value: u64, min: u16, path: &str) -> Result<u16> {
         })
 }
 
-/// `port` (`None` or 0 = every port when `zero_is_all`) and `endPort` → a port range.
+/// `port` (absent, or 0 where `min_port` allows it: every port) and `endPort` (absent or 0:
+/// none) → a port range.
 fn port_range(o: &Obj, path: &str, min_port: u16, proto: L4) -> Result<PortSpec> {
     let port_path = join(path, "port");
     let port = field(o, "port")

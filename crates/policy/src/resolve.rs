@@ -201,7 +201,8 @@ pub(crate) fn finish(ep: &mut EndpointPolicy) {
 /// Resolves `policies` against `identities` for the endpoints of `local_cluster`.
 ///
 /// Identities with a reserved number are ignored (entities stand for them); when an identity
-/// number appears twice the last one counts.
+/// number appears twice the last one counts. Every policy given applies, even two with the same
+/// origin ([`crate::Resolver`] keeps one policy per origin).
 pub fn resolve(
     policies: &[Policy],
     identities: &[IdentityInfo],

@@ -788,6 +788,16 @@ fn performance_of_10000_identities_and_100_endpoints() {
         resolver.upsert_identity(i.clone());
     }
     let load_time = t.elapsed();
+    let t = Instant::now();
+    let mut identities_first = Resolver::new(east.clone(), Options::default());
+    for i in &identities {
+        identities_first.upsert_identity(i.clone());
+    }
+    for p in &policies {
+        identities_first.upsert_policy(p.clone());
+    }
+    let load_identities_first = t.elapsed();
+    drop(identities_first);
 
     // one remote identity changes labels: leaves svc-0's policies, joins svc-7's
     let mut moved = identities[100].clone();
@@ -827,7 +837,8 @@ fn performance_of_10000_identities_and_100_endpoints() {
     println!(
         "policy performance ({build} build): {} identities, {} endpoints, {} policies\n  \
          resolve: {full_time:?}, {entries} entries ({:.0} per endpoint)\n  \
-         Resolver initial load: {load_time:?}\n  \
+         Resolver initial load: {load_time:?} (policies first), \
+         {load_identities_first:?} (identities first)\n  \
          one remote identity relabelled: {change_time:?}, {} endpoints changed; \
          reading them back: {reread_time:?} ({reread} entries)\n  \
          one local identity added: {local_time:?}, {} endpoints changed\n  \

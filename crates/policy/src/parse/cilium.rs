@@ -214,6 +214,12 @@ fn port(v: &Value, path: &str) -> Result<PortSpec> {
             });
         }
     };
+    // Cilium requires a port; "0" is its wildcard.
+    if field(o, "port").is_none() {
+        return Err(Error::Missing {
+            path: join(path, "port"),
+        });
+    }
     port_range(o, path, 0, proto)
 }
 

@@ -332,6 +332,10 @@ fn every_refusal_names_its_field() {
         ),
         (
             with(json!({"ingress": [{"toPorts": [{"ports": [{"endPort": 90}]}]}]})),
+            "spec.ingress[0].toPorts[0].ports[0].port: required",
+        ),
+        (
+            with(json!({"ingress": [{"toPorts": [{"ports": [{"port": "0", "endPort": 90}]}]}]})),
             "spec.ingress[0].toPorts[0].ports[0].endPort: needs a port number to start from",
         ),
         (
