@@ -15,6 +15,7 @@ pub mod exporter;
 pub mod mesh;
 pub mod metrics;
 pub mod node_agents;
+pub mod policies;
 pub mod publish;
 pub mod readiness;
 
@@ -303,6 +304,16 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             nodes_tx,
             metrics.clone(),
         ))));
+        // Network policies, for this cluster's node agents only; followed on every replica.
+        let (policies_tx, policies_rx) = watch::channel(Default::default());
+        mesh_tasks.push(AbortOnDrop(tokio::spawn(policies::follow(
+            client.clone(),
+            policies_tx,
+            metrics.clone(),
+            Arc::new(|v: &serde_json::Value| {
+                policy::parse(v).map(|_| ()).map_err(|e| e.to_string())
+            }),
+        ))));
         let service = mesh::server::MeshService::new(
             config.cluster_name.clone(),
             config.cluster_id,
@@ -312,7 +323,8 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
             nodes_rx,
             metrics.clone(),
             mesh_stop_rx,
-        );
+        )
+        .with_policies(policies_rx);
         let (addr, task) = mesh::server::spawn(config.mesh_bind, tls, service)
             .await
             .with_context(|| format!("listen on {}", config.mesh_bind))?;

@@ -40,10 +40,24 @@ pub const PEER_BYTES: &str = "clustermesh_peer_received_bytes_total";
 pub const PEER_REJECTED: &str = "clustermesh_peer_rejected_objects_total";
 /// 1 while a peer is `Ready` (connected and in sync), 0 otherwise, per configured peer.
 pub const PEER_READY: &str = "clustermesh_peer_ready";
+/// Network policies of this cluster, valid (served to node agents) and refused.
+pub const POLICIES: &str = "clustermesh_network_policies";
+/// Policies streams opened by node agents and admins.
+pub const POLICY_STREAMS: &str = "clustermesh_mesh_api_policy_streams_total";
 
 /// A registry with every apiserver metric declared.
 pub fn registry() -> Registry {
     let r = Registry::new();
+    r.gauge(
+        POLICIES,
+        "Network policies of this cluster: valid (served to its node agents) and refused (invalid, not enforced).",
+        &["state"],
+    );
+    r.counter(
+        POLICY_STREAMS,
+        "Mesh API Policies streams opened (node agents and admins of this cluster).",
+        &[],
+    );
     r.gauge(
         EXPORTED,
         "Objects this cluster exports, by kind.",

@@ -757,6 +757,17 @@ impl wire::pb::mesh_server::Mesh for EvilPeer {
 
     type WatchStream =
         tokio_stream::wrappers::ReceiverStream<Result<pb::WatchResponse, tonic::Status>>;
+    type PoliciesStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::PoliciesResponse, tonic::Status>>;
+
+    async fn policies(
+        &self,
+        _: tonic::Request<pb::PoliciesRequest>,
+    ) -> Result<tonic::Response<Self::PoliciesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "a fake peer serves no policies",
+        ))
+    }
 
     async fn watch(
         &self,
@@ -1300,6 +1311,17 @@ impl wire::pb::mesh_server::Mesh for ClaimingPeer {
 
     type WatchStream =
         tokio_stream::wrappers::ReceiverStream<Result<pb::WatchResponse, tonic::Status>>;
+    type PoliciesStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::PoliciesResponse, tonic::Status>>;
+
+    async fn policies(
+        &self,
+        _: tonic::Request<pb::PoliciesRequest>,
+    ) -> Result<tonic::Response<Self::PoliciesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "a fake peer serves no policies",
+        ))
+    }
 
     async fn watch(
         &self,

@@ -6,4 +6,5 @@ pub mod grants;
 pub use meshapi::client;
 pub mod importer;
 pub mod nodes;
+pub mod policy_stream;
 pub mod server;

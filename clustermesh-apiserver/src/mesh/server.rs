@@ -274,13 +274,15 @@ pub struct MeshService {
     stop: watch::Receiver<bool>,
     watches: Arc<Slots>,
     budget: Arc<tokio::sync::Semaphore>,
+    /// The cluster's network policies; `None`: not served by this instance.
+    policies: Option<crate::policies::Receiver>,
 }
 
 /// What an open stream's admission rests on, re-checked whenever it changes: a disconnected
 /// peer's streams end at once (its grant is gone), and so do a node agent's when its Node is
 /// deleted.
 #[derive(Debug)]
-enum Recheck {
+pub(crate) enum Recheck {
     /// A peer: its grant must still list this certificate.
     Grant {
         identity: MeshIdentity,
@@ -296,7 +298,7 @@ enum Recheck {
 }
 
 impl Recheck {
-    fn admitted(&self) -> Result<(), String> {
+    pub(crate) fn admitted(&self) -> Result<(), String> {
         match self {
             Self::Grant {
                 identity,
@@ -313,7 +315,7 @@ impl Recheck {
         }
     }
 
-    fn identity(&self) -> &MeshIdentity {
+    pub(crate) fn identity(&self) -> &MeshIdentity {
         match self {
             Self::Grant { identity, .. } | Self::Node { identity, .. } => identity,
         }
@@ -332,7 +334,7 @@ impl Recheck {
 }
 
 /// Resolves when the caller's standing changes (never, for callers without a recheck).
-async fn standing_changed(r: &mut Option<Recheck>) {
+pub(crate) async fn standing_changed(r: &mut Option<Recheck>) {
     match r {
         Some(rc) => rc.changed().await,
         None => std::future::pending().await,
@@ -364,7 +366,14 @@ impl MeshService {
             stop,
             watches: Arc::default(),
             budget: Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_BYTES)),
+            policies: None,
         }
+    }
+
+    /// Serves the cluster's network policies from `rx` to its node agents and admins.
+    pub fn with_policies(mut self, rx: crate::policies::Receiver) -> Self {
+        self.policies = Some(rx);
+        self
     }
 
     fn caller<T>(req: &Request<T>) -> Result<(MeshIdentity, String), Status> {
@@ -690,6 +699,33 @@ impl Mesh for MeshService {
     }
 
     type WatchStream = WatchStream;
+    type PoliciesStream = crate::mesh::policy_stream::PoliciesStream;
+
+    async fn policies(
+        &self,
+        request: Request<pb::PoliciesRequest>,
+    ) -> Result<Response<Self::PoliciesStream>, Status> {
+        let (view, recheck) = self.admit(&request)?;
+        if let View::Peer(c) = &view {
+            self.metrics.inc(m::MESH_DENIED, &[]);
+            tracing::warn!(peer = %c, "Mesh API Policies refused: policies never leave their cluster");
+            return Err(Status::permission_denied(format!(
+                "peer {c} may not read cluster {}'s network policies: they never leave their cluster",
+                self.cluster
+            )));
+        }
+        let Some(rx) = self.policies.clone() else {
+            return Err(Status::unavailable(
+                "this apiserver does not serve network policies",
+            ));
+        };
+        self.metrics.inc(m::POLICY_STREAMS, &[]);
+        Ok(Response::new(crate::mesh::policy_stream::serve(
+            rx,
+            recheck,
+            self.stop.clone(),
+        )))
+    }
 
     async fn watch(
         &self,

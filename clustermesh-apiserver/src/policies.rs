@@ -1,0 +1,275 @@
+//! This cluster's network policies, followed from Kubernetes for the Mesh API's `Policies`
+//! stream to its own node agents (never to peers: policies are cluster-local).
+//!
+//! Three sources: `cilium.io/v2` CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy, and
+//! `networking.k8s.io/v1` NetworkPolicy. Each object is validated as a whole
+//! ([`policy::parse`]); an invalid one is refused alone — logged with its field, counted, kept
+//! in the set's `refused` list for `status`/`check` — and never served in part. A failed list
+//! or a broken watch keeps the last good set of that source (a fault is not a deletion); only a
+//! complete re-list or a delete event removes a policy. A CRD that is not installed (404) is a
+//! source with nothing in it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher;
+use telemetry::metrics::Registry;
+use tokio::sync::watch;
+
+use crate::metrics as m;
+
+/// A policy's key: kind, namespace (empty for cluster-wide), name.
+pub type PolicyKey = (String, String, String);
+
+/// The policies of the cluster as the apiserver serves them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PolicySet {
+    /// Every source has been listed once: the set is complete.
+    pub synced: bool,
+    /// Valid policies: key → the object as Kubernetes stores it (JSON).
+    pub valid: BTreeMap<PolicyKey, Arc<Vec<u8>>>,
+    /// Invalid policies: key → why.
+    pub refused: BTreeMap<PolicyKey, String>,
+}
+
+/// The receiving end the Mesh API serves from.
+pub type Receiver = watch::Receiver<Arc<PolicySet>>;
+
+/// The sources, in a fixed order.
+const SOURCES: [(&str, &str, &str, &str, bool); 3] = [
+    // kind, group, version, plural, namespaced
+    (
+        "CiliumNetworkPolicy",
+        "cilium.io",
+        "v2",
+        "ciliumnetworkpolicies",
+        true,
+    ),
+    (
+        "CiliumClusterwideNetworkPolicy",
+        "cilium.io",
+        "v2",
+        "ciliumclusterwidenetworkpolicies",
+        false,
+    ),
+    (
+        "NetworkPolicy",
+        "networking.k8s.io",
+        "v1",
+        "networkpolicies",
+        true,
+    ),
+];
+
+/// One source's objects, as complete lists and events leave them.
+#[derive(Debug, Default)]
+struct Source {
+    listed: bool,
+    objects: BTreeMap<(String, String), serde_json::Value>,
+    relist: Option<BTreeMap<(String, String), serde_json::Value>>,
+}
+
+impl Source {
+    /// Applies a watcher event; true when the source's objects (or its listed state) changed.
+    fn apply(&mut self, ev: watcher::Event<DynamicObject>) -> bool {
+        let key = |o: &DynamicObject| {
+            (
+                o.metadata.namespace.clone().unwrap_or_default(),
+                o.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        let value = |o: &DynamicObject| serde_json::to_value(o).unwrap_or_default();
+        match ev {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(o) => {
+                if let Some(r) = self.relist.as_mut() {
+                    r.insert(key(&o), value(&o));
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(r) = self.relist.take() {
+                    self.objects = r;
+                }
+                self.listed = true;
+                true
+            }
+            watcher::Event::Apply(o) => {
+                self.objects.insert(key(&o), value(&o));
+                true
+            }
+            watcher::Event::Delete(o) => {
+                self.objects.remove(&key(&o));
+                true
+            }
+        }
+    }
+}
+
+/// Validates every object of `sources` into a set.
+fn build(
+    sources: &[Source],
+    validate: &dyn Fn(&serde_json::Value) -> Result<(), String>,
+) -> PolicySet {
+    let mut set = PolicySet {
+        synced: sources.iter().all(|s| s.listed),
+        ..Default::default()
+    };
+    for ((kind, ..), src) in SOURCES.iter().zip(sources) {
+        for ((ns, name), obj) in &src.objects {
+            let key = ((*kind).to_owned(), ns.clone(), name.clone());
+            match validate(obj) {
+                Ok(()) => {
+                    let json = serde_json::to_vec(obj).unwrap_or_default();
+                    set.valid.insert(key, Arc::new(json));
+                }
+                Err(e) => {
+                    set.refused.insert(key, e);
+                }
+            }
+        }
+    }
+    set
+}
+
+/// Logs refusals that are new or changed, and the ones that went away.
+fn log_refusals(before: &PolicySet, now: &PolicySet) {
+    for (k, why) in &now.refused {
+        if before.refused.get(k) != Some(why) {
+            tracing::warn!(kind = %k.0, policy = %format!("{}/{}", k.1, k.2), reason = %why, "network policy refused: not enforced until fixed");
+        }
+    }
+    for k in before
+        .refused
+        .keys()
+        .filter(|k| !now.refused.contains_key(*k))
+    {
+        tracing::info!(kind = %k.0, policy = %format!("{}/{}", k.1, k.2), "network policy no longer refused");
+    }
+}
+
+/// Follows the policies of `client`'s cluster into `tx`, validating each with `validate`.
+pub async fn follow(
+    client: kube::Client,
+    tx: watch::Sender<Arc<PolicySet>>,
+    metrics: Registry,
+    validate: Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>,
+) {
+    let mut streams = Vec::new();
+    for (i, (kind, group, version, plural, _)) in SOURCES.iter().enumerate() {
+        let ar =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let s = watcher(api, watcher::Config::default()).map(move |ev| (i, ev));
+        streams.push(s.boxed());
+    }
+    let mut merged = futures::stream::select_all(streams);
+    let mut sources: Vec<Source> = SOURCES.iter().map(|_| Source::default()).collect();
+    let mut failing: Vec<telemetry::backoff::Backoff> = SOURCES
+        .iter()
+        .map(|_| {
+            telemetry::backoff::Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            )
+        })
+        .collect();
+    while let Some((i, ev)) = merged.next().await {
+        let changed = match ev {
+            Ok(ev) => {
+                failing[i].healthy();
+                sources[i].apply(ev)
+            }
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
+                // The CRD is not installed: no such policy can exist.
+                let newly = !sources[i].listed;
+                if newly {
+                    tracing::info!(
+                        kind = SOURCES[i].0,
+                        "not served by the Kubernetes API (CRD not installed): no such policies"
+                    );
+                }
+                sources[i].listed = true;
+                sources[i].objects.clear();
+                failing[i].wait().await;
+                newly
+            }
+            Err(e) => {
+                metrics.inc(m::ERRORS, &["policies"]);
+                tracing::warn!(kind = SOURCES[i].0, error = %e, "listing or watching network policies failed; serving the last good set");
+                failing[i].wait().await;
+                false
+            }
+        };
+        if !changed {
+            continue;
+        }
+        let next = build(&sources, validate.as_ref());
+        metrics.set(m::POLICIES, &["valid"], next.valid.len() as f64);
+        metrics.set(m::POLICIES, &["refused"], next.refused.len() as f64);
+        tx.send_if_modified(|cur| {
+            if **cur == next {
+                return false;
+            }
+            log_refusals(cur, &next);
+            *cur = Arc::new(next);
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn obj(ns: &str, name: &str, valid: bool) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"valid": valid},
+        }))
+        .unwrap()
+    }
+
+    fn validate(v: &serde_json::Value) -> Result<(), String> {
+        if v["spec"]["valid"] == true {
+            Ok(())
+        } else {
+            Err("spec.valid: must be true".into())
+        }
+    }
+
+    #[test]
+    fn only_a_complete_list_or_a_delete_removes_and_invalid_ones_are_refused_alone() {
+        use watcher::Event::*;
+        let mut sources: Vec<Source> = SOURCES.iter().map(|_| Source::default()).collect();
+        assert!(!build(&sources, &validate).synced);
+        let s = &mut sources[0];
+        s.apply(Init);
+        s.apply(InitApply(obj("a", "good", true)));
+        s.apply(InitApply(obj("a", "bad", false)));
+        assert!(s.apply(InitDone));
+        sources[1].listed = true;
+        sources[2].listed = true;
+        let set = build(&sources, &validate);
+        assert!(set.synced);
+        assert_eq!(set.valid.len(), 1);
+        assert!(set.refused.values().all(|r| r.contains("spec.valid")));
+        // A re-list that breaks off keeps everything; a delete removes one.
+        let s = &mut sources[0];
+        s.apply(Init);
+        s.apply(InitApply(obj("a", "good", true)));
+        assert_eq!(build(&sources, &validate).refused.len(), 1);
+        sources[0].apply(Delete(obj("a", "bad", false)));
+        let set = build(&sources, &validate);
+        assert_eq!((set.valid.len(), set.refused.len()), (1, 0));
+    }
+}
