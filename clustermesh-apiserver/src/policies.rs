@@ -35,6 +35,9 @@ pub struct PolicySet {
     pub refused: BTreeMap<PolicyKey, String>,
 }
 
+/// Validates one policy object (`Err`: why it is refused).
+pub type Validate = Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>;
+
 /// The receiving end the Mesh API serves from.
 pub type Receiver = watch::Receiver<Arc<PolicySet>>;
 
@@ -159,7 +162,7 @@ pub async fn follow(
     client: kube::Client,
     tx: watch::Sender<Arc<PolicySet>>,
     metrics: Registry,
-    validate: Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>,
+    validate: Validate,
 ) {
     let mut streams = Vec::new();
     for (i, (kind, group, version, plural, _)) in SOURCES.iter().enumerate() {

@@ -83,6 +83,7 @@ pub fn registry() -> Registry {
     );
     r.counter(m::RECONNECTS, "Mesh API connections lost.", &[]);
     crate::health::register(&r);
+    crate::enforce::register(&r);
     r.histogram(
         m::APPLY_SECONDS,
         "Time to apply a desired state to the maps.",
@@ -114,6 +115,11 @@ pub struct Settings {
     pub tcp_peer_rewrite: bool,
     /// Health checks.
     pub health: HealthConfig,
+    /// This node's name (its pods are the endpoints policy applies to).
+    pub node: model::NodeName,
+    /// Policy peer selectors without a cluster label select every cluster (the behaviour
+    /// before Cilium 1.19) instead of the policy's own.
+    pub policy_any_cluster: bool,
 }
 
 /// What `/state` shows besides the maps: the last desired state and what was refused of it.
@@ -205,6 +211,7 @@ impl Agent {
             metrics.set(m::BACKENDS, &[], p.backends() as f64);
         }
         let (targets_tx, targets_rx) = watch::channel(Vec::new());
+        let (inputs_tx, inputs_rx) = watch::channel(Arc::default());
         let report: Arc<Report> = Arc::default();
         let follow = tokio::spawn(follow(
             settings.clone(),
@@ -213,6 +220,22 @@ impl Agent {
             metrics.clone(),
             ready,
             targets_tx,
+            inputs_tx,
+        ));
+        let policy = Arc::new(crate::enforce::Shared::default());
+        let enforce = tokio::spawn(crate::enforce::run(
+            crate::enforce::Settings {
+                cluster: settings.cluster.clone(),
+                apiserver: settings.apiserver.clone(),
+                tls: settings.tls.clone(),
+                cgroup: settings.cgroup.clone(),
+                any_cluster: settings.policy_any_cluster,
+                rescan: std::time::Duration::from_secs(1),
+            },
+            inputs_rx,
+            Arc::clone(&programmer),
+            metrics.clone(),
+            Arc::clone(&policy),
         ));
         let health = tokio::spawn(crate::health::run(
             settings.health,
@@ -224,7 +247,7 @@ impl Agent {
             programmer,
             report,
             cluster: settings.cluster.clone(),
-            tasks: vec![follow, health],
+            tasks: vec![follow, health, enforce],
         })
     }
 
@@ -407,6 +430,7 @@ async fn follow(
     metrics: Registry,
     ready: watch::Sender<Result<(), String>>,
     targets: watch::Sender<Vec<SocketAddr>>,
+    inputs: watch::Sender<Arc<crate::enforce::Inputs>>,
 ) {
     // The workspace's resetting backoff: a session that lasted the reset period counts as
     // healthy, so later outages are retried from the minimum again.
@@ -419,8 +443,11 @@ async fn follow(
             &report,
             &programmer,
             &metrics,
-            &ready,
-            &targets,
+            &Outputs {
+                ready: &ready,
+                targets: &targets,
+                inputs: &inputs,
+            },
             &mut zones,
         )
         .await;
@@ -459,12 +486,32 @@ fn decode(view: &mut MeshView, c: &pb::Change) {
             if let Ok(ip) = c.name.parse() {
                 if delete {
                     view.identities.remove(&ip);
+                    view.pods.remove(&ip);
                 } else if let Ok(ep) = model::Endpoint::decode(&c.value) {
                     view.identities.insert(ep.ip, ep.identity);
+                    match ep.pod.filter(|p| !p.uid.is_empty()) {
+                        Some(p) => {
+                            view.pods
+                                .insert(ep.ip, (ep.node.to_string(), p.uid, ep.identity.get()));
+                        }
+                        None => {
+                            view.pods.remove(&ep.ip);
+                        }
+                    }
                 }
             }
         }
-        Kind::Identities | Kind::Nodes => {}
+        Kind::Identities => {
+            if let Ok(id) = c.name.parse::<u32>() {
+                if delete {
+                    view.labels.remove(&id);
+                } else if let Ok(identity) = model::Identity::decode(&c.value) {
+                    view.labels
+                        .insert(identity.id.get(), (identity.cluster, identity.labels));
+                }
+            }
+        }
+        Kind::Nodes => {}
     }
 }
 
@@ -567,15 +614,28 @@ fn set_ready(ready: &watch::Sender<Result<(), String>>, now: Result<(), String>,
     let _ = ready.send_replace(now);
 }
 
+/// What a session publishes besides the maps: readiness, the health checks' targets and the
+/// policy task's inputs.
+#[derive(Clone, Copy)]
+struct Outputs<'a> {
+    ready: &'a watch::Sender<Result<(), String>>,
+    targets: &'a watch::Sender<Vec<SocketAddr>>,
+    inputs: &'a watch::Sender<Arc<crate::enforce::Inputs>>,
+}
+
 async fn session(
     settings: &Settings,
     report: &Report,
     programmer: &Mutex<Programmer>,
     metrics: &Registry,
-    ready: &watch::Sender<Result<(), String>>,
-    targets: &watch::Sender<Vec<SocketAddr>>,
+    out: &Outputs<'_>,
     zones: &mut Zones,
 ) -> Result<(), String> {
+    let Outputs {
+        ready,
+        targets,
+        inputs,
+    } = *out;
     let tls = Reloader::load(settings.tls.clone())
         .map_err(|e| format!("TLS files: {}", telemetry::chain(&e)))?;
     let connected = meshapi::client::connect(&settings.cluster, &settings.apiserver, &tls)
@@ -584,7 +644,7 @@ async fn session(
     let mut api = connected.client;
     let mut stream = api
         .watch(pb::WatchRequest {
-            kinds: vec!["services".into(), "endpoints".into()],
+            kinds: vec!["services".into(), "endpoints".into(), "identities".into()],
             clusters: Vec::new(),
             resume_revision: 0,
         })
@@ -636,6 +696,25 @@ async fn session(
         }
         let desired = desired::services(&settings.cluster, &view, zones);
         *lock(&report.desired) = Some(desired.clone());
+        // Policy: every identity's labels and this node's pods.
+        let node = settings.node.to_string();
+        let next = crate::enforce::Inputs {
+            synced: true,
+            identities: view.labels.clone(),
+            local_pods: view
+                .pods
+                .values()
+                .filter(|(n, _, _)| *n == node)
+                .map(|(_, uid, id)| (uid.clone(), *id))
+                .collect(),
+        };
+        inputs.send_if_modified(|cur| {
+            if **cur == next {
+                return false;
+            }
+            *cur = Arc::new(next);
+            true
+        });
         let ipcache: HashMap<std::net::IpAddr, (u32, u16)> = view
             .identities
             .iter()

@@ -23,6 +23,10 @@ pub struct MeshView {
     pub services: BTreeMap<(ClusterName, ServiceName), GlobalService>,
     /// The identity of each known endpoint address (its cluster ID is in it).
     pub identities: HashMap<IpAddr, NumericIdentity>,
+    /// Every known identity's cluster and labels (for policy selectors).
+    pub labels: BTreeMap<u32, (ClusterName, model::Labels)>,
+    /// Pod endpoints: address → (node, pod UID, identity), for the local pods' cgroups.
+    pub pods: HashMap<IpAddr, (String, String, u32)>,
 }
 
 /// Zone names → small integers for the backends map.

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod batch;
 pub mod datapath;
 pub mod desired;
+pub mod enforce;
 pub mod health;
 pub mod maps;
 pub mod pods;

@@ -101,6 +101,11 @@ struct Args {
     /// latter makes a translated connect about 0.3 µs of kernel time in all.
     #[arg(long, env = env::TCP_PEER_REWRITE, default_value_t = true, action = clap::ArgAction::Set)]
     tcp_peer_rewrite: bool,
+    /// Network policy: a peer selector (`fromEndpoints`/`toEndpoints`) without the
+    /// `io.cilium.k8s.policy.cluster` label selects endpoints of every cluster, as before Cilium
+    /// 1.19. Off (the default): it selects the policy's own cluster only.
+    #[arg(long, env = env::POLICY_SELECTORS_ANY_CLUSTER)]
+    policy_selectors_any_cluster: bool,
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.
     #[arg(long, env = env::HEALTH_BIND, default_value = "0.0.0.0:9881")]
     health_bind: String,
@@ -325,6 +330,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             services: args.max_services,
         },
         tcp_peer_rewrite: args.tcp_peer_rewrite,
+        node: node.clone(),
+        policy_any_cluster: args.policy_selectors_any_cluster,
         health: HealthConfig {
             interval: args.health_interval,
             timeout: args.health_timeout,

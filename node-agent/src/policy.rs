@@ -158,10 +158,13 @@ pub fn range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     out
 }
 
+/// Inclusive port ranges with their verdicts.
+type Ranges = Vec<(u32, u32, Verdict)>;
+
 /// The `CM_POLICY` entries of one local identity.
 pub fn compile(local: u32, rules: &[Rule]) -> BTreeMap<EntryKey, Verdict> {
     // Per (direction, protocol, peer): the rules' port ranges with their verdicts.
-    let mut groups: BTreeMap<(Direction, u8, u32), Vec<(u32, u32, Verdict)>> = BTreeMap::new();
+    let mut groups: BTreeMap<(Direction, u8, u32), Ranges> = BTreeMap::new();
     for r in rules {
         let (lo, hi) = r.ports.map_or((0, 65_535), |(a, b)| (a.min(b), a.max(b)));
         let protos: &[Proto] = match r.proto {

@@ -128,6 +128,8 @@ impl East {
             cgroup: node.cgroup.clone(),
             sizes: Default::default(),
             tcp_peer_rewrite: true,
+            node: NodeName::new("n1").unwrap(),
+            policy_any_cluster: false,
             health: HealthConfig {
                 interval: Duration::from_millis(100),
                 timeout: Duration::from_millis(100),

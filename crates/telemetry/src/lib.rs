@@ -138,6 +138,8 @@ pub mod env {
     pub const MAX_SERVICES: &str = "CLUSTERMESH_MAX_SERVICES";
     /// Node agent: whether getpeername() on a translated TCP socket shows the service.
     pub const TCP_PEER_REWRITE: &str = "CLUSTERMESH_TCP_PEER_REWRITE";
+    /// Node agent: policy peer selectors without a cluster label select every cluster.
+    pub const POLICY_SELECTORS_ANY_CLUSTER: &str = "CLUSTERMESH_POLICY_SELECTORS_ANY_CLUSTER";
     /// Node agent: `--check` (validate and exit).
     pub const CHECK: &str = "CLUSTERMESH_CHECK";
     /// Address of the `/metrics`, `/healthz`, `/readyz` server.

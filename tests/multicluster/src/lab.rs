@@ -644,6 +644,7 @@ impl Lab {
         Api::<Service>::namespaced(client.clone(), "kube-system")
             .create(&PostParams::default(), &svc)
             .await?;
+        install_crds(&client).await?;
         self.start_apiserver(name).await?;
         for n in 1..=nodes {
             self.add_node(name, &format!("{name}-node-{n}")).await?;
@@ -1192,6 +1193,43 @@ fn remove_pod(p: &PodState) {
     }
     let _ = ip(&["netns", "del", &p.netns]);
     remove_cgroup(&p.cgroup);
+}
+
+/// Installs the CRDs of `deploy/base/crds.yaml` (the network policy kinds) and waits until
+/// they are served, as a user's `kubectl apply` of `deploy/` would.
+async fn install_crds(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/base/crds.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let crd = CustomResourceDefinition::deserialize(doc)
+            .with_context(|| format!("a CRD of {}", path.display()))?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.create(&PostParams::default(), &crd)
+            .await
+            .with_context(|| format!("create CRD {name}"))?;
+        wait_for(
+            &format!("CRD {name} established"),
+            Duration::from_secs(10),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    api.get(&name).await.ok().is_some_and(|c| {
+                        c.status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Removes a cgroup, first moving out any process still in it.

@@ -1,0 +1,267 @@
+//! Issue 16 on the lab: identity policy across three clusters, enforced in the kernel of the
+//! client's and the server's nodes, from `CiliumNetworkPolicy` objects applied with the
+//! Kubernetes API. east runs `x-wing` (client) and a `rebel-base`; west a `rebel-base` and a
+//! `tie`; north a `rebel-base`. Real connects from x-wing to each server pod's address.
+//! About 2 minutes; run as root after `cargo build --workspace --bins`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use multicluster::lab::{BACKEND_PORT, Lab};
+use multicluster::{LabCluster, scenarios};
+use tokio::sync::Mutex;
+
+const NS: &str = "rebel";
+
+fn cnp() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("cilium.io", "v2", "CiliumNetworkPolicy"),
+        "ciliumnetworkpolicies",
+    )
+}
+
+/// Creates or replaces `name` in east with `spec` (server-side apply, as `kubectl apply`).
+async fn apply(client: &kube::Client, cluster: &str, name: &str, spec: serde_json::Value) {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &cnp());
+    let obj = serde_json::json!({
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("policy-test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply {name} in {cluster}: {e}"));
+}
+
+async fn delete(client: &kube::Client, name: &str) {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &cnp());
+    api.delete(name, &Default::default()).await.unwrap();
+}
+
+/// Which of `targets` x-wing reaches now (2 connects each; a refused or dropped one fails).
+async fn reached(
+    lab: &Arc<Mutex<Lab>>,
+    targets: &BTreeMap<&'static str, SocketAddr>,
+) -> BTreeMap<&'static str, bool> {
+    let mut out = BTreeMap::new();
+    for (name, t) in targets {
+        let tally = lab
+            .lock()
+            .await
+            .connect_from("east", "x-wing", *t, 2)
+            .unwrap();
+        out.insert(*name, !tally.contains_key("failed"));
+    }
+    out
+}
+
+/// Waits until x-wing reaches exactly `want` of the targets; returns how long it took.
+async fn until(
+    lab: &Arc<Mutex<Lab>>,
+    targets: &BTreeMap<&'static str, SocketAddr>,
+    want: &[&str],
+    what: &str,
+) -> Duration {
+    let started = Instant::now();
+    let deadline = started + scenarios::CONVERGE;
+    loop {
+        let now = reached(lab, targets).await;
+        let got: Vec<&str> = now.iter().filter(|(_, ok)| **ok).map(|(n, _)| *n).collect();
+        if got == want {
+            eprintln!(
+                "{what}: x-wing reaches {got:?} after {:?}",
+                started.elapsed()
+            );
+            return started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: x-wing should reach {want:?}, reaches {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_policy_across_three_clusters() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::create(dir.path(), true).unwrap();
+    lab.add_cluster("east", 1, 1).await.unwrap();
+    lab.add_cluster("west", 2, 1).await.unwrap();
+    lab.add_cluster("north", 3, 1).await.unwrap();
+    let kc = lab.kubeconfig();
+    let none = BTreeMap::new();
+    lab.deploy("east", "rebel/rebel-base", 1, &none)
+        .await
+        .unwrap();
+    lab.deploy("west", "rebel/rebel-base", 1, &none)
+        .await
+        .unwrap();
+    lab.deploy("west", "rebel/tie", 1, &none).await.unwrap();
+    lab.deploy("north", "rebel/rebel-base", 1, &none)
+        .await
+        .unwrap();
+    let node = lab.cluster("east").unwrap().nodes[0].name.clone();
+    let xwing = BTreeMap::from([("app".to_owned(), "x-wing".to_owned())]);
+    lab.add_pod("east", NS, "x-wing", &node, &xwing)
+        .await
+        .unwrap();
+    let pod = |lab: &Lab, cluster: &str, prefix: &str| {
+        let p = lab
+            .cluster(cluster)
+            .unwrap()
+            .pods
+            .iter()
+            .find(|p| p.name.starts_with(prefix))
+            .unwrap()
+            .ip;
+        SocketAddr::from((p, BACKEND_PORT))
+    };
+    let targets = BTreeMap::from([
+        ("east/rebel-base", pod(&lab, "east", "rebel-base")),
+        ("north/rebel-base", pod(&lab, "north", "rebel-base")),
+        ("west/rebel-base", pod(&lab, "west", "rebel-base")),
+        ("west/tie", pod(&lab, "west", "tie")),
+    ]);
+    let east_kube = lab.client("east").await.unwrap();
+    let west_kube = lab.client("west").await.unwrap();
+    let lab = Arc::new(Mutex::new(lab));
+    let (east, west, north) = (
+        LabCluster::new(&lab, "east").await,
+        LabCluster::new(&lab, "west").await,
+        LabCluster::new(&lab, "north").await,
+    );
+    scenarios::connect(&kc, &east, &west).await.unwrap();
+    scenarios::connect(&kc, &east, &north).await.unwrap();
+    let all = [
+        "east/rebel-base",
+        "north/rebel-base",
+        "west/rebel-base",
+        "west/tie",
+    ];
+    until(&lab, &targets, &all, "no policy").await;
+
+    // The documented example: x-wing may reach west's rebel-base only.
+    apply(
+        &east_kube,
+        "east",
+        "x-wing-to-west",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
+            "egress": [{"toEndpoints": [{"matchLabels": {
+                "app": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}],
+        }),
+    )
+    .await;
+    until(
+        &lab,
+        &targets,
+        &["west/rebel-base"],
+        "rebel-base in west only",
+    )
+    .await;
+
+    // Naming north too (matchExpressions on the cluster label).
+    apply(
+        &east_kube,
+        "east",
+        "x-wing-to-west",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
+            "egress": [{"toEndpoints": [{
+                "matchLabels": {"app": "rebel-base"},
+                "matchExpressions": [{"key": "io.cilium.k8s.policy.cluster",
+                                      "operator": "In", "values": ["west", "north"]}]}]}],
+        }),
+    )
+    .await;
+    until(
+        &lab,
+        &targets,
+        &["north/rebel-base", "west/rebel-base"],
+        "rebel-base in west and north",
+    )
+    .await;
+
+    // No cluster label: the policy's own cluster only (Cilium 1.19's default).
+    apply(
+        &east_kube,
+        "east",
+        "x-wing-to-west",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
+            "egress": [{"toEndpoints": [{"matchLabels": {"app": "rebel-base"}}]}],
+        }),
+    )
+    .await;
+    until(
+        &lab,
+        &targets,
+        &["east/rebel-base"],
+        "no cluster label: east only",
+    )
+    .await;
+
+    // The mesh entity: every connected cluster.
+    apply(
+        &east_kube,
+        "east",
+        "x-wing-to-west",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
+            "egress": [{"toEntities": ["mesh"]}],
+        }),
+    )
+    .await;
+    until(&lab, &targets, &all, "toEntities mesh").await;
+
+    // Ingress on west's side: its rebel-base admits no one from east, whatever east lets out.
+    apply(
+        &west_kube,
+        "west",
+        "rebel-base-closed",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "rebel-base"}},
+            "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "nobody"}}]}],
+        }),
+    )
+    .await;
+    until(
+        &lab,
+        &targets,
+        &["east/rebel-base", "north/rebel-base", "west/tie"],
+        "west's ingress policy",
+    )
+    .await;
+    // ... and admits x-wing from east once it names it.
+    apply(
+        &west_kube,
+        "west",
+        "rebel-base-closed",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "rebel-base"}},
+            "ingress": [{"fromEndpoints": [{"matchLabels": {
+                "app": "x-wing", "io.cilium.k8s.policy.cluster": "east"}}]}],
+        }),
+    )
+    .await;
+    until(&lab, &targets, &all, "west admits east's x-wing").await;
+
+    // Policies gone: everything flows again.
+    delete(&east_kube, "x-wing-to-west").await;
+    delete(&west_kube, "rebel-base-closed").await;
+    until(&lab, &targets, &all, "policies deleted").await;
+    lab.lock().await.teardown();
+    let _ = north;
+}
