@@ -1,4 +1,4 @@
-//! Identity policy on this node (ADR 0022): the cluster's network policies, from the Mesh API's
+//! Identity policy on this node (ADR 0023): the cluster's network policies, from the Mesh API's
 //! `Policies` stream, resolved against every identity the agent knows (local and imported) and
 //! programmed per local identity; this node's pods' cgroups mapped to their identities.
 //!
