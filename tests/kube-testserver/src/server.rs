@@ -1889,6 +1889,15 @@ fn server_side_apply(
     // The applied configuration is defaulted before it is merged, so list keys that default
     // (a port's protocol) identify the same items as in the live object.
     crate::strategy::default(res, &mut applied);
+    // On the main resource of a kind with a status subresource the status is not the
+    // applier's (the apiserver keeps the live one): the defaulted status must not make an
+    // apply that changes nothing look like a change.
+    if target.subresource.is_none()
+        && res.has_subresource("status")
+        && let Some(o) = applied.as_object_mut()
+    {
+        o.remove("status");
+    }
     let live = match shared.store().get(res, ns, name) {
         Ok(o) => Some(o),
         Err(e) if e.code == 404 => None,
