@@ -44,6 +44,8 @@ pub fn declare(r: &Registry) {
 
 /// The flags.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "enroll")]
+#[command(next_help_heading = "Node-agent enrollment")]
 pub struct Args {
     /// Directory of the node-agent issuer (`tls.crt`, `tls.key`: an intermediate CA under the
     /// cluster CA that can sign node-agent certificates of this cluster only; `clustermesh
@@ -164,7 +166,7 @@ pub enum Error {
         reason: String,
     },
     /// The token is another ServiceAccount's.
-    #[error("the token is {user}'s, not the node agents' ServiceAccount {expected}'s")]
+    #[error("the token belongs to {user}, not to the node agents' ServiceAccount ({expected})")]
     WrongServiceAccount {
         /// Whose it is.
         user: String,

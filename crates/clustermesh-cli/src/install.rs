@@ -278,7 +278,7 @@ async fn ensure_pki(cluster: &Cluster, params: &Params, keep_ca: Option<&PathBuf
     };
     let change = apply(
         cluster,
-        &render::kind("ConfigMap"),
+        render::kind("ConfigMap"),
         &serde_json::to_value(&bundle)?,
     )
     .await?;
