@@ -350,6 +350,48 @@ mod tests {
         }
     }
 
+    /// What install renders for the example overlay's parameters is what `kubectl kustomize`
+    /// gives for `deploy/overlays/example` with install's labels added.
+    #[test]
+    fn install_renders_what_kubectl_kustomize_gives_for_the_example_overlay() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let example =
+            std::fs::read_to_string(repo.join("deploy/overlays/example/kustomization.yaml"))
+                .unwrap();
+        // kustomize takes no absolute paths: the checkout's base (not the embedded copy) next
+        // to the overlay.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("base")).unwrap();
+        for e in std::fs::read_dir(repo.join("deploy/base")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join("base").join(e.file_name())).unwrap();
+        }
+        let overlay = example.replace(
+            "resources: [../../base]",
+            "resources: [base]\nlabels:\n  - pairs: {app.kubernetes.io/managed-by: clustermesh-install, clustermesh.dev/cluster: east}\n    includeSelectors: false",
+        );
+        assert_ne!(overlay, example);
+        std::fs::write(dir.path().join("kustomization.yaml"), overlay).unwrap();
+        let out = std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want: Vec<Value> =
+            serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        let got = render(&params(
+            Some("clustermesh-east.example.com:4240"),
+            "registry.example.com/clustermesh:v0.1.0",
+        ))
+        .unwrap();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn images_split_into_name_and_tag_or_digest() {
         let cases = [
