@@ -394,14 +394,26 @@ async fn each_node_agent_enrolls_for_its_own_node_only() {
     let (status, reason, _) = refused(a1.enroll().await.unwrap_err());
     assert_eq!((status, reason.as_str()), (403, "no-node"));
 
-    // The apiserver asked Kubernetes nothing it was not granted.
-    let refused_rbac: Vec<_> = c
-        .kube
-        .audit()
+    // What enrollment asks Kubernetes (TokenReviews, the Node) is what deploy/ grants it.
+    let audit = c.kube.audit();
+    let refused_rbac: Vec<_> = audit
         .refused
-        .into_iter()
-        .filter(|(u, _)| u == "system:serviceaccount:kube-system:clustermesh-apiserver")
+        .iter()
+        .filter(|(u, m)| {
+            u == "system:serviceaccount:kube-system:clustermesh-apiserver"
+                && ["\"tokenreviews\"", "\"nodes\"", "\"pods\""]
+                    .iter()
+                    .any(|r| m.contains(r))
+        })
         .collect();
     assert!(refused_rbac.is_empty(), "{refused_rbac:?}");
+    assert!(
+        audit.allowed.iter().any(|(u, what, _)| {
+            u == "system:serviceaccount:kube-system:clustermesh-apiserver"
+                && what.starts_with("create authentication.k8s.io/tokenreviews")
+        }),
+        "{:?}",
+        audit.allowed
+    );
     let _ = &c.ca;
 }
