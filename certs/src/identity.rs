@@ -189,6 +189,58 @@ impl MeshIdentity {
     }
 }
 
+/// The URI segment that marks a node-agent issuer (instead of a role).
+pub const NODE_AGENT_ISSUER: &str = "node-agent-issuer";
+
+/// Who a node-agent issuer signs for: an intermediate CA under a cluster CA that verifiers
+/// accept between a leaf and the cluster CA only when the leaf is a node agent of the same
+/// cluster ([ADR 0022](../../docs/architecture/adr/0022-node-agent-enrollment.md)). It carries
+/// one URI SAN `spiffe://clustermesh/cluster/<name>/id/<id>/node-agent-issuer`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IssuerIdentity {
+    /// The cluster whose node agents it signs for.
+    pub cluster: ClusterName,
+    /// That cluster's ID.
+    pub cluster_id: ClusterId,
+}
+
+impl IssuerIdentity {
+    /// The URI SAN text.
+    pub fn to_uri(&self) -> String {
+        format!(
+            "{PREFIX}{}/id/{}/{NODE_AGENT_ISSUER}",
+            self.cluster, self.cluster_id
+        )
+    }
+
+    /// Reads the issuer identity of a DER certificate: a CA with exactly one URI SAN of ours,
+    /// the node-agent issuer's.
+    pub fn from_cert_der(der: &[u8]) -> Result<Self> {
+        let info = CertInfo::from_der(der)?;
+        let bad = |why: String| Error::Identity {
+            reason: format!("certificate {:?}: {why}", info.subject),
+        };
+        if !info.is_ca {
+            return Err(bad("is not a CA".into()));
+        }
+        let ours: Vec<&String> = info.uris.iter().filter(|u| u.starts_with(PREFIX)).collect();
+        let [uri] = ours.as_slice() else {
+            return Err(bad("does not carry exactly one mesh URI".into()));
+        };
+        let rest = uri.strip_prefix(PREFIX).unwrap_or_default();
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [name, "id", id, NODE_AGENT_ISSUER] = parts.as_slice() else {
+            return Err(bad(format!("{uri:?} is not a node-agent issuer")));
+        };
+        Ok(Self {
+            cluster: ClusterName::new(*name).map_err(|e| bad(e.to_string()))?,
+            cluster_id: id
+                .parse()
+                .map_err(|e: model::cluster::Error| bad(e.to_string()))?,
+        })
+    }
+}
+
 impl fmt::Display for MeshIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

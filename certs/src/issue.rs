@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use model::ClusterName;
+use model::{ClusterId, ClusterName};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber,
@@ -138,6 +138,32 @@ impl Ca {
         let subject = spec.common_name();
         let err = issue_err(&subject);
         let key = KeyPair::generate().map_err(&err)?;
+        let cert = leaf_params(spec)?
+            .signed_by(&key, &self.issuer)
+            .map_err(&err)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues the node-agent issuer of `cluster` under this (cluster) CA: an intermediate CA
+    /// that verifiers accept only between a node agent's leaf of the same cluster and the
+    /// cluster CA ([`crate::IssuerIdentity`]), so whoever holds its key can mint node-agent
+    /// certificates of this cluster and nothing else.
+    pub fn issue_node_agent_issuer(
+        &self,
+        cluster: &ClusterName,
+        cluster_id: ClusterId,
+        valid_for: Duration,
+    ) -> Result<Ca> {
+        let id = crate::IssuerIdentity {
+            cluster: cluster.clone(),
+            cluster_id,
+        };
+        let subject = format!("clustermesh node-agent issuer {cluster}");
+        let err = issue_err(&subject);
+        let key = KeyPair::generate().map_err(&err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
@@ -146,40 +172,106 @@ impl Ca {
         params
             .distinguished_name
             .push(DnType::OrganizationName, "clustermesh");
-        params.is_ca = IsCa::ExplicitNoCa;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(id.to_uri().try_into().map_err(&err)?)];
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
-        let mut sans = vec![SanType::URI(
-            spec.identity.to_uri().try_into().map_err(&err)?,
-        )];
-        for dns in &spec.dns_names {
-            sans.push(SanType::DnsName(dns.clone().try_into().map_err(&err)?));
-        }
-        sans.extend(spec.ips.iter().copied().map(SanType::IpAddress));
-        params.subject_alt_names = sans;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = if spec.identity.role.is_server() {
-            vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ]
-        } else {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
-        };
-        validity(
-            &mut params,
-            spec.not_before.unwrap_or_else(OffsetDateTime::now_utc),
-            spec.valid_for,
-        );
+        validity(&mut params, OffsetDateTime::now_utc(), valid_for);
         let cert = params.signed_by(&key, &self.issuer).map_err(&err)?;
-        Ok(Leaf {
-            cert_pem: cert.pem(),
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem,
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Signs a certificate for the public key of the PKCS#10 request `csr_pem`, carrying
+    /// `spec` and nothing the request asks for (its subject, SANs and extensions are ignored;
+    /// only its signature, proving possession of the key, is checked). Returns the leaf PEM.
+    pub fn sign_request(&self, csr_pem: &str, spec: &LeafSpec) -> Result<String> {
+        let subject = spec.common_name();
+        let err = issue_err(&subject);
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(&err)?;
+        let cert = leaf_params(spec)?
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(&err)?;
+        Ok(cert.pem())
+    }
+}
+
+/// A new private key and a certificate signing request for it, PEM: what a node agent sends
+/// its apiserver to enroll. The request names nothing; the issuer decides the identity.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The PKCS#10 request.
+    pub csr_pem: String,
+    /// Its private key (PKCS#8); it never leaves the holder.
+    pub key_pem: String,
+}
+
+impl Request {
+    /// Generates a key (ECDSA P-256) and a request signed with it.
+    pub fn generate() -> Result<Self> {
+        let err = issue_err("certificate signing request");
+        let key = KeyPair::generate().map_err(&err)?;
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .map_err(&err)?;
+        Ok(Self {
+            csr_pem: csr.pem().map_err(&err)?,
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The parameters of a leaf certificate for `spec`.
+fn leaf_params(spec: &LeafSpec) -> Result<CertificateParams> {
+    let subject = spec.common_name();
+    let err = issue_err(&subject);
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, subject.clone());
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "clustermesh");
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    let mut sans = vec![SanType::URI(
+        spec.identity.to_uri().try_into().map_err(&err)?,
+    )];
+    for dns in &spec.dns_names {
+        sans.push(SanType::DnsName(dns.clone().try_into().map_err(&err)?));
+    }
+    sans.extend(spec.ips.iter().copied().map(SanType::IpAddress));
+    params.subject_alt_names = sans;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = if spec.identity.role.is_server() {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    validity(
+        &mut params,
+        spec.not_before.unwrap_or_else(OffsetDateTime::now_utc),
+        spec.valid_for,
+    );
+    Ok(params)
 }
 
 /// What to put into a leaf certificate.

@@ -13,9 +13,9 @@ pub mod identity;
 pub mod issue;
 pub mod reload;
 
-pub use identity::{MeshIdentity, Role};
-pub use issue::{Ca, Leaf, LeafSpec};
-pub use reload::{Reloader, TlsFiles, identity_client_config};
+pub use identity::{IssuerIdentity, MeshIdentity, Role};
+pub use issue::{Ca, Leaf, LeafSpec, Request};
+pub use reload::{Reloader, TlsFiles, identity_anonymous_client_config, identity_client_config};
 
 use std::path::PathBuf;
 

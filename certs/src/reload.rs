@@ -237,6 +237,17 @@ impl Reloader {
             .with_cert_resolver(Arc::new(Dynamic(Arc::clone(self))))
     }
 
+    /// A server config that presents the current certificate and asks for no client
+    /// certificate: for node-agent enrollment, whose callers have none yet and authenticate
+    /// with a ServiceAccount token instead.
+    pub fn server_config_without_client_auth(self: &Arc<Self>) -> rustls::ServerConfig {
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Dynamic(Arc::clone(self))))
+    }
+
     /// A client config that verifies the server against the current trust bundle and presents
     /// the current certificate.
     pub fn client_config(self: &Arc<Self>) -> rustls::ClientConfig {
@@ -274,9 +285,11 @@ impl ResolvesClientCert for Dynamic {
     }
 }
 
-/// What our issuance makes, and so the only shape we accept: a leaf signed directly by the CA
-/// (no intermediates: our CAs carry `pathLenConstraint: 0`, which webpki does not enforce) with
-/// an extended key usage for its purpose (webpki accepts a leaf without any EKU).
+/// What our issuance makes, and so the only shape we accept: a leaf signed directly by the CA,
+/// or a node agent's leaf signed by its cluster's node-agent issuer (the one intermediate we
+/// issue, [`crate::IssuerIdentity`]; our CAs carry `pathLenConstraint: 0`, which webpki does
+/// not enforce), with an extended key usage for its purpose (webpki accepts a leaf without any
+/// EKU).
 fn check_shape(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -286,10 +299,18 @@ fn check_shape(
         tracing::warn!(reason = why, "certificate refused");
         rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
     };
-    if !intermediates.is_empty() {
-        return Err(refuse(
-            "chain longer than leaf → CA (intermediates are never issued)",
-        ));
+    match intermediates {
+        [] => {}
+        [issuer] => {
+            if let Err(why) = check_node_agent_chain(end_entity, issuer) {
+                return Err(refuse(&why));
+            }
+        }
+        _ => {
+            return Err(refuse(
+                "chain longer than leaf → node-agent issuer → CA (no other intermediates are issued)",
+            ));
+        }
     }
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity.as_ref()) else {
         return Err(refuse("certificate does not parse"));
@@ -309,6 +330,40 @@ fn check_shape(
         } else {
             "extended key usage lacks serverAuth"
         }));
+    }
+    Ok(())
+}
+
+/// A chain through an intermediate is accepted only as leaf → node-agent issuer: the leaf is a
+/// node agent of the issuer's cluster, and the issuer is the one that signed it (webpki has
+/// verified the signatures up to the trusted CA).
+fn check_node_agent_chain(
+    end_entity: &CertificateDer<'_>,
+    issuer: &CertificateDer<'_>,
+) -> Result<(), String> {
+    let of = crate::IssuerIdentity::from_cert_der(issuer.as_ref())
+        .map_err(|e| format!("intermediate is not a node-agent issuer: {e}"))?;
+    let leaf = MeshIdentity::from_cert_der(end_entity.as_ref())
+        .map_err(|e| format!("leaf under a node-agent issuer: {e}"))?;
+    if leaf.role != crate::Role::NodeAgent
+        || leaf.cluster != of.cluster
+        || leaf.cluster_id != of.cluster_id
+    {
+        return Err(format!(
+            "the node-agent issuer of cluster {} (ID {}) signed {leaf}",
+            of.cluster, of.cluster_id
+        ));
+    }
+    let (Ok((_, l)), Ok((_, i))) = (
+        x509_parser::parse_x509_certificate(end_entity.as_ref()),
+        x509_parser::parse_x509_certificate(issuer.as_ref()),
+    ) else {
+        return Err("certificate does not parse".into());
+    };
+    if l.issuer().as_raw() != i.subject().as_raw()
+        || !crate::identity::issued_by(end_entity.as_ref(), issuer.as_ref())
+    {
+        return Err("the leaf is not signed by the intermediate it came with".into());
     }
     Ok(())
 }
@@ -531,4 +586,36 @@ pub fn identity_client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)
         .map_err(|e| bad(&e.to_string()))
+}
+
+/// A client config without a client certificate, to a server verified by identity (see
+/// [`IdentityVerifier`]): for a node agent enrolling, which has only the cluster CA yet.
+pub fn identity_anonymous_client_config(
+    ca_pem: &str,
+    accept: impl Fn(&MeshIdentity) -> bool + Send + Sync + 'static,
+) -> Result<rustls::ClientConfig> {
+    let bad = |reason: &str| Error::Material {
+        what: "anonymous client config",
+        reason: reason.to_owned(),
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let ca = ca.map_err(|_| bad("CA does not parse"))?;
+        roots.add(ca).map_err(|_| bad("CA not usable"))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no CA certificate"));
+    }
+    let provider = provider();
+    let verifier = IdentityVerifier {
+        roots: Arc::new(roots),
+        accept: Arc::new(accept),
+        provider: provider.clone(),
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
 }

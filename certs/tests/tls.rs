@@ -353,3 +353,75 @@ async fn intermediates_and_leaves_without_eku_are_refused() {
         "an intermediate is refused"
     );
 }
+
+/// ADR 0022: the one intermediate we issue, the node-agent issuer, is accepted between a node
+/// agent's leaf of its cluster (signed from a CSR) and the cluster CA; anything else it signs
+/// (another role, another cluster) is refused, and so is a leaf sent with an issuer that did
+/// not sign it.
+#[tokio::test]
+async fn the_node_agent_issuer_signs_node_agents_of_its_cluster_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = cluster("east");
+    let id = ClusterId::new(1).unwrap();
+    let ca = Ca::generate(&east, certs::issue::DEFAULT_CA_VALIDITY).unwrap();
+    let server = Reloader::load(write(
+        &dir.path().join("server"),
+        &server_leaf(&ca),
+        ca.cert_pem(),
+    ))
+    .unwrap();
+    let (addr, _task) = serve(server).await;
+    let issuer = ca
+        .issue_node_agent_issuer(&east, id, Duration::from_secs(86_400))
+        .unwrap();
+    let sign = |identity: MeshIdentity, chain_with: &str| {
+        let req = certs::Request::generate().unwrap();
+        let leaf = issuer
+            .sign_request(&req.csr_pem, &LeafSpec::new(identity))
+            .unwrap();
+        certs::Leaf {
+            cert_pem: format!("{leaf}{chain_with}"),
+            key_pem: req.key_pem,
+        }
+    };
+    let node = |c: &ClusterName, n: &str| {
+        MeshIdentity::node_agent(c.clone(), id, model::NodeName::new(n).unwrap())
+    };
+
+    let ok = sign(node(&east, "n1"), issuer.cert_pem());
+    let ok = Reloader::load(write(&dir.path().join("ok"), &ok, ca.cert_pem())).unwrap();
+    let (who, _) = call(&ok, addr).await.unwrap();
+    assert_eq!(who, "spiffe://clustermesh/cluster/east/id/1/node-agent/n1");
+
+    let admin = sign(
+        MeshIdentity::new(east.clone(), id, Role::Admin),
+        issuer.cert_pem(),
+    );
+    let admin = Reloader::load(write(&dir.path().join("admin"), &admin, ca.cert_pem())).unwrap();
+    assert!(
+        call(&admin, addr).await.is_err(),
+        "an admin certificate from the node-agent issuer is refused"
+    );
+
+    let west = sign(node(&cluster("west"), "n1"), issuer.cert_pem());
+    let west = Reloader::load(write(&dir.path().join("west"), &west, ca.cert_pem())).unwrap();
+    assert!(
+        call(&west, addr).await.is_err(),
+        "a node agent of another cluster from this issuer is refused"
+    );
+
+    let other = ca
+        .issue_node_agent_issuer(&east, id, Duration::from_secs(86_400))
+        .unwrap();
+    let mismatched = sign(node(&east, "n1"), other.cert_pem());
+    let mismatched = Reloader::load(write(
+        &dir.path().join("mismatched"),
+        &mismatched,
+        ca.cert_pem(),
+    ))
+    .unwrap();
+    assert!(
+        call(&mismatched, addr).await.is_err(),
+        "a leaf sent with an issuer that did not sign it is refused"
+    );
+}

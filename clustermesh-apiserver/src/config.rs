@@ -103,6 +103,9 @@ pub struct Args {
     /// the node-agent summary of the status document.
     #[arg(long, env = env::NODE_AGENT_STATE_PORT, default_value_t = model::status::NODE_AGENT_STATE_PORT)]
     pub node_agent_state_port: u16,
+    /// Node-agent enrollment (`crate::enroll`).
+    #[command(flatten)]
+    pub enroll: crate::enroll::Args,
     #[command(flatten)]
     pub log: telemetry::LogArgs,
 }

@@ -10,6 +10,7 @@
 //! Must not talk to a peer's etcd (peers talk through the Mesh API only).
 
 pub mod config;
+pub mod enroll;
 pub mod etcd_health;
 pub mod exporter;
 pub mod mesh;
@@ -551,9 +552,21 @@ impl Drop for AbortOnDrop {
 /// Runs the apiserver until `shutdown` resolves.
 pub async fn run(
     config: config::Config,
+    enroll: Option<enroll::Config>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let client = match &enroll {
+        Some(_) => Some(kube_client(&config).await?),
+        None => None,
+    };
+    let apiserver = config.clone();
     let mut running = start(config).await?;
+    let _enroll = match (enroll, client) {
+        (Some(e), Some(client)) => {
+            Some(enroll::start(e, &apiserver, client, running.metrics().clone()).await?)
+        }
+        _ => None,
+    };
     tokio::select! {
         () = shutdown => {}
         result = &mut running.task => return result.context("apiserver task")?,

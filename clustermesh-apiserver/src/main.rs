@@ -20,14 +20,20 @@ async fn main() -> std::process::ExitCode {
         version = telemetry::version::LONG,
         "clustermesh-apiserver starting"
     );
-    let config = match args.validate() {
-        Ok(c) => c,
-        Err(e) => {
+    let (config, enroll) = match (args.validate(), args.enroll.validate()) {
+        (Ok(c), Ok(e)) => (c, e),
+        (a, b) => {
+            let problems: Vec<String> = [a.err(), b.err()]
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e.problems)
+                .collect();
+            let e = clustermesh_apiserver::config::Error { problems };
             telemetry::fatal(format, "invalid configuration", &e);
             return std::process::ExitCode::from(2);
         }
     };
-    match clustermesh_apiserver::run(config, telemetry::shutdown_signal()).await {
+    match clustermesh_apiserver::run(config, enroll, telemetry::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             telemetry::fatal(format, "apiserver failed", &telemetry::chain(e.as_ref()));

@@ -131,6 +131,7 @@ pub fn registry() -> Registry {
         &["peer"],
     );
     r.set(LEADER, &[], 0.0);
+    crate::enroll::declare(&r);
     r
 }
 

@@ -5,7 +5,8 @@
 //! earlier agent pinned; [`program`] turns desired services into map entries, writing only
 //! differences in an order that never exposes a half-written service, and refusing alone (with a
 //! reason) each service that cannot be programmed; [`health`] acts on the kernel's evidence of
-//! dead backends and confirms it with bounded probes.
+//! dead backends and confirms it with bounded probes; [`enroll`] obtains and renews the node's
+//! own certificate from its apiserver.
 //!
 //! Must not write to etcd (only the apiserver does) nor talk to peers.
 
@@ -14,6 +15,7 @@ pub mod batch;
 pub mod datapath;
 pub mod desired;
 pub mod enforce;
+pub mod enroll;
 pub mod health;
 pub mod maps;
 pub mod pods;

@@ -26,6 +26,7 @@ use telemetry::env;
     after_help = "Example:\n  \
         node-agent --cluster-name east --cluster-id 1 --node-name east-node-1 \\\n    \
         --cgroup /sys/fs/cgroup/pods --apiserver 10.0.0.5:4240 --tls-dir /tls \\\n    \
+        --enroll 10.0.0.5:4241 --enroll-token-file /var/run/secrets/clustermesh/token \\\n    \
         --health-interval 200ms --health-timeout 150ms --syn-timeout 200ms \\\n    \
         --probe-sweep-rate 50 --max-services 131072"
 )]
@@ -54,6 +55,21 @@ struct Args {
     /// cluster CA (`ca.crt`).
     #[arg(long, env = env::TLS_DIR)]
     tls_dir: Option<PathBuf>,
+    /// The local apiserver's node-agent enrollment endpoint(s), comma-separated `host:port`.
+    /// Set: the agent obtains its own certificate there (a new key, a certificate signing
+    /// request, its projected ServiceAccount token from `--enroll-token-file`) when `--tls-dir`
+    /// holds none of this node or one past two thirds of its lifetime, writes it into
+    /// `--tls-dir`, and renews it before it expires.
+    #[arg(long, env = env::ENROLL, value_delimiter = ',')]
+    enroll: Vec<String>,
+    /// The projected ServiceAccount token (audience `clustermesh`) enrollment authenticates
+    /// with; read at every attempt.
+    #[arg(long, env = env::ENROLL_TOKEN_FILE, default_value = "/var/run/secrets/clustermesh/token")]
+    enroll_token_file: PathBuf,
+    /// The cluster CA that enrollment verifies the apiserver with (before the agent holds a
+    /// certificate and trust bundle of its own).
+    #[arg(long, env = env::ENROLL_CA_FILE, default_value = "/var/run/secrets/clustermesh/ca.crt")]
+    enroll_ca_file: PathBuf,
     /// Time between probes of a suspect or down backend, 10ms..=1m (e.g. `200ms`, `1s`).
     /// Healthy backends are not probed on this interval: the kernel reports failed
     /// connections at once, and the background sweep (`--probe-sweep-rate`) covers the rest.
@@ -213,6 +229,16 @@ fn validate(args: &mut Args) -> Vec<String> {
         match &args.tls_dir {
             None => problems
                 .push("--tls-dir: the node agent's certificate directory is required".into()),
+            Some(_) if !args.enroll.is_empty() => {
+                for (flag, f) in [
+                    ("--enroll-token-file", &args.enroll_token_file),
+                    ("--enroll-ca-file", &args.enroll_ca_file),
+                ] {
+                    if !f.is_file() {
+                        problems.push(format!("{flag}: {} does not exist", f.display()));
+                    }
+                }
+            }
             Some(d) => {
                 for f in ["tls.crt", "tls.key", "ca.crt"] {
                     if !d.join(f).is_file() {
@@ -344,6 +370,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             syn_timeout: (!args.syn_timeout.is_zero()).then_some(args.syn_timeout),
         },
     };
+    if !args.enroll.is_empty() {
+        let enroller = node_agent::enroll::Enroller::new(node_agent::enroll::Config {
+            endpoints: args.enroll.clone(),
+            cluster: cluster.clone(),
+            cluster_id: args.cluster_id.parse()?,
+            node: node.clone(),
+            token_file: args.enroll_token_file.clone(),
+            ca_file: args.enroll_ca_file.clone(),
+            tls_dir: tls_dir.clone(),
+        });
+        let renew_at = enroll_until_done(&enroller).await;
+        // Renews for as long as the process lives.
+        tokio::spawn(enroller.run(renew_at));
+    }
     let metrics = agent::registry();
     anyhow::Context::context(metrics.check(), "declare the metrics")?;
     let (ready_tx, ready) = tokio::sync::watch::channel(Err("starting".to_owned()));
@@ -383,6 +423,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     telemetry::shutdown_signal().await;
     tracing::info!("stopping; programs stay attached and maps pinned for the next agent");
     Ok(())
+}
+
+/// Enrolls (or keeps the certificate held) before the agent starts, retrying with backoff:
+/// the apiserver may not be up yet, or the Node not registered.
+async fn enroll_until_done(enroller: &node_agent::enroll::Enroller) -> std::time::SystemTime {
+    let mut backoff = telemetry::backoff::Backoff::reconnect();
+    loop {
+        match enroller.ensure().await {
+            Ok(outcome) => return outcome.renew_at(),
+            Err(e) if e.is_permanent() => {
+                tracing::error!(error = %telemetry::chain(&e), "enrollment refused; retrying (the Node may not be registered yet)");
+            }
+            Err(e) => {
+                tracing::warn!(error = %telemetry::chain(&e), "enrollment failed; retrying");
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ impl From<RoleArg> for Role {
 }
 
 /// Writes `contents` to `path` atomically, with `mode` permissions.
-fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("path has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;

@@ -1,6 +1,7 @@
 //! `clustermesh`: the command users run.
 //!
-//! It works on kubeconfig contexts the way kubectl does: `connect` and `disconnect` clusters,
+//! It works on kubeconfig contexts the way kubectl does: `install` and `uninstall` the mesh,
+//! `connect` and `disconnect` clusters,
 //! `status` of every cluster and peer, the mesh's global `services` (and what a node
 //! programmed), failover `drill`s, and `certs`; `version` and shell `completion`. Errors print
 //! as `error: ...` with their whole cause chain, each cause once ([`errors`]), and exit
@@ -11,6 +12,7 @@ mod check;
 mod connect;
 mod drill;
 mod errors;
+mod install;
 mod kctx;
 mod output;
 mod services;
@@ -27,6 +29,7 @@ use serde::Serialize;
     version = telemetry::version::LONG,
     propagate_version = true,
     after_help = "Typical use:\n  \
+        clustermesh install --context east --cluster-name east --cluster-id 1\n  \
         clustermesh connect --context east --destination-context west --wait\n  \
         clustermesh status --context east --context west --request-timeout 5s\n  \
         clustermesh services --context east\n  \
@@ -45,6 +48,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Install the mesh into a cluster: its CAs and certificates into Secrets, the manifests
+    /// of deploy/ with the cluster's name and ID, then wait until it is ready. Safe to run
+    /// again: a second install changes nothing.
+    #[command(after_help = "Examples:\n  \
+        clustermesh install --context east --cluster-name east --cluster-id 1 \\\n    \
+          --mesh-endpoint mesh.east.example.com:4240 --image registry.example.com/clustermesh:v0.1.0\n  \
+        clustermesh install --context kind-east --cluster-name east --cluster-id 1 \\\n    \
+          --service-type node-port --mesh-endpoint 172.18.0.2:32379 --image clustermesh:dev\n  \
+        clustermesh install --cluster-name east --cluster-id 1 --dry-run     # print the manifests\n\n\
+        Needs kubectl on PATH (the manifests are rendered with `kubectl kustomize`). No CA key is\n\
+        written to disk unless --keep-ca DIR asks for it; the cluster CA's key is kept in Secret\n\
+        kube-system/clustermesh-ca, which `clustermesh connect` reads.")]
+    Install(install::InstallArgs),
+    /// Remove what `clustermesh install` created (found by its label), and nothing else.
+    #[command(after_help = "Example:\n  \
+        clustermesh uninstall --context east\n\n\
+        Left in place and named: Secrets written by `clustermesh connect` (run disconnect), the\n\
+        apiserver's status ConfigMap and Lease, and etcd's PersistentVolumeClaim.")]
+    Uninstall(install::UninstallArgs),
     /// Connect two clusters (both directions by default): exchange endpoints, CA certificates
     /// and client certificates through their Kubernetes APIs. Safe to run again.
     Connect(connect::ConnectArgs),
@@ -165,6 +187,8 @@ fn main() -> std::process::ExitCode {
         {
             Ok(rt) => rt.block_on(async move {
                 match other {
+                    Command::Install(a) => install::install(a).await,
+                    Command::Uninstall(a) => install::uninstall(a).await,
                     Command::Connect(a) => connect::connect(a).await,
                     Command::Disconnect(a) => connect::disconnect(a).await,
                     Command::Status(a) => status::run(a).await,

@@ -10,6 +10,7 @@
 pub mod annotations;
 pub mod cluster;
 pub mod endpoint;
+pub mod enroll;
 pub mod escape;
 pub mod identity;
 pub mod keys;

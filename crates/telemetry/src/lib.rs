@@ -162,6 +162,22 @@ pub mod env {
     pub const APISERVER: &str = "CLUSTERMESH_APISERVER";
     /// Directory holding the component's own `tls.crt`, `tls.key`, `ca.crt`.
     pub const TLS_DIR: &str = "CLUSTERMESH_TLS_DIR";
+    /// Address of the apiserver's node-agent enrollment endpoint (HTTPS).
+    pub const ENROLL_BIND: &str = "CLUSTERMESH_ENROLL_BIND";
+    /// Directory of the node-agent issuer (`tls.crt`, `tls.key`: the intermediate CA).
+    pub const ENROLL_ISSUER_DIR: &str = "CLUSTERMESH_ENROLL_ISSUER_DIR";
+    /// The node agents' ServiceAccount, `namespace/name`.
+    pub const ENROLL_SERVICE_ACCOUNT: &str = "CLUSTERMESH_ENROLL_SERVICE_ACCOUNT";
+    /// The audience of the node agents' projected tokens.
+    pub const ENROLL_AUDIENCE: &str = "CLUSTERMESH_ENROLL_AUDIENCE";
+    /// How long an enrolled node agent's certificate is valid.
+    pub const ENROLL_VALIDITY: &str = "CLUSTERMESH_ENROLL_VALIDITY";
+    /// The node agent's enrollment endpoints (`host:port`, comma-separated).
+    pub const ENROLL: &str = "CLUSTERMESH_ENROLL";
+    /// The node agent's projected ServiceAccount token file.
+    pub const ENROLL_TOKEN_FILE: &str = "CLUSTERMESH_ENROLL_TOKEN_FILE";
+    /// The cluster CA a node agent verifies its apiserver with before it has a certificate.
+    pub const ENROLL_CA_FILE: &str = "CLUSTERMESH_ENROLL_CA_FILE";
 }
 
 /// Log field names, so that every component spells them the same way.

@@ -115,6 +115,25 @@ impl FieldSet {
         self.0.is_empty()
     }
 
+    /// The paths no other path extends: the fields themselves, without the entries of the
+    /// maps and list items that hold them.
+    pub fn leaves(&self) -> BTreeSet<&FieldPath> {
+        self.0
+            .iter()
+            .filter(|p| p.last().is_none_or(|l| l != "."))
+            .filter(|p| {
+                !self
+                    .0
+                    .range::<FieldPath, _>((
+                        std::ops::Bound::Excluded(*p),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .next()
+                    .is_some_and(|q| q.starts_with(p))
+            })
+            .collect()
+    }
+
     /// The `fieldsV1` object.
     pub fn to_fields_v1(&self) -> Value {
         let mut root = json!({});
@@ -561,16 +580,53 @@ pub fn apply(
             // Fields applied with the same value are shared; nothing to take.
         }
     }
-    list.retain(|e| !same(e));
-    list.push(Entry {
+    // As the apiserver's managed-fields updater: the entry (and its time) changes only when the
+    // manager's fields do, so an apply that changes nothing is no write at all. Fields are
+    // compared by the fields themselves: whether a list item's own entry (`.`) was written
+    // depends on the path the set took (apply, or an update since).
+    let (time, mine) = match list
+        .iter()
+        .find(|e| same(e) && e.fields.leaves() == mine.leaves() && e.api_version == api_version)
+    {
+        Some(e) => (e.time.clone(), mine),
+        None => (now(), mine),
+    };
+    let entry = Entry {
         manager: manager.into(),
         operation: "Apply".into(),
         subresource: subresource.map(str::to_owned),
         api_version,
-        time: now(),
+        time,
         fields: mine,
-    });
-    write_entries(&mut obj, &list);
+    };
+    match list.iter().position(same) {
+        Some(i) => {
+            list[i] = entry;
+            let mut seen = false;
+            list.retain(|e| {
+                let dup = same(e) && seen;
+                seen |= same(e);
+                !dup
+            });
+        }
+        None => list.push(entry),
+    }
+    let stored = entries(live);
+    let equivalent = |a: &Entry, b: &Entry| {
+        a.manager == b.manager
+            && a.operation == b.operation
+            && a.subresource == b.subresource
+            && a.api_version == b.api_version
+            && a.time == b.time
+            && a.fields.leaves() == b.fields.leaves()
+    };
+    let kept: Vec<&Entry> = list.iter().filter(|e| !e.fields.is_empty()).collect();
+    if kept.len() == stored.len() && kept.iter().zip(&stored).all(|(a, b)| equivalent(a, b)) {
+        // Nothing changed hands: the entries stay as stored, byte for byte.
+        obj["metadata"]["managedFields"] = live["metadata"]["managedFields"].clone();
+    } else {
+        write_entries(&mut obj, &list);
+    }
     Ok(obj)
 }
 

@@ -18,11 +18,14 @@
 //!   [`field_error`]: the apiserver's field errors;
 //! * [`patch`]: merge, JSON and strategic merge patches; [`apply`]: server-side apply and
 //!   `managedFields`;
+//! * [`authn`]: ServiceAccount tokens (audiences, bound Pods and their nodes) and the
+//!   TokenReview API;
 //! * [`tables`]: kubectl's server-side printing; [`selectors`]: label and field selectors;
 //!   [`protobuf`]: protobuf request bodies of every built-in kind; [`registry`]: the resources
 //!   served (built-in and from CRDs).
 
 pub mod apply;
+pub mod authn;
 pub mod field_error;
 pub mod openapi;
 pub mod patch;

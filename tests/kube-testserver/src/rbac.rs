@@ -42,7 +42,8 @@ impl User {
         }
     }
 
-    fn groups(&self) -> Vec<String> {
+    /// The groups, as the apiserver gives them.
+    pub fn groups(&self) -> Vec<String> {
         match self {
             Self::Admin => vec!["system:masters".into(), "system:authenticated".into()],
             Self::ServiceAccount { namespace, .. } => vec![

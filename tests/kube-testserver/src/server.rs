@@ -73,9 +73,7 @@ struct Faults {
 struct Shared {
     store: Mutex<Store>,
     /// ServiceAccount tokens the TokenRequest API issued, with when they expire.
-    tokens: Mutex<
-        std::collections::HashMap<String, (crate::rbac::User, Option<std::time::SystemTime>)>,
-    >,
+    tokens: Mutex<std::collections::HashMap<String, crate::authn::Token>>,
     /// RBAC decisions about ServiceAccounts.
     audit: Mutex<crate::rbac::Audit>,
     /// The official schemas of the built-in kinds.
@@ -358,7 +356,14 @@ impl Handle {
                 .get(&res, Some(namespace), name)
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         }
-        Ok(issue_token(&self.shared, namespace, name, None))
+        Ok(issue_token(
+            &self.shared,
+            namespace,
+            name,
+            None,
+            vec![crate::authn::API_AUDIENCE.to_owned()],
+            None,
+        ))
     }
 
     /// The RBAC decisions about ServiceAccounts so far.
@@ -579,12 +584,16 @@ async fn handle(shared: Arc<Shared>, cert_auth: bool, req: Request<Incoming>) ->
         .map(str::to_owned);
     let user = match bearer {
         Some(t) if t == shared.token => Some(crate::rbac::User::Admin),
-        Some(t) => shared.tokens.lock().ok().and_then(|tokens| {
-            tokens.get(&t).and_then(|(u, exp)| {
-                exp.is_none_or(|e| e > std::time::SystemTime::now())
-                    .then(|| u.clone())
+        Some(t) => {
+            // Only a token for this API's audience opens it (a projected token made for
+            // another audience does not).
+            let store = shared.store();
+            shared.tokens.lock().ok().and_then(|tokens| {
+                crate::authn::authenticate(&store, tokens.get(&t), &[])
+                    .ok()
+                    .map(|(t, _)| t.user)
             })
-        }),
+        }
         None if cert_auth => Some(crate::rbac::User::Admin),
         None => None,
     };
@@ -674,7 +683,28 @@ async fn handle(shared: Arc<Shared>, cert_auth: bool, req: Request<Incoming>) ->
         (&Method::GET, ["api"]) => {
             json_response(200, &shared.store().registry.core_versions(&server))
         }
-        (&Method::GET, ["apis"]) => json_response(200, &shared.store().registry.group_list()),
+        (&Method::GET, ["apis"]) => {
+            let mut list = shared.store().registry.group_list();
+            if let Some(groups) = list.get_mut("groups").and_then(Value::as_array_mut) {
+                groups.push(crate::authn::group());
+            }
+            json_response(200, &list)
+        }
+        (&Method::GET, ["apis", "authentication.k8s.io"]) => {
+            let mut g = crate::authn::group();
+            g["kind"] = json!("APIGroup");
+            g["apiVersion"] = json!("v1");
+            json_response(200, &g)
+        }
+        (&Method::GET, ["apis", "authentication.k8s.io", "v1"]) => {
+            json_response(200, &crate::authn::resource_list())
+        }
+        (_, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            match token_review(&shared, &user, req).await {
+                Ok(v) => json_response(201, &v),
+                Err(e) => error(&e),
+            }
+        }
         (&Method::GET, ["api", "v1"]) => json_response(
             200,
             &shared
@@ -1412,29 +1442,133 @@ fn with_warnings(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
     r
 }
 
-/// A new bearer token that authenticates as ServiceAccount `namespace/name` until `expires`.
+/// A new bearer token that authenticates as ServiceAccount `namespace/name` until `expires`,
+/// for `audiences`, bound to `bound`.
 fn issue_token(
     shared: &Shared,
     namespace: &str,
     name: &str,
     expires: Option<std::time::SystemTime>,
+    audiences: Vec<String>,
+    bound: Option<crate::authn::Bound>,
 ) -> String {
     let token: String = (0..48)
         .map(|_| format!("{:x}", rand::random_range(0..16u8)))
         .collect();
+    let id: String = (0..32)
+        .map(|_| format!("{:x}", rand::random_range(0..16u8)))
+        .collect();
+    let uid = {
+        let store = shared.store();
+        store
+            .registry
+            .get(&crate::registry::Gvr {
+                group: String::new(),
+                version: "v1".into(),
+                resource: "serviceaccounts".into(),
+            })
+            .cloned()
+            .and_then(|res| store.get(&res, Some(namespace), name).ok())
+            .and_then(|sa| {
+                sa.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    };
     if let Ok(mut t) = shared.tokens.lock() {
         t.insert(
             token.clone(),
-            (
-                crate::rbac::User::ServiceAccount {
+            crate::authn::Token {
+                user: crate::rbac::User::ServiceAccount {
                     namespace: namespace.into(),
                     name: name.into(),
                 },
+                uid,
                 expires,
-            ),
+                audiences,
+                bound,
+                id,
+            },
         );
     }
     token
+}
+
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`: authorized by RBAC (`create`
+/// `tokenreviews`), the body decoded against the official schema, answered, not stored.
+async fn token_review(
+    shared: &Shared,
+    user: &crate::rbac::User,
+    req: Request<Incoming>,
+) -> Result<Value, ApiError> {
+    if req.method() != Method::POST {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    let attrs =
+        crate::rbac::Attributes::new("create", &crate::authn::tokenreviews(), None, None, None);
+    let decision = crate::rbac::authorize(&shared.store(), user, &attrs);
+    if let Ok(mut a) = shared.audit.lock() {
+        a.record(user, &attrs, &decision);
+    }
+    if let Err(message) = decision {
+        let mut e = ApiError::new(403, "Forbidden", message);
+        e.details = Some(Box::new((
+            String::new(),
+            "authentication.k8s.io".into(),
+            "tokenreviews".into(),
+        )));
+        return Err(e);
+    }
+    let mode = crate::schema::FieldValidation::parse(
+        query(&req)
+            .iter()
+            .find(|(k, _)| k == "fieldValidation")
+            .map(|(_, v)| v.as_str()),
+    )
+    .map_err(|fe| options_invalid("CreateOptions", &fe))?;
+    let (_, body) = read_body(req).await?;
+    let mut body = parse_json(&body)?;
+    for (field, want) in [
+        ("apiVersion", "authentication.k8s.io/v1"),
+        ("kind", "TokenReview"),
+    ] {
+        if let Some(v) = body.get(field).and_then(Value::as_str)
+            && !v.is_empty()
+            && v != want
+        {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!(
+                    "the {field} of the provided object ({v}) does not match the {field} of the request ({want})"
+                ),
+            ));
+        }
+    }
+    shared
+        .schemas
+        .check(
+            "authentication.k8s.io",
+            "v1",
+            "TokenReview",
+            &mut body,
+            mode,
+        )
+        .map_err(|r| {
+            let message = r.message("TokenReview.authentication.k8s.io", "v1", "");
+            ApiError::new(r.code(), r.reason(), message)
+        })?;
+    let store = shared.store();
+    let tokens = shared
+        .tokens
+        .lock()
+        .map_err(|_| ApiError::new(500, "InternalError", "token table poisoned"))?;
+    crate::authn::review(&store, &tokens, body)
 }
 
 /// A `422` about a request option (`<kind>.meta.k8s.io "" is invalid: <field error>`).
@@ -1479,6 +1613,15 @@ async fn token_request(
         .pointer("/spec/expirationSeconds")
         .and_then(Value::as_i64)
         .unwrap_or(3600);
+    if seconds > 1 << 32 {
+        return Err(ApiError::new(
+            422,
+            "Invalid",
+            format!(
+                "TokenRequest.authentication.k8s.io \"{name}\" is invalid: spec.expirationSeconds: Invalid value: {seconds}: may not specify a duration larger than 2^32 seconds"
+            ),
+        ));
+    }
     if seconds < 600 {
         return Err(ApiError::new(
             422,
@@ -1489,7 +1632,19 @@ async fn token_request(
         ));
     }
     let expires = std::time::SystemTime::now() + Duration::from_secs(seconds.unsigned_abs());
-    let token = issue_token(shared, &ns, name, Some(expires));
+    let audiences: Vec<String> = match body.pointer("/spec/audiences").and_then(Value::as_array) {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => vec![crate::authn::API_AUDIENCE.to_owned()],
+    };
+    let bound = match body.pointer("/spec/boundObjectRef") {
+        Some(r) if r.is_object() => Some(crate::authn::bind(&shared.store(), &ns, name, r)?),
+        _ => None,
+    };
+    let token = issue_token(shared, &ns, name, Some(expires), audiences.clone(), bound);
     let exp = time::OffsetDateTime::from(expires)
         .replace_nanosecond(0)
         .ok()
@@ -1502,7 +1657,7 @@ async fn token_request(
         "kind": "TokenRequest",
         "apiVersion": "authentication.k8s.io/v1",
         "metadata": {"name": name, "namespace": ns, "creationTimestamp": Value::Null},
-        "spec": {"audiences": body.pointer("/spec/audiences").cloned().unwrap_or(json!(["https://kubernetes.default.svc"])), "expirationSeconds": seconds, "boundObjectRef": body.pointer("/spec/boundObjectRef").cloned().unwrap_or(Value::Null)},
+        "spec": {"audiences": audiences, "expirationSeconds": seconds, "boundObjectRef": body.pointer("/spec/boundObjectRef").cloned().unwrap_or(Value::Null)},
         "status": {"token": token, "expirationTimestamp": exp},
     }))
 }
@@ -1734,6 +1889,15 @@ fn server_side_apply(
     // The applied configuration is defaulted before it is merged, so list keys that default
     // (a port's protocol) identify the same items as in the live object.
     crate::strategy::default(res, &mut applied);
+    // On the main resource of a kind with a status subresource the status is not the
+    // applier's (the apiserver keeps the live one): the defaulted status must not make an
+    // apply that changes nothing look like a change.
+    if target.subresource.is_none()
+        && res.has_subresource("status")
+        && let Some(o) = applied.as_object_mut()
+    {
+        o.remove("status");
+    }
     let live = match shared.store().get(res, ns, name) {
         Ok(o) => Some(o),
         Err(e) if e.code == 404 => None,

@@ -22,50 +22,11 @@ nodes: [{role: control-plane}, {role: worker}]
 EOT
   kind create cluster --name $c --config "$work/$c.yaml"
   kind load docker-image $image --name $c
-  d=$work/$c
-  rm -rf "$d"
-  $cm certs init --cluster-name $c --out "$d/ca"
-  # etcd is its own trust domain: a second CA that signs etcd's server certificate and the
-  # apiserver's etcd client certificate only (its key never enters the cluster).
-  $cm certs init --etcd --cluster-name $c --out "$d/etcd-ca"
-  $cm certs issue --ca-dir "$d/etcd-ca" --role etcd --cluster-name $c --cluster-id ${ID[$c]} \
-    --dns clustermesh-etcd-0.clustermesh-etcd.kube-system.svc --dns clustermesh-etcd.kube-system.svc --out "$d/etcd-server"
-  $cm certs issue --ca-dir "$d/etcd-ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} --out "$d/etcd-client"
   node_ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' $c-control-plane)
-  $cm certs issue --ca-dir "$d/ca" --role apiserver --cluster-name $c --cluster-id ${ID[$c]} \
-    --dns clustermesh-apiserver.kube-system.svc --ip "$node_ip" --out "$d/apiserver"
-  # One certificate for every node, naming node "kind": the Mesh API admits a node agent only
-  # while a Node of its certificate's name exists (ADR 0020), so these agents are refused until
-  # certificates are issued per node (issue 15).
-  $cm certs issue --ca-dir "$d/ca" --role node-agent --cluster-name $c --cluster-id ${ID[$c]} --node kind --out "$d/node-agent"
-  k="kubectl --context kind-$c -n kube-system"
-  $k create secret generic clustermesh-ca --from-file="$d/ca/ca.crt" --from-file="$d/ca/ca.key"
-  for s in etcd-server etcd-client; do
-    $k create secret generic clustermesh-$s --from-file="$d/$s/tls.crt" --from-file="$d/$s/tls.key" --from-file="$d/$s/ca.crt"
-  done
-  $k create secret generic clustermesh-apiserver-tls --from-file="$d/apiserver/tls.crt" --from-file="$d/apiserver/tls.key" --from-file="$d/apiserver/ca.crt"
-  $k create secret generic clustermesh-node-agent-tls --from-file="$d/node-agent/tls.crt" --from-file="$d/node-agent/tls.key" --from-file="$d/node-agent/ca.crt"
-  # This cluster's overlay of deploy/overlays/kind: its name, ID and Mesh API endpoint.
-  mkdir -p "$d/overlay"
-  cat > "$d/overlay/kustomization.yaml" <<EOT
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources: [$(realpath --relative-to="$d/overlay" "$PWD/deploy/overlays/kind")]
-configMapGenerator:
-  - name: clustermesh-config
-    namespace: kube-system
-    behavior: replace
-    literals: [CLUSTER_NAME=$c, CLUSTER_ID=${ID[$c]}, MESH_ENDPOINT=$node_ip:32379]
-replacements:
-  - source: {kind: ConfigMap, name: clustermesh-config, fieldPath: data.MESH_ENDPOINT}
-    targets:
-      - select: {kind: Service, name: clustermesh-apiserver}
-        fieldPaths: ["metadata.annotations.[clustermesh.dev/mesh-endpoints]"]
-EOT
-  kubectl --context kind-$c apply -k "$d/overlay"
-  $k rollout status statefulset/clustermesh-etcd --timeout=180s
-  $k rollout status deployment/clustermesh-apiserver --timeout=180s
-  $k rollout status daemonset/clustermesh-node-agent --timeout=180s
+  # Certificates into Secrets, deploy/base with this cluster's parameters, readiness: what a
+  # user runs. Node agents enroll for their own node's certificate (ADR 0022).
+  $cm install --context kind-$c --cluster-name $c --cluster-id ${ID[$c]} \
+    --service-type node-port --mesh-endpoint "$node_ip:32379" --image $image --timeout 180s
 done
 # Pod IPs must be routable between clusters (as for Cilium's cluster mesh): routes on every
 # node of one cluster to the other cluster's pod CIDRs, through that cluster's nodes.
