@@ -580,6 +580,18 @@ pub(crate) async fn uninstall(a: UninstallArgs) -> Result<ExitCode> {
         .list(&ListParams::default())
         .await
         .with_context(|| format!("context {ctx}: list Secrets in {}", cluster.namespace))?;
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(cluster.client.clone());
+    let ours = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    if let Ok(list) = crds.list(&ListParams::default().labels(&ours)).await {
+        for c in list.items {
+            left.push(format!(
+                "customresourcedefinition/{} (the network policies written with it stay; kubectl delete it to drop them)",
+                c.metadata.name.unwrap_or_default()
+            ));
+        }
+    }
     for s in secrets.items {
         let labels = s.metadata.labels.unwrap_or_default();
         if labels.contains_key(model::status::PEER_LABEL)

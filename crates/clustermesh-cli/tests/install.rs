@@ -83,6 +83,12 @@ async fn ours(client: &kube::Client) -> BTreeSet<String> {
             false,
         ),
         ("", "ServiceAccount", "serviceaccounts", true),
+        (
+            "apiextensions.k8s.io",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+        ),
     ] {
         let ar = kube::api::ApiResource::from_gvk_with_plural(
             &kube::api::GroupVersionKind::gvk(group, "v1", kind),
@@ -389,7 +395,16 @@ async fn install_is_idempotent_refuses_another_id_and_uninstall_removes_only_its
         stdout.contains("left in place: secret/clustermesh-peer-west (written by clustermesh connect; clustermesh disconnect removes it)"),
         "{stdout}"
     );
-    assert_eq!(ours(&client).await, BTreeSet::new());
+    // The policy CRDs stay (deleting them would delete the users' policies), and say so.
+    let crds = BTreeSet::from([
+        "customresourcedefinition/ciliumclusterwidenetworkpolicies.cilium.io".to_owned(),
+        "customresourcedefinition/ciliumnetworkpolicies.cilium.io".to_owned(),
+    ]);
+    assert_eq!(ours(&client).await, crds);
+    assert!(
+        stdout.contains("left in place: customresourcedefinition/ciliumnetworkpolicies.cilium.io (the network policies written with it stay; kubectl delete it to drop them)"),
+        "{stdout}"
+    );
     assert!(cms.get_opt("users-own").await.unwrap().is_some());
     assert!(
         secrets

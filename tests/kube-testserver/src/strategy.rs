@@ -547,7 +547,10 @@ fn validate_meta(res: &Resource, obj: &Value, errs: &mut Vec<FieldError>) {
                 json!(s),
                 "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
             ));
-        } else if !s.contains('/') && !matches!(s, "kubernetes" | "orphan" | "foregroundDeletion") {
+        } else if kube_core_group(&res.gvr.group)
+            && !s.contains('/')
+            && !matches!(s, "kubernetes" | "orphan" | "foregroundDeletion")
+        {
             errs.push(FieldError::invalid(
                 format!("metadata.finalizers[{i}]"),
                 json!(s),
@@ -555,6 +558,15 @@ fn validate_meta(res: &Resource, obj: &Value, errs: &mut Vec<FieldError>) {
             ));
         }
     }
+}
+
+/// Whether kube-apiserver's own validation (pkg/apis/core's ObjectMeta checks, stricter on
+/// finalizer names) applies to objects of `group`; CRDs (apiextensions-apiserver) and custom
+/// resources get the generic ObjectMeta validation only.
+fn kube_core_group(group: &str) -> bool {
+    group.is_empty()
+        || matches!(group, "apps" | "batch" | "policy" | "autoscaling")
+        || (group.ends_with(".k8s.io") && group != "apiextensions.k8s.io")
 }
 
 fn validate_ports(path: &str, ports: &[Value], errs: &mut Vec<FieldError>, named: bool) {

@@ -12,10 +12,14 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 /// `deploy/base`, file by file.
-const BASE: [(&str, &str); 6] = [
+const BASE: [(&str, &str); 7] = [
     (
         "kustomization.yaml",
         include_str!("../../../../deploy/base/kustomization.yaml"),
+    ),
+    (
+        "crds.yaml",
+        include_str!("../../../../deploy/base/crds.yaml"),
     ),
     (
         "rbac.yaml",
@@ -312,6 +316,15 @@ pub(crate) fn kind(kind: &str) -> &'static Kind {
         .unwrap_or_else(|| unreachable!("{kind} is in KINDS"))
 }
 
+/// Kinds install applies but uninstall leaves in place: the network policy CRDs (deleting
+/// them would delete every policy the users wrote).
+pub(crate) const KEPT_KINDS: [Kind; 1] = [k(
+    "apiextensions.k8s.io",
+    "CustomResourceDefinition",
+    "customresourcedefinitions",
+    false,
+)];
+
 /// The kind of a rendered object; an error names one install does not know.
 pub(crate) fn kind_of(o: &Value) -> Result<Kind> {
     let api_version = o.get("apiVersion").and_then(Value::as_str).unwrap_or("");
@@ -319,6 +332,7 @@ pub(crate) fn kind_of(o: &Value) -> Result<Kind> {
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     KINDS
         .iter()
+        .chain(KEPT_KINDS.iter())
         .find(|k| k.group == group && k.version == version && k.kind == kind)
         .copied()
         .with_context(|| {
