@@ -168,6 +168,7 @@ impl Report {
 #[derive(Debug)]
 pub struct Agent {
     programmer: Arc<Mutex<Programmer>>,
+    policy: Arc<crate::enforce::Shared>,
     report: Arc<Report>,
     cluster: ClusterName,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -222,7 +223,10 @@ impl Agent {
             targets_tx,
             inputs_tx,
         ));
-        let policy = Arc::new(crate::enforce::Shared::default());
+        let policy = Arc::new(crate::enforce::Shared {
+            cgroup: settings.cgroup.clone(),
+            ..Default::default()
+        });
         let enforce = tokio::spawn(crate::enforce::run(
             crate::enforce::Settings {
                 cluster: settings.cluster.clone(),
@@ -245,10 +249,19 @@ impl Agent {
         ));
         Ok(Self {
             programmer,
+            policy,
             report,
             cluster: settings.cluster.clone(),
             tasks: vec![follow, health, enforce],
         })
+    }
+
+    /// A function reading one local pod's policy back from the kernel (`/policy?pod=<uid>`).
+    pub fn policy_fn(
+        &self,
+    ) -> impl Fn(&str) -> meshapi::node_state::PodPolicy + Send + Sync + 'static {
+        let (programmer, shared) = (Arc::clone(&self.programmer), Arc::clone(&self.policy));
+        move |uid| crate::enforce::pod_policy(&programmer, &shared, uid)
     }
 
     /// Backends and their health as programmed.

@@ -227,13 +227,124 @@ impl Origins {
     }
 }
 
-/// The policy state the task keeps (shared with `/state` and `clustermesh policy`).
+/// The policy state the task keeps (shared with `/policy` and `clustermesh policy`).
 #[derive(Debug, Default)]
 pub struct Shared {
     /// Rule indexes → origins.
     pub origins: Mutex<Origins>,
     /// Per local identity: the resolved entries (as the resolver gave them).
     pub resolved: Mutex<BTreeMap<u32, policy::EndpointPolicy>>,
+    /// The latest inputs (identities and local pods).
+    pub inputs: Mutex<Arc<Inputs>>,
+    /// The node's cgroup.
+    pub cgroup: PathBuf,
+}
+
+/// Names a peer identity: reserved ones by name, others by their labels when known.
+fn peer_labels(inputs: &Inputs, id: u32) -> (Option<String>, Vec<String>) {
+    match id {
+        1 => (None, vec!["reserved:host".to_owned()]),
+        2 => (None, vec!["reserved:world".to_owned()]),
+        _ => inputs
+            .identities
+            .get(&id)
+            .map_or((None, Vec::new()), |(c, l)| {
+                (
+                    Some(c.to_string()),
+                    l.iter().map(|x| x.to_string()).collect(),
+                )
+            }),
+    }
+}
+
+/// Pod `uid`'s policy as this node's kernel holds it: its cgroups' flags read from
+/// `CM_ENDPOINTS`, its identity's entries read back from `CM_POLICY` (an entry the agent wrote
+/// but the kernel does not hold is left out), contiguous ports merged.
+pub fn pod_policy(
+    programmer: &Mutex<Programmer>,
+    shared: &Shared,
+    uid: &str,
+) -> meshapi::node_state::PodPolicy {
+    use aya::maps::lpm_trie::Key;
+    let inputs = lock(&shared.inputs).clone();
+    let identity = inputs.local_pods.get(uid).copied();
+    let mut out = meshapi::node_state::PodPolicy {
+        pod_uid: uid.to_owned(),
+        identity,
+        cgroups: 0,
+        ingress_enforced: false,
+        egress_enforced: false,
+        entries: Vec::new(),
+    };
+    let Some(id) = identity else {
+        return out;
+    };
+    let p = lock(programmer);
+    let dp = p.datapath();
+    for cg in crate::pods::scan(&shared.cgroup)
+        .remove(uid)
+        .unwrap_or_default()
+    {
+        if let Ok(v) = dp.endpoints.get(&cg, 0) {
+            let (_, ingress, egress) = crate::policy::parse_endpoint_val(&v);
+            out.cgroups += 1;
+            out.ingress_enforced |= ingress;
+            out.egress_enforced |= egress;
+        }
+    }
+    let origins = lock(&shared.origins);
+    let mut lines: Vec<meshapi::node_state::PolicyLine> = Vec::new();
+    let keys: Vec<crate::policy::EntryKey> = p
+        .policy_tables()
+        .entries(id)
+        .map(|e| e.keys().copied().collect())
+        .unwrap_or_default();
+    for (len, data) in keys {
+        let Ok(v) = dp.policy.get(&Key::new(len, data), 0) else {
+            continue;
+        };
+        let verdict = crate::policy::parse_verdict_val(&v);
+        let (_, dir, proto, remote, port) = crate::policy::parse_key_data(&data);
+        let size = 1u32 << (16 - (len - 80).min(16));
+        let hi = (u32::from(port) + size - 1).min(65_535) as u16;
+        let (peer_cluster, peer_labels) = peer_labels(&inputs, remote);
+        let line = meshapi::node_state::PolicyLine {
+            direction: if dir == Direction::Ingress as u8 {
+                "ingress"
+            } else {
+                "egress"
+            }
+            .into(),
+            verdict: if verdict.deny { "deny" } else { "allow" }.into(),
+            peer: (remote != 0).then_some(remote),
+            peer_cluster,
+            peer_labels,
+            proto: if proto == Proto::Udp.number() {
+                "UDP"
+            } else {
+                "TCP"
+            }
+            .into(),
+            ports: (port, hi),
+            policy: origins.get(verdict.rule).map(ToString::to_string),
+        };
+        // Keys come in order: a block right after the previous one of the same kind extends it.
+        match lines.last_mut() {
+            Some(last)
+                if last.direction == line.direction
+                    && last.verdict == line.verdict
+                    && last.peer == line.peer
+                    && last.proto == line.proto
+                    && last.policy == line.policy
+                    && u32::from(last.ports.1) + 1 == u32::from(line.ports.0) =>
+            {
+                last.ports.1 = line.ports.1;
+            }
+            _ => lines.push(line),
+        }
+    }
+    out.entries = lines;
+    out
 }
 
 struct Task {
@@ -285,6 +396,7 @@ impl Task {
 
     /// Applies new inputs (identities); returns the local identities they changed.
     fn on_inputs(&mut self, inputs: Arc<Inputs>) -> BTreeSet<u32> {
+        *lock(&self.shared.inputs) = Arc::clone(&inputs);
         let mut changed = BTreeSet::new();
         if inputs.synced {
             let old = std::mem::take(&mut self.identities_known);

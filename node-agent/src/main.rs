@@ -414,6 +414,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cluster_id: args.cluster_id.parse()?,
                 tls,
                 state: std::sync::Arc::new(state),
+                policy: Some(std::sync::Arc::new(agent.policy_fn())),
             },
         )
         .await?;

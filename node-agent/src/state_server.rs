@@ -27,7 +27,12 @@ pub struct Config {
     pub tls: Arc<Reloader>,
     /// The current state.
     pub state: Arc<dyn Fn() -> Result<NodeState, String> + Send + Sync>,
+    /// One local pod's policy by UID (`/policy?pod=<uid>`); `None`: not served.
+    pub policy: Option<PolicyFn>,
 }
+
+/// Reads one local pod's policy back from the kernel.
+pub type PolicyFn = Arc<dyn Fn(&str) -> meshapi::node_state::PodPolicy + Send + Sync>;
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,6 +110,24 @@ pub async fn spawn(addr: SocketAddr, config: Config) -> std::io::Result<SocketAd
                                 "forbidden: admins and apiservers of this cluster only\n".into(),
                                 false,
                             )
+                        } else if req.uri().path() == "/policy" {
+                            let uid = req
+                                .uri()
+                                .query()
+                                .unwrap_or_default()
+                                .split('&')
+                                .find_map(|kv| kv.strip_prefix("pod="))
+                                .unwrap_or_default()
+                                .to_owned();
+                            match (&config.policy, uid.is_empty()) {
+                                (None, _) => respond(404, "not found\n".into(), false),
+                                (_, true) => respond(400, "missing ?pod=<uid>\n".into(), false),
+                                (Some(f), false) => respond(
+                                    200,
+                                    serde_json::to_string_pretty(&f(&uid)).unwrap_or_default(),
+                                    true,
+                                ),
+                            }
                         } else if req.uri().path() != "/state" {
                             respond(404, "not found\n".into(), false)
                         } else {

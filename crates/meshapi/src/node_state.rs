@@ -51,7 +51,7 @@ pub enum Error {
         body: String,
     },
     /// The document does not parse.
-    #[error("node agent at {addr}: /state")]
+    #[error("node agent at {addr}: its answer")]
     Decode {
         /// Where.
         addr: String,
@@ -93,6 +93,31 @@ pub async fn fetch_with_cert(
     key_pem: &str,
     timeout: Duration,
 ) -> Result<(NodeState, i64), Error> {
+    let (body, not_after) = get(
+        "/state", addr, cluster, cluster_id, node, ca_pem, cert_pem, key_pem, timeout,
+    )
+    .await?;
+    serde_json::from_str(&body)
+        .map(|state| (state, not_after))
+        .map_err(|source| Error::Decode {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// GET `path` from the agent of `node`: the body of a 200 and the end of validity of the agent's certificate.
+#[allow(clippy::too_many_arguments)]
+async fn get(
+    path: &str,
+    addr: &str,
+    cluster: &ClusterName,
+    cluster_id: ClusterId,
+    node: &NodeName,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    timeout: Duration,
+) -> Result<(String, i64), Error> {
     let expected = MeshIdentity::node_agent(cluster.clone(), cluster_id, node.clone());
     let config =
         certs::identity_client_config(ca_pem, cert_pem, key_pem, move |id| *id == expected)
@@ -119,7 +144,7 @@ pub async fn fetch_with_cert(
             .and_then(|c| c.first())
             .and_then(|leaf| certs::identity::CertInfo::from_der(leaf.as_ref()).ok())
             .map_or(0, |i| i.not_after_unix);
-        tls.write_all(b"GET /state HTTP/1.0\r\nHost: node-agent\r\n\r\n")
+        tls.write_all(format!("GET {path} HTTP/1.0\r\nHost: node-agent\r\n\r\n").as_bytes())
             .await
             .map_err(io)?;
         let mut buf = Vec::new();
@@ -142,10 +167,73 @@ pub async fn fetch_with_cert(
             body: model::escape::bounded(body.trim(), 200),
         });
     }
-    serde_json::from_str(body)
-        .map(|state| (state, not_after))
-        .map_err(|source| Error::Decode {
-            addr: addr.to_owned(),
-            source,
-        })
+    Ok((body.to_owned(), not_after))
+}
+
+/// One pod's network policy as its node programmed it (`/policy?pod=<uid>`), read back from
+/// the kernel's maps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodPolicy {
+    /// The pod's UID.
+    pub pod_uid: String,
+    /// Its identity as the node knows it (`None`: the node has no such pod).
+    pub identity: Option<u32>,
+    /// The pod's cgroups the kernel maps to it (0: its cgroup is not found yet).
+    pub cgroups: usize,
+    /// Default deny for ingress (a policy selects it).
+    pub ingress_enforced: bool,
+    /// Default deny for egress.
+    pub egress_enforced: bool,
+    /// What the maps hold for its identity, contiguous ports merged.
+    pub entries: Vec<PolicyLine>,
+}
+
+/// One allow or deny of a pod's policy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyLine {
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// `allow` or `deny`.
+    pub verdict: String,
+    /// The peer's identity (`None`: any peer).
+    pub peer: Option<u32>,
+    /// The peer's cluster, when known.
+    pub peer_cluster: Option<String>,
+    /// The peer's labels (`source:key=value`), when known.
+    pub peer_labels: Vec<String>,
+    /// `TCP` or `UDP`.
+    pub proto: String,
+    /// Inclusive port range.
+    pub ports: (u16, u16),
+    /// The policy that decided (`Kind namespace/name`).
+    pub policy: Option<String>,
+}
+
+/// Reads the policy of pod `pod_uid` from the agent of `node` (see [`fetch`]).
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch_policy(
+    addr: &str,
+    cluster: &ClusterName,
+    cluster_id: ClusterId,
+    node: &NodeName,
+    pod_uid: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    timeout: Duration,
+) -> Result<PodPolicy, Error> {
+    // A UID is hex digits and dashes: nothing to escape in the query.
+    let uid: String = pod_uid
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit() || *c == '-')
+        .collect();
+    let path = format!("/policy?pod={uid}");
+    let (body, _) = get(
+        &path, addr, cluster, cluster_id, node, ca_pem, cert_pem, key_pem, timeout,
+    )
+    .await?;
+    serde_json::from_str(&body).map_err(|source| Error::Decode {
+        addr: addr.to_owned(),
+        source,
+    })
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use multicluster::lab::{BACKEND_PORT, Lab};
+use multicluster::lab::{BACKEND_PORT, Component, Lab};
 use multicluster::{LabCluster, scenarios};
 use tokio::sync::Mutex;
 
@@ -90,6 +90,40 @@ async fn until(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Starts `n` sequential connects from x-wing to `target` (a process in its pod).
+async fn loop_from(lab: &Arc<Mutex<Lab>>, target: SocketAddr, n: u32) -> std::process::Child {
+    let me = multicluster::lab::binary("clustermesh-lab").unwrap();
+    lab.lock()
+        .await
+        .pod_command(
+            "east",
+            "x-wing",
+            &[
+                me.display().to_string(),
+                "client".into(),
+                "--target".into(),
+                target.to_string(),
+                "--count".into(),
+                n.to_string(),
+            ],
+        )
+        .unwrap()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The tally a loop printed.
+fn tally(child: std::process::Child) -> BTreeMap<String, u32> {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,6 +291,85 @@ async fn identity_policy_across_three_clusters() {
     )
     .await;
     until(&lab, &targets, &all, "west admits east's x-wing").await;
+
+    // Back to the documented example for the next steps.
+    apply(
+        &east_kube,
+        "east",
+        "x-wing-to-west",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
+            "egress": [{"toEndpoints": [{"matchLabels": {
+                "app": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}],
+        }),
+    )
+    .await;
+    until(&lab, &targets, &["west/rebel-base"], "the example again").await;
+
+    // East's node agent restarts while x-wing connects in a loop to an allowed and a refused
+    // target: no wrong verdict (the pinned maps keep enforcing; the new agent learns them).
+    let east_node = lab.lock().await.cluster("east").unwrap().nodes[0]
+        .name
+        .clone();
+    let allowed = loop_from(&lab, targets["west/rebel-base"], 3000).await;
+    let refused = loop_from(&lab, targets["east/rebel-base"], 30000).await;
+    {
+        let agent = Component::NodeAgent(east_node);
+        let mut lab = lab.lock().await;
+        lab.crash("east", &agent).unwrap();
+        lab.restart("east", &agent).await.unwrap();
+    }
+    let (ok, bad) = (tally(allowed), tally(refused));
+    assert!(
+        !ok.contains_key("failed"),
+        "allowed across the restart: {ok:?}"
+    );
+    assert_eq!(ok.values().sum::<u32>(), 3000, "{ok:?}");
+    assert_eq!(
+        bad.get("failed"),
+        Some(&30000),
+        "refused across the restart: {bad:?}"
+    );
+    eprintln!(
+        "node agent restart: 3000 allowed connections served, 30000 refused, no wrong verdict"
+    );
+
+    // A west pod's labels change (tie becomes a rebel-base): east's verdict for it follows,
+    // while the connections to the other rebel-base go on unrefused.
+    let allowed = loop_from(&lab, targets["west/rebel-base"], 1500).await;
+    let tie = lab
+        .lock()
+        .await
+        .cluster("west")
+        .unwrap()
+        .pods
+        .iter()
+        .find(|p| p.name.starts_with("tie"))
+        .unwrap()
+        .name
+        .clone();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(west_kube.clone(), NS);
+    let started = Instant::now();
+    pods.patch(
+        &tie,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"app": "rebel-base"}}})),
+    )
+    .await
+    .unwrap();
+    let took = until(
+        &lab,
+        &targets,
+        &["west/rebel-base", "west/tie"],
+        "tie relabelled rebel-base",
+    )
+    .await;
+    let ok = tally(allowed);
+    assert!(!ok.contains_key("failed"), "during the relabel: {ok:?}");
+    eprintln!(
+        "label change in west → east's verdict changed within {:?} (patch to first allowed probe round; {took:?} of probing)",
+        started.elapsed()
+    );
 
     // Policies gone: everything flows again.
     delete(&east_kube, "x-wing-to-west").await;
