@@ -15,6 +15,7 @@ mod errors;
 mod install;
 mod kctx;
 mod output;
+mod policy;
 mod services;
 mod status;
 mod versions;
@@ -82,6 +83,15 @@ enum Command {
     /// Show the mesh's global services and their backends per cluster, or with --node what
     /// a node programmed against what it should have.
     Services(services::ServicesArgs),
+    /// Show a pod's network policy as its node's kernel holds it: ingress/egress enforced,
+    /// and which peers (identity, cluster, labels) are allowed or denied on which ports by
+    /// which policy, read back from the eBPF maps.
+    #[command(after_help = "Example:\n  \
+        clustermesh policy --context east --pod rebel/x-wing\n\n\
+        The node agent reads the entries back from its maps; an entry it wrote that the kernel\n\
+        does not hold is not shown. PEER `any` is a rule for every peer (an L4-only rule or the\n\
+        `all` entity); identities 1 and 2 are the host and the world (addresses of no cluster).")]
+    Policy(policy::PolicyArgs),
     /// Run a failover drill on a global service and report detect / failover / recover times
     /// measured from a client; exit 1 when an SLO is missed.
     #[command(after_help = "Output:\n  \
@@ -194,6 +204,7 @@ fn main() -> std::process::ExitCode {
                     Command::Status(a) => status::run(a).await,
                     Command::Check(a) => check::run(a).await,
                     Command::Services(a) => services::run(a).await,
+                    Command::Policy(a) => policy::run(a).await,
                     Command::Drill(a) => drill::run(a).await,
                     Command::Certs(_)
                     | Command::Probe(_)

@@ -131,7 +131,21 @@ async fn snapshot(
     Ok(by_name)
 }
 
-async fn node_state(cluster: &Cluster, node: &str, port: u16) -> Result<NodeState> {
+/// How to reach a node's agent as an admin of its cluster: its `/state` address, the
+/// cluster's name and ID, the node, the CA and a short-lived admin certificate, the timeout.
+pub(crate) struct AgentAccess {
+    pub addr: String,
+    pub cluster: ClusterName,
+    pub cluster_id: ClusterId,
+    pub node: model::NodeName,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub timeout: Duration,
+}
+
+/// [`AgentAccess`] to `node` of `cluster` (its InternalIP, port `port`).
+pub(crate) async fn agent_access(cluster: &Cluster, node: &str, port: u16) -> Result<AgentAccess> {
     let api: kube::Api<Node> = kube::Api::all(cluster.client.clone());
     let n = api
         .get(node)
@@ -154,18 +168,32 @@ async fn node_state(cluster: &Cluster, node: &str, port: u16) -> Result<NodeStat
     let ca = cluster.ca().await?;
     let leaf = admin_leaf(&ca, &name, id, Duration::from_secs(600))?;
     let node_name = model::NodeName::new(node).with_context(|| format!("node name {node:?}"))?;
-    Ok(meshapi::node_state::fetch(
-        &addr,
-        &name,
-        id,
-        &node_name,
-        ca.cert_pem(),
-        &leaf.cert_pem,
-        &leaf.key_pem,
+    Ok(AgentAccess {
+        addr,
+        cluster: name,
+        cluster_id: id,
+        node: node_name,
+        ca_pem: ca.cert_pem().to_owned(),
+        cert_pem: leaf.cert_pem.clone(),
+        key_pem: leaf.key_pem.clone(),
         // `--request-timeout 0`: no limit (a year is as good as none).
-        cluster
+        timeout: cluster
             .request_timeout
             .unwrap_or(Duration::from_secs(365 * 86_400)),
+    })
+}
+
+async fn node_state(cluster: &Cluster, node: &str, port: u16) -> Result<NodeState> {
+    let a = agent_access(cluster, node, port).await?;
+    Ok(meshapi::node_state::fetch(
+        &a.addr,
+        &a.cluster,
+        a.cluster_id,
+        &a.node,
+        &a.ca_pem,
+        &a.cert_pem,
+        &a.key_pem,
+        a.timeout,
     )
     .await?)
 }

@@ -205,6 +205,57 @@ async fn identity_policy_across_three_clusters() {
         "rebel-base in west only",
     )
     .await;
+    // What x-wing's node programmed, read back from its maps by the CLI.
+    let out = multicluster::clustermesh(
+        &kc,
+        &[
+            "policy",
+            "--context",
+            "east",
+            "--pod",
+            "rebel/x-wing",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(doc["egress_enforced"], true, "{doc}");
+    assert_eq!(doc["ingress_enforced"], false, "{doc}");
+    assert!(doc["cgroups"].as_u64().unwrap() >= 1, "{doc}");
+    let entries = doc["entries"].as_array().unwrap();
+    assert!(!entries.is_empty(), "{doc}");
+    for e in entries {
+        assert_eq!(e["direction"], "egress", "{e}");
+        assert_eq!(e["verdict"], "allow", "{e}");
+        assert_eq!(e["peer_cluster"], "west", "only west's rebel-base: {e}");
+        assert!(
+            e["peer_labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l == "k8s:app=rebel-base"),
+            "{e}"
+        );
+        assert_eq!(
+            e["policy"], "CiliumNetworkPolicy rebel/x-wing-to-west",
+            "{e}"
+        );
+    }
+    let table = multicluster::clustermesh(
+        &kc,
+        &["policy", "--context", "east", "--pod", "rebel/x-wing"],
+    )
+    .await
+    .unwrap();
+    eprintln!("clustermesh policy --pod rebel/x-wing:\n{}", table.stdout);
+    assert!(
+        table.stdout.contains("egress default deny"),
+        "{}",
+        table.stdout
+    );
 
     // Naming north too (matchExpressions on the cluster label).
     apply(
