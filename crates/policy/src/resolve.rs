@@ -93,10 +93,21 @@ pub(crate) struct Known {
 
 impl Known {
     pub(crate) fn new(info: &IdentityInfo) -> Self {
+        // The cluster label is the identity's origin (which the importer checked against the
+        // peer's certificate), never what its labels claim: a peer could put another
+        // cluster's name in them to pass for that cluster's workloads.
+        let mut labels = info.labels.clone();
+        if let Ok(l) = model::Label::new(
+            model::Label::SOURCE_MESH,
+            model::Label::KEY_CLUSTER,
+            info.cluster.to_string(),
+        ) {
+            labels.insert(l);
+        }
         Self {
             cluster: info.cluster.clone(),
-            labels: info.labels.clone(),
-            index: LabelIndex::new(&info.labels),
+            index: LabelIndex::new(&labels),
+            labels,
         }
     }
 }

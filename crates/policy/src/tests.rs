@@ -853,3 +853,23 @@ fn performance_of_10000_identities_and_100_endpoints() {
         (entries * std::mem::size_of::<PolicyEntry>()) as f64 / 1e6,
     );
 }
+
+/// A peer cannot pass for another cluster's workloads by putting that cluster's name in its
+/// identities' labels: the cluster a selector matches is the identity's origin.
+#[test]
+fn a_spoofed_cluster_label_does_not_select() {
+    let p = x_wing_egress(json!({"toEndpoints": [{"matchLabels": {
+        "name": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}));
+    let mut identities = star_wars();
+    let mut spoof = ident(0x3_0009, "north", "default", &[("name", "rebel-base")], &[]);
+    spoof
+        .labels
+        .insert(Label::new("mesh", "cluster", "west").unwrap());
+    identities.push(spoof);
+    let r = resolve(&[p], &identities, &cluster("east"), Options::default());
+    assert_eq!(
+        remotes(&r, EAST_XWING, Direction::Egress, Verdict::Allow),
+        ids(&[WEST_BASE]),
+        "north's identity claiming mesh:cluster=west is not west's"
+    );
+}
