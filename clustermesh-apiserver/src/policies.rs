@@ -141,6 +141,38 @@ fn build(
     set
 }
 
+/// The status patch that sets `obj`'s `Valid` condition (`refused`: why it is invalid), or
+/// `None` when the stored condition already says so (the time of an unchanged condition stays).
+fn condition_patch(obj: &serde_json::Value, refused: Option<&str>) -> Option<serde_json::Value> {
+    let (status, reason, message) = match refused {
+        Some(why) => ("False", "Invalid", format!("not enforced: {why}")),
+        None => ("True", "Valid", "enforced by clustermesh".to_owned()),
+    };
+    let current = obj
+        .pointer("/status/conditions")
+        .and_then(serde_json::Value::as_array)
+        .and_then(|c| c.iter().find(|c| c["type"] == "Valid"));
+    if current.is_some_and(|c| c["status"] == status && c["message"] == message.as_str()) {
+        return None;
+    }
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let mut conditions: Vec<serde_json::Value> = obj
+        .pointer("/status/conditions")
+        .and_then(serde_json::Value::as_array)
+        .map(|c| c.iter().filter(|c| c["type"] != "Valid").cloned().collect())
+        .unwrap_or_default();
+    conditions.push(serde_json::json!({
+        "type": "Valid",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now,
+    }));
+    Some(serde_json::json!({"status": {"conditions": conditions}}))
+}
+
 /// Logs refusals that are new or changed, and the ones that went away.
 fn log_refusals(before: &PolicySet, now: &PolicySet) {
     for (k, why) in &now.refused {
@@ -215,6 +247,37 @@ pub async fn follow(
             continue;
         }
         let next = build(&sources, validate.as_ref());
+        for (src, (kind, group, version, plural, namespaced)) in sources.iter().zip(SOURCES) {
+            if group != "cilium.io" {
+                continue; // NetworkPolicy has no status to say it in: the log and metric do.
+            }
+            let ar = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            );
+            for ((ns, name), obj) in &src.objects {
+                let key = (kind.to_owned(), ns.clone(), name.clone());
+                let refused = next.refused.get(&key).map(String::as_str);
+                if let Some(patch) = condition_patch(obj, refused) {
+                    let api: Api<DynamicObject> = if namespaced {
+                        Api::namespaced_with(client.clone(), ns, &ar)
+                    } else {
+                        Api::all_with(client.clone(), &ar)
+                    };
+                    if let Err(e) = api
+                        .patch_status(
+                            name,
+                            &kube::api::PatchParams::default(),
+                            &kube::api::Patch::Merge(&patch),
+                        )
+                        .await
+                    {
+                        metrics.inc(m::ERRORS, &["policies"]);
+                        tracing::warn!(kind, policy = %format!("{ns}/{name}"), error = %e, "could not write the policy's Valid condition");
+                    }
+                }
+            }
+        }
         metrics.set(m::POLICIES, &["valid"], next.valid.len() as f64);
         metrics.set(m::POLICIES, &["refused"], next.refused.len() as f64);
         tx.send_if_modified(|cur| {
@@ -248,6 +311,22 @@ mod tests {
         } else {
             Err("spec.valid: must be true".into())
         }
+    }
+
+    #[test]
+    fn the_valid_condition_is_written_only_when_it_changes() {
+        let fresh = serde_json::json!({"metadata": {"name": "p"}});
+        let bad = condition_patch(&fresh, Some("spec.egress[0]: wrong")).unwrap();
+        let c = &bad["status"]["conditions"][0];
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("False"), Some("Invalid"))
+        );
+        assert_eq!(c["message"], "not enforced: spec.egress[0]: wrong");
+        let stored = serde_json::json!({"status": bad["status"].clone()});
+        assert!(condition_patch(&stored, Some("spec.egress[0]: wrong")).is_none());
+        let fixed = condition_patch(&stored, None).unwrap();
+        assert_eq!(fixed["status"]["conditions"][0]["status"], "True");
     }
 
     #[test]

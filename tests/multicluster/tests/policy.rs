@@ -257,6 +257,48 @@ async fn identity_policy_across_three_clusters() {
         table.stdout
     );
 
+    // An invalid policy (a named port) is refused alone: its Valid condition names the field,
+    // nothing of it is enforced, the valid policy still is.
+    apply(
+        &east_kube,
+        "east",
+        "broken",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
+            "egress": [{"toPorts": [{"ports": [{"port": "http"}]}]}],
+        }),
+    )
+    .await;
+    let api: Api<DynamicObject> = Api::namespaced_with(east_kube.clone(), NS, &cnp());
+    let deadline = Instant::now() + scenarios::CONVERGE;
+    let message = loop {
+        let o = api.get("broken").await.unwrap();
+        let valid = o.data["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Valid").cloned());
+        if let Some(c) = valid.filter(|c| c["status"] == "False") {
+            break c["message"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Valid=False condition on the broken policy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("invalid policy: {message}");
+    assert!(
+        message.contains("spec.egress[0].toPorts[0].ports[0].port"),
+        "{message}"
+    );
+    until(
+        &lab,
+        &targets,
+        &["west/rebel-base"],
+        "the invalid policy changes nothing",
+    )
+    .await;
+    delete(&east_kube, "broken").await;
+
     // Naming north too (matchExpressions on the cluster label).
     apply(
         &east_kube,
