@@ -115,6 +115,32 @@ async fn loop_from(lab: &Arc<Mutex<Lab>>, target: SocketAddr, n: u32) -> std::pr
         .unwrap()
 }
 
+/// `n` UDP datagrams from x-wing to `target`, each awaiting its answer: who answered.
+async fn udp_from(lab: &Arc<Mutex<Lab>>, target: SocketAddr, n: u32) -> BTreeMap<String, u32> {
+    let me = multicluster::lab::binary("clustermesh-lab").unwrap();
+    let child = lab
+        .lock()
+        .await
+        .pod_command(
+            "east",
+            "x-wing",
+            &[
+                me.display().to_string(),
+                "client".into(),
+                "--udp".into(),
+                "--target".into(),
+                target.to_string(),
+                "--count".into(),
+                n.to_string(),
+            ],
+        )
+        .unwrap()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tally(child)
+}
+
 /// The tally a loop printed.
 fn tally(child: std::process::Child) -> BTreeMap<String, u32> {
     let out = child.wait_with_output().unwrap();
@@ -256,6 +282,15 @@ async fn identity_policy_across_three_clusters() {
         "{}",
         table.stdout
     );
+    // UDP: the same verdicts (the policy names no port: TCP and UDP).
+    let udp = udp_from(&lab, targets["west/rebel-base"], 3).await;
+    assert_eq!(udp.get("failed"), None, "UDP to west's rebel-base: {udp:?}");
+    let udp = udp_from(&lab, targets["east/rebel-base"], 3).await;
+    assert_eq!(
+        udp.get("failed"),
+        Some(&3),
+        "UDP to east's rebel-base refused: {udp:?}"
+    );
 
     // An invalid policy (a named port) is refused alone: its Valid condition names the field,
     // nothing of it is enforced, the valid policy still is.
@@ -371,6 +406,12 @@ async fn identity_policy_across_three_clusters() {
         "west's ingress policy",
     )
     .await;
+    let udp = udp_from(&lab, targets["west/rebel-base"], 1).await;
+    assert_eq!(
+        udp.get("failed"),
+        Some(&1),
+        "UDP dropped at west's ingress: {udp:?}"
+    );
     // ... and admits x-wing from east once it names it.
     apply(
         &west_kube,
@@ -384,6 +425,8 @@ async fn identity_policy_across_three_clusters() {
     )
     .await;
     until(&lab, &targets, &all, "west admits east's x-wing").await;
+    let udp = udp_from(&lab, targets["west/rebel-base"], 3).await;
+    assert_eq!(udp.get("failed"), None, "UDP admitted by west: {udp:?}");
 
     // Back to the documented example for the next steps.
     apply(

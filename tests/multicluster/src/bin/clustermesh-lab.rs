@@ -148,12 +148,25 @@ enum Cmd {
         /// Connections.
         #[arg(long, default_value_t = 20)]
         count: u32,
+        /// UDP: one datagram per attempt from a fresh unconnected socket, the answer awaited.
+        #[arg(long)]
+        udp: bool,
     },
 }
 
 fn serve(name: &str, port: u16) -> Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind port {port}"))?;
     let answer = format!("{name}\n");
+    // The same answer over UDP, to each datagram's sender.
+    let udp = std::net::UdpSocket::bind(("0.0.0.0", port))
+        .with_context(|| format!("bind UDP port {port}"))?;
+    let reply = answer.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(reply.as_bytes(), from);
+        }
+    });
     loop {
         match l.accept() {
             Ok((mut c, _)) => {
@@ -164,16 +177,30 @@ fn serve(name: &str, port: u16) -> Result<()> {
     }
 }
 
-fn client(target: SocketAddr, count: u32) -> Result<()> {
+fn client(target: SocketAddr, count: u32, udp: bool) -> Result<()> {
     let mut tally: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..count {
-        let answer =
+        let answer = if udp {
+            let bind: SocketAddr = if target.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            std::net::UdpSocket::bind(bind).and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.send_to(b"hi", target)?;
+                let mut buf = [0u8; 64];
+                let (n, _) = s.recv_from(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+            })
+        } else {
             TcpStream::connect_timeout(&target, Duration::from_secs(2)).and_then(|mut s| {
                 s.set_read_timeout(Some(Duration::from_secs(2)))?;
                 let mut buf = String::new();
                 s.read_to_string(&mut buf)?;
                 Ok(buf.trim().to_owned())
-            });
+            })
+        };
         let key = match answer {
             Ok(a) if !a.is_empty() => a,
             _ => "failed".to_owned(),
@@ -325,7 +352,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Serve { name, port } => serve(&name, port),
-        Cmd::Client { target, count } => client(target, count),
+        Cmd::Client { target, count, udp } => client(target, count, udp),
     }
 }
 
