@@ -1363,6 +1363,27 @@ impl Lab {
             .join(format!("{}.argv.json", comp.stem())))
     }
 
+    /// Restarts the node agent of `node` with `flag` added to its command line (`on`) or
+    /// removed from it (a crash, then [`Lab::restart`] with the changed command line).
+    pub async fn restart_agent_with(
+        &mut self,
+        cluster: &str,
+        node: &str,
+        flag: &str,
+        on: bool,
+    ) -> Result<()> {
+        let comp = Component::NodeAgent(node.to_owned());
+        self.crash(cluster, &comp)?;
+        let file = self.argv_file(cluster, &comp)?;
+        let mut argv: Vec<String> = serde_json::from_slice(&std::fs::read(&file)?)?;
+        argv.retain(|a| a != flag);
+        if on {
+            argv.push(flag.to_owned());
+        }
+        std::fs::write(&file, serde_json::to_vec(&argv)?)?;
+        self.restart(cluster, &comp).await
+    }
+
     /// Kills `comp` of `cluster` with SIGKILL, as a crash would, after recording its command
     /// line so that [`Lab::restart`] starts it again exactly the same way.
     pub fn crash(&mut self, cluster: &str, comp: &Component) -> Result<()> {

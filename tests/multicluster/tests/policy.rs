@@ -374,6 +374,29 @@ async fn identity_policy_across_three_clusters() {
         "no cluster label: east only",
     )
     .await;
+    // The compatibility flag on east's node agent: the same policy selects every cluster's.
+    let east_node = lab.lock().await.cluster("east").unwrap().nodes[0]
+        .name
+        .clone();
+    let flag = "--policy-selectors-any-cluster";
+    lab.lock()
+        .await
+        .restart_agent_with("east", &east_node, flag, true)
+        .await
+        .unwrap();
+    until(
+        &lab,
+        &targets,
+        &["east/rebel-base", "north/rebel-base", "west/rebel-base"],
+        "no cluster label, --policy-selectors-any-cluster",
+    )
+    .await;
+    lab.lock()
+        .await
+        .restart_agent_with("east", &east_node, flag, false)
+        .await
+        .unwrap();
+    until(&lab, &targets, &["east/rebel-base"], "the flag off again").await;
 
     // The mesh entity: every connected cluster.
     apply(
