@@ -2,7 +2,7 @@
 //!
 //! It registers the cluster (name and ID) in etcd, refusing to start if that etcd already
 //! belongs to a cluster of the same name with another ID; elects one leader among its replicas
-//! through a Kubernetes Lease; and, while leading, runs the [`exporter`]: this cluster's
+//! through a Kubernetes Lease ([`leader`]); and, while leading, runs the [`exporter`]: this cluster's
 //! Services, EndpointSlices, Pods, Namespaces and Nodes become global services, endpoints,
 //! identities and nodes in etcd. `/metrics`, `/healthz` and `/readyz` are served by every
 //! replica.
@@ -13,6 +13,7 @@ pub mod config;
 pub mod enroll;
 pub mod etcd_health;
 pub mod exporter;
+pub mod leader;
 pub mod mesh;
 pub mod metrics;
 pub mod node_agents;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use exporter::leader::{Elector, Leadership};
+use leader::{Elector, Leadership};
 use k8s_openapi::api::coordination::v1::Lease;
 use rustls_pki_types::pem::PemObject;
 use telemetry::metrics::Registry;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clustermesh_apiserver::config::Config;
-use clustermesh_apiserver::exporter::leader::Leadership;
+use clustermesh_apiserver::leader::Leadership;
 use clustermesh_apiserver::readiness::Readiness;
 use clustermesh_apiserver::{Running, metrics as m};
 use futures::StreamExt;

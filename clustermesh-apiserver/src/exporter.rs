@@ -12,8 +12,7 @@
 //! exporter adopts its predecessor's etcd lease while it is alive, so keys that did not change
 //! are neither rewritten nor deleted.
 
-pub mod desired;
-pub mod leader;
+pub mod translate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -672,7 +671,7 @@ impl Exporter {
             Kind::Services => self.desired_services(&mut out).await,
             Kind::Nodes => {
                 for n in self.nodes.state() {
-                    if let Some(node) = desired::node(&self.settings.cluster, &n) {
+                    if let Some(node) = translate::node(&self.settings.cluster, &n) {
                         encode(&mut out, &node);
                     }
                 }
@@ -686,7 +685,7 @@ impl Exporter {
     async fn desired_services(&mut self, out: &mut BTreeMap<String, Vec<u8>>) {
         let mut by_service: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
         for s in self.slices.state() {
-            let Some(svc) = s.labels().get(desired::SERVICE_NAME_LABEL).cloned() else {
+            let Some(svc) = s.labels().get(translate::SERVICE_NAME_LABEL).cloned() else {
                 continue;
             };
             by_service
@@ -701,7 +700,7 @@ impl Exporter {
             let key = (ns.clone(), svc.name_any());
             let namespace = self.namespace(&ns);
             let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-            match desired::service(
+            match translate::service(
                 &self.settings.cluster,
                 &svc,
                 namespace.as_deref(),
@@ -836,12 +835,12 @@ impl Exporter {
         &mut self,
         pod: &Pod,
     ) -> anyhow::Result<Option<(Vec<(String, Vec<u8>)>, String)>> {
-        let Some((node, ips)) = desired::pod_addresses(pod) else {
+        let Some((node, ips)) = translate::pod_addresses(pod) else {
             return Ok(None);
         };
         let ns = pod.namespace().unwrap_or_default();
         let namespace = self.namespace(&ns);
-        let labels = match desired::pod_labels(&self.settings.cluster, pod, namespace.as_deref()) {
+        let labels = match translate::pod_labels(&self.settings.cluster, pod, namespace.as_deref()) {
             Ok(l) => l,
             Err(e) => {
                 self.metrics.inc(m::SKIPPED_PODS, &["invalid-labels"]);
