@@ -13,13 +13,15 @@ pub mod config;
 pub mod enroll;
 pub mod etcd_health;
 pub mod exporter;
+pub mod labelled_secrets;
 pub mod leader;
 pub mod mesh;
 pub mod metrics;
 pub mod node_agents;
+pub mod peer_secrets;
 pub mod policies;
-pub mod publish;
 pub mod readiness;
+pub mod status_configmap;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -486,7 +488,7 @@ async fn supervise(
             }
         };
         let status_of = Arc::clone(&k8s.status_of);
-        let publish = publish::publish_status(
+        let publish = status_configmap::publish_status(
             k8s.configmaps.clone(),
             move || status_of(),
             Duration::from_millis(200),
@@ -495,7 +497,7 @@ async fn supervise(
         let secrets = async {
             match k8s.peer_secrets.clone() {
                 Some((api, dir, own)) => {
-                    publish::follow_peer_secrets(
+                    peer_secrets::follow_peer_secrets(
                         api,
                         dir,
                         own,

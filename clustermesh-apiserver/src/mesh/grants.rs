@@ -110,7 +110,8 @@ pub fn parse(peer: &ClusterName, cluster_id: &[u8], sha256: &[u8]) -> Result<Gra
 /// Checks one grant Secret; returns the peer and its grant.
 pub fn from_secret(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Grant), String> {
     let name = secret.metadata.name.clone().unwrap_or_default();
-    let peer = crate::publish::labelled_peer(secret, GRANT_LABEL, grant_secret_name, own, "grant")?;
+    let peer = crate::labelled_secrets::labelled_peer(secret, GRANT_LABEL, grant_secret_name, own, "grant")
+        .map_err(|e| telemetry::chain(&e).to_string())?;
     let data = secret.data.clone().unwrap_or_default();
     if let Some(unknown) = data
         .keys()
@@ -234,7 +235,7 @@ pub async fn follow_secrets(
     tx: watch::Sender<Option<Arc<Grants>>>,
     metrics: Registry,
 ) {
-    let mut set = crate::publish::SecretSet::default();
+    let mut set = crate::labelled_secrets::SecretSet::default();
     let mut good: BTreeMap<String, (ClusterName, Grant)> = BTreeMap::new();
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
     let stream = watcher(api, watcher::Config::default().labels(GRANT_LABEL));
