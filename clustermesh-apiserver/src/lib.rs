@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use leader::{Elector, Leadership};
 use k8s_openapi::api::coordination::v1::Lease;
+use leader::{Elector, Leadership};
 use rustls_pki_types::pem::PemObject;
 use telemetry::metrics::Registry;
 use tokio::sync::watch;

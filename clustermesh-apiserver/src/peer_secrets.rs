@@ -64,10 +64,7 @@ pub fn peer_files(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Fi
             }
             None if key == "cluster-id" => {}
             None => {
-                return Err(Error::MissingKey {
-                    secret: name,
-                    key,
-                });
+                return Err(Error::MissingKey { secret: name, key });
             }
         }
     }

@@ -53,9 +53,11 @@ impl Dirty {
     }
 }
 
-
 /// Marks `bits` dirty on every change after the initial listing.
-pub(super) fn on_change<K>(dirty: &Arc<Dirty>, bits: u8) -> impl Fn(&watcher::Event<K>) + Send + 'static {
+pub(super) fn on_change<K>(
+    dirty: &Arc<Dirty>,
+    bits: u8,
+) -> impl Fn(&watcher::Event<K>) + Send + 'static {
     let dirty = Arc::clone(dirty);
     move |ev| {
         if !matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_)) {
@@ -63,4 +65,3 @@ pub(super) fn on_change<K>(dirty: &Arc<Dirty>, bits: u8) -> impl Fn(&watcher::Ev
         }
     }
 }
-

@@ -27,7 +27,8 @@ impl Exporter {
         };
         let ns = pod.namespace().unwrap_or_default();
         let namespace = self.namespace(&ns);
-        let labels = match translate::pod_labels(&self.settings.cluster, pod, namespace.as_deref()) {
+        let labels = match translate::pod_labels(&self.settings.cluster, pod, namespace.as_deref())
+        {
             Ok(l) => l,
             Err(e) => {
                 self.metrics.inc(m::SKIPPED_PODS, &["invalid-labels"]);
@@ -165,5 +166,4 @@ impl Exporter {
             .set(m::EXPORTED, &["endpoints"], self.key_owner.len() as f64);
         Ok(())
     }
-
 }

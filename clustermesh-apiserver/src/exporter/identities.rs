@@ -19,7 +19,6 @@ pub(super) struct IdentityEntry {
     pub(super) unused_since: Option<Instant>,
 }
 
-
 impl Exporter {
     pub(super) async fn identity_for(&mut self, labels: Labels) -> anyhow::Result<NumericIdentity> {
         let canonical = labels.canonical();
@@ -99,4 +98,3 @@ impl Exporter {
         }
     }
 }
-

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use anyhow::Context;
-use model::keys::{self, Kind, Scope};
 use model::Identity;
+use model::keys::{self, Kind, Scope};
 use wire::Codec;
 
 use super::dirty::{DIRTY_GC, DIRTY_NODES, DIRTY_POD_SET, DIRTY_PODS, DIRTY_SERVICES};
@@ -211,7 +211,10 @@ impl Exporter {
     }
 
     /// The keys and values `kind` should have now.
-    pub(super) async fn desired(&mut self, kind: Kind) -> anyhow::Result<(BTreeMap<String, Vec<u8>>, ())> {
+    pub(super) async fn desired(
+        &mut self,
+        kind: Kind,
+    ) -> anyhow::Result<(BTreeMap<String, Vec<u8>>, ())> {
         let mut out = BTreeMap::new();
         match kind {
             Kind::Services => self.desired_services(&mut out).await,

@@ -110,8 +110,14 @@ pub fn parse(peer: &ClusterName, cluster_id: &[u8], sha256: &[u8]) -> Result<Gra
 /// Checks one grant Secret; returns the peer and its grant.
 pub fn from_secret(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Grant), String> {
     let name = secret.metadata.name.clone().unwrap_or_default();
-    let peer = crate::labelled_secrets::labelled_peer(secret, GRANT_LABEL, grant_secret_name, own, "grant")
-        .map_err(|e| telemetry::chain(&e).to_string())?;
+    let peer = crate::labelled_secrets::labelled_peer(
+        secret,
+        GRANT_LABEL,
+        grant_secret_name,
+        own,
+        "grant",
+    )
+    .map_err(|e| telemetry::chain(&e).to_string())?;
     let data = secret.data.clone().unwrap_or_default();
     if let Some(unknown) = data
         .keys()
