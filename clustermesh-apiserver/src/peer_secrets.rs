@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::runtime::watcher;
 use model::ClusterName;
-use model::status::{PEER_LABEL, PEER_SECRET_KEYS, peer_secret_name};
+use model::objects::{PEER_LABEL, PEER_SECRET_KEYS, peer_secret_name};
 use telemetry::metrics::Registry;
 
 use crate::labelled_secrets::{self, SecretSet, labelled_peer};

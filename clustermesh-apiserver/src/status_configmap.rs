@@ -6,7 +6,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
-use model::status::{ClusterStatus, STATUS_CONFIGMAP, STATUS_HEARTBEAT_SECS, STATUS_KEY};
+use model::objects::{STATUS_CONFIGMAP, STATUS_KEY};
+use model::status::{ClusterStatus, STATUS_HEARTBEAT_SECS};
 use telemetry::metrics::Registry;
 
 use crate::metrics as m;

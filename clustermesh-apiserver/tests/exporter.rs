@@ -77,7 +77,7 @@ impl Lab {
             peers_dir: None,
             peers_from_secrets: false,
             peer_quota: Default::default(),
-            node_agent_state_port: model::status::NODE_AGENT_STATE_PORT,
+            node_agent_state_port: model::node_state::NODE_AGENT_STATE_PORT,
             grants_dir: None,
         }
     }

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::runtime::watcher;
-use model::status::{GRANT_LABEL, GRANT_SECRET_KEYS, grant_secret_name};
+use model::objects::{GRANT_LABEL, GRANT_SECRET_KEYS, grant_secret_name};
 use model::{ClusterId, ClusterName};
 use telemetry::metrics::Registry;
 use tokio::sync::watch;

@@ -13,10 +13,11 @@ use clap::Args;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use model::status::{
-    APISERVER_SERVICE, CA_SECRET, ClusterStatus, MESH_ENDPOINTS_ANNOTATION, MESH_PORT_NAME,
-    STATUS_CONFIGMAP, STATUS_KEY,
+use model::objects::{
+    APISERVER_SERVICE, CA_SECRET, MESH_ENDPOINTS_ANNOTATION, MESH_PORT_NAME, STATUS_CONFIGMAP,
+    STATUS_KEY,
 };
+use model::status::ClusterStatus;
 use model::{ClusterId, ClusterName};
 
 /// Flags every command that talks to Kubernetes takes.
