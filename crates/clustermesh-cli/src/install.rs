@@ -35,7 +35,7 @@ use model::{ClusterId, ClusterName};
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
 
-use crate::kctx::{Cluster, KubeArgs};
+use crate::cluster::{Cluster, KubeArgs};
 use render::{CLUSTER_LABEL, KINDS, MANAGED_BY, NAMESPACE, Params, ServiceType};
 
 /// The field manager of install's server-side applies.

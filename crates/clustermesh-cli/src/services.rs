@@ -15,7 +15,7 @@ use model::{ClusterId, ClusterName, GlobalService, keys::Kind};
 use serde::Serialize;
 use wire::{Codec, pb};
 
-use crate::kctx::{Cluster, KubeArgs};
+use crate::cluster::{Cluster, KubeArgs};
 use crate::output::{self, Format};
 
 #[derive(Debug, Args)]

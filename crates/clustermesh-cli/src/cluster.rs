@@ -1,8 +1,8 @@
-//! Kubeconfig contexts, the way kubectl reads them, and what the CLI needs to know about the
-//! mesh installation of one cluster: its name and ID (from the apiserver's status ConfigMap),
-//! its CA (Secret `clustermesh-ca`) and its Mesh API endpoints (Service
-//! `clustermesh-apiserver`). Every request to a Kubernetes API is bounded by
-//! `--request-timeout`.
+//! One cluster as the CLI reaches it: kubeconfig contexts, the way kubectl reads them, and
+//! what the CLI needs to know about the mesh installation of that cluster: its name and ID
+//! (from the apiserver's status ConfigMap), its CA (Secret `clustermesh-ca`) and its Mesh API
+//! endpoints (Service `clustermesh-apiserver`). Every request to a Kubernetes API is bounded
+//! by `--request-timeout`.
 
 use std::path::PathBuf;
 use std::time::Duration;
