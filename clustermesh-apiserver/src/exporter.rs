@@ -57,6 +57,8 @@ pub struct Settings {
     pub identity_gc_grace: Duration,
     /// Where the services it refuses to export are shown (the status document reads it).
     pub rejected: Rejected,
+    /// This replica's name, as its Events report it.
+    pub replica: String,
 }
 
 /// The services the exporter currently refuses to export, by `namespace/name`.
@@ -65,7 +67,6 @@ pub type Rejected = std::sync::Arc<std::sync::Mutex<Vec<model::status::RejectedS
 /// The exporter while it leads.
 struct Exporter {
     settings: Settings,
-    client: kube::Client,
     kv: kvstore::Client,
     session: Session,
     allocator: Allocator,
@@ -87,6 +88,8 @@ struct Exporter {
     pod_keys: HashMap<ObjectRef<Pod>, (Vec<String>, String)>,
     /// Which pod an endpoint key belongs to (an address can move between pods).
     key_owner: HashMap<String, ObjectRef<Pod>>,
+    /// Warning Events, aggregated into series.
+    events: kube::runtime::events::Recorder,
     /// The reflector tasks, stopped with the exporter.
     _reflectors: reflectors::Tasks,
 }
@@ -141,9 +144,9 @@ impl Exporter {
             nodes,
             tasks,
         } = reflectors;
+        let events = events::recorder(client, &settings.replica);
         Ok(Self {
             settings,
-            client,
             kv,
             session,
             allocator,
@@ -159,6 +162,7 @@ impl Exporter {
             dirty,
             pod_keys: HashMap::new(),
             key_owner: HashMap::new(),
+            events,
             _reflectors: tasks,
         })
     }

@@ -484,6 +484,7 @@ impl Leading {
             lease_ttl: config.lease_ttl,
             identity_gc_grace: config.identity_gc_grace,
             rejected: Arc::clone(&shared.rejected),
+            replica: config.replica.clone(),
         };
         let rescan_now = Arc::new(tokio::sync::Notify::new());
         let importer = config.peers_dir.clone().map(|dir| {
