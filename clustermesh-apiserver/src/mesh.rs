@@ -1,5 +1,7 @@
-//! The Mesh API (served to peers and to this cluster's node agents) and the importer (this
-//! cluster's client of its peers' Mesh APIs).
+//! The Mesh API's server side (served to peers and to this cluster's node agents, from this
+//! apiserver's watch cache, grants and Nodes) and the importer (this cluster's client of its
+//! peers' Mesh APIs). The protocol is `crates/wire`'s `mesh.proto`, the client side
+//! `crates/meshapi`.
 
 pub mod cache;
 pub mod grants;
