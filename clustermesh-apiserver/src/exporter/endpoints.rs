@@ -17,6 +17,7 @@ use super::{Exporter, translate};
 use crate::metrics as m;
 
 impl Exporter {
+    /// The endpoint keys and values of one pod and its identity's canonical labels; allocates
     /// the identity if it is new. `None` for pods without endpoints.
     pub(super) async fn pod_export(
         &mut self,

@@ -59,8 +59,6 @@ impl Exporter {
         }
     }
 
-    /// The endpoint keys and values of one pod and its identity's canonical labels; allocates
-
     /// Identities in use, and unused ones still within their grace period; releases the rest.
     pub(super) async fn desired_identities(&mut self, out: &mut BTreeMap<String, Vec<u8>>) {
         let grace = self.settings.identity_gc_grace;

@@ -202,12 +202,6 @@ pub(super) fn scan(dir: &Path, own: &ClusterName) -> Scan {
     out
 }
 
-/// Watches `dir` and runs one task per peer until dropped.
-///
-/// Only a confirmed removal drains a peer: its directory absent from a complete listing. A
-/// directory that cannot be listed or read (file descriptors exhausted, an I/O error) or whose
-/// new contents are invalid keeps the peer running on its last good configuration, and the
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

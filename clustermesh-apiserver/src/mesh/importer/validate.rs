@@ -96,8 +96,8 @@ pub enum Refused {
         kind: Kind,
         /// The name it said.
         name: String,
-        /// Why.
-        source: model::service::Error,
+        /// Why (boxed: the model's error is large).
+        source: Box<model::service::Error>,
     },
     /// An endpoint with a reserved identity.
     #[error(
@@ -220,7 +220,7 @@ pub(super) fn validate(
                     peer: peer.clone(),
                     kind,
                     name: c.name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Kind::Endpoints => {
