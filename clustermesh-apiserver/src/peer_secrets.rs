@@ -174,7 +174,7 @@ pub fn sync_dir(
                 }
             }
             Err(e) => {
-                let e = e.to_string();
+                let e = telemetry::chain(&e).to_string();
                 // Keep what the previous, valid version of this Secret configured.
                 if let Some(peer) = s.metadata.labels.as_ref().and_then(|l| l.get(PEER_LABEL)) {
                     keep.insert(peer.clone());
