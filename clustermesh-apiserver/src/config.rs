@@ -101,7 +101,7 @@ pub struct Args {
     pub peers_from_secrets: bool,
     /// Port of the node agents' `/state` over mutual TLS, read at each Node's InternalIP for
     /// the node-agent summary of the status document.
-    #[arg(long, env = env::NODE_AGENT_STATE_PORT, default_value_t = model::status::NODE_AGENT_STATE_PORT)]
+    #[arg(long, env = env::NODE_AGENT_STATE_PORT, default_value_t = model::node_state::NODE_AGENT_STATE_PORT)]
     pub node_agent_state_port: u16,
     /// Node-agent enrollment (`crate::enroll`).
     #[command(flatten)]

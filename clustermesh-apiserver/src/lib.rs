@@ -2,7 +2,7 @@
 //!
 //! It registers the cluster (name and ID) in etcd, refusing to start if that etcd already
 //! belongs to a cluster of the same name with another ID; elects one leader among its replicas
-//! through a Kubernetes Lease; and, while leading, runs the [`exporter`]: this cluster's
+//! through a Kubernetes Lease ([`leader`]); and, while leading, runs the [`exporter`]: this cluster's
 //! Services, EndpointSlices, Pods, Namespaces and Nodes become global services, endpoints,
 //! identities and nodes in etcd. `/metrics`, `/healthz` and `/readyz` are served by every
 //! replica.
@@ -13,20 +13,23 @@ pub mod config;
 pub mod enroll;
 pub mod etcd_health;
 pub mod exporter;
+pub mod labelled_secrets;
+pub mod leader;
 pub mod mesh;
 pub mod metrics;
 pub mod node_agents;
+pub mod peer_secrets;
 pub mod policies;
-pub mod publish;
 pub mod readiness;
+pub mod status_configmap;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use exporter::leader::{Elector, Leadership};
 use k8s_openapi::api::coordination::v1::Lease;
+use leader::{Elector, Leadership};
 use rustls_pki_types::pem::PemObject;
 use telemetry::metrics::Registry;
 use tokio::sync::watch;
@@ -148,19 +151,82 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     // replica holds the Lease. Leadership and the exporter's state are in `/status`.
     let (can_serve_tx, can_serve) = watch::channel(Err("starting: etcd not listed yet".to_owned()));
     let (lead_tx, leadership) = watch::channel(Leadership::Follower(None));
-    let board = Arc::new(mesh::importer::Board::new(metrics.clone()));
-    let exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>> = Arc::default();
-    let serving: Arc<std::sync::Mutex<Option<Arc<certs::Reloader>>>> = Arc::default();
-    let etcd_health = etcd_health::Health::default();
-    let agents = node_agents::Summary::default();
-    let rejected = exporter::Rejected::default();
-    let status_of: StatusFn = {
-        let (board, ready, leadership) = (Arc::clone(&board), ready.clone(), leadership.clone());
-        let (exported, serving) = (Arc::clone(&exported), Arc::clone(&serving));
+    let shared = Shared::new(&metrics);
+    let status_of = shared.status_fn(&config, ready.clone(), leadership.clone());
+    let health = serve_health(&config, &metrics, can_serve, Arc::clone(&status_of)).await?;
+    let kv = register(&config).await?;
+    let client = kube_client(&config).await?;
+    let probe_tasks = spawn_probes(&config, &kv, &client, &shared);
+    let mesh = serve_mesh(&config, &kv, &client, &metrics, &can_serve_tx, &shared).await?;
+    tracing::info!(
+        cluster = %config.cluster_name,
+        cluster_id = %config.cluster_id,
+        replica = %config.replica,
+        health = %health,
+        mesh = ?mesh.addr,
+        "registered in etcd; electing a leader"
+    );
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let leading = Leading::new(&config, &kv, &client, &metrics, &shared, status_of);
+    let task = tokio::spawn(supervise(
+        leading,
+        lead_tx,
+        client,
+        kv,
+        metrics.clone(),
+        ready_tx,
+        stop_rx,
+    ));
+    Ok(Running {
+        health,
+        mesh: mesh.addr,
+        mesh_cache: mesh.cache,
+        peers: shared.board,
+        mesh_stop: mesh.stop,
+        _mesh_tasks: mesh.tasks.into_iter().chain(probe_tasks).collect(),
+        ready,
+        leadership,
+        metrics,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// What the status document reads, filled by the parts that know it.
+struct Shared {
+    board: Arc<mesh::importer::Board>,
+    exported: Arc<std::sync::Mutex<Option<Arc<mesh::cache::WatchCache>>>>,
+    serving: Arc<std::sync::Mutex<Option<Arc<certs::Reloader>>>>,
+    etcd_health: etcd_health::Health,
+    agents: node_agents::Summary,
+    rejected: exporter::Rejected,
+}
+
+impl Shared {
+    fn new(metrics: &Registry) -> Self {
+        Self {
+            board: Arc::new(mesh::importer::Board::new(metrics.clone())),
+            exported: Arc::default(),
+            serving: Arc::default(),
+            etcd_health: etcd_health::Health::default(),
+            agents: node_agents::Summary::default(),
+            rejected: exporter::Rejected::default(),
+        }
+    }
+
+    /// The status document of this replica, as `/status` serves it and the leader publishes it.
+    fn status_fn(
+        &self,
+        config: &config::Config,
+        ready: readiness::Receiver,
+        leadership: watch::Receiver<Leadership>,
+    ) -> StatusFn {
+        let board = Arc::clone(&self.board);
+        let (exported, serving) = (Arc::clone(&self.exported), Arc::clone(&self.serving));
         let (etcd_health, agents, rejected) = (
-            Arc::clone(&etcd_health),
-            Arc::clone(&agents),
-            Arc::clone(&rejected),
+            Arc::clone(&self.etcd_health),
+            Arc::clone(&self.agents),
+            Arc::clone(&self.rejected),
         );
         let (cluster, cluster_id, replica) = (
             config.cluster_name.to_string(),
@@ -192,27 +258,33 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                 version: Some(telemetry::version::REPORTED.to_owned()),
             }
         })
-    };
-    let status: telemetry::metrics::Routes = {
-        let status_of = Arc::clone(&status_of);
-        Arc::new(move |path: &str| {
-            (path == "/status").then(|| {
-                (
-                    200,
-                    "application/json",
-                    serde_json::to_string_pretty(&status_of()).unwrap_or_default(),
-                )
-            })
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/status`.
+async fn serve_health(
+    config: &config::Config,
+    metrics: &Registry,
+    can_serve: watch::Receiver<Result<(), String>>,
+    status_of: StatusFn,
+) -> anyhow::Result<SocketAddr> {
+    let status: telemetry::metrics::Routes = Arc::new(move |path: &str| {
+        (path == "/status").then(|| {
+            (
+                200,
+                "application/json",
+                serde_json::to_string_pretty(&status_of()).unwrap_or_default(),
+            )
         })
-    };
-    let health = telemetry::metrics::spawn(
-        config.health_bind,
-        metrics.clone(),
-        can_serve.clone(),
-        Some(status),
-    )
-    .await
-    .with_context(|| format!("listen on {}", config.health_bind))?;
+    });
+    telemetry::metrics::spawn(config.health_bind, metrics.clone(), can_serve, Some(status))
+        .await
+        .with_context(|| format!("listen on {}", config.health_bind))
+}
+
+/// Connects to etcd and registers this cluster there (refused if the etcd belongs to a cluster
+/// of the same name with another ID).
+async fn register(config: &config::Config) -> anyhow::Result<kvstore::Client> {
     let kv = kvstore::Client::connect(config.etcd.clone())
         .await
         .context("connect to etcd")?;
@@ -223,17 +295,25 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
     })
     .await
     .context("register cluster")?;
-    let client = kube_client(&config).await?;
-    // Probes for the status document run on every replica (each serves `/status`); the
-    // leader publishes them. Outside the leader loop, so an etcd outage that restarts the
-    // exporter does not restart them.
-    let mut probe_tasks = vec![AbortOnDrop(tokio::spawn(etcd_health::run(
+    Ok(kv)
+}
+
+/// Probes for the status document run on every replica (each serves `/status`); the leader
+/// publishes them. Outside the leader loop, so an etcd outage that restarts the exporter does
+/// not restart them.
+fn spawn_probes(
+    config: &config::Config,
+    kv: &kvstore::Client,
+    client: &kube::Client,
+    shared: &Shared,
+) -> Vec<AbortOnDrop> {
+    let mut tasks = vec![AbortOnDrop(tokio::spawn(etcd_health::run(
         kv.clone(),
         Duration::from_secs(2),
-        Arc::clone(&etcd_health),
+        Arc::clone(&shared.etcd_health),
     )))];
     if let Some(files) = &config.mesh_tls {
-        probe_tasks.push(AbortOnDrop(tokio::spawn(node_agents::run(
+        tasks.push(AbortOnDrop(tokio::spawn(node_agents::run(
             node_agents::Config {
                 cluster: config.cluster_name.clone(),
                 cluster_id: config.cluster_id,
@@ -242,175 +322,205 @@ pub async fn start(config: config::Config) -> anyhow::Result<Running> {
                 interval: Duration::from_secs(3),
             },
             client.clone(),
-            Arc::clone(&agents),
+            Arc::clone(&shared.agents),
         ))));
     }
+    tasks
+}
 
-    // The Mesh API is served by every replica: it only reads etcd.
-    let mut mesh_tasks = Vec::new();
-    let mut mesh = None;
-    let mut mesh_cache = None;
-    let (mesh_stop, mesh_stop_rx) = watch::channel(false);
-    if let Some(files) = &config.mesh_tls {
-        let tls = certs::Reloader::load(files.clone()).context("load the Mesh API certificate")?;
-        mesh_tasks.push(AbortOnDrop(tls.spawn_watch(Duration::from_secs(5))));
-        if let Ok(mut s) = serving.lock() {
-            *s = Some(Arc::clone(&tls));
-        }
-        let ca_pem =
-            std::fs::read(&files.ca).with_context(|| format!("read {}", files.ca.display()))?;
-        let ca_der = rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem)
-            .next()
-            .context("no certificate in the Mesh API trust bundle")?
-            .context("parse the Mesh API trust bundle")?;
-        let (cache, cache_task) = mesh::cache::WatchCache::start(&kv);
-        mesh_tasks.push(AbortOnDrop(cache_task));
-        {
-            let (cache, can_serve_tx) = (Arc::clone(&cache), can_serve_tx.clone());
-            mesh_tasks.push(AbortOnDrop(tokio::spawn(async move {
-                cache.wait_ready().await;
-                let _ = can_serve_tx.send_replace(Ok(()));
-            })));
-        }
-        mesh_cache = Some(Arc::clone(&cache));
-        if let Ok(mut e) = exported.lock() {
-            *e = Some(Arc::clone(&cache));
-        }
-        // Grants: which peers may import, followed on every replica (each serves the API).
-        let (grants_tx, grants_rx) = watch::channel(None);
-        if config.peers_from_secrets {
-            mesh_tasks.push(AbortOnDrop(tokio::spawn(mesh::grants::follow_secrets(
-                kube::Api::namespaced(client.clone(), &config.namespace),
-                config.cluster_name.clone(),
-                grants_tx,
-                metrics.clone(),
-            ))));
-        } else if let Some(dir) = &config.grants_dir {
-            mesh_tasks.push(AbortOnDrop(tokio::spawn(mesh::grants::follow_dir(
-                dir.clone(),
-                grants_tx,
-                Duration::from_millis(500),
-                metrics.clone(),
-            ))));
-        } else {
-            tracing::info!(
-                "no grants source (--grants-dir or --peers-from-secrets): no peer may import"
-            );
-            grants_tx.send_replace(Some(Arc::default()));
-        }
-        // Nodes: a node agent is admitted while its Node exists, followed on every replica.
-        let (nodes_tx, nodes_rx) = watch::channel(None);
-        mesh_tasks.push(AbortOnDrop(tokio::spawn(mesh::nodes::follow(
-            kube::Api::all(client.clone()),
-            nodes_tx,
-            metrics.clone(),
-        ))));
-        // Network policies, for this cluster's node agents only; followed on every replica.
-        let (policies_tx, policies_rx) = watch::channel(Default::default());
-        mesh_tasks.push(AbortOnDrop(tokio::spawn(policies::follow(
-            client.clone(),
-            policies_tx,
-            metrics.clone(),
-            Arc::new(|v: &serde_json::Value| {
-                policy::parse(v).map(|_| ()).map_err(|e| e.to_string())
-            }),
-        ))));
-        let service = mesh::server::MeshService::new(
-            config.cluster_name.clone(),
-            config.cluster_id,
-            certs::fingerprint(ca_der.as_ref()),
-            cache,
-            grants_rx,
-            nodes_rx,
-            metrics.clone(),
-            mesh_stop_rx,
-        )
-        .with_policies(policies_rx);
-        let (addr, task) = mesh::server::spawn(config.mesh_bind, tls, service)
-            .await
-            .with_context(|| format!("listen on {}", config.mesh_bind))?;
-        mesh_tasks.push(AbortOnDrop(task));
-        mesh = Some(addr);
-    } else {
+/// The Mesh API as served.
+struct MeshServing {
+    addr: Option<SocketAddr>,
+    cache: Option<Arc<mesh::cache::WatchCache>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<AbortOnDrop>,
+}
+
+/// Serves the Mesh API on every replica (it only reads etcd), with the grants and Nodes it
+/// admits callers by; without Mesh API TLS, nothing is served and this replica can serve at
+/// once.
+async fn serve_mesh(
+    config: &config::Config,
+    kv: &kvstore::Client,
+    client: &kube::Client,
+    metrics: &Registry,
+    can_serve_tx: &watch::Sender<Result<(), String>>,
+    shared: &Shared,
+) -> anyhow::Result<MeshServing> {
+    let (stop, stop_rx) = watch::channel(false);
+    let Some(files) = &config.mesh_tls else {
         // No Mesh API to serve: ready once registered in etcd.
         let _ = can_serve_tx.send_replace(Ok(()));
+        return Ok(MeshServing {
+            addr: None,
+            cache: None,
+            stop,
+            tasks: Vec::new(),
+        });
+    };
+    let mut tasks = Vec::new();
+    let tls = certs::Reloader::load(files.clone()).context("load the Mesh API certificate")?;
+    tasks.push(AbortOnDrop(tls.spawn_watch(Duration::from_secs(5))));
+    if let Ok(mut s) = shared.serving.lock() {
+        *s = Some(Arc::clone(&tls));
     }
-    tracing::info!(
-        cluster = %config.cluster_name,
-        cluster_id = %config.cluster_id,
-        replica = %config.replica,
-        health = %health,
-        mesh = ?mesh,
-        "registered in etcd; electing a leader"
-    );
-    let elector = Elector::new(
-        kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
-        LEADER_LEASE_NAME,
-        config.replica.clone(),
-        config.leader_lease,
+    let ca_pem =
+        std::fs::read(&files.ca).with_context(|| format!("read {}", files.ca.display()))?;
+    let ca_der = rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem)
+        .next()
+        .context("no certificate in the Mesh API trust bundle")?
+        .context("parse the Mesh API trust bundle")?;
+    let (cache, cache_task) = mesh::cache::WatchCache::start(kv);
+    tasks.push(AbortOnDrop(cache_task));
+    {
+        let (cache, can_serve_tx) = (Arc::clone(&cache), can_serve_tx.clone());
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            cache.wait_ready().await;
+            let _ = can_serve_tx.send_replace(Ok(()));
+        })));
+    }
+    if let Ok(mut e) = shared.exported.lock() {
+        *e = Some(Arc::clone(&cache));
+    }
+    let grants_rx = follow_grants(config, client, metrics, &mut tasks);
+    // Nodes: a node agent is admitted while its Node exists, followed on every replica.
+    let (nodes_tx, nodes_rx) = watch::channel(None);
+    tasks.push(AbortOnDrop(tokio::spawn(mesh::nodes::follow(
+        kube::Api::all(client.clone()),
+        nodes_tx,
         metrics.clone(),
-    );
-    let (stop, stop_rx) = tokio::sync::oneshot::channel();
-    let settings = exporter::Settings {
-        cluster: config.cluster_name.clone(),
-        cluster_id: config.cluster_id,
-        lease_ttl: config.lease_ttl,
-        identity_gc_grace: config.identity_gc_grace,
-        rejected,
-    };
-    let rescan_now = Arc::new(tokio::sync::Notify::new());
-    let importer = config.peers_dir.clone().map(|dir| {
-        (
-            mesh::importer::Context {
-                kv: kv.clone(),
-                own: config.cluster_name.clone(),
-                own_id: config.cluster_id,
-                board: Arc::clone(&board),
-                metrics: metrics.clone(),
-                rescan_now: Arc::clone(&rescan_now),
-                quota: config.peer_quota,
-            },
-            dir,
-        )
-    });
-    let k8s = K8sTasks {
-        rescan_now: Arc::clone(&rescan_now),
-        status_of,
-        configmaps: kube::Api::namespaced(client.clone(), &config.namespace),
-        peer_secrets: match (&config.peers_dir, config.peers_from_secrets) {
-            (Some(dir), true) => Some((
-                kube::Api::namespaced(client.clone(), &config.namespace),
-                dir.clone(),
-                config.cluster_name.clone(),
-            )),
-            _ => None,
-        },
-    };
-    let task = tokio::spawn(supervise(
-        k8s,
-        elector,
-        lead_tx,
-        settings,
-        importer,
-        client,
-        kv,
+    ))));
+    // Network policies, for this cluster's node agents only; followed on every replica.
+    let (policies_tx, policies_rx) = watch::channel(Default::default());
+    tasks.push(AbortOnDrop(tokio::spawn(policies::follow(
+        client.clone(),
+        policies_tx,
         metrics.clone(),
-        ready_tx,
+        Arc::new(|v: &serde_json::Value| policy::parse(v).map(|_| ()).map_err(|e| e.to_string())),
+    ))));
+    let service = mesh::server::MeshService::new(
+        config.cluster_name.clone(),
+        config.cluster_id,
+        certs::fingerprint(ca_der.as_ref()),
+        Arc::clone(&cache),
+        grants_rx,
+        nodes_rx,
+        metrics.clone(),
         stop_rx,
-    ));
-    Ok(Running {
-        health,
-        mesh,
-        mesh_cache,
-        peers: board,
-        mesh_stop,
-        _mesh_tasks: mesh_tasks.into_iter().chain(probe_tasks).collect(),
-        ready,
-        leadership,
-        metrics,
-        stop: Some(stop),
-        task,
+    )
+    .with_policies(policies_rx);
+    let (addr, task) = mesh::server::spawn(config.mesh_bind, tls, service)
+        .await
+        .with_context(|| format!("listen on {}", config.mesh_bind))?;
+    tasks.push(AbortOnDrop(task));
+    Ok(MeshServing {
+        addr: Some(addr),
+        cache: Some(cache),
+        stop,
+        tasks,
     })
+}
+
+/// Grants: which peers may import, followed on every replica (each serves the API), from
+/// grant Secrets, a directory, or nowhere (no peer may import).
+fn follow_grants(
+    config: &config::Config,
+    client: &kube::Client,
+    metrics: &Registry,
+    tasks: &mut Vec<AbortOnDrop>,
+) -> watch::Receiver<Option<Arc<mesh::grants::Grants>>> {
+    let (grants_tx, grants_rx) = watch::channel(None);
+    if config.peers_from_secrets {
+        tasks.push(AbortOnDrop(tokio::spawn(mesh::grants::follow_secrets(
+            kube::Api::namespaced(client.clone(), &config.namespace),
+            config.cluster_name.clone(),
+            grants_tx,
+            metrics.clone(),
+        ))));
+    } else if let Some(dir) = &config.grants_dir {
+        tasks.push(AbortOnDrop(tokio::spawn(mesh::grants::follow_dir(
+            dir.clone(),
+            grants_tx,
+            Duration::from_millis(500),
+            metrics.clone(),
+        ))));
+    } else {
+        tracing::info!(
+            "no grants source (--grants-dir or --peers-from-secrets): no peer may import"
+        );
+        grants_tx.send_replace(Some(Arc::default()));
+    }
+    grants_rx
+}
+
+/// What the leader runs: the election, the exporter, the importer and what it keeps in its
+/// own Kubernetes API besides the exports.
+struct Leading {
+    elector: Elector,
+    settings: exporter::Settings,
+    importer: Option<(mesh::importer::Context, std::path::PathBuf)>,
+    k8s: K8sTasks,
+}
+
+impl Leading {
+    fn new(
+        config: &config::Config,
+        kv: &kvstore::Client,
+        client: &kube::Client,
+        metrics: &Registry,
+        shared: &Shared,
+        status_of: StatusFn,
+    ) -> Self {
+        let elector = Elector::new(
+            kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
+            LEADER_LEASE_NAME,
+            config.replica.clone(),
+            config.leader_lease,
+            metrics.clone(),
+        );
+        let settings = exporter::Settings {
+            cluster: config.cluster_name.clone(),
+            cluster_id: config.cluster_id,
+            lease_ttl: config.lease_ttl,
+            identity_gc_grace: config.identity_gc_grace,
+            rejected: Arc::clone(&shared.rejected),
+            replica: config.replica.clone(),
+        };
+        let rescan_now = Arc::new(tokio::sync::Notify::new());
+        let importer = config.peers_dir.clone().map(|dir| {
+            (
+                mesh::importer::Context {
+                    kv: kv.clone(),
+                    own: config.cluster_name.clone(),
+                    own_id: config.cluster_id,
+                    board: Arc::clone(&shared.board),
+                    metrics: metrics.clone(),
+                    rescan_now: Arc::clone(&rescan_now),
+                    quota: config.peer_quota,
+                },
+                dir,
+            )
+        });
+        let k8s = K8sTasks {
+            rescan_now,
+            status_of,
+            configmaps: kube::Api::namespaced(client.clone(), &config.namespace),
+            peer_secrets: match (&config.peers_dir, config.peers_from_secrets) {
+                (Some(dir), true) => Some((
+                    kube::Api::namespaced(client.clone(), &config.namespace),
+                    dir.clone(),
+                    config.cluster_name.clone(),
+                )),
+                _ => None,
+            },
+        };
+        Self {
+            elector,
+            settings,
+            importer,
+            k8s,
+        }
+    }
 }
 
 type StatusFn = Arc<dyn Fn() -> model::status::ClusterStatus + Send + Sync>;
@@ -427,19 +537,21 @@ struct K8sTasks {
     )>,
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn supervise(
-    k8s: K8sTasks,
-    elector: Elector,
+    leading: Leading,
     lead_tx: watch::Sender<Leadership>,
-    settings: exporter::Settings,
-    importer: Option<(mesh::importer::Context, std::path::PathBuf)>,
     client: kube::Client,
     kv: kvstore::Client,
     metrics: Registry,
     ready: readiness::Sender,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
+    let Leading {
+        elector,
+        settings,
+        importer,
+        k8s,
+    } = leading;
     let mut leadership = lead_tx.subscribe();
     let election = tokio::spawn(elector.clone().run(lead_tx));
     let _abort = AbortOnDrop(election);
@@ -485,7 +597,7 @@ async fn supervise(
             }
         };
         let status_of = Arc::clone(&k8s.status_of);
-        let publish = publish::publish_status(
+        let publish = status_configmap::publish_status(
             k8s.configmaps.clone(),
             move || status_of(),
             Duration::from_millis(200),
@@ -494,7 +606,7 @@ async fn supervise(
         let secrets = async {
             match k8s.peer_secrets.clone() {
                 Some((api, dir, own)) => {
-                    publish::follow_peer_secrets(
+                    peer_secrets::follow_peer_secrets(
                         api,
                         dir,
                         own,

@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clustermesh_apiserver::config::Config;
-use clustermesh_apiserver::exporter::leader::Leadership;
+use clustermesh_apiserver::leader::Leadership;
 use clustermesh_apiserver::readiness::Readiness;
 use clustermesh_apiserver::{Running, metrics as m};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kvstore::watch::{Event as KvEvent, Watcher};
@@ -77,7 +78,7 @@ impl Lab {
             peers_dir: None,
             peers_from_secrets: false,
             peer_quota: Default::default(),
-            node_agent_state_port: model::status::NODE_AGENT_STATE_PORT,
+            node_agent_state_port: model::node_state::NODE_AGENT_STATE_PORT,
             grants_dir: None,
         }
     }
@@ -338,6 +339,7 @@ async fn exports_services_endpoints_identities_nodes_and_converges() {
         ),
     )
     .await;
+    // An events.k8s.io/v1 Event, as kube-runtime's Recorder writes it.
     let events: Api<Event> = Api::namespaced(lab.client.clone(), "shop");
     let ev = eventually("a Warning event about shop/bad", T, || async {
         events
@@ -346,12 +348,16 @@ async fn exports_services_endpoints_identities_nodes_and_converges() {
             .unwrap()
             .items
             .into_iter()
-            .find(|e| e.involved_object.name.as_deref() == Some("bad"))
+            .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad"))
     })
     .await;
     assert_eq!(ev.type_.as_deref(), Some("Warning"));
     assert_eq!(ev.reason.as_deref(), Some("InvalidGlobalServiceAnnotation"));
-    assert!(ev.message.as_deref().unwrap().contains("sideways"));
+    assert_eq!(
+        ev.reporting_controller.as_deref(),
+        Some("clustermesh-apiserver")
+    );
+    assert!(ev.note.as_deref().unwrap().contains("sideways"));
     assert_eq!(
         apiserver
             .metrics()
@@ -360,6 +366,35 @@ async fn exports_services_endpoints_identities_nodes_and_converges() {
     );
     assert!(!lab.services().await.contains_key("shop/bad"));
     assert!(lab.services().await.contains_key("shop/web"));
+    // Another refusal for the same reason: the same Event, its series counted (a patch the
+    // strict test server validates as kube-apiserver does), not a second Event.
+    svcs.patch(
+        "bad",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"service.cilium.io/affinity": "upwards"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let series = eventually("the Warning event's series", T, || async {
+        let ev = events
+            .get(&ev.metadata.name.clone().unwrap())
+            .await
+            .unwrap();
+        ev.series.filter(|s| s.count == 2)
+    })
+    .await;
+    assert!(series.last_observed_time.0 >= ev.event_time.clone().unwrap().0);
+    let about_bad = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad"))
+        .count();
+    assert_eq!(about_bad, 1, "one Event, with a series");
     // Fixing the annotation exports it.
     svcs.patch(
         "bad",

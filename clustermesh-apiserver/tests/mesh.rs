@@ -96,7 +96,7 @@ impl Cluster {
             peers_dir: Some(self.peers_dir()),
             peers_from_secrets: false,
             peer_quota: Default::default(),
-            node_agent_state_port: model::status::NODE_AGENT_STATE_PORT,
+            node_agent_state_port: model::node_state::NODE_AGENT_STATE_PORT,
             grants_dir: Some(self.dir.path().join("grants")),
         }
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certs::{MeshIdentity, Reloader, Role};
-use model::status::NodeState;
+use model::node_state::NodeState;
 use model::{ClusterId, ClusterName};
 
 /// What the server needs.

@@ -103,7 +103,7 @@ impl East {
             peers_dir: None,
             peers_from_secrets: false,
             peer_quota: Default::default(),
-            node_agent_state_port: model::status::NODE_AGENT_STATE_PORT,
+            node_agent_state_port: model::node_state::NODE_AGENT_STATE_PORT,
             grants_dir: None,
         })
         .await

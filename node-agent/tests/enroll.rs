@@ -113,7 +113,7 @@ impl Cluster {
             peers_dir: None,
             peers_from_secrets: false,
             peer_quota: Default::default(),
-            node_agent_state_port: model::status::NODE_AGENT_STATE_PORT,
+            node_agent_state_port: model::node_state::NODE_AGENT_STATE_PORT,
             grants_dir: None,
         };
         let apiserver = clustermesh_apiserver::start(config.clone()).await.unwrap();

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::runtime::watcher;
-use model::status::{GRANT_LABEL, GRANT_SECRET_KEYS, grant_secret_name};
+use model::objects::{GRANT_LABEL, GRANT_SECRET_KEYS, grant_secret_name};
 use model::{ClusterId, ClusterName};
 use telemetry::metrics::Registry;
 use tokio::sync::watch;
@@ -48,38 +48,149 @@ pub struct Grants(pub BTreeMap<ClusterName, Grant>);
 /// The current grants; `None` until they were read completely once.
 pub type Receiver = watch::Receiver<Option<Arc<Grants>>>;
 
+/// Why a peer certificate is not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// No grant names the certificate's cluster.
+    #[error(
+        "cluster {cluster} is not a connected peer (no grant; `clustermesh connect` creates one, `disconnect` removes it)"
+    )]
+    NoGrant {
+        /// The cluster the certificate names.
+        cluster: ClusterName,
+    },
+    /// The certificate's cluster ID is not the granted one.
+    #[error("peer {cluster} presents cluster ID {presented}, its grant says {granted}")]
+    ClusterId {
+        /// The cluster.
+        cluster: ClusterName,
+        /// The ID its certificate names.
+        presented: ClusterId,
+        /// The ID its grant names.
+        granted: ClusterId,
+    },
+    /// The certificate is not one the grant lists.
+    #[error(
+        "peer {cluster}'s certificate (sha256 {fingerprint}) is not the one issued to it by `clustermesh connect` (superseded or revoked)"
+    )]
+    Certificate {
+        /// The cluster.
+        cluster: ClusterName,
+        /// The certificate's fingerprint.
+        fingerprint: String,
+    },
+}
+
+/// Why a grant (a Secret or a directory) is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `cluster-id` is not a cluster ID.
+    #[error("grant for {peer}: cluster-id {value:?}")]
+    ClusterId {
+        /// The peer.
+        peer: ClusterName,
+        /// What it says.
+        value: String,
+        /// Why.
+        source: model::cluster::Error,
+    },
+    /// A line of `sha256` is not a fingerprint.
+    #[error(
+        "grant for {peer}: sha256 {value:?} is not a SHA-256 fingerprint (32 hex pairs separated by ':')"
+    )]
+    Fingerprint {
+        /// The peer.
+        peer: ClusterName,
+        /// The line.
+        value: String,
+    },
+    /// `sha256` lists no fingerprint.
+    #[error("grant for {peer}: no certificate fingerprint")]
+    NoFingerprint {
+        /// The peer.
+        peer: ClusterName,
+    },
+    /// The Secret's label or name is wrong.
+    #[error(transparent)]
+    Labelled(#[from] crate::labelled_secrets::Error),
+    /// The Secret holds a key no grant has.
+    #[error("Secret {secret}: unknown key {key:?}")]
+    UnknownKey {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// The Secret lacks a key.
+    #[error("Secret {secret}: no {key:?} key")]
+    MissingKey {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// The grant in a Secret is invalid.
+    #[error("Secret {secret}")]
+    InSecret {
+        /// The Secret.
+        secret: String,
+        /// Why.
+        source: Box<Error>,
+    },
+    /// A directory's name is not a cluster name.
+    #[error("{}", .path.display())]
+    Name {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: model::cluster::Error,
+    },
+    /// A file could not be read.
+    #[error("{}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 impl Grants {
     /// Whether the holder of a peer certificate with `id` and `fingerprint` may import.
-    pub fn admits(&self, id: &MeshIdentity, fingerprint: &str) -> Result<(), String> {
+    pub fn admits(&self, id: &MeshIdentity, fingerprint: &str) -> Result<(), Refused> {
         let Some(g) = self.0.get(&id.cluster) else {
-            return Err(format!(
-                "cluster {} is not a connected peer (no grant; `clustermesh connect` creates one, `disconnect` removes it)",
-                id.cluster
-            ));
+            return Err(Refused::NoGrant {
+                cluster: id.cluster.clone(),
+            });
         };
         if g.cluster_id != id.cluster_id {
-            return Err(format!(
-                "peer {} presents cluster ID {}, its grant says {}",
-                id.cluster, id.cluster_id, g.cluster_id
-            ));
+            return Err(Refused::ClusterId {
+                cluster: id.cluster.clone(),
+                presented: id.cluster_id,
+                granted: g.cluster_id,
+            });
         }
         if !g.sha256.contains(fingerprint) {
-            return Err(format!(
-                "peer {}'s certificate (sha256 {fingerprint}) is not the one issued to it by `clustermesh connect` (superseded or revoked)",
-                id.cluster
-            ));
+            return Err(Refused::Certificate {
+                cluster: id.cluster.clone(),
+                fingerprint: fingerprint.to_owned(),
+            });
         }
         Ok(())
     }
 }
 
 /// Parses a grant from its two values.
-pub fn parse(peer: &ClusterName, cluster_id: &[u8], sha256: &[u8]) -> Result<Grant, String> {
+pub fn parse(peer: &ClusterName, cluster_id: &[u8], sha256: &[u8]) -> Result<Grant, Error> {
     let id_text = String::from_utf8_lossy(cluster_id);
     let cluster_id = id_text
         .trim()
         .parse::<ClusterId>()
-        .map_err(|e| format!("grant for {peer}: cluster-id {:?}: {e}", id_text.trim()))?;
+        .map_err(|source| Error::ClusterId {
+            peer: peer.clone(),
+            value: id_text.trim().to_owned(),
+            source,
+        })?;
     let mut set = BTreeSet::new();
     for line in String::from_utf8_lossy(sha256).lines() {
         let fp = line.trim().to_ascii_lowercase();
@@ -92,14 +203,15 @@ pub fn parse(peer: &ClusterName, cluster_id: &[u8], sha256: &[u8]) -> Result<Gra
                 .iter()
                 .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
         {
-            return Err(format!(
-                "grant for {peer}: sha256 {fp:?} is not a SHA-256 fingerprint (32 hex pairs separated by ':')"
-            ));
+            return Err(Error::Fingerprint {
+                peer: peer.clone(),
+                value: fp,
+            });
         }
         set.insert(fp);
     }
     if set.is_empty() {
-        return Err(format!("grant for {peer}: no certificate fingerprint"));
+        return Err(Error::NoFingerprint { peer: peer.clone() });
     }
     Ok(Grant {
         cluster_id,
@@ -108,23 +220,38 @@ pub fn parse(peer: &ClusterName, cluster_id: &[u8], sha256: &[u8]) -> Result<Gra
 }
 
 /// Checks one grant Secret; returns the peer and its grant.
-pub fn from_secret(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Grant), String> {
+pub fn from_secret(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Grant), Error> {
     let name = secret.metadata.name.clone().unwrap_or_default();
-    let peer = crate::publish::labelled_peer(secret, GRANT_LABEL, grant_secret_name, own, "grant")?;
+    let peer = crate::labelled_secrets::labelled_peer(
+        secret,
+        GRANT_LABEL,
+        grant_secret_name,
+        own,
+        "grant",
+    )?;
     let data = secret.data.clone().unwrap_or_default();
     if let Some(unknown) = data
         .keys()
         .find(|k| !GRANT_SECRET_KEYS.contains(&k.as_str()))
     {
-        return Err(format!("Secret {name}: unknown key {unknown:?}"));
+        return Err(Error::UnknownKey {
+            secret: name,
+            key: unknown.clone(),
+        });
     }
     let get = |k: &str| {
         data.get(k)
             .map(|v| v.0.clone())
-            .ok_or_else(|| format!("Secret {name}: no {k:?} key"))
+            .ok_or_else(|| Error::MissingKey {
+                secret: name.clone(),
+                key: k.to_owned(),
+            })
     };
-    let grant = parse(&peer, &get("cluster-id")?, &get("sha256")?)
-        .map_err(|e| format!("Secret {name}: {e}"))?;
+    let grant =
+        parse(&peer, &get("cluster-id")?, &get("sha256")?).map_err(|e| Error::InSecret {
+            secret: name.clone(),
+            source: Box::new(e),
+        })?;
     Ok((peer, grant))
 }
 
@@ -148,10 +275,16 @@ pub fn load_dir(dir: &Path) -> Option<(Grants, Vec<(String, String)>)> {
             continue;
         }
         let read = |f: &str| {
-            std::fs::read(path.join(f)).map_err(|err| format!("{}: {err}", path.join(f).display()))
+            std::fs::read(path.join(f)).map_err(|source| Error::Read {
+                path: path.join(f),
+                source,
+            })
         };
         let parsed = ClusterName::new(name.clone())
-            .map_err(|err| format!("{}: {err}", path.display()))
+            .map_err(|source| Error::Name {
+                path: path.clone(),
+                source,
+            })
             .and_then(|peer| {
                 let g = parse(&peer, &read("cluster-id")?, &read("sha256")?)?;
                 Ok((peer, g))
@@ -160,7 +293,7 @@ pub fn load_dir(dir: &Path) -> Option<(Grants, Vec<(String, String)>)> {
             Ok((peer, g)) => {
                 grants.0.insert(peer, g);
             }
-            Err(err) => problems.push((name, err)),
+            Err(err) => problems.push((name, telemetry::chain(&err).to_string())),
         }
     }
     Some((grants, problems))
@@ -234,7 +367,7 @@ pub async fn follow_secrets(
     tx: watch::Sender<Option<Arc<Grants>>>,
     metrics: Registry,
 ) {
-    let mut set = crate::publish::SecretSet::default();
+    let mut set = crate::labelled_secrets::SecretSet::default();
     let mut good: BTreeMap<String, (ClusterName, Grant)> = BTreeMap::new();
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
     let stream = watcher(api, watcher::Config::default().labels(GRANT_LABEL));
@@ -261,6 +394,7 @@ pub async fn follow_secrets(
                     good.insert(name.clone(), g);
                 }
                 Err(e) => {
+                    let e = telemetry::chain(&e).to_string();
                     if reported.get(name) != Some(&e) {
                         metrics.inc(m::ERRORS, &["grant"]);
                         tracing::warn!(secret = %name, error = %e, "invalid grant Secret; the peer's last valid grant stays");
@@ -301,18 +435,21 @@ mod tests {
             grants
                 .admits(&id("west", 2), &fp(3))
                 .unwrap_err()
+                .to_string()
                 .contains("not the one issued")
         );
         assert!(
             grants
                 .admits(&id("west", 9), &fp(1))
                 .unwrap_err()
+                .to_string()
                 .contains("cluster ID")
         );
         assert!(
             grants
                 .admits(&id("south", 9), &fp(1))
                 .unwrap_err()
+                .to_string()
                 .contains("not a connected peer")
         );
     }
@@ -323,16 +460,19 @@ mod tests {
         assert!(
             parse(&west, b"01x", fp(1).as_bytes())
                 .unwrap_err()
+                .to_string()
                 .contains("cluster-id")
         );
         assert!(
             parse(&west, b"2", b"")
                 .unwrap_err()
+                .to_string()
                 .contains("no certificate")
         );
         assert!(
             parse(&west, b"2", b"zz:00")
                 .unwrap_err()
+                .to_string()
                 .contains("SHA-256")
         );
     }

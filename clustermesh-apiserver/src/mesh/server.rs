@@ -305,7 +305,7 @@ impl Recheck {
                 fingerprint,
                 grants,
             } => match grants.borrow().as_deref() {
-                Some(g) => g.admits(identity, fingerprint),
+                Some(g) => g.admits(identity, fingerprint).map_err(|e| e.to_string()),
                 None => Err("grants not loaded".into()),
             },
             Self::Node { node, nodes, .. } => match nodes.borrow().as_deref() {

@@ -14,15 +14,13 @@ use certs::identity::CertInfo;
 use clap::Args;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::ListParams;
-use model::status::{
-    ApiserverPhase, CA_SECRET, ClusterStatus, PEER_LABEL, Phase, STATUS_CONFIGMAP,
-    STATUS_HEARTBEAT_SECS, STATUS_KEY,
-};
+use model::objects::{CA_SECRET, PEER_LABEL, STATUS_CONFIGMAP, STATUS_KEY};
+use model::status::{ApiserverPhase, ClusterStatus, Phase, STATUS_HEARTBEAT_SECS};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 
-use crate::kctx::{Cluster, KubeArgs};
+use crate::cluster::{Cluster, KubeArgs};
 use crate::output::{self, Format};
 use crate::versions;
 

@@ -16,13 +16,14 @@ use clap::Args;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, PostParams};
-use model::status::{GRANT_LABEL, PEER_LABEL, Phase, grant_secret_name, peer_secret_name};
+use model::objects::{GRANT_LABEL, PEER_LABEL, grant_secret_name, peer_secret_name};
+use model::status::Phase;
 use model::{ClusterId, ClusterName};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 
-use crate::kctx::{Cluster, KubeArgs};
+use crate::cluster::{Cluster, KubeArgs};
 use crate::output::{self, Format};
 
 /// A client certificate closer to expiry than this is re-issued by `connect`.

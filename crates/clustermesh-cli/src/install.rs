@@ -30,12 +30,12 @@ use clap::Args;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use model::status::CA_SECRET;
+use model::objects::CA_SECRET;
 use model::{ClusterId, ClusterName};
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
 
-use crate::kctx::{Cluster, KubeArgs};
+use crate::cluster::{Cluster, KubeArgs};
 use render::{CLUSTER_LABEL, KINDS, MANAGED_BY, NAMESPACE, Params, ServiceType};
 
 /// The field manager of install's server-side applies.
@@ -594,8 +594,8 @@ pub(crate) async fn uninstall(a: UninstallArgs) -> Result<ExitCode> {
     }
     for s in secrets.items {
         let labels = s.metadata.labels.unwrap_or_default();
-        if labels.contains_key(model::status::PEER_LABEL)
-            || labels.contains_key(model::status::GRANT_LABEL)
+        if labels.contains_key(model::objects::PEER_LABEL)
+            || labels.contains_key(model::objects::GRANT_LABEL)
         {
             left.push(format!(
                 "secret/{} (written by clustermesh connect; clustermesh disconnect removes it)",
@@ -605,19 +605,19 @@ pub(crate) async fn uninstall(a: UninstallArgs) -> Result<ExitCode> {
     }
     if cluster
         .api::<ConfigMap>()
-        .get_opt(model::status::STATUS_CONFIGMAP)
+        .get_opt(model::objects::STATUS_CONFIGMAP)
         .await
         .with_context(|| {
             format!(
                 "context {ctx}: read ConfigMap {}",
-                model::status::STATUS_CONFIGMAP
+                model::objects::STATUS_CONFIGMAP
             )
         })?
         .is_some()
     {
         left.push(format!(
             "configmap/{} (the apiserver's status)",
-            model::status::STATUS_CONFIGMAP
+            model::objects::STATUS_CONFIGMAP
         ));
     }
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = cluster.api();

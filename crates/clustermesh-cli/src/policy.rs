@@ -7,7 +7,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use k8s_openapi::api::core::v1::Pod;
 use meshapi::node_state::PodPolicy;
-use model::status::NODE_AGENT_STATE_PORT;
+use model::node_state::NODE_AGENT_STATE_PORT;
 
 use crate::kctx::{Cluster, KubeArgs};
 use crate::output::{self, Format};

@@ -10,12 +10,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use certs::{LeafSpec, MeshIdentity, Reloader, Role, TlsFiles};
 use clap::Args;
 use k8s_openapi::api::core::v1::Node;
-use model::status::{NODE_AGENT_STATE_PORT, NodeState};
+use model::node_state::{NODE_AGENT_STATE_PORT, NodeState};
 use model::{ClusterId, ClusterName, GlobalService, keys::Kind};
 use serde::Serialize;
 use wire::{Codec, pb};
 
-use crate::kctx::{Cluster, KubeArgs};
+use crate::cluster::{Cluster, KubeArgs};
 use crate::output::{self, Format};
 
 #[derive(Debug, Args)]

@@ -12,12 +12,13 @@ use certs::identity::CertInfo;
 use clap::Args;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
-use model::status::{ClusterStatus, PEER_LABEL, Phase};
+use model::objects::PEER_LABEL;
+use model::status::{ClusterStatus, Phase};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 
-use crate::kctx::{Cluster, KubeArgs};
+use crate::cluster::{Cluster, KubeArgs};
 use crate::output::{self, Format};
 use crate::versions;
 

@@ -241,8 +241,8 @@ async fn a_mesh_api_that_never_answers_fails_the_command_after_the_request_timeo
         version: None,
     };
     let cm: ConfigMap = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": model::status::STATUS_CONFIGMAP},
-        "data": {model::status::STATUS_KEY: serde_json::to_string(&status).unwrap()},
+        "metadata": {"name": model::objects::STATUS_CONFIGMAP},
+        "data": {model::objects::STATUS_KEY: serde_json::to_string(&status).unwrap()},
     }))
     .unwrap();
     Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
@@ -252,7 +252,7 @@ async fn a_mesh_api_that_never_answers_fails_the_command_after_the_request_timeo
     let name = model::ClusterName::new("east").unwrap();
     let ca = certs::Ca::generate(&name, Duration::from_secs(86_400)).unwrap();
     let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": model::status::CA_SECRET},
+        "metadata": {"name": model::objects::CA_SECRET},
         "stringData": {"ca.crt": ca.cert_pem(), "ca.key": ca.key_pem()},
     }))
     .unwrap();
@@ -262,10 +262,10 @@ async fn a_mesh_api_that_never_answers_fails_the_command_after_the_request_timeo
         .unwrap();
     let svc: Service = serde_json::from_value(serde_json::json!({
         "metadata": {
-            "name": model::status::APISERVER_SERVICE,
-            "annotations": {model::status::MESH_ENDPOINTS_ANNOTATION: mesh.to_string()},
+            "name": model::objects::APISERVER_SERVICE,
+            "annotations": {model::objects::MESH_ENDPOINTS_ANNOTATION: mesh.to_string()},
         },
-        "spec": {"ports": [{"name": model::status::MESH_PORT_NAME, "port": 4240}]},
+        "spec": {"ports": [{"name": model::objects::MESH_PORT_NAME, "port": 4240}]},
     }))
     .unwrap();
     Api::<Service>::namespaced(client, "kube-system")

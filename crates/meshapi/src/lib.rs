@@ -1,5 +1,7 @@
-//! The Mesh API's client side, shared by the apiserver's importer (a peer's client) and the
-//! node agent (its own apiserver's client).
+//! The Mesh API's client side, shared by the apiserver's importer (a peer's client), the node
+//! agent (its own apiserver's client) and the CLI. The protocol is `crates/wire`'s
+//! `mesh.proto`; the server side is `clustermesh-apiserver/src/mesh/server.rs` (the rule is in
+//! `docs/architecture/README.md`). Must not serve anything.
 
 pub mod client;
 pub mod node_state;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certs::MeshIdentity;
-use model::status::NodeState;
+use model::node_state::NodeState;
 use model::{ClusterId, ClusterName, NodeName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -15,6 +15,8 @@ pub mod escape;
 pub mod identity;
 pub mod keys;
 pub mod node;
+pub mod node_state;
+pub mod objects;
 pub mod service;
 pub mod status;
 

@@ -683,7 +683,7 @@ impl Store {
         if let Some(msg) = strategy::decode_errors(res, &body) {
             return Err(ApiError::new(400, "BadRequest", msg));
         }
-        let errs = strategy::validate(res, &body);
+        let errs = strategy::validate_create(res, &body);
         if !errs.is_empty() {
             return Err(ApiError::invalid(res, &name, &errs));
         }

@@ -747,6 +747,7 @@ pub fn validate(res: &Resource, obj: &Value) -> Vec<FieldError> {
             }
             validate_labels("spec.selector", obj.pointer("/spec/selector"), &mut errs);
         }
+        ("events.k8s.io", "Event") => validate_event(obj, &mut errs),
         ("discovery.k8s.io", "EndpointSlice") => {
             match str_at(obj, "/addressType") {
                 None | Some("") => errs.push(FieldError::required("addressType")),
@@ -885,6 +886,169 @@ pub fn validate(res: &Resource, obj: &Value) -> Vec<FieldError> {
         _ => {}
     }
     errs
+}
+
+/// Semantic validation of an object about to be created: [`validate`] plus the rules the
+/// apiserver applies on create only.
+pub fn validate_create(res: &Resource, obj: &Value) -> Vec<FieldError> {
+    let mut errs = validate(res, obj);
+    if let ("events.k8s.io", "Event") = group_kind(res) {
+        validate_event_create(obj, &mut errs);
+    }
+    errs
+}
+
+/// Limits of `events.k8s.io/v1` Events (`k8s.io/kubernetes/pkg/apis/core/validation`).
+const EVENT_REPORTING_INSTANCE_MAX: usize = 128;
+const EVENT_ACTION_MAX: usize = 128;
+const EVENT_REASON_MAX: usize = 128;
+const EVENT_NOTE_MAX: usize = 1024;
+
+fn non_empty(obj: &Value, key: &str) -> bool {
+    obj.get(key)
+        .is_some_and(|v| !v.is_null() && v != "" && v != 0)
+}
+
+/// `legacyValidateEvent` for an `events.k8s.io/v1` Event, on create and update. Field paths are
+/// the internal type's, as the apiserver reports them (`note` is `message`, `regarding` is
+/// `involvedObject`).
+fn validate_event(obj: &Value, errs: &mut Vec<FieldError>) {
+    let ns = str_at(obj, "/metadata/namespace").unwrap_or_default();
+    let regarding_ns = str_at(obj, "/regarding/namespace").unwrap_or_default();
+    let mismatch = || {
+        FieldError::invalid(
+            "involvedObject.namespace",
+            json!(regarding_ns),
+            "does not match event.namespace",
+        )
+    };
+    if !non_empty(obj, "eventTime") {
+        let ok = if regarding_ns.is_empty() {
+            ns.is_empty() || ns == "default"
+        } else {
+            ns == regarding_ns
+        };
+        if !ok {
+            errs.push(mismatch());
+        }
+        return;
+    }
+    if regarding_ns.is_empty() && ns != "default" && ns != "kube-system" {
+        errs.push(mismatch());
+    }
+    let len = |key: &str| str_at(obj, &format!("/{key}")).map_or(0, str::len);
+    let too_long = |field: &str, max: usize| {
+        FieldError::invalid(
+            field,
+            json!(""),
+            format!("can have at most {max} characters"),
+        )
+    };
+    let controller = str_at(obj, "/reportingController").unwrap_or_default();
+    if controller.is_empty() {
+        errs.push(FieldError::required("reportingController"));
+    }
+    if !is_qualified_name(controller) {
+        errs.push(FieldError::invalid(
+            "reportingController",
+            json!(controller),
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')",
+        ));
+    }
+    for (key, max) in [
+        ("reportingInstance", EVENT_REPORTING_INSTANCE_MAX),
+        ("action", EVENT_ACTION_MAX),
+        ("reason", EVENT_REASON_MAX),
+    ] {
+        if len(key) == 0 {
+            errs.push(FieldError::required(key));
+        }
+        if len(key) > max {
+            errs.push(too_long(key, max));
+        }
+    }
+    if len("note") > EVENT_NOTE_MAX {
+        errs.push(too_long("message", EVENT_NOTE_MAX));
+    }
+}
+
+/// `validateV1EventSeries`: a series counts at least two occurrences and says when the last was.
+fn validate_event_series(obj: &Value, errs: &mut Vec<FieldError>) {
+    let Some(series) = obj.get("series").filter(|v| !v.is_null()) else {
+        return;
+    };
+    if series.get("count").and_then(Value::as_i64).unwrap_or(0) < 2 {
+        errs.push(FieldError::invalid(
+            "series.count",
+            json!(""),
+            "should be at least 2",
+        ));
+    }
+    if !non_empty(series, "lastObservedTime") {
+        errs.push(FieldError::required("series.lastObservedTime"));
+    }
+}
+
+/// The strict rules of `ValidateEventCreate` for `events.k8s.io/v1`.
+fn validate_event_create(obj: &Value, errs: &mut Vec<FieldError>) {
+    validate_event_series(obj, errs);
+    if !non_empty(obj, "eventTime") {
+        errs.push(FieldError::required("eventTime"));
+    }
+    let ty = str_at(obj, "/type").unwrap_or_default();
+    if ty != "Normal" && ty != "Warning" {
+        errs.push(FieldError::invalid(
+            "type",
+            json!(""),
+            format!("has invalid value: {ty}"),
+        ));
+    }
+    for key in [
+        "deprecatedFirstTimestamp",
+        "deprecatedLastTimestamp",
+        "deprecatedCount",
+        "deprecatedSource",
+    ] {
+        let set = match obj.get(key) {
+            Some(Value::Object(m)) => m.values().any(|v| v != "" && !v.is_null()),
+            Some(v) => !v.is_null() && v != "" && v != 0,
+            None => false,
+        };
+        if set {
+            errs.push(FieldError::invalid(key, json!(""), "needs to be unset"));
+        }
+    }
+}
+
+/// The update rules of `ValidateEventUpdate` for `events.k8s.io/v1`: a changed series is
+/// valid, everything but the series is immutable.
+fn validate_event_update(old: &Value, new: &Value, errs: &mut Vec<FieldError>) {
+    if old.get("series") != new.get("series") {
+        validate_event_series(new, errs);
+    }
+    for (key, field) in [
+        ("regarding", "involvedObject"),
+        ("reason", "reason"),
+        ("note", "message"),
+        ("deprecatedSource", "source"),
+        ("deprecatedFirstTimestamp", "firstTimestamp"),
+        ("deprecatedLastTimestamp", "lastTimestamp"),
+        ("deprecatedCount", "count"),
+        ("type", "type"),
+        ("eventTime", "eventTime"),
+        ("action", "action"),
+        ("related", "related"),
+        ("reportingController", "reportingController"),
+        ("reportingInstance", "reportingInstance"),
+    ] {
+        let value = |o: &Value| o.get(key).filter(|v| !v.is_null()).cloned();
+        if value(old) != value(new) {
+            errs.push(FieldError::immutable(
+                field,
+                new.get(key).cloned().unwrap_or(Value::Null),
+            ));
+        }
+    }
 }
 
 /// Checks a cron schedule as the CronJob controller's parser does: five fields (minute, hour,
@@ -1028,6 +1192,7 @@ pub fn validate_update(res: &Resource, old: &Value, new: &Value) -> Vec<FieldErr
                 ));
             }
         }
+        ("events.k8s.io", "Event") => validate_event_update(old, new, &mut errs),
         ("discovery.k8s.io", "EndpointSlice") if changed("/addressType") => {
             errs.push(FieldError::immutable(
                 "addressType",
@@ -1099,6 +1264,53 @@ mod tests {
             })
             .cloned()
             .expect("builtin")
+    }
+
+    /// `events.k8s.io/v1` as kube-apiserver 1.32 validates it: strict on create, only the
+    /// series may change afterwards (what kube-runtime's `Recorder` does).
+    #[test]
+    fn events_are_strict_on_create_and_only_their_series_changes() {
+        let events = res("events.k8s.io", "events");
+        let ev = json!({
+            "metadata": {"name": "web.1", "namespace": "shop"},
+            "eventTime": "2026-12-07T12:00:00.000000Z",
+            "regarding": {"kind": "Service", "namespace": "shop", "name": "web"},
+            "reason": "InvalidGlobalServiceAnnotation", "note": "bad", "action": "Export",
+            "type": "Warning", "reportingController": "clustermesh-apiserver",
+            "reportingInstance": "r1",
+        });
+        assert!(validate_create(&events, &ev).is_empty());
+        let messages =
+            |errs: Vec<FieldError>| errs.iter().map(FieldError::message).collect::<Vec<_>>();
+        let mut bad = ev.clone();
+        for key in ["eventTime", "action"] {
+            bad.as_object_mut().unwrap().remove(key);
+        }
+        bad["deprecatedCount"] = json!(1);
+        bad["type"] = json!("Bad");
+        assert_eq!(
+            messages(validate_create(&events, &bad)),
+            [
+                "eventTime: Required value",
+                "type: Invalid value: \"\": has invalid value: Bad",
+                "deprecatedCount: Invalid value: \"\": needs to be unset",
+            ]
+        );
+        let mut series = ev.clone();
+        series["series"] = json!({"count": 2, "lastObservedTime": "2026-12-07T12:00:01.000000Z"});
+        assert!(validate_update(&events, &ev, &series).is_empty());
+        let mut one = ev.clone();
+        one["series"] = json!({"count": 1, "lastObservedTime": "2026-12-07T12:00:01.000000Z"});
+        assert_eq!(
+            messages(validate_update(&events, &ev, &one)),
+            ["series.count: Invalid value: \"\": should be at least 2"]
+        );
+        let mut note = series.clone();
+        note["note"] = json!("other");
+        assert_eq!(
+            messages(validate_update(&events, &ev, &note)),
+            ["message: Invalid value: \"other\": field is immutable"]
+        );
     }
 
     #[test]

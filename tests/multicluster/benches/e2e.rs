@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use model::status::NodeState;
+use model::node_state::NodeState;
 use multicluster::lab::Lab;
 
 const ROUNDS: usize = 40;

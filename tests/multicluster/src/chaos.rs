@@ -34,7 +34,8 @@ use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;
-use model::status::{ClusterStatus, NodeState, Phase};
+use model::node_state::NodeState;
+use model::status::{ClusterStatus, Phase};
 use serde::{Deserialize, Serialize};
 use test_support::Proxy;
 use tokio::sync::Mutex;
@@ -889,7 +890,7 @@ pub async fn look(lab: &Lab) -> Look {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for n in &c.nodes {
-            let addr: SocketAddr = (n.ip, model::status::NODE_AGENT_PORT).into();
+            let addr: SocketAddr = (n.ip, model::node_state::NODE_AGENT_PORT).into();
             match get(addr, "/readyz").await {
                 Ok(r) if r.starts_with("HTTP/1.1 200") => {}
                 Ok(r) => problem(format!("node agent of {} not ready: {}", n.name, body(&r))),
@@ -1879,7 +1880,7 @@ async fn map_deletes(lab: &Lab) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     for c in &lab.state.clusters {
         for n in &c.nodes {
-            let addr = SocketAddr::from((n.ip, model::status::NODE_AGENT_PORT));
+            let addr = SocketAddr::from((n.ip, model::node_state::NODE_AGENT_PORT));
             let text = get(addr, "/metrics").await.map_err(|e| anyhow!(e))?;
             out.insert(
                 n.name.clone(),
@@ -2303,7 +2304,7 @@ mod tests {
 
     #[test]
     fn a_node_matches_the_truth_only_with_the_same_tiers_ids_and_health() {
-        use model::status::{NodeService, ProgrammedBackend};
+        use model::node_state::{NodeService, ProgrammedBackend};
         let truth: Frontends = BTreeMap::from([(
             "10.1.201.10:80/tcp".to_owned(),
             normalize(vec![

@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use model::status::{APISERVER_SERVICE, CA_SECRET, MESH_ENDPOINTS_ANNOTATION};
+use model::objects::{APISERVER_SERVICE, CA_SECRET, MESH_ENDPOINTS_ANNOTATION};
 use model::{ClusterId, ClusterName, NodeName};
 use serde::{Deserialize, Serialize};
 
@@ -795,7 +795,7 @@ impl Lab {
         state.agent = Some(agent);
         self.cluster_mut(cluster)?.nodes.push(state);
         self.save()?;
-        let addr: SocketAddr = (ip4, model::status::NODE_AGENT_PORT).into();
+        let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
         wait_for(
             &format!("node agent of {node} to be ready (log: {})", log.display()),
             Duration::from_secs(60),
@@ -826,7 +826,11 @@ impl Lab {
 
     /// `node`'s `/state` over mutual TLS, as `clustermesh services --node` reads it (with an
     /// admin certificate from the cluster's CA).
-    pub async fn node_state(&self, cluster: &str, node: &str) -> Result<model::status::NodeState> {
+    pub async fn node_state(
+        &self,
+        cluster: &str,
+        node: &str,
+    ) -> Result<model::node_state::NodeState> {
         let c = self.cluster(cluster)?;
         let n = c
             .nodes
@@ -843,7 +847,7 @@ impl Lab {
             id,
             Role::Admin,
         )))?;
-        let addr = format!("{}:{}", n.ip, model::status::NODE_AGENT_STATE_PORT);
+        let addr = format!("{}:{}", n.ip, model::node_state::NODE_AGENT_STATE_PORT);
         Ok(meshapi::node_state::fetch(
             &addr,
             &name,
@@ -1470,7 +1474,7 @@ impl Lab {
                     .find(|n| n.name == *node)
                     .map(|n| n.ip)
                     .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
-                let addr: SocketAddr = (ip4, model::status::NODE_AGENT_PORT).into();
+                let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
                 wait_for(&what, Duration::from_secs(60), || async move {
                     test_support::http_get(addr, "/readyz")
                         .await

@@ -209,7 +209,7 @@ impl Cluster for LabCluster {
             let lab = self.lab.lock().await;
             lab.cluster(&self.name)?.nodes[0].ip
         };
-        let addr = SocketAddr::from((ip, model::status::NODE_AGENT_PORT));
+        let addr = SocketAddr::from((ip, model::node_state::NODE_AGENT_PORT));
         let text = test_support::http_get(addr, "/metrics")
             .await
             .with_context(|| format!("node agent metrics at {addr}"))?;

@@ -575,7 +575,7 @@ pub async fn disconnect_drains<A: Cluster, B: Cluster>(
         .unwrap_or_default();
     ensure!(!peers.iter().any(|p| p["name"] == b.name()), "{v}");
     // a no longer grants b: b's certificate for a's Mesh API is refused from now on.
-    let grant = model::status::grant_secret_name(b.name());
+    let grant = model::objects::grant_secret_name(b.name());
     let out = std::process::Command::new("kubectl")
         .env("KUBECONFIG", kc)
         .args([
@@ -613,7 +613,7 @@ pub async fn tampered_peer_secret_is_repaired<A: Cluster, B: Cluster>(
     )?;
     let patch = serde_json::json!({"data": {"ca.crt":
         base64::engine::general_purpose::STANDARD.encode(foreign.cert_pem())}});
-    let secret = model::status::peer_secret_name(b.name());
+    let secret = model::objects::peer_secret_name(b.name());
     let out = std::process::Command::new("kubectl")
         .env("KUBECONFIG", kc)
         .args([

@@ -268,7 +268,7 @@ async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
 async fn node_state_is_for_admins_only(lab: &Lab) {
     let east = lab.cluster("east").unwrap();
     let node = &east.nodes[0];
-    let open = SocketAddr::from((node.ip, model::status::NODE_AGENT_PORT));
+    let open = SocketAddr::from((node.ip, model::node_state::NODE_AGENT_PORT));
     let r = test_support::http_get(open, "/state").await.unwrap();
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     let r = test_support::http_get(open, "/metrics").await.unwrap();
@@ -276,7 +276,7 @@ async fn node_state_is_for_admins_only(lab: &Lab) {
     // The admin of east is served.
     let s = lab.node_state("east", &node.name).await.unwrap();
     assert_eq!(s.cluster, "east");
-    let addr = format!("{}:{}", node.ip, model::status::NODE_AGENT_STATE_PORT);
+    let addr = format!("{}:{}", node.ip, model::node_state::NODE_AGENT_STATE_PORT);
     let fetch = |ca: &certs::Ca, id: certs::MeshIdentity| {
         let leaf = ca.issue(&certs::LeafSpec::new(id)).unwrap();
         let ca_pem = std::fs::read_to_string(east.dir.join("ca/ca.crt")).unwrap();

@@ -1,8 +1,8 @@
-//! Kubeconfig contexts, the way kubectl reads them, and what the CLI needs to know about the
-//! mesh installation of one cluster: its name and ID (from the apiserver's status ConfigMap),
-//! its CA (Secret `clustermesh-ca`) and its Mesh API endpoints (Service
-//! `clustermesh-apiserver`). Every request to a Kubernetes API is bounded by
-//! `--request-timeout`.
+//! One cluster as the CLI reaches it: kubeconfig contexts, the way kubectl reads them, and
+//! what the CLI needs to know about the mesh installation of that cluster: its name and ID
+//! (from the apiserver's status ConfigMap), its CA (Secret `clustermesh-ca`) and its Mesh API
+//! endpoints (Service `clustermesh-apiserver`). Every request to a Kubernetes API is bounded
+//! by `--request-timeout`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,10 +13,11 @@ use clap::Args;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use model::status::{
-    APISERVER_SERVICE, CA_SECRET, ClusterStatus, MESH_ENDPOINTS_ANNOTATION, MESH_PORT_NAME,
-    STATUS_CONFIGMAP, STATUS_KEY,
+use model::objects::{
+    APISERVER_SERVICE, CA_SECRET, MESH_ENDPOINTS_ANNOTATION, MESH_PORT_NAME, STATUS_CONFIGMAP,
+    STATUS_KEY,
 };
+use model::status::ClusterStatus;
 use model::{ClusterId, ClusterName};
 
 /// Flags every command that talks to Kubernetes takes.

@@ -1,158 +1,58 @@
-//! The apiserver's conversation with its own Kubernetes API beyond exporting: it keeps its
-//! status in a ConfigMap (so `clustermesh status` needs nothing but a kubeconfig) and turns
-//! the peer Secrets `clustermesh connect` writes into the peer directory the importer reads.
-//! Both run only while this replica leads.
+//! Peer Secrets → the peer directory the importer watches: one sub-directory per valid
+//! Secret, switched atomically; a Secret that turns invalid keeps its peer's last good files,
+//! only a deleted Secret removes them. Runs only while this replica leads. Must not write a
+//! Kubernetes object.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use model::ClusterName;
-use model::status::{
-    ClusterStatus, PEER_LABEL, PEER_SECRET_KEYS, STATUS_CONFIGMAP, STATUS_HEARTBEAT_SECS,
-    STATUS_KEY, peer_secret_name,
-};
+use model::objects::{PEER_LABEL, PEER_SECRET_KEYS, peer_secret_name};
 use telemetry::metrics::Registry;
 
+use crate::labelled_secrets::{self, SecretSet, labelled_peer};
 use crate::metrics as m;
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// Seconds between writes of a status whose only changes are counts and revisions.
-const COUNTS_EVERY_SECS: i64 = 2;
-
-/// `s` without what changes with every exported or imported object.
-fn significant(s: &ClusterStatus) -> ClusterStatus {
-    let mut s = s.clone();
-    s.exported.clear();
-    for p in &mut s.peers {
-        p.objects.clear();
-        p.revision = 0;
-    }
-    if let Some(a) = &mut s.node_agents {
-        a.checked_unix = 0;
-    }
-    s
-}
-
-/// Writes `status()` into the status ConfigMap when its phase, readiness or errors change
-/// (checked every `interval`), when only counts changed at most every 2 s, and at least every
-/// [`STATUS_HEARTBEAT_SECS`] seconds. Runs until dropped.
-pub async fn publish_status(
-    api: Api<ConfigMap>,
-    status: impl Fn() -> ClusterStatus,
-    interval: Duration,
-    metrics: Registry,
-) {
-    let mut last: Option<(ClusterStatus, i64)> = None;
-    loop {
-        let mut current = status();
-        let now = now_unix();
-        // A change of phase, readiness or error is written at once; counts and revisions move
-        // with every change under churn, so a change of those alone waits COUNTS_EVERY_SECS.
-        let due = match &last {
-            Some((s, at)) => {
-                significant(s) != significant(&current)
-                    || (*s != current && now - at >= COUNTS_EVERY_SECS)
-                    || now - at >= STATUS_HEARTBEAT_SECS
-            }
-            None => true,
-        };
-        if due {
-            current.updated_unix = now;
-            match write_status(&api, &current).await {
-                Ok(()) => {
-                    current.updated_unix = 0;
-                    last = Some((current, now));
-                }
-                Err(e) => {
-                    metrics.inc(m::ERRORS, &["status-configmap"]);
-                    tracing::warn!(error = %e, "could not write the status ConfigMap");
-                }
-            }
-        }
-        tokio::time::sleep(interval).await;
-    }
-}
-
-async fn write_status(api: &Api<ConfigMap>, s: &ClusterStatus) -> Result<(), String> {
-    let json = serde_json::to_string_pretty(s).map_err(|e| e.to_string())?;
-    let patch = serde_json::json!({ "data": { STATUS_KEY: json } });
-    match api
-        .patch(
-            STATUS_CONFIGMAP,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => {
-            let cm: ConfigMap = serde_json::from_value(serde_json::json!({
-                "metadata": {
-                    "name": STATUS_CONFIGMAP,
-                    "labels": { "app.kubernetes.io/name": "clustermesh-apiserver" },
-                },
-                "data": { STATUS_KEY: json },
-            }))
-            .map_err(|e| e.to_string())?;
-            api.create(&PostParams::default(), &cm)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-        Err(e) => Err(e.to_string()),
-    }
+/// Why a peer Secret is not a usable peer configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Its label or name is wrong.
+    #[error(transparent)]
+    Peer(#[from] labelled_secrets::Error),
+    /// A required key is missing.
+    #[error("Secret {secret}: no {key:?} key")]
+    MissingKey {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: &'static str,
+    },
+    /// It holds a key no peer configuration has.
+    #[error("Secret {secret}: unknown key {key:?}")]
+    UnknownKey {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// It names no endpoint.
+    #[error("Secret {secret}: \"endpoints\" is empty")]
+    NoEndpoints {
+        /// The Secret.
+        secret: String,
+    },
 }
 
 /// A peer configuration as found in a Secret: file name → contents.
 type Files = BTreeMap<String, Vec<u8>>;
 
-/// The peer a labelled mesh Secret (a peer configuration or a grant) is about, checked: its
-/// `label` names a valid cluster, the Secret is named `name_of(peer)`, and the peer is not
-/// this cluster. `what` says what kind of Secret it is, for the errors.
-pub fn labelled_peer(
-    secret: &Secret,
-    label: &str,
-    name_of: fn(&str) -> String,
-    own: &ClusterName,
-    what: &str,
-) -> Result<ClusterName, String> {
-    let name = secret.metadata.name.clone().unwrap_or_default();
-    let value = secret
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(label))
-        .cloned()
-        .unwrap_or_default();
-    let peer = ClusterName::new(value.clone())
-        .map_err(|e| format!("Secret {name}: label {label}={value:?}: {e}"))?;
-    if name != name_of(peer.as_str()) {
-        return Err(format!(
-            "Secret {name}: a {what} for {peer} must be named {}",
-            name_of(peer.as_str())
-        ));
-    }
-    if &peer == own {
-        return Err(format!(
-            "Secret {name}: a {what} for this cluster ({own}) itself"
-        ));
-    }
-    Ok(peer)
-}
-
 /// Checks one peer Secret; returns the peer's name and the files of its directory.
-pub fn peer_files(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Files), String> {
+pub fn peer_files(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Files), Error> {
     let name = secret.metadata.name.clone().unwrap_or_default();
     let peer = labelled_peer(secret, PEER_LABEL, peer_secret_name, own, "peer Secret")?;
     let data = secret.data.clone().unwrap_or_default();
@@ -163,18 +63,23 @@ pub fn peer_files(secret: &Secret, own: &ClusterName) -> Result<(ClusterName, Fi
                 files.insert(key.to_owned(), v.0.clone());
             }
             None if key == "cluster-id" => {}
-            None => return Err(format!("Secret {name}: no {key:?} key")),
+            None => {
+                return Err(Error::MissingKey { secret: name, key });
+            }
         }
     }
     if let Some(unknown) = data
         .keys()
         .find(|k| !PEER_SECRET_KEYS.contains(&k.as_str()))
     {
-        return Err(format!("Secret {name}: unknown key {unknown:?}"));
+        return Err(Error::UnknownKey {
+            secret: name,
+            key: unknown.clone(),
+        });
     }
     let endpoints = String::from_utf8_lossy(&files["endpoints"]).to_string();
     if endpoints.split_whitespace().next().is_none() {
-        return Err(format!("Secret {name}: \"endpoints\" is empty"));
+        return Err(Error::NoEndpoints { secret: name });
     }
     Ok((peer, files))
 }
@@ -269,6 +174,7 @@ pub fn sync_dir(
                 }
             }
             Err(e) => {
+                let e = telemetry::chain(&e).to_string();
                 // Keep what the previous, valid version of this Secret configured.
                 if let Some(peer) = s.metadata.labels.as_ref().and_then(|l| l.get(PEER_LABEL)) {
                     keep.insert(peer.clone());
@@ -300,49 +206,6 @@ pub fn sync_dir(
                 }
             }
         }
-    }
-}
-
-/// The Secrets of one label as a kube watcher reports them: a (re)listing is buffered and
-/// swapped in whole at its end, so a relist never looks like deletions; later events apply one
-/// by one. Shared by the peer Secret and the grant Secret followers.
-#[derive(Debug, Default)]
-pub struct SecretSet {
-    current: BTreeMap<String, Secret>,
-    initial: BTreeMap<String, Secret>,
-    listed: bool,
-}
-
-impl SecretSet {
-    /// Applies one event; true when the set changed and has been listed completely once.
-    pub fn apply(&mut self, event: watcher::Event<Secret>) -> bool {
-        let name = |s: &Secret| s.metadata.name.clone().unwrap_or_default();
-        match event {
-            watcher::Event::Apply(s) => {
-                self.current.insert(name(&s), s);
-            }
-            watcher::Event::Delete(s) => {
-                self.current.remove(&name(&s));
-            }
-            watcher::Event::Init => {
-                self.initial.clear();
-                return false;
-            }
-            watcher::Event::InitApply(s) => {
-                self.initial.insert(name(&s), s);
-                return false;
-            }
-            watcher::Event::InitDone => {
-                self.current = std::mem::take(&mut self.initial);
-                self.listed = true;
-            }
-        }
-        self.listed
-    }
-
-    /// The Secrets, by name.
-    pub fn current(&self) -> &BTreeMap<String, Secret> {
-        &self.current
     }
 }
 
@@ -393,30 +256,6 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn counts_alone_are_not_a_significant_change() {
-        let status: ClusterStatus = serde_json::from_value(serde_json::json!({
-            "cluster": "east", "cluster_id": 1, "replica": "r", "leader": true, "ready": true,
-            "reason": null, "exported": {"endpoints": 3},
-            "peers": [{"name": "west", "cluster_id": 2, "phase": "ready", "since_unix": 1,
-                "last_error": null, "last_error_unix": null, "objects": {"endpoints": 5},
-                "revision": 7, "peer_cert_not_after_unix": null, "endpoint": null}],
-        }))
-        .unwrap();
-        let mut counts = status.clone();
-        counts.exported.insert("endpoints".into(), 4);
-        counts.peers[0].objects.insert("endpoints".into(), 6);
-        counts.peers[0].revision = 8;
-        assert_ne!(counts, status);
-        assert_eq!(significant(&counts), significant(&status));
-        let mut phase = status.clone();
-        phase.peers[0].phase = model::status::Phase::Stale;
-        assert_ne!(significant(&phase), significant(&status));
-        let mut error = status.clone();
-        error.peers[0].last_error = Some("x".into());
-        assert_ne!(significant(&error), significant(&status));
-    }
-
     const GOOD: [(&str, &str); 4] = [
         ("endpoints", "10.0.0.1:4240\n"),
         ("ca.crt", "CA"),
@@ -463,7 +302,7 @@ mod tests {
             secret("clustermesh-peer-West", "West", &GOOD),
         ];
         for b in &broken {
-            let e = peer_files(b, &own).unwrap_err();
+            let e = peer_files(b, &own).unwrap_err().to_string();
             assert!(e.starts_with("Secret "), "{e}");
             // A broken version of west's Secret replaces it; other broken Secrets sit beside it.
             let list = if b.metadata.name == good.metadata.name {
