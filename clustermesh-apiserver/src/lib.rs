@@ -394,6 +394,7 @@ async fn serve_mesh(
     let (policies_tx, policies_rx) = watch::channel(Default::default());
     tasks.push(AbortOnDrop(tokio::spawn(policies::follow(
         client.clone(),
+        config.replica.clone(),
         policies_tx,
         metrics.clone(),
         Arc::new(|v: &serde_json::Value| policy::parse(v).map(|_| ()).map_err(|e| e.to_string())),

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use telemetry::metrics::Registry;
 use tokio::sync::watch;
@@ -173,6 +174,28 @@ fn condition_patch(obj: &serde_json::Value, refused: Option<&str>) -> Option<ser
     Some(serde_json::json!({"status": {"conditions": conditions}}))
 }
 
+/// The reference an Event about `obj` names.
+fn object_reference(
+    obj: &serde_json::Value,
+    kind: &str,
+    api_version: &str,
+) -> k8s_openapi::api::core::v1::ObjectReference {
+    let s = |p: &str| {
+        obj.pointer(p)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(api_version.to_owned()),
+        kind: Some(kind.to_owned()),
+        namespace: s("/metadata/namespace"),
+        name: s("/metadata/name"),
+        uid: s("/metadata/uid"),
+        resource_version: s("/metadata/resourceVersion"),
+        field_path: None,
+    }
+}
+
 /// Logs refusals that are new or changed, and the ones that went away.
 fn log_refusals(before: &PolicySet, now: &PolicySet) {
     for (k, why) in &now.refused {
@@ -192,6 +215,7 @@ fn log_refusals(before: &PolicySet, now: &PolicySet) {
 /// Follows the policies of `client`'s cluster into `tx`, validating each with `validate`.
 pub async fn follow(
     client: kube::Client,
+    replica: String,
     tx: watch::Sender<Arc<PolicySet>>,
     metrics: Registry,
     validate: Validate,
@@ -205,6 +229,13 @@ pub async fn follow(
         streams.push(s.boxed());
     }
     let mut merged = futures::stream::select_all(streams);
+    let events = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "clustermesh-apiserver".into(),
+            instance: Some(replica),
+        },
+    );
     let mut sources: Vec<Source> = SOURCES.iter().map(|_| Source::default()).collect();
     let mut failing: Vec<telemetry::backoff::Backoff> = SOURCES
         .iter()
@@ -280,6 +311,34 @@ pub async fn follow(
         }
         metrics.set(m::POLICIES, &["valid"], next.valid.len() as f64);
         metrics.set(m::POLICIES, &["refused"], next.refused.len() as f64);
+        // A Warning Event on each policy refused anew (or for a new reason).
+        let before = tx.borrow().clone();
+        for (key, why) in &next.refused {
+            if before.refused.get(key) == Some(why) {
+                continue;
+            }
+            let Some((i, obj)) = SOURCES.iter().position(|s| s.0 == key.0).and_then(|i| {
+                sources[i]
+                    .objects
+                    .get(&(key.1.clone(), key.2.clone()))
+                    .map(|o| (i, o))
+            }) else {
+                continue;
+            };
+            let (kind, group, version, ..) = SOURCES[i];
+            let reference = object_reference(obj, kind, &format!("{group}/{version}"));
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "InvalidPolicy".into(),
+                note: Some(format!("not enforced: {why}")),
+                action: "Validate".into(),
+                secondary: None,
+            };
+            if let Err(e) = events.publish(&event, &reference).await {
+                metrics.inc(m::ERRORS, &["events"]);
+                tracing::warn!(error = %e, "could not record a Warning event");
+            }
+        }
         tx.send_if_modified(|cur| {
             if **cur == next {
                 return false;

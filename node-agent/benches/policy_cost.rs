@@ -677,7 +677,7 @@ fn scale(report: &mut String) {
                 *id,
                 &rules_of(resolver.endpoint(*id).unwrap(), &mut origins),
             )
-            .len()
+            .map_or(0, |groups| groups.len())
         })
         .sum();
     report.push_str(&format!(
@@ -705,22 +705,23 @@ fn scale(report: &mut String) {
     let pod = Cgroup::new(node.path.join("pod"));
     let pins = Pins(Path::new(BPFFS).join(&name));
     let mut p = Programmer::new(Datapath::open(&pins.0, &node.path).unwrap()).unwrap();
-    let memlock0 = memlock(&pins.0.join(maps::POLICY));
+    let memlock0 = memlock(&pins.0.join(maps::POLICY)) + memlock(&pins.0.join(maps::POLICY_SETS));
     let rss1 = rss_bytes();
     let t = Instant::now();
     let all: BTreeSet<u32> = selected.iter().copied().collect();
     let (writes, ..) = reprogram(&resolver, &mut p, &mut origins, &all);
     let program_time = t.elapsed();
     let rss_tables = rss_bytes().saturating_sub(rss1);
-    let memlock1 = memlock(&pins.0.join(maps::POLICY));
+    let memlock1 = memlock(&pins.0.join(maps::POLICY)) + memlock(&pins.0.join(maps::POLICY_SETS));
     let t = Instant::now();
     let in_kernel = p.datapath().policy.iter().count();
     let iterate_time = t.elapsed();
     assert_eq!(in_kernel, compiled, "kernel entries against compiled");
     report.push_str(&format!(
-        "- `CM_POLICY`: **{in_kernel} entries** of {POLICY_CAPACITY} ({:.0}% full; read back from the kernel in {:.1} s); kernel memory (`bytes_memlock`, this kernel counts one trie node per entry, not the intermediate nodes): **{:.1} MiB** ({:.1} MiB empty)\n",
+        "- `CM_POLICY`: **{in_kernel} entries** of {POLICY_CAPACITY} ({:.0}% full; read back from the kernel in {:.1} s); {} distinct port sets; kernel memory (`bytes_memlock` of `CM_POLICY` and `CM_POLICY_SETS`): **{:.1} MiB** ({:.1} MiB empty)\n",
         in_kernel as f64 * 100.0 / POLICY_CAPACITY as f64,
         iterate_time.as_secs_f64(),
+        p.policy_tables().sets(),
         memlock1 as f64 / 1048576.0,
         memlock0 as f64 / 1048576.0,
     ));

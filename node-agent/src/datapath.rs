@@ -164,8 +164,12 @@ pub struct Datapath {
     pub events: Option<RingBuf<MapData>>,
     /// Local endpoints: cgroup ID → identity and enforced directions.
     pub endpoints: HashMap<MapData, u64, maps::EndpointVal>,
-    /// Policy entries (longest-prefix match; see [`crate::policy`]).
-    pub policy: LpmTrie<MapData, maps::PolicyData, maps::PolicyVal>,
+    /// Policy entries: (local, peer, direction, protocol) → port set (see [`crate::policy`]).
+    pub policy: HashMap<MapData, maps::PolicyKey, u32>,
+    /// The port sets.
+    pub policy_sets: HashMap<MapData, u32, maps::PortSetVal>,
+    /// The IP cache's host entries by exact address.
+    pub ipcache_hosts: HashMap<MapData, IpcacheAddr, IpcacheVal>,
     /// Policy verdict counters (per direction, outcome and peer cluster).
     pub policy_stats: PerCpuArray<MapData, u64>,
     sizes: maps::Sizes,
@@ -290,11 +294,9 @@ impl Datapath {
             }
         })?;
         let endpoints = take(&mut ebpf, maps::ENDPOINTS)?;
-        let policy =
-            LpmTrie::try_from(take_any(&mut ebpf, maps::POLICY)?).map_err(|e| Error::Map {
-                map: maps::POLICY,
-                reason: e.to_string(),
-            })?;
+        let policy = take(&mut ebpf, maps::POLICY)?;
+        let policy_sets = take(&mut ebpf, maps::POLICY_SETS)?;
+        let ipcache_hosts = take(&mut ebpf, maps::IPCACHE_HOSTS)?;
         let policy_stats = PerCpuArray::try_from(take_any(&mut ebpf, maps::POLICY_STATS)?)
             .map_err(|e| Error::Map {
                 map: maps::POLICY_STATS,
@@ -304,6 +306,8 @@ impl Datapath {
             dir: dir.to_owned(),
             endpoints,
             policy,
+            policy_sets,
+            ipcache_hosts,
             policy_stats,
             services,
             backends,

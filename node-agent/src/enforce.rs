@@ -258,14 +258,13 @@ fn peer_labels(inputs: &Inputs, id: u32) -> (Option<String>, Vec<String>) {
 }
 
 /// Pod `uid`'s policy as this node's kernel holds it: its cgroups' flags read from
-/// `CM_ENDPOINTS`, its identity's entries read back from `CM_POLICY` (an entry the agent wrote
-/// but the kernel does not hold is left out), contiguous ports merged.
+/// `CM_ENDPOINTS`, its identity's entries read back from `CM_POLICY` and `CM_POLICY_SETS` (an
+/// entry the agent wrote but the kernel does not hold is left out).
 pub fn pod_policy(
     programmer: &Mutex<Programmer>,
     shared: &Shared,
     uid: &str,
 ) -> meshapi::node_state::PodPolicy {
-    use aya::maps::lpm_trie::Key;
     let inputs = lock(&shared.inputs).clone();
     let identity = inputs.local_pods.get(uid).copied();
     let mut out = meshapi::node_state::PodPolicy {
@@ -294,53 +293,37 @@ pub fn pod_policy(
     }
     let origins = lock(&shared.origins);
     let mut lines: Vec<meshapi::node_state::PolicyLine> = Vec::new();
-    let keys: Vec<crate::policy::EntryKey> = p
+    let groups: Vec<crate::policy::Group> = p
         .policy_tables()
         .entries(id)
         .map(|e| e.keys().copied().collect())
         .unwrap_or_default();
-    for (len, data) in keys {
-        let Ok(v) = dp.policy.get(&Key::new(len, data), 0) else {
+    for g in groups {
+        // Read back from the kernel: the entry, then the set it points at.
+        let Ok(set_id) = dp.policy.get(&crate::policy::policy_key(id, &g), 0) else {
             continue;
         };
-        let verdict = crate::policy::parse_verdict_val(&v);
-        let (_, dir, proto, remote, port) = crate::policy::parse_key_data(&data);
-        let size = 1u32 << (16 - (len - 80).min(16));
-        let hi = (u32::from(port) + size - 1).min(65_535) as u16;
-        let (peer_cluster, peer_labels) = peer_labels(&inputs, remote);
-        let line = meshapi::node_state::PolicyLine {
-            direction: if dir == Direction::Ingress as u8 {
-                "ingress"
-            } else {
-                "egress"
-            }
-            .into(),
-            verdict: if verdict.deny { "deny" } else { "allow" }.into(),
-            peer: (remote != 0).then_some(remote),
-            peer_cluster,
-            peer_labels,
-            proto: if proto == Proto::Udp.number() {
-                "UDP"
-            } else {
-                "TCP"
-            }
-            .into(),
-            ports: (port, hi),
-            policy: origins.get(verdict.rule).map(ToString::to_string),
+        let Ok(set) = dp.policy_sets.get(&set_id, 0) else {
+            continue;
         };
-        // Keys come in order: a block right after the previous one of the same kind extends it.
-        match lines.last_mut() {
-            Some(last)
-                if last.direction == line.direction
-                    && last.verdict == line.verdict
-                    && last.peer == line.peer
-                    && last.proto == line.proto
-                    && last.policy == line.policy
-                    && u32::from(last.ports.1) + 1 == u32::from(line.ports.0) =>
-            {
-                last.ports.1 = line.ports.1;
-            }
-            _ => lines.push(line),
+        let (dir, proto, remote) = g;
+        let (peer_cluster, peer_labels) = peer_labels(&inputs, remote);
+        for (lo, hi, verdict) in crate::policy::parse_port_set(&set) {
+            lines.push(meshapi::node_state::PolicyLine {
+                direction: dir.label().into(),
+                verdict: if verdict.deny { "deny" } else { "allow" }.into(),
+                peer: (remote != 0).then_some(remote),
+                peer_cluster: peer_cluster.clone(),
+                peer_labels: peer_labels.clone(),
+                proto: if proto == Proto::Udp.number() {
+                    "UDP"
+                } else {
+                    "TCP"
+                }
+                .into(),
+                ports: (lo, hi),
+                policy: origins.get(verdict.rule).map(ToString::to_string),
+            });
         }
     }
     out.entries = lines;

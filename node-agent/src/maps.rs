@@ -58,8 +58,12 @@ pub const GROUPS: &str = "CM_GROUPS";
 pub const BACKEND_IDS: &str = "CM_BACKEND_IDS";
 /// Local endpoints: cgroup ID → identity and enforced directions.
 pub const ENDPOINTS: &str = "CM_ENDPOINTS";
-/// Policy entries (LPM trie).
+/// Policy entries: (local, peer, direction, protocol) → port set ID.
 pub const POLICY: &str = "CM_POLICY";
+/// Port sets of the policy entries (deduplicated).
+pub const POLICY_SETS: &str = "CM_POLICY_SETS";
+/// The IP cache's host entries by exact address (what the programs look up).
+pub const IPCACHE_HOSTS: &str = "CM_IPCACHE_HOSTS";
 /// Policy verdict counters per direction and peer cluster.
 pub const POLICY_STATS: &str = "CM_POLICY_STATS";
 /// Unconnected UDP flows of endpoints with ingress policy (their replies pass).
@@ -67,9 +71,11 @@ pub const UDP_FLOWS: &str = "CM_UDP_FLOWS";
 /// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
 pub const MAX_GROUPS: usize = 9;
 /// Every map the object pins, in the order they are removed.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     ENDPOINTS,
     POLICY,
+    POLICY_SETS,
+    IPCACHE_HOSTS,
     POLICY_STATS,
     UDP_FLOWS,
     SERVICES,
@@ -129,9 +135,11 @@ impl Sizes {
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
-pub const LAYOUT: [(&str, u32, u32); 13] = [
+pub const LAYOUT: [(&str, u32, u32); 15] = [
     (ENDPOINTS, 8, 8),
-    (POLICY, 16, 8),
+    (POLICY, 12, 4),
+    (POLICY_SETS, 4, PORT_SET_LEN as u32),
+    (IPCACHE_HOSTS, 16, 8),
     (UDP_FLOWS, 32, 1),
     (SERVICES, 20, SVC_VAL_LEN as u32),
     (BACKEND_IDS, 24, 32),
@@ -501,10 +509,14 @@ pub fn parse_backend_ref(v: &BackendRef) -> (u32, Option<SocketAddr>) {
 pub const CFG_NO_PEER_REWRITE: u32 = 1;
 /// `struct endpoint`: identity, `EP_*` flags.
 pub type EndpointVal = [u8; 8];
-/// The data of a `struct policy_key` (after its prefix length).
-pub type PolicyData = [u8; 12];
-/// `struct policy_val`.
-pub type PolicyVal = [u8; 8];
+/// `struct policy_key`.
+pub type PolicyKey = [u8; 12];
+/// Port ranges of one port set at most (`MAX_PORT_RANGES`).
+pub const MAX_PORT_RANGES: usize = 16;
+/// Bytes of a `struct port_set`.
+pub const PORT_SET_LEN: usize = 4 + 12 * MAX_PORT_RANGES;
+/// `struct port_set`.
+pub type PortSetVal = [u8; PORT_SET_LEN];
 
 /// `config.flags`: some endpoint has a policy (the programs look callers up in `CM_ENDPOINTS`).
 pub const CFG_POLICY: u32 = 2;

@@ -2,25 +2,25 @@
 //! which direction, and per local identity the allowed and denied peers and ports.
 //!
 //! The resolved rules of one local identity ([`Rule`]: peer identity or any, protocol or any,
-//! port range or every port, allow or deny) are compiled into disjoint longest-prefix entries
-//! of `CM_POLICY` ([`compile`]): per (direction, protocol, peer) the port space is cut at every
-//! rule's bounds, each piece takes *deny* if a deny rule covers it, else *allow* if an allow
-//! rule does, and the pieces become aligned power-of-two blocks (a port prefix). So the kernel
-//! needs one lookup for the peer and one for "any peer", and a deny always wins.
+//! port range or every port, allow or deny) are compiled per (direction, protocol, peer) into a
+//! *port set* ([`compile`]): the port space cut at every rule's bounds, each piece *deny* if a
+//! deny rule covers it, else *allow* if an allow rule does, adjacent equal pieces merged — at
+//! most [`MAX_PORT_RANGES`] disjoint ranges. `CM_POLICY` maps (local, peer, direction,
+//! protocol) to a set's ID and `CM_POLICY_SETS` holds each distinct set once. So the kernel does
+//! one exact lookup for the peer and one for "any peer" (then a short scan), whatever the
+//! number of identities, and a deny always wins.
 //!
-//! Order of writes ([`Tables`]): an identity's new entries before its stale ones go (a port
-//! changes verdict once, never passes through "no entry"), an endpoint's entries before the
-//! flag that enforces them, and the flag cleared before its entries go. Other identities' and
-//! other peers' entries are never touched by a change, so a new remote identity changes no
+//! Order of writes ([`Tables`]): a new set before the entries that point at it, an identity's
+//! new entries before its stale ones go, sets no entry uses last; an endpoint's entries before
+//! the flag that enforces them, and the flag cleared before its entries go. Other identities'
+//! and other peers' entries are never touched by a change, so a new remote identity changes no
 //! verdict of an existing one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aya::maps::lpm_trie::Key;
-
 use crate::datapath::Datapath;
 use crate::datapath::Error;
-use crate::maps::{self, EndpointVal, PolicyData, PolicyVal, Proto};
+use crate::maps::{self, EndpointVal, PolicyKey, PortSetVal, Proto};
 use crate::program::Ops;
 
 /// Which way a connection goes, seen from the local endpoint.
@@ -75,48 +75,74 @@ const VERDICT_ALLOW: u8 = 1;
 const VERDICT_DENY: u8 = 2;
 const EP_INGRESS: u32 = 1;
 const EP_EGRESS: u32 = 2;
-/// Bits of the key before the port.
-const PORT_PREFIX_START: u32 = 80;
 
-/// An entry of `CM_POLICY`: (prefix length, key data).
-pub type EntryKey = (u32, PolicyData);
+pub use crate::maps::MAX_PORT_RANGES;
 
-/// Encodes the data of a policy key.
-pub fn key_data(local: u32, dir: Direction, proto: Proto, remote: u32, port: u16) -> PolicyData {
-    let mut d = [0u8; 12];
-    d[..4].copy_from_slice(&local.to_be_bytes());
-    d[4] = dir as u8;
-    d[5] = proto.number();
-    d[6..10].copy_from_slice(&remote.to_be_bytes());
-    d[10..12].copy_from_slice(&port.to_be_bytes());
-    d
+/// A `CM_POLICY` key: (direction, protocol number, peer identity; 0 = any peer) of a local
+/// identity.
+pub type Group = (Direction, u8, u32);
+
+/// A port set: disjoint inclusive ranges in order, each with its verdict.
+pub type PortSet = Vec<(u16, u16, Verdict)>;
+
+/// Encodes a `CM_POLICY` key.
+pub fn policy_key(local: u32, g: &Group) -> PolicyKey {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&local.to_ne_bytes());
+    k[4..8].copy_from_slice(&g.2.to_ne_bytes());
+    k[8] = g.0 as u8;
+    k[9] = g.1;
+    k
 }
 
-/// Decodes the data of a policy key into (local, direction, protocol number, remote, port).
-pub fn parse_key_data(d: &PolicyData) -> (u32, u8, u8, u32, u16) {
+/// Decodes a `CM_POLICY` key into (local, group).
+pub fn parse_policy_key(k: &PolicyKey) -> (u32, Group) {
+    let dir = if k[8] == Direction::Ingress as u8 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
     (
-        u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
-        d[4],
-        d[5],
-        u32::from_be_bytes([d[6], d[7], d[8], d[9]]),
-        u16::from_be_bytes([d[10], d[11]]),
+        u32::from_ne_bytes([k[0], k[1], k[2], k[3]]),
+        (dir, k[9], u32::from_ne_bytes([k[4], k[5], k[6], k[7]])),
     )
 }
 
-/// Encodes a verdict.
-pub fn verdict_val(v: Verdict) -> PolicyVal {
-    let mut out = [0u8; 8];
-    out[0] = if v.deny { VERDICT_DENY } else { VERDICT_ALLOW };
-    out[4..8].copy_from_slice(&v.rule.to_ne_bytes());
-    out
+/// Encodes a port set.
+pub fn port_set_val(set: &PortSet) -> PortSetVal {
+    let mut v = [0u8; crate::maps::PORT_SET_LEN];
+    let n = set.len().min(MAX_PORT_RANGES);
+    v[..4].copy_from_slice(&(n as u32).to_ne_bytes());
+    for (i, (lo, hi, verdict)) in set.iter().take(n).enumerate() {
+        let o = 4 + 12 * i;
+        v[o..o + 2].copy_from_slice(&lo.to_ne_bytes());
+        v[o + 2..o + 4].copy_from_slice(&hi.to_ne_bytes());
+        v[o + 4] = if verdict.deny {
+            VERDICT_DENY
+        } else {
+            VERDICT_ALLOW
+        };
+        v[o + 8..o + 12].copy_from_slice(&verdict.rule.to_ne_bytes());
+    }
+    v
 }
 
-/// Decodes a verdict.
-pub fn parse_verdict_val(v: &PolicyVal) -> Verdict {
-    Verdict {
-        deny: v[0] == VERDICT_DENY,
-        rule: u32::from_ne_bytes([v[4], v[5], v[6], v[7]]),
-    }
+/// Decodes a port set.
+pub fn parse_port_set(v: &PortSetVal) -> PortSet {
+    let n = (u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) as usize).min(MAX_PORT_RANGES);
+    (0..n)
+        .map(|i| {
+            let o = 4 + 12 * i;
+            (
+                u16::from_ne_bytes([v[o], v[o + 1]]),
+                u16::from_ne_bytes([v[o + 2], v[o + 3]]),
+                Verdict {
+                    deny: v[o + 4] == VERDICT_DENY,
+                    rule: u32::from_ne_bytes([v[o + 8], v[o + 9], v[o + 10], v[o + 11]]),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Encodes an endpoint's value.
@@ -138,33 +164,30 @@ pub fn parse_endpoint_val(v: &EndpointVal) -> (u32, bool, bool) {
     )
 }
 
-/// The inclusive range `[lo, hi]` as aligned blocks: (first port, prefix bits over the port).
-pub fn range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
-    let mut out = Vec::new();
-    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
-    while lo <= hi {
-        // The largest aligned block starting at `lo` that stays within `hi`.
-        let mut size = if lo == 0 {
-            1 << 16
-        } else {
-            1 << lo.trailing_zeros()
-        };
-        while lo + size - 1 > hi {
-            size >>= 1;
-        }
-        out.push((lo as u16, 16 - size.trailing_zeros()));
-        lo += size;
-    }
-    out
-}
-
 /// Inclusive port ranges with their verdicts.
 type Ranges = Vec<(u32, u32, Verdict)>;
 
-/// The `CM_POLICY` entries of one local identity.
-pub fn compile(local: u32, rules: &[Rule]) -> BTreeMap<EntryKey, Verdict> {
-    // Per (direction, protocol, peer): the rules' port ranges with their verdicts.
-    let mut groups: BTreeMap<(Direction, u8, u32), Ranges> = BTreeMap::new();
+/// A group that needs more disjoint ranges than a port set holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "local identity {local}: {dir} {proto} rules for peer {peer} cut the ports into {ranges} ranges, a port set holds {max}",
+    dir = group.0.label(),
+    proto = if group.1 == Proto::Udp.number() { "UDP" } else { "TCP" },
+    peer = if group.2 == 0 { "any".to_owned() } else { group.2.to_string() },
+    max = MAX_PORT_RANGES
+)]
+pub struct TooManyRanges {
+    /// The local identity.
+    pub local: u32,
+    /// The group.
+    pub group: Group,
+    /// Ranges it needs.
+    pub ranges: usize,
+}
+
+/// The port sets of one local identity, by group.
+pub fn compile(local: u32, rules: &[Rule]) -> Result<BTreeMap<Group, PortSet>, TooManyRanges> {
+    let mut groups: BTreeMap<Group, Ranges> = BTreeMap::new();
     for r in rules {
         let (lo, hi) = r.ports.map_or((0, 65_535), |(a, b)| (a.min(b), a.max(b)));
         let protos: &[Proto] = match r.proto {
@@ -187,14 +210,14 @@ pub fn compile(local: u32, rules: &[Rule]) -> BTreeMap<EntryKey, Verdict> {
         }
     }
     let mut out = BTreeMap::new();
-    for ((dir, proto, remote), ranges) in groups {
+    for (group, ranges) in groups {
         let cuts: BTreeSet<u32> = ranges
             .iter()
             .flat_map(|(lo, hi, _)| [*lo, hi + 1])
             .collect();
         let cuts: Vec<u32> = cuts.into_iter().collect();
         // Pieces between cuts with their verdict, adjacent equal pieces merged.
-        let mut pieces: Vec<(u32, u32, Verdict)> = Vec::new();
+        let mut pieces: PortSet = Vec::new();
         for w in cuts.windows(2) {
             let (lo, hi) = (w[0], w[1] - 1);
             let covering = ranges.iter().filter(|(a, b, _)| *a <= lo && hi <= *b);
@@ -206,28 +229,29 @@ pub fn compile(local: u32, rules: &[Rule]) -> BTreeMap<EntryKey, Verdict> {
                 continue;
             };
             match pieces.last_mut() {
-                Some(last) if last.1 + 1 == lo && last.2 == v => last.1 = hi,
-                _ => pieces.push((lo, hi, v)),
+                Some(last) if u32::from(last.1) + 1 == lo && last.2 == v => last.1 = hi as u16,
+                _ => pieces.push((lo as u16, hi as u16, v)),
             }
         }
-        for (lo, hi, v) in pieces {
-            for (port, bits) in range_prefixes(lo as u16, hi as u16) {
-                let d = key_data(local, dir, proto_of(proto), remote, port);
-                out.insert((PORT_PREFIX_START + bits, d), v);
-            }
+        if pieces.len() > MAX_PORT_RANGES {
+            return Err(TooManyRanges {
+                local,
+                group,
+                ranges: pieces.len(),
+            });
         }
+        out.insert(group, pieces);
     }
-    out
-}
-
-fn proto_of(n: u8) -> Proto {
-    Proto::from_number(n).unwrap_or(Proto::Tcp)
+    Ok(out)
 }
 
 /// What the agent has written to the policy maps, kept to write only differences.
 #[derive(Debug, Default)]
 pub struct Tables {
-    entries: HashMap<u32, BTreeMap<EntryKey, Verdict>>,
+    entries: HashMap<u32, BTreeMap<Group, PortSet>>,
+    /// Each distinct set: its ID and how many entries point at it.
+    sets: HashMap<PortSet, (u32, usize)>,
+    next_set: u32,
     endpoints: BTreeMap<u64, Endpoint>,
 }
 
@@ -241,15 +265,25 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
 impl Tables {
     /// Learns what an earlier agent wrote, so that the same desired state writes nothing.
     pub fn learn(dp: &Datapath) -> Result<Self, Error> {
-        let mut t = Self::default();
+        let mut t = Self {
+            next_set: 1,
+            ..Self::default()
+        };
+        let mut by_id: HashMap<u32, PortSet> = HashMap::new();
+        for item in dp.policy_sets.iter() {
+            let (id, v) = item.map_err(map_err(maps::POLICY_SETS))?;
+            by_id.insert(id, parse_port_set(&v));
+            t.next_set = t.next_set.max(id + 1);
+        }
         for item in dp.policy.iter() {
-            let (k, v) = item.map_err(map_err(maps::POLICY))?;
-            let data = k.data();
-            let (local, ..) = parse_key_data(&data);
+            let (k, id) = item.map_err(map_err(maps::POLICY))?;
+            let Some(set) = by_id.get(&id) else { continue };
+            let (local, group) = parse_policy_key(&k);
             t.entries
                 .entry(local)
                 .or_default()
-                .insert((k.prefix_len(), data), parse_verdict_val(&v));
+                .insert(group, set.clone());
+            t.sets.entry(set.clone()).or_insert((id, 0)).1 += 1;
         }
         for item in dp.endpoints.iter() {
             let (cgroup_id, v) = item.map_err(map_err(maps::ENDPOINTS))?;
@@ -267,35 +301,71 @@ impl Tables {
         Ok(t)
     }
 
-    /// Makes `local`'s entries those of `rules` (empty: none): new and changed entries first,
-    /// then the stale ones.
+    /// Makes `local`'s entries those of `rules` (empty: none): new sets, then new and changed
+    /// entries, then the stale entries, then the sets nothing uses. Rules that need more
+    /// ranges than a set holds change nothing and are an error.
     pub fn set_identity(
         &mut self,
         dp: &mut Datapath,
         local: u32,
         rules: &[Rule],
     ) -> Result<Ops, Error> {
-        let wanted = compile(local, rules);
-        let empty = BTreeMap::new();
-        let current = self.entries.get(&local).unwrap_or(&empty);
+        let wanted = compile(local, rules).map_err(|e| Error::Map {
+            map: maps::POLICY,
+            reason: e.to_string(),
+        })?;
+        let current = self.entries.remove(&local).unwrap_or_default();
         let mut ops = Ops::default();
-        for (k, v) in &wanted {
-            if current.get(k) != Some(v) {
-                dp.policy
-                    .insert(&Key::new(k.0, k.1), verdict_val(*v), 0)
-                    .map_err(map_err(maps::POLICY))?;
-                ops.writes += 1;
+        let mut released = Vec::new();
+        for (g, set) in &wanted {
+            if current.get(g) == Some(set) {
+                continue;
+            }
+            let id = match self.sets.get_mut(set) {
+                Some((id, refs)) => {
+                    *refs += 1;
+                    *id
+                }
+                None => {
+                    let id = self.next_set;
+                    self.next_set += 1;
+                    dp.policy_sets
+                        .insert(id, port_set_val(set), 0)
+                        .map_err(map_err(maps::POLICY_SETS))?;
+                    ops.writes += 1;
+                    self.sets.insert(set.clone(), (id, 1));
+                    id
+                }
+            };
+            dp.policy
+                .insert(policy_key(local, g), id, 0)
+                .map_err(map_err(maps::POLICY))?;
+            ops.writes += 1;
+            if let Some(old) = current.get(g) {
+                released.push(old.clone());
             }
         }
-        for k in current.keys().filter(|k| !wanted.contains_key(*k)) {
+        for (g, old) in current.iter().filter(|(g, _)| !wanted.contains_key(*g)) {
             dp.policy
-                .remove(&Key::new(k.0, k.1))
+                .remove(&policy_key(local, g))
                 .map_err(map_err(maps::POLICY))?;
             ops.deletes += 1;
+            released.push(old.clone());
         }
-        if wanted.is_empty() {
-            self.entries.remove(&local);
-        } else {
+        for set in released {
+            if let Some((id, refs)) = self.sets.get_mut(&set) {
+                *refs -= 1;
+                if *refs == 0 {
+                    let id = *id;
+                    self.sets.remove(&set);
+                    dp.policy_sets
+                        .remove(&id)
+                        .map_err(map_err(maps::POLICY_SETS))?;
+                    ops.deletes += 1;
+                }
+            }
+        }
+        if !wanted.is_empty() {
             self.entries.insert(local, wanted);
         }
         Ok(ops)
@@ -333,9 +403,14 @@ impl Tables {
         Ok(ops)
     }
 
-    /// The entries of `local` as programmed.
-    pub fn entries(&self, local: u32) -> Option<&BTreeMap<EntryKey, Verdict>> {
+    /// The port sets of `local` as programmed, by group.
+    pub fn entries(&self, local: u32) -> Option<&BTreeMap<Group, PortSet>> {
         self.entries.get(&local)
+    }
+
+    /// Distinct port sets programmed.
+    pub fn sets(&self) -> usize {
+        self.sets.len()
     }
 
     /// The endpoints as programmed.
@@ -424,49 +499,18 @@ mod tests {
         }
     }
 
-    /// The verdict a port gets from compiled entries, as the kernel's longest-prefix match
-    /// then the deny-wins combination of peer and any-peer does.
-    fn kernel(entries: &BTreeMap<EntryKey, Verdict>, remote: u32, port: u16) -> Option<bool> {
-        let lpm = |r: u32| {
-            entries
-                .iter()
-                .filter(|((len, d), _)| {
-                    let (_, _, _, rem, p) = parse_key_data(d);
-                    let bits = len - PORT_PREFIX_START;
-                    let mask = if bits == 0 {
-                        0
-                    } else {
-                        u16::MAX << (16 - bits)
-                    };
-                    rem == r && (p & mask) == (port & mask)
-                })
-                .max_by_key(|((len, _), _)| *len)
-                .map(|(_, v)| v.deny)
+    /// The verdict a port gets, as the kernel decides: the peer's set, then any peer's; a deny
+    /// from either wins, else an allow.
+    fn kernel(sets: &BTreeMap<Group, PortSet>, remote: u32, port: u16) -> Option<bool> {
+        let find = |r: u32| {
+            sets.get(&(Direction::Egress, Proto::Tcp.number(), r))
+                .and_then(|s| s.iter().find(|(lo, hi, _)| *lo <= port && port <= *hi))
+                .map(|(_, _, v)| v.deny)
         };
-        match (lpm(remote), lpm(0)) {
+        match (find(remote), find(0)) {
             (Some(true), _) | (_, Some(true)) => Some(true),
             (Some(false), _) | (_, Some(false)) => Some(false),
             _ => None,
-        }
-    }
-
-    #[test]
-    fn ranges_become_aligned_blocks() {
-        assert_eq!(range_prefixes(0, 65_535), vec![(0, 0)]);
-        assert_eq!(range_prefixes(80, 80), vec![(80, 16)]);
-        assert_eq!(range_prefixes(8080, 8083), vec![(8080, 14)]);
-        assert_eq!(
-            range_prefixes(1, 6),
-            vec![(1, 16), (2, 15), (4, 15), (6, 16)]
-        );
-        assert_eq!(range_prefixes(65_535, 65_535), vec![(65_535, 16)]);
-        // Every range covers exactly its ports.
-        for (lo, hi) in [(0u16, 0u16), (3, 1000), (1024, 65_535), (7, 8)] {
-            let covered: u32 = range_prefixes(lo, hi)
-                .iter()
-                .map(|(_, bits)| 1u32 << (16 - bits))
-                .sum();
-            assert_eq!(covered, u32::from(hi) - u32::from(lo) + 1, "{lo}-{hi}");
         }
     }
 
@@ -478,7 +522,7 @@ mod tests {
             rule(None, Some((443, 443)), false, 3),
             rule(None, Some((88, 88)), true, 4),
         ];
-        let e = compile(100, &rules);
+        let e = compile(100, &rules).unwrap();
         for (port, want) in [
             (80, Some(false)),
             (84, Some(false)),
@@ -494,23 +538,26 @@ mod tests {
         assert_eq!(kernel(&e, 8, 80), None, "another peer");
         assert_eq!(kernel(&e, 8, 443), Some(false), "any peer");
         assert_eq!(kernel(&e, 8, 88), Some(true), "any peer's deny");
-        // No two entries of one group overlap.
-        let mut seen: BTreeMap<(u8, u8, u32), Vec<(u32, u32)>> = BTreeMap::new();
-        for (len, d) in e.keys() {
-            let (_, dir, proto, rem, p) = parse_key_data(d);
-            let size = 1u32 << (16 - (len - PORT_PREFIX_START));
-            let span = (u32::from(p), u32::from(p) + size - 1);
-            let list = seen.entry((dir, proto, rem)).or_default();
-            assert!(
-                list.iter().all(|(a, b)| span.1 < *a || *b < span.0),
-                "overlap {span:?} in {list:?}"
-            );
-            list.push(span);
+        // Ranges of one set are disjoint and in order.
+        for set in e.values() {
+            assert!(set.windows(2).all(|w| w[0].1 < w[1].0), "{set:?}");
         }
+        assert_eq!(e[&(Direction::Egress, 6, 7)].len(), 3, "80-84, 85, 86-90");
     }
 
     #[test]
-    fn every_port_is_one_entry_per_protocol_and_values_round_trip() {
+    fn a_set_holds_at_most_max_port_ranges() {
+        let many: Vec<Rule> = (0..=MAX_PORT_RANGES as u16)
+            .map(|i| rule(Some(7), Some((1000 + 2 * i, 1000 + 2 * i)), false, 0))
+            .collect();
+        let e = compile(5, &many).unwrap_err();
+        assert_eq!(e.ranges, MAX_PORT_RANGES + 1);
+        assert!(e.to_string().contains("peer 7"), "{e}");
+        assert!(compile(5, &many[..MAX_PORT_RANGES]).is_ok());
+    }
+
+    #[test]
+    fn every_port_is_one_range_per_protocol_and_values_round_trip() {
         let e = compile(
             5,
             &[Rule {
@@ -521,14 +568,34 @@ mod tests {
                 deny: false,
                 rule: 0,
             }],
-        );
+        )
+        .unwrap();
         assert_eq!(e.len(), 2);
-        assert!(e.keys().all(|(len, _)| *len == PORT_PREFIX_START));
-        let v = Verdict {
-            deny: true,
-            rule: 77,
-        };
-        assert_eq!(parse_verdict_val(&verdict_val(v)), v);
+        assert!(
+            e.values()
+                .all(|s| s.len() == 1 && s[0].0 == 0 && s[0].1 == 65_535)
+        );
+        let set: PortSet = vec![
+            (
+                53,
+                53,
+                Verdict {
+                    deny: false,
+                    rule: 3,
+                },
+            ),
+            (
+                8000,
+                8080,
+                Verdict {
+                    deny: true,
+                    rule: 77,
+                },
+            ),
+        ];
+        assert_eq!(parse_port_set(&port_set_val(&set)), set);
+        let g: Group = (Direction::Egress, 17, 0x0002_0001);
+        assert_eq!(parse_policy_key(&policy_key(42, &g)), (42, g));
         let ep = Endpoint {
             cgroup_id: 42,
             identity: 0x0001_0005,
@@ -538,10 +605,6 @@ mod tests {
         assert_eq!(
             parse_endpoint_val(&endpoint_val(&ep)),
             (0x0001_0005, true, false)
-        );
-        assert_eq!(
-            parse_key_data(&key_data(1, Direction::Egress, Proto::Udp, 2, 53)),
-            (1, 1, 17, 2, 53)
         );
     }
 }

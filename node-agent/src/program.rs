@@ -1041,6 +1041,30 @@ impl Programmer {
                 ops.deletes += 1;
             }
         }
+        // The host entries again, by exact address: what the programs look up.
+        let mut hosts: HashMap<maps::IpcacheAddr, maps::IpcacheVal> = HashMap::new();
+        for item in self.dp.ipcache_hosts.iter() {
+            let (k, v) = item.map_err(map_err(maps::IPCACHE_HOSTS))?;
+            hosts.insert(k, v);
+        }
+        for ((len, addr), v) in &wanted {
+            if *len == 128 && hosts.get(addr) != Some(v) {
+                self.dp
+                    .ipcache_hosts
+                    .insert(*addr, *v, 0)
+                    .map_err(map_err(maps::IPCACHE_HOSTS))?;
+                ops.writes += 1;
+            }
+        }
+        for addr in hosts.keys() {
+            if !wanted.contains_key(&(128, *addr)) {
+                self.dp
+                    .ipcache_hosts
+                    .remove(addr)
+                    .map_err(map_err(maps::IPCACHE_HOSTS))?;
+                ops.deletes += 1;
+            }
+        }
         Ok(ops)
     }
 

@@ -209,10 +209,14 @@ fn affinity_tiers_health_udp_restart_and_negative_control() {
     let mut entries = std::collections::HashMap::new();
     entries.insert("10.1.0.5".parse().unwrap(), (0x0001_0101u32, 1u16));
     entries.insert("fd00::5".parse().unwrap(), (0x0002_0101u32, 2u16));
-    assert_eq!(p.apply_ipcache(&entries).unwrap().writes, 2);
+    assert_eq!(
+        p.apply_ipcache(&entries).unwrap().writes,
+        4,
+        "prefix and host entries"
+    );
     assert_eq!(p.apply_ipcache(&entries).unwrap(), Default::default());
     entries.remove(&"fd00::5".parse().unwrap());
-    assert_eq!(p.apply_ipcache(&entries).unwrap().deletes, 1);
+    assert_eq!(p.apply_ipcache(&entries).unwrap().deletes, 2);
     assert_eq!(p.datapath().ipcache.iter().count(), 1);
 
     // Removing services deletes their entries; connections to them are no longer translated.

@@ -321,6 +321,33 @@ async fn identity_policy_across_three_clusters() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!("invalid policy: {message}");
+    // ... and a Warning Event on it.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(east_kube.clone(), NS);
+    let deadline = Instant::now() + scenarios::CONVERGE;
+    loop {
+        let found = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("InvalidPolicy")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("ports[0].port"))
+            });
+        if found {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no InvalidPolicy Warning Event for the broken policy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         message.contains("spec.egress[0].toPorts[0].ports[0].port"),
         "{message}"
