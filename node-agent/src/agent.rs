@@ -465,9 +465,7 @@ async fn follow(
         )
         .await;
         metrics.inc(m::RECONNECTS, &[]);
-        let e = r
-            .err()
-            .unwrap_or_else(|| "the apiserver ended the watch".into());
+        let e = r.err().unwrap_or(LinkError::Ended("watch")).to_chain();
         report.set_link(None, Some(e.clone()));
         tracing::warn!(error = %e, "Mesh API connection lost; the datapath keeps its state");
         if ready.borrow().is_err() {
@@ -627,6 +625,47 @@ fn set_ready(ready: &watch::Sender<Result<(), String>>, now: Result<(), String>,
     let _ = ready.send_replace(now);
 }
 
+/// Why a Mesh API stream of the agent (the Watch, the Policies) ended. Printed with its
+/// causes once ([`LinkError::to_chain`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The agent's certificate files cannot be used.
+    #[error("TLS files")]
+    Tls(#[source] certs::Error),
+    /// No endpoint of the apiserver could be reached as the expected server.
+    #[error(transparent)]
+    Connect(#[from] meshapi::client::ConnectError),
+    /// The apiserver refused the call or the stream broke.
+    #[error("{rpc}: {code}: {message}")]
+    Rpc {
+        /// Which call.
+        rpc: &'static str,
+        /// gRPC status code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// The apiserver ended the stream.
+    #[error("the apiserver ended the {0}")]
+    Ended(&'static str),
+}
+
+impl LinkError {
+    /// A failed call of `rpc`.
+    pub fn rpc(rpc: &'static str, status: &tonic::Status) -> Self {
+        Self::Rpc {
+            rpc,
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+
+    /// The error with its causes, once each.
+    pub fn to_chain(&self) -> String {
+        telemetry::chain(self).to_string()
+    }
+}
+
 /// What a session publishes besides the maps: readiness, the health checks' targets and the
 /// policy task's inputs.
 #[derive(Clone, Copy)]
@@ -643,17 +682,14 @@ async fn session(
     metrics: &Registry,
     out: &Outputs<'_>,
     zones: &mut Zones,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let Outputs {
         ready,
         targets,
         inputs,
     } = *out;
-    let tls = Reloader::load(settings.tls.clone())
-        .map_err(|e| format!("TLS files: {}", telemetry::chain(&e)))?;
-    let connected = meshapi::client::connect(&settings.cluster, &settings.apiserver, &tls)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tls = Reloader::load(settings.tls.clone()).map_err(LinkError::Tls)?;
+    let connected = meshapi::client::connect(&settings.cluster, &settings.apiserver, &tls).await?;
     let mut api = connected.client;
     let mut stream = api
         .watch(pb::WatchRequest {
@@ -662,7 +698,7 @@ async fn session(
             resume_revision: 0,
         })
         .await
-        .map_err(|e| format!("Watch: {}: {}", e.code(), e.message()))?
+        .map_err(|e| LinkError::rpc("Watch", &e))?
         .into_inner();
     tracing::info!(endpoint = %connected.endpoint, "following the Mesh API");
     report.set_link(Some(connected.endpoint.clone()), None);
@@ -672,8 +708,8 @@ async fn session(
     loop {
         let msg = match stream.message().await {
             Ok(Some(m)) => m,
-            Ok(None) => return Err("the apiserver ended the watch".into()),
-            Err(e) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
+            Ok(None) => return Err(LinkError::Ended("watch")),
+            Err(e) => return Err(LinkError::rpc("watch stream", &e)),
         };
         if msg.reset {
             view = MeshView::default();
@@ -699,8 +735,8 @@ async fn session(
                     snapshot_done |= m.snapshot_complete;
                     revision = revision.max(m.revision);
                 }
-                Some(Ok(None)) => return Err("the apiserver ended the watch".into()),
-                Some(Err(e)) => return Err(format!("watch stream: {}: {}", e.code(), e.message())),
+                Some(Ok(None)) => return Err(LinkError::Ended("watch")),
+                Some(Err(e)) => return Err(LinkError::rpc("watch stream", &e)),
                 None => more = false,
             }
         }

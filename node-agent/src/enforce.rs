@@ -20,6 +20,7 @@ use telemetry::metrics::Registry;
 use tokio::sync::{mpsc, watch};
 use wire::pb;
 
+use crate::agent::LinkError;
 use crate::maps::Proto;
 use crate::policy::{Direction, Endpoint, Rule};
 use crate::program::Programmer;
@@ -142,17 +143,15 @@ async fn follow_policies(settings: Settings, tx: mpsc::Sender<Update>) {
     let mut backoff = telemetry::backoff::Backoff::reconnect();
     loop {
         backoff.healthy();
-        let r = async {
-            let tls = Reloader::load(settings.tls.clone())
-                .map_err(|e| format!("TLS files: {}", telemetry::chain(&e)))?;
-            let connected = meshapi::client::connect(&settings.cluster, &settings.apiserver, &tls)
-                .await
-                .map_err(|e| e.to_string())?;
+        let r: Result<(), LinkError> = async {
+            let tls = Reloader::load(settings.tls.clone()).map_err(LinkError::Tls)?;
+            let connected =
+                meshapi::client::connect(&settings.cluster, &settings.apiserver, &tls).await?;
             let mut api = connected.client;
             let mut stream = api
                 .policies(pb::PoliciesRequest {})
                 .await
-                .map_err(|e| format!("Policies: {}: {}", e.code(), e.message()))?
+                .map_err(|e| LinkError::rpc("Policies", &e))?
                 .into_inner();
             tracing::info!(endpoint = %connected.endpoint, "following the cluster's network policies");
             loop {
@@ -162,8 +161,8 @@ async fn follow_policies(settings: Settings, tx: mpsc::Sender<Update>) {
                             return Ok(());
                         }
                     }
-                    Ok(None) => return Err("the apiserver ended the Policies stream".to_owned()),
-                    Err(e) => return Err(format!("Policies stream: {}: {}", e.code(), e.message())),
+                    Ok(None) => return Err(LinkError::Ended("Policies stream")),
+                    Err(e) => return Err(LinkError::rpc("Policies stream", &e)),
                 }
             }
         }
@@ -172,7 +171,7 @@ async fn follow_policies(settings: Settings, tx: mpsc::Sender<Update>) {
             return;
         }
         if let Err(e) = r {
-            tracing::warn!(error = %e, "Policies stream lost; the programmed policy stays in force");
+            tracing::warn!(error = %e.to_chain(), "Policies stream lost; the programmed policy stays in force");
         }
         backoff.wait().await;
     }

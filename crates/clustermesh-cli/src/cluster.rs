@@ -118,9 +118,12 @@ impl KubeArgs {
         };
         // The connect and each read of a body are bounded by kube's own timeouts; the whole
         // request up to the response headers by a tower timeout, whose error names the server.
+        // kube's read and write timeouts get a margin so that a server that stalls before its
+        // headers always meets the tower timeout first (with equal limits either could fire).
+        let margin = Duration::from_millis(500);
         config.connect_timeout = Some(after);
-        config.read_timeout = Some(after);
-        config.write_timeout = Some(after);
+        config.read_timeout = Some(after + margin);
+        config.write_timeout = Some(after + margin);
         let server = config.cluster_url.to_string();
         let server = server.trim_end_matches('/').to_owned();
         let builder = kube::client::ClientBuilder::try_from(config)

@@ -1245,6 +1245,11 @@ async fn resource_request(
                 target.res.gvr.group.clone(),
                 target.res.gvr.resource.clone(),
             )));
+            // Read the refused request's body (bounded) so that the connection stays usable
+            // for the client's next request, as kube-apiserver's does.
+            let _ = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+                .collect()
+                .await;
             return error(&e);
         }
     }
