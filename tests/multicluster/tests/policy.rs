@@ -92,53 +92,43 @@ async fn until(
     }
 }
 
-/// Starts `n` sequential connects from x-wing to `target` (a process in its pod).
-async fn loop_from(lab: &Arc<Mutex<Lab>>, target: SocketAddr, n: u32) -> std::process::Child {
+/// Starts `n` sequential attempts from x-wing to `target` (a process in its pod): TCP
+/// connects, or UDP datagrams each awaiting its answer.
+async fn spawn_from(
+    lab: &Arc<Mutex<Lab>>,
+    target: SocketAddr,
+    n: u32,
+    udp: bool,
+) -> std::process::Child {
     let me = multicluster::lab::binary("clustermesh-lab").unwrap();
+    let mut argv = vec![
+        me.display().to_string(),
+        "client".into(),
+        "--target".into(),
+        target.to_string(),
+        "--count".into(),
+        n.to_string(),
+    ];
+    if udp {
+        argv.push("--udp".into());
+    }
     lab.lock()
         .await
-        .pod_command(
-            "east",
-            "x-wing",
-            &[
-                me.display().to_string(),
-                "client".into(),
-                "--target".into(),
-                target.to_string(),
-                "--count".into(),
-                n.to_string(),
-            ],
-        )
+        .pod_command("east", "x-wing", &argv)
         .unwrap()
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap()
 }
 
+/// `n` sequential TCP connects from x-wing to `target`, running.
+async fn loop_from(lab: &Arc<Mutex<Lab>>, target: SocketAddr, n: u32) -> std::process::Child {
+    spawn_from(lab, target, n, false).await
+}
+
 /// `n` UDP datagrams from x-wing to `target`, each awaiting its answer: who answered.
 async fn udp_from(lab: &Arc<Mutex<Lab>>, target: SocketAddr, n: u32) -> BTreeMap<String, u32> {
-    let me = multicluster::lab::binary("clustermesh-lab").unwrap();
-    let child = lab
-        .lock()
-        .await
-        .pod_command(
-            "east",
-            "x-wing",
-            &[
-                me.display().to_string(),
-                "client".into(),
-                "--udp".into(),
-                "--target".into(),
-                target.to_string(),
-                "--count".into(),
-                n.to_string(),
-            ],
-        )
-        .unwrap()
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tally(child)
+    tally(spawn_from(lab, target, n, true).await)
 }
 
 /// The tally a loop printed.
