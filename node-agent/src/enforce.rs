@@ -412,6 +412,8 @@ impl Task {
             return;
         }
         let started = std::time::Instant::now();
+        // The pods' cgroups, found before the maps are locked (a walk of the cgroup tree).
+        let cgroups = crate::pods::scan(&self.settings.cgroup);
         let mut p = lock(&self.programmer);
         let mut resolved = lock(&self.shared.resolved);
         let mut origins = lock(&self.shared.origins);
@@ -430,7 +432,6 @@ impl Task {
             }
         }
         // 2. The endpoints with their flags.
-        let cgroups = crate::pods::scan(&self.settings.cgroup);
         let mut endpoints = Vec::new();
         for (uid, identity) in &self.inputs.local_pods {
             let ep = self.resolver.endpoint(*identity);
