@@ -18,6 +18,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{attached, prog_stats, sh};
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,17 +32,6 @@ use node_agent::datapath::{self, Datapath};
 use node_agent::health::{self, HealthConfig};
 use node_agent::maps::{self, Frontend, Proto};
 use node_agent::program::{BackendSpec, Balancing, DesiredService, Programmer};
-use serde_json::Value;
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn listener(ip: &str) -> SocketAddr {
     let l = TcpListener::bind(format!("{ip}:0")).unwrap();
@@ -117,27 +110,6 @@ fn connects(targets: &[SocketAddr], n: usize) {
     }
 }
 
-/// (run_time_ns, run_cnt) of program `id` (bpf_stats must be on).
-fn prog_stats(id: u64) -> (u64, u64) {
-    let v: Value = serde_json::from_str(&sh(&format!("bpftool prog show id {id} -j"))).unwrap();
-    (
-        v["run_time_ns"].as_u64().unwrap_or(0),
-        v["run_cnt"].as_u64().unwrap_or(0),
-    )
-}
-
-/// The ID of the program named `name` attached to `cgroup`.
-fn attached(cgroup: &Path, name: &str) -> u64 {
-    let v: Value =
-        serde_json::from_str(&sh(&format!("bpftool cgroup show {} -j", cgroup.display()))).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .and_then(|p| p["id"].as_u64())
-        .unwrap_or_else(|| panic!("{name} not attached to {}", cgroup.display()))
-}
-
 /// Nanoseconds per run of `ids` (summed) over `n` connects to `targets`, and runs per connect.
 fn cost(ids: &[u64], targets: &[SocketAddr], n: usize) -> (f64, f64) {
     let before: Vec<(u64, u64)> = ids.iter().map(|id| prog_stats(*id)).collect();
@@ -151,21 +123,11 @@ fn cost(ids: &[u64], targets: &[SocketAddr], n: usize) -> (f64, f64) {
     (time as f64 / runs.max(1) as f64, runs as f64 / n as f64)
 }
 
-/// Bytes of kernel memory the maps pinned under `dir` hold.
+/// Kernel memory of every map pinned in `dir` (`bytes_memlock`, summed).
 fn memlock(dir: &Path) -> u64 {
     maps::ALL
         .iter()
-        .filter_map(|m| {
-            let p = dir.join(m);
-            let out = Command::new("bpftool")
-                .args(["map", "show", "pinned"])
-                .arg(&p)
-                .arg("-j")
-                .output()
-                .ok()?;
-            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-            v["bytes_memlock"].as_u64()
-        })
+        .map(|m| common::memlock(&dir.join(m)))
         .sum()
 }
 

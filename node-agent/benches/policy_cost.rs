@@ -20,6 +20,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{attached, listen_overflows, memlock, pcts, prog_stats, sh, us};
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -51,16 +55,6 @@ const POLICY_CAPACITY: usize = 1_048_576;
 /// The client endpoint's identity (cluster 1) and the ingress-enforced server's.
 const CLIENT_ID: u32 = 0x0001_0101;
 const SERVER_ID: u32 = 0x0001_0102;
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A cgroup, removed on drop (this process first moved back to the root).
 struct Cgroup {
@@ -155,66 +149,6 @@ fn connect_once(t: SocketAddr) -> Duration {
     let d = t0.elapsed();
     drop(s);
     d
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn pcts(v: &[Duration]) -> Value {
-    json!(
-        [0.5, 0.9, 0.99]
-            .iter()
-            .map(|p| us(test_support::percentile(v, *p)))
-            .collect::<Vec<f64>>()
-    )
-}
-
-/// `TcpExtListenOverflows` of this namespace.
-fn listen_overflows() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
-    if lines.len() < 2 {
-        return 0;
-    }
-    lines[0]
-        .split_whitespace()
-        .zip(lines[1].split_whitespace())
-        .find(|(n, _)| *n == "ListenOverflows")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// (run_time_ns, run_cnt) of program `id` (stats must be enabled).
-fn prog_stats(id: u64) -> (u64, u64) {
-    let v: Value = serde_json::from_str(&sh(&format!("bpftool prog show id {id} -j"))).unwrap();
-    (
-        v["run_time_ns"].as_u64().unwrap_or(0),
-        v["run_cnt"].as_u64().unwrap_or(0),
-    )
-}
-
-/// The ID of the program named `name` attached to `cgroup`.
-fn attached(cgroup: &Path, name: &str) -> u64 {
-    let v: Value =
-        serde_json::from_str(&sh(&format!("bpftool cgroup show {} -j", cgroup.display()))).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .and_then(|p| p["id"].as_u64())
-        .unwrap_or_else(|| panic!("{name} not attached to {}", cgroup.display()))
-}
-
-/// Kernel memory of the map pinned at `path` (`bytes_memlock`: the trie's own accounting,
-/// one node per entry on this kernel).
-fn memlock(path: &Path) -> u64 {
-    let v: Value = serde_json::from_str(&sh(&format!(
-        "bpftool map show pinned {} -j",
-        path.display()
-    )))
-    .unwrap();
-    v["bytes_memlock"].as_u64().unwrap_or(0)
 }
 
 /// This process's resident memory.

@@ -16,6 +16,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{listen_overflows, pcts};
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -32,10 +36,6 @@ const BLOCKS: usize = 30;
 const BLOCK: usize = 100;
 const COUNTS: [usize; 3] = [1, 10_000, 100_000];
 const ROW_VAR: &str = "CMBENCH_ROW";
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
 
 fn sh(cmd: &str) {
     let s = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
@@ -99,31 +99,6 @@ fn paired(
     a.sort();
     b.sort();
     (a, b)
-}
-
-fn pcts(v: &[Duration]) -> Value {
-    json!(
-        [0.5, 0.9, 0.99]
-            .iter()
-            .map(|p| us(test_support::percentile(v, *p)))
-            .collect::<Vec<f64>>()
-    )
-}
-
-/// `TcpExtListenOverflows` of this namespace.
-fn listen_overflows() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
-    if lines.len() < 2 {
-        return 0;
-    }
-    let names = lines[0].split_whitespace();
-    let values = lines[1].split_whitespace();
-    names
-        .zip(values)
-        .find(|(n, _)| *n == "ListenOverflows")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A backend that answers every connection with one tag byte, until stopped.
