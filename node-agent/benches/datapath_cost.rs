@@ -212,6 +212,29 @@ async fn probe_everything(targets: Vec<SocketAddr>, count: Arc<std::sync::atomic
     }
 }
 
+/// The bench's pins and cgroup, removed on drop (also on panic): this process leaves the cgroup
+/// first, then the programs are detached and unpinned.
+struct Cleanup {
+    pins: PathBuf,
+    cgroup: PathBuf,
+    stats_before: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            "/sys/fs/cgroup/unified/cgroup.procs",
+            std::process::id().to_string(),
+        );
+        let _ = datapath::remove(&self.pins);
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::process::Command::new("sysctl")
+            .arg("-qw")
+            .arg(format!("kernel.bpf_stats_enabled={}", self.stats_before))
+            .status();
+    }
+}
+
 fn main() {
     let name = test_support::reexec_in_private_netns("cmcost");
     telemetry::raise_fd_limit();
@@ -220,10 +243,17 @@ fn main() {
     let cgroup = Path::new("/sys/fs/cgroup/unified").join(&name);
     let pins = Path::new("/sys/fs/bpf").join(&name);
     std::fs::create_dir_all(&cgroup).unwrap();
+    let stats_before = sh("sysctl -n kernel.bpf_stats_enabled").trim().to_owned();
+    // Removes the pins, the links and the cgroup, and restores bpf_stats, also when a row
+    // panics.
+    let _cleanup = Cleanup {
+        pins: pins.clone(),
+        cgroup: cgroup.clone(),
+        stats_before: stats_before.clone(),
+    };
     let tmp = tempfile::tempdir().unwrap();
     let backend = listener("127.0.1.1");
     let remote = listener("127.0.2.1");
-    let stats_before = sh("sysctl -n kernel.bpf_stats_enabled").trim().to_owned();
     sh("sysctl -qw kernel.bpf_stats_enabled=1");
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).unwrap();
     let n = 20_000;
