@@ -43,6 +43,20 @@ async fn apply(client: &kube::Client, cluster: &str, name: &str, spec: serde_jso
     .unwrap_or_else(|e| panic!("apply {name} in {cluster}: {e}"));
 }
 
+/// East's policy `x-wing-to-west`: x-wing's egress is `egress` (a list of rules).
+async fn xwing_egress(client: &kube::Client, egress: serde_json::Value) {
+    apply(
+        client,
+        "east",
+        "x-wing-to-west",
+        serde_json::json!({
+            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
+            "egress": egress,
+        }),
+    )
+    .await;
+}
+
 async fn delete(client: &kube::Client, name: &str) {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &cnp());
     api.delete(name, &Default::default()).await.unwrap();
@@ -203,15 +217,10 @@ async fn identity_policy_across_three_clusters() {
     until(&lab, &targets, &all, "no policy").await;
 
     // The documented example: x-wing may reach west's rebel-base only.
-    apply(
+    xwing_egress(
         &east_kube,
-        "east",
-        "x-wing-to-west",
-        serde_json::json!({
-            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
-            "egress": [{"toEndpoints": [{"matchLabels": {
-                "app": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}],
-        }),
+        serde_json::json!([{"toEndpoints": [{"matchLabels": {
+                "app": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}]),
     )
     .await;
     until(
@@ -352,17 +361,12 @@ async fn identity_policy_across_three_clusters() {
     delete(&east_kube, "broken").await;
 
     // Naming north too (matchExpressions on the cluster label).
-    apply(
+    xwing_egress(
         &east_kube,
-        "east",
-        "x-wing-to-west",
-        serde_json::json!({
-            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
-            "egress": [{"toEndpoints": [{
+        serde_json::json!([{"toEndpoints": [{
                 "matchLabels": {"app": "rebel-base"},
                 "matchExpressions": [{"key": "io.cilium.k8s.policy.cluster",
-                                      "operator": "In", "values": ["west", "north"]}]}]}],
-        }),
+                                      "operator": "In", "values": ["west", "north"]}]}]}]),
     )
     .await;
     until(
@@ -374,14 +378,9 @@ async fn identity_policy_across_three_clusters() {
     .await;
 
     // No cluster label: the policy's own cluster only (Cilium 1.19's default).
-    apply(
+    xwing_egress(
         &east_kube,
-        "east",
-        "x-wing-to-west",
-        serde_json::json!({
-            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
-            "egress": [{"toEndpoints": [{"matchLabels": {"app": "rebel-base"}}]}],
-        }),
+        serde_json::json!([{"toEndpoints": [{"matchLabels": {"app": "rebel-base"}}]}]),
     )
     .await;
     until(
@@ -416,16 +415,7 @@ async fn identity_policy_across_three_clusters() {
     until(&lab, &targets, &["east/rebel-base"], "the flag off again").await;
 
     // The mesh entity: every connected cluster.
-    apply(
-        &east_kube,
-        "east",
-        "x-wing-to-west",
-        serde_json::json!({
-            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
-            "egress": [{"toEntities": ["mesh"]}],
-        }),
-    )
-    .await;
+    xwing_egress(&east_kube, serde_json::json!([{"toEntities": ["mesh"]}])).await;
     until(&lab, &targets, &all, "toEntities mesh").await;
 
     // Ingress on west's side: its rebel-base admits no one from east, whatever east lets out.
@@ -469,15 +459,10 @@ async fn identity_policy_across_three_clusters() {
     assert_eq!(udp.get("failed"), None, "UDP admitted by west: {udp:?}");
 
     // Back to the documented example for the next steps.
-    apply(
+    xwing_egress(
         &east_kube,
-        "east",
-        "x-wing-to-west",
-        serde_json::json!({
-            "endpointSelector": {"matchLabels": {"app": "x-wing"}},
-            "egress": [{"toEndpoints": [{"matchLabels": {
-                "app": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}],
-        }),
+        serde_json::json!([{"toEndpoints": [{"matchLabels": {
+                "app": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}]),
     )
     .await;
     until(&lab, &targets, &["west/rebel-base"], "the example again").await;
