@@ -66,7 +66,8 @@
 #define STAT_EVENTS_LOST 2    // health events the ring had no room for
 #define STAT_SUSPECT_TRIED 3  // connects that went to a suspect backend (nothing else usable)
 #define STAT_NO_BACKEND 4     // connects refused: no backend at all
-#define STATS 5
+#define STAT_FLOWS_LOST 5     // flow events the ring had no room for
+#define STATS 6
 
 // socket state flags
 #define SOCK_TRANSLATED 1     // connect() translated this socket
@@ -198,6 +199,9 @@ struct config {
 // Some endpoint on this node has a policy: connect()/sendmsg() and cm_ingress look the
 // caller up in CM_ENDPOINTS (without it they skip the lookup).
 #define CFG_POLICY 2
+// Flow events: every new connection or first datagram of a local endpoint, or through a
+// service, is reported in CM_FLOWS.
+#define CFG_FLOWS 4
 
 // A health event for the agent (CM_HEALTH_EVENTS ring).
 struct health_event {
@@ -420,6 +424,85 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_UDP_FLOWS SEC(".maps");
 
+// ---- Flow events (ADR 0024) ----
+//
+// One event per new connection (connect(), or a TCP SYN received) and per first datagram of
+// a (socket, peer) pair, never per packet. A full ring drops the event and counts it
+// (STAT_FLOWS_LOST): connect() never waits for the reader.
+
+// flow_event.verdict
+#define FLOW_FORWARDED 1
+#define FLOW_NO_BACKEND 2
+#define FLOW_DENIED_POLICY 3
+#define FLOW_DENIED_DEFAULT 4
+
+// flow_event.flags
+#define FLOWF_SERVICE 1   // the address called was a service frontend
+#define FLOWF_NEXT_TIER 2 // the backend is in a later tier while tier 0 has backends
+#define FLOWF_SUSPECT 4   // nothing usable: a suspect backend was tried
+#define FLOWF_ENFORCED 8  // policy enforces this direction for the local endpoint
+#define FLOWF_RULE 16     // `rule` names the policy rule that decided
+
+struct flow_event {
+	__u64 ts;               // bpf_ktime_get_ns()
+	__u64 cgroup;           // the local side's cgroup (the caller at egress, the receiver at ingress)
+	__u64 cookie;           // socket cookie
+	__u8 orig[16];          // egress: the address called; ingress: the local address
+	__u8 peer[16];          // egress: where it goes (the backend); ingress: the source
+	__u16 orig_port;        // network order
+	__u16 peer_port;        // network order
+	__u32 local_identity;   // 0: the cgroup is no endpoint
+	__u32 remote_identity;  // of `peer` (IDENTITY_WORLD when unknown)
+	__u32 backend_id;       // 0: no backend
+	__u32 rule;             // with FLOWF_RULE: the agent's index of the deciding rule
+	__u16 remote_cluster;
+	__u8 family;            // FAMILY_*; addresses are IPv4-mapped for IPv4
+	__u8 proto;
+	__u8 dir;               // DIR_*
+	__u8 verdict;           // FLOW_*
+	__u8 tier;
+	__u8 flags;             // FLOWF_*
+};
+
+// What one call learnt for its flow event.
+struct flow_info {
+	__u64 cgroup;
+	__u32 local_id;
+	__u32 remote_id;
+	__u32 rule;
+	__u32 bid;
+	__u16 cluster;
+	__u8 tier;
+	__u8 flags;
+	__u8 verdict;
+	__u8 emit;
+	__u16 pad;
+};
+
+struct flow_seen_key {
+	__u64 cookie;
+	__u8 addr[16]; // IPv4-mapped for IPv4
+	__u16 port;    // network order
+	__u8 dir;
+	__u8 pad;
+	__u32 pad2;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 * 1024 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_FLOWS SEC(".maps");
+
+// UDP (socket, peer, direction) pairs already reported: later datagrams are not events.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_seen_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_FLOW_SEEN SEC(".maps");
+
 static __always_inline void count(__u32 stat)
 {
 	__u64 *n = bpf_map_lookup_elem(&CM_STATS, &stat);
@@ -457,6 +540,7 @@ struct pick_ctx {
 	__u32 start;    // random offset into the range
 	__u32 found;    // its ID
 	__u32 spare;    // the first suspect backend's ID, tried when nothing else is usable
+	__u32 spare_tier;
 	__u8 has_found;
 	__u8 has_spare;
 };
@@ -488,6 +572,7 @@ static __always_inline long try_slot(struct pick_ctx *c, __u32 off)
 		if (c->now < until) {
 			if (!c->has_spare) {
 				c->spare = bid;
+				c->spare_tier = tier;
 				c->has_spare = 1;
 			}
 			return 0;
@@ -589,7 +674,7 @@ static __always_inline int try_tier(const struct svc_val *svc, struct pick_ctx *
 // Pass 1 honours spill-over and weights; when it finds nothing usable (the tier spilled to
 // is dead too, the agent's counts lag the kernel), pass 2 takes tier 0 after all; when
 // nothing is usable, a suspect backend; else none.
-static __always_inline struct backend *pick(const struct svc_val *svc)
+static __always_inline struct backend *pick(const struct svc_val *svc, struct flow_info *fi)
 {
 	struct pick_ctx c = {};
 	c.svc = svc;
@@ -602,9 +687,16 @@ static __always_inline struct backend *pick(const struct svc_val *svc)
 		    (n1 && try_tier(svc, &c, 1, n1)) || (n0 && scan(&c, 0, 0, n0));
 	__u32 id;
 	if (found) {
+		fi->bid = c.found;
+		fi->tier = (__u8)c.tier;
+		if (c.tier && n0)
+			fi->flags |= FLOWF_NEXT_TIER;
 		return c.found_be;
 	} else if (c.has_spare) {
 		id = c.spare;
+		fi->bid = id;
+		fi->tier = (__u8)c.spare_tier;
+		fi->flags |= FLOWF_SUSPECT | (c.spare_tier && n0 ? FLOWF_NEXT_TIER : 0);
 		count(STAT_SUSPECT_TRIED);
 	} else {
 		count(STAT_NO_BACKEND);
@@ -638,12 +730,10 @@ static __always_inline int same_addr(const struct sockaddr_cm *a, const __u8 *ad
 // Records the translation on the socket. `revnat`: an unconnected UDP send, which also needs
 // the reverse-NAT map because the socket may talk to several backends.
 static __always_inline void remember(struct bpf_sock_addr *ctx, const struct backend *be,
-				     const struct svc_key *key, int revnat)
+				     const struct svc_key *key, int revnat, __u32 cflags)
 {
 	if (!revnat && ctx->protocol == IPPROTO_TCP) {
-		__u32 zero = 0;
-		struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
-		if (cfg && (cfg->flags & CFG_NO_PEER_REWRITE))
+		if (cflags & CFG_NO_PEER_REWRITE)
 			return;
 		if (be->state & BACKEND_ONE_FRONTEND) {
 			int flags = TRANSLATED_MARK;
@@ -706,7 +796,7 @@ static __always_inline void v4_mapped(__u8 *addr16, __u32 ip)
 // The verdict (VERDICT_*, 0: none) of the port set of (local, remote, dir, proto) for `port`
 // (host order).
 static __always_inline __u8 set_verdict(__u32 local, __u8 dir, __u8 proto, __u32 remote,
-					__u16 port)
+					__u16 port, __u32 *rule)
 {
 	struct policy_key k = { .local = local, .remote = remote, .dir = dir, .proto = proto };
 	__u32 *sid = bpf_map_lookup_elem(&CM_POLICY, &k);
@@ -720,28 +810,36 @@ static __always_inline __u8 set_verdict(__u32 local, __u8 dir, __u8 proto, __u32
 	for (int i = 0; i < MAX_PORT_RANGES; i++) {
 		if (i >= n)
 			break;
-		if (port >= set->r[i].lo && port <= set->r[i].hi)
+		if (port >= set->r[i].lo && port <= set->r[i].hi) {
+			*rule = set->r[i].rule;
 			return set->r[i].verdict;
+		}
 	}
 	return 0;
 }
 
 // The verdict for a new connection or first datagram of `local` (an enforced direction):
 // a deny for this peer or for any peer wins; else an allow for either; else default deny.
-// Counted per direction and peer cluster. Returns OUT_*.
+// Counted per direction and peer cluster. Returns OUT_*; the deciding rule goes to `fi`.
 static __always_inline int decide(__u32 local, __u8 dir, __u8 proto, __u32 remote,
-				  __u16 cluster, __u16 port)
+				  __u16 cluster, __u16 port, struct flow_info *fi)
 {
 	__u16 p = bpf_ntohs(port);
-	__u8 va = set_verdict(local, dir, proto, remote, p);
-	__u8 vb = set_verdict(local, dir, proto, 0, p);
+	__u32 ra = 0, rb = 0;
+	__u8 va = set_verdict(local, dir, proto, remote, p, &ra);
+	__u8 vb = set_verdict(local, dir, proto, 0, p, &rb);
 	int out;
-	if (va == VERDICT_DENY || vb == VERDICT_DENY)
+	if (va == VERDICT_DENY || vb == VERDICT_DENY) {
 		out = OUT_DENIED_POLICY;
-	else if (va == VERDICT_ALLOW || vb == VERDICT_ALLOW)
+		fi->rule = va == VERDICT_DENY ? ra : rb;
+		fi->flags |= FLOWF_RULE;
+	} else if (va == VERDICT_ALLOW || vb == VERDICT_ALLOW) {
 		out = OUT_ALLOWED;
-	else
+		fi->rule = va == VERDICT_ALLOW ? ra : rb;
+		fi->flags |= FLOWF_RULE;
+	} else {
 		out = OUT_DENIED_DEFAULT;
+	}
 	__u32 idx = ((__u32)(cluster & MAX_CLUSTER_ID) * 2 + dir) * OUTCOMES + out;
 	__u64 *n = bpf_map_lookup_elem(&CM_POLICY_STATS, &idx);
 	if (n)
@@ -749,30 +847,100 @@ static __always_inline int decide(__u32 local, __u8 dir, __u8 proto, __u32 remot
 	return out;
 }
 
-// Egress policy of the calling endpoint for a connection or datagram to addr16:port (after
-// service translation): 1 to let it go. An unconnected UDP send of an endpoint with ingress
-// policy also records the flow, so that the peer's replies are let in.
-static __always_inline int egress_allowed(struct bpf_sock_addr *ctx, const __u8 *addr16,
-					  __u16 port, int unconnected_udp)
+// The flow verdict of a policy outcome.
+static __always_inline __u8 flow_verdict(int out)
 {
-	__u32 zero = 0;
-	struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
-	if (!cfg || !(cfg->flags & CFG_POLICY))
+	if (out == OUT_DENIED_POLICY)
+		return FLOW_DENIED_POLICY;
+	if (out == OUT_DENIED_DEFAULT)
+		return FLOW_DENIED_DEFAULT;
+	return FLOW_FORWARDED;
+}
+
+// Whether this is the first datagram of (socket, peer, direction) seen: later ones are no
+// new flow.
+static __always_inline int first_datagram(__u64 cookie, const __u8 *addr16, __u16 port, __u8 dir)
+{
+	struct flow_seen_key k = {};
+	k.cookie = cookie;
+	__builtin_memcpy(k.addr, addr16, 16);
+	k.port = port;
+	k.dir = dir;
+	if (bpf_map_lookup_elem(&CM_FLOW_SEEN, &k))
+		return 0;
+	__u8 one = 1;
+	bpf_map_update_elem(&CM_FLOW_SEEN, &k, &one, BPF_ANY);
+	return 1;
+}
+
+// Reports one flow (CM_FLOWS); a full ring drops it, counted.
+static __always_inline void flow_emit(const struct flow_info *fi, __u64 cookie, __u8 dir,
+				      __u8 family, __u8 proto, const __u8 *orig, __u16 orig_port,
+				      const __u8 *peer, __u16 peer_port)
+{
+	struct flow_event *ev = bpf_ringbuf_reserve(&CM_FLOWS, sizeof(*ev), 0);
+	if (!ev) {
+		count(STAT_FLOWS_LOST);
+		return;
+	}
+	ev->ts = bpf_ktime_get_ns();
+	ev->cgroup = fi->cgroup;
+	ev->cookie = cookie;
+	__builtin_memcpy(ev->orig, orig, 16);
+	__builtin_memcpy(ev->peer, peer, 16);
+	ev->orig_port = orig_port;
+	ev->peer_port = peer_port;
+	ev->local_identity = fi->local_id;
+	ev->remote_identity = fi->remote_id;
+	ev->backend_id = fi->bid;
+	ev->rule = fi->rule;
+	ev->remote_cluster = fi->cluster;
+	ev->family = family;
+	ev->proto = proto;
+	ev->dir = dir;
+	ev->verdict = fi->verdict;
+	ev->tier = fi->tier;
+	ev->flags = fi->flags;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+// Egress policy and flow bookkeeping of the calling endpoint for a connection or datagram to
+// addr16:port (after service translation): 1 to let it go. Fills `fi` and sets `fi->emit`
+// when the call is a flow to report. An unconnected UDP send of an endpoint with ingress
+// policy also records the flow, so that the peer's replies are let in.
+static __always_inline int egress(struct bpf_sock_addr *ctx, const __u8 *addr16, __u16 port,
+				  int unconnected_udp, __u32 cflags, struct flow_info *fi)
+{
+	if (!(cflags & (CFG_POLICY | CFG_FLOWS)))
 		return 1;
 	__u64 cg = bpf_get_current_cgroup_id();
 	struct endpoint *ep = bpf_map_lookup_elem(&CM_ENDPOINTS, &cg);
-	if (!ep)
-		return 1;
+	int enforced = ep && (cflags & CFG_POLICY) && (ep->flags & EP_EGRESS);
+	int flows = (cflags & CFG_FLOWS) && (ep || (fi->flags & FLOWF_SERVICE));
+	__u64 cookie = 0;
+	if (unconnected_udp && (flows || (ep && (cflags & CFG_POLICY))))
+		cookie = bpf_get_socket_cookie(ctx);
+	if (flows && unconnected_udp && !first_datagram(cookie, addr16, port, DIR_EGRESS))
+		flows = 0;
 	__u8 proto = (__u8)ctx->protocol;
-	if (ep->flags & EP_EGRESS) {
-		__u16 cluster = 0;
-		__u32 remote = identity_of(addr16, &cluster);
-		if (decide(ep->identity, DIR_EGRESS, proto, remote, cluster, port) != OUT_ALLOWED)
+	if (enforced || flows) {
+		fi->cgroup = cg;
+		fi->local_id = ep ? ep->identity : 0;
+		fi->remote_id = identity_of(addr16, &fi->cluster);
+		int out = OUT_ALLOWED;
+		if (enforced) {
+			fi->flags |= FLOWF_ENFORCED;
+			out = decide(fi->local_id, DIR_EGRESS, proto, fi->remote_id, fi->cluster, port,
+				     fi);
+		}
+		fi->verdict = flow_verdict(out);
+		fi->emit = flows;
+		if (out != OUT_ALLOWED)
 			return 0;
 	}
-	if (unconnected_udp && (ep->flags & EP_INGRESS)) {
+	if (unconnected_udp && ep && (cflags & CFG_POLICY) && (ep->flags & EP_INGRESS)) {
 		struct udp_flow_key fk = {};
-		fk.cookie = bpf_get_socket_cookie(ctx);
+		fk.cookie = cookie;
 		__builtin_memcpy(fk.addr, addr16, 16);
 		fk.port = port;
 		__u8 one = 1;
@@ -781,7 +949,25 @@ static __always_inline int egress_allowed(struct bpf_sock_addr *ctx, const __u8 
 	return 1;
 }
 
-// Returns 1 to let the call proceed (rewritten or not), 0 to refuse it (no usable backend).
+// A call to a service with no backend to take it: reported when flows are on.
+static __always_inline void flow_no_backend(struct bpf_sock_addr *ctx, struct flow_info *fi,
+					    __u32 cflags, __u8 family, const __u8 *orig,
+					    __u16 orig_port)
+{
+	if (!(cflags & CFG_FLOWS))
+		return;
+	__u64 cg = bpf_get_current_cgroup_id();
+	struct endpoint *ep = bpf_map_lookup_elem(&CM_ENDPOINTS, &cg);
+	fi->cgroup = cg;
+	fi->local_id = ep ? ep->identity : 0;
+	fi->verdict = FLOW_NO_BACKEND;
+	__u8 none[16] = {};
+	flow_emit(fi, bpf_get_socket_cookie(ctx), DIR_EGRESS, family, (__u8)ctx->protocol, orig,
+		  orig_port, none, 0);
+}
+
+// Returns 1 to let the call proceed (rewritten or not), 0 to refuse it (no usable backend,
+// or policy).
 static __always_inline int translate4(struct bpf_sock_addr *ctx, int revnat)
 {
 	struct svc_key key = {};
@@ -791,25 +977,41 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx, int revnat)
 	key.proto = (__u8)ctx->protocol;
 	key.family = FAMILY_V4;
 	struct svc_val *svc = bpf_map_lookup_elem(&CM_SERVICES, &key);
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
+	__u32 cflags = cfg ? cfg->flags : 0;
+	struct flow_info fi = {};
 	struct backend *be = 0;
 	__u32 dst = ip;
 	__u16 port = key.port;
 	if (svc) {
-		be = pick(svc);
-		if (!be || be->family != FAMILY_V4)
+		fi.flags = FLOWF_SERVICE;
+		be = pick(svc, &fi);
+		if (!be || be->family != FAMILY_V4) {
+			__u8 orig[16];
+			v4_mapped(orig, ip);
+			flow_no_backend(ctx, &fi, cflags, FAMILY_V4, orig, key.port);
 			return 0;
+		}
 		__builtin_memcpy(&dst, be->addr, 4);
 		port = be->port;
 	}
 	__u8 addr16[16];
 	v4_mapped(addr16, dst);
-	if (!egress_allowed(ctx, addr16, port, revnat && key.proto == IPPROTO_UDP))
+	int ok = egress(ctx, addr16, port, revnat && key.proto == IPPROTO_UDP, cflags, &fi);
+	if (fi.emit) {
+		__u8 orig[16];
+		v4_mapped(orig, ip);
+		flow_emit(&fi, bpf_get_socket_cookie(ctx), DIR_EGRESS, FAMILY_V4, key.proto, orig,
+			  key.port, addr16, port);
+	}
+	if (!ok)
 		return 0;
 	if (!be)
 		return 1;
 	ctx->user_ip4 = dst;
 	ctx->user_port = port;
-	remember(ctx, be, &key, revnat);
+	remember(ctx, be, &key, revnat, cflags);
 	return 1;
 }
 
@@ -825,16 +1027,27 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int revnat)
 	key.proto = (__u8)ctx->protocol;
 	key.family = FAMILY_V6;
 	struct svc_val *svc = bpf_map_lookup_elem(&CM_SERVICES, &key);
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
+	__u32 cflags = cfg ? cfg->flags : 0;
+	struct flow_info fi = {};
 	struct backend *be = 0;
 	__u16 port = key.port;
 	if (svc) {
-		be = pick(svc);
-		if (!be || be->family != FAMILY_V6)
+		fi.flags = FLOWF_SERVICE;
+		be = pick(svc, &fi);
+		if (!be || be->family != FAMILY_V6) {
+			flow_no_backend(ctx, &fi, cflags, FAMILY_V6, key.addr, key.port);
 			return 0;
+		}
 		port = be->port;
 	}
-	if (!egress_allowed(ctx, be ? be->addr : key.addr, port,
-			    revnat && key.proto == IPPROTO_UDP))
+	const __u8 *dst = be ? be->addr : key.addr;
+	int ok = egress(ctx, dst, port, revnat && key.proto == IPPROTO_UDP, cflags, &fi);
+	if (fi.emit)
+		flow_emit(&fi, bpf_get_socket_cookie(ctx), DIR_EGRESS, FAMILY_V6, key.proto, key.addr,
+			  key.port, dst, port);
+	if (!ok)
 		return 0;
 	if (!be)
 		return 1;
@@ -848,7 +1061,7 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int revnat)
 	ctx->user_ip6[2] = d2;
 	ctx->user_ip6[3] = d3;
 	ctx->user_port = port;
-	remember(ctx, be, &key, revnat);
+	remember(ctx, be, &key, revnat, cflags);
 	return 1;
 }
 
@@ -1055,48 +1268,62 @@ int cm_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-// Ingress policy of the receiving endpoint (the socket's cgroup), for new TCP connections
-// (a SYN without ACK: every later packet belongs to a connection already decided, and a reply
-// to a connection the endpoint opened is never a SYN without ACK) and UDP datagrams (except
-// on a connected socket and the replies to an unconnected socket's own sends). Other
-// protocols (ICMP, needed for path MTU and IPv6 neighbour discovery) and non-first IPv4
-// fragments pass. Returns 1 to deliver.
+// Ingress policy and flow events of the receiving endpoint (the socket's cgroup), for new TCP
+// connections (a SYN without ACK: every later packet belongs to a connection already decided,
+// and a reply to a connection the endpoint opened is never a SYN without ACK) and UDP
+// datagrams (except on a connected socket and the replies to an unconnected socket's own
+// sends). Other protocols (ICMP, needed for path MTU and IPv6 neighbour discovery) and
+// non-first IPv4 fragments pass. Returns 1 to deliver.
 SEC("cgroup_skb/ingress")
 int cm_ingress(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
-	if (!cfg || !(cfg->flags & CFG_POLICY))
+	if (!cfg || !(cfg->flags & (CFG_POLICY | CFG_FLOWS)))
 		return 1;
+	__u32 cflags = cfg->flags;
 	__u64 cg = bpf_skb_cgroup_id(skb);
 	struct endpoint *ep = bpf_map_lookup_elem(&CM_ENDPOINTS, &cg);
-	if (!ep || !(ep->flags & EP_INGRESS))
+	if (!ep)
 		return 1;
+	int enforced = (cflags & CFG_POLICY) && (ep->flags & EP_INGRESS);
+	int flows = cflags & CFG_FLOWS;
+	if (!enforced && !flows)
+		return 1;
+	// A packet that cannot be parsed is dropped only where policy is enforced.
+	int unparsed = enforced ? 0 : 1;
 	__u8 addr16[16];
+	__u8 local16[16];
+	__u8 family;
 	__u8 proto;
 	__u32 l4;
 	if (skb->protocol == bpf_htons(0x0800)) {
 		__u8 h[20];
 		if (bpf_skb_load_bytes(skb, 0, h, 20))
-			return 0;
+			return unparsed;
 		if ((h[6] & 0x1f) || h[7]) // fragment offset: not the first fragment
 			return 1;
 		proto = h[9];
 		l4 = (h[0] & 0xf) * 4;
-		__u32 src;
+		__u32 src, dst;
 		__builtin_memcpy(&src, &h[12], 4);
+		__builtin_memcpy(&dst, &h[16], 4);
 		v4_mapped(addr16, src);
+		v4_mapped(local16, dst);
+		family = FAMILY_V4;
 	} else if (skb->protocol == bpf_htons(0x86DD)) {
-		__u8 h[24];
-		if (bpf_skb_load_bytes(skb, 0, h, 24))
-			return 0;
+		__u8 h[40];
+		if (bpf_skb_load_bytes(skb, 0, h, 40))
+			return unparsed;
 		proto = h[6];
 		if (proto == 58) // ICMPv6
 			return 1;
 		if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-			return 0; // extension headers: not parsed, so not let through an enforced endpoint
+			return unparsed; // extension headers: not parsed, so not let through an enforced endpoint
 		l4 = 40;
 		__builtin_memcpy(addr16, &h[8], 16);
+		__builtin_memcpy(local16, &h[24], 16);
+		family = FAMILY_V6;
 	} else {
 		return 1;
 	}
@@ -1104,14 +1331,17 @@ int cm_ingress(struct __sk_buff *skb)
 		return 1;
 	__u8 ports[14];
 	if (bpf_skb_load_bytes(skb, l4, ports, proto == IPPROTO_TCP ? 14 : 4))
-		return 0;
+		return unparsed;
 	__u16 sport, dport;
 	__builtin_memcpy(&sport, &ports[0], 2);
 	__builtin_memcpy(&dport, &ports[2], 2);
+	__u64 cookie = 0;
 	if (proto == IPPROTO_TCP) {
-		__u8 flags = ports[13];
-		if (!(flags & 0x02) || (flags & 0x10)) // not SYN, or SYN-ACK
+		__u8 tflags = ports[13];
+		if (!(tflags & 0x02) || (tflags & 0x10)) // not SYN, or SYN-ACK
 			return 1;
+		if (flows)
+			cookie = bpf_get_socket_cookie(skb);
 	} else {
 		struct bpf_sock *sk = skb->sk;
 		if (sk) {
@@ -1119,16 +1349,34 @@ int cm_ingress(struct __sk_buff *skb)
 			if (sk && sk->state == 1) // a connected UDP socket: its own peer
 				return 1;
 		}
-		struct udp_flow_key fk = {};
-		fk.cookie = bpf_get_socket_cookie(skb);
-		__builtin_memcpy(fk.addr, addr16, 16);
-		fk.port = sport;
-		if (bpf_map_lookup_elem(&CM_UDP_FLOWS, &fk))
+		cookie = bpf_get_socket_cookie(skb);
+		if (enforced) {
+			struct udp_flow_key fk = {};
+			fk.cookie = cookie;
+			__builtin_memcpy(fk.addr, addr16, 16);
+			fk.port = sport;
+			if (bpf_map_lookup_elem(&CM_UDP_FLOWS, &fk))
+				return 1;
+		}
+		if (flows && !first_datagram(cookie, addr16, sport, DIR_INGRESS))
+			flows = 0;
+		if (!enforced && !flows)
 			return 1;
 	}
-	__u16 cluster = 0;
-	__u32 remote = identity_of(addr16, &cluster);
-	return decide(ep->identity, DIR_INGRESS, proto, remote, cluster, dport) == OUT_ALLOWED;
+	struct flow_info fi = {};
+	fi.cgroup = cg;
+	fi.local_id = ep->identity;
+	fi.remote_id = identity_of(addr16, &fi.cluster);
+	int out = OUT_ALLOWED;
+	if (enforced) {
+		fi.flags |= FLOWF_ENFORCED;
+		out = decide(fi.local_id, DIR_INGRESS, proto, fi.remote_id, fi.cluster, dport, &fi);
+	}
+	if (flows) {
+		fi.verdict = flow_verdict(out);
+		flow_emit(&fi, cookie, DIR_INGRESS, family, proto, local16, dport, addr16, sport);
+	}
+	return out == OUT_ALLOWED;
 }
 
 // A socket goes away: its socket storage goes with it; an unconnected UDP socket's last

@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/clustermesh/v1/model.proto",
                 "proto/clustermesh/v1/mesh.proto",
+                "proto/clustermesh/v1/flow.proto",
             ],
             &["proto"],
         )?;

@@ -84,6 +84,7 @@ pub fn registry() -> Registry {
     r.counter(m::RECONNECTS, "Mesh API connections lost.", &[]);
     crate::health::register(&r);
     crate::enforce::register(&r);
+    crate::flows::register(&r);
     r.histogram(
         m::APPLY_SECONDS,
         "Time to apply a desired state to the maps.",
@@ -120,6 +121,9 @@ pub struct Settings {
     /// Policy peer selectors without a cluster label select every cluster (the behaviour
     /// before Cilium 1.19) instead of the policy's own.
     pub policy_any_cluster: bool,
+    /// Flow events: `Some(n)` records flows and keeps the last `n` in memory; `None` turns
+    /// them off in the kernel.
+    pub flows: Option<usize>,
 }
 
 /// What `/state` shows besides the maps: the last desired state and what was refused of it.
@@ -129,6 +133,8 @@ struct Report {
     refused: Mutex<Vec<Refusal>>,
     /// The Watch stream to the apiserver; `None` until the first attempt ends or succeeds.
     link: Mutex<Option<ApiserverLink>>,
+    /// Names flows from each new state (when flows are on).
+    namer: Option<Arc<crate::flows::Namer>>,
 }
 
 fn now_unix() -> i64 {
@@ -172,10 +178,14 @@ pub struct Agent {
     report: Arc<Report>,
     cluster: ClusterName,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    flows: Option<Arc<crate::flows::Store>>,
+    stop_flows: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        self.stop_flows
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for t in &self.tasks {
             t.abort();
         }
@@ -204,8 +214,44 @@ impl Agent {
             } else {
                 c.flags |= crate::maps::CFG_NO_PEER_REWRITE;
             }
+            if settings.flows.is_some() {
+                c.flags |= crate::maps::CFG_FLOWS;
+            } else {
+                c.flags &= !crate::maps::CFG_FLOWS;
+            }
         })?;
+        let flow_ring = dp.flows.take();
         let programmer = Arc::new(Mutex::new(Programmer::new(dp)?));
+        let policy = Arc::new(crate::enforce::Shared {
+            cgroup: settings.cgroup.clone(),
+            ..Default::default()
+        });
+        let stop_flows = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut flows = None;
+        let mut namer = None;
+        if let (Some(capacity), Some(ring)) = (settings.flows, flow_ring) {
+            let shared = Arc::clone(&policy);
+            let rules: crate::flows::RuleNamer =
+                Arc::new(move |i| lock(&shared.origins).get(i).map(ToString::to_string));
+            let n = Arc::new(crate::flows::Namer::new(
+                settings.cluster.to_string(),
+                settings.node.to_string(),
+                settings.cgroup.clone(),
+                rules,
+            ));
+            let store = Arc::new(crate::flows::Store::new(capacity));
+            let (n2, s2, m2, stop) = (
+                Arc::clone(&n),
+                Arc::clone(&store),
+                metrics.clone(),
+                Arc::clone(&stop_flows),
+            );
+            std::thread::Builder::new()
+                .name("flow-events".into())
+                .spawn(move || crate::flows::read_ring(ring, n2, s2, m2, stop))?;
+            flows = Some(store);
+            namer = Some(n);
+        }
         {
             let p = lock(&programmer);
             metrics.set(m::SERVICES, &[], p.services() as f64);
@@ -213,7 +259,10 @@ impl Agent {
         }
         let (targets_tx, targets_rx) = watch::channel(Vec::new());
         let (inputs_tx, inputs_rx) = watch::channel(Arc::default());
-        let report: Arc<Report> = Arc::default();
+        let report = Arc::new(Report {
+            namer,
+            ..Default::default()
+        });
         let follow = tokio::spawn(follow(
             settings.clone(),
             Arc::clone(&report),
@@ -223,10 +272,6 @@ impl Agent {
             targets_tx,
             inputs_tx,
         ));
-        let policy = Arc::new(crate::enforce::Shared {
-            cgroup: settings.cgroup.clone(),
-            ..Default::default()
-        });
         let enforce = tokio::spawn(crate::enforce::run(
             crate::enforce::Settings {
                 cluster: settings.cluster.clone(),
@@ -253,7 +298,14 @@ impl Agent {
             report,
             cluster: settings.cluster.clone(),
             tasks: vec![follow, health, enforce],
+            flows,
+            stop_flows,
         })
+    }
+
+    /// The flows kept in memory and their live feed (`None` when flows are off).
+    pub fn flow_store(&self) -> Option<Arc<crate::flows::Store>> {
+        self.flows.clone()
     }
 
     /// A function reading one local pod's policy back from the kernel (`/policy?pod=<uid>`).
@@ -498,8 +550,26 @@ fn decode(view: &mut MeshView, c: &pb::Change) {
                 if delete {
                     view.identities.remove(&ip);
                     view.pods.remove(&ip);
+                    view.pod_names.remove(&ip);
                 } else if let Ok(ep) = model::Endpoint::decode(&c.value) {
                     view.identities.insert(ep.ip, ep.identity);
+                    match &ep.pod {
+                        Some(p) => {
+                            view.pod_names.insert(
+                                ep.ip,
+                                crate::flows::PodName {
+                                    cluster: ep.cluster.to_string(),
+                                    namespace: p.namespace.clone(),
+                                    name: p.name.clone(),
+                                    node: ep.node.to_string(),
+                                    uid: p.uid.clone(),
+                                },
+                            );
+                        }
+                        None => {
+                            view.pod_names.remove(&ep.ip);
+                        }
+                    }
                     match ep.pod.filter(|p| !p.uid.is_empty()) {
                         Some(p) => {
                             view.pods
@@ -744,6 +814,13 @@ async fn session(
             continue;
         }
         let desired = desired::services(&settings.cluster, &view, zones);
+        if let Some(n) = &report.namer {
+            n.set_names(crate::flows::Names::build(
+                &view,
+                &desired,
+                settings.node.as_str(),
+            ));
+        }
         *lock(&report.desired) = Some(desired.clone());
         // Policy: every identity's labels and this node's pods.
         let node = settings.node.to_string();

@@ -162,6 +162,8 @@ pub struct Datapath {
     pub stats: PerCpuArray<MapData, u64>,
     /// Health events from the kernel; taken by the agent's reader.
     pub events: Option<RingBuf<MapData>>,
+    /// Flow events from the kernel; taken by the agent's flow reader.
+    pub flows: Option<RingBuf<MapData>>,
     /// Local endpoints: cgroup ID → identity and enforced directions.
     pub endpoints: HashMap<MapData, u64, maps::EndpointVal>,
     /// Policy entries: (local, peer, direction, protocol) → port set (see [`crate::policy`]).
@@ -293,6 +295,11 @@ impl Datapath {
                 reason: e.to_string(),
             }
         })?;
+        let flows =
+            RingBuf::try_from(take_any(&mut ebpf, maps::FLOWS)?).map_err(|e| Error::Map {
+                map: maps::FLOWS,
+                reason: e.to_string(),
+            })?;
         let endpoints = take(&mut ebpf, maps::ENDPOINTS)?;
         let policy = take(&mut ebpf, maps::POLICY)?;
         let policy_sets = take(&mut ebpf, maps::POLICY_SETS)?;
@@ -318,6 +325,7 @@ impl Datapath {
             config,
             stats,
             events: Some(events),
+            flows: Some(flows),
             sizes,
             _ebpf: ebpf,
         })

@@ -27,6 +27,8 @@ pub struct MeshView {
     pub labels: BTreeMap<u32, (ClusterName, model::Labels)>,
     /// Pod endpoints: address → (node, pod UID, identity), for the local pods' cgroups.
     pub pods: HashMap<IpAddr, (String, String, u32)>,
+    /// Every pod endpoint's names, by address (for flows).
+    pub pod_names: HashMap<IpAddr, crate::flows::PodName>,
 }
 
 /// Zone names → small integers for the backends map.

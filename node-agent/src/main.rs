@@ -129,6 +129,19 @@ struct Args {
     /// apiservers of this cluster only (`clustermesh services --node` uses it).
     #[arg(long, env = env::STATE_BIND, default_value = "0.0.0.0:9882")]
     state_bind: String,
+    /// Record flows: the datapath reports each new connection and first datagram (with
+    /// identities, service, backend and verdict) and the agent keeps and serves them. A full
+    /// event ring drops events (counted), never delays a connect.
+    #[arg(long, env = env::FLOWS, default_value_t = true, action = clap::ArgAction::Set)]
+    flows: bool,
+    /// How many flows the agent keeps in memory for `clustermesh observe` (about 0.5 KiB each).
+    #[arg(long, env = env::FLOW_BUFFER, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    flow_buffer: u32,
+    /// Address of the `Observer` gRPC server over mutual TLS (needs `--tls-dir`): this node's
+    /// flows, for admins and apiservers of this cluster only (the apiserver relays them to
+    /// `clustermesh observe`).
+    #[arg(long, env = env::OBSERVE_BIND, default_value = "0.0.0.0:9883")]
+    observe_bind: String,
     /// Only check the configuration and the node's prerequisites, print the result, and exit.
     #[arg(long, env = env::CHECK)]
     check: bool,
@@ -358,6 +371,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tcp_peer_rewrite: args.tcp_peer_rewrite,
         node: node.clone(),
         policy_any_cluster: args.policy_selectors_any_cluster,
+        flows: args.flows.then_some(args.flow_buffer as usize),
         health: HealthConfig {
             interval: args.health_interval,
             timeout: args.health_timeout,
@@ -407,6 +421,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls.spawn_watch(std::time::Duration::from_secs(5));
         let state_bind: std::net::SocketAddr = args.state_bind.parse()?;
         let state = agent.state_fn();
+        if let Some(store) = agent.flow_store() {
+            let observe_bind: std::net::SocketAddr = args.observe_bind.parse()?;
+            let bound = node_agent::observe_server::spawn(
+                observe_bind,
+                std::sync::Arc::clone(&tls),
+                node_agent::observe_server::ObserveService::new(
+                    settings.cluster.clone(),
+                    args.cluster_id.parse()?,
+                    node.to_string(),
+                    store,
+                ),
+            )
+            .await?;
+            tracing::info!(observe = %bound, "flows served over mutual TLS");
+        }
         let bound = node_agent::state_server::spawn(
             state_bind,
             node_agent::state_server::Config {

@@ -68,10 +68,16 @@ pub const IPCACHE_HOSTS: &str = "CM_IPCACHE_HOSTS";
 pub const POLICY_STATS: &str = "CM_POLICY_STATS";
 /// Unconnected UDP flows of endpoints with ingress policy (their replies pass).
 pub const UDP_FLOWS: &str = "CM_UDP_FLOWS";
+/// Flow events (ring buffer).
+pub const FLOWS: &str = "CM_FLOWS";
+/// UDP (socket, peer, direction) pairs already reported as flows.
+pub const FLOW_SEEN: &str = "CM_FLOW_SEEN";
 /// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
 pub const MAX_GROUPS: usize = 9;
 /// Every map the object pins, in the order they are removed.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 19] = [
+    FLOWS,
+    FLOW_SEEN,
     ENDPOINTS,
     POLICY,
     POLICY_SETS,
@@ -135,7 +141,8 @@ impl Sizes {
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
-pub const LAYOUT: [(&str, u32, u32); 15] = [
+pub const LAYOUT: [(&str, u32, u32); 16] = [
+    (FLOW_SEEN, 32, 1),
     (ENDPOINTS, 8, 8),
     (POLICY, 12, 4),
     (POLICY_SETS, 4, PORT_SET_LEN as u32),
@@ -154,12 +161,13 @@ pub const LAYOUT: [(&str, u32, u32); 15] = [
 ];
 
 /// `CM_STATS` indices (`STAT_*` in C), with the metric label of each.
-pub const STAT_NAMES: [&str; 5] = [
+pub const STAT_NAMES: [&str; 6] = [
     "suspects_marked",
     "suspects_cleared_by_traffic",
     "health_events_lost",
     "connects_to_suspect",
     "connects_without_backend",
+    "flow_events_lost",
 ];
 
 /// Transport protocol of a frontend.
@@ -520,6 +528,8 @@ pub type PortSetVal = [u8; PORT_SET_LEN];
 
 /// `config.flags`: some endpoint has a policy (the programs look callers up in `CM_ENDPOINTS`).
 pub const CFG_POLICY: u32 = 2;
+/// `CFG_FLOWS`: the programs report flows in `CM_FLOWS`.
+pub const CFG_FLOWS: u32 = 4;
 
 /// The programs' settings (`struct config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -603,6 +613,145 @@ pub fn parse_health_event(b: &[u8]) -> Option<HealthEvent> {
         backend_id: u32::from_ne_bytes(b[8..12].try_into().ok()?),
         addr: SocketAddr::new(ip, u16::from_be_bytes([b[14], b[15]])),
         reason,
+    })
+}
+
+/// `struct flow_event`'s size.
+pub const FLOW_EVENT_LEN: usize = 88;
+
+/// Where a flow goes relative to the local endpoint (`DIR_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FlowDirection {
+    /// Received by the local endpoint.
+    Ingress,
+    /// Sent by a local process.
+    Egress,
+}
+
+/// A flow's outcome (`FLOW_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FlowVerdict {
+    /// Let through (and translated, through a service).
+    Forwarded,
+    /// A service with no backend to take it: refused.
+    NoBackend,
+    /// Refused by a deny rule.
+    DeniedByPolicy,
+    /// Refused: policy selects the endpoint and no rule allows it.
+    DeniedByDefault,
+}
+
+impl FlowVerdict {
+    /// The name used in metrics, the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::NoBackend => "no_backend",
+            Self::DeniedByPolicy => "denied_by_policy",
+            Self::DeniedByDefault => "denied_by_default",
+        }
+    }
+}
+
+/// `FLOWF_SERVICE`: the address called was a service frontend.
+pub const FLOWF_SERVICE: u8 = 1;
+/// `FLOWF_NEXT_TIER`: the backend is in a later tier while tier 0 has backends.
+pub const FLOWF_NEXT_TIER: u8 = 2;
+/// `FLOWF_SUSPECT`: nothing usable; a suspect backend was tried.
+pub const FLOWF_SUSPECT: u8 = 4;
+/// `FLOWF_ENFORCED`: policy enforces this direction for the local endpoint.
+pub const FLOWF_ENFORCED: u8 = 8;
+/// `FLOWF_RULE`: `rule` names the deciding policy rule.
+pub const FLOWF_RULE: u8 = 16;
+
+/// A flow event from the kernel (`struct flow_event`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` when it happened.
+    pub ts_ns: u64,
+    /// The local side's cgroup.
+    pub cgroup: u64,
+    /// The socket's cookie.
+    pub cookie: u64,
+    /// Egress: the address called; ingress: the local address.
+    pub orig: SocketAddr,
+    /// Egress: where it went (the backend; unspecified when there was none); ingress: the
+    /// source.
+    pub peer: SocketAddr,
+    /// The local endpoint's identity (0: not an endpoint).
+    pub local_identity: u32,
+    /// The peer's identity (2 = world when the IP cache does not know it).
+    pub remote_identity: u32,
+    /// The backend's ID (0: none).
+    pub backend_id: u32,
+    /// The deciding policy rule, when one did.
+    pub rule: Option<u32>,
+    /// The peer's cluster ID (0: unknown).
+    pub remote_cluster: u16,
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// Direction.
+    pub direction: FlowDirection,
+    /// Outcome.
+    pub verdict: FlowVerdict,
+    /// The backend's tier.
+    pub tier: u8,
+    /// `FLOWF_*` bits.
+    pub flags: u8,
+}
+
+/// Decodes a flow event (`None` for a record of another size or unknown values).
+pub fn parse_flow_event(b: &[u8]) -> Option<FlowEvent> {
+    if b.len() != FLOW_EVENT_LEN {
+        return None;
+    }
+    let u64_at = |i: usize| {
+        b.get(i..i + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    let u32_at = |i: usize| {
+        b.get(i..i + 4)
+            .and_then(|s| s.try_into().ok())
+            .map(u32::from_ne_bytes)
+    };
+    // IPv4 addresses are IPv4-mapped.
+    let ip = |a: &[u8]| match b[78] {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15]))),
+        6 => ip_from(a, 6),
+        _ => None,
+    };
+    let orig = SocketAddr::new(ip(&b[24..40])?, u16::from_be_bytes([b[56], b[57]]));
+    let peer = SocketAddr::new(ip(&b[40..56])?, u16::from_be_bytes([b[58], b[59]]));
+    let direction = match b[80] {
+        0 => FlowDirection::Ingress,
+        1 => FlowDirection::Egress,
+        _ => return None,
+    };
+    let verdict = match b[81] {
+        1 => FlowVerdict::Forwarded,
+        2 => FlowVerdict::NoBackend,
+        3 => FlowVerdict::DeniedByPolicy,
+        4 => FlowVerdict::DeniedByDefault,
+        _ => return None,
+    };
+    let flags = b[83];
+    Some(FlowEvent {
+        ts_ns: u64_at(0)?,
+        cgroup: u64_at(8)?,
+        cookie: u64_at(16)?,
+        orig,
+        peer,
+        local_identity: u32_at(60)?,
+        remote_identity: u32_at(64)?,
+        backend_id: u32_at(68)?,
+        rule: (flags & FLOWF_RULE != 0).then_some(u32_at(72)?),
+        remote_cluster: u16::from_ne_bytes([b[76], b[77]]),
+        proto: Proto::from_number(b[79])?,
+        direction,
+        verdict,
+        tier: b[82],
+        flags,
     })
 }
 

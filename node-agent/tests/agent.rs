@@ -130,6 +130,7 @@ impl East {
             tcp_peer_rewrite: true,
             node: NodeName::new("n1").unwrap(),
             policy_any_cluster: false,
+            flows: Some(1024),
             health: HealthConfig {
                 interval: Duration::from_millis(100),
                 timeout: Duration::from_millis(100),

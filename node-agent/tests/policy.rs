@@ -9,15 +9,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
+use common::pod_cgroup::{CLIENT, PodCgroup, errors, ok};
 use common::{Node, spec};
 use node_agent::maps::{Frontend, Proto};
-use node_agent::policy::{self, Direction, Endpoint, Outcome, Rule};
+use node_agent::policy::{self, Direction, Outcome, Rule};
 use node_agent::program::{DesiredService, Programmer};
 use serde_json::Value;
 
@@ -25,148 +23,6 @@ const A: u32 = 0x0001_0101; // client "x-wing"
 const B: u32 = 0x0001_0102; // client with other labels
 const S: u32 = 0x0002_0103; // server "rebel-base", cluster 2
 const T: u32 = 0x0003_0104; // another server, cluster 3
-
-const SERVER: &str = r#"
-import socket, sys, threading
-name, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-t = socket.socket()
-t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind((ip, port))
-t.listen(512)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind((ip, port))
-def udp():
-    while True:
-        data, src = u.recvfrom(64)
-        u.sendto((name + "\n").encode(), src)
-threading.Thread(target=udp, daemon=True).start()
-print("ready", flush=True)
-while True:
-    c, _ = t.accept()
-    try:
-        c.sendall((name + "\n").encode())
-    finally:
-        c.close()
-"#;
-
-/// `n` attempts from `src` to `dst`: TCP connect + read, or a UDP datagram + its answer.
-const CLIENT: &str = r#"
-import json, socket, sys
-mode, src, host, port, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-ok, errors = {}, {}
-for _ in range(n):
-    try:
-        if mode == "tcp":
-            s = socket.socket()
-            s.settimeout(0.5)
-            s.bind((src, 0))
-            s.connect((host, port))
-            name = s.recv(64).decode().strip()
-        else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.settimeout(0.5)
-            s.bind((src, 0))
-            s.sendto(b"hi", (host, port))
-            name = s.recvfrom(64)[0].decode().strip()
-        s.close()
-        ok[name] = ok.get(name, 0) + 1
-    except Exception as e:
-        key = type(e).__name__
-        errors[key] = errors.get(key, 0) + 1
-print(json.dumps({"ok": ok, "errors": errors}))
-"#;
-
-/// A pod: a child cgroup of the node's cgroup, removed on drop.
-struct PodCgroup {
-    path: PathBuf,
-    id: u64,
-}
-
-impl PodCgroup {
-    fn new(node: &Node, name: &str) -> Self {
-        let path = node.cgroup.join(name);
-        std::fs::create_dir(&path).unwrap();
-        let id = std::fs::metadata(&path).unwrap().ino();
-        Self { path, id }
-    }
-
-    fn endpoint(&self, identity: u32, ingress: bool, egress: bool) -> Endpoint {
-        Endpoint {
-            cgroup_id: self.id,
-            identity,
-            ingress,
-            egress,
-        }
-    }
-
-    fn join(&self) -> String {
-        format!("echo $$ > {}/cgroup.procs && ", self.path.display())
-    }
-
-    /// Runs the client inside this pod.
-    fn client(&self, mode: &str, src: &str, dst: SocketAddr, n: usize) -> Value {
-        let cmd = format!(
-            "{}exec python3 -c '{}' {mode} {src} {} {} {n}",
-            self.join(),
-            CLIENT.replace('\'', "'\\''"),
-            dst.ip(),
-            dst.port()
-        );
-        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-        assert!(
-            out.status.success(),
-            "client: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Starts a TCP+UDP server named `name` inside this pod.
-    fn server(&self, name: &str, addr: SocketAddr) -> Server {
-        let cmd = format!(
-            "{}exec python3 -c '{}' {name} {} {}",
-            self.join(),
-            SERVER.replace('\'', "'\\''"),
-            addr.ip(),
-            addr.port()
-        );
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "server {name} on {addr}");
-        Server(child)
-    }
-}
-
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ok(run: &Value, name: &str) -> u64 {
-    run["ok"][name].as_u64().unwrap_or(0)
-}
-
-fn errors(run: &Value, kind: &str) -> u64 {
-    run["errors"][kind].as_u64().unwrap_or(0)
-}
 
 fn egress(
     remote: Option<u32>,

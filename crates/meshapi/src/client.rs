@@ -22,6 +22,8 @@ use crate::MAX_MESSAGE;
 pub struct Connected {
     /// The gRPC client.
     pub client: MeshClient<Channel>,
+    /// Its channel (for the other services the apiserver serves on it, e.g. `Observer`).
+    pub channel: Channel,
     /// Who the server's certificate says it is.
     pub server: MeshIdentity,
     /// End of validity of the server's certificate (Unix seconds).
@@ -327,13 +329,14 @@ pub async fn connect(
                 .map_err(|source| ConnectError::Unreachable {
                     failed: vec![Attempt::Channel { addr, source }],
                 })?;
-            let client = MeshClient::new(channel)
+            let client = MeshClient::new(channel.clone())
                 .send_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
             return Ok(Connected {
                 client,
+                channel,
                 server,
                 server_not_after_unix: info.not_after_unix,
                 endpoint: endpoint.clone(),

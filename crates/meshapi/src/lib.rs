@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod node_state;
+pub mod observe;
 
 /// The largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;

@@ -146,6 +146,12 @@ pub mod env {
     pub const HEALTH_BIND: &str = "CLUSTERMESH_HEALTH_BIND";
     /// `--state-bind` (node agent: `/state` over mutual TLS).
     pub const STATE_BIND: &str = "CLUSTERMESH_STATE_BIND";
+    /// Node agent: the `Observer` (flows) server's address.
+    pub const OBSERVE_BIND: &str = "CLUSTERMESH_OBSERVE_BIND";
+    /// Node agent: record flows (`true`/`false`).
+    pub const FLOWS: &str = "CLUSTERMESH_FLOWS";
+    /// Node agent: how many flows to keep in memory.
+    pub const FLOW_BUFFER: &str = "CLUSTERMESH_FLOW_BUFFER";
     /// `--node-agent-state-port` (apiserver: where it reads the node agents' `/state`).
     pub const NODE_AGENT_STATE_PORT: &str = "CLUSTERMESH_NODE_AGENT_STATE_PORT";
     /// Address of the Mesh API.

@@ -1,0 +1,262 @@
+//! Flow events in the real kernel: processes in pod cgroups connect through a service and
+//! directly; the ring (`CM_FLOWS`) must hold one event per new connection or first datagram —
+//! egress at the caller with the service, backend, identities and verdict, ingress at the
+//! receiving pod — and nothing per packet. Needs root and bpffs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pod_cgroup::{PodCgroup, errors, ok};
+use common::{Node, spec};
+use node_agent::maps::{self, FlowDirection, FlowEvent, FlowVerdict, Frontend, Proto};
+use node_agent::policy::{Direction, Rule};
+use node_agent::program::{DesiredService, Programmer};
+
+const A: u32 = 0x0001_0101; // client "x-wing", cluster 1
+const S: u32 = 0x0002_0103; // server "rebel-base", cluster 2
+
+/// Reads events until `want` matched `pred` or the deadline passes; returns all read.
+fn read_until(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    want: usize,
+    pred: impl Fn(&FlowEvent) -> bool,
+) -> Vec<FlowEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        while let Some(item) = ring.next() {
+            out.push(maps::parse_flow_event(&item).expect("a flow event of this layout"));
+        }
+        if out.iter().filter(|e| pred(e)).count() >= want {
+            // Anything emitted with these, too.
+            while let Some(item) = ring.next() {
+                out.push(maps::parse_flow_event(&item).unwrap());
+            }
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out
+}
+
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) {
+    while ring.next().is_some() {}
+}
+
+fn ipcache(entries: &[(&str, u32, u16)]) -> HashMap<IpAddr, (u32, u16)> {
+    entries
+        .iter()
+        .map(|(ip, id, c)| (ip.parse().unwrap(), (*id, *c)))
+        .collect()
+}
+
+fn enable_flows(p: &mut Programmer) -> aya::maps::RingBuf<aya::maps::MapData> {
+    p.datapath_mut()
+        .update_config(|c| c.flags |= maps::CFG_FLOWS)
+        .unwrap();
+    p.datapath_mut().flows.take().unwrap()
+}
+
+#[test]
+fn one_event_per_connection_with_service_backend_identities_and_verdict() {
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "x-wing"),
+        PodCgroup::new(&node, "rebel-base"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.9.3:{port}").parse().unwrap();
+    let _server = s.server("rebel-base", s_addr);
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[("127.0.9.1", A, 1), ("127.0.9.3", S, 2)]))
+        .unwrap();
+    let vip: SocketAddr = "127.100.9.3:80".parse().unwrap();
+    let empty: SocketAddr = "127.100.9.4:80".parse().unwrap();
+    let svc = |vip: SocketAddr, backends: Vec<SocketAddr>| DesiredService {
+        frontend: Frontend {
+            addr: vip,
+            proto: Proto::Tcp,
+        },
+        service: None,
+        tiers: [backends.into_iter().map(|b| spec(b, 2)).collect(), vec![]],
+        balancing: Default::default(),
+    };
+    p.apply(&[svc(vip, vec![s_addr]), svc(empty, vec![])])
+        .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, false, false)])
+        .unwrap();
+
+    // Off: nothing is reported.
+    let mut ring = p.datapath_mut().flows.take().unwrap();
+    assert_eq!(ok(&a.client("tcp", "127.0.9.1", vip, 2), "rebel-base"), 2);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(ring.next().is_none(), "flows off: no event");
+    p.datapath_mut()
+        .update_config(|c| c.flags |= maps::CFG_FLOWS)
+        .unwrap();
+
+    // Three connections through the service: three egress events at x-wing, three ingress
+    // events at rebel-base, and none for the packets that follow.
+    assert_eq!(ok(&a.client("tcp", "127.0.9.1", vip, 3), "rebel-base"), 3);
+    let evs = read_until(&mut ring, 6, |_| true);
+    let egress: Vec<&FlowEvent> = evs
+        .iter()
+        .filter(|e| e.direction == FlowDirection::Egress)
+        .collect();
+    let ingress: Vec<&FlowEvent> = evs
+        .iter()
+        .filter(|e| e.direction == FlowDirection::Ingress)
+        .collect();
+    assert_eq!((egress.len(), ingress.len()), (3, 3), "{evs:#?}");
+    for e in &egress {
+        assert_eq!(e.cgroup, a.id);
+        assert_eq!(e.orig, vip);
+        assert_eq!(e.peer, s_addr);
+        assert_eq!(
+            (e.local_identity, e.remote_identity, e.remote_cluster),
+            (A, S, 2)
+        );
+        assert_eq!(e.verdict, FlowVerdict::Forwarded);
+        assert_eq!(e.proto, Proto::Tcp);
+        assert!(e.flags & maps::FLOWF_SERVICE != 0);
+        assert!(e.backend_id != 0);
+        assert_eq!(e.tier, 0);
+        assert!(e.flags & maps::FLOWF_NEXT_TIER == 0);
+    }
+    for e in &ingress {
+        assert_eq!(e.cgroup, s.id);
+        assert_eq!(e.orig, s_addr, "the local address");
+        assert_eq!(e.peer.ip(), "127.0.9.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (e.local_identity, e.remote_identity, e.remote_cluster),
+            (S, A, 1)
+        );
+        assert_eq!(e.verdict, FlowVerdict::Forwarded);
+    }
+    // Each ingress event is the same connection as an egress one (the client's source port).
+    let egress_cookies: Vec<u64> = egress.iter().map(|e| e.cookie).collect();
+    assert_eq!(egress_cookies.len(), 3);
+
+    // A service without a backend: refused, reported as such.
+    drain(&mut ring);
+    let refused = a.client("tcp", "127.0.9.1", empty, 2);
+    assert_eq!(ok(&refused, "rebel-base"), 0, "{refused}");
+    let evs = read_until(&mut ring, 2, |e| e.verdict == FlowVerdict::NoBackend);
+    let nb: Vec<&FlowEvent> = evs
+        .iter()
+        .filter(|e| e.verdict == FlowVerdict::NoBackend)
+        .collect();
+    assert_eq!(nb.len(), 2, "{evs:#?}");
+    assert_eq!(nb[0].orig, empty);
+    assert_eq!(nb[0].local_identity, A);
+
+    // Policy: x-wing may not reach rebel-base (deny rule 7); the refusal names the rule, and
+    // rebel-base sees nothing.
+    drain(&mut ring);
+    p.set_identity_policy(
+        A,
+        &[Rule {
+            direction: Direction::Egress,
+            remote: Some(S),
+            proto: Some(Proto::Tcp),
+            ports: None,
+            deny: true,
+            rule: 7,
+        }],
+    )
+    .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, true), s.endpoint(S, false, false)])
+        .unwrap();
+    let denied = a.client("tcp", "127.0.9.1", vip, 2);
+    assert_eq!(errors(&denied, "PermissionError"), 2, "{denied}");
+    let evs = read_until(&mut ring, 2, |e| e.verdict == FlowVerdict::DeniedByPolicy);
+    let d: Vec<&FlowEvent> = evs
+        .iter()
+        .filter(|e| e.verdict == FlowVerdict::DeniedByPolicy)
+        .collect();
+    assert_eq!(d.len(), 2, "{evs:#?}");
+    assert_eq!(d[0].rule, Some(7));
+    assert!(d[0].flags & maps::FLOWF_ENFORCED != 0);
+    assert_eq!(d[0].peer, s_addr, "judged on the backend");
+    assert!(
+        evs.iter().all(|e| e.direction == FlowDirection::Egress),
+        "nothing reached rebel-base: {evs:#?}"
+    );
+    // Default deny: an enforced endpoint with no rule for this peer.
+    p.set_identity_policy(A, &[]).unwrap();
+    p.set_identity_policy(
+        A,
+        &[Rule {
+            direction: Direction::Egress,
+            remote: Some(0x0009_0001),
+            proto: None,
+            ports: None,
+            deny: false,
+            rule: 8,
+        }],
+    )
+    .unwrap();
+    drain(&mut ring);
+    let denied = a.client("tcp", "127.0.9.1", vip, 1);
+    assert_eq!(errors(&denied, "PermissionError"), 1, "{denied}");
+    let evs = read_until(&mut ring, 1, |e| e.verdict == FlowVerdict::DeniedByDefault);
+    let d = evs
+        .iter()
+        .find(|e| e.verdict == FlowVerdict::DeniedByDefault)
+        .unwrap();
+    assert_eq!(d.rule, None);
+}
+
+#[test]
+fn udp_reports_the_first_datagram_per_socket_and_peer_only() {
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "client"),
+        PodCgroup::new(&node, "server"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.8.3:{port}").parse().unwrap();
+    let _server = s.server("echo", s_addr);
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[("127.0.8.1", A, 1), ("127.0.8.3", S, 2)]))
+        .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, false, false)])
+        .unwrap();
+    let mut ring = enable_flows(&mut p);
+    // One socket, ten datagrams and their answers.
+    let script = format!(
+        "{}exec python3 -c 'import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\ns.bind((\"127.0.8.1\",0))\nfor _ in range(10):\n    s.sendto(b\"x\",(\"{}\",{}))\n    s.recvfrom(64)\nprint(\"done\")'",
+        a.join(),
+        s_addr.ip(),
+        s_addr.port()
+    );
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("done"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let evs = read_until(&mut ring, 4, |e| e.proto == Proto::Udp);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut evs = evs;
+    while let Some(item) = ring.next() {
+        evs.push(maps::parse_flow_event(&item).unwrap());
+    }
+    let count = |cg: u64, d: FlowDirection| {
+        evs.iter()
+            .filter(|e| e.cgroup == cg && e.direction == d && e.proto == Proto::Udp)
+            .count()
+    };
+    // The client's first send, the server's first datagram in, the server's first answer
+    // out, the client's first answer in: one each, whatever the number of datagrams.
+    assert_eq!(count(a.id, FlowDirection::Egress), 1, "{evs:#?}");
+    assert_eq!(count(s.id, FlowDirection::Ingress), 1, "{evs:#?}");
+    assert_eq!(count(s.id, FlowDirection::Egress), 1, "{evs:#?}");
+    assert_eq!(count(a.id, FlowDirection::Ingress), 1, "{evs:#?}");
+}
