@@ -103,6 +103,10 @@ pub struct Args {
     /// the node-agent summary of the status document.
     #[arg(long, env = env::NODE_AGENT_STATE_PORT, default_value_t = model::node_state::NODE_AGENT_STATE_PORT)]
     pub node_agent_state_port: u16,
+    /// Port of the node agents' `Observer` (flows) over mutual TLS, dialled at each Node's
+    /// InternalIP to relay flows to `clustermesh observe`.
+    #[arg(long, env = env::NODE_AGENT_OBSERVE_PORT, default_value_t = meshapi::observe::NODE_AGENT_OBSERVE_PORT)]
+    pub node_agent_observe_port: u16,
     /// Node-agent enrollment (`crate::enroll`).
     #[command(flatten)]
     pub enroll: crate::enroll::Args,
@@ -150,6 +154,8 @@ pub struct Config {
     pub peer_quota: crate::mesh::importer::Quota,
     /// Port of the node agents' `/state`.
     pub node_agent_state_port: u16,
+    /// Port of the node agents' `Observer`.
+    pub node_agent_observe_port: u16,
 }
 
 /// Every problem found in the flags.
@@ -302,6 +308,7 @@ impl Args {
                         max_bytes: self.peer_max_bytes,
                     },
                     node_agent_state_port: self.node_agent_state_port,
+                    node_agent_observe_port: self.node_agent_observe_port,
                 })
             }
             _ => Err(Error { problems }),

@@ -410,7 +410,15 @@ async fn serve_mesh(
         stop_rx,
     )
     .with_policies(policies_rx);
-    let (addr, task) = mesh::server::spawn(config.mesh_bind, tls, service)
+    // Flows of this cluster's nodes, for its admins.
+    let relay = mesh::relay::Relay::new(
+        config.cluster_name.clone(),
+        config.cluster_id,
+        files.clone(),
+        config.node_agent_observe_port,
+        client.clone(),
+    );
+    let (addr, task) = mesh::server::spawn(config.mesh_bind, tls, service, Some(relay))
         .await
         .with_context(|| format!("listen on {}", config.mesh_bind))?;
     tasks.push(AbortOnDrop(task));

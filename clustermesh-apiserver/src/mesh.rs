@@ -9,4 +9,5 @@ pub use meshapi::client;
 pub mod importer;
 pub mod nodes;
 pub mod policy_stream;
+pub mod relay;
 pub mod server;

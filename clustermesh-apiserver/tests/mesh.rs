@@ -97,6 +97,7 @@ impl Cluster {
             peers_from_secrets: false,
             peer_quota: Default::default(),
             node_agent_state_port: model::node_state::NODE_AGENT_STATE_PORT,
+            node_agent_observe_port: meshapi::observe::NODE_AGENT_OBSERVE_PORT,
             grants_dir: Some(self.dir.path().join("grants")),
         }
     }

@@ -241,7 +241,7 @@ struct CgroupIndex {
 }
 
 /// At most one cgroup scan per this long.
-const RESCAN_EVERY: Duration = Duration::from_secs(1);
+const RESCAN_EVERY: Duration = Duration::from_millis(50);
 
 impl Namer {
     /// A namer for `node` of `cluster`.
@@ -271,14 +271,23 @@ impl Namer {
         }
     }
 
-    /// The pod UID of a cgroup, if it is a pod's.
-    fn pod_of_cgroup(&self, cg: u64) -> Option<String> {
+    /// The pod UID of a cgroup, if it is a pod's. `endpoint`: the kernel knows the cgroup as
+    /// a pod's (it has an identity), so an unknown one is a pod that appeared since the last
+    /// scan: scan again (at most every [`RESCAN_EVERY`], waiting out the rest). A cgroup that
+    /// is no endpoint (a host process) never causes a scan.
+    fn pod_of_cgroup(&self, cg: u64, endpoint: bool) -> Option<String> {
         let mut idx = lock(&self.cgroups);
         if let Some(uid) = idx.by_id.get(&cg) {
             return Some(uid.clone());
         }
-        if idx.scanned.is_some_and(|t| t.elapsed() < RESCAN_EVERY) {
+        if !endpoint {
             return None;
+        }
+        if let Some(t) = idx.scanned {
+            let since = t.elapsed();
+            if since < RESCAN_EVERY {
+                std::thread::sleep(RESCAN_EVERY - since);
+            }
         }
         idx.scanned = Some(Instant::now());
         idx.by_id = crate::pods::scan(&self.cgroup_root)
@@ -324,7 +333,7 @@ impl Namer {
 
     /// The local side: the pod of the cgroup (or this node's host when no pod's).
     fn local(&self, names: &Names, ev: &FlowEvent, addr: Option<SocketAddr>) -> pb::FlowPeer {
-        let uid = self.pod_of_cgroup(ev.cgroup);
+        let uid = self.pod_of_cgroup(ev.cgroup, ev.local_identity != 0);
         let ip = uid
             .as_ref()
             .and_then(|u| names.local_by_uid.get(u).copied())
@@ -663,5 +672,64 @@ mod tests {
         // No backlog asked: none sent.
         let (back, _, _) = s.backlog(&pb::ObserveRequest::default());
         assert!(back.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_caller_is_named_from_its_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let uid = "8d0b8a9e-2f7c-4a53-9b1e-3c5d6e7f8a90";
+        let pod = root.path().join(format!("pod{uid}"));
+        std::fs::create_dir(&pod).unwrap();
+        let cg = std::fs::metadata(&pod).unwrap().ino();
+        let n = Namer::new(
+            "east".into(),
+            "n1".into(),
+            root.path().to_owned(),
+            Arc::new(|_| None),
+        );
+        let mut names = Names::default();
+        let ip: IpAddr = "10.1.0.7".parse().unwrap();
+        names.local_by_uid.insert(uid.into(), ip);
+        names.pods.insert(
+            ip,
+            PodName {
+                cluster: "east".into(),
+                namespace: "rebel".into(),
+                name: "x-wing".into(),
+                node: "n1".into(),
+                uid: uid.into(),
+            },
+        );
+        n.set_names(names);
+        let ev = FlowEvent {
+            ts_ns: 0,
+            cgroup: cg,
+            cookie: 1,
+            orig: "10.96.0.1:80".parse().unwrap(),
+            peer: "10.2.0.1:80".parse().unwrap(),
+            local_identity: 77,
+            remote_identity: 2,
+            backend_id: 0,
+            rule: None,
+            remote_cluster: 0,
+            proto: Proto::Tcp,
+            direction: FlowDirection::Egress,
+            verdict: FlowVerdict::Forwarded,
+            tier: 0,
+            flags: 0,
+        };
+        let f = n.flow(&ev, 0);
+        let s = f.source.unwrap();
+        assert_eq!(
+            (s.namespace.as_str(), s.pod.as_str(), s.address.as_str()),
+            ("rebel", "x-wing", "10.1.0.7")
+        );
     }
 }

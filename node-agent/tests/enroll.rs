@@ -114,6 +114,7 @@ impl Cluster {
             peers_from_secrets: false,
             peer_quota: Default::default(),
             node_agent_state_port: model::node_state::NODE_AGENT_STATE_PORT,
+            node_agent_observe_port: meshapi::observe::NODE_AGENT_OBSERVE_PORT,
             grants_dir: None,
         };
         let apiserver = clustermesh_apiserver::start(config.clone()).await.unwrap();

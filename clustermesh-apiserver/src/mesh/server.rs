@@ -807,6 +807,18 @@ pub async fn serve<S: Mesh>(
     tls: Arc<Reloader>,
     service: S,
     metrics: Registry,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    serve_with(listener, tls, service, None, metrics, stop).await
+}
+
+/// [`serve`], also serving the flow relay (`Observer`) when given.
+pub async fn serve_with<S: Mesh>(
+    listener: TcpListener,
+    tls: Arc<Reloader>,
+    service: S,
+    relay: Option<super::relay::Relay>,
+    metrics: Registry,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut config = tls.server_config();
@@ -883,6 +895,7 @@ pub async fn serve<S: Mesh>(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
+        .add_optional_service(relay.map(wire::pb::observer_server::ObserverServer::new))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown);
     // The listener lives in `accept`: when this returns, the port is closed.
     tokio::select! {
@@ -897,13 +910,14 @@ pub async fn spawn(
     addr: SocketAddr,
     tls: Arc<Reloader>,
     service: MeshService,
+    relay: Option<super::relay::Relay>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let metrics = service.metrics.clone();
     let stop = service.stop.clone();
     let task = tokio::spawn(async move {
-        if let Err(e) = serve(listener, tls, service, metrics, stop).await {
+        if let Err(e) = serve_with(listener, tls, service, relay, metrics, stop).await {
             tracing::error!(error = %e, "Mesh API server stopped");
         }
     });

@@ -14,6 +14,7 @@ mod connect;
 mod drill;
 mod errors;
 mod install;
+mod observe;
 mod output;
 mod policy;
 mod services;
@@ -96,6 +97,21 @@ enum Command {
         does not hold is not shown. PEER `any` is a rule for every peer (an L4-only rule or the\n\
         `all` entity); identities 1 and 2 are the host and the world (addresses of no cluster).")]
     Policy(policy::PolicyArgs),
+    /// Show the flows of one or more clusters: each new connection and first datagram with
+    /// its source and destination pods and clusters, the service and backend (tier, failover)
+    /// and the verdict (forwarded, no_backend, denied_by_policy with the policy,
+    /// denied_by_default), relayed by each cluster's apiserver from its node agents.
+    #[command(after_help = "Examples:\n  \
+        clustermesh observe --context east                       # the last 20 flows\n  \
+        clustermesh observe --context east --context west --follow\n  \
+        clustermesh observe --context east --verdict denied --since 10m\n  \
+        clustermesh observe --context east --service rebel/rebel-base --to-cluster west -o json\n\n\
+        Lines: TIME DIRECTION SOURCE → DESTINATION [via svc NAME tier N (failover)] PROTO VERDICT\n\
+        (reason) [node]. `egress` flows are seen at the caller's node, `ingress` (⇢) at the\n\
+        receiving pod's node; a flow between clusters shows in both when both are observed.\n\
+        With --follow, a lost apiserver or node stream is reconnected (said on stderr) and the\n\
+        flows since the last one shown are asked for again.")]
+    Observe(observe::ObserveArgs),
     /// Run a failover drill on a global service and report detect / failover / recover times
     /// measured from a client; exit 1 when an SLO is missed.
     #[command(after_help = "Output:\n  \
@@ -209,6 +225,7 @@ fn main() -> std::process::ExitCode {
                     Command::Check(a) => check::run(a).await,
                     Command::Services(a) => services::run(a).await,
                     Command::Policy(a) => policy::run(a).await,
+                    Command::Observe(a) => observe::run(a).await,
                     Command::Drill(a) => drill::run(a).await,
                     Command::Certs(_)
                     | Command::Probe(_)

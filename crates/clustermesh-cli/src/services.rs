@@ -43,6 +43,34 @@ pub(crate) struct ServicesArgs {
     kube: KubeArgs,
 }
 
+/// What an admin needs to call a cluster's Mesh API: its name, endpoints and a short-lived
+/// admin certificate (in a temporary directory removed with this).
+pub(crate) struct AdminTls {
+    pub(crate) name: ClusterName,
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) tls: std::sync::Arc<Reloader>,
+    _dir: tempfile::TempDir,
+}
+
+/// [`AdminTls`] of `cluster`, the certificate valid for `valid_for`.
+pub(crate) async fn admin_tls(cluster: &Cluster, valid_for: Duration) -> Result<AdminTls> {
+    let (name, id) = cluster.identity().await?;
+    let ca = cluster.ca().await?;
+    let endpoints = cluster.mesh_endpoints().await?;
+    let leaf = admin_leaf(&ca, &name, id, valid_for)?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("tls.crt"), &leaf.cert_pem)?;
+    std::fs::write(dir.path().join("tls.key"), &leaf.key_pem)?;
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())?;
+    let tls = Reloader::load(TlsFiles::in_dir(dir.path()))?;
+    Ok(AdminTls {
+        name,
+        endpoints,
+        tls,
+        _dir: dir,
+    })
+}
+
 /// A short-lived admin certificate of the cluster, held in memory for one command.
 fn admin_leaf(
     ca: &certs::Ca,
@@ -63,15 +91,12 @@ fn admin_leaf(
 pub(crate) async fn mesh_services(
     cluster: &Cluster,
 ) -> Result<BTreeMap<String, Vec<GlobalService>>> {
-    let (name, id) = cluster.identity().await?;
-    let ca = cluster.ca().await?;
-    let endpoints = cluster.mesh_endpoints().await?;
-    let leaf = admin_leaf(&ca, &name, id, Duration::from_secs(3600))?;
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("tls.crt"), &leaf.cert_pem)?;
-    std::fs::write(dir.path().join("tls.key"), &leaf.key_pem)?;
-    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())?;
-    let tls = Reloader::load(TlsFiles::in_dir(dir.path()))?;
+    let AdminTls {
+        name,
+        endpoints,
+        tls,
+        ..
+    } = admin_tls(cluster, Duration::from_secs(3600)).await?;
     let server = format!("the Mesh API of {name} at {}", endpoints.join(","));
     // Connect, watch and the whole snapshot within --request-timeout.
     cluster

@@ -154,6 +154,8 @@ pub mod env {
     pub const FLOW_BUFFER: &str = "CLUSTERMESH_FLOW_BUFFER";
     /// `--node-agent-state-port` (apiserver: where it reads the node agents' `/state`).
     pub const NODE_AGENT_STATE_PORT: &str = "CLUSTERMESH_NODE_AGENT_STATE_PORT";
+    /// `--node-agent-observe-port` (apiserver: where it relays the node agents' flows from).
+    pub const NODE_AGENT_OBSERVE_PORT: &str = "CLUSTERMESH_NODE_AGENT_OBSERVE_PORT";
     /// Address of the Mesh API.
     pub const MESH_BIND: &str = "CLUSTERMESH_MESH_BIND";
     /// Directory with the Mesh API's `tls.crt`, `tls.key`, `ca.crt`.
