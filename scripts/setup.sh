@@ -3,8 +3,9 @@
 # Idempotent: safe to run again; each step is skipped when already done.
 set -euo pipefail
 
+# chromium: the flow map's browser test (crates/flowmap/tests/browser.rs) renders the page headless.
 need_pkgs=(etcd-server etcd-client clang llvm libbpf-dev bpftool iproute2 iputils-ping
-           protobuf-compiler libprotobuf-dev iptables nftables procps psmisc prometheus)
+           protobuf-compiler libprotobuf-dev iptables nftables procps psmisc prometheus chromium)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
