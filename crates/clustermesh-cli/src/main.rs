@@ -112,6 +112,15 @@ enum Command {
         With --follow, a lost apiserver or node stream is reconnected (said on stderr) and the\n\
         flows since the last one shown are asked for again.")]
     Observe(observe::ObserveArgs),
+    /// Draw the cross-cluster service map of the flows of the last --since (default 5m) as
+    /// one self-contained HTML page (SVG; no network needed to view it): clusters as groups,
+    /// workloads and services as nodes, edges weighted by flow count and coloured by verdict.
+    #[command(after_help = "Examples:\n  \
+        clustermesh map --context east --context west --output map.html\n  \
+        clustermesh map --context east --since 1h --namespace rebel -o rebel.html\n\n\
+        A connection seen at both ends (egress at the caller's node, ingress at the receiver's)\n\
+        counts once. Workloads are named by their `app` label, else by pod name.")]
+    Map(observe::MapArgs),
     /// Run a failover drill on a global service and report detect / failover / recover times
     /// measured from a client; exit 1 when an SLO is missed.
     #[command(after_help = "Output:\n  \
@@ -226,6 +235,7 @@ fn main() -> std::process::ExitCode {
                     Command::Services(a) => services::run(a).await,
                     Command::Policy(a) => policy::run(a).await,
                     Command::Observe(a) => observe::run(a).await,
+                    Command::Map(a) => observe::map(a).await,
                     Command::Drill(a) => drill::run(a).await,
                     Command::Certs(_)
                     | Command::Probe(_)

@@ -533,3 +533,197 @@ mod tests {
         );
     }
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct MapArgs {
+    /// The clusters whose flows to draw (repeatable; default: the current context).
+    #[arg(long = "context")]
+    contexts: Vec<String>,
+    #[command(flatten)]
+    filter: FlowFilter,
+    /// Where to write the page (`-`: standard output).
+    #[arg(long, short = 'o')]
+    output: std::path::PathBuf,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// How the map names one end of a flow: its `app` label (the workload) or its pod name;
+/// `world` outside the mesh, `host` for a node's own processes.
+fn workload(p: Option<&pb::FlowPeer>) -> flowmap::Workload {
+    let Some(p) = p else {
+        return flowmap::Workload::default();
+    };
+    let app = p.labels.iter().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        let bare = k.split_once(':').map_or(k, |(_, rest)| rest);
+        (bare == "app" || bare == "app.kubernetes.io/name").then(|| v.to_owned())
+    });
+    let name = if let Some(a) = app {
+        a
+    } else if !p.pod.is_empty() {
+        p.pod.clone()
+    } else if p.identity == 1 {
+        "host".to_owned()
+    } else if p.identity == 2 || p.cluster.is_empty() {
+        "world".to_owned()
+    } else {
+        p.address.clone()
+    };
+    flowmap::Workload {
+        cluster: if name == "world" {
+            String::new()
+        } else {
+            p.cluster.clone()
+        },
+        namespace: p.namespace.clone(),
+        name,
+    }
+}
+
+/// The map's edges from `flows` seen by the clusters in `observed`: each connection once — at
+/// the caller's node (egress), or at the receiver's (ingress) when the caller's cluster was
+/// not observed.
+pub(crate) fn edges(flows: &[pb::Flow]) -> Vec<flowmap::Edge> {
+    let observed: std::collections::BTreeSet<&str> =
+        flows.iter().map(|f| f.cluster.as_str()).collect();
+    let edges = flows.iter().filter_map(|f| {
+        let src_cluster = f.source.as_ref().map_or("", |s| s.cluster.as_str());
+        if f.direction == "ingress"
+            && observed.contains(src_cluster)
+            && f.source.as_ref().is_some_and(|s| s.identity != 2)
+        {
+            return None;
+        }
+        let destination = if f.verdict == "no_backend" {
+            flowmap::Workload::default()
+        } else {
+            workload(f.destination.as_ref())
+        };
+        Some(flowmap::Edge {
+            source: workload(f.source.as_ref()),
+            destination,
+            service: (!f.service.is_empty()).then(|| f.service.clone()),
+            verdict: f.verdict.clone(),
+            count: 1,
+        })
+    });
+    flowmap::aggregate(edges)
+}
+
+pub(crate) async fn map(args: MapArgs) -> Result<std::process::ExitCode> {
+    let mut filter = args.filter.clone();
+    if filter.since.is_none() {
+        filter.since = Some(Duration::from_secs(300));
+    }
+    let flows = collect(&args.kube, &args.contexts, &filter, 0).await?;
+    let edges = edges(&flows);
+    let clusters: std::collections::BTreeSet<&str> =
+        flows.iter().map(|f| f.cluster.as_str()).collect();
+    let since = telemetry::duration::format(filter.since.unwrap_or_default());
+    let page = flowmap::render(
+        &edges,
+        &flowmap::Options {
+            title: "cross-cluster flows".into(),
+            subtitle: format!(
+                "flows of the last {since} from {}",
+                if clusters.is_empty() {
+                    "no cluster".to_owned()
+                } else {
+                    clusters.into_iter().collect::<Vec<_>>().join(", ")
+                }
+            ),
+        },
+    );
+    if args.output.as_os_str() == "-" {
+        print!("{page}");
+    } else {
+        std::fs::write(&args.output, page)
+            .with_context(|| format!("write {}", args.output.display()))?;
+        eprintln!(
+            "wrote {}: {} flows in {} edges",
+            args.output.display(),
+            flows.len(),
+            edges.len()
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod map_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn peer(cluster: &str, pod: &str, app: &str, identity: u32) -> pb::FlowPeer {
+        pb::FlowPeer {
+            cluster: cluster.into(),
+            namespace: if pod.is_empty() {
+                String::new()
+            } else {
+                "rebel".into()
+            },
+            pod: pod.into(),
+            identity,
+            labels: if app.is_empty() {
+                vec![]
+            } else {
+                vec![format!("k8s:app={app}")]
+            },
+            ..Default::default()
+        }
+    }
+
+    fn flow(
+        seen_by: &str,
+        dir: &str,
+        src: pb::FlowPeer,
+        dst: pb::FlowPeer,
+        verdict: &str,
+    ) -> pb::Flow {
+        pb::Flow {
+            cluster: seen_by.into(),
+            direction: dir.into(),
+            source: Some(src),
+            destination: Some(dst),
+            service: "rebel/rebel-base".into(),
+            verdict: verdict.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_connection_counts_once_whoever_saw_it() {
+        let x = peer("east", "x-wing-1", "x-wing", 70_000);
+        let b = peer("west", "rebel-base-west-0", "rebel-base", 140_000);
+        let flows = vec![
+            // Seen at both ends: once.
+            flow("east", "egress", x.clone(), b.clone(), "forwarded"),
+            flow("west", "ingress", x.clone(), b.clone(), "forwarded"),
+            flow("east", "egress", x.clone(), b.clone(), "forwarded"),
+            // From the world into west: only west saw it.
+            flow(
+                "west",
+                "ingress",
+                peer("", "", "", 2),
+                b.clone(),
+                "forwarded",
+            ),
+            // Refused at the service.
+            flow("east", "egress", x.clone(), b.clone(), "no_backend"),
+        ];
+        let e = edges(&flows);
+        let fwd = e
+            .iter()
+            .find(|e| e.verdict == "forwarded" && e.source.name == "x-wing")
+            .unwrap();
+        assert_eq!(fwd.count, 2);
+        assert_eq!(fwd.destination.name, "rebel-base");
+        assert_eq!(fwd.destination.cluster, "west");
+        let world = e.iter().find(|e| e.source.name == "world").unwrap();
+        assert_eq!((world.source.cluster.as_str(), world.count), ("", 1));
+        let nb = e.iter().find(|e| e.verdict == "no_backend").unwrap();
+        assert!(nb.destination.name.is_empty(), "stops at the service");
+        assert_eq!(e.len(), 3);
+    }
+}

@@ -401,6 +401,34 @@ async fn flows_across_clusters_failover_policy_and_restarts() {
         "{d:#}"
     );
     assert_eq!(d["destination"]["cluster"], "west");
+    // The service map of both clusters: x-wing → rebel-base in west, forwarded and refused.
+    let page = dir.path().join("map.html");
+    let out = multicluster::clustermesh(
+        &kc,
+        &[
+            "map",
+            "--context",
+            "east",
+            "--context",
+            "west",
+            "--since",
+            "10m",
+            "--output",
+            page.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.code, 0, "map: {}", out.stderr);
+    let html = std::fs::read_to_string(&page).unwrap();
+    for verdict in ["forwarded", "denied_by_policy"] {
+        assert!(
+            html.contains(&format!(
+                "data-source=\"east/rebel/x-wing\" data-destination=\"west/rebel/rebel-base\" data-service=\"rebel/rebel-base\" data-verdict=\"{verdict}\""
+            )),
+            "{verdict} edge missing from the map"
+        );
+    }
     api.delete("no-west", &Default::default()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
