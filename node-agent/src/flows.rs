@@ -114,6 +114,9 @@ impl Names {
     }
 }
 
+/// The live feed: each new flow with its sequence number.
+pub type Live = broadcast::Receiver<(u64, Arc<pb::Flow>)>;
+
 /// Names a policy rule index (the kernel's entries carry it).
 pub type RuleNamer = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
 
@@ -170,14 +173,7 @@ impl Store {
 
     /// The last `last` kept flows matching `req`, oldest first, with the sequence number the
     /// live feed continues after; subscribes first, so nothing falls between.
-    pub fn backlog(
-        &self,
-        req: &pb::ObserveRequest,
-    ) -> (
-        Vec<Arc<pb::Flow>>,
-        u64,
-        broadcast::Receiver<(u64, Arc<pb::Flow>)>,
-    ) {
+    pub fn backlog(&self, req: &pb::ObserveRequest) -> (Vec<Arc<pb::Flow>>, u64, Live) {
         let rx = self.live.subscribe();
         let kept = lock(&self.kept);
         let upto = kept.back().map_or(0, |(s, _)| *s);

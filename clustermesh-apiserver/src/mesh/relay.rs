@@ -62,7 +62,7 @@ pub fn may_observe(id: &MeshIdentity, cluster: &ClusterName, cluster_id: Cluster
 
 /// What one node's task reports.
 enum NodeMsg {
-    Flow(pb::Flow),
+    Flow(Box<pb::Flow>),
     BacklogDone(String),
     Notice(pb::ObserveNotice),
 }
@@ -201,7 +201,7 @@ async fn follow_node(
                             what: Some(What::Flow(f)),
                         })) => {
                             last_seen = last_seen.max(f.time_unix_nanos);
-                            if tx.send(NodeMsg::Flow(f)).await.is_err() {
+                            if tx.send(NodeMsg::Flow(Box::new(f))).await.is_err() {
                                 return;
                             }
                         }
@@ -351,7 +351,7 @@ impl Observer for Relay {
                     None => break,
                     Some(NodeMsg::Flow(f)) => {
                         n += 1;
-                        backlog.insert((f.time_unix_nanos, n), f);
+                        backlog.insert((f.time_unix_nanos, n), *f);
                     }
                     Some(NodeMsg::BacklogDone(node)) => {
                         waiting.remove(&node);
@@ -381,7 +381,7 @@ impl Observer for Relay {
             // 2. Live, as it comes.
             while let Some(msg) = node_rx.recv().await {
                 let out = match msg {
-                    NodeMsg::Flow(f) => out_flow(f),
+                    NodeMsg::Flow(f) => out_flow(*f),
                     NodeMsg::Notice(x) => out_notice(x),
                     NodeMsg::BacklogDone(_) => continue,
                 };

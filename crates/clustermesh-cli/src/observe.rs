@@ -106,7 +106,7 @@ pub(crate) struct ObserveArgs {
 
 /// What the streams of the clusters report.
 enum Event {
-    Flow(pb::Flow),
+    Flow(Box<pb::Flow>),
     Notice(String, pb::ObserveNotice),
     BacklogDone,
     /// A stream that is over for good (not following, or refused).
@@ -162,7 +162,7 @@ async fn stream_cluster(cluster: Cluster, mut req: pb::ObserveRequest, tx: mpsc:
                         what: Some(What::Flow(f)),
                     })) => {
                         last_seen = last_seen.max(f.time_unix_nanos);
-                        if tx.send(Event::Flow(f)).await.is_err() {
+                        if tx.send(Event::Flow(Box::new(f))).await.is_err() {
                             return;
                         }
                     }
@@ -259,7 +259,7 @@ pub(crate) async fn collect(
     let mut failures = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Flow(f) => flows.push(f),
+            Event::Flow(f) => flows.push(*f),
             Event::Notice(ctx, n) => eprintln!("{}", notice_line(&ctx, &n)),
             Event::BacklogDone => {}
             Event::Failed(ctx, e) => {
@@ -445,7 +445,7 @@ pub(crate) async fn run(args: ObserveArgs) -> Result<std::process::ExitCode> {
         };
         let Some(ev) = ev else { break };
         match ev {
-            Event::Flow(f) if pending > 0 => backlog.push(f),
+            Event::Flow(f) if pending > 0 => backlog.push(*f),
             Event::Flow(f) => print_flow(&f, args.output),
             Event::Notice(ctx, n) => eprintln!("{}", notice_line(&ctx, &n)),
             Event::BacklogDone => {
