@@ -443,6 +443,9 @@ struct {
 #define FLOWF_ENFORCED 8  // policy enforces this direction for the local endpoint
 #define FLOWF_RULE 16     // `rule` names the policy rule that decided
 
+// Unread bytes in CM_FLOWS above which a new event wakes the reader (a quarter of the ring).
+#define FLOW_WAKEUP_BYTES (1024 * 1024)
+
 struct flow_event {
 	__u64 ts;               // bpf_ktime_get_ns()
 	__u64 cgroup;           // the local side's cgroup (the caller at egress, the receiver at ingress)
@@ -901,7 +904,12 @@ static __always_inline void flow_emit(const struct flow_info *fi, __u64 cookie, 
 	ev->verdict = fi->verdict;
 	ev->tier = fi->tier;
 	ev->flags = fi->flags;
-	bpf_ringbuf_submit(ev, 0);
+	// No wakeup per event (10,000 a second would cost the callers): the reader drains the
+	// ring on its own clock, and is woken only when the ring fills up.
+	__u64 wake = bpf_ringbuf_query(&CM_FLOWS, BPF_RB_AVAIL_DATA) > FLOW_WAKEUP_BYTES ?
+			     BPF_RB_FORCE_WAKEUP :
+			     BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(ev, wake);
 }
 
 // Egress policy and flow bookkeeping of the calling endpoint for a connection or datagram to

@@ -20,7 +20,7 @@
 
 mod common;
 
-use common::{attached, prog_stats, sh};
+use common::{Cleanup, attached, prog_stats, sh};
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -214,27 +214,6 @@ async fn probe_everything(targets: Vec<SocketAddr>, count: Arc<std::sync::atomic
 
 /// The bench's pins and cgroup, removed on drop (also on panic): this process leaves the cgroup
 /// first, then the programs are detached and unpinned.
-struct Cleanup {
-    pins: PathBuf,
-    cgroup: PathBuf,
-    stats_before: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(
-            "/sys/fs/cgroup/unified/cgroup.procs",
-            std::process::id().to_string(),
-        );
-        let _ = datapath::remove(&self.pins);
-        let _ = std::fs::remove_dir(&self.cgroup);
-        let _ = std::process::Command::new("sysctl")
-            .arg("-qw")
-            .arg(format!("kernel.bpf_stats_enabled={}", self.stats_before))
-            .status();
-    }
-}
-
 fn main() {
     let name = test_support::reexec_in_private_netns("cmcost");
     telemetry::raise_fd_limit();

@@ -233,8 +233,13 @@ impl std::fmt::Debug for Namer {
 #[derive(Debug, Default)]
 struct CgroupIndex {
     by_id: HashMap<u64, String>,
+    /// Endpoint cgroups a scan did not find (gone, or not below the node's cgroup).
+    absent: std::collections::HashSet<u64>,
     scanned: Option<Instant>,
 }
+
+/// Cgroups remembered as absent at most (then forgotten at once).
+const MAX_ABSENT: usize = 10_000;
 
 /// At most one cgroup scan per this long.
 const RESCAN_EVERY: Duration = Duration::from_millis(50);
@@ -270,13 +275,14 @@ impl Namer {
     /// The pod UID of a cgroup, if it is a pod's. `endpoint`: the kernel knows the cgroup as
     /// a pod's (it has an identity), so an unknown one is a pod that appeared since the last
     /// scan: scan again (at most every [`RESCAN_EVERY`], waiting out the rest). A cgroup that
-    /// is no endpoint (a host process) never causes a scan.
+    /// is no endpoint (a host process), or that a scan made after its first event did not
+    /// find, never causes another scan.
     fn pod_of_cgroup(&self, cg: u64, endpoint: bool) -> Option<String> {
         let mut idx = lock(&self.cgroups);
         if let Some(uid) = idx.by_id.get(&cg) {
             return Some(uid.clone());
         }
-        if !endpoint {
+        if !endpoint || idx.absent.contains(&cg) {
             return None;
         }
         if let Some(t) = idx.scanned {
@@ -290,7 +296,14 @@ impl Namer {
             .into_iter()
             .flat_map(|(uid, ids)| ids.into_iter().map(move |id| (id, uid.clone())))
             .collect();
-        idx.by_id.get(&cg).cloned()
+        let found = idx.by_id.get(&cg).cloned();
+        if found.is_none() {
+            if idx.absent.len() >= MAX_ABSENT {
+                idx.absent.clear();
+            }
+            idx.absent.insert(cg);
+        }
+        found
     }
 
     fn peer(
@@ -513,9 +526,10 @@ pub fn read_ring(
             &fd,
             rustix::event::PollFlags::IN,
         )];
+        // The kernel wakes the reader only when the ring fills up: drained every 50 ms.
         let timeout = rustix::event::Timespec {
             tv_sec: 0,
-            tv_nsec: 200_000_000,
+            tv_nsec: 50_000_000,
         };
         match rustix::event::poll(&mut fds, Some(&timeout)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -82,4 +82,27 @@ pub fn listen_overflows() -> u64 {
         .find(|(n, _)| *n == "ListenOverflows")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Removes a bench's pins, links and cgroup (moving this process back to the root cgroup)
+/// and restores `kernel.bpf_stats_enabled`, also when a row panics.
+pub struct Cleanup {
+    pub pins: PathBuf,
+    pub cgroup: PathBuf,
+    pub stats_before: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            "/sys/fs/cgroup/unified/cgroup.procs",
+            std::process::id().to_string(),
+        );
+        let _ = node_agent::datapath::remove(&self.pins);
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::process::Command::new("sysctl")
+            .arg("-qw")
+            .arg(format!("kernel.bpf_stats_enabled={}", self.stats_before))
+            .status();
+    }
 }
