@@ -592,7 +592,14 @@ fn decode(view: &mut MeshView, c: &pb::Change) {
                 }
             }
         }
-        Kind::Nodes => {}
+        Kind::Nodes => {
+            let key = (cluster.to_string(), c.name.clone());
+            if delete {
+                view.nodes.remove(&key);
+            } else if let Ok(n) = model::Node::decode(&c.value) {
+                view.nodes.insert(key, n.addresses);
+            }
+        }
     }
 }
 
@@ -763,7 +770,12 @@ async fn session(
     let mut api = connected.client;
     let mut stream = api
         .watch(pb::WatchRequest {
-            kinds: vec!["services".into(), "endpoints".into(), "identities".into()],
+            kinds: vec![
+                "services".into(),
+                "endpoints".into(),
+                "identities".into(),
+                "nodes".into(),
+            ],
             clusters: Vec::new(),
             resume_revision: 0,
         })

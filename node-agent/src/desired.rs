@@ -29,6 +29,8 @@ pub struct MeshView {
     pub pods: HashMap<IpAddr, (String, String, u32)>,
     /// Every pod endpoint's names, by address (for flows).
     pub pod_names: HashMap<IpAddr, crate::flows::PodName>,
+    /// Every known node's addresses, by (cluster, node name) (flows name them).
+    pub nodes: HashMap<(String, String), Vec<IpAddr>>,
 }
 
 /// Zone names → small integers for the backends map.

@@ -75,6 +75,8 @@ pub struct Names {
     pub frontends: HashMap<(SocketAddr, Proto), String>,
     /// Backend addresses → the services whose backend they are.
     pub backends: HashMap<(SocketAddr, Proto), Vec<String>>,
+    /// Nodes' addresses → (cluster, node name).
+    pub nodes: HashMap<IpAddr, (String, String)>,
 }
 
 impl Names {
@@ -86,6 +88,11 @@ impl Names {
                 n.local_by_uid.insert(p.uid.clone(), *ip);
             }
             n.pods.insert(*ip, p.clone());
+        }
+        for ((cluster, name), addrs) in &view.nodes {
+            for a in addrs {
+                n.nodes.insert(*a, (cluster.clone(), name.clone()));
+            }
         }
         for (id, (cluster, labels)) in &view.labels {
             n.identities.insert(
@@ -314,6 +321,26 @@ impl Namer {
         cluster_id: u16,
     ) -> pb::FlowPeer {
         let pod = names.pods.get(&addr.ip());
+        if pod.is_none()
+            && let Some((cluster, node)) = names.nodes.get(&addr.ip())
+        {
+            // A node's own address (its agent's probes, host-network pods).
+            let label = if *cluster == self.cluster && *node == self.node {
+                "reserved:host"
+            } else {
+                "reserved:remote-node"
+            };
+            return pb::FlowPeer {
+                cluster: cluster.clone(),
+                cluster_id: u32::from(cluster_id),
+                identity,
+                labels: vec![label.to_owned()],
+                address: addr.ip().to_string(),
+                port: u32::from(addr.port()),
+                node: node.clone(),
+                ..Default::default()
+            };
+        }
         let (id_cluster, labels) = match identity {
             1 => (Some(self.cluster.clone()), vec!["reserved:host".to_owned()]),
             2 => (None, vec!["reserved:world".to_owned()]),

@@ -318,6 +318,8 @@ pub(crate) fn peer_text(p: Option<&pb::FlowPeer>, with_port: bool) -> String {
     };
     if !p.pod.is_empty() {
         format!("{}/{}{port}{at}", p.namespace, p.pod)
+    } else if !p.node.is_empty() && p.labels.iter().any(|l| l.starts_with("reserved:")) {
+        format!("node {}{at}", p.node)
     } else if p.identity == 1 {
         format!("host{at}")
     } else if p.identity == 2 {
@@ -563,6 +565,8 @@ fn workload(p: Option<&pb::FlowPeer>) -> flowmap::Workload {
         a
     } else if !p.pod.is_empty() {
         p.pod.clone()
+    } else if !p.node.is_empty() && p.labels.iter().any(|l| l.starts_with("reserved:")) {
+        format!("node {}", p.node)
     } else if p.identity == 1 {
         "host".to_owned()
     } else if p.identity == 2 || p.cluster.is_empty() {

@@ -235,6 +235,26 @@ async fn flows_across_clusters_failover_policy_and_restarts() {
     assert_eq!(f["direction"], "egress");
     assert_eq!(f["frontend"], target.to_string());
 
+    // The other cluster's node agents probe east's backend: named as that node, not "world".
+    let probe = flow_where(
+        &kc,
+        &[
+            "--context",
+            "east",
+            "--from-cluster",
+            "west",
+            "--last",
+            "500",
+        ],
+        "a probe from west's node",
+        |f| f["direction"] == "ingress" && f["source"]["node"] == "west-node-1",
+    )
+    .await;
+    assert_eq!(
+        probe["source"]["labels"][0], "reserved:remote-node",
+        "{probe:#}"
+    );
+
     // 2. East's backend dies: the connections move to west, tier 1, shown as a failover in
     // east (egress) and as ingress in west.
     let east_pod = lab
