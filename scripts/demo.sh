@@ -72,6 +72,10 @@ step "the same drill through the control plane: endpoints marked not ready in ea
 # shellcheck disable=SC2086
 run "$bin/clustermesh" drill --context east --service demo/echo $flags --method not-ready
 
+step "the flows of the drills: the client's connections that failed over to west (tier 1), seen at east"
+run "$bin/clustermesh" observe --context east --pod default/client --to-cluster west --last 6
+run "$bin/clustermesh" map --context east --context west --since 10m --output "$dir/map.html"
+
 cat <<EOT
 
 == The lab is still up. Explore it:
@@ -79,6 +83,8 @@ cat <<EOT
   kubectl --context west -n demo get services,endpointslices
   $bin/clustermesh status --context east --context west
   $bin/clustermesh services --context west --node west-node-1
+  $bin/clustermesh observe --context east --context west --follow
+  open $dir/map.html (the cross-cluster service map; any browser, offline)
   $lab connect --dir $dir --cluster east --pod client --target $vip:80 --count 20
   logs: $dir/<cluster>/*.log
 Tear it down with: ./scripts/demo.sh down

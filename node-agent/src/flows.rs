@@ -476,7 +476,8 @@ impl Namer {
             service,
             frontend,
             tier: u32::from(ev.tier),
-            failed_over: ev.flags & maps::FLOWF_NEXT_TIER != 0,
+            // Any later tier than the first: the preferred backends were down, gone or full.
+            failed_over: ev.tier > 0,
             suspect_backend: ev.flags & maps::FLOWF_SUSPECT != 0,
             verdict: ev.verdict.as_str().to_owned(),
             reason,

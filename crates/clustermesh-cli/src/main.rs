@@ -119,7 +119,8 @@ enum Command {
         clustermesh map --context east --context west --output map.html\n  \
         clustermesh map --context east --since 1h --namespace rebel -o rebel.html\n\n\
         A connection seen at both ends (egress at the caller's node, ingress at the receiver's)\n\
-        counts once. Workloads are named by their `app` label, else by pod name.")]
+        counts once. Workloads are named by their `app` label, else by pod name; flows from\n\
+        nodes themselves (the agents' health probes) are left out unless --include-nodes.")]
     Map(observe::MapArgs),
     /// Run a failover drill on a global service and report detect / failover / recover times
     /// measured from a client; exit 1 when an SLO is missed.

@@ -260,8 +260,10 @@ pub(crate) async fn collect(
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Flow(f) => flows.push(*f),
-            Event::Notice(ctx, n) => eprintln!("{}", notice_line(&ctx, &n)),
-            Event::BacklogDone => {}
+            Event::Notice(ctx, n) if n.state != "connected" => {
+                eprintln!("{}", notice_line(&ctx, &n));
+            }
+            Event::Notice(..) | Event::BacklogDone => {}
             Event::Failed(ctx, e) => {
                 if !e.to_string().contains("ended the stream") {
                     failures.push(format!("{ctx}: {}", crate::errors::render(&e)));
@@ -439,6 +441,7 @@ pub(crate) async fn run(args: ObserveArgs) -> Result<std::process::ExitCode> {
     let mut backlog: Vec<pb::Flow> = Vec::new();
     let mut pending = clusters;
     let mut failed = 0usize;
+    let mut broken = std::collections::BTreeSet::new();
     let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let ev = tokio::select! {
@@ -449,7 +452,16 @@ pub(crate) async fn run(args: ObserveArgs) -> Result<std::process::ExitCode> {
         match ev {
             Event::Flow(f) if pending > 0 => backlog.push(*f),
             Event::Flow(f) => print_flow(&f, args.output),
-            Event::Notice(ctx, n) => eprintln!("{}", notice_line(&ctx, &n)),
+            Event::Notice(ctx, n) => {
+                // "connected" is news only after a break.
+                let key = format!("{ctx}/{}", n.node);
+                if n.state == "reconnecting" || n.state == "unreachable" {
+                    broken.insert(key);
+                } else if n.state == "connected" && !broken.remove(&key) {
+                    continue;
+                }
+                eprintln!("{}", notice_line(&ctx, &n));
+            }
             Event::BacklogDone => {
                 pending = pending.saturating_sub(1);
                 if pending == 0 {
@@ -546,6 +558,10 @@ pub(crate) struct MapArgs {
     /// Where to write the page (`-`: standard output).
     #[arg(long, short = 'o')]
     output: std::path::PathBuf,
+    /// Also draw flows from nodes themselves (the node agents' health probes, host-network
+    /// pods), left out by default.
+    #[arg(long)]
+    include_nodes: bool,
     #[command(flatten)]
     kube: KubeArgs,
 }
@@ -585,18 +601,30 @@ fn workload(p: Option<&pb::FlowPeer>) -> flowmap::Workload {
     }
 }
 
-/// The map's edges from `flows` seen by the clusters in `observed`: each connection once — at
-/// the caller's node (egress), or at the receiver's (ingress) when the caller's cluster was
-/// not observed.
-pub(crate) fn edges(flows: &[pb::Flow]) -> Vec<flowmap::Edge> {
+/// The map's edges from `flows`: each connection once — at the caller's node (egress), or at
+/// the receiver's (ingress) when the caller is no pod of an observed cluster (a pod elsewhere,
+/// the world, a node's own process: no egress event of it is at hand).
+pub(crate) fn edges(flows: &[pb::Flow], include_nodes: bool) -> Vec<flowmap::Edge> {
     let observed: std::collections::BTreeSet<&str> =
         flows.iter().map(|f| f.cluster.as_str()).collect();
+    let from_node = |f: &pb::Flow| {
+        f.source.as_ref().is_some_and(|s| {
+            s.pod.is_empty()
+                && s.labels
+                    .iter()
+                    .any(|l| l == "reserved:host" || l == "reserved:remote-node")
+        })
+    };
     let edges = flows.iter().filter_map(|f| {
-        let src_cluster = f.source.as_ref().map_or("", |s| s.cluster.as_str());
-        if f.direction == "ingress"
-            && observed.contains(src_cluster)
-            && f.source.as_ref().is_some_and(|s| s.identity != 2)
-        {
+        if !include_nodes && from_node(f) {
+            return None;
+        }
+        // A pod of an observed cluster: its node recorded the connection at egress.
+        let src_pod_observed = f
+            .source
+            .as_ref()
+            .is_some_and(|s| !s.pod.is_empty() && observed.contains(s.cluster.as_str()));
+        if f.direction == "ingress" && src_pod_observed {
             return None;
         }
         let destination = if f.verdict == "no_backend" {
@@ -621,7 +649,7 @@ pub(crate) async fn map(args: MapArgs) -> Result<std::process::ExitCode> {
         filter.since = Some(Duration::from_secs(300));
     }
     let flows = collect(&args.kube, &args.contexts, &filter, 0).await?;
-    let edges = edges(&flows);
+    let edges = edges(&flows, args.include_nodes);
     let clusters: std::collections::BTreeSet<&str> =
         flows.iter().map(|f| f.cluster.as_str()).collect();
     let since = telemetry::duration::format(filter.since.unwrap_or_default());
@@ -715,8 +743,22 @@ mod map_tests {
             ),
             // Refused at the service.
             flow("east", "egress", x.clone(), b.clone(), "no_backend"),
+            // A node agent's probe: left out unless asked for.
+            flow(
+                "west",
+                "ingress",
+                pb::FlowPeer {
+                    cluster: "east".into(),
+                    node: "east-node-1".into(),
+                    labels: vec!["reserved:remote-node".into()],
+                    ..Default::default()
+                },
+                b.clone(),
+                "forwarded",
+            ),
         ];
-        let e = edges(&flows);
+        assert_eq!(edges(&flows, true).len(), 4);
+        let e = edges(&flows, false);
         let fwd = e
             .iter()
             .find(|e| e.verdict == "forwarded" && e.source.name == "x-wing")
