@@ -189,14 +189,24 @@ async fn follow_node(
                 .map(tonic::Response::into_inner)
                 .map_err(|s| format!("Observe: {}: {}", s.code(), s.message()))
         };
-        match attempt.await {
+        // The client may leave while an agent is dialled or quiet: stop at once then, or
+        // this task (and the agent's stream) would live until the agent sends something.
+        let attempt = tokio::select! {
+            r = attempt => r,
+            () = tx.closed() => return,
+        };
+        match attempt {
             Ok(mut stream) => {
                 backoff.healthy();
                 let _ = tx
                     .send(NodeMsg::Notice(notice(&node, "connected", addr.clone())))
                     .await;
                 let ended = loop {
-                    match stream.message().await {
+                    let m = tokio::select! {
+                        m = stream.message() => m,
+                        () = tx.closed() => return,
+                    };
+                    match m {
                         Ok(Some(pb::ObserveResponse {
                             what: Some(What::Flow(f)),
                         })) => {
@@ -340,6 +350,7 @@ impl Observer for Relay {
             while !waiting.is_empty() {
                 let msg = tokio::select! {
                     m = node_rx.recv() => m,
+                    () = tx.closed() => return,
                     () = tokio::time::sleep_until(deadline) => {
                         for node in std::mem::take(&mut waiting) {
                             notices.push(notice(&node, "unreachable", "no backlog within 10s".into()));
@@ -378,8 +389,14 @@ impl Observer for Relay {
             if tx.send(Ok(out_notice(done))).await.is_err() || !req.follow {
                 return;
             }
-            // 2. Live, as it comes.
-            while let Some(msg) = node_rx.recv().await {
+            // 2. Live, as it comes, until the client leaves (returning drops `node_rx`, which
+            // ends every node's task and with it the agent's stream).
+            loop {
+                let msg = tokio::select! {
+                    m = node_rx.recv() => m,
+                    () = tx.closed() => return,
+                };
+                let Some(msg) = msg else { return };
                 let out = match msg {
                     NodeMsg::Flow(f) => out_flow(*f),
                     NodeMsg::Notice(x) => out_notice(x),
