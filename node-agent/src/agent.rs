@@ -830,6 +830,7 @@ async fn session(
             n.set_names(crate::flows::Names::build(
                 &view,
                 &desired,
+                settings.cluster.as_str(),
                 settings.node.as_str(),
             ));
         }
