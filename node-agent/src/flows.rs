@@ -90,7 +90,8 @@ impl Names {
     ) -> Self {
         let mut n = Self::default();
         for (ip, p) in &view.pod_names {
-            if p.node == node && !p.uid.is_empty() {
+            // A peer's endpoint may claim this node and a local pod's UID: never local.
+            if p.cluster == cluster && p.node == node && !p.uid.is_empty() {
                 n.local_by_uid.insert(p.uid.clone(), *ip);
             }
             n.pods.insert(*ip, p.clone());
