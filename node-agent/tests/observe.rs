@@ -643,3 +643,54 @@ fn quiet_direct() -> pb::ObserveRequest {
         ..Default::default()
     }
 }
+
+/// Attack 5 (one node-agent credential): a node's agent says its flows are another node's,
+/// of another cluster. The relay shows them as the flows of the node whose certificate the
+/// agent presented, of this cluster, and keeps relaying after one dated at the end of time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_pass_its_flows_off_as_another_nodes() {
+    let forged = Arc::new(Store::new(16));
+    for i in 0..2 {
+        let mut f = flow("n1", 10 + i);
+        f.cluster = "west".into();
+        forged.push(f);
+    }
+    let r = Relayed::start([store_with("n1", 2, 16), Arc::clone(&forged)]).await;
+    let admin = id("east", 1, Role::Admin);
+    let follow = pb::ObserveRequest {
+        last: 100,
+        follow: true,
+        ..Default::default()
+    };
+    let (a, mut stream) = eventually("the relay serves both nodes", T, || async {
+        let (a, s) = observe(r.client(&r.pki.ca, &admin).await, follow.clone())
+            .await
+            .ok()?;
+        (a.flows.len() == 4).then_some((a, s))
+    })
+    .await;
+    let by = |node: &str| a.flows.iter().filter(|f| f.node == node).count();
+    assert_eq!((by("n1"), by("n2")), (2, 2), "{:#?}", a.flows);
+    assert!(
+        a.flows.iter().all(|f| f.cluster == "east"),
+        "{:#?}",
+        a.flows
+    );
+    // Live: a forged flow from the end of time, then a plain one; both relayed as n2's.
+    let mut late = flow("n1", 0);
+    late.time_unix_nanos = i64::MAX;
+    forged.push(late);
+    forged.push(flow("n1", 99));
+    let mut live = Vec::new();
+    while live.len() < 2 {
+        let m = tokio::time::timeout(T, stream.message())
+            .await
+            .expect("relayed")
+            .unwrap()
+            .unwrap();
+        if let Some(What::Flow(f)) = m.what {
+            live.push(f);
+        }
+    }
+    assert!(live.iter().all(|f| f.node == "n2"), "{live:#?}");
+}

@@ -208,16 +208,21 @@ async fn follow_node(
                     };
                     match m {
                         Ok(Some(pb::ObserveResponse {
-                            what: Some(What::Flow(f)),
+                            what: Some(What::Flow(mut f)),
                         })) => {
+                            // The agent proved to be this node's (its certificate): its
+                            // flows are this node's, whatever they say.
+                            f.node.clone_from(&node);
+                            f.cluster = relay.cluster.to_string();
                             last_seen = last_seen.max(f.time_unix_nanos);
                             if tx.send(NodeMsg::Flow(Box::new(f))).await.is_err() {
                                 return;
                             }
                         }
                         Ok(Some(pb::ObserveResponse {
-                            what: Some(What::Notice(n)),
+                            what: Some(What::Notice(mut n)),
                         })) => {
+                            n.node.clone_from(&node);
                             if n.state == "backlog_complete" {
                                 if !backlog_done {
                                     backlog_done = true;
@@ -268,7 +273,7 @@ async fn follow_node(
         // gap; a restarted agent kept none of it).
         req.last = 0;
         if last_seen > 0 {
-            req.since_unix_nanos = last_seen + 1;
+            req.since_unix_nanos = last_seen.saturating_add(1);
         } else {
             req.since_unix_nanos = req.since_unix_nanos.max(1);
         }

@@ -218,7 +218,7 @@ async fn stream_cluster(cluster: Cluster, mut req: pb::ObserveRequest, tx: mpsc:
         // Again, from the last flow shown: the nodes' kept flows fill the gap.
         req.last = 0;
         req.since_unix_nanos = if last_seen > 0 {
-            last_seen + 1
+            last_seen.saturating_add(1)
         } else {
             req.since_unix_nanos.max(1)
         };
