@@ -527,7 +527,10 @@ async fn follow(
     }
 }
 
-fn decode(view: &mut MeshView, c: &pb::Change) {
+/// Applies one change to the view. `own`: this agent's cluster; only its endpoints can be
+/// local pods (a peer chooses what its endpoints say, including a node name and a pod UID
+/// of this cluster, which this cluster's exports show it).
+fn decode(view: &mut MeshView, own: &ClusterName, c: &pb::Change) {
     let Ok(kind) = c.kind.parse::<Kind>() else {
         return;
     };
@@ -570,7 +573,7 @@ fn decode(view: &mut MeshView, c: &pb::Change) {
                             view.pod_names.remove(&ep.ip);
                         }
                     }
-                    match ep.pod.filter(|p| !p.uid.is_empty()) {
+                    match ep.pod.filter(|p| !p.uid.is_empty() && ep.cluster == *own) {
                         Some(p) => {
                             view.pods
                                 .insert(ep.ip, (ep.node.to_string(), p.uid, ep.identity.get()));
@@ -601,6 +604,16 @@ fn decode(view: &mut MeshView, c: &pb::Change) {
             }
         }
     }
+}
+
+/// This node's pods: UID → identity (the view's pods are this cluster's only, see
+/// [`decode`]).
+fn local_pods(view: &MeshView, node: &str) -> BTreeMap<String, u32> {
+    view.pods
+        .values()
+        .filter(|(n, _, _)| *n == node)
+        .map(|(_, uid, id)| (uid.clone(), *id))
+        .collect()
 }
 
 /// Logs each refusal that is new or changed since `before`, and each one that went away.
@@ -798,7 +811,7 @@ async fn session(
             snapshot_done = false;
         }
         for c in &msg.changes {
-            decode(&mut view, c);
+            decode(&mut view, &settings.cluster, c);
         }
         snapshot_done |= msg.snapshot_complete;
         revision = revision.max(msg.revision);
@@ -812,7 +825,7 @@ async fn session(
                         snapshot_done = false;
                     }
                     for c in &m.changes {
-                        decode(&mut view, c);
+                        decode(&mut view, &settings.cluster, c);
                     }
                     snapshot_done |= m.snapshot_complete;
                     revision = revision.max(m.revision);
@@ -830,6 +843,7 @@ async fn session(
             n.set_names(crate::flows::Names::build(
                 &view,
                 &desired,
+                settings.cluster.as_str(),
                 settings.node.as_str(),
             ));
         }
@@ -839,12 +853,7 @@ async fn session(
         let next = crate::enforce::Inputs {
             synced: true,
             identities: view.labels.clone(),
-            local_pods: view
-                .pods
-                .values()
-                .filter(|(n, _, _)| *n == node)
-                .map(|(_, uid, id)| (uid.clone(), *id))
-                .collect(),
+            local_pods: local_pods(&view, &node),
         };
         inputs.send_if_modified(|cur| {
             if **cur == next {
@@ -1055,6 +1064,74 @@ mod state_tests {
             Ok(()),
             "a refused service keeping its earlier programming is still served"
         );
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use model::{ClusterId, NodeName, NumericIdentity};
+
+    fn endpoint(cluster: &str, id: u64, ip: &str, node: &str, uid: &str) -> pb::Change {
+        let cluster_id = ClusterId::new(id).unwrap();
+        pb::Change {
+            op: pb::change::Op::Put as i32,
+            cluster: cluster.into(),
+            kind: Kind::Endpoints.as_str().into(),
+            name: ip.into(),
+            value: model::Endpoint {
+                cluster: ClusterName::new(cluster).unwrap(),
+                ip: ip.parse().unwrap(),
+                identity: NumericIdentity::scoped(cluster_id, 300).unwrap(),
+                node: NodeName::new(node).unwrap(),
+                pod: Some(model::endpoint::PodRef {
+                    namespace: "rebel".into(),
+                    name: format!("{cluster}-pod"),
+                    uid: uid.into(),
+                }),
+            }
+            .encode(),
+            revision: 1,
+            origin_unix_micros: 0,
+        }
+    }
+
+    /// A peer exports an endpoint that claims this node and the UID of one of its pods (both
+    /// visible in this cluster's exports): the pod keeps its own identity for policy, and its
+    /// flows keep its own name, whatever order the view lists them in.
+    #[test]
+    fn a_peers_endpoint_cannot_take_over_a_local_pod_by_its_uid() {
+        let east = ClusterName::new("east").unwrap();
+        let uid = "8d0b8a9e-2f7c-4a53-9b1e-3c5d6e7f8a90";
+        let own = NumericIdentity::scoped(ClusterId::new(1).unwrap(), 300)
+            .unwrap()
+            .get();
+        // Hash maps list in a random order per instance: many of them, both orders of arrival.
+        for i in 0..32 {
+            let mut view = MeshView::default();
+            let mut changes = vec![
+                endpoint("east", 1, "10.1.0.7", "n1", uid),
+                endpoint("west", 2, "10.2.0.9", "n1", uid),
+            ];
+            if i % 2 == 1 {
+                changes.reverse();
+            }
+            for c in &changes {
+                decode(&mut view, &east, c);
+            }
+            assert_eq!(
+                local_pods(&view, "n1"),
+                BTreeMap::from([(uid.to_owned(), own)]),
+                "policy: the pod's own identity"
+            );
+            let names = crate::flows::Names::build(&view, &[], "east", "n1");
+            assert_eq!(
+                names.local_by_uid.get(uid),
+                Some(&"10.1.0.7".parse().unwrap()),
+                "flows: the pod's own address"
+            );
+        }
     }
 }
 

@@ -80,18 +80,35 @@ pub struct Names {
 }
 
 impl Names {
-    /// Builds the names from the Mesh API view and the desired services.
-    pub fn build(view: &crate::desired::MeshView, desired: &[DesiredService], node: &str) -> Self {
+    /// Builds the names from the Mesh API view and the desired services, for `node` of
+    /// `cluster`.
+    pub fn build(
+        view: &crate::desired::MeshView,
+        desired: &[DesiredService],
+        cluster: &str,
+        node: &str,
+    ) -> Self {
         let mut n = Self::default();
         for (ip, p) in &view.pod_names {
-            if p.node == node && !p.uid.is_empty() {
+            // A peer's endpoint may claim this node and a local pod's UID: never local.
+            if p.cluster == cluster && p.node == node && !p.uid.is_empty() {
                 n.local_by_uid.insert(p.uid.clone(), *ip);
             }
             n.pods.insert(*ip, p.clone());
         }
-        for ((cluster, name), addrs) in &view.nodes {
+        // A peer chooses its nodes' addresses and nothing checks them: this cluster's nodes
+        // are named first, so a peer cannot pass this cluster's own nodes off as its own; an
+        // address two peers claim goes to the first by name (never to whichever a hash map
+        // happens to list last).
+        let mut nodes: Vec<_> = view.nodes.iter().collect();
+        nodes.sort_by(|((ca, na), _), ((cb, nb), _)| {
+            (ca != cluster, ca, na).cmp(&(cb != cluster, cb, nb))
+        });
+        for ((c, name), addrs) in nodes {
             for a in addrs {
-                n.nodes.insert(*a, (cluster.clone(), name.clone()));
+                n.nodes
+                    .entry(*a)
+                    .or_insert_with(|| (c.clone(), name.clone()));
             }
         }
         for (id, (cluster, labels)) in &view.labels {
@@ -679,6 +696,36 @@ mod tests {
             0,
         );
         assert_eq!(f.destination.unwrap().address, "10.96.0.10");
+    }
+
+    /// A peer that claims this cluster's node address for one of its nodes: flows to that
+    /// address still name this cluster's node, whatever order the view lists them in.
+    #[test]
+    fn a_peer_cannot_pass_this_clusters_node_off_as_its_own() {
+        let ip: IpAddr = "192.168.1.5".parse().unwrap();
+        let n = namer();
+        let mut e = ev(FlowDirection::Egress, FlowVerdict::Forwarded, 0);
+        e.peer = SocketAddr::new(ip, 10250);
+        e.remote_identity = 2;
+        e.remote_cluster = 0;
+        // Hash maps list in a random order per instance (not per clone): many of them.
+        for _ in 0..32 {
+            let mut view = crate::desired::MeshView::default();
+            for i in 0..8 {
+                view.nodes
+                    .insert(("west".into(), format!("west-evil-{i}")), vec![ip]);
+            }
+            view.nodes
+                .insert(("east".into(), "east-node-2".into()), vec![ip]);
+            n.set_names(Names::build(&view, &[], "east", "east-node-1"));
+            let d = n.flow(&e, 0).destination.unwrap();
+            assert_eq!(
+                (d.cluster.as_str(), d.node.as_str()),
+                ("east", "east-node-2"),
+                "{d:?}"
+            );
+            assert_eq!(d.labels, vec!["reserved:remote-node".to_owned()]);
+        }
     }
 
     #[test]

@@ -883,4 +883,37 @@ mod tests {
         assert_eq!(len, 112);
         assert_eq!(&a[10..16], &[0xff, 0xff, 10, 1, 0, 0]);
     }
+
+    /// A record the agent did not expect (another layout, a truncated or corrupt one) is
+    /// skipped and counted, never a panic in the reader: every length, and every value of
+    /// each byte of a valid record.
+    #[test]
+    fn malformed_flow_records_are_refused_without_panicking() {
+        for len in 0..=2 * FLOW_EVENT_LEN {
+            let b = vec![0xa5u8; len];
+            if len != FLOW_EVENT_LEN {
+                assert!(parse_flow_event(&b).is_none(), "{len} bytes");
+            }
+            let _ = parse_flow_event(&b);
+        }
+        let mut good = vec![0u8; FLOW_EVENT_LEN];
+        good[78] = 4; // IPv4
+        good[79] = 6; // TCP
+        good[80] = 1; // egress
+        good[81] = 1; // forwarded
+        assert!(parse_flow_event(&good).is_some());
+        for i in 0..FLOW_EVENT_LEN {
+            for v in 0..=u8::MAX {
+                let mut b = good.clone();
+                b[i] = v;
+                let _ = parse_flow_event(&b);
+            }
+        }
+        // Unknown family, protocol, direction or verdict: refused, not guessed.
+        for (i, v) in [(78, 5), (79, 1), (80, 2), (81, 0), (81, 5)] {
+            let mut b = good.clone();
+            b[i] = v;
+            assert!(parse_flow_event(&b).is_none(), "byte {i} = {v}");
+        }
+    }
 }

@@ -260,3 +260,199 @@ fn udp_reports_the_first_datagram_per_socket_and_peer_only() {
     assert_eq!(count(s.id, FlowDirection::Egress), 1, "{evs:#?}");
     assert_eq!(count(a.id, FlowDirection::Ingress), 1, "{evs:#?}");
 }
+
+/// Sends one datagram from one UDP socket in `pod` (bound to `src`) to each of `peers`
+/// (`rounds` times over); every `sendto` must succeed. Returns how many were sent.
+fn udp_to_many(pod: &PodCgroup, src: &str, peers: usize, rounds: usize) -> u64 {
+    let script = format!(
+        "{}exec python3 -c 'import json, socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((\"{src}\",0))\nsent, errors = 0, {{}}\nfor _ in range({rounds}):\n    for i in range({peers}):\n        try:\n            s.sendto(b\"x\",(\"127.31.%d.%d\" % (i // 250, i % 250 + 1), 9))\n            sent += 1\n        except Exception as e:\n            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1\nprint(json.dumps({{\"sent\": sent, \"errors\": errors}}))'",
+        pod.join(),
+    );
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!({}), "no send fails: {v}");
+    v["sent"].as_u64().unwrap()
+}
+
+fn flows_lost(p: &Programmer) -> u64 {
+    p.datapath()
+        .stats()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| *n == "flow_events_lost")
+        .unwrap()
+        .1
+}
+
+/// With flows on and nobody reading, the ring fills: every send and connect still succeeds,
+/// and every event that found no room is counted (`flow_events_lost`): events kept plus
+/// events lost is exactly the number of flows.
+#[test]
+fn a_ring_nobody_reads_drops_and_counts_events_and_fails_no_call() {
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "client"),
+        PodCgroup::new(&node, "server"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.10.3:{port}").parse().unwrap();
+    let _server = s.server("rebel-base", s_addr);
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[("127.0.10.1", A, 1), ("127.0.10.3", S, 2)]))
+        .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, false, false)])
+        .unwrap();
+    let mut ring = enable_flows(&mut p);
+    let before = flows_lost(&p);
+    // More first datagrams than the ring (4 MiB, 96 bytes an event) holds.
+    const PEERS: usize = 60_000;
+    assert_eq!(udp_to_many(&a, "127.0.10.1", PEERS, 1), PEERS as u64);
+    let lost_udp = flows_lost(&p) - before;
+    assert!(lost_udp > 0, "a full ring drops (and counts)");
+    // Connections while the ring is full: all succeed, their events are counted as lost.
+    let run = a.client("tcp", "127.0.10.1", s_addr, 20);
+    assert_eq!(ok(&run, "rebel-base"), 20, "{run}");
+    let lost = flows_lost(&p) - before;
+    assert_eq!(
+        lost - lost_udp,
+        40,
+        "egress and ingress of each connection lost"
+    );
+    let mut kept = 0u64;
+    while let Some(item) = ring.next() {
+        let e = maps::parse_flow_event(&item).expect("a flow event of this layout");
+        assert_eq!(
+            (e.cgroup, e.direction, e.proto),
+            (a.id, FlowDirection::Egress, Proto::Udp),
+            "{e:?}"
+        );
+        kept += 1;
+    }
+    assert_eq!(kept + lost_udp, PEERS as u64, "each flow kept or counted");
+    // Drained: events flow again.
+    let run = a.client("tcp", "127.0.10.1", s_addr, 1);
+    assert_eq!(ok(&run, "rebel-base"), 1, "{run}");
+    let evs = read_until(&mut ring, 2, |e| e.proto == Proto::Tcp);
+    assert_eq!(evs.iter().filter(|e| e.proto == Proto::Tcp).count(), 2);
+}
+
+/// One UDP socket talking to many peers: one event per peer, however many datagrams each
+/// gets (the seen-map remembers every pair, it does not forget a long-lived socket's peers).
+#[test]
+fn a_udp_socket_sending_to_many_peers_is_one_flow_per_peer() {
+    let node = Node::new();
+    let a = PodCgroup::new(&node, "client");
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[("127.0.11.1", A, 1)])).unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, false)]).unwrap();
+    let mut ring = enable_flows(&mut p);
+    const PEERS: usize = 2_000;
+    assert_eq!(udp_to_many(&a, "127.0.11.1", PEERS, 5), 5 * PEERS as u64);
+    let evs = read_until(&mut ring, PEERS, |e| e.cgroup == a.id);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut evs = evs;
+    while let Some(item) = ring.next() {
+        evs.push(maps::parse_flow_event(&item).unwrap());
+    }
+    let peers: std::collections::HashSet<SocketAddr> = evs.iter().map(|e| e.peer).collect();
+    assert_eq!(evs.len(), PEERS, "one event per peer, not per datagram");
+    assert_eq!(peers.len(), PEERS, "each peer once");
+    assert!(evs.iter().all(|e| e.direction == FlowDirection::Egress
+        && e.proto == Proto::Udp
+        && e.peer.port() == 9
+        && e.local_identity == A));
+    assert_eq!(flows_lost(&p), 0);
+}
+
+/// IPv6: a TCP connection and a UDP datagram over [::1] between two pods are reported with
+/// IPv6 addresses and the right ports, at egress and at ingress.
+#[test]
+fn ipv6_flows_carry_ipv6_addresses_and_ports() {
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "client6"),
+        PodCgroup::new(&node, "server6"),
+    );
+    let port = common::free_port();
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[("::1", S, 2)])).unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, false, false)])
+        .unwrap();
+    let mut ring = enable_flows(&mut p);
+    let server = format!(
+        "{}exec python3 -c 'import socket, threading\nt=socket.socket(socket.AF_INET6)\nt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\nt.bind((\"::1\",{port}))\nt.listen(8)\nu=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\nu.bind((\"::1\",{port}))\ndef udp():\n    while True:\n        d, src = u.recvfrom(64)\n        u.sendto(b\"v6\", src)\nthreading.Thread(target=udp, daemon=True).start()\nprint(\"ready\", flush=True)\nwhile True:\n    c, _ = t.accept()\n    c.sendall(b\"v6\")\n    c.close()'",
+        s.join()
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(server)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _server = common::pod_cgroup::Server({
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        child
+    });
+    let client = format!(
+        "{}exec python3 -c 'import socket\nt=socket.socket(socket.AF_INET6)\nt.settimeout(2)\nt.connect((\"::1\",{port}))\nassert t.recv(8) == b\"v6\"\ntcp = t.getsockname()[1]\nu=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\nu.settimeout(2)\nu.sendto(b\"x\",(\"::1\",{port}))\nassert u.recvfrom(8)[0] == b\"v6\"\nprint(tcp, u.getsockname()[1])'",
+        a.join()
+    );
+    let out = Command::new("sh").arg("-c").arg(client).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let (tcp_port, udp_port) = (ports[0], ports[1]);
+    let server_addr: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let evs = read_until(&mut ring, 6, |_| true);
+    let find = |cg: u64, d: FlowDirection, proto: Proto| {
+        evs.iter()
+            .filter(|e| e.cgroup == cg && e.direction == d && e.proto == proto)
+            .collect::<Vec<_>>()
+    };
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let client_port = if proto == Proto::Tcp {
+            tcp_port
+        } else {
+            udp_port
+        };
+        let out = find(a.id, FlowDirection::Egress, proto);
+        assert_eq!(out.len(), 1, "{proto:?} egress: {evs:#?}");
+        assert_eq!((out[0].orig, out[0].peer), (server_addr, server_addr));
+        assert_eq!(
+            (
+                out[0].local_identity,
+                out[0].remote_identity,
+                out[0].remote_cluster
+            ),
+            (A, S, 2)
+        );
+        let inn = find(s.id, FlowDirection::Ingress, proto);
+        assert_eq!(inn.len(), 1, "{proto:?} ingress: {evs:#?}");
+        assert_eq!(inn[0].orig, server_addr, "the local address");
+        assert_eq!(
+            inn[0].peer,
+            format!("[::1]:{client_port}")
+                .parse::<SocketAddr>()
+                .unwrap(),
+            "the client's address and port"
+        );
+        assert_eq!(inn[0].local_identity, S);
+    }
+}

@@ -189,25 +189,40 @@ async fn follow_node(
                 .map(tonic::Response::into_inner)
                 .map_err(|s| format!("Observe: {}: {}", s.code(), s.message()))
         };
-        match attempt.await {
+        // The client may leave while an agent is dialled or quiet: stop at once then, or
+        // this task (and the agent's stream) would live until the agent sends something.
+        let attempt = tokio::select! {
+            r = attempt => r,
+            () = tx.closed() => return,
+        };
+        match attempt {
             Ok(mut stream) => {
                 backoff.healthy();
                 let _ = tx
                     .send(NodeMsg::Notice(notice(&node, "connected", addr.clone())))
                     .await;
                 let ended = loop {
-                    match stream.message().await {
+                    let m = tokio::select! {
+                        m = stream.message() => m,
+                        () = tx.closed() => return,
+                    };
+                    match m {
                         Ok(Some(pb::ObserveResponse {
-                            what: Some(What::Flow(f)),
+                            what: Some(What::Flow(mut f)),
                         })) => {
+                            // The agent proved to be this node's (its certificate): its
+                            // flows are this node's, whatever they say.
+                            f.node.clone_from(&node);
+                            f.cluster = relay.cluster.to_string();
                             last_seen = last_seen.max(f.time_unix_nanos);
                             if tx.send(NodeMsg::Flow(Box::new(f))).await.is_err() {
                                 return;
                             }
                         }
                         Ok(Some(pb::ObserveResponse {
-                            what: Some(What::Notice(n)),
+                            what: Some(What::Notice(mut n)),
                         })) => {
+                            n.node.clone_from(&node);
                             if n.state == "backlog_complete" {
                                 if !backlog_done {
                                     backlog_done = true;
@@ -258,7 +273,7 @@ async fn follow_node(
         // gap; a restarted agent kept none of it).
         req.last = 0;
         if last_seen > 0 {
-            req.since_unix_nanos = last_seen + 1;
+            req.since_unix_nanos = last_seen.saturating_add(1);
         } else {
             req.since_unix_nanos = req.since_unix_nanos.max(1);
         }
@@ -340,6 +355,7 @@ impl Observer for Relay {
             while !waiting.is_empty() {
                 let msg = tokio::select! {
                     m = node_rx.recv() => m,
+                    () = tx.closed() => return,
                     () = tokio::time::sleep_until(deadline) => {
                         for node in std::mem::take(&mut waiting) {
                             notices.push(notice(&node, "unreachable", "no backlog within 10s".into()));
@@ -378,8 +394,14 @@ impl Observer for Relay {
             if tx.send(Ok(out_notice(done))).await.is_err() || !req.follow {
                 return;
             }
-            // 2. Live, as it comes.
-            while let Some(msg) = node_rx.recv().await {
+            // 2. Live, as it comes, until the client leaves (returning drops `node_rx`, which
+            // ends every node's task and with it the agent's stream).
+            loop {
+                let msg = tokio::select! {
+                    m = node_rx.recv() => m,
+                    () = tx.closed() => return,
+                };
+                let Some(msg) = msg else { return };
                 let out = match msg {
                     NodeMsg::Flow(f) => out_flow(*f),
                     NodeMsg::Notice(x) => out_notice(x),

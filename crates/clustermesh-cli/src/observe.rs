@@ -218,7 +218,7 @@ async fn stream_cluster(cluster: Cluster, mut req: pb::ObserveRequest, tx: mpsc:
         // Again, from the last flow shown: the nodes' kept flows fill the gap.
         req.last = 0;
         req.since_unix_nanos = if last_seen > 0 {
-            last_seen + 1
+            last_seen.saturating_add(1)
         } else {
             req.since_unix_nanos.max(1)
         };
@@ -289,8 +289,11 @@ fn notice_line(ctx: &str, n: &pb::ObserveNotice) -> String {
         s.push_str(": ");
         s.push_str(&n.message);
     }
-    s
+    model::escape::bounded(&s, MAX_LINE)
 }
+
+/// Longest line shown (a peer's names are its choice: no screenful, no terminal escapes).
+const MAX_LINE: usize = 4096;
 
 /// Formats a time (Unix nanoseconds) as RFC 3339 UTC with milliseconds.
 fn time_text(nanos: i64) -> String {
@@ -369,7 +372,8 @@ fn flow_line(f: &pb::Flow) -> String {
         s.push_str(&format!(" ({})", f.reason));
     }
     s.push_str(&format!(" [{}]", f.node));
-    s
+    // Pod names and namespaces of peers' endpoints reach here unchecked.
+    model::escape::bounded(&s, MAX_LINE)
 }
 
 fn peer_json(p: Option<&pb::FlowPeer>) -> serde_json::Value {
@@ -533,6 +537,39 @@ mod tests {
         let j = flow_json(&f);
         assert_eq!(j["destination"]["pod"], "rebel-base-1");
         assert_eq!(j["failedOver"], true);
+    }
+
+    /// A peer names its pods as it likes (nothing checks a peer endpoint's pod name): a
+    /// name carrying terminal escapes or a newline is shown escaped, on one bounded line.
+    #[test]
+    fn a_peers_pod_name_cannot_drive_the_terminal() {
+        let evil = "x\u{1b}]0;owned\u{7}\u{1b}[2J\r\nFORGED LINE\u{9b}31m";
+        let f = pb::Flow {
+            direction: "egress".into(),
+            source: Some(peer("east", "rebel", "x-wing", 65_793, 0)),
+            destination: Some(peer("west", evil, &evil.repeat(1_000), 131_331, 80)),
+            verdict: "forwarded".into(),
+            node: "east-node-1".into(),
+            ..Default::default()
+        };
+        let line = flow_line(&f);
+        let head: String = line.chars().take(200).collect();
+        assert!(!line.chars().any(char::is_control), "{head:?}");
+        assert!(line.contains("\\u{1b}[2J"), "{head}");
+        // Escaped characters take up to 10 each; the cut is marked.
+        assert!(
+            line.len() < 10 * MAX_LINE && line.ends_with("more)"),
+            "{} bytes",
+            line.len()
+        );
+        let n = pb::ObserveNotice {
+            node: "n1".into(),
+            state: "reconnecting".into(),
+            message: evil.into(),
+            lost: 0,
+        };
+        let line = notice_line("east", &n);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
     }
 
     #[test]
