@@ -406,7 +406,8 @@ impl Namer {
         };
         pb::FlowPeer {
             cluster: self.cluster.clone(),
-            cluster_id: 0,
+            // A cluster's identities carry its ID in their upper 16 bits.
+            cluster_id: identity >> 16,
             identity,
             labels,
             namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),

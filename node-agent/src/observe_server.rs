@@ -24,6 +24,50 @@ use crate::flows::Store;
 
 /// Streams at once (a bound on what callers can make the agent hold).
 const MAX_STREAMS: usize = 64;
+/// TLS handshakes in flight at once, and from one source address.
+const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+
+/// One handshake of a source address, given back when dropped.
+struct SourceSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut c = counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = c.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: Arc::clone(counts),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut c = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -162,10 +206,23 @@ pub async fn spawn(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let (conn_tx, conn_rx) = mpsc::channel(16);
+    // Unauthenticated callers are bounded before the handshake: so many handshakes at once,
+    // and fewer per source address (any pod can reach the node's address).
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                tracing::debug!(client = %peer, "Observe connection refused: too many handshakes");
+                continue;
+            };
+            let Some(source) = SourceSlot::take(&per_source, peer.ip()) else {
+                tracing::debug!(client = %peer, "Observe connection refused: too many handshakes from this source");
                 continue;
             };
             let mut config = tls.server_config();
@@ -173,6 +230,7 @@ pub async fn spawn(
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
             let conn_tx = conn_tx.clone();
             tokio::spawn(async move {
+                let (_permit, _source) = (permit, source);
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(s)).await;
@@ -197,4 +255,35 @@ pub async fn spawn(
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_source_holds_a_bounded_number_of_handshakes() {
+        let counts = Arc::default();
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        let b: std::net::IpAddr = [10, 0, 0, 2].into();
+        let mut held: Vec<SourceSlot> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .filter_map(|_| SourceSlot::take(&counts, a))
+            .collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES_PER_SOURCE);
+        assert!(SourceSlot::take(&counts, a).is_none(), "one too many");
+        assert!(
+            SourceSlot::take(&counts, b).is_some(),
+            "another source is not affected"
+        );
+        held.pop();
+        assert!(
+            SourceSlot::take(&counts, a).is_some(),
+            "a slot given back is free again"
+        );
+        drop(held);
+        assert!(
+            counts.lock().map(|c| c.is_empty()).unwrap_or(false),
+            "nothing kept for sources without a handshake"
+        );
+    }
 }

@@ -30,6 +30,8 @@ use wire::pb::observer_server::Observer;
 
 /// Relayed streams at once.
 const MAX_STREAMS: usize = 32;
+/// Most flows of the nodes' backlogs one request holds (about 0.5 KiB each).
+const MAX_BACKLOG: usize = 50_000;
 /// How long the backlog may take to arrive from every node.
 const BACKLOG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialling one agent may take.
@@ -351,6 +353,7 @@ impl Observer for Relay {
             let mut backlog: BTreeMap<(i64, u64), pb::Flow> = BTreeMap::new();
             let mut notices = Vec::new();
             let mut n = 0u64;
+            let mut truncated = 0u64;
             let deadline = tokio::time::Instant::now() + BACKLOG_TIMEOUT;
             while !waiting.is_empty() {
                 let msg = tokio::select! {
@@ -368,12 +371,27 @@ impl Observer for Relay {
                     Some(NodeMsg::Flow(f)) => {
                         n += 1;
                         backlog.insert((f.time_unix_nanos, n), *f);
+                        // Bounded: the newest are kept, the client is told.
+                        if backlog.len() > MAX_BACKLOG {
+                            backlog.pop_first();
+                            truncated += 1;
+                        }
                     }
                     Some(NodeMsg::BacklogDone(node)) => {
                         waiting.remove(&node);
                     }
                     Some(NodeMsg::Notice(x)) => notices.push(x),
                 }
+            }
+            if truncated > 0 {
+                notices.push(pb::ObserveNotice {
+                    node: String::new(),
+                    state: "lost".into(),
+                    message: format!(
+                        "the nodes' backlog held more than {MAX_BACKLOG} matching flows; the oldest {truncated} were left out (narrow the filters or --since)"
+                    ),
+                    lost: truncated,
+                });
             }
             let skip = if req.last > 0 {
                 backlog.len().saturating_sub(req.last as usize)
