@@ -455,7 +455,7 @@ struct flow_event {
 	__u16 orig_port;        // network order
 	__u16 peer_port;        // network order
 	__u32 local_identity;   // 0: the cgroup is no endpoint
-	__u32 remote_identity;  // of `peer` (IDENTITY_WORLD when unknown)
+	__u32 remote_identity;  // of `peer` when policy decided (WORLD when unknown); else 0: the agent resolves it
 	__u32 backend_id;       // 0: no backend
 	__u32 rule;             // with FLOWF_RULE: the agent's index of the deciding rule
 	__u16 remote_cluster;
@@ -934,9 +934,12 @@ static __always_inline int egress(struct bpf_sock_addr *ctx, const __u8 *addr16,
 	if (enforced || flows) {
 		fi->cgroup = cg;
 		fi->local_id = ep ? ep->identity : 0;
-		fi->remote_id = identity_of(addr16, &fi->cluster);
 		int out = OUT_ALLOWED;
+		// The peer's identity is looked up only to decide policy; a flow alone leaves it
+		// to the agent (remote_id 0), which knows every address's identity: a cold lookup
+		// fewer per connect.
 		if (enforced) {
+			fi->remote_id = identity_of(addr16, &fi->cluster);
 			fi->flags |= FLOWF_ENFORCED;
 			out = decide(fi->local_id, DIR_EGRESS, proto, fi->remote_id, fi->cluster, port,
 				     fi);
@@ -1374,9 +1377,9 @@ int cm_ingress(struct __sk_buff *skb)
 	struct flow_info fi = {};
 	fi.cgroup = cg;
 	fi.local_id = ep->identity;
-	fi.remote_id = identity_of(addr16, &fi.cluster);
 	int out = OUT_ALLOWED;
 	if (enforced) {
+		fi.remote_id = identity_of(addr16, &fi.cluster);
 		fi.flags |= FLOWF_ENFORCED;
 		out = decide(fi.local_id, DIR_INGRESS, proto, fi.remote_id, fi.cluster, dport, &fi);
 	}

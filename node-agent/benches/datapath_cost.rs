@@ -269,6 +269,18 @@ fn main() {
         })
         .unwrap();
     let memlock_empty = memlock(&pins);
+    // A reader drains the flow ring (as the agent does) while rows with flows on run.
+    let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drainer = {
+        let mut ring = p.datapath_mut().flows.take().unwrap();
+        let stop = Arc::clone(&drained);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while ring.next().is_some() {}
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
     let connect4 = attached(&cgroup, "cm_connect4");
     let sockops = attached(&cgroup, "cm_sockops");
     // Wildcard listeners: every 127.x address of a backend reaches them.
@@ -296,6 +308,18 @@ fn main() {
             &label,
             cost(&[sockops], &targets, n),
         );
+        // Flow events on (the agent's default), the ring drained as the agent does.
+        p.datapath_mut()
+            .update_config(|c| c.flags |= maps::CFG_FLOWS)
+            .unwrap();
+        row(
+            "cm_connect4, translated connect, round robin over every service, flow events on",
+            &label,
+            cost(&[connect4], &targets, n),
+        );
+        p.datapath_mut()
+            .update_config(|c| c.flags &= !maps::CFG_FLOWS)
+            .unwrap();
         row(
             "cm_connect4, connect to a non-service address",
             &label,
@@ -361,6 +385,8 @@ fn main() {
     sh(&format!(
         "sysctl -qw kernel.bpf_stats_enabled={stats_before}"
     ));
+    drained.store(true, std::sync::atomic::Ordering::Relaxed);
+    drainer.join().unwrap();
 
     // Probe load: live backends on 40 addresses, in this process (outside the node's cgroup).
     // CMCOST_KERNEL_ONLY=1 stops here (for quick comparisons of datapath variants).

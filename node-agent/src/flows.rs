@@ -77,6 +77,8 @@ pub struct Names {
     pub backends: HashMap<(SocketAddr, Proto), Vec<String>>,
     /// Nodes' addresses → (cluster, node name).
     pub nodes: HashMap<IpAddr, (String, String)>,
+    /// Every known endpoint address's identity (the IP cache, as the agent programs it).
+    pub addresses: HashMap<IpAddr, u32>,
 }
 
 impl Names {
@@ -111,6 +113,11 @@ impl Names {
                     .or_insert_with(|| (c.clone(), name.clone()));
             }
         }
+        n.addresses = view
+            .identities
+            .iter()
+            .map(|(ip, id)| (*ip, id.get()))
+            .collect();
         for (id, (cluster, labels)) in &view.labels {
             n.identities.insert(
                 *id,
@@ -337,6 +344,15 @@ impl Namer {
         identity: u32,
         cluster_id: u16,
     ) -> pb::FlowPeer {
+        // No policy decided: the kernel left the identity to us.
+        let (identity, cluster_id) = if identity == 0 {
+            match names.addresses.get(&addr.ip()) {
+                Some(id) => (*id, (*id >> 16) as u16),
+                None => (2, 0),
+            }
+        } else {
+            (identity, cluster_id)
+        };
         let pod = names.pods.get(&addr.ip());
         if pod.is_none()
             && let Some((cluster, node)) = names.nodes.get(&addr.ip())
@@ -670,6 +686,33 @@ mod tests {
         assert_eq!(f.reason, "allowed by CiliumNetworkPolicy rebel/x-wing");
         let s = f.source.unwrap();
         assert_eq!((s.cluster.as_str(), s.identity), ("east", 1));
+    }
+
+    #[test]
+    fn a_peer_the_kernel_did_not_look_up_is_named_from_the_agents_ip_cache() {
+        let n = namer();
+        {
+            let mut names = Names::default();
+            names
+                .addresses
+                .insert("10.2.0.5".parse().unwrap(), (2 << 16) | 300);
+            names.identities.insert(
+                (2 << 16) | 300,
+                ("west".into(), vec!["k8s:app=rebel-base".into()]),
+            );
+            n.set_names(names);
+        }
+        let mut e = ev(FlowDirection::Egress, FlowVerdict::Forwarded, 0);
+        e.remote_identity = 0;
+        e.remote_cluster = 0;
+        let d = n.flow(&e, 0).destination.unwrap();
+        assert_eq!((d.identity, d.cluster_id), ((2 << 16) | 300, 2));
+        assert_eq!(d.cluster, "west");
+        assert_eq!(d.labels, vec!["k8s:app=rebel-base".to_owned()]);
+        // An address nobody knows: the world.
+        e.peer = "192.0.2.1:443".parse().unwrap();
+        let d = n.flow(&e, 0).destination.unwrap();
+        assert_eq!((d.identity, d.cluster.as_str()), (2, ""));
     }
 
     #[test]

@@ -680,7 +680,8 @@ pub struct FlowEvent {
     pub peer: SocketAddr,
     /// The local endpoint's identity (0: not an endpoint).
     pub local_identity: u32,
-    /// The peer's identity (2 = world when the IP cache does not know it).
+    /// The peer's identity as policy saw it (2 = world when the IP cache does not know it);
+    /// 0 when no policy decided: the agent resolves the address itself.
     pub remote_identity: u32,
     /// The backend's ID (0: none).
     pub backend_id: u32,

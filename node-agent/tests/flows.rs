@@ -118,9 +118,10 @@ fn one_event_per_connection_with_service_backend_identities_and_verdict() {
         assert_eq!(e.cgroup, a.id);
         assert_eq!(e.orig, vip);
         assert_eq!(e.peer, s_addr);
+        // No policy decided: the peer's identity is left to the agent (no lookup in the kernel).
         assert_eq!(
             (e.local_identity, e.remote_identity, e.remote_cluster),
-            (A, S, 2)
+            (A, 0, 0)
         );
         assert_eq!(e.verdict, FlowVerdict::Forwarded);
         assert_eq!(e.proto, Proto::Tcp);
@@ -135,7 +136,7 @@ fn one_event_per_connection_with_service_backend_identities_and_verdict() {
         assert_eq!(e.peer.ip(), "127.0.9.1".parse::<IpAddr>().unwrap());
         assert_eq!(
             (e.local_identity, e.remote_identity, e.remote_cluster),
-            (S, A, 1)
+            (S, 0, 0)
         );
         assert_eq!(e.verdict, FlowVerdict::Forwarded);
     }
@@ -183,6 +184,11 @@ fn one_event_per_connection_with_service_backend_identities_and_verdict() {
     assert_eq!(d.len(), 2, "{evs:#?}");
     assert_eq!(d[0].rule, Some(7));
     assert!(d[0].flags & maps::FLOWF_ENFORCED != 0);
+    assert_eq!(
+        (d[0].remote_identity, d[0].remote_cluster),
+        (S, 2),
+        "the identity policy judged"
+    );
     assert_eq!(d[0].peer, s_addr, "judged on the backend");
     assert!(
         evs.iter().all(|e| e.direction == FlowDirection::Egress),
@@ -441,7 +447,8 @@ fn ipv6_flows_carry_ipv6_addresses_and_ports() {
                 out[0].remote_identity,
                 out[0].remote_cluster
             ),
-            (A, S, 2)
+            (A, 0, 0),
+            "no policy: the agent resolves the peer"
         );
         let inn = find(s.id, FlowDirection::Ingress, proto);
         assert_eq!(inn.len(), 1, "{proto:?} ingress: {evs:#?}");
