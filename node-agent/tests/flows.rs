@@ -463,3 +463,68 @@ fn ipv6_flows_carry_ipv6_addresses_and_ports() {
         assert_eq!(inn[0].local_identity, S);
     }
 }
+
+#[test]
+fn an_ingress_refusal_is_reported_at_the_receiving_pod_with_its_rule() {
+    const B: u32 = 0x0001_0102;
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "x-wing"),
+        PodCgroup::new(&node, "rebel-base"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.10.3:{port}").parse().unwrap();
+    let _server = s.server("rebel-base", s_addr);
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[("127.0.10.1", A, 1), ("127.0.10.3", S, 2)]))
+        .unwrap();
+    let mut ring = enable_flows(&mut p);
+    let ingress_from = |remote: u32, deny: bool, rule: u32| Rule {
+        direction: Direction::Ingress,
+        remote: Some(remote),
+        proto: Some(Proto::Tcp),
+        ports: None,
+        deny,
+        rule,
+    };
+    // rebel-base admits only B: x-wing's SYN is dropped by default.
+    p.set_identity_policy(S, &[ingress_from(B, false, 9)])
+        .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, true, false)])
+        .unwrap();
+    let run = a.client("tcp", "127.0.10.1", s_addr, 1);
+    assert_eq!(ok(&run, "rebel-base"), 0, "{run}");
+    let evs = read_until(&mut ring, 1, |e| {
+        e.direction == FlowDirection::Ingress && e.verdict == FlowVerdict::DeniedByDefault
+    });
+    let d = evs
+        .iter()
+        .find(|e| {
+            e.direction == FlowDirection::Ingress && e.verdict == FlowVerdict::DeniedByDefault
+        })
+        .unwrap_or_else(|| panic!("no ingress refusal in {evs:#?}"));
+    assert_eq!(d.cgroup, s.id, "reported at the receiving pod");
+    assert_eq!(
+        (d.local_identity, d.remote_identity, d.remote_cluster),
+        (S, A, 1)
+    );
+    assert_eq!(d.rule, None);
+    assert!(d.flags & maps::FLOWF_ENFORCED != 0);
+    // The caller's own event says it left (its egress is not enforced).
+    assert!(evs.iter().any(|e| e.direction == FlowDirection::Egress
+        && e.cgroup == a.id
+        && e.verdict == FlowVerdict::Forwarded));
+
+    // An explicit deny for x-wing names its rule.
+    drain(&mut ring);
+    p.set_identity_policy(S, &[ingress_from(B, false, 9), ingress_from(A, true, 11)])
+        .unwrap();
+    let run = a.client("tcp", "127.0.10.1", s_addr, 1);
+    assert_eq!(ok(&run, "rebel-base"), 0, "{run}");
+    let evs = read_until(&mut ring, 1, |e| e.verdict == FlowVerdict::DeniedByPolicy);
+    let d = evs
+        .iter()
+        .find(|e| e.verdict == FlowVerdict::DeniedByPolicy)
+        .unwrap_or_else(|| panic!("no deny in {evs:#?}"));
+    assert_eq!((d.direction, d.rule), (FlowDirection::Ingress, Some(11)));
+}
