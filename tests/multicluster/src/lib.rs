@@ -9,6 +9,7 @@
 
 pub mod chaos;
 pub mod kind;
+pub mod kubelet;
 pub mod lab;
 pub mod scenarios;
 
