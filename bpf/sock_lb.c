@@ -424,6 +424,45 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_UDP_FLOWS SEC(".maps");
 
+// Verdict cache: per (local identity, direction, protocol, peer address), the peer's identity
+// and cluster and the two port sets that decide (this peer's, any peer's), valid while its
+// generation is CM_POLICY_GEN's. The agent bumps the generation after every change of the
+// policy entries, the port sets or the IP cache, so a stale entry is never used after the
+// change is complete; a connect to a peer seen recently reads one entry instead of the IP
+// cache's and the policy map's (ADR 0023).
+struct verdict_key {
+	__u32 local;
+	__u8 dir;
+	__u8 proto;
+	__u16 pad;
+	__u8 addr[16]; // IPv4-mapped for IPv4
+};
+
+struct verdict_val {
+	__u64 gen;
+	__u32 remote;
+	__u32 set_peer; // 0: none
+	__u32 set_any;  // 0: none
+	__u16 cluster;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_POLICY_GEN SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct verdict_key);
+	__type(value, struct verdict_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_VERDICTS SEC(".maps");
+
 // ---- Flow events (ADR 0024) ----
 //
 // One event per new connection (connect(), or a TCP SYN received) and per first datagram of
@@ -796,16 +835,19 @@ static __always_inline void v4_mapped(__u8 *addr16, __u32 ip)
 	__builtin_memcpy(addr16 + 12, &ip, 4);
 }
 
-// The verdict (VERDICT_*, 0: none) of the port set of (local, remote, dir, proto) for `port`
-// (host order).
-static __always_inline __u8 set_verdict(__u32 local, __u8 dir, __u8 proto, __u32 remote,
-					__u16 port, __u32 *rule)
+// The port set ID of (local, remote, dir, proto); 0: none.
+static __always_inline __u32 policy_set(__u32 local, __u8 dir, __u8 proto, __u32 remote)
 {
 	struct policy_key k = { .local = local, .remote = remote, .dir = dir, .proto = proto };
 	__u32 *sid = bpf_map_lookup_elem(&CM_POLICY, &k);
-	if (!sid)
+	return sid ? *sid : 0;
+}
+
+// The verdict (VERDICT_*, 0: none) of port set `id` for `port` (host order).
+static __always_inline __u8 port_verdict(__u32 id, __u16 port, __u32 *rule)
+{
+	if (!id)
 		return 0;
-	__u32 id = *sid;
 	struct port_set *set = bpf_map_lookup_elem(&CM_POLICY_SETS, &id);
 	if (!set)
 		return 0;
@@ -821,16 +863,52 @@ static __always_inline __u8 set_verdict(__u32 local, __u8 dir, __u8 proto, __u32
 	return 0;
 }
 
-// The verdict for a new connection or first datagram of `local` (an enforced direction):
-// a deny for this peer or for any peer wins; else an allow for either; else default deny.
-// Counted per direction and peer cluster. Returns OUT_*; the deciding rule goes to `fi`.
-static __always_inline int decide(__u32 local, __u8 dir, __u8 proto, __u32 remote,
-				  __u16 cluster, __u16 port, struct flow_info *fi)
+// The peer at addr16 of `local`'s flow: its identity, cluster and the two port sets that decide
+// (this peer's, any peer's), from the verdict cache while its generation is current, else
+// looked up (IP cache, policy map) and cached.
+static __always_inline void peer_policy(__u32 local, __u8 dir, __u8 proto, const __u8 *addr16,
+					struct verdict_val *out)
 {
+	__u32 zero = 0;
+	__u64 *genp = bpf_map_lookup_elem(&CM_POLICY_GEN, &zero);
+	__u64 gen = genp ? *genp : 0;
+	struct verdict_key k = {};
+	k.local = local;
+	k.dir = dir;
+	k.proto = proto;
+	__builtin_memcpy(k.addr, addr16, 16);
+	struct verdict_val *v = bpf_map_lookup_elem(&CM_VERDICTS, &k);
+	if (v && genp && v->gen == gen) {
+		out->remote = v->remote;
+		out->cluster = v->cluster;
+		out->set_peer = v->set_peer;
+		out->set_any = v->set_any;
+		return;
+	}
+	// The generation was read first: a change completed after it makes this entry stale.
+	out->gen = gen;
+	out->remote = identity_of(addr16, &out->cluster);
+	out->set_peer = policy_set(local, dir, proto, out->remote);
+	out->set_any = policy_set(local, dir, proto, 0);
+	if (genp)
+		bpf_map_update_elem(&CM_VERDICTS, &k, out, BPF_ANY);
+}
+
+// The verdict for a new connection or first datagram of `local` (an enforced direction) with
+// the peer at addr16: a deny for this peer or for any peer wins; else an allow for either;
+// else default deny. Counted per direction and peer cluster. Returns OUT_*; the peer's
+// identity and cluster and the deciding rule go to `fi`.
+static __always_inline int decide(__u32 local, __u8 dir, __u8 proto, const __u8 *addr16,
+				  __u16 port, struct flow_info *fi)
+{
+	struct verdict_val peer = {};
+	peer_policy(local, dir, proto, addr16, &peer);
+	fi->remote_id = peer.remote;
+	fi->cluster = peer.cluster;
 	__u16 p = bpf_ntohs(port);
 	__u32 ra = 0, rb = 0;
-	__u8 va = set_verdict(local, dir, proto, remote, p, &ra);
-	__u8 vb = set_verdict(local, dir, proto, 0, p, &rb);
+	__u8 va = port_verdict(peer.set_peer, p, &ra);
+	__u8 vb = port_verdict(peer.set_any, p, &rb);
 	int out;
 	if (va == VERDICT_DENY || vb == VERDICT_DENY) {
 		out = OUT_DENIED_POLICY;
@@ -843,7 +921,7 @@ static __always_inline int decide(__u32 local, __u8 dir, __u8 proto, __u32 remot
 	} else {
 		out = OUT_DENIED_DEFAULT;
 	}
-	__u32 idx = ((__u32)(cluster & MAX_CLUSTER_ID) * 2 + dir) * OUTCOMES + out;
+	__u32 idx = ((__u32)(peer.cluster & MAX_CLUSTER_ID) * 2 + dir) * OUTCOMES + out;
 	__u64 *n = bpf_map_lookup_elem(&CM_POLICY_STATS, &idx);
 	if (n)
 		*n += 1;
@@ -939,10 +1017,8 @@ static __always_inline int egress(struct bpf_sock_addr *ctx, const __u8 *addr16,
 		// to the agent (remote_id 0), which knows every address's identity: a cold lookup
 		// fewer per connect.
 		if (enforced) {
-			fi->remote_id = identity_of(addr16, &fi->cluster);
 			fi->flags |= FLOWF_ENFORCED;
-			out = decide(fi->local_id, DIR_EGRESS, proto, fi->remote_id, fi->cluster, port,
-				     fi);
+			out = decide(fi->local_id, DIR_EGRESS, proto, addr16, port, fi);
 		}
 		fi->verdict = flow_verdict(out);
 		fi->emit = flows;
@@ -1379,9 +1455,8 @@ int cm_ingress(struct __sk_buff *skb)
 	fi.local_id = ep->identity;
 	int out = OUT_ALLOWED;
 	if (enforced) {
-		fi.remote_id = identity_of(addr16, &fi.cluster);
 		fi.flags |= FLOWF_ENFORCED;
-		out = decide(fi.local_id, DIR_INGRESS, proto, fi.remote_id, fi.cluster, dport, &fi);
+		out = decide(fi.local_id, DIR_INGRESS, proto, addr16, dport, &fi);
 	}
 	if (flows) {
 		fi.verdict = flow_verdict(out);

@@ -854,7 +854,10 @@ fn main() {
         eprint!("{line}");
         report.push_str(&line);
     }
-    scale(&mut report);
+    // CMPOLICY_ROWS_ONLY=1: the connect rows only (quick comparisons of datapath variants).
+    if std::env::var_os("CMPOLICY_ROWS_ONLY").is_none() {
+        scale(&mut report);
+    }
     print!("{report}");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-reports");
     if std::fs::create_dir_all(&dir).is_ok() {

@@ -164,6 +164,8 @@ pub struct Datapath {
     pub events: Option<RingBuf<MapData>>,
     /// Flow events from the kernel; taken by the agent's flow reader.
     pub flows: Option<RingBuf<MapData>>,
+    /// The generation of the policy state the verdict cache is valid for.
+    pub policy_gen: Array<MapData, u64>,
     /// Local endpoints: cgroup ID → identity and enforced directions.
     pub endpoints: HashMap<MapData, u64, maps::EndpointVal>,
     /// Policy entries: (local, peer, direction, protocol) → port set (see [`crate::policy`]).
@@ -300,6 +302,11 @@ impl Datapath {
                 map: maps::FLOWS,
                 reason: e.to_string(),
             })?;
+        let policy_gen =
+            Array::try_from(take_any(&mut ebpf, maps::POLICY_GEN)?).map_err(|e| Error::Map {
+                map: maps::POLICY_GEN,
+                reason: e.to_string(),
+            })?;
         let endpoints = take(&mut ebpf, maps::ENDPOINTS)?;
         let policy = take(&mut ebpf, maps::POLICY)?;
         let policy_sets = take(&mut ebpf, maps::POLICY_SETS)?;
@@ -326,6 +333,7 @@ impl Datapath {
             stats,
             events: Some(events),
             flows: Some(flows),
+            policy_gen,
             sizes,
             _ebpf: ebpf,
         })
@@ -355,6 +363,13 @@ impl Datapath {
                 reason: e.to_string(),
             })?;
         Ok(map.keys().count())
+    }
+
+    /// Invalidates every entry of the kernel's verdict cache: call after any change of the
+    /// policy entries, the port sets or the IP cache is complete.
+    pub fn bump_policy_gen(&mut self) -> Result<(), aya::maps::MapError> {
+        let generation = self.policy_gen.get(&0, 0)?;
+        self.policy_gen.set(0, generation.wrapping_add(1), 0)
     }
 
     /// Writes the programs' settings.

@@ -70,12 +70,19 @@ pub const POLICY_STATS: &str = "CM_POLICY_STATS";
 pub const UDP_FLOWS: &str = "CM_UDP_FLOWS";
 /// Flow events (ring buffer).
 pub const FLOWS: &str = "CM_FLOWS";
+/// The generation of the policy entries, port sets and IP cache (one `u64`).
+pub const POLICY_GEN: &str = "CM_POLICY_GEN";
+/// The verdict cache: (local identity, direction, protocol, peer address) → the peer's
+/// identity and the port sets that decide, with the generation they were looked up at.
+pub const VERDICTS: &str = "CM_VERDICTS";
 /// UDP (socket, peer, direction) pairs already reported as flows.
 pub const FLOW_SEEN: &str = "CM_FLOW_SEEN";
 /// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
 pub const MAX_GROUPS: usize = 9;
 /// Every map the object pins, in the order they are removed.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 21] = [
+    VERDICTS,
+    POLICY_GEN,
     FLOWS,
     FLOW_SEEN,
     ENDPOINTS,
@@ -141,7 +148,9 @@ impl Sizes {
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
-pub const LAYOUT: [(&str, u32, u32); 16] = [
+pub const LAYOUT: [(&str, u32, u32); 18] = [
+    (VERDICTS, 24, 24),
+    (POLICY_GEN, 4, 8),
     (FLOW_SEEN, 32, 1),
     (ENDPOINTS, 8, 8),
     (POLICY, 12, 4),

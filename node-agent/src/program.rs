@@ -1065,6 +1065,11 @@ impl Programmer {
                 ops.deletes += 1;
             }
         }
+        if ops.writes + ops.deletes > 0 {
+            self.dp
+                .bump_policy_gen()
+                .map_err(map_err(maps::POLICY_GEN))?;
+        }
         Ok(ops)
     }
 
@@ -1177,7 +1182,14 @@ impl Programmer {
         local: u32,
         rules: &[crate::policy::Rule],
     ) -> Result<Ops, Error> {
-        self.policy.set_identity(&mut self.dp, local, rules)
+        let ops = self.policy.set_identity(&mut self.dp, local, rules)?;
+        if ops.writes + ops.deletes > 0 {
+            // Complete: cached verdicts of the previous entries are stale from here on.
+            self.dp
+                .bump_policy_gen()
+                .map_err(map_err(maps::POLICY_GEN))?;
+        }
+        Ok(ops)
     }
 
     /// Makes the local endpoints those of `endpoints`; see

@@ -273,3 +273,61 @@ fn a_new_remote_identity_is_added_without_touching_the_others() {
     p.set_endpoints(&[]).unwrap();
     p.set_identity_policy(A, &[]).unwrap();
 }
+
+/// The kernel caches each peer's identity and port sets per (local identity, direction,
+/// protocol, address); every change of the policy or the IP cache makes the cache stale at
+/// once: the very next connect is judged on the new state.
+#[test]
+fn a_cached_verdict_never_outlives_a_policy_or_ip_cache_change() {
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "x-wing"),
+        PodCgroup::new(&node, "rebel-base"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.11.3:{port}").parse().unwrap();
+    let _s = s.server("rebel-base", s_addr);
+    let mut p = node.open();
+    p.apply_ipcache(&ipcache(&[("127.0.11.1", A, 1), ("127.0.11.3", S, 2)]))
+        .unwrap();
+    p.set_identity_policy(A, &[egress(Some(S), Some(Proto::Tcp), None, false)])
+        .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, true)]).unwrap();
+    // Allowed, several times: the verdict is cached.
+    assert_eq!(
+        ok(&a.client("tcp", "127.0.11.1", s_addr, 3), "rebel-base"),
+        3
+    );
+    // The policy changes to a deny: the next connect is refused.
+    p.set_identity_policy(A, &[egress(Some(S), Some(Proto::Tcp), None, true)])
+        .unwrap();
+    let run = a.client("tcp", "127.0.11.1", s_addr, 1);
+    assert_eq!(
+        errors(&run, "PermissionError"),
+        1,
+        "after the policy change: {run}"
+    );
+    // Allowed again, cached again.
+    p.set_identity_policy(A, &[egress(Some(S), Some(Proto::Tcp), None, false)])
+        .unwrap();
+    assert_eq!(
+        ok(&a.client("tcp", "127.0.11.1", s_addr, 3), "rebel-base"),
+        3
+    );
+    // The address now belongs to another identity (T, not allowed): refused at once.
+    p.apply_ipcache(&ipcache(&[("127.0.11.1", A, 1), ("127.0.11.3", T, 3)]))
+        .unwrap();
+    let run = a.client("tcp", "127.0.11.1", s_addr, 1);
+    assert_eq!(
+        errors(&run, "PermissionError"),
+        1,
+        "after the IP cache change: {run}"
+    );
+    // And back.
+    p.apply_ipcache(&ipcache(&[("127.0.11.1", A, 1), ("127.0.11.3", S, 2)]))
+        .unwrap();
+    assert_eq!(
+        ok(&a.client("tcp", "127.0.11.1", s_addr, 2), "rebel-base"),
+        2
+    );
+}
