@@ -407,6 +407,26 @@ impl Datapath {
     }
 }
 
+/// Waits until `ring` has records or `timeout` (under a second) passes; an interrupted wait
+/// counts as a wake-up. The readers of the health and flow rings poll this way on their own
+/// threads.
+pub fn wait_ring(ring: &RingBuf<MapData>, timeout: std::time::Duration) -> rustix::io::Result<()> {
+    use std::os::fd::AsFd;
+    let fd = ring.as_fd();
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Refuses pinned maps whose key or value size differs from this agent's layout, or whose
 /// capacity differs from `sizes`.
 fn check_layout(dir: &Path, sizes: maps::Sizes) -> Result<(), Error> {

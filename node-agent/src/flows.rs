@@ -546,7 +546,6 @@ pub fn read_ring(
     metrics: Registry,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use std::os::fd::AsFd;
     use std::sync::atomic::Ordering;
     let mut offset = clock_offset();
     let mut offset_at = Instant::now();
@@ -583,22 +582,10 @@ pub fn read_ring(
                 continue;
             }
         }
-        let fd = ring.as_fd();
-        let mut fds = [rustix::event::PollFd::new(
-            &fd,
-            rustix::event::PollFlags::IN,
-        )];
         // The kernel wakes the reader only when the ring fills up: drained every 50 ms.
-        let timeout = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 50_000_000,
-        };
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot poll the flow event ring; flows are not recorded");
-                return;
-            }
+        if let Err(e) = crate::datapath::wait_ring(&ring, Duration::from_millis(50)) {
+            tracing::error!(error = %e, "cannot poll the flow event ring; flows are not recorded");
+            return;
         }
     }
 }

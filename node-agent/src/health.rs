@@ -582,7 +582,6 @@ fn act(
 /// Reads the kernel's health events and hands them on, on a thread of its own (poll(2) on
 /// the ring's fd), until the receiver goes away.
 fn read_events(mut ring: aya::maps::RingBuf<aya::maps::MapData>, tx: mpsc::Sender<HealthEvent>) {
-    use std::os::fd::AsFd;
     loop {
         while let Some(item) = ring.next() {
             if let Some(ev) = maps::parse_health_event(&item) {
@@ -595,21 +594,9 @@ fn read_events(mut ring: aya::maps::RingBuf<aya::maps::MapData>, tx: mpsc::Sende
         if tx.is_closed() {
             return;
         }
-        let fd = ring.as_fd();
-        let mut fds = [rustix::event::PollFd::new(
-            &fd,
-            rustix::event::PollFlags::IN,
-        )];
-        let timeout = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 100_000_000,
-        };
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot poll the health event ring; relying on probes");
-                return;
-            }
+        if let Err(e) = crate::datapath::wait_ring(&ring, std::time::Duration::from_millis(100)) {
+            tracing::error!(error = %e, "cannot poll the health event ring; relying on probes");
+            return;
         }
     }
 }

@@ -127,6 +127,31 @@ impl Follower {
         }
     }
 
+    /// Connects from x-wing (one a try) until a flow of x-wing after `after` shows.
+    async fn connect_until_seen(
+        &self,
+        lab: &tokio::sync::Mutex<Lab>,
+        target: SocketAddr,
+        after: i64,
+        what: &str,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            lab.lock()
+                .await
+                .connect_from("east", "x-wing", target, 1)
+                .unwrap();
+            let seen = self.flows.lock().unwrap().iter().any(|f| {
+                f["timeUnixNanos"].as_i64().unwrap_or(0) > after && f["source"]["pod"] == "x-wing"
+            });
+            if seen {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     fn said(&self, needle: &str) -> bool {
         self.stderr
             .lock()
@@ -482,21 +507,9 @@ async fn flows_across_clusters_failover_policy_and_restarts() {
     }
     let t1 = now_nanos();
     // The new agent's flows reach the follower (the relay dials the node again).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        lab.lock()
-            .await
-            .connect_from("east", "x-wing", target, 1)
-            .unwrap();
-        let seen = follower.flows.lock().unwrap().iter().any(|f| {
-            f["timeUnixNanos"].as_i64().unwrap_or(0) > t1 && f["source"]["pod"] == "x-wing"
-        });
-        if seen {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no flow after the agent restart");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    follower
+        .connect_until_seen(&lab, target, t1, "no flow after the agent restart")
+        .await;
     assert!(follower.said("reconnecting"), "the break was said");
     {
         let mut l = lab.lock().await;
@@ -504,24 +517,9 @@ async fn flows_across_clusters_failover_policy_and_restarts() {
         l.restart("east", &Component::Apiserver).await.unwrap();
     }
     let t2 = now_nanos();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        lab.lock()
-            .await
-            .connect_from("east", "x-wing", target, 1)
-            .unwrap();
-        let seen = follower.flows.lock().unwrap().iter().any(|f| {
-            f["timeUnixNanos"].as_i64().unwrap_or(0) > t2 && f["source"]["pod"] == "x-wing"
-        });
-        if seen {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no flow after the apiserver restart"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    follower
+        .connect_until_seen(&lab, target, t2, "no flow after the apiserver restart")
+        .await;
     assert!(
         follower.said("lost the apiserver's stream"),
         "the apiserver restart was said: {:#?}",
