@@ -46,6 +46,8 @@ const BLOCKS: usize = 30;
 const BLOCK: usize = 100;
 /// Blocks for the kernel's cost, alternating policy on and off.
 const KERNEL_BLOCKS: usize = 10;
+/// The peers of the working-set measurements (of the `n` allowed).
+const WORKING_SET: usize = 100;
 const KERNEL_BLOCK: usize = 500;
 const COUNTS: [usize; 3] = [1, 1_000, 10_000];
 const ROW_VAR: &str = "CMPOLICY_ROW";
@@ -191,31 +193,50 @@ fn enter(mode: Mode, p: &mut Programmer, pod: Option<&Cgroup>, on: &[Endpoint]) 
     }
 }
 
-/// Alternating blocks of connects over `targets` (round robin), one per mode in turn;
-/// latencies per mode, sorted.
+/// Alternating blocks of connects over `targets` (round robin), one per mode in turn:
+/// latencies per mode, sorted, and per mode the median over the rounds of its block's p50
+/// minus the first mode's block p50 in the same round (a paired estimate: drift over the run
+/// cancels out).
 fn alternating(
     p: &mut Programmer,
     pod: &Cgroup,
     on: &[Endpoint],
     targets: &[SocketAddr],
     modes: &[Mode],
-) -> Vec<Vec<Duration>> {
+) -> (Vec<Vec<Duration>>, Vec<f64>) {
     let mut out = vec![Vec::new(); modes.len()];
+    let mut diffs = vec![Vec::new(); modes.len()];
     let mut k = 0usize;
-    for _ in 0..BLOCKS {
-        for (i, m) in modes.iter().enumerate() {
-            enter(*m, p, Some(pod), on);
+    for round in 0..BLOCKS {
+        let mut p50s = vec![0.0; modes.len()];
+        for j in 0..modes.len() {
+            // Rotate the order each round: no mode always runs first or after another.
+            let i = (j + round) % modes.len();
+            enter(modes[i], p, Some(pod), on);
+            let mut block = Vec::with_capacity(BLOCK);
             for _ in 0..BLOCK {
                 k += 1;
-                out[i].push(connect_once(targets[(k * 7919) % targets.len()]));
+                block.push(connect_once(targets[(k * 7919) % targets.len()]));
             }
+            out[i].extend_from_slice(&block);
+            p50s[i] = us(median(block));
+        }
+        for i in 0..modes.len() {
+            diffs[i].push(p50s[0] - p50s[i]);
         }
     }
     join_root();
     for v in &mut out {
         v.sort();
     }
-    out
+    let paired = diffs
+        .into_iter()
+        .map(|mut d| {
+            d.sort_by(f64::total_cmp);
+            d[d.len() / 2]
+        })
+        .collect();
+    (out, paired)
 }
 
 /// The kernel's ns per run of program `id` and runs per connect, with policy on and off in
@@ -349,12 +370,21 @@ fn run_row(n: usize) {
     join_root();
     let setup_s = setup.elapsed().as_secs_f64();
 
-    let lat = alternating(
+    let (lat, paired) = alternating(
         &mut p,
         &client,
         &[client_ep],
         &targets,
         &[Mode::Policy, Mode::NoPolicy, Mode::Direct],
+    );
+    // A pod's working set: 100 of the allowed peers, the policy still selecting all `n`.
+    let working_set = &targets[..n.min(WORKING_SET)];
+    let (_, ws_paired) = alternating(
+        &mut p,
+        &client,
+        &[client_ep],
+        working_set,
+        &[Mode::Policy, Mode::NoPolicy],
     );
     let allowed: u64 = np::verdict_counts(p.datapath(), &(0..12).collect::<Vec<u16>>())
         .unwrap()
@@ -377,6 +407,7 @@ fn run_row(n: usize) {
         &[client_ep],
         &targets[n / 2..=n / 2],
     );
+    let ws_cost = kernel_cost(connect4, &mut p, Some(&client), &[client_ep], working_set);
     // Ingress: a client outside the node's cgroup (from 127.0.0.1: the client's identity)
     // to the server pod; only the server's packets meet cm_ingress.
     let ingress_cost = kernel_cost(ingress, &mut p, None, &[server_ep], &[ingress_server]);
@@ -393,6 +424,9 @@ fn run_row(n: usize) {
         "connect4": [egress_cost[0].0, egress_cost[1].0],
         "connect4_runs": egress_cost[0].1,
         "connect4_one_peer": [one_peer[0].0, one_peer[1].0],
+        "connect4_working_set": [ws_cost[0].0, ws_cost[1].0],
+        "paired": paired[1],
+        "ws_paired": ws_paired[1],
         "ingress": [ingress_cost[0].0, ingress_cost[1].0],
         "ingress_runs": [ingress_cost[0].1, ingress_cost[1].1],
         "listen_overflows": listen_overflows(),
@@ -776,7 +810,7 @@ fn scale(report: &mut String) {
         ingress: false,
         egress: true,
     };
-    let lat = alternating(
+    let (lat, _) = alternating(
         &mut p,
         &pod,
         &[ep],
@@ -818,10 +852,10 @@ fn main() {
         "## Identity policy: connect() with egress enforced, paired with the same path without policy and a direct connect\n\n",
     );
     report.push_str(&format!(
-        "Each row in a fresh network namespace; {BLOCKS} blocks of {BLOCK} sequential connect()+close per condition, alternating (same seconds), round robin over the allowed identities' addresses (all in the IP cache, one `CM_POLICY` entry each, TCP over loopback, backlog 4,096). Policy on: from an endpoint cgroup (child of the node's cgroup) with egress enforced; no policy: the same cgroup, no endpoint listed (`CFG_POLICY` off); direct: from outside the node's cgroup. µs p50 / p90 / p99. Kernel: `run_time_ns / run_cnt` (bpf_stats) over {} connects per condition, alternating, round robin over the allowed identities and again to one of them only (the trie's depth without the cache misses of many peers); `cm_ingress` for a server pod with ingress enforced admitting the row's identities, per packet (runs per connect in brackets). The global `kernel.bpf_stats_enabled` was {stats_sysctl} during the latency blocks (1 adds two clock reads per program run).\n\n",
+        "Each row in a fresh network namespace; {BLOCKS} blocks of {BLOCK} sequential connect()+close per condition, alternating (same seconds), round robin over the allowed identities' addresses (all in the IP cache, one `CM_POLICY` entry each, TCP over loopback, backlog 4,096). Policy on: from an endpoint cgroup (child of the node's cgroup) with egress enforced; no policy: the same cgroup, no endpoint listed (`CFG_POLICY` off); direct: from outside the node's cgroup. µs p50 / p90 / p99; policy − no policy at p50 pooled over all blocks, and paired: the median over the {BLOCKS} rounds of the two blocks' p50 difference in the same round (the order of the conditions rotating each round), over all the allowed peers and over the working set. Kernel: `run_time_ns / run_cnt` (bpf_stats) over {} connects per condition, alternating, round robin over the allowed identities (at 10,000 each peer is met at most once: every connect misses the verdict cache), again to one of them only, and over a working set of {WORKING_SET} of them (the policy still selecting all: what a pod that talks to a hundred peers pays); `cm_ingress` for a server pod with ingress enforced admitting the row's identities, per packet (runs per connect in brackets). The global `kernel.bpf_stats_enabled` was {stats_sysctl} during the latency blocks (1 adds two clock reads per program run).\n\n",
         KERNEL_BLOCKS * KERNEL_BLOCK
     ));
-    report.push_str("| remote identities allowed | `CM_POLICY` entries | policy on µs | no policy µs | direct µs | policy − no policy, p50 | `cm_connect4` ns/run: policy / none | the same, one peer only | `cm_ingress` ns/run: policy / none | listen overflows |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    report.push_str("| remote identities allowed | `CM_POLICY` entries | policy on µs | no policy µs | direct µs | policy − no policy, p50: pooled / paired / paired, working set | `cm_connect4` ns/run: policy / none | the same, one peer only | the same, working set | `cm_ingress` ns/run: policy / none | listen overflows |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for n in COUNTS {
         let r = row_in_fresh_netns(n);
         let f = |v: &Value| -> String {
@@ -835,16 +869,20 @@ fn main() {
         };
         let p50 = |v: &Value| v[0].as_f64().unwrap_or(f64::NAN);
         let line = format!(
-            "| {n} | {} | {} | {} | {} | {:+.2} µs | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} ({:.1}) / {:.0} ({:.1}) | {} |\n",
+            "| {n} | {} | {} | {} | {} | {:+.2} / {:+.2} / {:+.2} µs | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} ({:.1}) / {:.0} ({:.1}) | {} |\n",
             r["entries"],
             f(&r["policy"]),
             f(&r["nopolicy"]),
             f(&r["direct"]),
             p50(&r["policy"]) - p50(&r["nopolicy"]),
+            r["paired"].as_f64().unwrap_or(f64::NAN),
+            r["ws_paired"].as_f64().unwrap_or(f64::NAN),
             r["connect4"][0].as_f64().unwrap_or(f64::NAN),
             r["connect4"][1].as_f64().unwrap_or(f64::NAN),
             r["connect4_one_peer"][0].as_f64().unwrap_or(f64::NAN),
             r["connect4_one_peer"][1].as_f64().unwrap_or(f64::NAN),
+            r["connect4_working_set"][0].as_f64().unwrap_or(f64::NAN),
+            r["connect4_working_set"][1].as_f64().unwrap_or(f64::NAN),
             r["ingress"][0].as_f64().unwrap_or(f64::NAN),
             r["ingress_runs"][0].as_f64().unwrap_or(f64::NAN),
             r["ingress"][1].as_f64().unwrap_or(f64::NAN),

@@ -72,8 +72,9 @@ pub const UDP_FLOWS: &str = "CM_UDP_FLOWS";
 pub const FLOWS: &str = "CM_FLOWS";
 /// The generation of the policy entries, port sets and IP cache (one `u64`).
 pub const POLICY_GEN: &str = "CM_POLICY_GEN";
-/// The verdict cache: (local identity, direction, protocol, peer address) → the peer's
-/// identity and the port sets that decide, with the generation they were looked up at.
+/// The verdict cache: (local identity, direction, protocol, peer address, port) → the verdict,
+/// its rule and the peer's identity, with the generation they were looked up at (a 2-way
+/// set-associative array of 64-byte slots the programs write in place under a seqlock).
 pub const VERDICTS: &str = "CM_VERDICTS";
 /// UDP (socket, peer, direction) pairs already reported as flows.
 pub const FLOW_SEEN: &str = "CM_FLOW_SEEN";
@@ -149,7 +150,7 @@ impl Sizes {
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
 pub const LAYOUT: [(&str, u32, u32); 18] = [
-    (VERDICTS, 24, 24),
+    (VERDICTS, 4, 64),
     (POLICY_GEN, 4, 8),
     (FLOW_SEEN, 32, 1),
     (ENDPOINTS, 8, 8),

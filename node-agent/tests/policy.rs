@@ -331,3 +331,103 @@ fn a_cached_verdict_never_outlives_a_policy_or_ip_cache_change() {
         2
     );
 }
+
+/// Connects to each address given (`ip ip ...` on stdin, port in argv) in the order given, and
+/// prints one outcome letter per address: `a` allowed (refused by the peer, nothing listens),
+/// `d` denied (EPERM), `x` anything else.
+const SPRAY: &str = r#"
+import errno, socket, sys
+port = int(sys.argv[1])
+out = []
+for ip in sys.stdin.read().split():
+    s = socket.socket()
+    try:
+        s.connect((ip, port))
+        out.append("x")
+    except PermissionError:
+        out.append("d")
+    except ConnectionRefusedError:
+        out.append("a")
+    except OSError:
+        out.append("x")
+    finally:
+        s.close()
+print("".join(out))
+"#;
+
+/// The verdict cache holds 32,768 slots in 16,384 two-way buckets that the programs write in
+/// place: with 40,000 peers (every bucket contended, entries evicted all the time) and two
+/// processes on two CPUs connecting concurrently in opposite orders, twice over, every connect
+/// still gets its own peer's verdict — even peers allowed, odd ones denied by default.
+#[test]
+fn the_verdict_cache_gives_every_peer_its_own_verdict_under_eviction_and_concurrent_writers() {
+    const PEERS: usize = 40_000;
+    let node = Node::new();
+    let a = PodCgroup::new(&node, "x-wing");
+    let mut p = node.open();
+    let addr = |i: usize| format!("127.{}.{}.{}", 40 + i / 62_500, i / 250 % 250, i % 250 + 1);
+    let id = |i: usize| 0x0004_0000 + i as u32 + 1;
+    let mut cache: HashMap<IpAddr, (u32, u16)> = (0..PEERS)
+        .map(|i| (addr(i).parse().unwrap(), (id(i), 4)))
+        .collect();
+    cache.insert("127.0.12.1".parse().unwrap(), (A, 1));
+    p.apply_ipcache(&cache).unwrap();
+    let allowed: Vec<Rule> = (0..PEERS)
+        .step_by(2)
+        .map(|i| egress(Some(id(i)), Some(Proto::Tcp), None, false))
+        .collect();
+    p.set_identity_policy(A, &allowed).unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, true)]).unwrap();
+    let port = common::free_port();
+    let forward: Vec<String> = (0..PEERS).map(addr).collect();
+    let backward: Vec<String> = forward.iter().rev().cloned().collect();
+    let spray = |order: &Vec<String>| {
+        use std::io::Write;
+        let cmd = format!(
+            "{}exec python3 -c '{}' {port}",
+            a.join(),
+            SPRAY.replace('\'', "'\\''")
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = order.join(" ");
+        std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        child
+    };
+    for round in 0..2 {
+        let (f, b) = (spray(&forward), spray(&backward));
+        let (f, b) = (f.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        assert!(f.status.success() && b.status.success(), "sprayers failed");
+        let f = String::from_utf8(f.stdout).unwrap();
+        let b: String = String::from_utf8(b.stdout)
+            .unwrap()
+            .trim()
+            .chars()
+            .rev()
+            .collect();
+        for (who, got) in [("forward", f.trim()), ("backward", b.as_str())] {
+            assert_eq!(
+                got.len(),
+                PEERS,
+                "round {round}, {who}: one outcome per peer"
+            );
+            let wrong: Vec<String> = got
+                .chars()
+                .enumerate()
+                .filter(|(i, c)| *c != if i % 2 == 0 { 'a' } else { 'd' })
+                .take(5)
+                .map(|(i, c)| format!("{} got {c}", addr(i)))
+                .collect();
+            assert!(
+                wrong.is_empty(),
+                "round {round}, {who}: wrong verdicts: {wrong:?}"
+            );
+        }
+    }
+}
