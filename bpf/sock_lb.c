@@ -55,6 +55,15 @@
 // healthy connection; cm_sockops ignores them.
 #define TRANSLATED_MARK BPF_SOCK_OPS_RETRANS_CB_FLAG
 
+// connect() -> cm_sockops handoff of "this socket was translated to a backend with one
+// frontend": connect() writes the socket's cookie into slot (cookie mod HANDOFF_SLOTS) and
+// cm_sockops, at TCP_CONNECT_CB of the same connect() call, marks the socket when the slot
+// still holds its cookie. Cookies are unique, so a socket is never marked that connect() did
+// not translate; a slot overwritten in between (another socket whose cookie is equal modulo
+// 65,536 connecting at the same instant) leaves the socket unmarked, and its getpeername()
+// shows the backend instead of the service.
+#define HANDOFF_SLOTS 65536
+
 // Why a backend became suspect (health_event.reason).
 #define SUSPECT_REFUSED 1     // SYN_SENT -> CLOSE: RST, or the caller gave up
 #define SUSPECT_SYN_TIMEOUT 2 // the SYN's retransmission timer fired
@@ -259,6 +268,14 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_GROUPS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HANDOFF_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CM_HANDOFF SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -789,10 +806,15 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct bac
 		if (cflags & CFG_NO_PEER_REWRITE)
 			return;
 		if (be->state & BACKEND_ONE_FRONTEND) {
-			int flags = TRANSLATED_MARK;
-			if (!bpf_setsockopt(ctx, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &flags,
-					    sizeof(flags)))
+			// Handed to cm_sockops, which marks the socket at TCP_CONNECT_CB in the
+			// same connect() call (bpf_setsockopt() here cost ~150 ns).
+			__u64 cookie = bpf_get_socket_cookie(ctx);
+			__u32 slot = (__u32)cookie & (HANDOFF_SLOTS - 1);
+			__u64 *h = bpf_map_lookup_elem(&CM_HANDOFF, &slot);
+			if (h) {
+				*h = cookie;
 				return;
+			}
 		}
 	}
 	struct bpf_sock *sk = ctx->sk;
@@ -1403,9 +1425,13 @@ int cm_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		// Keeps the translation mark connect() may have set.
+		// The translation mark, when connect() handed this socket over.
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		__u32 slot = (__u32)cookie & (HANDOFF_SLOTS - 1);
+		__u64 *h = bpf_map_lookup_elem(&CM_HANDOFF, &slot);
+		__u32 mark = (h && *h == cookie) ? TRANSLATED_MARK : 0;
 		bpf_sock_ops_cb_flags_set(skops, (skops->bpf_sock_ops_cb_flags & TRANSLATED_MARK) |
-							 BPF_SOCK_OPS_STATE_CB_FLAG |
+							 mark | BPF_SOCK_OPS_STATE_CB_FLAG |
 							 BPF_SOCK_OPS_RTO_CB_FLAG);
 		return 1;
 	}

@@ -76,12 +76,16 @@ pub const POLICY_GEN: &str = "CM_POLICY_GEN";
 /// its rule and the peer's identity, with the generation they were looked up at (a 2-way
 /// set-associative array of 64-byte slots the programs write in place under a seqlock).
 pub const VERDICTS: &str = "CM_VERDICTS";
+/// connect() → sock_ops handoff: the cookies of sockets translated to a backend with one
+/// frontend, for `cm_sockops` to mark at `TCP_CONNECT_CB`.
+pub const HANDOFF: &str = "CM_HANDOFF";
 /// UDP (socket, peer, direction) pairs already reported as flows.
 pub const FLOW_SEEN: &str = "CM_FLOW_SEEN";
 /// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
 pub const MAX_GROUPS: usize = 9;
 /// Every map the object pins, in the order they are removed.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
+    HANDOFF,
     VERDICTS,
     POLICY_GEN,
     FLOWS,
@@ -149,7 +153,8 @@ impl Sizes {
 
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
-pub const LAYOUT: [(&str, u32, u32); 18] = [
+pub const LAYOUT: [(&str, u32, u32); 19] = [
+    (HANDOFF, 4, 8),
     (VERDICTS, 4, 64),
     (POLICY_GEN, 4, 8),
     (FLOW_SEEN, 32, 1),
