@@ -118,7 +118,7 @@ struct groups_key {
 
 struct groups_val {
 	__u32 n;
-	__u32 pad;
+	__u32 total; // sum of the weights of the groups with a healthy backend (0: sum them here)
 	struct group g[MAX_GROUPS];
 };
 
@@ -689,10 +689,12 @@ static __always_inline int weighted_range(const struct svc_val *svc, __u32 tier,
 	struct groups_val *gv = bpf_map_lookup_elem(&CM_GROUPS, &gk);
 	if (!gv)
 		return 0;
-	__u32 total = 0;
-	for (int i = 0; i < MAX_GROUPS; i++) {
-		if (i < gv->n && gv->g[i].healthy)
-			total += gv->g[i].weight;
+	__u32 total = gv->total;
+	if (!total) {
+		for (int i = 0; i < MAX_GROUPS; i++) {
+			if (i < gv->n && gv->g[i].healthy)
+				total += gv->g[i].weight;
+		}
 	}
 	if (!total)
 		return 0;

@@ -400,6 +400,15 @@ pub fn groups_val(groups: &[GroupEntry]) -> GroupsVal {
     let mut v = [0u8; 80];
     let n = groups.len().min(MAX_GROUPS);
     v[..4].copy_from_slice(&(n as u32).to_ne_bytes());
+    // The sum of the weights the kernel draws from (groups with a healthy backend), written
+    // with them in one update: the connect path reads it instead of summing.
+    let total: u32 = groups
+        .iter()
+        .take(n)
+        .filter(|g| g.healthy > 0)
+        .map(|g| u32::from(g.weight))
+        .sum();
+    v[4..8].copy_from_slice(&total.to_ne_bytes());
     for (i, g) in groups.iter().take(n).enumerate() {
         let o = 8 + i * 8;
         v[o..o + 2].copy_from_slice(&g.start.to_ne_bytes());
@@ -794,6 +803,21 @@ pub fn ipcache_val(identity: u32, cluster_id: u16) -> IpcacheVal {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_tier_s_groups_carry_the_sum_of_the_weights_the_kernel_draws_from() {
+        let g = |weight, healthy| GroupEntry {
+            start: 0,
+            len: 1,
+            weight,
+            healthy,
+        };
+        let v = groups_val(&[g(90, 2), g(10, 0), g(5, 1)]);
+        assert_eq!(u32::from_ne_bytes([v[4], v[5], v[6], v[7]]), 95);
+        assert_eq!(parse_groups_val(&v), vec![g(90, 2), g(10, 0), g(5, 1)]);
+        let none = groups_val(&[g(90, 0)]);
+        assert_eq!(u32::from_ne_bytes([none[4], none[5], none[6], none[7]]), 0);
+    }
 
     #[test]
     fn layouts_round_trip_and_match_c() {
