@@ -3,6 +3,7 @@
 //! `mesh.proto`; the server side is `clustermesh-apiserver/src/mesh/server.rs` (the rule is in
 //! `docs/architecture/README.md`). Must not serve anything.
 
+pub mod agent_tls;
 pub mod client;
 pub mod node_state;
 pub mod observe;

@@ -2,13 +2,13 @@
 //! should have. Only admins and apiservers of the node's cluster are served; the agent is
 //! verified by its mesh identity (`node-agent` of that node), not by its address.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use certs::MeshIdentity;
 use model::node_state::NodeState;
 use model::{ClusterId, ClusterName, NodeName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::agent_tls::{AgentTls, Failure};
 
 /// Why `/state` could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -118,24 +118,27 @@ async fn get(
     key_pem: &str,
     timeout: Duration,
 ) -> Result<(String, i64), Error> {
-    let expected = MeshIdentity::node_agent(cluster.clone(), cluster_id, node.clone());
-    let config =
-        certs::identity_client_config(ca_pem, cert_pem, key_pem, move |id| *id == expected)
-            .map_err(|source| Error::Tls {
-                node: node.to_string(),
-                source,
-            })?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tls = AgentTls {
+        cluster,
+        cluster_id,
+        node,
+        ca_pem,
+        cert_pem,
+        key_pem,
+        alpn: &[],
+    };
     let io = |source| Error::Io {
         addr: addr.to_owned(),
         source,
     };
     let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-        // The name is not checked (the identity is); it only has to be a valid one.
-        let name = rustls_pki_types::ServerName::try_from("node-agent")
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        let mut tls = connector.connect(name, tcp).await.map_err(io)?;
+        let mut tls = tls.connect(addr).await.map_err(|f| match f {
+            Failure::Tls(source) => Error::Tls {
+                node: node.to_string(),
+                source,
+            },
+            Failure::Io(source) => io(source),
+        })?;
         // The handshake verified the leaf; a date that does not parse reads as expired.
         let not_after = tls
             .get_ref()

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use certs::MeshIdentity;
+use crate::agent_tls::{AgentTls, Failure};
 use hyper_util::rt::TokioIo;
 use model::{ClusterId, ClusterName, NodeName};
 use tonic::transport::{Channel, Endpoint};
@@ -168,26 +168,27 @@ pub async fn dial_agent(
     key_pem: &str,
     timeout: Duration,
 ) -> Result<ObserverClient<Channel>, DialError> {
-    let expected = MeshIdentity::node_agent(cluster.clone(), cluster_id, node.clone());
-    let mut config =
-        certs::identity_client_config(ca_pem, cert_pem, key_pem, move |id| *id == expected)
-            .map_err(|source| DialError::Tls {
-                node: node.to_string(),
-                source,
-            })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let io = |source| DialError::Io {
-        node: node.to_string(),
-        addr: addr.to_owned(),
-        source,
+    let tls = AgentTls {
+        cluster,
+        cluster_id,
+        node,
+        ca_pem,
+        cert_pem,
+        key_pem,
+        alpn: &[b"h2"],
     };
     let handshake = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-        // The name is not checked (the identity is); it only has to be a valid one.
-        let name = rustls_pki_types::ServerName::try_from("node-agent")
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        connector.connect(name, tcp).await.map_err(io)
+        tls.connect(addr).await.map_err(|f| match f {
+            Failure::Tls(source) => DialError::Tls {
+                node: node.to_string(),
+                source,
+            },
+            Failure::Io(source) => DialError::Io {
+                node: node.to_string(),
+                addr: addr.to_owned(),
+                source,
+            },
+        })
     };
     let stream = tokio::time::timeout(timeout, handshake)
         .await
