@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pod_cgroup::{PodCgroup, errors, ok};
+use common::pod_cgroup::{PodCgroup, Server, errors, ok};
 use common::{Node, spec};
 use node_agent::maps::{self, FlowDirection, FlowEvent, FlowVerdict, Frontend, Proto};
 use node_agent::policy::{Direction, Rule};
@@ -63,19 +63,70 @@ fn enable_flows(p: &mut Programmer) -> aya::maps::RingBuf<aya::maps::MapData> {
     p.datapath_mut().flows.take().unwrap()
 }
 
-#[test]
-fn one_event_per_connection_with_service_backend_identities_and_verdict() {
+/// Two pods of one node: a client `a` (identity A, cluster 1) at 127.0.`net`.1 and a server
+/// `s` (S, cluster 2) at 127.0.`net`.3 answering TCP and UDP as "rebel-base", both in the IP
+/// cache. Fields drop in order: the server before its cgroup, the pins before the node.
+struct TwoPods {
+    p: Programmer,
+    _server: Server,
+    a: PodCgroup,
+    s: PodCgroup,
+    s_addr: SocketAddr,
+    _node: Node,
+}
+
+fn two_pods(net: u8, client: &str, server: &str) -> TwoPods {
     let node = Node::new();
-    let (a, s) = (
-        PodCgroup::new(&node, "x-wing"),
-        PodCgroup::new(&node, "rebel-base"),
-    );
+    let (a, s) = (PodCgroup::new(&node, client), PodCgroup::new(&node, server));
     let port = common::free_port();
-    let s_addr: SocketAddr = format!("127.0.9.3:{port}").parse().unwrap();
+    let s_addr: SocketAddr = format!("127.0.{net}.3:{port}").parse().unwrap();
     let _server = s.server("rebel-base", s_addr);
     let mut p = node.open();
-    p.apply_ipcache(&ipcache(&[("127.0.9.1", A, 1), ("127.0.9.3", S, 2)]))
-        .unwrap();
+    p.apply_ipcache(&ipcache(&[
+        (&format!("127.0.{net}.1"), A, 1),
+        (&format!("127.0.{net}.3"), S, 2),
+    ]))
+    .unwrap();
+    TwoPods {
+        p,
+        _server,
+        a,
+        s,
+        s_addr,
+        _node: node,
+    }
+}
+
+/// Everything the ring holds up to a marker: a TCP connect from `pod` (bound to `src`) to
+/// `dst`, whose egress event is read last — so every event of what ran before it has been read
+/// too (the ring hands events out in the order they were reserved). Returns the events before
+/// the marker's.
+fn until_marker(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    pod: &PodCgroup,
+    src: &str,
+    dst: SocketAddr,
+) -> Vec<FlowEvent> {
+    pod.client("tcp", src, dst, 1);
+    let marker = |e: &FlowEvent| {
+        e.cgroup == pod.id
+            && e.direction == FlowDirection::Egress
+            && e.proto == Proto::Tcp
+            && e.peer == dst
+    };
+    let mut evs = read_until(ring, 1, marker);
+    let at = evs
+        .iter()
+        .position(marker)
+        .expect("the marker connection's event");
+    evs.truncate(at);
+    evs
+}
+
+#[test]
+fn one_event_per_connection_with_service_backend_identities_and_verdict() {
+    let mut t = two_pods(9, "x-wing", "rebel-base");
+    let (a, s, s_addr, p) = (&t.a, &t.s, t.s_addr, &mut t.p);
     let vip: SocketAddr = "127.100.9.3:80".parse().unwrap();
     let empty: SocketAddr = "127.100.9.4:80".parse().unwrap();
     let svc = |vip: SocketAddr, backends: Vec<SocketAddr>| DesiredService {
@@ -92,14 +143,15 @@ fn one_event_per_connection_with_service_backend_identities_and_verdict() {
     p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, false, false)])
         .unwrap();
 
-    // Off: nothing is reported.
+    // Off: nothing is reported (the first event after turning flows on is the marker's).
     let mut ring = p.datapath_mut().flows.take().unwrap();
     assert_eq!(ok(&a.client("tcp", "127.0.9.1", vip, 2), "rebel-base"), 2);
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(ring.next().is_none(), "flows off: no event");
     p.datapath_mut()
         .update_config(|c| c.flags |= maps::CFG_FLOWS)
         .unwrap();
+    let before = until_marker(&mut ring, a, "127.0.9.1", s_addr);
+    assert!(before.is_empty(), "flows off: no event: {before:#?}");
+    drain(&mut ring);
 
     // Three connections through the service: three egress events at x-wing, three ingress
     // events at rebel-base, and none for the packets that follow.
@@ -221,20 +273,11 @@ fn one_event_per_connection_with_service_backend_identities_and_verdict() {
 
 #[test]
 fn udp_reports_the_first_datagram_per_socket_and_peer_only() {
-    let node = Node::new();
-    let (a, s) = (
-        PodCgroup::new(&node, "client"),
-        PodCgroup::new(&node, "server"),
-    );
-    let port = common::free_port();
-    let s_addr: SocketAddr = format!("127.0.8.3:{port}").parse().unwrap();
-    let _server = s.server("echo", s_addr);
-    let mut p = node.open();
-    p.apply_ipcache(&ipcache(&[("127.0.8.1", A, 1), ("127.0.8.3", S, 2)]))
-        .unwrap();
+    let mut t = two_pods(8, "client", "server");
+    let (a, s, s_addr, p) = (&t.a, &t.s, t.s_addr, &mut t.p);
     p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, false, false)])
         .unwrap();
-    let mut ring = enable_flows(&mut p);
+    let mut ring = enable_flows(p);
     // One socket, ten datagrams and their answers.
     let script = format!(
         "{}exec python3 -c 'import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\ns.bind((\"127.0.8.1\",0))\nfor _ in range(10):\n    s.sendto(b\"x\",(\"{}\",{}))\n    s.recvfrom(64)\nprint(\"done\")'",
@@ -248,12 +291,7 @@ fn udp_reports_the_first_datagram_per_socket_and_peer_only() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let evs = read_until(&mut ring, 4, |e| e.proto == Proto::Udp);
-    std::thread::sleep(Duration::from_millis(200));
-    let mut evs = evs;
-    while let Some(item) = ring.next() {
-        evs.push(maps::parse_flow_event(&item).unwrap());
-    }
+    let evs = until_marker(&mut ring, a, "127.0.8.1", s_addr);
     let count = |cg: u64, d: FlowDirection| {
         evs.iter()
             .filter(|e| e.cgroup == cg && e.direction == d && e.proto == Proto::Udp)
@@ -300,30 +338,21 @@ fn flows_lost(p: &Programmer) -> u64 {
 /// events lost is exactly the number of flows.
 #[test]
 fn a_ring_nobody_reads_drops_and_counts_events_and_fails_no_call() {
-    let node = Node::new();
-    let (a, s) = (
-        PodCgroup::new(&node, "client"),
-        PodCgroup::new(&node, "server"),
-    );
-    let port = common::free_port();
-    let s_addr: SocketAddr = format!("127.0.10.3:{port}").parse().unwrap();
-    let _server = s.server("rebel-base", s_addr);
-    let mut p = node.open();
-    p.apply_ipcache(&ipcache(&[("127.0.10.1", A, 1), ("127.0.10.3", S, 2)]))
-        .unwrap();
+    let mut t = two_pods(10, "client", "server");
+    let (a, s, s_addr, p) = (&t.a, &t.s, t.s_addr, &mut t.p);
     p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, false, false)])
         .unwrap();
-    let mut ring = enable_flows(&mut p);
-    let before = flows_lost(&p);
+    let mut ring = enable_flows(p);
+    let before = flows_lost(p);
     // More first datagrams than the ring (4 MiB, 96 bytes an event) holds.
     const PEERS: usize = 60_000;
-    assert_eq!(udp_to_many(&a, "127.0.10.1", PEERS, 1), PEERS as u64);
-    let lost_udp = flows_lost(&p) - before;
+    assert_eq!(udp_to_many(a, "127.0.10.1", PEERS, 1), PEERS as u64);
+    let lost_udp = flows_lost(p) - before;
     assert!(lost_udp > 0, "a full ring drops (and counts)");
     // Connections while the ring is full: all succeed, their events are counted as lost.
     let run = a.client("tcp", "127.0.10.1", s_addr, 20);
     assert_eq!(ok(&run, "rebel-base"), 20, "{run}");
-    let lost = flows_lost(&p) - before;
+    let lost = flows_lost(p) - before;
     assert_eq!(
         lost - lost_udp,
         40,
@@ -359,12 +388,13 @@ fn a_udp_socket_sending_to_many_peers_is_one_flow_per_peer() {
     let mut ring = enable_flows(&mut p);
     const PEERS: usize = 2_000;
     assert_eq!(udp_to_many(&a, "127.0.11.1", PEERS, 5), 5 * PEERS as u64);
-    let evs = read_until(&mut ring, PEERS, |e| e.cgroup == a.id);
-    std::thread::sleep(Duration::from_millis(200));
-    let mut evs = evs;
-    while let Some(item) = ring.next() {
-        evs.push(maps::parse_flow_event(&item).unwrap());
-    }
+    // The marker: a connect to a port nobody listens on (refused, reported all the same).
+    let evs = until_marker(
+        &mut ring,
+        &a,
+        "127.0.11.1",
+        SocketAddr::from(([127, 0, 11, 9], common::free_port())),
+    );
     let peers: std::collections::HashSet<SocketAddr> = evs.iter().map(|e| e.peer).collect();
     assert_eq!(evs.len(), PEERS, "one event per peer, not per datagram");
     assert_eq!(peers.len(), PEERS, "each peer once");
@@ -467,18 +497,9 @@ fn ipv6_flows_carry_ipv6_addresses_and_ports() {
 #[test]
 fn an_ingress_refusal_is_reported_at_the_receiving_pod_with_its_rule() {
     const B: u32 = 0x0001_0102;
-    let node = Node::new();
-    let (a, s) = (
-        PodCgroup::new(&node, "x-wing"),
-        PodCgroup::new(&node, "rebel-base"),
-    );
-    let port = common::free_port();
-    let s_addr: SocketAddr = format!("127.0.10.3:{port}").parse().unwrap();
-    let _server = s.server("rebel-base", s_addr);
-    let mut p = node.open();
-    p.apply_ipcache(&ipcache(&[("127.0.10.1", A, 1), ("127.0.10.3", S, 2)]))
-        .unwrap();
-    let mut ring = enable_flows(&mut p);
+    let mut t = two_pods(12, "x-wing", "rebel-base");
+    let (a, s, s_addr, p) = (&t.a, &t.s, t.s_addr, &mut t.p);
+    let mut ring = enable_flows(p);
     let ingress_from = |remote: u32, deny: bool, rule: u32| Rule {
         direction: Direction::Ingress,
         remote: Some(remote),
@@ -492,7 +513,7 @@ fn an_ingress_refusal_is_reported_at_the_receiving_pod_with_its_rule() {
         .unwrap();
     p.set_endpoints(&[a.endpoint(A, false, false), s.endpoint(S, true, false)])
         .unwrap();
-    let run = a.client("tcp", "127.0.10.1", s_addr, 1);
+    let run = a.client("tcp", "127.0.12.1", s_addr, 1);
     assert_eq!(ok(&run, "rebel-base"), 0, "{run}");
     let evs = read_until(&mut ring, 1, |e| {
         e.direction == FlowDirection::Ingress && e.verdict == FlowVerdict::DeniedByDefault
@@ -519,7 +540,7 @@ fn an_ingress_refusal_is_reported_at_the_receiving_pod_with_its_rule() {
     drain(&mut ring);
     p.set_identity_policy(S, &[ingress_from(B, false, 9), ingress_from(A, true, 11)])
         .unwrap();
-    let run = a.client("tcp", "127.0.10.1", s_addr, 1);
+    let run = a.client("tcp", "127.0.12.1", s_addr, 1);
     assert_eq!(ok(&run, "rebel-base"), 0, "{run}");
     let evs = read_until(&mut ring, 1, |e| e.verdict == FlowVerdict::DeniedByPolicy);
     let d = evs

@@ -47,7 +47,27 @@ pub enum Failure {
     Io(std::io::Error),
 }
 
-impl AgentTls<'_> {
+impl<'a> AgentTls<'a> {
+    /// The session to the agent of `node`, offering no ALPN protocol (HTTP/1).
+    pub fn new(
+        cluster: &'a ClusterName,
+        cluster_id: ClusterId,
+        node: &'a NodeName,
+        ca_pem: &'a str,
+        cert_pem: &'a str,
+        key_pem: &'a str,
+    ) -> Self {
+        Self {
+            cluster,
+            cluster_id,
+            node,
+            ca_pem,
+            cert_pem,
+            key_pem,
+            alpn: &[],
+        }
+    }
+
     /// Connects to `addr` and completes the handshake (no timeout: callers bound it together
     /// with what they do next).
     pub async fn connect(&self, addr: &str) -> Result<TlsStream<TcpStream>, Failure> {

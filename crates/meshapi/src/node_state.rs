@@ -118,15 +118,7 @@ async fn get(
     key_pem: &str,
     timeout: Duration,
 ) -> Result<(String, i64), Error> {
-    let tls = AgentTls {
-        cluster,
-        cluster_id,
-        node,
-        ca_pem,
-        cert_pem,
-        key_pem,
-        alpn: &[],
-    };
+    let tls = AgentTls::new(cluster, cluster_id, node, ca_pem, cert_pem, key_pem);
     let io = |source| Error::Io {
         addr: addr.to_owned(),
         source,

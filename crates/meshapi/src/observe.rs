@@ -169,13 +169,8 @@ pub async fn dial_agent(
     timeout: Duration,
 ) -> Result<ObserverClient<Channel>, DialError> {
     let tls = AgentTls {
-        cluster,
-        cluster_id,
-        node,
-        ca_pem,
-        cert_pem,
-        key_pem,
         alpn: &[b"h2"],
+        ..AgentTls::new(cluster, cluster_id, node, ca_pem, cert_pem, key_pem)
     };
     let handshake = async {
         tls.connect(addr).await.map_err(|f| match f {
