@@ -64,6 +64,14 @@
 // shows the backend instead of the service.
 #define HANDOFF_SLOTS 65536
 
+// A handoff: the socket and the backend connect() chose (cm_sockops marks the socket only when
+// it is connecting to that backend, and empties the slot).
+struct handoff {
+	__u64 cookie;
+	__u32 backend_id;
+	__u32 pad;
+};
+
 // Why a backend became suspect (health_event.reason).
 #define SUSPECT_REFUSED 1     // SYN_SENT -> CLOSE: RST, or the caller gave up
 #define SUSPECT_SYN_TIMEOUT 2 // the SYN's retransmission timer fired
@@ -273,7 +281,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, HANDOFF_SLOTS);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct handoff);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_HANDOFF SEC(".maps");
 
@@ -455,11 +463,19 @@ struct {
 // makes it even again; a reader that sees it odd or changed across its read treats the slot as
 // a miss and looks the verdict up in the maps (x86's loads are not reordered with loads, nor
 // stores with stores; the compiler is held by barriers).
+// [0]: the generation, which the agent changes with an atomic add through a mapping of the
+// map (BPF_F_MMAPABLE): a map update copies with memcpy, which may write an 8-byte value a
+// byte at a time, and a torn generation could match an entry of another one. It is never 0
+// once the agent runs (it bumps it when it opens the maps), so an all-zero slot never matches.
+// [1]: the seed of the cache's hash (random, written once by the agent): buckets cannot be
+// chosen from outside to evict a pod's entries.
+#define GEN_SEED 1
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_POLICY_GEN SEC(".maps");
 
@@ -802,7 +818,7 @@ static __always_inline int same_addr(const struct sockaddr_cm *a, const __u8 *ad
 // Records the translation on the socket. `revnat`: an unconnected UDP send, which also needs
 // the reverse-NAT map because the socket may talk to several backends.
 static __always_inline void remember(struct bpf_sock_addr *ctx, const struct backend *be,
-				     const struct svc_key *key, int revnat, __u32 cflags)
+				     __u32 bid, const struct svc_key *key, int revnat, __u32 cflags)
 {
 	if (!revnat && ctx->protocol == IPPROTO_TCP) {
 		if (cflags & CFG_NO_PEER_REWRITE)
@@ -812,9 +828,10 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct bac
 			// same connect() call (bpf_setsockopt() here cost ~150 ns).
 			__u64 cookie = bpf_get_socket_cookie(ctx);
 			__u32 slot = (__u32)cookie & (HANDOFF_SLOTS - 1);
-			__u64 *h = bpf_map_lookup_elem(&CM_HANDOFF, &slot);
+			struct handoff *h = bpf_map_lookup_elem(&CM_HANDOFF, &slot);
 			if (h) {
-				*h = cookie;
+				h->cookie = cookie;
+				h->backend_id = bid;
 				return;
 			}
 		}
@@ -900,21 +917,29 @@ static __always_inline __u8 port_verdict(__u32 id, __u16 port, __u32 *rule)
 
 #define barrier() asm volatile("" ::: "memory")
 
-// The bucket of a verdict-cache key: its words folded and mixed (every input bit reaches the
-// bucket index; addresses that differ in one byte spread over the table).
-static __always_inline __u32 verdict_bucket(__u32 local, __u8 dir, __u8 proto, const __u8 *addr16,
-					    __u16 port)
+// The 64-bit finaliser of MurmurHash3: every input bit reaches every output bit.
+static __always_inline __u64 mix64(__u64 h)
 {
-	__u64 a, b;
-	__builtin_memcpy(&a, addr16, 8);
-	__builtin_memcpy(&b, addr16 + 8, 8);
-	__u64 h = a ^ (b << 17 | b >> 47) ^
-		  ((__u64)local << 32 | (__u64)port << 16 | (__u64)dir << 8 | proto);
 	h ^= h >> 33;
 	h *= 0xFF51AFD7ED558CCDULL;
 	h ^= h >> 33;
 	h *= 0xC4CEB9FE1A85EC53ULL;
 	h ^= h >> 33;
+	return h;
+}
+
+// The bucket of a verdict-cache key: its words mixed in one after another from the agent's
+// random seed (addresses that differ in one byte spread over the table; without the seed a
+// peer could pick addresses that all land in one bucket).
+static __always_inline __u32 verdict_bucket(__u64 seed, __u32 local, __u8 dir, __u8 proto,
+					    const __u8 *addr16, __u16 port)
+{
+	__u64 a, b;
+	__builtin_memcpy(&a, addr16, 8);
+	__builtin_memcpy(&b, addr16 + 8, 8);
+	__u64 h = mix64(seed ^ a);
+	h = mix64(h ^ b);
+	h = mix64(h ^ ((__u64)local << 32 | (__u64)port << 16 | (__u64)dir << 8 | proto));
 	return (__u32)h & (VERDICT_BUCKETS - 1);
 }
 
@@ -1005,7 +1030,9 @@ static __always_inline int decide(__u32 local, __u8 dir, __u8 proto, const __u8 
 	__u32 zero = 0;
 	__u64 *genp = bpf_map_lookup_elem(&CM_POLICY_GEN, &zero);
 	__u64 gen = genp ? *genp : 0;
-	__u32 bucket = verdict_bucket(local, dir, proto, addr16, port);
+	__u32 seed_idx = GEN_SEED;
+	__u64 *seedp = bpf_map_lookup_elem(&CM_POLICY_GEN, &seed_idx);
+	__u32 bucket = verdict_bucket(seedp ? *seedp : 0, local, dir, proto, addr16, port);
 	__u32 idx = bucket * VERDICT_WAYS;
 	int out;
 	if (genp && (verdict_hit(idx, local, dir, proto, addr16, port, gen, &out, fi) ||
@@ -1212,7 +1239,7 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx, int revnat)
 		return 1;
 	ctx->user_ip4 = dst;
 	ctx->user_port = port;
-	remember(ctx, be, &key, revnat, cflags);
+	remember(ctx, be, fi.bid, &key, revnat, cflags);
 	return 1;
 }
 
@@ -1262,7 +1289,7 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int revnat)
 	ctx->user_ip6[2] = d2;
 	ctx->user_ip6[3] = d3;
 	ctx->user_port = port;
-	remember(ctx, be, &key, revnat, cflags);
+	remember(ctx, be, fi.bid, &key, revnat, cflags);
 	return 1;
 }
 
@@ -1427,13 +1454,19 @@ int cm_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		// The translation mark, when connect() handed this socket over.
+		// The translation mark, when connect() handed this socket over for this backend;
+		// a mark from an earlier connection of the socket (disconnected, reconnected
+		// elsewhere) is not kept.
 		__u64 cookie = bpf_get_socket_cookie(skops);
 		__u32 slot = (__u32)cookie & (HANDOFF_SLOTS - 1);
-		__u64 *h = bpf_map_lookup_elem(&CM_HANDOFF, &slot);
-		__u32 mark = (h && *h == cookie) ? TRANSLATED_MARK : 0;
-		bpf_sock_ops_cb_flags_set(skops, (skops->bpf_sock_ops_cb_flags & TRANSLATED_MARK) |
-							 mark | BPF_SOCK_OPS_STATE_CB_FLAG |
+		struct handoff *h = bpf_map_lookup_elem(&CM_HANDOFF, &slot);
+		__u32 mark = 0;
+		if (h && h->cookie == cookie) {
+			if (h->backend_id == id)
+				mark = TRANSLATED_MARK;
+			h->cookie = 0;
+		}
+		bpf_sock_ops_cb_flags_set(skops, mark | BPF_SOCK_OPS_STATE_CB_FLAG |
 							 BPF_SOCK_OPS_RTO_CB_FLAG);
 		return 1;
 	}

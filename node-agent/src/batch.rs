@@ -1,6 +1,7 @@
-//! Batched map updates (`BPF_MAP_UPDATE_BATCH`, Linux ≥ 5.6), which aya 0.14 does not expose.
-//! The only unsafe code of the project: one `bpf()` system call with a fully initialised
-//! attribute block pointing at two slices that outlive the call.
+//! What aya 0.14 does not expose, and the only unsafe code of the project: batched map updates
+//! (`BPF_MAP_UPDATE_BATCH`, Linux ≥ 5.6: one `bpf()` system call with a fully initialised
+//! attribute block pointing at two slices that outlive the call), and a shared mapping of a
+//! `BPF_F_MMAPABLE` array's first value, changed with atomic instructions ([`SharedU64`]).
 
 #![allow(unsafe_code)]
 
@@ -62,4 +63,81 @@ pub fn update<K: Copy, V: Copy>(
         return Err(std::io::Error::last_os_error());
     }
     Ok(attr.count as usize)
+}
+
+/// The first `u64` of a `BPF_F_MMAPABLE` array map, mapped into this process: changed with
+/// an atomic instruction, so a program reading it never sees a value half written (a map
+/// update copies with `memcpy`, which may write an 8-byte value a byte at a time).
+pub struct SharedU64 {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory valid until `Drop`; it is only accessed through an
+// `AtomicU64`, which is safe to use from any thread.
+unsafe impl Send for SharedU64 {}
+// SAFETY: as for `Send`: all access is atomic.
+unsafe impl Sync for SharedU64 {}
+
+impl SharedU64 {
+    /// Maps the first page of `map` (an array created with `BPF_F_MMAPABLE` whose value
+    /// type is `u64`) read-write and shared.
+    pub fn map(map: BorrowedFd<'_>) -> std::io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let len = usize::try_from(page).unwrap_or(4096).max(8);
+        // SAFETY: a new mapping (no address hint) of `len` bytes of the map's data, which the
+        // kernel page-aligns and sizes to whole pages for mmapable arrays; failure is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<std::sync::atomic::AtomicU64>())
+            .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    fn cell(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: the mapping is page-aligned (so 8-byte aligned), at least 8 bytes long,
+        // lives until `Drop`, and the kernel and this type access it only as an atomic u64.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    /// Adds `n`; returns the new value.
+    pub fn add(&self, n: u64) -> u64 {
+        self.cell()
+            .fetch_add(n, std::sync::atomic::Ordering::SeqCst)
+            .wrapping_add(n)
+    }
+
+    /// The value.
+    pub fn get(&self) -> u64 {
+        self.cell().load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SharedU64 {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map` made; no reference into it outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedU64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedU64")
+            .field("value", &self.get())
+            .finish()
+    }
 }

@@ -164,8 +164,10 @@ pub struct Datapath {
     pub events: Option<RingBuf<MapData>>,
     /// Flow events from the kernel; taken by the agent's flow reader.
     pub flows: Option<RingBuf<MapData>>,
-    /// The generation of the policy state the verdict cache is valid for.
-    pub policy_gen: Array<MapData, u64>,
+    /// The generation of the policy state the verdict cache is valid for (`CM_POLICY_GEN[0]`,
+    /// mapped: changed atomically), and the map (`[1]`: the cache's hash seed).
+    policy_gen: crate::batch::SharedU64,
+    policy_gen_map: Array<MapData, u64>,
     /// Local endpoints: cgroup ID → identity and enforced directions.
     pub endpoints: HashMap<MapData, u64, maps::EndpointVal>,
     /// Policy entries: (local, peer, direction, protocol) → port set (see [`crate::policy`]).
@@ -302,11 +304,40 @@ impl Datapath {
                 map: maps::FLOWS,
                 reason: e.to_string(),
             })?;
-        let policy_gen =
+        let mut policy_gen_map: Array<MapData, u64> =
             Array::try_from(take_any(&mut ebpf, maps::POLICY_GEN)?).map_err(|e| Error::Map {
                 map: maps::POLICY_GEN,
                 reason: e.to_string(),
             })?;
+        let policy_gen = {
+            use aya::maps::IterableMap;
+            use std::os::fd::AsFd;
+            crate::batch::SharedU64::map(policy_gen_map.map().fd().as_fd()).map_err(|e| {
+                Error::Map {
+                    map: maps::POLICY_GEN,
+                    reason: format!(
+                        "mapping the generation ({e}): a map pinned by an older agent (not \
+                     mmapable)? drain the node and remove the pins before starting this agent"
+                    ),
+                }
+            })?
+        };
+        // The cache's hash seed: random once, kept with the pins.
+        if policy_gen_map.get(&GEN_SEED, 0).unwrap_or(0) == 0 {
+            let seed = random_seed().map_err(|e| Error::Map {
+                map: maps::POLICY_GEN,
+                reason: format!("reading a random seed: {e}"),
+            })?;
+            policy_gen_map
+                .set(GEN_SEED, seed, 0)
+                .map_err(|e| Error::Map {
+                    map: maps::POLICY_GEN,
+                    reason: e.to_string(),
+                })?;
+        }
+        // Whatever the cache holds from before (an agent that stopped between a write and
+        // its bump, another version) is stale from here on.
+        policy_gen.add(1);
         let endpoints = take(&mut ebpf, maps::ENDPOINTS)?;
         let policy = take(&mut ebpf, maps::POLICY)?;
         let policy_sets = take(&mut ebpf, maps::POLICY_SETS)?;
@@ -334,6 +365,7 @@ impl Datapath {
             events: Some(events),
             flows: Some(flows),
             policy_gen,
+            policy_gen_map,
             sizes,
             _ebpf: ebpf,
         })
@@ -367,9 +399,18 @@ impl Datapath {
 
     /// Invalidates every entry of the kernel's verdict cache: call after any change of the
     /// policy entries, the port sets or the IP cache is complete.
-    pub fn bump_policy_gen(&mut self) -> Result<(), aya::maps::MapError> {
-        let generation = self.policy_gen.get(&0, 0)?;
-        self.policy_gen.set(0, generation.wrapping_add(1), 0)
+    pub fn bump_policy_gen(&mut self) {
+        self.policy_gen.add(1);
+    }
+
+    /// The verdict cache's generation (never 0 once the maps are open).
+    pub fn policy_gen(&self) -> u64 {
+        self.policy_gen.get()
+    }
+
+    /// The verdict cache's hash seed.
+    pub fn policy_seed(&self) -> Result<u64, aya::maps::MapError> {
+        self.policy_gen_map.get(&GEN_SEED, 0)
     }
 
     /// Writes the programs' settings.
@@ -425,6 +466,17 @@ pub fn wait_ring(ring: &RingBuf<MapData>, timeout: std::time::Duration) -> rusti
         Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// `CM_POLICY_GEN[1]`: the verdict cache's hash seed.
+const GEN_SEED: u32 = 1;
+
+/// Eight random bytes from the kernel.
+fn random_seed() -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(u64::from_ne_bytes(b).max(1))
 }
 
 /// Refuses pinned maps whose key or value size differs from this agent's layout, or whose

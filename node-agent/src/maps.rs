@@ -70,7 +70,8 @@ pub const POLICY_STATS: &str = "CM_POLICY_STATS";
 pub const UDP_FLOWS: &str = "CM_UDP_FLOWS";
 /// Flow events (ring buffer).
 pub const FLOWS: &str = "CM_FLOWS";
-/// The generation of the policy entries, port sets and IP cache (one `u64`).
+/// The generation of the policy entries, port sets and IP cache (`[0]`, changed atomically
+/// through a mapping) and the verdict cache's hash seed (`[1]`).
 pub const POLICY_GEN: &str = "CM_POLICY_GEN";
 /// The verdict cache: (local identity, direction, protocol, peer address, port) → the verdict,
 /// its rule and the peer's identity, with the generation they were looked up at (a 2-way
@@ -154,7 +155,7 @@ impl Sizes {
 /// Key and value sizes of every pinned map with a fixed layout: an agent refuses to reuse a
 /// pinned map of another layout (an upgrade that changed it) instead of misreading it.
 pub const LAYOUT: [(&str, u32, u32); 19] = [
-    (HANDOFF, 4, 8),
+    (HANDOFF, 4, 16),
     (VERDICTS, 4, 64),
     (POLICY_GEN, 4, 8),
     (FLOW_SEEN, 32, 1),

@@ -314,6 +314,27 @@ impl Tables {
             map: maps::POLICY,
             reason: e.to_string(),
         })?;
+        let result = self.write_identity(dp, local, wanted);
+        if result.is_err() {
+            // A write failed part way: what the maps hold is no longer what this copy says.
+            // Learn it back, so that the next change deletes what it must (an entry left
+            // behind must not keep allowing a peer).
+            match Self::learn(dp) {
+                Ok(t) => *self = t,
+                Err(e) => {
+                    tracing::error!(error = %e, "re-reading the policy maps after a failed write")
+                }
+            }
+        }
+        result
+    }
+
+    fn write_identity(
+        &mut self,
+        dp: &mut Datapath,
+        local: u32,
+        wanted: BTreeMap<Group, PortSet>,
+    ) -> Result<Ops, Error> {
         let current = self.entries.remove(&local).unwrap_or_default();
         let mut ops = Ops::default();
         let mut released = Vec::new();

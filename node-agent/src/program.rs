@@ -1001,6 +1001,18 @@ impl Programmer {
         &mut self,
         entries: &HashMap<std::net::IpAddr, (u32, u16)>,
     ) -> Result<Ops, ProgramError> {
+        let result = self.write_ipcache(entries);
+        // Complete, or failed part way: cached verdicts are stale from here on either way.
+        if !matches!(&result, Ok(ops) if ops.writes + ops.deletes == 0) {
+            self.dp.bump_policy_gen();
+        }
+        result
+    }
+
+    fn write_ipcache(
+        &mut self,
+        entries: &HashMap<std::net::IpAddr, (u32, u16)>,
+    ) -> Result<Ops, ProgramError> {
         use aya::maps::lpm_trie::Key;
         if entries.len() > maps::MAX_IPCACHE {
             return Err(ProgramError::Capacity {
@@ -1064,11 +1076,6 @@ impl Programmer {
                     .map_err(map_err(maps::IPCACHE_HOSTS))?;
                 ops.deletes += 1;
             }
-        }
-        if ops.writes + ops.deletes > 0 {
-            self.dp
-                .bump_policy_gen()
-                .map_err(map_err(maps::POLICY_GEN))?;
         }
         Ok(ops)
     }
@@ -1182,14 +1189,13 @@ impl Programmer {
         local: u32,
         rules: &[crate::policy::Rule],
     ) -> Result<Ops, Error> {
-        let ops = self.policy.set_identity(&mut self.dp, local, rules)?;
-        if ops.writes + ops.deletes > 0 {
-            // Complete: cached verdicts of the previous entries are stale from here on.
-            self.dp
-                .bump_policy_gen()
-                .map_err(map_err(maps::POLICY_GEN))?;
+        let result = self.policy.set_identity(&mut self.dp, local, rules);
+        // Complete, or failed part way: cached verdicts of the previous entries are stale
+        // from here on either way.
+        if !matches!(&result, Ok(ops) if ops.writes + ops.deletes == 0) {
+            self.dp.bump_policy_gen();
         }
-        Ok(ops)
+        result
     }
 
     /// Makes the local endpoints those of `endpoints`; see

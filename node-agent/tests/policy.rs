@@ -288,10 +288,16 @@ fn a_cached_verdict_never_outlives_a_policy_or_ip_cache_change() {
     let s_addr: SocketAddr = format!("127.0.11.3:{port}").parse().unwrap();
     let _s = s.server("rebel-base", s_addr);
     let mut p = node.open();
+    // Opening the maps made every earlier entry stale: the generation is never 0 (an
+    // all-zero slot never matches), and the hash has its random seed.
+    let opened = p.datapath().policy_gen();
+    assert_ne!(opened, 0);
+    assert_ne!(p.datapath().policy_seed().unwrap(), 0);
     p.apply_ipcache(&ipcache(&[("127.0.11.1", A, 1), ("127.0.11.3", S, 2)]))
         .unwrap();
     p.set_identity_policy(A, &[egress(Some(S), Some(Proto::Tcp), None, false)])
         .unwrap();
+    assert!(p.datapath().policy_gen() > opened, "each change bumps it");
     p.set_endpoints(&[a.endpoint(A, false, true)]).unwrap();
     // Allowed, several times: the verdict is cached.
     assert_eq!(
