@@ -40,7 +40,7 @@ run kubectl config get-contexts
 
 step "join them: clustermesh connect (endpoints, CAs and client certificates through each Kubernetes API)"
 run "$bin/clustermesh" connect --context east --destination-context west --wait
-run "$bin/clustermesh" status --context east --context west
+run "$bin/clustermesh" status --wait --timeout 60s --context east --context west
 
 step "a service in both clusters, made global with kubectl annotate"
 "$lab" deploy --dir "$dir" --cluster east --service demo/echo --replicas 2
