@@ -622,3 +622,64 @@ fn tiers_move_between_inline_slots_and_the_slots_map() {
         );
     }
 }
+
+/// A socket translated once, then disconnected (`connect(AF_UNSPEC)`) and connected again
+/// straight to another backend's address, is not marked by its first connection: its
+/// getpeername() shows the backend it is connected to now, not that backend's service.
+#[test]
+fn a_socket_reconnected_straight_to_a_backend_shows_that_backend() {
+    let node = Node::new();
+    let b1 = backend("b1", "127.0.1.31");
+    let b2 = backend("b2", "127.0.1.32");
+    let (vip_a, vip_b) = ("127.100.0.31:80", "127.100.0.32:80");
+    let svc = |vip: &str, b: SocketAddr| DesiredService {
+        frontend: frontend(vip, Proto::Tcp),
+        service: None,
+        tiers: [vec![spec(b, 1)], vec![]],
+        balancing: Default::default(),
+    };
+    let mut p = node.open();
+    p.apply(&[svc(vip_a, b1), svc(vip_b, b2)]).unwrap();
+    assert!(p.backend(b2).expect("programmed").one_frontend);
+    let script = format!(
+        r#"import ctypes, json, socket
+libc = ctypes.CDLL(None, use_errno=True)
+class Unspec(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_char * 14)]
+s = socket.socket()
+s.connect(("{}", {}))
+first = "%s:%d" % s.getpeername()
+s.recv(64)
+if libc.connect(s.fileno(), ctypes.byref(Unspec(0)), ctypes.sizeof(Unspec)) != 0:
+    raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+s.connect(("{}", {}))
+second = "%s:%d" % s.getpeername()
+print(json.dumps({{"first": first, "second": second, "answer": s.recv(64).decode().strip()}}))"#,
+        "127.100.0.31",
+        80,
+        b2.ip(),
+        b2.port()
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec python3 -c '{}'",
+            node.cgroup.display(),
+            script.replace('\'', "'\\''")
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["first"], vip_a, "translated: the service: {v}");
+    assert_eq!(v["answer"], "b2", "{v}");
+    assert_eq!(
+        v["second"],
+        b2.to_string(),
+        "reconnected straight to b2: b2, not b2's service: {v}"
+    );
+}
