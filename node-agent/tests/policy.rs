@@ -437,3 +437,59 @@ fn the_verdict_cache_gives_every_peer_its_own_verdict_under_eviction_and_concurr
         }
     }
 }
+
+/// A change that fails part way (here `CM_POLICY` runs full) leaves the maps between two
+/// states; the agent re-reads them, so the next change deletes what the failed one left
+/// behind: a peer the failed change allowed is refused once the policy no longer names it.
+#[test]
+fn after_a_change_that_failed_part_way_the_next_change_removes_what_it_left() {
+    const CAPACITY: u32 = 1 << 20; // CM_POLICY's entries
+    let node = Node::new();
+    let (a, s) = (
+        PodCgroup::new(&node, "x-wing"),
+        PodCgroup::new(&node, "rebel-base"),
+    );
+    let port = common::free_port();
+    let s_addr: SocketAddr = format!("127.0.13.3:{port}").parse().unwrap();
+    let t_addr: SocketAddr = format!("127.0.13.4:{port}").parse().unwrap();
+    let _s = s.server("rebel-base", s_addr);
+    let _t = s.server("tie", t_addr);
+    let mut p = node.open();
+    // T's identity sorts first among the many below, so the failed change writes it.
+    let many = |i: u32| 0x0100_0000 + i;
+    p.apply_ipcache(&ipcache(&[
+        ("127.0.13.3", S, 2),
+        ("127.0.13.4", many(0), 3),
+    ]))
+    .unwrap();
+    p.set_identity_policy(A, &[egress(Some(S), Some(Proto::Tcp), None, false)])
+        .unwrap();
+    p.set_endpoints(&[a.endpoint(A, false, true)]).unwrap();
+    assert_eq!(
+        errors(&a.client("tcp", "127.0.13.1", t_addr, 1), "PermissionError"),
+        1
+    );
+    // More peers than the map holds: the change fails part way.
+    let too_many: Vec<Rule> = (0..CAPACITY + 10)
+        .map(|i| egress(Some(many(i)), Some(Proto::Tcp), None, false))
+        .collect();
+    assert!(p.set_identity_policy(A, &too_many).is_err());
+    assert_eq!(
+        ok(&a.client("tcp", "127.0.13.1", t_addr, 1), "tie"),
+        1,
+        "what the failed change wrote is in force"
+    );
+    // The policy goes back to S only: everything else goes, T is refused again.
+    p.set_identity_policy(A, &[egress(Some(S), Some(Proto::Tcp), None, false)])
+        .unwrap();
+    assert_eq!(p.datapath().policy.iter().count(), 1, "one entry left");
+    assert_eq!(
+        errors(&a.client("tcp", "127.0.13.1", t_addr, 1), "PermissionError"),
+        1,
+        "T refused again"
+    );
+    assert_eq!(
+        ok(&a.client("tcp", "127.0.13.1", s_addr, 1), "rebel-base"),
+        1
+    );
+}
