@@ -11,6 +11,7 @@ pub mod chaos;
 pub mod kind;
 pub mod kubelet;
 pub mod lab;
+pub mod pod_runner;
 pub mod scenarios;
 
 use std::collections::BTreeMap;
