@@ -136,7 +136,16 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             Role::Apiserver,
         ))
         .dns(["localhost", "kubernetes.default.svc"])
-        .ips(["127.0.0.1".parse()?]),
+        // And the address it is bound to, when that is another one (a lab's bridge, which
+        // pods reach it on as in-cluster clients).
+        .ips(
+            std::iter::once("127.0.0.1".parse()?)
+                .chain(
+                    (!config.bind.ip().is_loopback() && !config.bind.ip().is_unspecified())
+                        .then_some(config.bind.ip()),
+                )
+                .collect::<Vec<std::net::IpAddr>>(),
+        ),
     )?;
     let admin_leaf = ca.issue(&LeafSpec::new(MeshIdentity::new(
         config.cluster.clone(),

@@ -1,9 +1,11 @@
 //! The lab kubelet runs what `deploy/` ships: `clustermesh install` writes the manifests and
-//! Secrets into the Kubernetes API test server, and etcd's StatefulSet pod is resolved from the
-//! stored objects and run as a process in its own network namespace, mount namespace (its
-//! volumes at their mount paths, a read-only root), cgroup, user (65532) and capabilities
-//! (none) — so a wrong flag, mount, user or probe in `deploy/base/etcd.yaml` fails here. Needs
-//! root.
+//! Secrets into the Kubernetes API test server (bound on a bridge, where pods reach it as
+//! in-cluster clients), and the pods of etcd's StatefulSet and the apiserver's Deployment are
+//! resolved from the stored objects and run as processes, each in its own network namespace on
+//! the bridge, mount namespace (its volumes at their mount paths, a read-only root), cgroup,
+//! user and capabilities — so a wrong flag, mount, user, permission or probe in `deploy/`
+//! fails here. (It found one: the apiserver, user 65532 without `fsGroup`, could not read its
+//! root-owned 0400 Secrets.) Needs root.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec, Secret};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use multicluster::kubelet::{self, Objects, PodFacts};
@@ -23,8 +26,51 @@ use multicluster::pod_runner::{HttpProbe, Sandbox, Supervisor};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
-/// A network namespace with a veth to the host (host .1, pod .2 of a /30), and a cgroup;
-/// removed on drop, also on failure.
+/// A bridge for the test's pods (host `.1` of a /24); removed on drop, also on failure.
+struct Bridge {
+    name: String,
+    subnet: u8,
+}
+
+impl Bridge {
+    fn new() -> Self {
+        // Unique per test of this process (tests run in parallel) and per process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let subnet = ((std::process::id() * 8 + k) % 250 + 1) as u8;
+        let name = format!("cmkb{}x{k}", std::process::id() % 100_000);
+        ip(&["link", "add", &name, "type", "bridge"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.252.{subnet}.1/24"),
+            "dev",
+            &name,
+        ]);
+        ip(&["link", "set", &name, "up"]);
+        Self { name, subnet }
+    }
+
+    fn host(&self) -> IpAddr {
+        format!("10.252.{}.1", self.subnet).parse().unwrap()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().unwrap();
+    assert!(st.success(), "ip {args:?}");
+}
+
+/// A pod's network namespace on the bridge (address `.10 + index`), and its cgroup; removed
+/// on drop, also on failure (its processes killed first).
 struct PodNet {
     netns: String,
     host_if: String,
@@ -33,31 +79,31 @@ struct PodNet {
 }
 
 impl PodNet {
-    fn new() -> Self {
+    fn new(bridge: &Bridge, index: u8) -> Self {
         let name = test_support::unique_name("cmk");
-        let n = std::process::id() % 250 + 1;
         let netns = name.clone();
-        let host_if = format!("cmk{}", std::process::id() % 100_000);
-        let run = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().unwrap();
-            assert!(st.success(), "ip {args:?}");
-        };
-        run(&["netns", "add", &netns]);
-        run(&[
+        let host_if = format!(
+            "cmk{}x{}",
+            std::process::id() % 100_000,
+            bridge.subnet as u32 * 8 + index as u32
+        );
+        let addr = format!("10.252.{}.{}", bridge.subnet, 10 + index);
+        ip(&["netns", "add", &netns]);
+        ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ]);
-        run(&["addr", "add", &format!("10.251.{n}.1/30"), "dev", &host_if]);
-        run(&["link", "set", &host_if, "up"]);
+        ip(&["link", "set", &host_if, "master", &bridge.name]);
+        ip(&["link", "set", &host_if, "up"]);
         for args in [
-            vec!["addr", "add", &format!("10.251.{n}.2/30"), "dev", "eth0"],
+            vec!["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
             vec!["link", "set", "eth0", "up"],
             vec!["link", "set", "lo", "up"],
         ] {
-            let full: Vec<&str> = ["netns", "exec", netns.as_str(), "ip"]
+            let full: Vec<&str> = ["-n", netns.as_str()]
                 .into_iter()
                 .chain(args.iter().map(|s| &**s))
                 .collect();
-            run(&full);
+            ip(&full);
         }
         let cgroup = Path::new(CGROUP_ROOT).join(&name);
         std::fs::create_dir_all(&cgroup).unwrap();
@@ -65,7 +111,7 @@ impl PodNet {
             netns,
             host_if,
             cgroup,
-            ip: format!("10.251.{n}.2").parse().unwrap(),
+            ip: addr.parse().unwrap(),
         }
     }
 }
@@ -118,16 +164,28 @@ fn etcdctl(ip: IpAddr, tls: Option<&Path>, args: &[&str]) -> std::process::Outpu
     cmd.args(args).output().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted() {
+/// A test server on the bridge with `clustermesh install` applied (not waiting: nothing runs
+/// its pods but these tests), and the Secrets and ConfigMaps its pods refer to.
+struct Installed {
+    objects: Objects,
+    client: kube::Client,
+    kube: kube_testserver::Handle,
+    dir: tempfile::TempDir,
+    bridge: Bridge,
+}
+
+const NS: &str = "kube-system";
+
+async fn installed() -> Installed {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let bridge = Bridge::new();
     let dir = tempfile::tempdir().unwrap();
     let cluster = test_support::unique_name("kl");
-    let kube = kube_testserver::start(kube_testserver::Config::new(
-        model::ClusterName::new(cluster.clone()).unwrap(),
-    ))
-    .await
-    .unwrap();
+    let mut config =
+        kube_testserver::Config::new(model::ClusterName::new(cluster.clone()).unwrap());
+    // Where pods reach it, as in-cluster clients.
+    config.bind = std::net::SocketAddr::new(bridge.host(), 0);
+    let kube = kube_testserver::start(config).await.unwrap();
     let client = kube.client().await.unwrap();
     let out = tokio::process::Command::new(binary("clustermesh").unwrap())
         .args([
@@ -153,16 +211,8 @@ async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-
-    // The pod as the StatefulSet controller makes it, the objects it refers to as stored.
-    let ns = "kube-system";
-    let set: StatefulSet = Api::namespaced(client.clone(), ns)
-        .get("clustermesh-etcd")
-        .await
-        .unwrap();
-    let (pod_name, spec) = kubelet::stateful_set_pod(&set, 0).unwrap();
     let mut objects = Objects::default();
-    for s in Api::<Secret>::namespaced(client.clone(), ns)
+    for s in Api::<Secret>::namespaced(client.clone(), NS)
         .list(&Default::default())
         .await
         .unwrap()
@@ -175,74 +225,166 @@ async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted()
             .collect();
         objects
             .secrets
-            .insert((ns.to_owned(), s.metadata.name.unwrap()), data);
+            .insert((NS.to_owned(), s.metadata.name.unwrap()), data);
     }
-    let net = PodNet::new();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for c in Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        objects.config_maps.insert(
+            (NS.to_owned(), c.metadata.name.unwrap()),
+            c.data.unwrap_or_default().into_iter().collect(),
+        );
+    }
+    Installed {
+        objects,
+        client,
+        kube,
+        dir,
+        bridge,
+    }
+}
+
+/// The lab's binaries for `deploy/`'s images.
+fn lab_binary(image: &str, program: &str) -> Option<PathBuf> {
+    match program {
+        "etcd" if image.contains("etcd") => Some(PathBuf::from("/usr/bin/etcd")),
+        "clustermesh-apiserver" | "node-agent" => binary(program).ok(),
+        _ => None,
+    }
+}
+
+/// Creates the Pod `pod_name` of `spec` in the API and runs its container `container` in
+/// `net` the way the kubelet would (`extra` stands for what admission adds: the
+/// ServiceAccount token volume, the Service environment).
+#[allow(clippy::too_many_arguments)]
+async fn run_pod(
+    inst: &Installed,
+    net: &PodNet,
+    pod_name: &str,
+    labels: serde_json::Value,
+    spec: &PodSpec,
+    container: &str,
+    hosts: Vec<(IpAddr, Vec<String>)>,
+    extra: impl FnOnce(&mut kubelet::ProcessSpec),
+) -> Supervisor {
+    let pods: Api<Pod> = Api::namespaced(inst.client.clone(), NS);
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": pod_name, "namespace": ns, "labels": {"app": "clustermesh-etcd"}},
+        "metadata": {"name": pod_name, "namespace": NS, "labels": labels},
         "spec": spec,
     }))
     .unwrap();
     let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
     let facts = PodFacts {
-        name: pod_name.clone(),
-        namespace: ns.into(),
+        name: pod_name.to_owned(),
+        namespace: NS.into(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         node: "lab-node".into(),
         pod_ip: net.ip.to_string(),
-        host_ip: String::new(),
+        host_ip: inst.bridge.host().to_string(),
         labels: BTreeMap::new(),
     };
-    let lab_binary = |image: &str, program: &str| -> Option<PathBuf> {
-        (image.contains("etcd") && program == "etcd").then(|| PathBuf::from("/usr/bin/etcd"))
-    };
-    let process = kubelet::resolve(&spec, &facts, "etcd", &objects, &lab_binary).unwrap();
-    let container = spec.containers.iter().find(|c| c.name == "etcd").unwrap();
-    let security = spec.security_context.clone().unwrap_or_default();
-    let csc = container.security_context.clone().unwrap_or_default();
+    let mut process =
+        kubelet::resolve(spec, &facts, container, &inst.objects, &lab_binary).unwrap();
+    extra(&mut process);
+    let c = spec
+        .containers
+        .iter()
+        .find(|c| c.name == container)
+        .unwrap();
+    let pod_sc = spec.security_context.clone().unwrap_or_default();
+    let sc = c.security_context.clone().unwrap_or_default();
+    let user = sc.run_as_user.or(pod_sc.run_as_user).map(|u| {
+        (
+            u as u32,
+            sc.run_as_group.or(pod_sc.run_as_group).unwrap_or(0) as u32,
+        )
+    });
     let sandbox = Sandbox {
-        pod: pod_name.clone(),
+        pod: pod_name.to_owned(),
         netns: Some(net.netns.clone()),
         ip: net.ip,
         cgroup: net.cgroup.clone(),
-        dir: dir.path().join("pod"),
-        claims: dir.path().join("claims"),
-        hosts: vec![(
-            net.ip,
-            vec![format!("{pod_name}.clustermesh-etcd.{ns}.svc")],
-        )],
-        user: Some((
-            csc.run_as_user.or(security.run_as_user).unwrap() as u32,
-            csc.run_as_group.or(security.run_as_group).unwrap() as u32,
-        )),
-        fs_group: security.fs_group.map(|g| g as u32),
-        read_only_root: csc.read_only_root_filesystem == Some(true),
+        dir: inst.dir.path().join(pod_name),
+        claims: inst.dir.path().join("claims"),
+        hosts,
+        user,
+        fs_group: pod_sc.fs_group.map(|g| g as u32),
+        read_only_root: sc.read_only_root_filesystem == Some(true),
     };
-    assert_eq!(
-        sandbox.user,
-        Some((65532, 65532)),
-        "deploy/ runs etcd as 65532"
+    let probe = HttpProbe::readiness(c).unwrap();
+    assert!(
+        probe.is_some(),
+        "deploy/ gives {container} a readiness probe"
     );
-    assert!(sandbox.read_only_root);
-    let probe = HttpProbe::readiness(container).unwrap();
-    assert!(probe.is_some(), "deploy/ gives etcd a readiness probe");
-    let no_token = |_: &str, _: i64| -> anyhow::Result<String> { anyhow::bail!("no token") };
-    let etcd = Supervisor::start(&sandbox, "etcd", &process, probe, &no_token).unwrap();
-    let log = sandbox.dir.join("etcd.log");
-    let show_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let sa = spec.service_account_name.clone().unwrap_or_default();
+    let token = |_: &str, _: i64| inst.kube.service_account_token(NS, &sa);
+    Supervisor::start(&sandbox, container, &process, probe, &token).unwrap()
+}
 
-    // Ready by deploy/'s own probe; the kubelet's status goes to the API.
+/// Waits until `s` is ready, showing its log when it is not in time.
+fn wait_ready(s: &Supervisor, log: &Path, timeout: Duration) {
     let t0 = Instant::now();
-    while !etcd.state().ready {
+    while !s.state().ready {
         assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "etcd never ready: {:?}\n{}",
-            etcd.state(),
-            show_log()
+            t0.elapsed() < timeout,
+            "never ready: {:?}\n{}",
+            s.state(),
+            std::fs::read_to_string(log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `deploy/`'s etcd pod, from its StatefulSet; returns it running and ready.
+async fn run_etcd(inst: &Installed, net: &PodNet) -> (Supervisor, String) {
+    let set: StatefulSet = Api::namespaced(inst.client.clone(), NS)
+        .get("clustermesh-etcd")
+        .await
+        .unwrap();
+    let (pod_name, spec) = kubelet::stateful_set_pod(&set, 0).unwrap();
+    let etcd = run_pod(
+        inst,
+        net,
+        &pod_name,
+        serde_json::json!({"app": "clustermesh-etcd"}),
+        &spec,
+        "etcd",
+        vec![(
+            net.ip,
+            vec![format!("{pod_name}.clustermesh-etcd.{NS}.svc")],
+        )],
+        |_| {},
+    )
+    .await;
+    wait_ready(
+        &etcd,
+        &inst.dir.path().join(&pod_name).join("etcd.log"),
+        Duration::from_secs(60),
+    );
+    (etcd, pod_name)
+}
+
+/// The process's `field` line of /proc/<pid>/status, first word.
+fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted() {
+    let inst = installed().await;
+    let net = PodNet::new(&inst.bridge, 0);
+    let (etcd, pod_name) = run_etcd(&inst, &net).await;
+    let pods: Api<Pod> = Api::namespaced(inst.client.clone(), NS);
     pods.patch_status(
         &pod_name,
         &PatchParams::default(),
@@ -261,20 +403,9 @@ async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted()
 
     // It runs as deploy/ says: user 65532, no capability, in its own cgroup.
     let pid = etcd.state().pid.unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or_default()
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    assert_eq!(field("Uid:"), "65532", "{status}");
-    assert_eq!(field("CapEff:"), "0000000000000000");
-    assert_eq!(field("CapBnd:"), "0000000000000000");
+    assert_eq!(proc_status(pid, "Uid:"), "65532");
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_status(pid, "CapBnd:"), "0000000000000000");
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(
         cgroup.contains(net.cgroup.file_name().unwrap().to_str().unwrap()),
@@ -283,9 +414,9 @@ async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted()
 
     // Its mTLS is deploy/'s: the apiserver's client certificate (from install's Secret) is
     // served, a client without one is refused.
-    let client_tls = dir.path().join("etcd-client");
+    let client_tls = inst.dir.path().join("etcd-client");
     std::fs::create_dir_all(&client_tls).unwrap();
-    for (k, v) in &objects.secrets[&(ns.to_owned(), "clustermesh-etcd-client".to_owned())] {
+    for (k, v) in &inst.objects.secrets[&(NS.to_owned(), "clustermesh-etcd-client".to_owned())] {
         std::fs::write(client_tls.join(k), v).unwrap();
     }
     let put = etcdctl(net.ip, Some(&client_tls), &["put", "/lab/kubelet", "ran"]);
@@ -320,8 +451,89 @@ async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted()
         "{}",
         String::from_utf8_lossy(&get.stderr)
     );
-    let status = etcd.pod_status();
-    assert_eq!(status["containerStatuses"][0]["restartCount"], 1);
-    drop(etcd);
-    drop(net);
+    assert_eq!(etcd.pod_status()["containerStatuses"][0]["restartCount"], 1);
+}
+
+/// `deploy/`'s apiserver pod, from its Deployment, next to the etcd pod: it reads its
+/// Secrets as user 65532 with a read-only root, reaches etcd by its Service name and the
+/// Kubernetes API in-cluster with its ServiceAccount's token (RBAC as `deploy/` grants it),
+/// becomes Ready by its own probe and takes the leader Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
+    let inst = installed().await;
+    let etcd_net = PodNet::new(&inst.bridge, 0);
+    let api_net = PodNet::new(&inst.bridge, 1);
+    let (_etcd, etcd_pod) = run_etcd(&inst, &etcd_net).await;
+    let deployment: Deployment = Api::namespaced(inst.client.clone(), NS)
+        .get("clustermesh-apiserver")
+        .await
+        .unwrap();
+    let spec = deployment.spec.unwrap().template.spec.unwrap();
+    let pod_name = "clustermesh-apiserver-lab-0";
+    let ca = inst.kube.ca_pem().to_owned();
+    let api = inst.kube.addr();
+    let apiserver = run_pod(
+        &inst,
+        &api_net,
+        pod_name,
+        serde_json::json!({"app": "clustermesh-apiserver"}),
+        &spec,
+        "apiserver",
+        vec![(
+            etcd_net.ip,
+            vec![format!("{etcd_pod}.clustermesh-etcd.{NS}.svc")],
+        )],
+        |p| {
+            // What the ServiceAccount admission plugin and the kubelet add to every pod that
+            // mounts its token: the token volume and the API's Service environment.
+            p.env
+                .insert("KUBERNETES_SERVICE_HOST".into(), api.ip().to_string());
+            p.env
+                .insert("KUBERNETES_SERVICE_PORT".into(), api.port().to_string());
+            p.mounts.push(kubelet::Mount {
+                path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+                read_only: true,
+                volume: "kube-api-access".into(),
+                source: kubelet::Source::Files {
+                    files: BTreeMap::from([
+                        ("ca.crt".to_owned(), (ca.into_bytes(), 0o644)),
+                        ("namespace".to_owned(), (NS.as_bytes().to_vec(), 0o644)),
+                    ]),
+                    tokens: BTreeMap::from([("token".to_owned(), (String::new(), 3607, 0o644))]),
+                },
+            });
+        },
+    )
+    .await;
+    wait_ready(
+        &apiserver,
+        &inst.dir.path().join(pod_name).join("apiserver.log"),
+        Duration::from_secs(90),
+    );
+    let pid = apiserver.state().pid.unwrap();
+    assert_eq!(proc_status(pid, "Uid:"), "65532");
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
+    let leases: Api<Lease> = Api::namespaced(inst.client.clone(), NS);
+    wait_until_async("the apiserver to hold the leader Lease", || async {
+        leases
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(pod_name))
+    })
+    .await;
+}
+
+async fn wait_until_async<F, Fut>(what: &str, mut ok: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
