@@ -56,6 +56,10 @@ pub struct Sandbox {
     pub fs_group: Option<u32>,
     /// `readOnlyRootFilesystem`.
     pub read_only_root: bool,
+    /// The lab node's own view of host paths: a `hostPath` volume under the first path is
+    /// the second (a lab node's `/sys/fs/bpf` is its pin directory, its `/sys/fs/cgroup` its
+    /// cgroup).
+    pub host_paths: Vec<(PathBuf, PathBuf)>,
 }
 
 /// A readiness probe (`httpGet` only: what `deploy/` uses).
@@ -124,7 +128,11 @@ pub fn materialize(
     let mut out = Vec::new();
     for m in &spec.mounts {
         let host = match &m.source {
-            Source::HostPath(p) => p.clone(),
+            Source::HostPath(p) => sandbox
+                .host_paths
+                .iter()
+                .find_map(|(from, to)| p.strip_prefix(from).ok().map(|rest| to.join(rest)))
+                .unwrap_or_else(|| p.clone()),
             Source::EmptyDir { .. } => {
                 let d = sandbox.dir.join("volumes").join(&m.volume);
                 std::fs::create_dir_all(&d)?;

@@ -1,11 +1,13 @@
 //! The lab kubelet runs what `deploy/` ships: `clustermesh install` writes the manifests and
 //! Secrets into the Kubernetes API test server (bound on a bridge, where pods reach it as
-//! in-cluster clients), and the pods of etcd's StatefulSet and the apiserver's Deployment are
-//! resolved from the stored objects and run as processes, each in its own network namespace on
-//! the bridge, mount namespace (its volumes at their mount paths, a read-only root), cgroup,
-//! user and capabilities — so a wrong flag, mount, user, permission or probe in `deploy/`
+//! in-cluster clients), and the pods of etcd's StatefulSet, the apiserver's Deployment and the
+//! node agent's DaemonSet are resolved from the stored objects and run as processes, each in
+//! its own network namespace on the bridge (the node's, for the host-network agent), mount
+//! namespace (its volumes at their mount paths, a read-only root), cgroup, user and
+//! capabilities — so a wrong flag, mount, user, permission, capability or probe in `deploy/`
 //! fails here. (It found one: the apiserver, user 65532 without `fsGroup`, could not read its
-//! root-owned 0400 Secrets.) Needs root.
+//! root-owned 0400 Secrets.) Services are names in each pod's `/etc/hosts` (no kube-proxy in
+//! the lab). Needs root and bpffs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,9 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodSpec, Secret, ServiceAccount};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use multicluster::kubelet::{self, Objects, PodFacts};
@@ -133,6 +136,50 @@ impl Drop for PodNet {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
+    }
+}
+
+/// A lab node: its network namespace on the bridge (what a host-network pod of it shares),
+/// its cgroup with a `kubepods` child (as the kubelet's cgroupfs driver makes it), its own
+/// bpffs directory, and its Node object. Removed on drop (after its pods).
+struct LabNode {
+    name: String,
+    pins: PathBuf,
+    host_paths: Vec<(PathBuf, PathBuf)>,
+    net: PodNet,
+}
+
+impl LabNode {
+    async fn new(inst: &Installed, index: u8, name: &str) -> Self {
+        let net = PodNet::new(&inst.bridge, index);
+        std::fs::create_dir_all(net.cgroup.join("kubepods")).unwrap();
+        let pins = Path::new("/sys/fs/bpf").join(&net.netns);
+        std::fs::create_dir_all(&pins).unwrap();
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": net.ip.to_string()}]},
+        }))
+        .unwrap();
+        Api::<Node>::all(inst.client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap();
+        Self {
+            name: name.to_owned(),
+            host_paths: vec![
+                (PathBuf::from("/sys/fs/bpf"), pins.clone()),
+                (PathBuf::from("/sys/fs/cgroup"), net.cgroup.clone()),
+            ],
+            pins,
+            net,
+        }
+    }
+}
+
+impl Drop for LabNode {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.net.cgroup.join("kubepods"));
+        let _ = std::fs::remove_dir_all(&self.pins);
     }
 }
 
@@ -267,9 +314,13 @@ async fn run_pod(
     spec: &PodSpec,
     container: &str,
     hosts: Vec<(IpAddr, Vec<String>)>,
+    node: Option<&LabNode>,
     extra: impl FnOnce(&mut kubelet::ProcessSpec),
 ) -> Supervisor {
     let pods: Api<Pod> = Api::namespaced(inst.client.clone(), NS);
+    let mut spec = spec.clone();
+    spec.node_name = node.map(|n| n.name.clone());
+    let spec = &spec;
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": pod_name, "namespace": NS, "labels": labels},
         "spec": spec,
@@ -280,7 +331,7 @@ async fn run_pod(
         name: pod_name.to_owned(),
         namespace: NS.into(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
-        node: "lab-node".into(),
+        node: node.map_or_else(|| "lab-node".into(), |n| n.name.clone()),
         pod_ip: net.ip.to_string(),
         host_ip: inst.bridge.host().to_string(),
         labels: BTreeMap::new(),
@@ -312,14 +363,44 @@ async fn run_pod(
         user,
         fs_group: pod_sc.fs_group.map(|g| g as u32),
         read_only_root: sc.read_only_root_filesystem == Some(true),
+        host_paths: node.map_or_else(Vec::new, |n| n.host_paths.clone()),
     };
     let probe = HttpProbe::readiness(c).unwrap();
     assert!(
         probe.is_some(),
         "deploy/ gives {container} a readiness probe"
     );
+    // Projected tokens as the kubelet asks for them: the pod's ServiceAccount, the volume's
+    // audience (none: the Kubernetes API's) and lifetime, bound to this pod.
     let sa = spec.service_account_name.clone().unwrap_or_default();
-    let token = |_: &str, _: i64| inst.kube.service_account_token(NS, &sa);
+    let mut tokens = BTreeMap::new();
+    for m in &process.mounts {
+        if let kubelet::Source::Files { tokens: t, .. } = &m.source {
+            for (audience, seconds, _) in t.values() {
+                let mut spec = serde_json::json!({"expirationSeconds": seconds,
+                    "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod_name}});
+                if !audience.is_empty() {
+                    spec["audiences"] = serde_json::json!([audience]);
+                }
+                let tr: TokenRequest =
+                    serde_json::from_value(serde_json::json!({ "spec": spec })).unwrap();
+                let token = Api::<ServiceAccount>::namespaced(inst.client.clone(), NS)
+                    .create_token_request(&sa, &PostParams::default(), &tr)
+                    .await
+                    .unwrap()
+                    .status
+                    .unwrap()
+                    .token;
+                tokens.insert(audience.clone(), token);
+            }
+        }
+    }
+    let token = |audience: &str, _: i64| {
+        tokens
+            .get(audience)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no token for audience {audience:?}"))
+    };
     Supervisor::start(&sandbox, container, &process, probe, &token).unwrap()
 }
 
@@ -355,6 +436,7 @@ async fn run_etcd(inst: &Installed, net: &PodNet) -> (Supervisor, String) {
             net.ip,
             vec![format!("{pod_name}.clustermesh-etcd.{NS}.svc")],
         )],
+        None,
         |_| {},
     )
     .await;
@@ -454,27 +536,24 @@ async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted()
     assert_eq!(etcd.pod_status()["containerStatuses"][0]["restartCount"], 1);
 }
 
-/// `deploy/`'s apiserver pod, from its Deployment, next to the etcd pod: it reads its
-/// Secrets as user 65532 with a read-only root, reaches etcd by its Service name and the
-/// Kubernetes API in-cluster with its ServiceAccount's token (RBAC as `deploy/` grants it),
-/// becomes Ready by its own probe and takes the leader Lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
-    let inst = installed().await;
-    let etcd_net = PodNet::new(&inst.bridge, 0);
-    let api_net = PodNet::new(&inst.bridge, 1);
-    let (_etcd, etcd_pod) = run_etcd(&inst, &etcd_net).await;
+/// `deploy/`'s apiserver pod, from its Deployment, next to the etcd pod; returns it ready.
+async fn run_apiserver(
+    inst: &Installed,
+    net: &PodNet,
+    etcd_net: &PodNet,
+    etcd_pod: &str,
+    pod_name: &str,
+) -> Supervisor {
     let deployment: Deployment = Api::namespaced(inst.client.clone(), NS)
         .get("clustermesh-apiserver")
         .await
         .unwrap();
     let spec = deployment.spec.unwrap().template.spec.unwrap();
-    let pod_name = "clustermesh-apiserver-lab-0";
     let ca = inst.kube.ca_pem().to_owned();
     let api = inst.kube.addr();
     let apiserver = run_pod(
-        &inst,
-        &api_net,
+        inst,
+        net,
         pod_name,
         serde_json::json!({"app": "clustermesh-apiserver"}),
         &spec,
@@ -483,6 +562,7 @@ async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
             etcd_net.ip,
             vec![format!("{etcd_pod}.clustermesh-etcd.{NS}.svc")],
         )],
+        None,
         |p| {
             // What the ServiceAccount admission plugin and the kubelet add to every pod that
             // mounts its token: the token volume and the API's Service environment.
@@ -510,6 +590,21 @@ async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
         &inst.dir.path().join(pod_name).join("apiserver.log"),
         Duration::from_secs(90),
     );
+    apiserver
+}
+
+/// `deploy/`'s apiserver pod, from its Deployment, next to the etcd pod: it reads its
+/// Secrets as user 65532 with a read-only root, reaches etcd by its Service name and the
+/// Kubernetes API in-cluster with its ServiceAccount's token (RBAC as `deploy/` grants it),
+/// becomes Ready by its own probe and takes the leader Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
+    let inst = installed().await;
+    let etcd_net = PodNet::new(&inst.bridge, 0);
+    let api_net = PodNet::new(&inst.bridge, 1);
+    let (_etcd, etcd_pod) = run_etcd(&inst, &etcd_net).await;
+    let pod_name = "clustermesh-apiserver-lab-0";
+    let apiserver = run_apiserver(&inst, &api_net, &etcd_net, &etcd_pod, pod_name).await;
     let pid = apiserver.state().pid.unwrap();
     assert_eq!(proc_status(pid, "Uid:"), "65532");
     assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
@@ -524,6 +619,80 @@ async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
             .any(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(pod_name))
     })
     .await;
+}
+
+/// `deploy/`'s node agent pod, from its DaemonSet, on a lab node (host network: the node's
+/// namespace; the node's bpffs and cgroup as its host paths): it finds the kubelet's pods
+/// cgroup itself, enrolls with its pod-bound projected token for a certificate of its own
+/// node, follows the Mesh API by the apiserver's Service name and becomes Ready by its own
+/// probe — bounded to the capabilities `deploy/` lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_s_node_agent_runs_from_its_manifest_and_enrolls_for_its_own_node() {
+    let inst = installed().await;
+    let etcd_net = PodNet::new(&inst.bridge, 0);
+    let api_net = PodNet::new(&inst.bridge, 1);
+    let node = LabNode::new(&inst, 2, "lab-node-1").await;
+    let (_etcd, etcd_pod) = run_etcd(&inst, &etcd_net).await;
+    let _apiserver = run_apiserver(
+        &inst,
+        &api_net,
+        &etcd_net,
+        &etcd_pod,
+        "clustermesh-apiserver-lab-0",
+    )
+    .await;
+    let ds: DaemonSet = Api::namespaced(inst.client.clone(), NS)
+        .get("clustermesh-node-agent")
+        .await
+        .unwrap();
+    let spec = ds.spec.unwrap().template.spec.unwrap();
+    let pod_name = "clustermesh-node-agent-lab-1";
+    let agent = run_pod(
+        &inst,
+        &node.net,
+        pod_name,
+        serde_json::json!({"app": "clustermesh-node-agent"}),
+        &spec,
+        "agent",
+        vec![(api_net.ip, vec![format!("clustermesh-apiserver.{NS}.svc")])],
+        Some(&node),
+        |_| {},
+    )
+    .await;
+    wait_ready(
+        &agent,
+        &inst.dir.path().join(pod_name).join("agent.log"),
+        Duration::from_secs(90),
+    );
+    // Its own certificate, for its own node (enrolled, kept in its emptyDir).
+    let pem = std::fs::read_to_string(inst.dir.path().join(pod_name).join("volumes/tls/tls.crt"))
+        .unwrap();
+    let b64: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    use base64::Engine as _;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let id = certs::MeshIdentity::from_cert_der(&der).unwrap();
+    assert_eq!(id.role, certs::Role::NodeAgent);
+    assert_eq!(
+        id.node.as_ref().map(|n| n.to_string()).as_deref(),
+        Some("lab-node-1")
+    );
+    // Bounded to deploy/'s capabilities (BPF, NET_ADMIN, SYS_ADMIN), uid 0.
+    let pid = agent.state().pid.unwrap();
+    let bound = u64::from_str_radix(&proc_status(pid, "CapBnd:"), 16).unwrap();
+    let allowed = (1u64 << 39) | (1 << 12) | (1 << 21);
+    assert_eq!(bound, allowed, "CapBnd {bound:#x}");
+    // The programs are on the node's pods cgroup, pinned in the node's bpffs.
+    assert!(
+        std::fs::read_dir(&node.pins).unwrap().next().is_some(),
+        "pins under the node's bpffs"
+    );
 }
 
 async fn wait_until_async<F, Fut>(what: &str, mut ok: F)
