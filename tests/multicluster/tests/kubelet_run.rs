@@ -621,50 +621,36 @@ async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
     .await;
 }
 
-/// `deploy/`'s node agent pod, from its DaemonSet, on a lab node (host network: the node's
-/// namespace; the node's bpffs and cgroup as its host paths): it finds the kubelet's pods
-/// cgroup itself, enrolls with its pod-bound projected token for a certificate of its own
-/// node, follows the Mesh API by the apiserver's Service name and becomes Ready by its own
-/// probe — bounded to the capabilities `deploy/` lists.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_s_node_agent_runs_from_its_manifest_and_enrolls_for_its_own_node() {
-    let inst = installed().await;
-    let etcd_net = PodNet::new(&inst.bridge, 0);
-    let api_net = PodNet::new(&inst.bridge, 1);
-    let node = LabNode::new(&inst, 2, "lab-node-1").await;
-    let (_etcd, etcd_pod) = run_etcd(&inst, &etcd_net).await;
-    let _apiserver = run_apiserver(
-        &inst,
-        &api_net,
-        &etcd_net,
-        &etcd_pod,
-        "clustermesh-apiserver-lab-0",
-    )
-    .await;
+/// The DaemonSet's pod for `node`, running and ready.
+async fn run_agent(inst: &Installed, node: &LabNode, api_net: &PodNet) -> (Supervisor, String) {
     let ds: DaemonSet = Api::namespaced(inst.client.clone(), NS)
         .get("clustermesh-node-agent")
         .await
         .unwrap();
     let spec = ds.spec.unwrap().template.spec.unwrap();
-    let pod_name = "clustermesh-node-agent-lab-1";
+    let pod_name = format!("clustermesh-node-agent-{}", node.name);
     let agent = run_pod(
-        &inst,
+        inst,
         &node.net,
-        pod_name,
+        &pod_name,
         serde_json::json!({"app": "clustermesh-node-agent"}),
         &spec,
         "agent",
         vec![(api_net.ip, vec![format!("clustermesh-apiserver.{NS}.svc")])],
-        Some(&node),
+        Some(node),
         |_| {},
     )
     .await;
     wait_ready(
         &agent,
-        &inst.dir.path().join(pod_name).join("agent.log"),
+        &inst.dir.path().join(&pod_name).join("agent.log"),
         Duration::from_secs(90),
     );
-    // Its own certificate, for its own node (enrolled, kept in its emptyDir).
+    (agent, pod_name)
+}
+
+/// The certificate an agent pod enrolled for (kept in its emptyDir): its DER.
+fn enrolled_der(inst: &Installed, pod_name: &str) -> Vec<u8> {
     let pem = std::fs::read_to_string(inst.dir.path().join(pod_name).join("volumes/tls/tls.crt"))
         .unwrap();
     let b64: String = pem
@@ -674,25 +660,59 @@ async fn deploy_s_node_agent_runs_from_its_manifest_and_enrolls_for_its_own_node
         .take_while(|l| !l.starts_with("-----END"))
         .collect();
     use base64::Engine as _;
-    let der = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(b64)
-        .unwrap();
-    let id = certs::MeshIdentity::from_cert_der(&der).unwrap();
-    assert_eq!(id.role, certs::Role::NodeAgent);
-    assert_eq!(
-        id.node.as_ref().map(|n| n.to_string()).as_deref(),
-        Some("lab-node-1")
-    );
+        .unwrap()
+}
+
+/// `deploy/`'s node agent pods, from its DaemonSet, on two lab nodes (host network: the
+/// node's namespace; the node's bpffs and cgroup as its host paths): each finds the kubelet's
+/// pods cgroup itself, enrolls with its pod-bound projected token for a certificate of its own
+/// node — the two agents hold different certificates —, follows the Mesh API by the
+/// apiserver's Service name and becomes Ready by its own probe, bounded to the capabilities
+/// `deploy/` lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_s_node_agents_run_from_the_manifest_each_enrolled_for_its_own_node() {
+    let inst = installed().await;
+    let etcd_net = PodNet::new(&inst.bridge, 0);
+    let api_net = PodNet::new(&inst.bridge, 1);
+    let n1 = LabNode::new(&inst, 2, "lab-node-1").await;
+    let n2 = LabNode::new(&inst, 3, "lab-node-2").await;
+    let (_etcd, etcd_pod) = run_etcd(&inst, &etcd_net).await;
+    let _apiserver = run_apiserver(
+        &inst,
+        &api_net,
+        &etcd_net,
+        &etcd_pod,
+        "clustermesh-apiserver-lab-0",
+    )
+    .await;
+    let (a1, p1) = run_agent(&inst, &n1, &api_net).await;
+    let (_a2, p2) = run_agent(&inst, &n2, &api_net).await;
+    let (d1, d2) = (enrolled_der(&inst, &p1), enrolled_der(&inst, &p2));
+    assert_ne!(d1, d2, "two agents, two certificates");
+    for (der, node) in [(&d1, "lab-node-1"), (&d2, "lab-node-2")] {
+        let id = certs::MeshIdentity::from_cert_der(der).unwrap();
+        assert_eq!(id.role, certs::Role::NodeAgent);
+        assert_eq!(
+            id.node.as_ref().map(|n| n.to_string()).as_deref(),
+            Some(node)
+        );
+    }
     // Bounded to deploy/'s capabilities (BPF, NET_ADMIN, SYS_ADMIN), uid 0.
-    let pid = agent.state().pid.unwrap();
+    let pid = a1.state().pid.unwrap();
     let bound = u64::from_str_radix(&proc_status(pid, "CapBnd:"), 16).unwrap();
     let allowed = (1u64 << 39) | (1 << 12) | (1 << 21);
     assert_eq!(bound, allowed, "CapBnd {bound:#x}");
-    // The programs are on the node's pods cgroup, pinned in the node's bpffs.
-    assert!(
-        std::fs::read_dir(&node.pins).unwrap().next().is_some(),
-        "pins under the node's bpffs"
-    );
+    assert_eq!(proc_status(pid, "Uid:"), "0");
+    // The programs are pinned in each node's own bpffs.
+    for n in [&n1, &n2] {
+        assert!(
+            std::fs::read_dir(&n.pins).unwrap().next().is_some(),
+            "pins under {}'s bpffs",
+            n.name
+        );
+    }
 }
 
 async fn wait_until_async<F, Fut>(what: &str, mut ok: F)
