@@ -271,7 +271,7 @@ pub fn script(sandbox: &Sandbox, spec: &ProcessSpec, mounts: &[(PathBuf, String,
         .chain(std::iter::once(quote(&format!("HOSTNAME={}", sandbox.pod))))
         .collect();
     s.push_str(&format!(
-        "cd {r}\nexec chroot {r} /usr/bin/setpriv {} /usr/bin/env -i {} {}\n",
+        "cd {r}\nexec /usr/sbin/chroot {r} /usr/bin/setpriv {} /usr/bin/env -i {} {}\n",
         priv_args.join(" "),
         env.join(" "),
         spec.argv
