@@ -6,7 +6,8 @@
 //!   the host's userland (`/usr`, `/etc`, ... — the lab's "image") bound read-only, `/proc`,
 //!   `/sys`, `/dev`, an empty `/tmp`, the built binary's directory, each volume at its
 //!   `mountPath` (read-only when the mount says so) and the pod's `/etc/hosts` (the cluster's
-//!   Service and pod names). Nothing is created on the host's own filesystem outside the pod's
+//!   Service and pod names) and `/etc/resolv.conf` (no cluster DNS in the lab: a server that
+//!   is not there, so lookups of other names fail at once). Nothing is created on the host's own filesystem outside the pod's
 //!   lab directory. `readOnlyRootFilesystem` remounts that root read-only.
 //! - **Its user**: `runAsUser`/`runAsGroup`, `fsGroup` as a supplementary group, volumes' files
 //!   owned by root and the `fsGroup` with group read (and write for writable volumes), as the
@@ -235,6 +236,13 @@ pub fn script(sandbox: &Sandbox, spec: &ProcessSpec, mounts: &[(PathBuf, String,
         "mount --bind {} {r}/etc/hosts\n",
         quote(&sandbox.dir.join("hosts").display().to_string())
     ));
+    // The kubelet writes the pod's resolv.conf; the lab has no cluster DNS (names are in
+    // /etc/hosts), so it names a server that answers at once that it is not there, instead of
+    // the host's, which a pod's namespace cannot reach (each query would time out).
+    s.push_str(&format!(
+        "if [ -f {r}/etc/resolv.conf ] && [ ! -L {r}/etc/resolv.conf ]; then mount --bind {} {r}/etc/resolv.conf; fi\n",
+        quote(&sandbox.dir.join("resolv.conf").display().to_string())
+    ));
     if sandbox.read_only_root {
         s.push_str(&format!("mount -o remount,ro {r}\n"));
     }
@@ -325,6 +333,14 @@ impl Supervisor {
             hosts.push_str(&format!("{ip}\t{}\n", names.join(" ")));
         }
         std::fs::write(sandbox.dir.join("hosts"), hosts)?;
+        std::fs::write(
+            sandbox.dir.join("resolv.conf"),
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )?;
+        std::fs::set_permissions(
+            sandbox.dir.join("resolv.conf"),
+            std::fs::Permissions::from_mode(0o644),
+        )?;
         std::fs::set_permissions(
             sandbox.dir.join("hosts"),
             std::fs::Permissions::from_mode(0o644),
@@ -515,4 +531,80 @@ fn supervise(
             }
         }
     }
+}
+
+/// The lab's kube-proxy for one Service in one network namespace: connections from it to
+/// `vip` on `ports` go to one of `endpoints` (the same port), chosen at random per connection,
+/// as kube-proxy's nftables mode does; a connection already made keeps its endpoint
+/// (conntrack). Rewritten whole in one nftables transaction (no moment without a rule); the
+/// table goes with the namespace. `gateway` gives the namespace a default route, so a
+/// connection to the virtual address is routed before it is translated.
+pub fn route_service(
+    netns: &str,
+    gateway: IpAddr,
+    vip: IpAddr,
+    ports: &[u16],
+    endpoints: &[IpAddr],
+) -> Result<()> {
+    let table = format!("cmsvc_{}", vip.to_string().replace(['.', ':'], "_"));
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let rule = if endpoints.is_empty() {
+        // No endpoint: refused at once, as kube-proxy does.
+        format!(
+            "ip daddr {vip} tcp dport {{ {} }} reject with tcp reset",
+            ports.join(", ")
+        )
+    } else {
+        let map: Vec<String> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{i} : {e}"))
+            .collect();
+        format!(
+            "ip daddr {vip} tcp dport {{ {} }} dnat to numgen random mod {} map {{ {} }}",
+            ports.join(", "),
+            endpoints.len(),
+            map.join(", ")
+        )
+    };
+    let (hook, priority) = if endpoints.is_empty() {
+        ("filter", "0")
+    } else {
+        ("nat", "-100")
+    };
+    let script = format!(
+        "table ip {table} {{}}\nflush table ip {table}\n\
+         table ip {table} {{\n  chain out {{\n    type {hook} hook output priority {priority}; policy accept;\n    {rule}\n  }}\n}}\n"
+    );
+    let _ = Command::new("ip")
+        .args([
+            "-n",
+            netns,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &gateway.to_string(),
+        ])
+        .status();
+    // A table of the other kind (nat ↔ filter) is replaced: delete, then add, in one go.
+    let script = format!("table ip {table} {{}}\ndelete table ip {table}\n{script}");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("nft")?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(script.as_bytes())?;
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("nft in {netns}: {script}");
+    }
+    Ok(())
 }

@@ -6,8 +6,9 @@
 //! namespace (its volumes at their mount paths, a read-only root), cgroup, user and
 //! capabilities — so a wrong flag, mount, user, permission, capability or probe in `deploy/`
 //! fails here. (It found one: the apiserver, user 65532 without `fsGroup`, could not read its
-//! root-owned 0400 Secrets.) Services are names in each pod's `/etc/hosts` (no kube-proxy in
-//! the lab). Needs root and bpffs.
+//! root-owned 0400 Secrets.) The agents reach the apiserver by its Service name → its
+//! ClusterIP → the lab's kube-proxy stand-in (nftables) → the pod; etcd's name is the pod's
+//! address in `/etc/hosts` (no cluster DNS in the lab). Needs root and bpffs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,12 +21,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodSpec, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodSpec, Secret, Service, ServiceAccount};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use multicluster::kubelet::{self, Objects, PodFacts};
 use multicluster::lab::binary;
-use multicluster::pod_runner::{HttpProbe, Sandbox, Supervisor};
+use multicluster::pod_runner::{HttpProbe, Sandbox, Supervisor, route_service};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
@@ -621,8 +622,28 @@ async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
     .await;
 }
 
-/// The DaemonSet's pod for `node`, running and ready.
+/// The DaemonSet's pod for `node`, running and ready: it reaches the apiserver by its Service
+/// name, which resolves to the Service's ClusterIP, which the lab's kube-proxy sends to the
+/// apiserver pod.
 async fn run_agent(inst: &Installed, node: &LabNode, api_net: &PodNet) -> (Supervisor, String) {
+    let svc: Service = Api::namespaced(inst.client.clone(), NS)
+        .get("clustermesh-apiserver")
+        .await
+        .unwrap();
+    let vip: IpAddr = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP")
+        .parse()
+        .unwrap();
+    route_service(
+        &node.net.netns,
+        inst.bridge.host(),
+        vip,
+        &[4240, 4241],
+        &[api_net.ip],
+    )
+    .unwrap();
     let ds: DaemonSet = Api::namespaced(inst.client.clone(), NS)
         .get("clustermesh-node-agent")
         .await
@@ -636,7 +657,7 @@ async fn run_agent(inst: &Installed, node: &LabNode, api_net: &PodNet) -> (Super
         serde_json::json!({"app": "clustermesh-node-agent"}),
         &spec,
         "agent",
-        vec![(api_net.ip, vec![format!("clustermesh-apiserver.{NS}.svc")])],
+        vec![(vip, vec![format!("clustermesh-apiserver.{NS}.svc")])],
         Some(node),
         |_| {},
     )
