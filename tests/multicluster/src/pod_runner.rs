@@ -310,6 +310,7 @@ pub struct State {
 pub struct Supervisor {
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+    terminating: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     name: String,
     ip: IpAddr,
@@ -361,21 +362,45 @@ impl Supervisor {
         let log = sandbox.dir.join(format!("{name}.log"));
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp, ip) = (state.clone(), stop.clone(), sandbox.ip);
+        let terminating = Arc::new(AtomicBool::new(false));
+        let (st, sp, term, ip) = (state.clone(), stop.clone(), terminating.clone(), sandbox.ip);
         let first = spawn(&argv, &log)?;
         set(&st, |s| {
             s.running = true;
             s.pid = Some(first.id());
             s.ready = probe.is_none();
         });
-        let thread = std::thread::spawn(move || supervise(first, &argv, &log, probe, ip, &st, &sp));
+        let thread =
+            std::thread::spawn(move || supervise(first, &argv, &log, probe, ip, &st, &sp, &term));
         Ok(Self {
             state,
             stop,
+            terminating,
             thread: Some(thread),
             name: name.to_owned(),
             ip,
         })
+    }
+
+    /// Stops the container as the kubelet does when its pod is deleted: `SIGTERM`, then
+    /// `SIGKILL` after `grace`; it is not started again. Returns whether it exited within
+    /// `grace`.
+    pub fn terminate(&self, grace: Duration) -> bool {
+        self.terminating.store(true, Ordering::SeqCst);
+        if let Some(pid) = self.state().pid {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + grace;
+        while self.state().running {
+            if Instant::now() >= deadline {
+                self.stop.store(true, Ordering::SeqCst);
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     /// The container's state now.
@@ -468,6 +493,7 @@ fn kill_tree(child: &mut Child) {
     let _ = child.wait();
 }
 
+#[allow(clippy::too_many_arguments)]
 fn supervise(
     mut child: Child,
     argv: &[String],
@@ -476,6 +502,7 @@ fn supervise(
     ip: IpAddr,
     state: &Mutex<State>,
     stop: &AtomicBool,
+    terminating: &AtomicBool,
 ) {
     let mut backoff = Duration::from_secs(1);
     let mut next_probe = Instant::now();
@@ -501,11 +528,15 @@ fn supervise(
                 std::thread::sleep(Duration::from_millis(50));
             }
             _ => {
+                let _ = child.wait();
                 set(state, |s| {
                     s.running = false;
                     s.ready = false;
                     s.pid = None;
                 });
+                if terminating.load(Ordering::SeqCst) {
+                    return;
+                }
                 let until = Instant::now() + backoff;
                 while Instant::now() < until {
                     if stop.load(Ordering::SeqCst) {

@@ -625,23 +625,18 @@ async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
 /// The DaemonSet's pod for `node`, running and ready: it reaches the apiserver by its Service
 /// name, which resolves to the Service's ClusterIP, which the lab's kube-proxy sends to the
 /// apiserver pod.
-async fn run_agent(inst: &Installed, node: &LabNode, api_net: &PodNet) -> (Supervisor, String) {
-    let svc: Service = Api::namespaced(inst.client.clone(), NS)
-        .get("clustermesh-apiserver")
-        .await
-        .unwrap();
-    let vip: IpAddr = svc
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("a ClusterIP")
-        .parse()
-        .unwrap();
+async fn run_agent(
+    inst: &Installed,
+    node: &LabNode,
+    apiservers: &[IpAddr],
+) -> (Supervisor, String) {
+    let vip = apiserver_vip(inst).await;
     route_service(
         &node.net.netns,
         inst.bridge.host(),
         vip,
         &[4240, 4241],
-        &[api_net.ip],
+        apiservers,
     )
     .unwrap();
     let ds: DaemonSet = Api::namespaced(inst.client.clone(), NS)
@@ -668,6 +663,19 @@ async fn run_agent(inst: &Installed, node: &LabNode, api_net: &PodNet) -> (Super
         Duration::from_secs(90),
     );
     (agent, pod_name)
+}
+
+/// The apiserver Service's ClusterIP.
+async fn apiserver_vip(inst: &Installed) -> IpAddr {
+    let svc: Service = Api::namespaced(inst.client.clone(), NS)
+        .get("clustermesh-apiserver")
+        .await
+        .unwrap();
+    svc.spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP")
+        .parse()
+        .unwrap()
 }
 
 /// The certificate an agent pod enrolled for (kept in its emptyDir): its DER.
@@ -708,8 +716,8 @@ async fn deploy_s_node_agents_run_from_the_manifest_each_enrolled_for_its_own_no
         "clustermesh-apiserver-lab-0",
     )
     .await;
-    let (a1, p1) = run_agent(&inst, &n1, &api_net).await;
-    let (_a2, p2) = run_agent(&inst, &n2, &api_net).await;
+    let (a1, p1) = run_agent(&inst, &n1, &[api_net.ip]).await;
+    let (_a2, p2) = run_agent(&inst, &n2, &[api_net.ip]).await;
     let (d1, d2) = (enrolled_der(&inst, &p1), enrolled_der(&inst, &p2));
     assert_ne!(d1, d2, "two agents, two certificates");
     for (der, node) in [(&d1, "lab-node-1"), (&d2, "lab-node-2")] {
@@ -734,6 +742,230 @@ async fn deploy_s_node_agents_run_from_the_manifest_each_enrolled_for_its_own_no
             n.name
         );
     }
+}
+
+/// The Deployment's status as its controller reports it (what `kubectl rollout status`
+/// reads).
+async fn report_deployment(inst: &Installed, updated: u32, old: u32, ready: u32) {
+    let deployments: Api<Deployment> = Api::namespaced(inst.client.clone(), NS);
+    let d = deployments.get("clustermesh-apiserver").await.unwrap();
+    let generation = d.metadata.generation.unwrap_or(1);
+    deployments
+        .patch_status(
+            "clustermesh-apiserver",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {
+                "observedGeneration": generation,
+                "replicas": updated + old,
+                "updatedReplicas": updated,
+                "readyReplicas": ready,
+                "availableReplicas": ready,
+                "unavailableReplicas": (updated + old).saturating_sub(ready),
+                "conditions": [
+                    {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                    {"type": "Progressing", "status": "True",
+                     "reason": if old == 0 { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" }},
+                ],
+            }})),
+        )
+        .await
+        .unwrap();
+}
+
+/// `agent`'s counter `name{labels}` from its `/metrics`.
+fn metric(ip: IpAddr, name_and_labels: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((ip, 9881)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A rolling update of `deploy/`'s apiserver Deployment (two replicas, maxSurge 1,
+/// maxUnavailable 0), started with `kubectl set env` and watched with `kubectl rollout status`,
+/// carried out as its controller and the kubelet would: a new pod is started and Ready before
+/// an old one leaves the Service's endpoints and is sent `SIGTERM`. A node agent follows the
+/// Mesh API through the Service, and a client connects to the Service every 10 ms all along:
+/// the rollout completes, no connection fails and the agent deletes nothing from its maps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_of_the_apiserver_completes_with_no_failed_connection_or_map_delete() {
+    let inst = installed().await;
+    let etcd_net = PodNet::new(&inst.bridge, 0);
+    let node = LabNode::new(&inst, 1, "lab-node-1").await;
+    let (_etcd, etcd_pod) = run_etcd(&inst, &etcd_net).await;
+    let nets: Vec<PodNet> = (0..4).map(|i| PodNet::new(&inst.bridge, 10 + i)).collect();
+    let mut pods: Vec<(Supervisor, IpAddr, u32)> = Vec::new();
+    for (i, net) in nets.iter().enumerate().take(2) {
+        let name = format!("clustermesh-apiserver-rev1-{i}");
+        pods.push((
+            run_apiserver(&inst, net, &etcd_net, &etcd_pod, &name).await,
+            net.ip,
+            1,
+        ));
+    }
+    report_deployment(&inst, 2, 0, 2).await;
+    let vip = apiserver_vip(&inst).await;
+    let (_agent, _) = run_agent(&inst, &node, &[nets[0].ip, nets[1].ip]).await;
+    // A global service with a backend: state the agent has programmed and must keep.
+    let shop = serde_json::json!({"metadata": {"name": "shop"}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(inst.client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(shop).unwrap(),
+        )
+        .await
+        .unwrap();
+    let web: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop",
+                     "annotations": {"service.cilium.io/global": "true"}},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(inst.client.clone(), "shop")
+        .create(&PostParams::default(), &web)
+        .await
+        .unwrap();
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [format!("10.252.{}.150", inst.bridge.subnet)],
+                           "conditions": {"ready": true, "serving": true, "terminating": false},
+                           "nodeName": "lab-node-1"}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }))
+        .unwrap();
+    Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(inst.client.clone(), "shop")
+        .create(&PostParams::default(), &slice)
+        .await
+        .unwrap();
+    wait_until(
+        "the agent to program shop/web",
+        Duration::from_secs(60),
+        || metric(node.net.ip, "clustermesh_datapath_services ") >= 1.0,
+    );
+    let reconnects_before = metric(node.net.ip, "clustermesh_node_mesh_reconnects_total ");
+    let deletes_before = metric(
+        node.net.ip,
+        "clustermesh_datapath_map_ops_total{op=\"delete\"}",
+    );
+
+    // A client of the Service, in the node's namespace: one connection every 10 ms.
+    let stop = inst.dir.path().join("stop-client");
+    let client = Command::new("ip")
+        .args(["netns", "exec", &node.net.netns, "python3", "-c"])
+        .arg(format!(
+            r#"import json, os, socket, time
+ok = failed = 0
+errors = {{}}
+while not os.path.exists("{}"):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(("{vip}", 4240))
+        ok += 1
+    except OSError as e:
+        failed += 1
+        errors[str(e)] = errors.get(str(e), 0) + 1
+    finally:
+        s.close()
+    time.sleep(0.01)
+print(json.dumps({{"ok": ok, "failed": failed, "errors": errors}}))"#,
+            stop.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The user's change, and the user watching it.
+    let kubectl = |args: &[&str]| {
+        tokio::process::Command::new("kubectl")
+            .args(["--kubeconfig"])
+            .arg(inst.kube.kubeconfig())
+            .args(["--context", inst.kube.context(), "-n", NS])
+            .args(args)
+            .output()
+    };
+    let set = kubectl(&[
+        "set",
+        "env",
+        "deployment/clustermesh-apiserver",
+        "ROLLOUT=2",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let status = tokio::spawn(kubectl(&[
+        "rollout",
+        "status",
+        "deployment/clustermesh-apiserver",
+        "--timeout=180s",
+    ]));
+
+    // The controller: surge one new pod, Ready, then retire one old pod; twice.
+    for step in 0..2usize {
+        let net = &nets[2 + step];
+        let name = format!("clustermesh-apiserver-rev2-{step}");
+        let new = run_apiserver(&inst, net, &etcd_net, &etcd_pod, &name).await;
+        pods.push((new, net.ip, 2));
+        report_deployment(&inst, step as u32 + 1, 2 - step as u32, 3).await;
+        // The oldest pod leaves the endpoints first, then gets SIGTERM.
+        let (old, _, _) = pods.remove(0);
+        let endpoints: Vec<IpAddr> = pods.iter().map(|(_, ip, _)| *ip).collect();
+        route_service(
+            &node.net.netns,
+            inst.bridge.host(),
+            vip,
+            &[4240, 4241],
+            &endpoints,
+        )
+        .unwrap();
+        assert!(
+            old.terminate(Duration::from_secs(30)),
+            "the old pod stopped on SIGTERM"
+        );
+        report_deployment(&inst, step as u32 + 1, 1 - step as u32, 2).await;
+    }
+    let rolled = status.await.unwrap().unwrap();
+    assert!(
+        rolled.status.success(),
+        "kubectl rollout status: {}{}",
+        String::from_utf8_lossy(&rolled.stdout),
+        String::from_utf8_lossy(&rolled.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rolled.stdout).contains("successfully rolled out"));
+    // The agent follows a new replica, and deleted nothing.
+    wait_until("the agent ready again", Duration::from_secs(60), || {
+        _agent.state().ready
+    });
+    std::fs::write(&stop, "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["ok"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(v["failed"], 0, "no client connection failed: {v}");
+    let deletes_after = metric(
+        node.net.ip,
+        "clustermesh_datapath_map_ops_total{op=\"delete\"}",
+    );
+    assert_eq!(deletes_after, deletes_before, "no map delete on the node");
+    assert!(
+        metric(node.net.ip, "clustermesh_datapath_services ") >= 1.0,
+        "shop/web still programmed"
+    );
+    // Both replicas it could follow were replaced: it reconnected, and kept everything.
+    assert!(
+        metric(node.net.ip, "clustermesh_node_mesh_reconnects_total ") > reconnects_before,
+        "the agent had to reconnect"
+    );
 }
 
 async fn wait_until_async<F, Fut>(what: &str, mut ok: F)
