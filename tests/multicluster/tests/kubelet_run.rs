@@ -8,7 +8,9 @@
 //! fails here. (It found one: the apiserver, user 65532 without `fsGroup`, could not read its
 //! root-owned 0400 Secrets.) The agents reach the apiserver by its Service name → its
 //! ClusterIP → the lab's kube-proxy stand-in (nftables) → the pod; etcd's name is the pod's
-//! address in `/etc/hosts` (no cluster DNS in the lab). Needs root and bpffs.
+//! address in `/etc/hosts` (no cluster DNS in the lab). A rolling update of the apiserver
+//! Deployment is carried out as its controller would, with no failed connection and no map
+//! delete. Needs root and bpffs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
