@@ -151,21 +151,19 @@ pub fn materialize(
                 let _ = std::fs::remove_dir_all(&d);
                 std::fs::create_dir_all(&d)?;
                 own(&d, 0o755, false)?;
-                for (rel, (content, mode)) in files {
+                let put = |rel: &str, content: &[u8], mode: u32| -> Result<()> {
                     let f = d.join(rel);
                     if let Some(parent) = f.parent() {
                         std::fs::create_dir_all(parent)?;
                     }
                     std::fs::write(&f, content)?;
-                    own(&f, *mode, false)?;
+                    own(&f, mode, false)
+                };
+                for (rel, (content, mode)) in files {
+                    put(rel, content, *mode)?;
                 }
                 for (rel, (audience, seconds, mode)) in tokens {
-                    let f = d.join(rel);
-                    if let Some(parent) = f.parent() {
-                        std::fs::create_dir_all(parent)?;
-                    }
-                    std::fs::write(&f, token(audience, *seconds)?)?;
-                    own(&f, *mode, false)?;
+                    put(rel, token(audience, *seconds)?.as_bytes(), *mode)?;
                 }
                 d
             }
@@ -487,8 +485,9 @@ fn http_ok(addr: SocketAddr, path: &str) -> bool {
             || head.starts_with(b"HTTP/1.0 3"))
 }
 
-fn kill_tree(child: &mut Child) {
-    // The shell exec'd into chroot/setpriv/env/the program: one process, our child.
+/// Kills the container: nsenter, unshare, the shell, chroot, setpriv and env each exec the
+/// next, so the program is our child itself.
+fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -509,7 +508,7 @@ fn supervise(
     let mut started = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
-            kill_tree(&mut child);
+            kill(&mut child);
             return;
         }
         match child.try_wait() {

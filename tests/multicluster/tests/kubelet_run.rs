@@ -186,14 +186,6 @@ impl Drop for LabNode {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Runs etcdctl against the pod with the apiserver's etcd client certificate (or none).
 fn etcdctl(ip: IpAddr, tls: Option<&Path>, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new("etcdctl");
@@ -305,9 +297,9 @@ fn lab_binary(image: &str, program: &str) -> Option<PathBuf> {
     }
 }
 
-/// Creates the Pod `pod_name` of `spec` in the API and runs its container `container` in
-/// `net` the way the kubelet would (`extra` stands for what admission adds: the
-/// ServiceAccount token volume, the Service environment).
+/// Creates the Pod `pod_name` of `spec` in the API, runs its container `container` in `net`
+/// the way the kubelet would (`extra` stands for what admission adds: the ServiceAccount token
+/// volume, the Service environment) and waits until its readiness probe passes.
 #[allow(clippy::too_many_arguments)]
 async fn run_pod(
     inst: &Installed,
@@ -318,6 +310,7 @@ async fn run_pod(
     container: &str,
     hosts: Vec<(IpAddr, Vec<String>)>,
     node: Option<&LabNode>,
+    ready_within: Duration,
     extra: impl FnOnce(&mut kubelet::ProcessSpec),
 ) -> Supervisor {
     let pods: Api<Pod> = Api::namespaced(inst.client.clone(), NS);
@@ -404,21 +397,26 @@ async fn run_pod(
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("no token for audience {audience:?}"))
     };
-    Supervisor::start(&sandbox, container, &process, probe, &token).unwrap()
+    let running = Supervisor::start(&sandbox, container, &process, probe, &token).unwrap();
+    wait_ready(
+        &running,
+        &sandbox.dir.join(format!("{container}.log")),
+        ready_within,
+    )
+    .await;
+    running
 }
 
 /// Waits until `s` is ready, showing its log when it is not in time.
-fn wait_ready(s: &Supervisor, log: &Path, timeout: Duration) {
-    let t0 = Instant::now();
-    while !s.state().ready {
-        assert!(
-            t0.elapsed() < timeout,
-            "never ready: {:?}\n{}",
-            s.state(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+async fn wait_ready(s: &Supervisor, log: &Path, timeout: Duration) {
+    let state =
+        test_support::within("ready", timeout, || async { s.state().ready.then_some(()) }).await;
+    assert!(
+        state.is_ok(),
+        "never ready: {:?}\n{}",
+        s.state(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 /// `deploy/`'s etcd pod, from its StatefulSet; returns it running and ready.
@@ -440,14 +438,10 @@ async fn run_etcd(inst: &Installed, net: &PodNet) -> (Supervisor, String) {
             vec![format!("{pod_name}.clustermesh-etcd.{NS}.svc")],
         )],
         None,
+        Duration::from_secs(60),
         |_| {},
     )
     .await;
-    wait_ready(
-        &etcd,
-        &inst.dir.path().join(&pod_name).join("etcd.log"),
-        Duration::from_secs(60),
-    );
     (etcd, pod_name)
 }
 
@@ -521,10 +515,15 @@ async fn deploy_s_etcd_runs_from_its_manifest_ready_by_its_probe_and_restarted()
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
-    wait_until("etcd restarted and ready", Duration::from_secs(60), || {
-        let s = etcd.state();
-        s.restarts == 1 && s.ready
-    });
+    test_support::eventually(
+        "etcd restarted and ready",
+        Duration::from_secs(60),
+        || async {
+            let s = etcd.state();
+            (s.restarts == 1 && s.ready).then_some(())
+        },
+    )
+    .await;
     let get = etcdctl(
         net.ip,
         Some(&client_tls),
@@ -554,7 +553,7 @@ async fn run_apiserver(
     let spec = deployment.spec.unwrap().template.spec.unwrap();
     let ca = inst.kube.ca_pem().to_owned();
     let api = inst.kube.addr();
-    let apiserver = run_pod(
+    run_pod(
         inst,
         net,
         pod_name,
@@ -566,6 +565,7 @@ async fn run_apiserver(
             vec![format!("{etcd_pod}.clustermesh-etcd.{NS}.svc")],
         )],
         None,
+        Duration::from_secs(90),
         |p| {
             // What the ServiceAccount admission plugin and the kubelet add to every pod that
             // mounts its token: the token volume and the API's Service environment.
@@ -587,13 +587,7 @@ async fn run_apiserver(
             });
         },
     )
-    .await;
-    wait_ready(
-        &apiserver,
-        &inst.dir.path().join(pod_name).join("apiserver.log"),
-        Duration::from_secs(90),
-    );
-    apiserver
+    .await
 }
 
 /// `deploy/`'s apiserver pod, from its Deployment, next to the etcd pod: it reads its
@@ -612,15 +606,22 @@ async fn deploy_s_apiserver_runs_from_its_manifest_next_to_etcd_and_leads() {
     assert_eq!(proc_status(pid, "Uid:"), "65532");
     assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
     let leases: Api<Lease> = Api::namespaced(inst.client.clone(), NS);
-    wait_until_async("the apiserver to hold the leader Lease", || async {
-        leases
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .any(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(pod_name))
-    })
+    test_support::eventually(
+        "the apiserver to hold the leader Lease",
+        Duration::from_secs(60),
+        || async {
+            leases
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|l| {
+                    l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(pod_name)
+                })
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -656,14 +657,10 @@ async fn run_agent(
         "agent",
         vec![(vip, vec![format!("clustermesh-apiserver.{NS}.svc")])],
         Some(node),
+        Duration::from_secs(90),
         |_| {},
     )
     .await;
-    wait_ready(
-        &agent,
-        &inst.dir.path().join(&pod_name).join("agent.log"),
-        Duration::from_secs(90),
-    );
     (agent, pod_name)
 }
 
@@ -774,17 +771,29 @@ async fn report_deployment(inst: &Installed, updated: u32, old: u32, ready: u32)
         .unwrap();
 }
 
-/// `agent`'s counter `name{labels}` from its `/metrics`.
-fn metric(ip: IpAddr, name_and_labels: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect((ip, 9881)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
+/// The agent's sample `name{labels}` from its `/metrics`: 0 for a counter that has counted
+/// nothing yet (registered, no sample); a name the agent does not register fails the test.
+async fn metric(ip: IpAddr, name_and_labels: &str) -> f64 {
+    let text = test_support::http_get((ip, 9881).into(), "/metrics")
+        .await
+        .unwrap();
+    if let Some(v) = text
+        .lines()
         .find_map(|l| l.strip_prefix(name_and_labels))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    {
+        return v;
+    }
+    let name = name_and_labels
+        .split(['{', ' '])
+        .next()
+        .unwrap_or(name_and_labels);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("# TYPE {name} "))),
+        "the agent has no metric {name}"
+    );
+    0.0
 }
 
 /// A rolling update of `deploy/`'s apiserver Deployment (two replicas, maxSurge 1,
@@ -811,7 +820,7 @@ async fn a_rolling_update_of_the_apiserver_completes_with_no_failed_connection_o
     }
     report_deployment(&inst, 2, 0, 2).await;
     let vip = apiserver_vip(&inst).await;
-    let (_agent, _) = run_agent(&inst, &node, &[nets[0].ip, nets[1].ip]).await;
+    let (agent, _) = run_agent(&inst, &node, &[nets[0].ip, nets[1].ip]).await;
     // A global service with a backend: state the agent has programmed and must keep.
     let shop = serde_json::json!({"metadata": {"name": "shop"}});
     Api::<k8s_openapi::api::core::v1::Namespace>::all(inst.client.clone())
@@ -846,16 +855,20 @@ async fn a_rolling_update_of_the_apiserver_completes_with_no_failed_connection_o
         .create(&PostParams::default(), &slice)
         .await
         .unwrap();
-    wait_until(
+    test_support::eventually(
         "the agent to program shop/web",
         Duration::from_secs(60),
-        || metric(node.net.ip, "clustermesh_datapath_services ") >= 1.0,
-    );
-    let reconnects_before = metric(node.net.ip, "clustermesh_node_mesh_reconnects_total ");
+        || async {
+            (metric(node.net.ip, "clustermesh_datapath_services ").await >= 1.0).then_some(())
+        },
+    )
+    .await;
+    let reconnects_before = metric(node.net.ip, "clustermesh_node_mesh_reconnects_total ").await;
     let deletes_before = metric(
         node.net.ip,
         "clustermesh_datapath_map_ops_total{op=\"delete\"}",
-    );
+    )
+    .await;
 
     // A client of the Service, in the node's namespace: one connection every 10 ms.
     let stop = inst.dir.path().join("stop-client");
@@ -946,9 +959,10 @@ print(json.dumps({{"ok": ok, "failed": failed, "errors": errors}}))"#,
     );
     assert!(String::from_utf8_lossy(&rolled.stdout).contains("successfully rolled out"));
     // The agent follows a new replica, and deleted nothing.
-    wait_until("the agent ready again", Duration::from_secs(60), || {
-        _agent.state().ready
-    });
+    test_support::eventually("the agent ready again", Duration::from_secs(60), || async {
+        agent.state().ready.then_some(())
+    })
+    .await;
     std::fs::write(&stop, "").unwrap();
     let out = client.wait_with_output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -957,27 +971,16 @@ print(json.dumps({{"ok": ok, "failed": failed, "errors": errors}}))"#,
     let deletes_after = metric(
         node.net.ip,
         "clustermesh_datapath_map_ops_total{op=\"delete\"}",
-    );
+    )
+    .await;
     assert_eq!(deletes_after, deletes_before, "no map delete on the node");
     assert!(
-        metric(node.net.ip, "clustermesh_datapath_services ") >= 1.0,
+        metric(node.net.ip, "clustermesh_datapath_services ").await >= 1.0,
         "shop/web still programmed"
     );
     // Both replicas it could follow were replaced: it reconnected, and kept everything.
     assert!(
-        metric(node.net.ip, "clustermesh_node_mesh_reconnects_total ") > reconnects_before,
+        metric(node.net.ip, "clustermesh_node_mesh_reconnects_total ").await > reconnects_before,
         "the agent had to reconnect"
     );
-}
-
-async fn wait_until_async<F, Fut>(what: &str, mut ok: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ok().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
