@@ -108,8 +108,13 @@ pub struct Handle {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// Writes `path` whole or not at all (a temporary file renamed over it): another process that
+/// waits for the file (the lab waits for the kubeconfig) never reads it half written.
 fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
-    std::fs::write(path, contents).with_context(|| format!("write {}", path.display()))
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents).with_context(|| format!("write {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
 }
 
 /// Starts the server and writes its kubeconfig.
