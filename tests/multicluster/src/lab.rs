@@ -326,6 +326,13 @@ pub struct ClusterState {
     pub pods: Vec<PodState>,
     /// Services deployed: `namespace/name` → ClusterIP.
     pub services: BTreeMap<String, Ipv4Addr>,
+    /// Brought up by `clustermesh install` from `deploy/`, its pods run by the lab kubelet
+    /// ([`Lab::install_cluster`]); `false`: started by the lab with its own flags.
+    #[serde(default)]
+    pub installed: bool,
+    /// The lab kubelet (`clustermesh-lab kubelet`) of an installed cluster.
+    #[serde(default)]
+    pub kubelet: Option<Proc>,
 }
 
 /// The whole lab, as saved in `lab.json`.
@@ -607,6 +614,8 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             services: BTreeMap::new(),
+            installed: false,
+            kubelet: None,
         });
         self.save()?;
         wait_for(
@@ -652,10 +661,189 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts (or restarts) `cluster`'s apiserver and waits until it reports ready.
+    /// Adds a cluster the way a user installs one (issue #15): the Kubernetes API test server
+    /// (on the bridge address, where pods reach it in-cluster), `clustermesh install` against
+    /// it — CA and certificates into Secrets, `deploy/`'s manifests applied — and the lab
+    /// kubelet running what they ask for (etcd's StatefulSet, the apiserver's Deployment, the
+    /// node agents' DaemonSet on `nodes` lab nodes); waits until the apiserver leads and
+    /// exports and every node agent is ready. No process of the mesh is started from flags
+    /// written here: they all come from the applied objects.
+    pub async fn install_cluster(&mut self, name: &str, id: u16, nodes: u8) -> Result<()> {
+        ClusterName::new(name)?;
+        ClusterId::new(u64::from(id))?;
+        let index = self.state.clusters.len() as u8 + 1;
+        if index > 8 {
+            bail!("the lab holds at most 8 clusters");
+        }
+        let dir = self.state.dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let host = self.host_ip();
+        let kube_dir = dir.join("kube");
+        let _ = std::fs::remove_file(kube_dir.join("kubeconfig"));
+        let kube = spawn(
+            &[
+                binary("kube-testserver")?.display().to_string(),
+                "--cluster".into(),
+                name.into(),
+                "--dir".into(),
+                kube_dir.display().to_string(),
+                "--bind".into(),
+                format!("{host}:0"),
+                "--log".into(),
+                "warn".into(),
+            ],
+            &dir.join("kube.log"),
+        )?;
+        let kubeconfig = kube_dir.join("kubeconfig");
+        // The Mesh API's load balancer: a port of the bridge address.
+        let mesh_port = test_support::free_port()?;
+        self.state.clusters.push(ClusterState {
+            name: name.into(),
+            id,
+            index,
+            dir: dir.clone(),
+            etcd_port: 2379,
+            etcd: None,
+            kube: Some(kube),
+            kubeconfig: kubeconfig.clone(),
+            mesh_port,
+            health_port: 9880,
+            apiserver: None,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            services: BTreeMap::new(),
+            installed: true,
+            kubelet: None,
+        });
+        self.save()?;
+        wait_for(
+            "the Kubernetes API test server's kubeconfig",
+            Duration::from_secs(30),
+            || async { kubeconfig.is_file() },
+        )
+        .await?;
+        self.write_kubeconfig()?;
+        // What a user runs. The lab keeps the CAs (tests issue admin certificates from them).
+        let out = tokio::process::Command::new(binary("clustermesh")?)
+            .args([
+                "install",
+                "--context",
+                name,
+                "--cluster-name",
+                name,
+                "--cluster-id",
+                &id.to_string(),
+                "--mesh-endpoint",
+                &format!("{host}:{mesh_port}"),
+                "--keep-ca",
+                &dir.display().to_string(),
+                "--wait",
+                "false",
+            ])
+            .env("KUBECONFIG", self.kubeconfig())
+            .output()
+            .await
+            .context("run clustermesh install")?;
+        if !out.status.success() {
+            bail!(
+                "clustermesh install --context {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let kubelet = spawn(
+            &[
+                std::env::current_exe()
+                    .ok()
+                    .filter(|p| p.file_name().is_some_and(|n| n == "clustermesh-lab"))
+                    .map_or_else(|| binary("clustermesh-lab"), Ok)?
+                    .display()
+                    .to_string(),
+                "kubelet".into(),
+                "--dir".into(),
+                self.state.dir.display().to_string(),
+                "--cluster".into(),
+                name.into(),
+            ],
+            &dir.join("kubelet.log"),
+        )?;
+        self.cluster_mut(name)?.kubelet = Some(kubelet);
+        self.save()?;
+        for n in 1..=nodes {
+            self.add_node(name, &format!("{name}-node-{n}")).await?;
+        }
+        self.wait_installed(name).await
+    }
+
+    /// The lab kubelet's settings for `cluster` (what `clustermesh-lab kubelet` runs with).
+    pub fn kubelet_config(&self, cluster: &str) -> Result<crate::lab_kubelet::Config> {
+        let c = self.cluster(cluster)?;
+        let x = self.state.x;
+        Ok(crate::lab_kubelet::Config {
+            kubeconfig: c.kubeconfig.clone(),
+            dir: c.dir.join("kubelet"),
+            bridge: self.state.bridge.clone(),
+            gateway: self.host_ip(),
+            pod_subnet: [10, x, 16 * c.index + 15],
+            prefix_len: 16,
+            prefix: kubelet_prefix(x, c.index),
+            veth_prefix: format!("cm{x}h{}k", c.index),
+            load_balancers: BTreeMap::from([(APISERVER_SERVICE.to_owned(), (c.mesh_port, 4240))]),
+        })
+    }
+
+    /// Waits until an installed cluster's apiserver leads and exports and its node agents are
+    /// ready.
+    async fn wait_installed(&self, cluster: &str) -> Result<()> {
+        let c = self.cluster(cluster)?.clone();
+        let client = self.client(cluster).await?;
+        let log = c.dir.join("kubelet.log");
+        wait_for(
+            &format!(
+                "{cluster}'s apiserver to lead and export (kubelet log: {})",
+                log.display()
+            ),
+            Duration::from_secs(120),
+            || {
+                let client = client.clone();
+                async move { installed_apiserver_exporting(&client).await }
+            },
+        )
+        .await?;
+        for n in &c.nodes {
+            let addr: SocketAddr = (n.ip, model::node_state::NODE_AGENT_PORT).into();
+            wait_for(
+                &format!(
+                    "node agent of {} to be ready (kubelet log: {})",
+                    n.name,
+                    log.display()
+                ),
+                Duration::from_secs(90),
+                || async move {
+                    test_support::http_get(addr, "/readyz")
+                        .await
+                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) `cluster`'s apiserver and waits until it reports ready (an
+    /// installed cluster's: its Deployment scaled back to 2 replicas).
     pub async fn start_apiserver(&mut self, cluster: &str) -> Result<()> {
         let host = self.host_ip();
         let c = self.cluster(cluster)?.clone();
+        if c.installed {
+            self.scale_apiserver(cluster, 2).await?;
+            let client = self.client(cluster).await?;
+            return wait_for(
+                &format!("{cluster}'s apiserver to lead and export"),
+                Duration::from_secs(90),
+                || async { installed_apiserver_exporting(&client).await },
+            )
+            .await;
+        }
         let proc = spawn(
             &[
                 binary("clustermesh-apiserver")?.display().to_string(),
@@ -700,6 +888,102 @@ impl Lab {
         .await
     }
 
+    /// A component's TLS directory (`ca.crt`, `tls.crt`, `tls.key`) as it runs: for an
+    /// installed cluster inside the running pod's volume, else where the lab wrote it.
+    pub async fn tls_dir(&self, cluster: &str, which: &TlsDir) -> Result<PathBuf> {
+        let c = self.cluster(cluster)?;
+        if !c.installed {
+            return Ok(match which {
+                TlsDir::EtcdClient => c.dir.join("etcd-tls"),
+                TlsDir::MeshServer => c.dir.join("mesh-tls"),
+                TlsDir::Peer(p) => c.dir.join("peers").join(p),
+                TlsDir::NodeAgent(n) => c.dir.join(format!("{n}-tls")),
+            });
+        }
+        let pods = c.dir.join("kubelet/pods");
+        Ok(match which {
+            TlsDir::NodeAgent(n) => pods.join(format!("clustermesh-node-agent-{n}/volumes/tls")),
+            _ => {
+                let pod = self.ready_apiserver_pod(cluster).await?;
+                let volumes = pods.join(pod).join("volumes");
+                match which {
+                    TlsDir::EtcdClient => volumes.join("etcd-tls"),
+                    TlsDir::MeshServer => volumes.join("mesh-tls"),
+                    TlsDir::Peer(p) => volumes.join("peers").join(p),
+                    TlsDir::NodeAgent(_) => unreachable!(),
+                }
+            }
+        })
+    }
+
+    /// A ready apiserver pod of an installed cluster.
+    async fn ready_apiserver_pod(&self, cluster: &str) -> Result<String> {
+        let pods: Api<Pod> = Api::namespaced(self.client(cluster).await?, "kube-system");
+        let lp = kube::api::ListParams::default().labels("app=clustermesh-apiserver");
+        pods.list(&lp)
+            .await?
+            .items
+            .into_iter()
+            .find(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .and_then(|p| p.metadata.name)
+            .ok_or_else(|| anyhow!("no ready apiserver pod in {cluster}"))
+    }
+
+    /// etcd's client URL, and whether its server certificate names that address (an
+    /// installed cluster's names the pod's DNS name, which only its pods resolve).
+    pub async fn etcd_endpoint(&self, cluster: &str) -> Result<(String, bool)> {
+        let c = self.cluster(cluster)?;
+        if !c.installed {
+            return Ok((format!("https://127.0.0.1:{}", c.etcd_port), true));
+        }
+        let pods: Api<Pod> = Api::namespaced(self.client(cluster).await?, "kube-system");
+        let ip = pods
+            .get("clustermesh-etcd-0")
+            .await?
+            .status
+            .and_then(|s| s.pod_ip)
+            .ok_or_else(|| anyhow!("etcd of {cluster} has no address yet"))?;
+        Ok((format!("https://{ip}:2379"), false))
+    }
+
+    /// Sets the replicas of an installed cluster's apiserver Deployment, as
+    /// `kubectl scale` does.
+    async fn scale_apiserver(&self, cluster: &str, replicas: i32) -> Result<()> {
+        let client = self.client(cluster).await?;
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client, "kube-system")
+            .patch(
+                "clustermesh-apiserver",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stops an installed cluster's apiserver (its Deployment scaled to 0) and waits until no
+    /// replica runs.
+    pub async fn stop_installed_apiserver(&self, cluster: &str) -> Result<()> {
+        self.scale_apiserver(cluster, 0).await?;
+        let client = self.client(cluster).await?;
+        wait_for(
+            &format!("{cluster}'s apiserver pods to be gone"),
+            Duration::from_secs(60),
+            || {
+                let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+                async move {
+                    let lp = kube::api::ListParams::default().labels("app=clustermesh-apiserver");
+                    pods.list(&lp).await.is_ok_and(|l| l.items.is_empty())
+                }
+            },
+        )
+        .await
+    }
+
     /// Kills `cluster`'s apiserver (SIGKILL).
     pub fn kill_apiserver(&mut self, cluster: &str) -> Result<()> {
         let c = self.cluster_mut(cluster)?;
@@ -721,6 +1005,11 @@ impl Lab {
         self.plug(&netns, ip4)?;
         let cgroup = Path::new(CGROUP_ROOT).join(format!("cm{x}-{node}"));
         std::fs::create_dir_all(&cgroup)?;
+        if c.installed {
+            return self
+                .add_installed_node(cluster, node, ip4, netns, cgroup)
+                .await;
+        }
         let cname = ClusterName::new(cluster)?;
         let cid = ClusterId::new(u64::from(c.id))?;
         let ca = Ca::from_pem(
@@ -824,6 +1113,67 @@ impl Lab {
         Ok(())
     }
 
+    /// A node of an installed cluster: its namespace and cgroup (with the kubelet's `kubepods`
+    /// below it), its own bpffs directory, and the Node object telling the lab kubelet where
+    /// they are; the DaemonSet's pod comes from the kubelet.
+    async fn add_installed_node(
+        &mut self,
+        cluster: &str,
+        node: &str,
+        ip4: Ipv4Addr,
+        netns: String,
+        cgroup: PathBuf,
+    ) -> Result<()> {
+        let x = self.state.x;
+        let c = self.cluster(cluster)?.clone();
+        let n = c.nodes.len() as u8 + 1;
+        std::fs::create_dir_all(cgroup.join("kubepods"))?;
+        let bpffs = self.pins_root().join(node);
+        std::fs::create_dir_all(&bpffs)?;
+        let pod_cidr = format!("10.{x}.{}.0/24", 16 * c.index + n);
+        let node_obj: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": node,
+                "labels": {"topology.kubernetes.io/zone": format!("{cluster}-a")},
+                "annotations": {
+                    crate::lab_kubelet::NODE_NETNS: netns,
+                    crate::lab_kubelet::NODE_CGROUP: cgroup.display().to_string(),
+                    crate::lab_kubelet::NODE_BPFFS: bpffs.display().to_string(),
+                },
+            },
+            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip4.to_string()}]},
+        }))?;
+        Api::<Node>::all(self.client(cluster).await?)
+            .create(&PostParams::default(), &node_obj)
+            .await?;
+        self.cluster_mut(cluster)?.nodes.push(NodeState {
+            name: node.into(),
+            ip: ip4,
+            netns,
+            cgroup,
+            agent: None,
+            pins: bpffs.join(format!("clustermesh-{cluster}-{node}")),
+            pods: 0,
+        });
+        self.save()?;
+        let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
+        let log = c.dir.join("kubelet.log");
+        wait_for(
+            &format!(
+                "the node agent pod of {node} to be ready (kubelet log: {})",
+                log.display()
+            ),
+            Duration::from_secs(120),
+            || async move {
+                test_support::http_get(addr, "/readyz")
+                    .await
+                    .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+            },
+        )
+        .await
+    }
+
     /// `node`'s `/state` over mutual TLS, as `clustermesh services --node` reads it (with an
     /// admin certificate from the cluster's CA).
     pub async fn node_state(
@@ -905,7 +1255,15 @@ impl Lab {
             .metadata
             .uid
             .ok_or_else(|| anyhow!("pod {namespace}/{name} has no UID"))?;
-        let cgroup = node_cgroup.join(format!("pod{uid}"));
+        // Below `kubepods` on an installed cluster's node, where the agent's `--cgroup=auto`
+        // finds the kubelet's pods.
+        let pods_root = node_cgroup.join("kubepods");
+        let cgroup = if pods_root.is_dir() {
+            pods_root
+        } else {
+            node_cgroup
+        }
+        .join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup)?;
         let pod = PodState {
             namespace: namespace.into(),
@@ -1157,6 +1515,15 @@ impl Lab {
 
     /// Tears everything down; errors are reported but do not stop the teardown.
     pub fn teardown(&mut self) {
+        // The lab kubelets first: nothing restarts what is removed below.
+        for c in &self.state.clusters {
+            if let Some(k) = &c.kubelet {
+                kill(k);
+            }
+            if c.installed {
+                crate::lab_kubelet::remove_leftovers(&kubelet_prefix(self.state.x, c.index));
+            }
+        }
         for c in self.state.clusters.iter().rev() {
             for p in &c.pods {
                 remove_pod(p);
@@ -1637,6 +2004,58 @@ impl Lab {
         cmd.args(&full[1..]);
         Ok(cmd)
     }
+}
+
+/// A TLS directory of a cluster's components ([`Lab::tls_dir`]).
+#[derive(Debug, Clone)]
+pub enum TlsDir {
+    /// The apiserver's etcd client certificate.
+    EtcdClient,
+    /// The Mesh API's server certificate.
+    MeshServer,
+    /// The peer certificate `clustermesh connect` gave this cluster for the named peer.
+    Peer(String),
+    /// The named node's agent certificate.
+    NodeAgent(String),
+}
+
+/// The lab kubelet's name prefix for cluster `index` of lab `x`.
+fn kubelet_prefix(x: u8, index: u8) -> String {
+    format!("cm{x}k{index}")
+}
+
+/// Whether an installed cluster's apiserver leads and exports: the leader's status document
+/// (ConfigMap `clustermesh-status`, written by the leader) says so, and that replica's pod
+/// is ready (`/readyz` on its address).
+async fn installed_apiserver_exporting(client: &kube::Client) -> bool {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+    let Some(status) = cms
+        .get_opt(model::objects::STATUS_CONFIGMAP)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|cm| cm.data?.remove(model::objects::STATUS_KEY))
+        .and_then(|d| serde_json::from_str::<model::status::ClusterStatus>(&d).ok())
+    else {
+        return false;
+    };
+    if !(status.leader && status.ready) {
+        return false;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let Some(ip) = pods
+        .get_opt(&status.replica)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|p| p.status?.pod_ip?.parse::<IpAddr>().ok())
+    else {
+        return false;
+    };
+    test_support::http_get((ip, 9880).into(), "/readyz")
+        .await
+        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
 }
 
 /// Whether the apiserver at `health` serves (`/readyz`) and, as the single replica of its lab

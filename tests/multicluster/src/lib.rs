@@ -11,6 +11,7 @@ pub mod chaos;
 pub mod kind;
 pub mod kubelet;
 pub mod lab;
+pub mod lab_kubelet;
 pub mod pod_runner;
 pub mod scenarios;
 
@@ -199,6 +200,12 @@ impl Cluster for LabCluster {
     }
 
     async fn kill_apiserver(&self) -> Result<()> {
+        let lab = self.lab.lock().await;
+        if lab.cluster(&self.name)?.installed {
+            // A user stops it by scaling its Deployment to 0.
+            return lab.stop_installed_apiserver(&self.name).await;
+        }
+        drop(lab);
         self.lab.lock().await.kill_apiserver(&self.name)
     }
 

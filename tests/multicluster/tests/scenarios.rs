@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use multicluster::lab::Lab;
+use multicluster::lab::{Lab, TlsDir};
 use multicluster::{LabCluster, clustermesh, scenarios};
 use tokio::sync::Mutex;
 
@@ -20,8 +20,10 @@ async fn mesh_scenarios_on_the_lab() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::create(dir.path(), true).unwrap();
-    lab.add_cluster("east", 1, 2).await.unwrap();
-    lab.add_cluster("west", 2, 2).await.unwrap();
+    // Both brought up by `clustermesh install` from deploy/, their pods run by the lab
+    // kubelet.
+    lab.install_cluster("east", 1, 2).await.unwrap();
+    lab.install_cluster("west", 2, 2).await.unwrap();
     let kc = lab.kubeconfig();
     let lab = Arc::new(Mutex::new(lab));
     let (east, west) = (
@@ -79,7 +81,11 @@ async fn mesh_scenarios_on_the_lab() {
     );
 
     // A third cluster joins east; its backends of demo/remote are used by east's client.
-    lab.lock().await.add_cluster("north", 3, 1).await.unwrap();
+    lab.lock()
+        .await
+        .install_cluster("north", 3, 1)
+        .await
+        .unwrap();
     let north = LabCluster::new(&lab, "north").await;
     scenarios::connect(&kc, &east, &north).await.unwrap();
     let global = BTreeMap::from([("service.cilium.io/global".to_owned(), "true".to_owned())]);
@@ -98,7 +104,11 @@ async fn mesh_scenarios_on_the_lab() {
 
     // A cluster reusing west's ID (or east's name) is refused by connect, and nothing is
     // written.
-    lab.lock().await.add_cluster("twin", 2, 0).await.unwrap();
+    lab.lock()
+        .await
+        .install_cluster("twin", 2, 0)
+        .await
+        .unwrap();
     let out = clustermesh(
         &kc,
         &[
@@ -181,7 +191,9 @@ async fn mesh_scenarios_on_the_lab() {
 async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
     let c = lab.cluster(cluster).unwrap();
     let other = if cluster == "east" { "west" } else { "east" };
-    let etcd_ca = c.dir.join("etcd-server-tls/ca.crt");
+    let (endpoint, verify) = lab.etcd_endpoint(cluster).await.unwrap();
+    let etcd_tls = lab.tls_dir(cluster, &TlsDir::EtcdClient).await.unwrap();
+    let etcd_ca = etcd_tls.join("ca.crt");
     // An admin certificate from the cluster CA, as `clustermesh services` issues it.
     let ca = certs::Ca::from_pem(
         &std::fs::read_to_string(c.dir.join("ca/ca.crt")).unwrap(),
@@ -199,24 +211,36 @@ async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
     let admin_dir = scratch.path().join("admin");
     test_support::write_tls(&admin_dir, &ca, &admin).unwrap();
     // The peer certificate for this cluster's Mesh API sits in the other cluster's peers dir.
-    let peer_dir = lab.cluster(other).unwrap().dir.join("peers").join(cluster);
+    let peer_dir = lab
+        .tls_dir(other, &TlsDir::Peer(cluster.to_owned()))
+        .await
+        .unwrap();
     assert!(
         peer_dir.join("tls.crt").is_file(),
         "connect wrote {}",
         peer_dir.display()
     );
-    let node_dir = c.dir.join(format!("{}-tls", c.nodes[0].name));
+    let node_dir = lab
+        .tls_dir(cluster, &TlsDir::NodeAgent(c.nodes[0].name.clone()))
+        .await
+        .unwrap();
     let refused = [
         ("peer", peer_dir),
         ("node-agent", node_dir),
         ("admin", admin_dir),
-        ("mesh-server", c.dir.join("mesh-tls")),
+        (
+            "mesh-server",
+            lab.tls_dir(cluster, &TlsDir::MeshServer).await.unwrap(),
+        ),
     ];
     let etcdctl = |dir: &std::path::Path, args: &[&str]| {
         let mut cmd = std::process::Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints=https://127.0.0.1:{}", c.etcd_port))
+            .arg(format!("--endpoints={endpoint}"))
             .arg(format!("--cacert={}", etcd_ca.display()))
+            // An installed etcd's certificate names its pod's DNS name, which only pods
+            // resolve: the client certificate is what is tested here.
+            .args((!verify).then_some("--insecure-skip-tls-verify"))
             .arg(format!("--cert={}", dir.join("tls.crt").display()))
             .arg(format!("--key={}", dir.join("tls.key").display()))
             .args(["--dial-timeout=2s", "--command-timeout=3s"])
@@ -224,7 +248,7 @@ async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
         cmd.output().unwrap()
     };
     let ok = etcdctl(
-        &c.dir.join("etcd-tls"),
+        &etcd_tls,
         &["get", "/clustermesh/", "--prefix", "--keys-only"],
     );
     assert!(
@@ -247,7 +271,7 @@ async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
         );
     }
     let after = etcdctl(
-        &c.dir.join("etcd-tls"),
+        &etcd_tls,
         &[
             "get",
             "/clustermesh/v1/state/south/",
@@ -331,7 +355,6 @@ async fn node_state_is_for_admins_only(lab: &Lab) {
 /// west's etcd with `etcdctl` and the apiserver's etcd certificate.
 async fn unshared_pods_export_their_identity_not_their_backends(lab: &Lab) {
     let east = lab.cluster("east").unwrap();
-    let west = lab.cluster("west").unwrap();
     let private: Vec<String> = east
         .pods
         .iter()
@@ -339,11 +362,13 @@ async fn unshared_pods_export_their_identity_not_their_backends(lab: &Lab) {
         .map(|p| p.ip.to_string())
         .collect();
     assert!(!private.is_empty(), "east backs demo/private");
+    let (endpoint, verify) = lab.etcd_endpoint("west").await.unwrap();
+    let tls = lab.tls_dir("west", &TlsDir::EtcdClient).await.unwrap();
     let etcdctl = |args: &[&str]| {
-        let tls = west.dir.join("etcd-tls");
         let out = std::process::Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints=https://127.0.0.1:{}", west.etcd_port))
+            .arg(format!("--endpoints={endpoint}"))
+            .args((!verify).then_some("--insecure-skip-tls-verify"))
             .arg(format!("--cacert={}", tls.join("ca.crt").display()))
             .arg(format!("--cert={}", tls.join("tls.crt").display()))
             .arg(format!("--key={}", tls.join("tls.key").display()))

@@ -23,8 +23,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Bring up clusters: etcd, Kubernetes API test server, clustermesh-apiserver and nodes
-    /// with node agents each. The lab keeps running after this command returns.
+    /// Bring up clusters as a user installs them: per cluster the Kubernetes API test server,
+    /// `clustermesh install` (deploy/'s manifests, certificates in Secrets) and the lab
+    /// kubelet running the pods they ask for (etcd, clustermesh-apiserver, a node agent per
+    /// node). The lab keeps running after this command returns.
+    ///
+    /// Example: clustermesh-lab up --dir /tmp/lab --clusters east:1,west:2 --nodes 2
     Up {
         /// The lab's directory (state, certificates, logs, kubeconfig).
         #[arg(long)]
@@ -35,6 +39,20 @@ enum Cmd {
         /// Nodes per cluster.
         #[arg(long, default_value_t = 2)]
         nodes: u8,
+        /// Start etcd, the apiserver and the node agents with the lab's own flags instead of
+        /// installing deploy/ (the fault-injection tests' harness).
+        #[arg(long)]
+        direct: bool,
+    },
+    /// The lab kubelet of one cluster (started by `up`): runs the pods that the cluster's
+    /// StatefulSets, Deployments and DaemonSets in kube-system ask for, until killed.
+    Kubelet {
+        /// The lab's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
     },
     /// Add a cluster to a running lab.
     AddCluster {
@@ -223,10 +241,16 @@ fn parse_cluster(s: &str) -> Result<(String, u16)> {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
+        Cmd::Kubelet { dir, cluster } => {
+            let lab = Lab::load(&dir)?;
+            let cfg = lab.kubelet_config(&cluster)?;
+            multicluster::lab_kubelet::run(cfg, || false).await
+        }
         Cmd::Up {
             dir,
             clusters,
             nodes,
+            direct,
         } => {
             let parsed: Vec<(String, u16)> = clusters
                 .iter()
@@ -243,7 +267,11 @@ async fn run(cmd: Cmd) -> Result<()> {
             let mut lab = Lab::create(&dir, true)?;
             for (name, id) in &parsed {
                 eprintln!("starting cluster {name} (ID {id}, {nodes} nodes)");
-                lab.add_cluster(name, *id, nodes).await?;
+                if direct {
+                    lab.add_cluster(name, *id, nodes).await?;
+                } else {
+                    lab.install_cluster(name, *id, nodes).await?;
+                }
             }
             lab.keep();
             println!(
