@@ -1744,6 +1744,9 @@ impl Lab {
         on: bool,
     ) -> Result<()> {
         let comp = Component::NodeAgent(node.to_owned());
+        if self.cluster(cluster)?.installed {
+            return self.set_agent_flag(cluster, node, flag, on).await;
+        }
         self.crash(cluster, &comp)?;
         let file = self.argv_file(cluster, &comp)?;
         let mut argv: Vec<String> = serde_json::from_slice(&std::fs::read(&file)?)?;
@@ -1758,6 +1761,21 @@ impl Lab {
     /// Kills `comp` of `cluster` with SIGKILL, as a crash would, after recording its command
     /// line so that [`Lab::restart`] starts it again exactly the same way.
     pub fn crash(&mut self, cluster: &str, comp: &Component) -> Result<()> {
+        if self.cluster(cluster)?.installed {
+            // Its container's processes killed; the lab kubelet starts it again after its
+            // back-off, as the kubelet restarts a crashed container.
+            let pids = self.container_pids(cluster, comp)?;
+            if pids.is_empty() {
+                bail!("{comp} of {cluster} is not running");
+            }
+            for pid in pids {
+                kill(&Proc {
+                    pid,
+                    log: PathBuf::new(),
+                });
+            }
+            return Ok(());
+        }
         let file = self.argv_file(cluster, comp)?;
         let netns = match comp {
             Component::NodeAgent(node) => self
@@ -1798,6 +1816,9 @@ impl Lab {
     /// data dir, ports, certificates and flags; output appended to the same log), and waits
     /// until it serves: etcd accepts connections, the apiserver and node agents are ready.
     pub async fn restart(&mut self, cluster: &str, comp: &Component) -> Result<()> {
+        if self.cluster(cluster)?.installed {
+            return self.until_serving_again(cluster, comp).await;
+        }
         let file = self.argv_file(cluster, comp)?;
         let argv: Vec<String> = serde_json::from_slice(
             &std::fs::read(&file).with_context(|| format!("read {}", file.display()))?,
@@ -1850,6 +1871,162 @@ impl Lab {
                 .await
             }
         }
+    }
+
+    /// The processes of `comp`'s container(s) in an installed cluster: what is in its pod's
+    /// cgroup (a node agent: its node's cgroup itself, not the pods below it).
+    fn container_pids(&self, cluster: &str, comp: &Component) -> Result<Vec<u32>> {
+        let c = self.cluster(cluster)?;
+        let cgroups: Vec<PathBuf> = match comp {
+            Component::NodeAgent(node) => vec![
+                c.nodes
+                    .iter()
+                    .find(|n| n.name == *node)
+                    .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?
+                    .cgroup
+                    .clone(),
+            ],
+            Component::Apiserver | Component::Etcd => {
+                let stem = match comp {
+                    Component::Etcd => "clustermesh-etcd-",
+                    _ => "clustermesh-apiserver-",
+                };
+                let start = format!("{}-{stem}", kubelet_prefix(self.state.x, c.index));
+                std::fs::read_dir(CGROUP_ROOT)?
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&start))
+                    .map(|e| e.path())
+                    .collect()
+            }
+        };
+        let mut pids = Vec::new();
+        for cg in cgroups {
+            if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+                pids.extend(
+                    procs
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+        Ok(pids)
+    }
+
+    /// Waits until the lab kubelet has started `comp` of an installed cluster again and it
+    /// serves: etcd accepts connections, the apiserver leads and exports (a status written
+    /// since this call), node agents are ready.
+    async fn until_serving_again(&self, cluster: &str, comp: &Component) -> Result<()> {
+        let c = self.cluster(cluster)?.clone();
+        let what = format!(
+            "{comp} of {cluster} to serve again (kubelet log: {})",
+            c.dir.join("kubelet.log").display()
+        );
+        match comp {
+            Component::Etcd => {
+                let (url, _) = self.etcd_endpoint(cluster).await?;
+                let addr: SocketAddr = url.trim_start_matches("https://").parse()?;
+                wait_for(&what, Duration::from_secs(60), || async move {
+                    tokio::net::TcpStream::connect(addr).await.is_ok()
+                })
+                .await
+            }
+            Component::Apiserver => {
+                let client = self.client(cluster).await?;
+                let since = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs() as i64;
+                wait_for(&what, Duration::from_secs(90), || async {
+                    installed_apiserver_exporting_since(&client, since).await
+                })
+                .await
+            }
+            Component::NodeAgent(node) => {
+                let ip4 = c
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == *node)
+                    .map(|n| n.ip)
+                    .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
+                let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
+                wait_for(&what, Duration::from_secs(90), || async move {
+                    test_support::http_get(addr, "/readyz")
+                        .await
+                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+                })
+                .await
+            }
+        }
+    }
+
+    /// Adds `flag` to (or removes it from) the node agent DaemonSet's arguments, as a user
+    /// edits it, and waits until `node`'s agent runs the new template and is ready.
+    async fn set_agent_flag(&self, cluster: &str, node: &str, flag: &str, on: bool) -> Result<()> {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let client = self.client(cluster).await?;
+        let api: Api<DaemonSet> = Api::namespaced(client.clone(), "kube-system");
+        let ds = api.get("clustermesh-node-agent").await?;
+        let mut args = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.args.clone())
+            .unwrap_or_default();
+        args.retain(|a| a != flag);
+        if on {
+            args.push(flag.to_owned());
+        }
+        let patched = api
+            .patch(
+                "clustermesh-node-agent",
+                &PatchParams::default(),
+                &Patch::Json::<()>(serde_json::from_value(serde_json::json!([
+                    {"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": args}
+                ]))?),
+            )
+            .await?;
+        let generation = patched.metadata.generation.unwrap_or(0);
+        let pod = format!("clustermesh-node-agent-{node}");
+        let pods: Api<Pod> = Api::namespaced(client, "kube-system");
+        let ip4 = self
+            .cluster(cluster)?
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.ip)
+            .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
+        let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
+        wait_for(
+            &format!(
+                "{node}'s agent to run with {flag} {}",
+                if on { "on" } else { "off" }
+            ),
+            Duration::from_secs(90),
+            || {
+                let (api, pods, pod) = (api.clone(), pods.clone(), pod.clone());
+                async move {
+                    let Ok(ds) = api.get_status("clustermesh-node-agent").await else {
+                        return false;
+                    };
+                    let st = ds.status.unwrap_or_default();
+                    let rolled = st.observed_generation.unwrap_or(0) >= generation
+                        && st.updated_number_scheduled.unwrap_or(0) == st.desired_number_scheduled
+                        && st.number_ready == st.desired_number_scheduled;
+                    let args_now = pods
+                        .get(&pod)
+                        .await
+                        .ok()
+                        .and_then(|p| p.spec?.containers.first()?.args.clone())
+                        .unwrap_or_default();
+                    rolled
+                        && args_now.iter().any(|a| a == flag) == on
+                        && test_support::http_get(addr, "/readyz")
+                            .await
+                            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+                }
+            },
+        )
+        .await
     }
 
     /// Restarts `cluster`'s apiserver with etcd reached at `endpoint` (for example a
@@ -2028,6 +2205,12 @@ fn kubelet_prefix(x: u8, index: u8) -> String {
 /// (ConfigMap `clustermesh-status`, written by the leader) says so, and that replica's pod
 /// is ready (`/readyz` on its address).
 async fn installed_apiserver_exporting(client: &kube::Client) -> bool {
+    installed_apiserver_exporting_since(client, 0).await
+}
+
+/// [`installed_apiserver_exporting`], with a status document written at or after `since`
+/// (Unix seconds).
+async fn installed_apiserver_exporting_since(client: &kube::Client, since: i64) -> bool {
     use k8s_openapi::api::core::v1::ConfigMap;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
     let Some(status) = cms
@@ -2040,7 +2223,7 @@ async fn installed_apiserver_exporting(client: &kube::Client) -> bool {
     else {
         return false;
     };
-    if !(status.leader && status.ready) {
+    if !(status.leader && status.ready && status.updated_unix >= since) {
         return false;
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");

@@ -147,6 +147,9 @@ pub struct LabKubelet {
     statuses: BTreeMap<String, serde_json::Value>,
     balancers: BTreeMap<String, Arc<Mutex<Vec<SocketAddr>>>>,
     failures: BTreeMap<String, String>,
+    /// Pods sent `SIGTERM` and not yet gone: a StatefulSet's or DaemonSet's replacement of
+    /// the same name waits for them (two node agents never share a node).
+    terminating: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for LabKubelet {
@@ -206,6 +209,7 @@ impl LabKubelet {
             statuses: BTreeMap::new(),
             balancers: BTreeMap::new(),
             failures: BTreeMap::new(),
+            terminating: Arc::default(),
         })
     }
 
@@ -392,6 +396,10 @@ impl LabKubelet {
         self.route(&services, &nodes).await?;
         for (name, pod) in leaving {
             let client = self.client.clone();
+            if let Ok(mut t) = self.terminating.lock() {
+                t.insert(name.clone());
+            }
+            let terminating = self.terminating.clone();
             tokio::spawn(async move {
                 let pod = tokio::task::spawn_blocking(move || {
                     pod.sup.terminate(GRACE);
@@ -404,6 +412,9 @@ impl LabKubelet {
                 let _ = Api::<Pod>::namespaced(client, NAMESPACE)
                     .delete(&name, &DeleteParams::default())
                     .await;
+                if let Ok(mut t) = terminating.lock() {
+                    t.remove(&name);
+                }
             });
         }
         self.report(&sets, &deployments, &daemon_sets, nodes.len())
@@ -527,6 +538,9 @@ impl LabKubelet {
         services: &[Service],
         sets: &[StatefulSet],
     ) {
+        if self.terminating.lock().is_ok_and(|t| t.contains(name)) {
+            return;
+        }
         match self
             .try_start(
                 name, owner, revision, labels, spec, node, objects, services, sets,

@@ -180,8 +180,8 @@ async fn flows_across_clusters_failover_policy_and_restarts() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::create(dir.path(), true).unwrap();
-    lab.add_cluster("east", 1, 1).await.unwrap();
-    lab.add_cluster("west", 2, 1).await.unwrap();
+    lab.install_cluster("east", 1, 1).await.unwrap();
+    lab.install_cluster("west", 2, 1).await.unwrap();
     let kc = lab.kubeconfig();
     let ann: BTreeMap<String, String> = [
         ("service.cilium.io/global", "true"),

@@ -161,9 +161,9 @@ async fn identity_policy_across_three_clusters() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::create(dir.path(), true).unwrap();
-    lab.add_cluster("east", 1, 1).await.unwrap();
-    lab.add_cluster("west", 2, 1).await.unwrap();
-    lab.add_cluster("north", 3, 1).await.unwrap();
+    lab.install_cluster("east", 1, 1).await.unwrap();
+    lab.install_cluster("west", 2, 1).await.unwrap();
+    lab.install_cluster("north", 3, 1).await.unwrap();
     let kc = lab.kubeconfig();
     let none = BTreeMap::new();
     lab.deploy("east", "rebel/rebel-base", 1, &none)
