@@ -1875,7 +1875,7 @@ impl Lab {
 
     /// The processes of `comp`'s container(s) in an installed cluster: what is in its pod's
     /// cgroup (a node agent: its node's cgroup itself, not the pods below it).
-    fn container_pids(&self, cluster: &str, comp: &Component) -> Result<Vec<u32>> {
+    pub fn container_pids(&self, cluster: &str, comp: &Component) -> Result<Vec<u32>> {
         let c = self.cluster(cluster)?;
         let cgroups: Vec<PathBuf> = match comp {
             Component::NodeAgent(node) => vec![
