@@ -371,20 +371,27 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
         }
     }
     // Certificates.
-    let mut certs: Vec<(String, Result<i64, String>)> = Vec::new();
-    certs.push(("CA".into(), o.ca_not_after_unix.clone()));
+    let limit = i64::from(warn_days) * 86_400;
+    // (name, end of validity, how long before it to warn)
+    let mut certs: Vec<(String, Result<i64, String>, i64)> = Vec::new();
+    certs.push(("CA".into(), o.ca_not_after_unix.clone(), limit));
     if let Some(t) = s.serving_cert_not_after_unix {
-        certs.push(("apiserver certificate".into(), Ok(t)));
+        certs.push(("apiserver certificate".into(), Ok(t), limit));
     }
     for p in &s.peers {
         if let Some(t) = p.peer_cert_not_after_unix {
-            certs.push((format!("peer {}'s server certificate", p.name), Ok(t)));
+            certs.push((
+                format!("peer {}'s server certificate", p.name),
+                Ok(t),
+                limit,
+            ));
         }
     }
     for (peer, t) in &o.peer_secrets {
         certs.push((
             format!("client certificate for peer {peer}"),
             t.ok_or_else(|| format!("Secret clustermesh-peer-{peer} holds no tls.crt certificate")),
+            limit,
         ));
     }
     if let Some(n) = s
@@ -392,15 +399,17 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
         .as_ref()
         .and_then(|a| a.earliest_cert.as_ref())
     {
+        // Enrolled agents renew their own short-lived certificates: warned about once a
+        // renewal is overdue, not for their whole life.
         certs.push((
             format!("node-agent certificate of {}", n.node),
             Ok(n.not_after_unix),
+            n.warn_within(limit),
         ));
     }
-    let limit = i64::from(warn_days) * 86_400;
-    let bad: Vec<&(String, Result<i64, String>)> = certs
+    let bad: Vec<&(String, Result<i64, String>, i64)> = certs
         .iter()
-        .filter(|(_, t)| t.as_ref().map_or(true, |t| t - now <= limit))
+        .filter(|(_, t, within)| t.as_ref().map_or(true, |t| t - now <= *within))
         .collect();
     if bad.is_empty() {
         out.push(Check::pass(
@@ -411,12 +420,12 @@ fn cluster_checks(o: &Observed, s: &ClusterStatus, now: i64, warn_days: u32) -> 
     } else {
         let what: Vec<String> = bad
             .iter()
-            .map(|(n, t)| match t {
+            .map(|(n, t, _)| match t {
                 Ok(t) => format!("{n} {}", expiry(*t, now)),
                 Err(e) => format!("{n}: {e}"),
             })
             .collect();
-        let names: Vec<&str> = bad.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = bad.iter().map(|(n, _, _)| n.as_str()).collect();
         out.push(Check::fail(
             c,
             "certificates",
@@ -798,6 +807,7 @@ mod tests {
                     earliest_cert: Some(NodeCert {
                         node: format!("{name}-node-1"),
                         not_after_unix: NOW + YEAR,
+                        not_before_unix: None,
                     }),
                     error: None,
                     checked_unix: NOW - 1,
@@ -970,6 +980,36 @@ mod tests {
             [
                 "✗ west: certificates expiring within 400 days: apiserver certificate, peer east's server certificate, client certificate for peer east, node-agent certificate of west-node-1"
             ]
+        );
+    }
+
+    /// An enrolled agent's day-long certificate, which it renews at two thirds of its life, is
+    /// not "expiring within 30 days" for its whole life: only once its renewal is overdue
+    /// (a quarter of its life left).
+    #[test]
+    fn a_self_renewing_node_certificate_is_named_only_once_its_renewal_is_overdue() {
+        let day = 86_400;
+        let mut m = mesh();
+        let set = |m: &mut Vec<Observed>, left: i64| {
+            let cert = status(&mut m[0])
+                .node_agents
+                .as_mut()
+                .and_then(|a| a.earliest_cert.as_mut())
+                .expect("a node certificate");
+            cert.not_before_unix = Some(NOW + left - day);
+            cert.not_after_unix = NOW + left;
+        };
+        set(&mut m, day - 3_600);
+        assert!(
+            failed(&evaluate(&m, NOW, 30)).is_empty(),
+            "fresh, 23 h left"
+        );
+        set(&mut m, 8 * 3_600);
+        assert!(failed(&evaluate(&m, NOW, 30)).is_empty(), "renewal due now");
+        set(&mut m, 5 * 3_600);
+        assert_eq!(
+            failed(&evaluate(&m, NOW, 30)),
+            ["✗ east: certificates expiring within 30 days: node-agent certificate of east-node-1"]
         );
     }
 

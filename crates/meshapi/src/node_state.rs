@@ -81,7 +81,7 @@ pub async fn fetch(
     .map(|(state, _)| state)
 }
 
-/// [`fetch`], and the end of validity (Unix seconds) of the certificate the agent presented.
+/// [`fetch`], and the validity of the certificate the agent presented.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_with_cert(
     addr: &str,
@@ -92,20 +92,21 @@ pub async fn fetch_with_cert(
     cert_pem: &str,
     key_pem: &str,
     timeout: Duration,
-) -> Result<(NodeState, i64), Error> {
-    let (body, not_after) = get(
+) -> Result<(NodeState, model::status::Validity), Error> {
+    let (body, validity) = get(
         "/state", addr, cluster, cluster_id, node, ca_pem, cert_pem, key_pem, timeout,
     )
     .await?;
     serde_json::from_str(&body)
-        .map(|state| (state, not_after))
+        .map(|state| (state, validity))
         .map_err(|source| Error::Decode {
             addr: addr.to_owned(),
             source,
         })
 }
 
-/// GET `path` from the agent of `node`: the body of a 200 and the end of validity of the agent's certificate.
+/// GET `path` from the agent of `node`: the body of a 200 and the validity of the agent's
+/// certificate.
 #[allow(clippy::too_many_arguments)]
 async fn get(
     path: &str,
@@ -117,7 +118,7 @@ async fn get(
     cert_pem: &str,
     key_pem: &str,
     timeout: Duration,
-) -> Result<(String, i64), Error> {
+) -> Result<(String, model::status::Validity), Error> {
     let tls = AgentTls::new(cluster, cluster_id, node, ca_pem, cert_pem, key_pem);
     let io = |source| Error::Io {
         addr: addr.to_owned(),
@@ -138,7 +139,16 @@ async fn get(
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|leaf| certs::identity::CertInfo::from_der(leaf.as_ref()).ok())
-            .map_or(0, |i| i.not_after_unix);
+            .map_or(
+                model::status::Validity {
+                    not_before_unix: 0,
+                    not_after_unix: 0,
+                },
+                |i| model::status::Validity {
+                    not_before_unix: i.not_before_unix,
+                    not_after_unix: i.not_after_unix,
+                },
+            );
         tls.write_all(format!("GET {path} HTTP/1.0\r\nHost: node-agent\r\n\r\n").as_bytes())
             .await
             .map_err(io)?;

@@ -167,16 +167,48 @@ mod tests {
         assert_eq!(agent_phase(&refusing), AgentPhase::Refusing);
     }
 
+    /// A validity from 0 to `not_after`.
+    fn v(not_after: i64) -> crate::status::Validity {
+        crate::status::Validity {
+            not_before_unix: 0,
+            not_after_unix: not_after,
+        }
+    }
+
+    #[test]
+    fn a_short_lived_renewed_certificate_warns_only_once_its_renewal_is_overdue() {
+        let day = 86_400;
+        let enrolled = NodeCert {
+            node: "n1".into(),
+            not_before_unix: Some(0),
+            not_after_unix: day,
+        };
+        // 30 days' window: a day-long certificate warns with 6 h left, not from the start.
+        assert_eq!(enrolled.warn_within(30 * day), day / 4);
+        let year = NodeCert {
+            node: "n1".into(),
+            not_before_unix: Some(0),
+            not_after_unix: 365 * day,
+        };
+        assert_eq!(year.warn_within(30 * day), 30 * day);
+        let unknown = NodeCert {
+            node: "n1".into(),
+            not_before_unix: None,
+            not_after_unix: day,
+        };
+        assert_eq!(unknown.warn_within(30 * day), 30 * day);
+    }
+
     #[test]
     fn summary_counts_every_node_and_names_the_ones_not_ready() {
         let probes: Vec<NodeProbe> = vec![
-            ("n2".into(), Ok((state(true, true, Some(true)), 900))),
-            ("n1".into(), Ok((state(true, true, Some(true)), 500))),
+            ("n2".into(), Ok((state(true, true, Some(true)), v(900)))),
+            ("n1".into(), Ok((state(true, true, Some(true)), v(500)))),
             (
                 "n4".into(),
                 Err("node agent at 10.0.0.4:9882: connection refused".into()),
             ),
-            ("n3".into(), Ok((state(true, true, Some(false)), 700))),
+            ("n3".into(), Ok((state(true, true, Some(false)), v(700)))),
         ];
         let s = NodeAgents::summarize(probes, 42);
         assert_eq!((s.nodes, s.connected, s.ready), (4, 2, 2));
@@ -184,7 +216,8 @@ mod tests {
             s.earliest_cert,
             Some(NodeCert {
                 node: "n1".into(),
-                not_after_unix: 500
+                not_after_unix: 500,
+                not_before_unix: Some(0),
             })
         );
         let names: Vec<(&str, AgentPhase)> = s
@@ -208,7 +241,7 @@ mod tests {
             "2/4 nodes connected and in sync (n3 disconnected, n4 unreachable)"
         );
         let all = NodeAgents::summarize(
-            vec![("n1".into(), Ok((state(true, true, Some(true)), 1)))],
+            vec![("n1".into(), Ok((state(true, true, Some(true)), v(1))))],
             0,
         );
         assert_eq!(all.headline(), "1/1 nodes connected and in sync");

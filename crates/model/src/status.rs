@@ -268,11 +268,37 @@ pub struct NodeCert {
     pub node: String,
     /// End of validity (Unix seconds).
     pub not_after_unix: i64,
+    /// Start of validity (Unix seconds; absent from older apiservers). With it, a short-lived
+    /// certificate that its agent renews by itself (enrollment: renewed at two thirds of its
+    /// life) is a problem only once that renewal is overdue ([`NodeCert::warn_within`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_unix: Option<i64>,
 }
 
-/// One node agent's `/state` as the leader read it: the document and the end of validity of
-/// the certificate the agent served it with, or why it could not be read.
-pub type NodeProbe = (String, Result<(NodeState, i64), String>);
+impl NodeCert {
+    /// How long before its end this certificate is worth a warning, for a warning window of
+    /// `window` seconds: a quarter of its life when that is shorter (an agent renews at two
+    /// thirds, so with a quarter left its renewal is overdue by a twelfth of the life).
+    pub fn warn_within(&self, window: i64) -> i64 {
+        match self.not_before_unix {
+            Some(nb) if self.not_after_unix > nb => window.min((self.not_after_unix - nb) / 4),
+            _ => window,
+        }
+    }
+}
+
+/// A certificate's validity (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Start.
+    pub not_before_unix: i64,
+    /// End.
+    pub not_after_unix: i64,
+}
+
+/// One node agent's `/state` as the leader read it: the document and the validity of the
+/// certificate the agent served it with, or why it could not be read.
+pub type NodeProbe = (String, Result<(NodeState, Validity), String>);
 
 /// The phase of an agent whose `/state` is `s`.
 pub fn agent_phase(s: &NodeState) -> AgentPhase {
@@ -342,15 +368,16 @@ impl NodeAgents {
         };
         for (node, result) in probes {
             let (phase, detail) = match result {
-                Ok((state, not_after)) => {
+                Ok((state, validity)) => {
                     if out
                         .earliest_cert
                         .as_ref()
-                        .is_none_or(|c| not_after < c.not_after_unix)
+                        .is_none_or(|c| validity.not_after_unix < c.not_after_unix)
                     {
                         out.earliest_cert = Some(NodeCert {
                             node: node.clone(),
-                            not_after_unix: not_after,
+                            not_after_unix: validity.not_after_unix,
+                            not_before_unix: Some(validity.not_before_unix),
                         });
                     }
                     let phase = agent_phase(&state);

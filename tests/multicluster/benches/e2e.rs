@@ -72,8 +72,8 @@ fn main() {
 async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::create(dir.path(), true).unwrap();
-    lab.add_cluster("east", 1, 1).await.unwrap();
-    lab.add_cluster("west", 2, 1).await.unwrap();
+    lab.install_cluster("east", 1, 1).await.unwrap();
+    lab.install_cluster("west", 2, 1).await.unwrap();
     let kc = lab.kubeconfig();
     let out = multicluster::clustermesh(
         &kc,

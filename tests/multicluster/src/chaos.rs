@@ -4,8 +4,11 @@
 //!
 //! The lab: east and west (2 nodes each), `demo/echo` global in both (affinity local in east),
 //! a client pod on east's first node running the `clustermesh probe` (one `connect()` to the
-//! ClusterIP every 100 ms, one timestamped JSON line each). Each apiserver reaches its etcd
-//! through a [`Proxy`] in this process, so the apiserver↔etcd path can be cut.
+//! ClusterIP every 100 ms, one timestamped JSON line each). Both clusters are installed with
+//! `clustermesh install` from `deploy/` and their pods run by the lab kubelet
+//! ([`Lab::install_cluster`]): a killed etcd, apiserver or node agent is restarted by the
+//! kubelet after its back-off, as on a node; an apiserver↔etcd cut is a rule in the
+//! apiserver pods' namespaces ([`Lab::cut_apiserver_etcd`]).
 //!
 //! The fault loop picks a [`Kind`] (every kind once in a seeded order, then at random), applies
 //! it to a random target, holds it a bounded random time, heals it and waits — with a deadline
@@ -37,7 +40,6 @@ use kube::api::ListParams;
 use model::node_state::NodeState;
 use model::status::{ClusterStatus, Phase};
 use serde::{Deserialize, Serialize};
-use test_support::Proxy;
 use tokio::sync::Mutex;
 
 use crate::lab::{self, Component, Lab};
@@ -264,14 +266,13 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// Drops what the host sends to `host:port` for every port of `ports`.
+    /// Drops what reaches `host:port` for every port of `ports` (the Mesh APIs' load
+    /// balancers), from the host and from pods.
     pub fn apply(tag: &str, host: Ipv4Addr, ports: &[u16]) -> Result<Self> {
         let mut p = Self { rules: Vec::new() };
         for port in ports {
             let spec: Vec<String> = [
                 "INPUT",
-                "-i",
-                "lo",
                 "-d",
                 &format!("{host}/32"),
                 "-p",
@@ -295,15 +296,15 @@ impl Partition {
             p.rules.push(spec);
         }
         // Established streams would stall until HTTP/2 keepalive gives up (about 20 s);
-        // reset them now (host ↔ host sockets only: node agents' streams come from their
-        // node's address), so that even a short partition makes the importers reconnect.
+        // reset them now (the Mesh API load balancers' sockets on the host: node agents reach
+        // their apiserver through its ClusterIP, not these ports), so that even a short
+        // partition makes the importers reconnect.
         for port in ports {
             let h = host.to_string();
             let port = format!(":{port}");
             let out = Command::new("ss")
                 .args([
-                    "-K", "-t", "src", &h, "dst", &h, "(", "dport", "=", &port, "or", "sport", "=",
-                    &port, ")",
+                    "-K", "-t", "src", &h, "(", "dport", "=", &port, "or", "sport", "=", &port, ")",
                 ])
                 .output()
                 .context("run ss -K")?;
@@ -846,21 +847,36 @@ pub async fn look(lab: &Lab) -> Look {
     let peers = lab.state.clusters.len() - 1;
     let mut withdrawn = Vec::new();
     for c in &lab.state.clusters {
-        let etcd: SocketAddr = ([127, 0, 0, 1], c.etcd_port).into();
-        if !matches!(
-            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(etcd))
-                .await,
-            Ok(Ok(_))
-        ) {
+        let etcd: Option<SocketAddr> = lab
+            .etcd_endpoint(&c.name)
+            .await
+            .ok()
+            .and_then(|url| url.trim_start_matches("https://").parse().ok());
+        let answers = match etcd {
+            Some(etcd) => matches!(
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(etcd))
+                    .await,
+                Ok(Ok(_))
+            ),
+            None => false,
+        };
+        if !answers {
             problem(format!("{}'s etcd does not accept connections", c.name));
         }
-        let health: SocketAddr = ([127, 0, 0, 1], c.health_port).into();
-        match get(health, "/readyz").await {
+        let apiserver = |path: &'static str| {
+            let name = c.name.clone();
+            async move {
+                lab.apiserver_get(&name, path)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            }
+        };
+        match apiserver("/readyz").await {
             Ok(r) if r.starts_with("HTTP/1.1 200") => {}
             Ok(r) => problem(format!("{}'s apiserver not ready: {}", c.name, body(&r))),
             Err(e) => problem(format!("{}'s apiserver: {e}", c.name)),
         }
-        match get(health, "/status").await.and_then(|r| {
+        match apiserver("/status").await.and_then(|r| {
             serde_json::from_str::<ClusterStatus>(body(&r))
                 .map_err(|e| format!("{}'s apiserver /status: {e}", c.name))
         }) {
@@ -1272,11 +1288,10 @@ fn now_us() -> i64 {
 /// The lab under chaos, and what the faults need.
 #[derive(Debug)]
 struct Soak {
-    // Dropped in this order: the client, the partition rules, the proxies, then the lab.
+    // Dropped in this order: the client, the partition rules, then the lab.
     client: Option<Client>,
     partition: Option<Partition>,
     tag: String,
-    proxies: BTreeMap<String, Proxy>,
     lab: Arc<Mutex<Lab>>,
     rng: Rng,
     config: Config,
@@ -1296,15 +1311,8 @@ impl Soak {
         if swept > 0 {
             eprintln!("chaos: removed {swept} iptables rules left by an earlier run ({tag})");
         }
-        lab.add_cluster("east", 1, 2).await?;
-        lab.add_cluster("west", 2, 2).await?;
-        let mut proxies = BTreeMap::new();
-        for name in ["east", "west"] {
-            let port = lab.cluster(name)?.etcd_port;
-            let proxy = Proxy::start(([127, 0, 0, 1], port).into()).await?;
-            lab.route_apiserver_etcd(name, proxy.addr()).await?;
-            proxies.insert(name.to_owned(), proxy);
-        }
+        lab.install_cluster("east", 1, 2).await?;
+        lab.install_cluster("west", 2, 2).await?;
         let kc = lab.kubeconfig();
         let lab = Arc::new(Mutex::new(lab));
         let (east, west) = (
@@ -1344,7 +1352,6 @@ impl Soak {
             client: Some(client),
             partition: None,
             tag,
-            proxies,
             lab,
             rng: Rng::new(config.seed),
             config,
@@ -1506,14 +1513,17 @@ impl Soak {
                 healing
             }
             Fault::EtcdCut { cluster } => {
-                let p = self
-                    .proxies
-                    .get(cluster)
-                    .ok_or_else(|| anyhow!("no etcd proxy for {cluster}"))?;
-                p.set_blocked(true);
-                p.cut();
+                self.lab
+                    .lock()
+                    .await
+                    .cut_apiserver_etcd(cluster, true)
+                    .await?;
                 self.hold(cp_hold, checks).await;
-                p.set_blocked(false);
+                self.lab
+                    .lock()
+                    .await
+                    .cut_apiserver_etcd(cluster, false)
+                    .await?;
                 Instant::now()
             }
             Fault::Partition => {
@@ -1854,25 +1864,30 @@ impl CutReport {
 /// The keys under `cluster`'s `state/` prefix in its own etcd (reached directly, not through
 /// the apiserver's proxy), with value and create revision.
 async fn exported(lab: &Lab, cluster: &str) -> Result<BTreeMap<String, (Vec<u8>, i64)>> {
-    let c = lab.cluster(cluster)?;
-    let kv = kvstore::Client::connect(kvstore::Config::new(
-        vec![format!("https://127.0.0.1:{}", c.etcd_port)],
-        Some(certs::TlsFiles::in_dir(&c.dir.join("etcd-tls"))),
-    ))
-    .await
-    .with_context(|| format!("connect to {cluster}'s etcd"))?;
-    let prefix = model::keys::cluster_prefix(
-        model::keys::Scope::State,
-        &model::ClusterName::new(cluster)?,
-    );
-    let (kvs, _) = kv
-        .list_raw(&prefix)
+    let (endpoint, tls, netns) = lab.etcd_reader(cluster).await?;
+    let name = model::ClusterName::new(cluster)?;
+    let read = move || async move {
+        let kv = kvstore::Client::connect(kvstore::Config::new(
+            vec![endpoint],
+            Some(certs::TlsFiles::in_dir(&tls)),
+        ))
         .await
-        .with_context(|| format!("list {prefix} in {cluster}'s etcd"))?;
-    Ok(kvs
-        .into_iter()
-        .map(|k| (k.key, (k.value, k.create_revision)))
-        .collect())
+        .with_context(|| format!("connect to {name}'s etcd"))?;
+        let prefix = model::keys::cluster_prefix(model::keys::Scope::State, &name);
+        let (kvs, _) = kv
+            .list_raw(&prefix)
+            .await
+            .with_context(|| format!("list {prefix} in {name}'s etcd"))?;
+        anyhow::Ok(
+            kvs.into_iter()
+                .map(|k| (k.key, (k.value, k.create_revision)))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    };
+    match netns {
+        Some(ns) => lab::in_netns(&ns, read).await?,
+        None => read().await,
+    }
 }
 
 /// Map entries deleted by every node agent so far, by node.
@@ -1969,20 +1984,22 @@ pub async fn fd_exhaustion(dir: &Path, cluster: &str, hold: Duration) -> Result<
         .await
         .map_err(|e| anyhow!("the lab before the fault: {e}"))?;
     let started_us = now_us();
-    let (pid, log, mesh, health, deletes_before) = {
+    let (pid, log, mesh, deletes_before) = {
         let lab = soak.lab.lock().await;
-        let c = lab.cluster(cluster)?;
-        let proc = c
-            .apiserver
-            .as_ref()
-            .ok_or_else(|| anyhow!("{cluster} runs no apiserver"))?;
+        let leader = lab.apiserver_leader(cluster).await?;
         (
-            proc.pid,
-            proc.log.clone(),
-            SocketAddr::from((lab.host_ip(), c.mesh_port)),
-            SocketAddr::from(([127, 0, 0, 1], c.health_port)),
+            leader.pid,
+            leader.log,
+            leader.mesh,
             map_deletes(&lab).await?,
         )
+    };
+    let metrics = || async {
+        soak.lab
+            .lock()
+            .await
+            .apiserver_get(cluster, "/metrics")
+            .await
     };
     let scans = |text: &str| {
         crate::metric_sum(
@@ -1991,7 +2008,7 @@ pub async fn fd_exhaustion(dir: &Path, cluster: &str, hold: Duration) -> Result<
             "kind=\"peer-config\"",
         )
     };
-    let errors_before = scans(&get(health, "/metrics").await.map_err(|e| anyhow!(e))?);
+    let errors_before = scans(&metrics().await?);
     let drains_before = std::fs::read_to_string(&log)
         .unwrap_or_default()
         .matches("draining its state")
@@ -2007,9 +2024,29 @@ pub async fn fd_exhaustion(dir: &Path, cluster: &str, hold: Duration) -> Result<
         .ok_or_else(|| anyhow!("no open-files limit for {pid}"))?;
     let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     let limit = open_fds + 4;
+    // As the process's own user (an installed apiserver runs as 65532): changing another
+    // user's limits needs CAP_SYS_RESOURCE, which this machine's root may lack.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let id = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or("0")
+            .to_owned()
+    };
+    let (uid, gid) = (id("Uid:"), id("Gid:"));
     let prlimit = |spec: &str| -> Result<()> {
-        let out = Command::new("prlimit")
-            .args(["--pid", &pid.to_string(), &format!("--nofile={spec}")])
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "prlimit",
+                "--pid",
+                &pid.to_string(),
+                &format!("--nofile={spec}"),
+            ])
             .output()?;
         ensure!(
             out.status.success(),
@@ -2044,7 +2081,7 @@ pub async fn fd_exhaustion(dir: &Path, cluster: &str, hold: Duration) -> Result<
         .map_err(|e| anyhow!("after the fault, the mesh did not recover: {e}"))?;
     let whole_after = healed.elapsed();
     let deletes_after = map_deletes(&*soak.lab.lock().await).await?;
-    let errors_after = scans(&get(health, "/metrics").await.map_err(|e| anyhow!(e))?);
+    let errors_after = scans(&metrics().await?);
     let drains_after = std::fs::read_to_string(&log)
         .unwrap_or_default()
         .matches("draining its state")
@@ -2157,20 +2194,23 @@ async fn one_cut(soak: &Soak, cluster: &str, hold: Duration) -> Result<(CutRepor
         let lab = soak.lab.lock().await;
         (exported(&lab, cluster).await?, map_deletes(&lab).await?)
     };
-    let proxy = soak
-        .proxies
-        .get(cluster)
-        .ok_or_else(|| anyhow!("no etcd proxy for {cluster}"))?;
     let mut checks = Checks::default();
     eprintln!("etcd cut: cutting {cluster}'s apiserver from its etcd for {hold:?}");
     let cut = Instant::now();
-    proxy.set_blocked(true);
-    proxy.cut();
+    soak.lab
+        .lock()
+        .await
+        .cut_apiserver_etcd(cluster, true)
+        .await?;
     // The fault lasts `hold` (its duration, not a wait for a condition).
     soak.hold(hold, &mut checks).await;
     let (phase_during, exit_codes_during, leader_check_during) =
         cli_view(&*soak.lab.lock().await, cluster).await?;
-    proxy.set_blocked(false);
+    soak.lab
+        .lock()
+        .await
+        .cut_apiserver_etcd(cluster, false)
+        .await?;
     let healed = Instant::now();
     let held = healed.duration_since(cut);
     until_healthy(&soak.lab, RECOVERY, Some(&mut checks))

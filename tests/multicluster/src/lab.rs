@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use certs::{Ca, LeafSpec, MeshIdentity, Role};
-use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use model::objects::{APISERVER_SERVICE, CA_SECRET, MESH_ENDPOINTS_ANNOTATION};
+use model::objects::APISERVER_SERVICE;
 use model::{ClusterId, ClusterName, NodeName};
 use serde::{Deserialize, Serialize};
 
@@ -64,82 +64,6 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(p)
-}
-
-/// The capabilities `deploy/` gives the node agent (its DaemonSet's `securityContext`): the
-/// lab runs every agent with exactly these as its bounding set, so an agent that needs more
-/// fails the lab's tests, as it would fail on a cluster.
-pub fn agent_capabilities() -> Result<Vec<String>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/base/node-agent.yaml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    let ds: serde_json::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    let add = ds
-        .pointer("/spec/template/spec/containers/0/securityContext/capabilities/add")
-        .and_then(serde_json::Value::as_array)
-        .ok_or_else(|| {
-            anyhow!(
-                "{}: no capabilities.add on the agent container",
-                path.display()
-            )
-        })?;
-    Ok(add
-        .iter()
-        .filter_map(|c| c.as_str().map(str::to_ascii_lowercase))
-        .collect())
-}
-
-/// The bit mask of capability names (`bpf`, `net_admin`, ...), as `/proc/<pid>/status` shows
-/// capability sets.
-fn capability_mask(caps: &[String]) -> Result<u64> {
-    const BITS: &[(&str, u32)] = &[
-        ("chown", 0),
-        ("dac_override", 1),
-        ("dac_read_search", 2),
-        ("fowner", 3),
-        ("fsetid", 4),
-        ("kill", 5),
-        ("setgid", 6),
-        ("setuid", 7),
-        ("setpcap", 8),
-        ("net_bind_service", 10),
-        ("net_raw", 13),
-        ("net_admin", 12),
-        ("ipc_lock", 14),
-        ("sys_module", 16),
-        ("sys_rawio", 17),
-        ("sys_chroot", 18),
-        ("sys_ptrace", 19),
-        ("sys_admin", 21),
-        ("sys_nice", 23),
-        ("sys_resource", 24),
-        ("sys_time", 25),
-        ("mknod", 27),
-        ("audit_write", 29),
-        ("setfcap", 31),
-        ("syslog", 34),
-        ("perfmon", 38),
-        ("bpf", 39),
-        ("checkpoint_restore", 40),
-    ];
-    caps.iter().try_fold(0u64, |mask, c| {
-        BITS.iter()
-            .find(|(n, _)| n == c)
-            .map(|(_, b)| mask | (1u64 << b))
-            .ok_or_else(|| anyhow!("unknown capability {c:?} in deploy/base/node-agent.yaml"))
-    })
-}
-
-/// `setpriv` arguments that bound a process to `caps`.
-fn bounded(caps: &[String]) -> Vec<String> {
-    let list: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
-    vec![
-        "setpriv".into(),
-        format!("--bounding-set=-all,{}", list.join(",")),
-        "--inh-caps=-all".into(),
-        "--".into(),
-    ]
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
@@ -264,10 +188,9 @@ pub struct NodeState {
     pub ip: Ipv4Addr,
     /// Its network namespace (`/run/netns/<netns>`).
     pub netns: String,
-    /// Its cgroup: the node agent attached the socket-LB programs here.
+    /// Its cgroup (its `/sys/fs/cgroup`): the node agent's pod runs here, other pods below
+    /// `kubepods`, where the agent attaches the socket-LB programs.
     pub cgroup: PathBuf,
-    /// The node agent.
-    pub agent: Option<Proc>,
     /// Its BPF pin directory.
     pub pins: PathBuf,
     /// Pods started on it so far (to number pod addresses).
@@ -306,30 +229,18 @@ pub struct ClusterState {
     pub index: u8,
     /// Its directory.
     pub dir: PathBuf,
-    /// etcd client port (loopback).
-    pub etcd_port: u16,
-    /// etcd.
-    pub etcd: Option<Proc>,
     /// The Kubernetes API test server.
     pub kube: Option<Proc>,
     /// Its kubeconfig.
     pub kubeconfig: PathBuf,
-    /// The Mesh API port on the bridge address.
+    /// The port of the Mesh API's load balancer on the bridge address (its `mesh-endpoint`).
     pub mesh_port: u16,
-    /// The apiserver's health port (loopback).
-    pub health_port: u16,
-    /// The apiserver.
-    pub apiserver: Option<Proc>,
     /// Nodes.
     pub nodes: Vec<NodeState>,
     /// Pods.
     pub pods: Vec<PodState>,
     /// Services deployed: `namespace/name` → ClusterIP.
     pub services: BTreeMap<String, Ipv4Addr>,
-    /// Brought up by `clustermesh install` from `deploy/`, its pods run by the lab kubelet
-    /// ([`Lab::install_cluster`]); `false`: started by the lab with its own flags.
-    #[serde(default)]
-    pub installed: bool,
     /// The lab kubelet (`clustermesh-lab kubelet`) of an installed cluster.
     #[serde(default)]
     pub kubelet: Option<Proc>,
@@ -509,158 +420,6 @@ impl Lab {
         Ok(())
     }
 
-    /// Adds a cluster with `nodes` nodes and waits until its apiserver and node agents are
-    /// ready.
-    pub async fn add_cluster(&mut self, name: &str, id: u16, nodes: u8) -> Result<()> {
-        let cname = ClusterName::new(name)?;
-        let cid = ClusterId::new(u64::from(id))?;
-        let index = self.state.clusters.len() as u8 + 1;
-        if index > 8 {
-            bail!("the lab holds at most 8 clusters");
-        }
-        let dir = self.state.dir.join(name);
-        std::fs::create_dir_all(dir.join("peers"))?;
-        let host = self.host_ip();
-        let ca = Ca::generate(&cname, certs::issue::DEFAULT_CA_VALIDITY)?;
-        std::fs::create_dir_all(dir.join("ca"))?;
-        std::fs::write(dir.join("ca/ca.crt"), ca.cert_pem())?;
-        test_support::write_secret(&dir.join("ca/ca.key"), ca.key_pem())?;
-        // etcd is its own trust domain: its CA signs etcd's server certificate and the
-        // apiserver's etcd client certificate, nothing else, and its key is not kept.
-        let etcd_ca = Ca::generate_etcd(&cname, certs::issue::DEFAULT_CA_VALIDITY)?;
-        let etcd_leaf = etcd_ca.issue(
-            &LeafSpec::new(MeshIdentity::new(cname.clone(), cid, Role::Etcd))
-                .ips(["127.0.0.1".parse()?]),
-        )?;
-        test_support::write_tls(&dir.join("etcd-server-tls"), &etcd_ca, &etcd_leaf)?;
-        let etcd_client = etcd_ca.issue(&LeafSpec::new(MeshIdentity::new(
-            cname.clone(),
-            cid,
-            Role::Apiserver,
-        )))?;
-        test_support::write_tls(&dir.join("etcd-tls"), &etcd_ca, &etcd_client)?;
-        let api_leaf = ca.issue(
-            &LeafSpec::new(MeshIdentity::new(cname.clone(), cid, Role::Apiserver))
-                .ips([IpAddr::V4(host), "127.0.0.1".parse()?]),
-        )?;
-        test_support::write_tls(&dir.join("mesh-tls"), &ca, &api_leaf)?;
-        // etcd.
-        let (etcd_port, peer_port) = (test_support::free_port()?, test_support::free_port()?);
-        let tls = dir.join("etcd-server-tls");
-        let etcd_argv: Vec<String> = [
-            "etcd".into(),
-            "--name".into(),
-            name.into(),
-            "--data-dir".into(),
-            dir.join("etcd-data").display().to_string(),
-            "--listen-client-urls".into(),
-            format!("https://127.0.0.1:{etcd_port}"),
-            "--advertise-client-urls".into(),
-            format!("https://127.0.0.1:{etcd_port}"),
-            "--listen-peer-urls".into(),
-            format!("http://127.0.0.1:{peer_port}"),
-            "--initial-advertise-peer-urls".into(),
-            format!("http://127.0.0.1:{peer_port}"),
-            "--initial-cluster".into(),
-            format!("{name}=http://127.0.0.1:{peer_port}"),
-            "--cert-file".into(),
-            tls.join("tls.crt").display().to_string(),
-            "--key-file".into(),
-            tls.join("tls.key").display().to_string(),
-            "--trusted-ca-file".into(),
-            tls.join("ca.crt").display().to_string(),
-            "--client-cert-auth".into(),
-        ]
-        .into_iter()
-        .chain(test_support::etcd::ETCD_HOUSEKEEPING.map(String::from))
-        .chain([
-            "--logger".into(),
-            "zap".into(),
-            "--log-level".into(),
-            "error".into(),
-        ])
-        .collect();
-        let etcd = spawn(&etcd_argv, &dir.join("etcd.log"))?;
-        // Kubernetes API test server.
-        let kube_dir = dir.join("kube");
-        let _ = std::fs::remove_file(kube_dir.join("kubeconfig"));
-        let kube = spawn(
-            &[
-                binary("kube-testserver")?.display().to_string(),
-                "--cluster".into(),
-                name.into(),
-                "--dir".into(),
-                kube_dir.display().to_string(),
-                "--log".into(),
-                "warn".into(),
-            ],
-            &dir.join("kube.log"),
-        )?;
-        let kubeconfig = kube_dir.join("kubeconfig");
-        let mesh_port = test_support::free_port()?;
-        let health_port = test_support::free_port()?;
-        self.state.clusters.push(ClusterState {
-            name: name.into(),
-            id,
-            index,
-            dir: dir.clone(),
-            etcd_port,
-            etcd: Some(etcd),
-            kube: Some(kube),
-            kubeconfig: kubeconfig.clone(),
-            mesh_port,
-            health_port,
-            apiserver: None,
-            nodes: Vec::new(),
-            pods: Vec::new(),
-            services: BTreeMap::new(),
-            installed: false,
-            kubelet: None,
-        });
-        self.save()?;
-        wait_for(
-            "the Kubernetes API test server's kubeconfig",
-            Duration::from_secs(30),
-            || async { kubeconfig.is_file() },
-        )
-        .await?;
-        self.write_kubeconfig()?;
-        // Install: the objects a Helm chart would create.
-        let client = self.client(name).await?;
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
-        let mut ca_secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": CA_SECRET, "namespace": "kube-system"},
-            "type": "Opaque",
-        }))?;
-        ca_secret.string_data = Some(BTreeMap::from([
-            ("ca.crt".to_owned(), ca.cert_pem().to_owned()),
-            ("ca.key".to_owned(), ca.key_pem().to_owned()),
-        ]));
-        let ca_secret = to_data(ca_secret);
-        secrets.create(&PostParams::default(), &ca_secret).await?;
-        let svc: Service = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": APISERVER_SERVICE,
-                "namespace": "kube-system",
-                "annotations": {MESH_ENDPOINTS_ANNOTATION: format!("{host}:{mesh_port}")},
-            },
-            "spec": {
-                "type": "LoadBalancer",
-                "clusterIP": format!("10.{}.{}.1", self.state.x, 200 + u16::from(index)),
-                "ports": [{"name": "mesh", "port": mesh_port, "protocol": "TCP"}],
-            },
-        }))?;
-        Api::<Service>::namespaced(client.clone(), "kube-system")
-            .create(&PostParams::default(), &svc)
-            .await?;
-        install_crds(&client).await?;
-        self.start_apiserver(name).await?;
-        for n in 1..=nodes {
-            self.add_node(name, &format!("{name}-node-{n}")).await?;
-        }
-        Ok(())
-    }
-
     /// Adds a cluster the way a user installs one (issue #15): the Kubernetes API test server
     /// (on the bridge address, where pods reach it in-cluster), `clustermesh install` against
     /// it — CA and certificates into Secrets, `deploy/`'s manifests applied — and the lab
@@ -702,17 +461,12 @@ impl Lab {
             id,
             index,
             dir: dir.clone(),
-            etcd_port: 2379,
-            etcd: None,
             kube: Some(kube),
             kubeconfig: kubeconfig.clone(),
             mesh_port,
-            health_port: 9880,
-            apiserver: None,
             nodes: Vec::new(),
             pods: Vec::new(),
             services: BTreeMap::new(),
-            installed: true,
             kubelet: None,
         });
         self.save()?;
@@ -829,61 +583,15 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts (or restarts) `cluster`'s apiserver and waits until it reports ready (an
-    /// installed cluster's: its Deployment scaled back to 2 replicas).
+    /// Starts `cluster`'s apiserver again after [`Lab::stop_apiserver`] (its Deployment
+    /// scaled back to 2 replicas) and waits until it leads and exports.
     pub async fn start_apiserver(&mut self, cluster: &str) -> Result<()> {
-        let host = self.host_ip();
-        let c = self.cluster(cluster)?.clone();
-        if c.installed {
-            self.scale_apiserver(cluster, 2).await?;
-            let client = self.client(cluster).await?;
-            return wait_for(
-                &format!("{cluster}'s apiserver to lead and export"),
-                Duration::from_secs(90),
-                || async { installed_apiserver_exporting(&client).await },
-            )
-            .await;
-        }
-        let proc = spawn(
-            &[
-                binary("clustermesh-apiserver")?.display().to_string(),
-                "--cluster-name".into(),
-                c.name.clone(),
-                "--cluster-id".into(),
-                c.id.to_string(),
-                "--etcd-endpoints".into(),
-                format!("https://127.0.0.1:{}", c.etcd_port),
-                "--etcd-tls-dir".into(),
-                c.dir.join("etcd-tls").display().to_string(),
-                "--kubeconfig".into(),
-                c.kubeconfig.display().to_string(),
-                "--replica".into(),
-                format!("{}-apiserver-0", c.name),
-                "--health-bind".into(),
-                format!("127.0.0.1:{}", c.health_port),
-                "--mesh-bind".into(),
-                format!("{host}:{}", c.mesh_port),
-                "--mesh-tls-dir".into(),
-                c.dir.join("mesh-tls").display().to_string(),
-                "--peers-dir".into(),
-                c.dir.join("peers").display().to_string(),
-                "--peers-from-secrets".into(),
-                "--identity-gc-grace".into(),
-                "1m".into(),
-            ],
-            &c.dir.join("apiserver.log"),
-        )?;
-        self.cluster_mut(cluster)?.apiserver = Some(proc);
-        self.save()?;
-        let addr: SocketAddr = ([127, 0, 0, 1], c.health_port).into();
-        let log = c.dir.join("apiserver.log");
+        self.scale_apiserver(cluster, 2).await?;
+        let client = self.client(cluster).await?;
         wait_for(
-            &format!(
-                "{cluster}'s apiserver to lead and export (log: {})",
-                log.display()
-            ),
-            Duration::from_secs(60),
-            || async move { apiserver_exporting(addr).await },
+            &format!("{cluster}'s apiserver to lead and export"),
+            Duration::from_secs(90),
+            || async { installed_apiserver_exporting(&client).await },
         )
         .await
     }
@@ -892,14 +600,6 @@ impl Lab {
     /// installed cluster inside the running pod's volume, else where the lab wrote it.
     pub async fn tls_dir(&self, cluster: &str, which: &TlsDir) -> Result<PathBuf> {
         let c = self.cluster(cluster)?;
-        if !c.installed {
-            return Ok(match which {
-                TlsDir::EtcdClient => c.dir.join("etcd-tls"),
-                TlsDir::MeshServer => c.dir.join("mesh-tls"),
-                TlsDir::Peer(p) => c.dir.join("peers").join(p),
-                TlsDir::NodeAgent(n) => c.dir.join(format!("{n}-tls")),
-            });
-        }
         let pods = c.dir.join("kubelet/pods");
         Ok(match which {
             TlsDir::NodeAgent(n) => pods.join(format!("clustermesh-node-agent-{n}/volumes/tls")),
@@ -934,13 +634,9 @@ impl Lab {
             .ok_or_else(|| anyhow!("no ready apiserver pod in {cluster}"))
     }
 
-    /// etcd's client URL, and whether its server certificate names that address (an
-    /// installed cluster's names the pod's DNS name, which only its pods resolve).
-    pub async fn etcd_endpoint(&self, cluster: &str) -> Result<(String, bool)> {
-        let c = self.cluster(cluster)?;
-        if !c.installed {
-            return Ok((format!("https://127.0.0.1:{}", c.etcd_port), true));
-        }
+    /// etcd's client URL at its pod's address (its server certificate names the pod's DNS
+    /// name and `localhost`, which only its pods resolve: see [`Lab::etcd_reader`]).
+    pub async fn etcd_endpoint(&self, cluster: &str) -> Result<String> {
         let pods: Api<Pod> = Api::namespaced(self.client(cluster).await?, "kube-system");
         let ip = pods
             .get("clustermesh-etcd-0")
@@ -948,7 +644,157 @@ impl Lab {
             .status
             .and_then(|s| s.pod_ip)
             .ok_or_else(|| anyhow!("etcd of {cluster} has no address yet"))?;
-        Ok((format!("https://{ip}:2379"), false))
+        Ok(format!("https://{ip}:2379"))
+    }
+
+    /// The apiserver replica that leads (of an installed cluster: the pod whose `/status`,
+    /// read from inside its namespace, says so; else the first that answers).
+    pub async fn apiserver_leader(&self, cluster: &str) -> Result<Replica> {
+        let c = self.cluster(cluster)?;
+        let start = format!(
+            "{}-clustermesh-apiserver-",
+            kubelet_prefix(self.state.x, c.index)
+        );
+        let mut replicas = Vec::new();
+        for e in std::fs::read_dir("/run/netns")?.flatten() {
+            let netns = e.file_name().to_string_lossy().into_owned();
+            let Some(pod) =
+                netns.strip_prefix(&format!("{}-", kubelet_prefix(self.state.x, c.index)))
+            else {
+                continue;
+            };
+            if !netns.starts_with(&start) {
+                continue;
+            }
+            let pid =
+                std::fs::read_to_string(Path::new(CGROUP_ROOT).join(&netns).join("cgroup.procs"))
+                    .ok()
+                    .and_then(|p| p.split_whitespace().next()?.parse().ok());
+            let status = in_netns(&netns, || async {
+                test_support::http_get(([127, 0, 0, 1], 9880).into(), "/status").await
+            })
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .and_then(|r| {
+                let body = r.split_once("\r\n\r\n")?.1.to_owned();
+                serde_json::from_str::<model::status::ClusterStatus>(&body).ok()
+            });
+            let ip = Api::<Pod>::namespaced(self.client(cluster).await?, "kube-system")
+                .get(pod)
+                .await
+                .ok()
+                .and_then(|p| p.status?.pod_ip?.parse::<IpAddr>().ok());
+            replicas.push((
+                status.as_ref().is_some_and(|s| s.leader),
+                Replica {
+                    name: pod.to_owned(),
+                    netns: Some(netns.clone()),
+                    pid: pid.unwrap_or(0),
+                    log: c.dir.join("kubelet/pods").join(pod).join("apiserver.log"),
+                    mesh: SocketAddr::new(ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 4240),
+                    health: SocketAddr::new(ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 9880),
+                },
+            ));
+        }
+        replicas.sort_by_key(|(leader, r)| (!leader, r.pid == 0));
+        replicas
+            .into_iter()
+            .next()
+            .map(|(_, r)| r)
+            .ok_or_else(|| anyhow!("no apiserver pod of {cluster}"))
+    }
+
+    /// `GET path` from the apiserver's health port as a process on its host would (its
+    /// `/status` is served to loopback callers only): the leader's, in its pod's namespace,
+    /// on an installed cluster.
+    pub async fn apiserver_get(&self, cluster: &str, path: &str) -> Result<String> {
+        let r = self.apiserver_leader(cluster).await?;
+        let path = path.to_owned();
+        Ok(match r.netns {
+            None => test_support::http_get(r.health, &path).await?,
+            Some(ns) => {
+                in_netns(&ns, move || async move {
+                    test_support::http_get(([127, 0, 0, 1], 9880).into(), &path).await
+                })
+                .await??
+            }
+        })
+    }
+
+    /// Cuts (or restores) the path from `cluster`'s apiserver pods to its etcd: connections to
+    /// etcd's port are reset, existing ones and new ones (nftables in each apiserver pod's
+    /// namespace; the rule outlives a restart of the container). Installed clusters only.
+    pub async fn cut_apiserver_etcd(&self, cluster: &str, cut: bool) -> Result<()> {
+        let c = self.cluster(cluster)?;
+        let etcd = self.etcd_endpoint(cluster).await?;
+        let etcd: SocketAddr = etcd.trim_start_matches("https://").parse()?;
+        let start = format!(
+            "{}-clustermesh-apiserver-",
+            kubelet_prefix(self.state.x, c.index)
+        );
+        let script = if cut {
+            format!(
+                "table ip cm_etcd_cut {{}}\ndelete table ip cm_etcd_cut\n\
+                 table ip cm_etcd_cut {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
+                 ip daddr {} tcp dport {} reject with tcp reset\n  }}\n}}\n",
+                etcd.ip(),
+                etcd.port()
+            )
+        } else {
+            "table ip cm_etcd_cut {}\ndelete table ip cm_etcd_cut\n".to_owned()
+        };
+        let mut any = false;
+        for e in std::fs::read_dir("/run/netns")?.flatten() {
+            let netns = e.file_name().to_string_lossy().into_owned();
+            if !netns.starts_with(&start) {
+                continue;
+            }
+            any = true;
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &netns, "nft", "-f", "-"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .context("nft")?;
+            {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .context("nft stdin")?
+                    .write_all(script.as_bytes())?;
+            }
+            if !child.wait()?.success() {
+                bail!("nft in {netns}: {script}");
+            }
+            if cut {
+                // Established streams too, at once (as a dead link shows after its timeouts).
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &netns, "ss", "-K", "-t", "dst"])
+                    .arg(etcd.ip().to_string())
+                    .output();
+            }
+        }
+        if !any {
+            bail!("no apiserver pod of {cluster} to cut");
+        }
+        Ok(())
+    }
+
+    /// Where `cluster`'s etcd is read directly, as its apiserver reads it: the endpoint, the
+    /// apiserver's etcd client certificate, and (installed) the etcd pod's namespace to read
+    /// from (its server certificate names `localhost` and its Service, not its address).
+    pub async fn etcd_reader(&self, cluster: &str) -> Result<(String, PathBuf, Option<String>)> {
+        let c = self.cluster(cluster)?;
+        let tls = self.tls_dir(cluster, &TlsDir::EtcdClient).await?;
+        Ok((
+            "https://localhost:2379".into(),
+            tls,
+            Some(format!(
+                "{}-clustermesh-etcd-0",
+                kubelet_prefix(self.state.x, c.index)
+            )),
+        ))
     }
 
     /// Sets the replicas of an installed cluster's apiserver Deployment, as
@@ -965,9 +811,9 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops an installed cluster's apiserver (its Deployment scaled to 0) and waits until no
+    /// Stops `cluster`'s apiserver (its Deployment scaled to 0) and waits until no
     /// replica runs.
-    pub async fn stop_installed_apiserver(&self, cluster: &str) -> Result<()> {
+    pub async fn stop_apiserver(&self, cluster: &str) -> Result<()> {
         self.scale_apiserver(cluster, 0).await?;
         let client = self.client(cluster).await?;
         wait_for(
@@ -984,20 +830,9 @@ impl Lab {
         .await
     }
 
-    /// Kills `cluster`'s apiserver (SIGKILL).
-    pub fn kill_apiserver(&mut self, cluster: &str) -> Result<()> {
-        let c = self.cluster_mut(cluster)?;
-        if let Some(p) = c.apiserver.take() {
-            kill(&p);
-        }
-        self.save()
-    }
-
     /// Adds a node: namespace on the bridge, cgroup, node agent (waits until it is ready).
     pub async fn add_node(&mut self, cluster: &str, node: &str) -> Result<()> {
         let x = self.state.x;
-        let host = self.host_ip();
-        let pins_root = self.pins_root();
         let c = self.cluster(cluster)?.clone();
         let n = c.nodes.len() as u8 + 1;
         let ip4 = Ipv4Addr::new(10, x, c.index, 10 + n);
@@ -1005,112 +840,8 @@ impl Lab {
         self.plug(&netns, ip4)?;
         let cgroup = Path::new(CGROUP_ROOT).join(format!("cm{x}-{node}"));
         std::fs::create_dir_all(&cgroup)?;
-        if c.installed {
-            return self
-                .add_installed_node(cluster, node, ip4, netns, cgroup)
-                .await;
-        }
-        let cname = ClusterName::new(cluster)?;
-        let cid = ClusterId::new(u64::from(c.id))?;
-        let ca = Ca::from_pem(
-            &std::fs::read_to_string(c.dir.join("ca/ca.crt"))?,
-            &std::fs::read_to_string(c.dir.join("ca/ca.key"))?,
-        )?;
-        let leaf = ca.issue(&LeafSpec::new(MeshIdentity::node_agent(
-            cname,
-            cid,
-            NodeName::new(node)?,
-        )))?;
-        let tls = c.dir.join(format!("{node}-tls"));
-        test_support::write_tls(&tls, &ca, &leaf)?;
-        let pins = pins_root.join(format!("clustermesh-{cluster}-{node}"));
-        let mut state = NodeState {
-            name: node.into(),
-            ip: ip4,
-            netns: netns.clone(),
-            cgroup: cgroup.clone(),
-            agent: None,
-            pins,
-            pods: 0,
-        };
-        // The Kubernetes Node, with the pod range `add_pod` assigns from (its part of the
-        // cluster's advertised address space, which peers check every endpoint against).
-        let pod_cidr = format!("10.{x}.{}.0/24", 16 * c.index + n);
-        let client = self.client(cluster).await?;
-        let node_obj: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": format!("{cluster}-a")}},
-            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-            "status": {"addresses": [{"type": "InternalIP", "address": ip4.to_string()}]},
-        }))?;
-        Api::<Node>::all(client)
-            .create(&PostParams::default(), &node_obj)
-            .await?;
-        let log = c.dir.join(format!("{node}-agent.log"));
-        let mut argv = vec![
-            "nsenter".to_owned(),
-            format!("--net=/run/netns/{netns}"),
-            "--".into(),
-        ];
-        argv.extend(bounded(&agent_capabilities()?));
-        let agent = spawn(
-            &[
-                argv,
-                vec![
-                    binary("node-agent")?.display().to_string(),
-                    "--cluster-name".into(),
-                    cluster.into(),
-                    "--cluster-id".into(),
-                    c.id.to_string(),
-                    "--node-name".into(),
-                    node.into(),
-                    "--cgroup".into(),
-                    cgroup.display().to_string(),
-                    "--bpffs".into(),
-                    pins_root.display().to_string(),
-                    "--apiserver".into(),
-                    format!("{host}:{}", c.mesh_port),
-                    "--tls-dir".into(),
-                    tls.display().to_string(),
-                    "--health-interval".into(),
-                    "100ms".into(),
-                    "--health-timeout".into(),
-                    "100ms".into(),
-                ],
-            ]
-            .concat(),
-            &log,
-        )?;
-        let agent_pid = agent.pid;
-        state.agent = Some(agent);
-        self.cluster_mut(cluster)?.nodes.push(state);
-        self.save()?;
-        let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
-        wait_for(
-            &format!("node agent of {node} to be ready (log: {})", log.display()),
-            Duration::from_secs(60),
-            || async move {
-                test_support::http_get(addr, "/readyz")
-                    .await
-                    .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-            },
-        )
-        .await?;
-        // The agent runs bounded to deploy/'s capabilities (nsenter and setpriv exec'd it).
-        let bound = std::fs::read_to_string(format!("/proc/{}/status", agent_pid))
-            .ok()
-            .and_then(|st| {
-                st.lines()
-                    .find_map(|l| l.strip_prefix("CapBnd:"))
-                    .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-            });
-        let allowed = capability_mask(&agent_capabilities()?)?;
-        match bound {
-            Some(bits) if bits & !allowed == 0 => {}
-            other => bail!(
-                "node agent of {node}: capability bound {other:#x?} exceeds deploy/'s {allowed:#x}"
-            ),
-        }
-        Ok(())
+        self.add_installed_node(cluster, node, ip4, netns, cgroup)
+            .await
     }
 
     /// A node of an installed cluster: its namespace and cgroup (with the kubelet's `kubepods`
@@ -1152,7 +883,6 @@ impl Lab {
             ip: ip4,
             netns,
             cgroup,
-            agent: None,
             pins: bpffs.join(format!("clustermesh-{cluster}-{node}")),
             pods: 0,
         });
@@ -1520,23 +1250,18 @@ impl Lab {
             if let Some(k) = &c.kubelet {
                 kill(k);
             }
-            if c.installed {
-                crate::lab_kubelet::remove_leftovers(&kubelet_prefix(self.state.x, c.index));
-            }
+            crate::lab_kubelet::remove_leftovers(&kubelet_prefix(self.state.x, c.index));
         }
         for c in self.state.clusters.iter().rev() {
             for p in &c.pods {
                 remove_pod(p);
             }
             for n in &c.nodes {
-                if let Some(a) = &n.agent {
-                    kill(a);
-                }
                 let _ = ip(&["netns", "del", &n.netns]);
                 let _ = node_agent::datapath::remove(&n.pins);
                 remove_cgroup(&n.cgroup);
             }
-            for p in [&c.apiserver, &c.kube, &c.etcd].into_iter().flatten() {
+            for p in [&c.kube].into_iter().flatten() {
                 kill(p);
             }
         }
@@ -1566,43 +1291,6 @@ fn remove_pod(p: &PodState) {
     remove_cgroup(&p.cgroup);
 }
 
-/// Installs the CRDs of `deploy/base/crds.yaml` (the network policy kinds) and waits until
-/// they are served, as a user's `kubectl apply` of `deploy/` would.
-async fn install_crds(client: &kube::Client) -> Result<()> {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/base/crds.yaml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let crd = CustomResourceDefinition::deserialize(doc)
-            .with_context(|| format!("a CRD of {}", path.display()))?;
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.create(&PostParams::default(), &crd)
-            .await
-            .with_context(|| format!("create CRD {name}"))?;
-        wait_for(
-            &format!("CRD {name} established"),
-            Duration::from_secs(10),
-            || {
-                let api = api.clone();
-                let name = name.clone();
-                async move {
-                    api.get(&name).await.ok().is_some_and(|c| {
-                        c.status
-                            .and_then(|s| s.conditions)
-                            .unwrap_or_default()
-                            .iter()
-                            .any(|c| c.type_ == "Established" && c.status == "True")
-                    })
-                }
-            },
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 /// Removes a cgroup, first moving out any process still in it.
 fn remove_cgroup(cg: &Path) {
     if let Ok(entries) = std::fs::read_dir(cg) {
@@ -1621,18 +1309,6 @@ fn remove_cgroup(cg: &Path) {
     while std::fs::remove_dir(cg).is_err() && cg.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Secrets created through `stringData` by kubectl become `data`; the test server stores what
-/// it is given, so the lab encodes it itself.
-fn to_data(mut s: Secret) -> Secret {
-    if let Some(sd) = s.string_data.take() {
-        let data = s.data.get_or_insert_with(BTreeMap::new);
-        for (k, v) in sd {
-            data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
-        }
-    }
-    s
 }
 
 async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
@@ -1681,59 +1357,9 @@ impl std::fmt::Display for Component {
     }
 }
 
-impl Component {
-    /// The stem of its log (`<stem>.log`, as the lab names them) and recorded command line
-    /// (`<stem>.argv.json`) in the cluster's directory.
-    fn stem(&self) -> String {
-        match self {
-            Component::Etcd => "etcd".into(),
-            Component::Apiserver => "apiserver".into(),
-            Component::NodeAgent(n) => format!("{n}-agent"),
-        }
-    }
-}
-
-/// The command line of a running process, from `/proc`.
-fn cmdline(pid: u32) -> Result<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .with_context(|| format!("read the command line of process {pid}"))?;
-    let argv: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    if argv.is_empty() {
-        bail!("process {pid} has no command line (exited?)");
-    }
-    Ok(argv)
-}
-
 // Fault injection and scaling, for the chaos soak. Added as methods of their own so that the
 // lab's bring-up stays as it is.
 impl Lab {
-    fn slot(&mut self, cluster: &str, comp: &Component) -> Result<&mut Option<Proc>> {
-        let c = self.cluster_mut(cluster)?;
-        Ok(match comp {
-            Component::Etcd => &mut c.etcd,
-            Component::Apiserver => &mut c.apiserver,
-            Component::NodeAgent(node) => {
-                &mut c
-                    .nodes
-                    .iter_mut()
-                    .find(|n| n.name == *node)
-                    .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?
-                    .agent
-            }
-        })
-    }
-
-    fn argv_file(&self, cluster: &str, comp: &Component) -> Result<PathBuf> {
-        Ok(self
-            .cluster(cluster)?
-            .dir
-            .join(format!("{}.argv.json", comp.stem())))
-    }
-
     /// Restarts the node agent of `node` with `flag` added to its command line (`on`) or
     /// removed from it (a crash, then [`Lab::restart`] with the changed command line).
     pub async fn restart_agent_with(
@@ -1743,134 +1369,59 @@ impl Lab {
         flag: &str,
         on: bool,
     ) -> Result<()> {
-        let comp = Component::NodeAgent(node.to_owned());
-        if self.cluster(cluster)?.installed {
-            return self.set_agent_flag(cluster, node, flag, on).await;
-        }
-        self.crash(cluster, &comp)?;
-        let file = self.argv_file(cluster, &comp)?;
-        let mut argv: Vec<String> = serde_json::from_slice(&std::fs::read(&file)?)?;
-        argv.retain(|a| a != flag);
-        if on {
-            argv.push(flag.to_owned());
-        }
-        std::fs::write(&file, serde_json::to_vec(&argv)?)?;
-        self.restart(cluster, &comp).await
+        self.set_agent_flag(cluster, node, flag, on).await
     }
 
     /// Kills `comp` of `cluster` with SIGKILL, as a crash would, after recording its command
     /// line so that [`Lab::restart`] starts it again exactly the same way.
     pub fn crash(&mut self, cluster: &str, comp: &Component) -> Result<()> {
-        if self.cluster(cluster)?.installed {
-            // Its container's processes killed; the lab kubelet starts it again after its
-            // back-off, as the kubelet restarts a crashed container.
-            let pids = self.container_pids(cluster, comp)?;
-            if pids.is_empty() {
-                bail!("{comp} of {cluster} is not running");
-            }
-            for pid in pids {
-                kill(&Proc {
-                    pid,
-                    log: PathBuf::new(),
-                });
-            }
-            return Ok(());
+        let pids = self.container_pids(cluster, comp)?;
+        if pids.is_empty() {
+            bail!("{comp} of {cluster} is not running");
         }
-        let file = self.argv_file(cluster, comp)?;
-        let netns = match comp {
-            Component::NodeAgent(node) => self
-                .cluster(cluster)?
-                .nodes
-                .iter()
-                .find(|n| n.name == *node)
-                .map(|n| n.netns.clone()),
-            _ => None,
-        };
-        let slot = self.slot(cluster, comp)?;
-        let p = slot
-            .clone()
-            .filter(|p| alive(p.pid))
-            .ok_or_else(|| anyhow!("{comp} of {cluster} is not running"))?;
-        // A node agent runs as `nsenter --net=… -- setpriv … -- node-agent …`; both exec'd
-        // it, so its command line lacks the namespace and the capability bound.
-        let mut argv = match netns {
-            Some(ns) => [
-                vec![
-                    "nsenter".to_owned(),
-                    format!("--net=/run/netns/{ns}"),
-                    "--".into(),
-                ],
-                bounded(&agent_capabilities()?),
-            ]
-            .concat(),
-            None => Vec::new(),
-        };
-        argv.extend(cmdline(p.pid)?);
-        std::fs::write(&file, serde_json::to_vec_pretty(&argv)?)?;
-        kill(&p);
-        *slot = None;
-        self.save()
+        for pid in pids {
+            kill(&Proc {
+                pid,
+                log: PathBuf::new(),
+            });
+        }
+        Ok(())
     }
 
     /// Starts a component that [`Lab::crash`] killed, with its recorded command line (same
     /// data dir, ports, certificates and flags; output appended to the same log), and waits
     /// until it serves: etcd accepts connections, the apiserver and node agents are ready.
     pub async fn restart(&mut self, cluster: &str, comp: &Component) -> Result<()> {
-        if self.cluster(cluster)?.installed {
-            return self.until_serving_again(cluster, comp).await;
+        self.until_serving_again(cluster, comp).await
+    }
+
+    /// Keeps `comp` of `cluster` from serving until [`Lab::bring_back`]: on an installed
+    /// cluster its container's processes are stopped (`SIGSTOP`: a hung process, which the
+    /// kubelet does not restart), else it is killed ([`Lab::crash`]).
+    pub fn hold_down(&mut self, cluster: &str, comp: &Component) -> Result<()> {
+        self.signal(cluster, comp, "-STOP")
+    }
+
+    /// Ends [`Lab::hold_down`] and waits until `comp` serves again.
+    pub async fn bring_back(&mut self, cluster: &str, comp: &Component) -> Result<()> {
+        self.signal(cluster, comp, "-CONT")?;
+        self.until_serving_again(cluster, comp).await
+    }
+
+    fn signal(&self, cluster: &str, comp: &Component, signal: &str) -> Result<()> {
+        let pids = self.container_pids(cluster, comp)?;
+        if pids.is_empty() {
+            bail!("{comp} of {cluster} is not running");
         }
-        let file = self.argv_file(cluster, comp)?;
-        let argv: Vec<String> = serde_json::from_slice(
-            &std::fs::read(&file).with_context(|| format!("read {}", file.display()))?,
-        )
-        .with_context(|| format!("parse {}", file.display()))?;
-        let c = self.cluster(cluster)?.clone();
-        let log = c.dir.join(format!("{}.log", comp.stem()));
-        if self
-            .slot(cluster, comp)?
-            .as_ref()
-            .is_some_and(|p| alive(p.pid))
-        {
-            bail!("{comp} of {cluster} is already running");
-        }
-        let proc = spawn(&argv, &log)?;
-        *self.slot(cluster, comp)? = Some(proc);
-        self.save()?;
-        let what = format!(
-            "{comp} of {cluster} to serve again (log: {})",
-            log.display()
-        );
-        match comp {
-            Component::Etcd => {
-                let addr: SocketAddr = ([127, 0, 0, 1], c.etcd_port).into();
-                wait_for(&what, Duration::from_secs(30), || async move {
-                    tokio::net::TcpStream::connect(addr).await.is_ok()
-                })
-                .await
-            }
-            Component::Apiserver => {
-                let addr: SocketAddr = ([127, 0, 0, 1], c.health_port).into();
-                wait_for(&what, Duration::from_secs(60), || async move {
-                    apiserver_exporting(addr).await
-                })
-                .await
-            }
-            Component::NodeAgent(node) => {
-                let ip4 = c
-                    .nodes
-                    .iter()
-                    .find(|n| n.name == *node)
-                    .map(|n| n.ip)
-                    .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
-                let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
-                wait_for(&what, Duration::from_secs(60), || async move {
-                    test_support::http_get(addr, "/readyz")
-                        .await
-                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-                })
-                .await
+        for pid in pids {
+            let st = Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()?;
+            if !st.success() {
+                bail!("kill {signal} {pid} ({comp} of {cluster})");
             }
         }
+        Ok(())
     }
 
     /// The processes of `comp`'s container(s) in an installed cluster: what is in its pod's
@@ -1923,7 +1474,7 @@ impl Lab {
         );
         match comp {
             Component::Etcd => {
-                let (url, _) = self.etcd_endpoint(cluster).await?;
+                let url = self.etcd_endpoint(cluster).await?;
                 let addr: SocketAddr = url.trim_start_matches("https://").parse()?;
                 wait_for(&what, Duration::from_secs(60), || async move {
                     tokio::net::TcpStream::connect(addr).await.is_ok()
@@ -2027,29 +1578,6 @@ impl Lab {
             },
         )
         .await
-    }
-
-    /// Restarts `cluster`'s apiserver with etcd reached at `endpoint` (for example a
-    /// [`test_support::Proxy`] in front of it that a test can cut), every other flag as it was.
-    /// Later [`Lab::restart`]s keep the endpoint; [`Lab::start_apiserver`] does not.
-    pub async fn route_apiserver_etcd(
-        &mut self,
-        cluster: &str,
-        endpoint: SocketAddr,
-    ) -> Result<()> {
-        self.crash(cluster, &Component::Apiserver)?;
-        let file = self.argv_file(cluster, &Component::Apiserver)?;
-        let mut argv: Vec<String> = serde_json::from_slice(&std::fs::read(&file)?)?;
-        let i = argv
-            .iter()
-            .position(|a| a == "--etcd-endpoints")
-            .ok_or_else(|| anyhow!("the apiserver of {cluster} has no --etcd-endpoints"))?;
-        *argv
-            .get_mut(i + 1)
-            .ok_or_else(|| anyhow!("--etcd-endpoints without a value"))? =
-            format!("https://{endpoint}");
-        std::fs::write(&file, serde_json::to_vec_pretty(&argv)?)?;
-        self.restart(cluster, &Component::Apiserver).await
     }
 
     /// Kills the serving process of one backend pod (SIGKILL), leaving Kubernetes as it is:
@@ -2183,6 +1711,53 @@ impl Lab {
     }
 }
 
+/// One apiserver replica, as faults need it.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Its replica name (pod name).
+    pub name: String,
+    /// Its pod's network namespace (installed clusters).
+    pub netns: Option<String>,
+    /// Its process.
+    pub pid: u32,
+    /// Its log.
+    pub log: PathBuf,
+    /// Its Mesh API, reached directly.
+    pub mesh: SocketAddr,
+    /// Its health port (`/metrics`, `/readyz`; `/status` from loopback only).
+    pub health: SocketAddr,
+}
+
+/// Runs the future `f` makes on a thread of its own inside network namespace `netns`: the
+/// sockets it opens are that namespace's (a pod's loopback, for one).
+pub async fn in_netns<T, F, Fut>(netns: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let path = format!("/run/netns/{netns}");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let run = || -> Result<T> {
+            use std::os::fd::AsFd;
+            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .with_context(|| format!("enter {path}"))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(rt.block_on(f()))
+        };
+        let _ = tx.send(run());
+    });
+    rx.await
+        .map_err(|_| anyhow!("the thread in {netns} ended"))?
+}
+
 /// A TLS directory of a cluster's components ([`Lab::tls_dir`]).
 #[derive(Debug, Clone)]
 pub enum TlsDir {
@@ -2239,24 +1814,4 @@ async fn installed_apiserver_exporting_since(client: &kube::Client, since: i64) 
     test_support::http_get((ip, 9880).into(), "/readyz")
         .await
         .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-}
-
-/// Whether the apiserver at `health` serves (`/readyz`) and, as the single replica of its lab
-/// cluster, leads and exports (`/status`): readiness alone says only that it can serve the
-/// Mesh API, leader or standby.
-async fn apiserver_exporting(health: SocketAddr) -> bool {
-    let ready = test_support::http_get(health, "/readyz")
-        .await
-        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
-    if !ready {
-        return false;
-    }
-    test_support::http_get(health, "/status")
-        .await
-        .ok()
-        .and_then(|r| {
-            let body = r.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-            serde_json::from_str::<model::status::ClusterStatus>(&body).ok()
-        })
-        .is_some_and(|s| s.leader && s.ready)
 }

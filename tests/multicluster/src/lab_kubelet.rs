@@ -125,6 +125,12 @@ struct RunPod {
     seq: u64,
     sup: Supervisor,
     reported: Option<serde_json::Value>,
+    /// What it was started from, to follow changes of the Secrets and ConfigMaps it mounts.
+    sandbox: Sandbox,
+    spec: PodSpec,
+    facts: PodFacts,
+    container: String,
+    process: kubelet::ProcessSpec,
 }
 
 impl RunPod {
@@ -234,6 +240,7 @@ impl LabKubelet {
             .await?
             .items;
         let mut retire: Vec<String> = Vec::new();
+        self.refresh(&objects);
 
         // StatefulSets first: the others find their pods by name.
         let mut want: BTreeSet<String> = BTreeSet::new();
@@ -420,6 +427,31 @@ impl LabKubelet {
         self.report(&sets, &deployments, &daemon_sets, nodes.len())
             .await;
         Ok(())
+    }
+
+    /// Updated Secrets and ConfigMaps reach the running pods that mount them.
+    fn refresh(&mut self, objects: &Objects) {
+        for (name, p) in &mut self.pods {
+            let Ok(mut new) =
+                kubelet::resolve(&p.spec, &p.facts, &p.container, objects, &lab_binary)
+            else {
+                continue;
+            };
+            // What admission added is not in the spec: keep it.
+            for m in &p.process.mounts {
+                if !new.mounts.iter().any(|n| n.volume == m.volume) {
+                    new.mounts.push(m.clone());
+                }
+            }
+            match crate::pod_runner::refresh_files(&p.sandbox, &p.process, &new) {
+                Ok(volumes) if !volumes.is_empty() => {
+                    eprintln!("lab kubelet: pod {NAMESPACE}/{name}: volumes {volumes:?} updated");
+                    p.process = new;
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("lab kubelet: pod {NAMESPACE}/{name}: updating volumes: {e:#}"),
+            }
+        }
     }
 
     async fn objects(&self) -> Result<Objects> {
@@ -717,6 +749,11 @@ impl LabKubelet {
                 seq: self.seq,
                 sup,
                 reported: None,
+                sandbox,
+                spec: spec.clone(),
+                facts,
+                container: container.name.clone(),
+                process,
             },
         );
         Ok(())

@@ -200,13 +200,8 @@ impl Cluster for LabCluster {
     }
 
     async fn kill_apiserver(&self) -> Result<()> {
-        let lab = self.lab.lock().await;
-        if lab.cluster(&self.name)?.installed {
-            // A user stops it by scaling its Deployment to 0.
-            return lab.stop_installed_apiserver(&self.name).await;
-        }
-        drop(lab);
-        self.lab.lock().await.kill_apiserver(&self.name)
+        // A user stops it by scaling its Deployment to 0.
+        self.lab.lock().await.stop_apiserver(&self.name).await
     }
 
     async fn start_apiserver(&self) -> Result<()> {

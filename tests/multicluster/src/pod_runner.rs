@@ -109,23 +109,7 @@ pub fn materialize(
     spec: &ProcessSpec,
     token: &dyn Fn(&str, i64) -> Result<String>,
 ) -> Result<Vec<(PathBuf, String, bool)>> {
-    let group = sandbox.fs_group;
-    let own = |path: &Path, mode: u32, writable: bool| -> Result<()> {
-        let mut mode = mode;
-        if let Some(g) = group {
-            chown(path, Some(0), Some(g))?;
-            // The group may read what the owner may read (write too on writable volumes).
-            mode |= (mode & 0o500) >> 3;
-            if writable {
-                mode |= (mode & 0o200) >> 3;
-            }
-            if path.is_dir() {
-                mode |= 0o2000; // new files keep the group
-            }
-        }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-        Ok(())
-    };
+    let own = |path: &Path, mode: u32, writable: bool| own(path, mode, writable, sandbox.fs_group);
     let mut out = Vec::new();
     for m in &spec.mounts {
         let host = match &m.source {
@@ -171,6 +155,60 @@ pub fn materialize(
         out.push((host, m.path.clone(), m.read_only));
     }
     Ok(out)
+}
+
+/// Gives `path` `mode`, owned by root and the pod's `fsGroup` when it has one (the group may
+/// read what the owner may read; write too on writable volumes).
+fn own(path: &Path, mode: u32, writable: bool, group: Option<u32>) -> Result<()> {
+    let mut mode = mode;
+    if let Some(g) = group {
+        chown(path, Some(0), Some(g))?;
+        mode |= (mode & 0o500) >> 3;
+        if writable {
+            mode |= (mode & 0o200) >> 3;
+        }
+        if path.is_dir() {
+            mode |= 0o2000; // new files keep the group
+        }
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// What the kubelet does when a Secret or ConfigMap a running pod mounts changes: the files
+/// of every such volume whose content in `new` differs from `old` are replaced, each whole
+/// (written beside, then renamed over), so the container sees the new content without a
+/// restart. Projected tokens are left as they are. Returns the volumes updated.
+pub fn refresh_files(
+    sandbox: &Sandbox,
+    old: &ProcessSpec,
+    new: &ProcessSpec,
+) -> Result<Vec<String>> {
+    let mut updated = Vec::new();
+    for m in &new.mounts {
+        let Source::Files { files, .. } = &m.source else {
+            continue;
+        };
+        let before = old.mounts.iter().find(|o| o.volume == m.volume);
+        let same =
+            matches!(before.map(|b| &b.source), Some(Source::Files { files: f, .. }) if f == files);
+        if same || before.is_none() {
+            continue;
+        }
+        let d = sandbox.dir.join("volumes").join(&m.volume);
+        for (rel, (content, mode)) in files {
+            let f = d.join(rel);
+            if let Some(parent) = f.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let tmp = f.with_extension("lab-new");
+            std::fs::write(&tmp, content)?;
+            own(&tmp, *mode, false, sandbox.fs_group)?;
+            std::fs::rename(&tmp, &f)?;
+        }
+        updated.push(m.volume.clone());
+    }
+    Ok(updated)
 }
 
 fn quote(s: &str) -> String {

@@ -26,6 +26,26 @@ const WEST: &str = "ck-west";
 /// stream noticing a dead apiserver, a status going stale after 15 s).
 const SHOW: Duration = Duration::from_secs(90);
 
+/// Stands for the replica (pod) name in [`healthy_lines`]: which of the two replicas leads is
+/// the Lease's choice.
+const REPLICA: &str = "<replica>";
+
+/// `line` with the apiserver replica it names (after "apiserver " or "leader ") replaced by
+/// [`REPLICA`].
+fn any_replica(line: &str) -> String {
+    let words: Vec<&str> = line.split(' ').collect();
+    let mut out = Vec::with_capacity(words.len());
+    for (i, w) in words.iter().enumerate() {
+        let after = i > 0 && matches!(words[i - 1], "apiserver" | "leader");
+        out.push(if after && w.contains("-apiserver-") {
+            REPLICA
+        } else {
+            w
+        });
+    }
+    out.join(" ")
+}
+
 /// The ✔/✗ lines of one `check` run, and its exit code.
 #[derive(Debug)]
 struct Run {
@@ -64,7 +84,8 @@ async fn until_failed(kc: &Path, want: &[String], what: &str) -> Result<Run> {
     let deadline = tokio::time::Instant::now() + SHOW;
     loop {
         let run = check(kc).await?;
-        if run.failed() == want && (!want.is_empty() || run.lines == healthy_lines()) {
+        let lines: Vec<String> = run.lines.iter().map(|l| any_replica(l)).collect();
+        if run.failed() == want && (!want.is_empty() || lines == healthy_lines()) {
             let code = if want.is_empty() { 0 } else { 1 };
             if run.code != code {
                 bail!("{what}: exit code {} (want {code}):\n{}", run.code, run.out);
@@ -91,10 +112,10 @@ fn healthy_lines() -> Vec<String> {
     let mut lines = Vec::new();
     for (c, peer, nodes) in [(EAST, WEST, 2), (WEST, EAST, 1)] {
         lines.extend([
-            format!("✔ {c}: apiserver {c}-apiserver-0 reporting"),
+            format!("✔ {c}: apiserver {REPLICA} reporting"),
             format!("✔ {c}: clock within +5s/-15s of this machine's"),
             format!("✔ {c}: etcd answers"),
-            format!("✔ {c}: leader {c}-apiserver-0 elected and ready"),
+            format!("✔ {c}: leader {REPLICA} elected and ready"),
             format!("✔ {c}: peer {peer} connected and in sync"),
             format!("✔ {c}: {nodes}/{nodes} nodes connected and in sync"),
             format!("✔ {c}: certificates valid for more than 30 days"),
@@ -112,9 +133,11 @@ fn healthy_lines() -> Vec<String> {
     lines
 }
 
-/// Writes a new Mesh API certificate for `cluster`'s apiserver, valid for `valid_for` (the
-/// apiserver reloads its files within 5 s).
-fn rotate_apiserver_cert(lab: &Lab, cluster: &str, valid_for: Duration) -> Result<()> {
+/// Rotates `cluster`'s Mesh API certificate to one valid for `valid_for`, as an operator would:
+/// the new certificate goes into Secret `clustermesh-apiserver-tls` (with the names `clustermesh
+/// install` gives it), the kubelet updates the pods' volume and the apiserver reloads its
+/// files within 5 s.
+async fn rotate_apiserver_cert(lab: &Lab, cluster: &str, valid_for: Duration) -> Result<()> {
     let c = lab.cluster(cluster)?;
     let ca = Ca::from_pem(
         &std::fs::read_to_string(c.dir.join("ca/ca.crt"))?,
@@ -127,10 +150,28 @@ fn rotate_apiserver_cert(lab: &Lab, cluster: &str, valid_for: Duration) -> Resul
     );
     let leaf = ca.issue(
         &LeafSpec::new(id)
-            .ips([IpAddr::V4(lab.host_ip()), "127.0.0.1".parse()?])
+            .dns([
+                "clustermesh-apiserver.kube-system.svc".to_owned(),
+                "clustermesh-apiserver.kube-system.svc.cluster.local".to_owned(),
+            ])
+            .ips([IpAddr::V4(lab.host_ip())])
             .validity(time::OffsetDateTime::now_utc(), valid_for),
     )?;
-    test_support::write_tls(&c.dir.join("mesh-tls"), &ca, &leaf)?;
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(lab.client(cluster).await?, "kube-system");
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    secrets
+        .patch(
+            "clustermesh-apiserver-tls",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"data": {
+                "ca.crt": b64(ca.cert_pem()),
+                "tls.crt": b64(&leaf.cert_pem),
+                "tls.key": b64(&leaf.key_pem),
+            }})),
+        )
+        .await?;
     Ok(())
 }
 
@@ -139,8 +180,9 @@ async fn check_reports_each_failure_it_names() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::create(dir.path(), true).unwrap();
-    lab.add_cluster(EAST, 11, 2).await.unwrap();
-    lab.add_cluster(WEST, 12, 1).await.unwrap();
+    // Installed from deploy/ by `clustermesh install`, run by the lab kubelet.
+    lab.install_cluster(EAST, 11, 2).await.unwrap();
+    lab.install_cluster(WEST, 12, 1).await.unwrap();
     let kc = lab.kubeconfig();
     let lab = Arc::new(Mutex::new(lab));
     let (east, west) = (
@@ -151,7 +193,8 @@ async fn check_reports_each_failure_it_names() {
 
     // Healthy: every line passes, exit 0; the same as JSON.
     let run = until_failed(&kc, &[], "healthy mesh").await.unwrap();
-    assert_eq!(run.lines, healthy_lines(), "{}", run.out);
+    let lines: Vec<String> = run.lines.iter().map(|l| any_replica(l)).collect();
+    assert_eq!(lines, healthy_lines(), "{}", run.out);
     let json = clustermesh(
         &kc,
         &["check", "--context", EAST, "--context", WEST, "-o", "json"],
@@ -182,7 +225,7 @@ async fn check_reports_each_failure_it_names() {
     let node = format!("{EAST}-node-2");
     lab.lock()
         .await
-        .crash(EAST, &Component::NodeAgent(node.clone()))
+        .hold_down(EAST, &Component::NodeAgent(node.clone()))
         .unwrap();
     until_failed(
         &kc,
@@ -199,7 +242,7 @@ async fn check_reports_each_failure_it_names() {
     assert_eq!(status.code, 1, "{}", status.stdout);
     lab.lock()
         .await
-        .restart(EAST, &Component::NodeAgent(node))
+        .bring_back(EAST, &Component::NodeAgent(node))
         .await
         .unwrap();
     until_failed(&kc, &[], "node agent back").await.unwrap();
@@ -232,7 +275,9 @@ async fn check_reports_each_failure_it_names() {
     eprintln!("rejected service: named, exit 1; deleted: exit 0");
 
     // An expiring certificate: the apiserver's, rotated to one valid for 10 days.
-    rotate_apiserver_cert(&*lab.lock().await, EAST, Duration::from_secs(10 * 86_400)).unwrap();
+    rotate_apiserver_cert(&*lab.lock().await, EAST, Duration::from_secs(10 * 86_400))
+        .await
+        .unwrap();
     until_failed(
         &kc,
         &[format!(
@@ -247,17 +292,19 @@ async fn check_reports_each_failure_it_names() {
         EAST,
         certs::issue::DEFAULT_LEAF_VALIDITY,
     )
+    .await
     .unwrap();
     until_failed(&kc, &[], "certificate rotated").await.unwrap();
     eprintln!("expiring certificate: named, exit 1; rotated: exit 0");
 
     // etcd down.
-    lab.lock().await.crash(EAST, &Component::Etcd).unwrap();
+    let leader = lab.lock().await.apiserver_leader(EAST).await.unwrap().name;
+    lab.lock().await.hold_down(EAST, &Component::Etcd).unwrap();
     until_failed(
         &kc,
         &[
             format!("✗ {EAST}: etcd not answering"),
-            format!("✗ {EAST}: leader {EAST}-apiserver-0 elected, etcd-unreachable"),
+            format!("✗ {EAST}: leader {leader} elected, etcd-unreachable"),
         ],
         "etcd down",
     )
@@ -265,19 +312,23 @@ async fn check_reports_each_failure_it_names() {
     .unwrap();
     lab.lock()
         .await
-        .restart(EAST, &Component::Etcd)
+        .bring_back(EAST, &Component::Etcd)
         .await
         .unwrap();
     until_failed(&kc, &[], "etcd back").await.unwrap();
     eprintln!("etcd down: named, exit 1; back: exit 0");
 
     // A peer down: west's apiserver stopped.
-    lab.lock().await.crash(WEST, &Component::Apiserver).unwrap();
+    let leader = lab.lock().await.apiserver_leader(WEST).await.unwrap().name;
+    lab.lock()
+        .await
+        .hold_down(WEST, &Component::Apiserver)
+        .unwrap();
     until_failed(
         &kc,
         &[
             format!("✗ {EAST}: peer {WEST} stale"),
-            format!("✗ {WEST}: apiserver {WEST}-apiserver-0 not reporting"),
+            format!("✗ {WEST}: apiserver {leader} not reporting"),
             format!("✗ {WEST}: clock not confirmed within -15s of this machine's"),
             format!("✗ {WEST}: other checks skipped: the status is not current"),
         ],
@@ -287,7 +338,7 @@ async fn check_reports_each_failure_it_names() {
     .unwrap();
     lab.lock()
         .await
-        .restart(WEST, &Component::Apiserver)
+        .bring_back(WEST, &Component::Apiserver)
         .await
         .unwrap();
     until_failed(&kc, &[], "peer back").await.unwrap();

@@ -175,7 +175,7 @@ async fn deploy_s_pods_run_as_the_manifests_say_and_etcd_restarts_with_its_data(
     assert_ne!(ders[0], ders[1], "two agents, two certificates");
 
     // etcd's mTLS, and its restart with the data on its claim.
-    let (endpoint, _) = lab.etcd_endpoint("east").await.unwrap();
+    let endpoint = lab.etcd_endpoint("east").await.unwrap();
     let tls = lab.tls_dir("east", &TlsDir::EtcdClient).await.unwrap();
     let put = etcdctl(&endpoint, &tls, &["put", "/lab/kubelet", "ran"]);
     assert!(

@@ -39,10 +39,6 @@ enum Cmd {
         /// Nodes per cluster.
         #[arg(long, default_value_t = 2)]
         nodes: u8,
-        /// Start etcd, the apiserver and the node agents with the lab's own flags instead of
-        /// installing deploy/ (the fault-injection tests' harness).
-        #[arg(long)]
-        direct: bool,
     },
     /// The lab kubelet of one cluster (started by `up`): runs the pods that the cluster's
     /// StatefulSets, Deployments and DaemonSets in kube-system ask for, until killed.
@@ -250,7 +246,6 @@ async fn run(cmd: Cmd) -> Result<()> {
             dir,
             clusters,
             nodes,
-            direct,
         } => {
             let parsed: Vec<(String, u16)> = clusters
                 .iter()
@@ -267,11 +262,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             let mut lab = Lab::create(&dir, true)?;
             for (name, id) in &parsed {
                 eprintln!("starting cluster {name} (ID {id}, {nodes} nodes)");
-                if direct {
-                    lab.add_cluster(name, *id, nodes).await?;
-                } else {
-                    lab.install_cluster(name, *id, nodes).await?;
-                }
+                lab.install_cluster(name, *id, nodes).await?;
             }
             lab.keep();
             println!(
@@ -288,7 +279,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         } => {
             let (name, id) = parse_cluster(&cluster)?;
             let mut lab = Lab::load(&dir)?;
-            lab.add_cluster(&name, id, nodes).await
+            lab.install_cluster(&name, id, nodes).await
         }
         Cmd::Down { dir } => {
             let mut lab = Lab::load(&dir)?;
