@@ -74,6 +74,14 @@ pub enum Error {
         /// The client error.
         source: etcd_client::Error,
     },
+    /// A request was not answered in time (etcd hung, or the path to it stalled).
+    #[error("etcd {op}: not answered within {after:?}")]
+    NotAnswered {
+        /// The operation.
+        op: &'static str,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
     /// A value did not decode into its model type.
     #[error("value of {key:?} is invalid")]
     Decode {

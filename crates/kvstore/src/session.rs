@@ -167,8 +167,15 @@ enum LeaseState {
     Gone,
 }
 
-async fn lease_state(client: &Client, lease: i64) -> Result<LeaseState> {
-    match client.etcd().lease_time_to_live(lease, None).await {
+async fn lease_state(client: &Client, lease: i64, within: Duration) -> Result<LeaseState> {
+    // A hung etcd accepts the request and never answers: bounded, so the caller reports it.
+    let asked = tokio::time::timeout(within, client.etcd().lease_time_to_live(lease, None))
+        .await
+        .map_err(|_| Error::NotAnswered {
+            op: "lease-time-to-live",
+            after: within,
+        })?;
+    match asked {
         Ok(r) if r.ttl() > 0 => Ok(LeaseState::Alive),
         Ok(_) => Ok(LeaseState::Gone),
         Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
@@ -228,7 +235,8 @@ impl Session {
             .await?
             .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i64>().ok());
         let adopted = match recorded {
-            Some(lease) => match lease_state(client, lease).await? {
+            Some(lease) => match lease_state(client, lease, ttl.max(Duration::from_secs(1))).await?
+            {
                 LeaseState::Alive => Some(lease),
                 LeaseState::Gone => None,
             },
@@ -423,17 +431,20 @@ async fn run_stream(
     answered_unix_ms: &mut i64,
 ) -> Ended {
     let period = (ttl / 3).max(Duration::from_millis(100));
-    let (mut keeper, mut stream) = match client.etcd().lease_keep_alive(lease).await {
-        Ok(pair) => pair,
-        Err(e) => return Ended::Broken(format!("open keep-alive stream: {e}")),
-    };
+    let answer_within = period.max(Duration::from_secs(1));
+    let (mut keeper, mut stream) =
+        match tokio::time::timeout(answer_within, client.etcd().lease_keep_alive(lease)).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Ended::Broken(format!("open keep-alive stream: {e}")),
+            Err(_) => return Ended::Broken("keep-alive stream not opened in time".into()),
+        };
     loop {
-        if let Err(e) = keeper.keep_alive().await {
-            return Ended::Broken(format!("send keep-alive: {e}"));
+        match tokio::time::timeout(answer_within, keeper.keep_alive()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Ended::Broken(format!("send keep-alive: {e}")),
+            Err(_) => return Ended::Broken("keep-alive not sent in time".into()),
         }
-        let resp = match tokio::time::timeout(period.max(Duration::from_secs(1)), stream.message())
-            .await
-        {
+        let resp = match tokio::time::timeout(answer_within, stream.message()).await {
             Ok(Ok(Some(resp))) => resp,
             Ok(Ok(None)) => return Ended::Broken("keep-alive stream closed".into()),
             Ok(Err(e)) => return Ended::Broken(format!("keep-alive: {e}")),
@@ -473,20 +484,24 @@ async fn keep_alive(
         let lease = state.lock().await.lease;
         let gone = match run_stream(&client, lease, ttl, &mut backoff, &live, &mut answered).await {
             Ended::Expired => true,
-            Ended::Broken(error) => match lease_state(&client, lease).await {
-                Ok(LeaseState::Gone) => true,
-                Ok(LeaseState::Alive) => {
-                    tracing::debug!(lease = format_args!("{lease:x}"), error = %error, "keep-alive stream broke; lease alive; reopening");
-                    false
+            Ended::Broken(error) => {
+                match lease_state(&client, lease, (ttl / 3).max(Duration::from_secs(1))).await {
+                    Ok(LeaseState::Gone) => true,
+                    Ok(LeaseState::Alive) => {
+                        tracing::debug!(lease = format_args!("{lease:x}"), error = %error, "keep-alive stream broke; lease alive; reopening");
+                        false
+                    }
+                    Err(e) => {
+                        let error = telemetry::chain(&e).to_string();
+                        live.send_if_modified(|l| {
+                            l.unreachable(error, ttl, now_unix_ms(), answered)
+                        });
+                        tracing::debug!(error = %telemetry::chain(&e), "etcd unreachable for keep-alives; retrying");
+                        backoff.wait().await;
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    let error = telemetry::chain(&e).to_string();
-                    live.send_if_modified(|l| l.unreachable(error, ttl, now_unix_ms(), answered));
-                    tracing::debug!(error = %telemetry::chain(&e), "etcd unreachable for keep-alives; retrying");
-                    backoff.wait().await;
-                    continue;
-                }
-            },
+            }
         };
         if gone {
             let mut guard = state.lock().await;

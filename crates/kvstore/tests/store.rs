@@ -438,6 +438,41 @@ async fn exported_keys_hang_on_no_lease_and_a_lost_lease_is_recreated() {
     assert!(c.get_raw(&record).await.unwrap().is_none());
 }
 
+/// A hung etcd (its process stopped: connections accepted, nothing answered) is reported as
+/// unreachable by the session's liveness — not left `Alive` while every request waits
+/// forever — and `Alive` again once it answers. Found by `clustermesh check` on the lab: an
+/// apiserver stayed "elected and ready" for minutes against a hung etcd.
+#[tokio::test]
+async fn a_hung_etcd_is_reported_unreachable_and_alive_again_when_it_answers() {
+    let etcd = Etcd::start().await.unwrap();
+    let c = etcd.client().await.unwrap();
+    let session = Session::start(&c, Duration::from_secs(3)).await.unwrap();
+    let mut liveness = session.liveness();
+    struct Thaw<'a>(&'a Etcd);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            self.0.thaw();
+        }
+    }
+    etcd.freeze();
+    let thaw = Thaw(&etcd);
+    tokio::time::timeout(
+        WAIT,
+        liveness.wait_for(|l| !matches!(l, kvstore::session::Liveness::Alive)),
+    )
+    .await
+    .expect("liveness reports the hung etcd")
+    .unwrap();
+    drop(thaw);
+    tokio::time::timeout(
+        WAIT,
+        liveness.wait_for(|l| *l == kvstore::session::Liveness::Alive),
+    )
+    .await
+    .expect("liveness reports the recovery")
+    .unwrap();
+}
+
 /// Issue 13, case 1: an exporter cut from etcd for longer than its lease TTL. Nothing it
 /// exported is deleted; when etcd is reachable again the lease is re-created by the keep-alive
 /// loop itself (no write by the exporter needed) and liveness reports the outage and its end.

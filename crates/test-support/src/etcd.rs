@@ -213,6 +213,25 @@ impl Etcd {
         Ok(kvstore::Client::connect(self.config()).await?)
     }
 
+    /// Hangs etcd (`SIGSTOP`: it accepts connections and answers nothing, as a hung process or
+    /// a stalled disk) until [`Etcd::thaw`] or drop.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Ends [`Etcd::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let _ = std::process::Command::new("kill")
+                .args([signal, &c.id().to_string()])
+                .status();
+        }
+    }
+
     /// Stops etcd (SIGKILL: as abrupt as a crash); the data dir stays.
     pub fn stop(&mut self) {
         self.kill();
