@@ -6,9 +6,11 @@
 #   ./scripts/demo.sh down     tear everything down (processes, namespaces, bridge, cgroups, pins)
 #
 # Everything is real except the Kubernetes API (the test server; kubectl is a real client of
-# it): per cluster etcd with mTLS, clustermesh-apiserver (exporter, Mesh API, importer), two
-# nodes (network namespaces) with a node agent each programming eBPF socket load balancing for
-# the node's cgroup, and pods (network namespaces on one bridge, processes in their node's
+# it). Each cluster is installed as a user installs one, with `clustermesh install` from deploy/,
+# and a lab kubelet runs the pods it asks for: etcd with mTLS, two clustermesh-apiserver
+# replicas (exporter, Mesh API, importer), a node agent on each of two nodes (network
+# namespaces) programming eBPF socket load balancing for the node's pods (network namespaces on
+# one bridge, processes in their node's
 # cgroup). The lab lives in $CLUSTERMESH_DEMO_DIR (default /tmp/clustermesh-demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ if [ -f "$dir/lab.json" ]; then
 fi
 rm -rf "$dir"
 
-step "two emulated clusters: etcd, Kubernetes API, clustermesh-apiserver, 2 nodes each"
+step "two emulated clusters, each installed with clustermesh install: etcd, 2 apiserver replicas, 2 nodes with node agents"
 "$lab" up --dir "$dir" --clusters east:1,west:2 --nodes 2
 export KUBECONFIG=$dir/kubeconfig
 run kubectl config get-contexts

@@ -1,22 +1,35 @@
-//! The emulated lab: N clusters on one machine, every part a real process.
+//! The emulated lab: N clusters on one machine, each installed the way a user installs one.
 //!
 //! Network: one Linux bridge `cmb<X>` with `10.X.0.1/16` for the lab subnet `10.X.0.0/16`
-//! (X allocated with a lock file, so labs can run side by side). Cluster number `i` (1-based)
-//! has nodes `10.X.i.(10+n)` and pods in `10.X.(16·i).0/20` (node `n`'s pods in
-//! `10.X.(16·i+n).0/24`); service ClusterIPs are `10.X.(200+i).*` and never on the wire
-//! (socket load balancing translates them at connect()).
+//! (creating the bridge is the lock on X, so labs run side by side). Cluster number `i`
+//! (1-based) has nodes `10.X.i.(10+n)`, workload pods in `10.X.(16·i+n).0/24` (node `n`'s),
+//! the mesh's own pods (etcd, apiservers) in `10.X.(16·i+15).0/24`; workload ClusterIPs are
+//! `10.X.(200+i).*` and never on the wire (socket load balancing translates them at
+//! connect()).
 //!
-//! Per cluster: etcd (mTLS, loopback), the Kubernetes API test server, clustermesh-apiserver
-//! (Mesh API on the bridge address, peers from Secrets), nodes (a network namespace on the
-//! bridge, a cgroup, a node agent running in that namespace) and pods (a network namespace on
-//! the bridge with an address from the node's pod range, processes in a child cgroup of the
-//! node's cgroup). The lab plays the parts of Kubernetes controllers that the test server has
-//! not: it writes Pods, Nodes and EndpointSlices, and installs the mesh objects (CA Secret,
-//! apiserver Service).
+//! Per cluster ([`Lab::install_cluster`]): the Kubernetes API test server on the bridge
+//! address (where pods reach it in-cluster), then `clustermesh install` against it — the
+//! cluster CA and every certificate into Secrets, `deploy/`'s manifests applied — and the lab
+//! kubelet ([`crate::lab_kubelet`], `clustermesh-lab kubelet`, one process per cluster), which
+//! runs what those objects ask for: etcd's StatefulSet, the apiserver's Deployment (two
+//! replicas, rolled on a template change), the node agent's DaemonSet on every lab node; and
+//! the Mesh API's load balancer on a port of the bridge address. No process of the mesh is
+//! started from flags written here: a wrong flag, mount, user, capability or probe in
+//! `deploy/` fails the lab. Nodes are network namespaces on the bridge with a cgroup (pods
+//! below its `kubepods`) and a bpffs directory, announced to the kubelet by their Node
+//! objects. Workload pods (backends, clients) are network namespaces on the bridge with
+//! processes in their node's `kubepods` cgroup; for them the lab plays the controllers the
+//! test server has not: it writes their Pods and EndpointSlices.
+//!
+//! Faults are a cluster's faults: a killed container is restarted by the kubelet
+//! ([`Lab::crash`], [`Lab::restart`] waits for it), a hung one is stopped with `SIGSTOP`
+//! ([`Lab::hold_down`]), etcd is cut from the apiservers by a rule in their namespaces
+//! ([`Lab::cut_apiserver_etcd`]), an apiserver is stopped by scaling its Deployment to 0.
 //!
 //! Its state lives in `<dir>/lab.json`, so `clustermesh-lab` commands can act on a lab that an
-//! earlier command brought up; [`Lab::down`] (or dropping a [`Lab`] that owns its processes)
-//! removes everything: processes, namespaces, veths, the bridge, cgroups and BPF pins.
+//! earlier command brought up; [`Lab::teardown`] (or dropping a [`Lab`] that owns its
+//! processes) removes everything: processes, namespaces, veths, the bridge, cgroups and BPF
+//! pins.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
