@@ -480,8 +480,10 @@ async fn keep_alive(
     );
     // When a keep-alive was last answered (the lease was granted just before this loop).
     let mut answered = now_unix_ms();
+    // The lease kept alive, known without the state's lock: a write waiting on a hung etcd
+    // holds that lock, and liveness must still move on (only this loop changes the lease).
+    let mut lease = state.lock().await.lease;
     loop {
-        let lease = state.lock().await.lease;
         let gone = match run_stream(&client, lease, ttl, &mut backoff, &live, &mut answered).await {
             Ended::Expired => true,
             Ended::Broken(error) => {
@@ -505,9 +507,20 @@ async fn keep_alive(
         };
         if gone {
             let mut guard = state.lock().await;
-            if guard.lease == lease
-                && let Err(e) = recreate(&client, ttl, &mut guard).await
-            {
+            let recreated = if guard.lease == lease {
+                let within = ttl.max(Duration::from_secs(1));
+                match tokio::time::timeout(within, recreate(&client, ttl, &mut guard)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(crate::Error::NotAnswered {
+                        op: "re-create the session lease",
+                        after: within,
+                    }),
+                }
+            } else {
+                Ok(())
+            };
+            lease = guard.lease;
+            if let Err(e) = recreated {
                 drop(guard);
                 let error = telemetry::chain(&e).to_string();
                 tracing::warn!(error = %error, "cannot re-create the session lease; retrying");

@@ -287,6 +287,10 @@ impl NodeCert {
     }
 }
 
+/// The warning window (seconds) the node-agent summary picks its certificate by: `clustermesh
+/// check`'s default.
+pub const CERT_WARN_WINDOW: i64 = 30 * 86_400;
+
 /// A certificate's validity (Unix seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
@@ -369,16 +373,20 @@ impl NodeAgents {
         for (node, result) in probes {
             let (phase, detail) = match result {
                 Ok((state, validity)) => {
+                    let cert = NodeCert {
+                        node: node.clone(),
+                        not_after_unix: validity.not_after_unix,
+                        not_before_unix: Some(validity.not_before_unix),
+                    };
+                    // The one that needs attention first (certificates of different lifetimes
+                    // are warned about at different times).
+                    let due = |c: &NodeCert| c.not_after_unix - c.warn_within(CERT_WARN_WINDOW);
                     if out
                         .earliest_cert
                         .as_ref()
-                        .is_none_or(|c| validity.not_after_unix < c.not_after_unix)
+                        .is_none_or(|c| due(&cert) < due(c))
                     {
-                        out.earliest_cert = Some(NodeCert {
-                            node: node.clone(),
-                            not_after_unix: validity.not_after_unix,
-                            not_before_unix: Some(validity.not_before_unix),
-                        });
+                        out.earliest_cert = Some(cert);
                     }
                     let phase = agent_phase(&state);
                     (phase, agent_detail(phase, &state))

@@ -1741,6 +1741,9 @@ pub struct Replica {
     pub health: SocketAddr,
 }
 
+/// How long [`in_netns`] waits for its future.
+const IN_NETNS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs the future `f` makes on a thread of its own inside network namespace `netns`: the
 /// sockets it opens are that namespace's (a pod's loopback, for one).
 pub async fn in_netns<T, F, Fut>(netns: &str, f: F) -> Result<T>
@@ -1763,7 +1766,10 @@ where
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            Ok(rt.block_on(f()))
+            // Bounded: a hung process in the pod (SIGSTOP) must not keep this thread, and the
+            // namespace with it, forever.
+            rt.block_on(async { tokio::time::timeout(IN_NETNS_TIMEOUT, f()).await })
+                .map_err(|_| anyhow!("no answer within {IN_NETNS_TIMEOUT:?} in {path}"))
         };
         let _ = tx.send(run());
     });

@@ -39,7 +39,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodSpec, Secret, Service, ServiceAccount};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 
 use crate::kubelet::{self, Objects, PodFacts};
 use crate::pod_runner::{HttpProbe, Sandbox, Supervisor, route_service};
@@ -131,6 +131,10 @@ struct RunPod {
     facts: PodFacts,
     container: String,
     process: kubelet::ProcessSpec,
+    /// Its projected tokens (audience → token) and when they were minted: renewed at 80 %
+    /// of their life, as the kubelet rotates them.
+    tokens: BTreeMap<String, String>,
+    tokens_at: std::time::Instant,
 }
 
 impl RunPod {
@@ -147,7 +151,8 @@ pub struct LabKubelet {
     api_ca: String,
     pods: BTreeMap<String, RunPod>,
     seq: u64,
-    next_host: u8,
+    /// Pod addresses (last octet) not in use: a stopped pod's is given back.
+    free_hosts: Arc<Mutex<BTreeSet<u8>>>,
     next_veth: u32,
     routes: BTreeMap<(String, String), Vec<IpAddr>>,
     statuses: BTreeMap<String, serde_json::Value>,
@@ -209,7 +214,7 @@ impl LabKubelet {
             api_ca,
             pods: BTreeMap::new(),
             seq: 0,
-            next_host: 10,
+            free_hosts: Arc::new(Mutex::new((10..=250).collect())),
             next_veth: 0,
             routes: BTreeMap::new(),
             statuses: BTreeMap::new(),
@@ -241,6 +246,7 @@ impl LabKubelet {
             .items;
         let mut retire: Vec<String> = Vec::new();
         self.refresh(&objects);
+        self.rotate_tokens().await;
 
         // StatefulSets first: the others find their pods by name.
         let mut want: BTreeSet<String> = BTreeSet::new();
@@ -307,7 +313,7 @@ impl LabKubelet {
                     retired = 1;
                 }
             } else if new > replicas
-                && let Some(p) = mine.iter().max_by_key(|p| p.3)
+                && let Some(p) = mine.iter().max_by_key(|p| (!p.1, p.3))
             {
                 retire.push(p.0.clone());
                 retired = 1;
@@ -339,7 +345,24 @@ impl LabKubelet {
             let spec = ds.spec.clone().unwrap_or_default();
             let rev = revision(&Some(&spec.template));
             let owner = Owner::DaemonSet(name.clone());
-            let mut replacing = false;
+            // maxUnavailable 1: nothing is replaced while any of its pods is not ready or
+            // missing; an old pod that is not ready is replaced first.
+            let mut replacing = nodes.iter().any(|n| {
+                self.pods
+                    .get(&format!("{name}-{}", n.name))
+                    .is_none_or(|p| !p.ready())
+            });
+            if let Some(n) = nodes.iter().find(|n| {
+                self.pods
+                    .get(&format!("{name}-{}", n.name))
+                    .is_some_and(|p| p.revision != rev && !p.ready())
+            }) {
+                let pod_name = format!("{name}-{}", n.name);
+                if !retire.contains(&pod_name) {
+                    retire.push(pod_name);
+                }
+                replacing = true;
+            }
             for node in &nodes {
                 let pod_name = format!("{name}-{}", node.name);
                 want.insert(pod_name.clone());
@@ -352,8 +375,7 @@ impl LabKubelet {
                         replacing = true;
                         retire.push(pod_name);
                     }
-                    Some((r, _)) if r != rev => {}
-                    Some((_, ready)) => replacing |= !ready,
+                    Some(_) => {}
                     None if stateful_ready => {
                         let labels = template_labels(&Some(&spec.template));
                         let pod_spec = spec.template.spec.clone().unwrap_or_default();
@@ -369,7 +391,6 @@ impl LabKubelet {
                             &sets,
                         )
                         .await;
-                        replacing = true;
                     }
                     None => {}
                 }
@@ -400,24 +421,33 @@ impl LabKubelet {
             .iter()
             .filter_map(|n| self.pods.remove(n).map(|p| (n.clone(), p)))
             .collect();
-        self.route(&services, &nodes).await?;
+        // A route that cannot be written is logged and tried again next round; the pods
+        // leaving are terminated whatever happened.
+        self.route(&services, &nodes).await;
         for (name, pod) in leaving {
             let client = self.client.clone();
             if let Ok(mut t) = self.terminating.lock() {
                 t.insert(name.clone());
             }
             let terminating = self.terminating.clone();
+            let hosts = self.free_hosts.clone();
             tokio::spawn(async move {
-                let pod = tokio::task::spawn_blocking(move || {
+                // Blocking: SIGTERM and the grace period, then the sandbox's removal.
+                let _ = tokio::task::spawn_blocking(move || {
                     pod.sup.terminate(GRACE);
-                    pod
+                    remove_sandbox(&pod);
+                    if pod.own_net.is_some()
+                        && let Ok(mut free) = hosts.lock()
+                    {
+                        free.insert(pod.ip.octets()[3]);
+                    }
+                    drop(pod);
                 })
                 .await;
-                if let Ok(pod) = pod {
-                    remove_sandbox(&pod);
-                }
+                // Its containers have stopped: the Pod object goes at once (a replacement of
+                // the same name waits for it).
                 let _ = Api::<Pod>::namespaced(client, NAMESPACE)
-                    .delete(&name, &DeleteParams::default())
+                    .delete(&name, &test_support::kube::now())
                     .await;
                 if let Ok(mut t) = terminating.lock() {
                     t.remove(&name);
@@ -450,6 +480,59 @@ impl LabKubelet {
                 }
                 Ok(_) => {}
                 Err(e) => eprintln!("lab kubelet: pod {NAMESPACE}/{name}: updating volumes: {e:#}"),
+            }
+        }
+    }
+
+    /// Projected tokens are minted again at 80 % of their life and their files replaced, as
+    /// the kubelet rotates them (the node agent reads its token at each renewal; the
+    /// apiserver's client re-reads its API token).
+    async fn rotate_tokens(&mut self) {
+        let due: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| {
+                let shortest = p
+                    .process
+                    .mounts
+                    .iter()
+                    .filter_map(|m| match &m.source {
+                        kubelet::Source::Files { tokens, .. } => {
+                            tokens.values().map(|(_, secs, _)| *secs).min()
+                        }
+                        _ => None,
+                    })
+                    .min();
+                shortest.is_some_and(|secs| {
+                    p.tokens_at.elapsed() >= Duration::from_secs(secs.max(60) as u64 * 4 / 5)
+                })
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let Some(p) = self.pods.get(&name) else {
+                continue;
+            };
+            let minted = self.tokens(&p.spec, &name, &p.process).await;
+            let Some(p) = self.pods.get_mut(&name) else {
+                continue;
+            };
+            let written = minted.and_then(|tokens| {
+                let token = |audience: &str, _: i64| {
+                    tokens
+                        .get(audience)
+                        .cloned()
+                        .ok_or_else(|| anyhow!("no token for audience {audience:?}"))
+                };
+                crate::pod_runner::rewrite_tokens(&p.sandbox, &p.process, &token)?;
+                Ok(tokens)
+            });
+            match written {
+                Ok(tokens) => {
+                    p.tokens = tokens;
+                    p.tokens_at = std::time::Instant::now();
+                }
+                Err(e) => eprintln!("lab kubelet: pod {NAMESPACE}/{name}: rotating tokens: {e:#}"),
             }
         }
     }
@@ -612,9 +695,10 @@ impl LabKubelet {
         if host_network && node.is_none() {
             bail!("a hostNetwork pod needs a node");
         }
-        // The Pod object, as the workload controller creates it.
+        // The Pod object, as the workload controller creates it (one left by an earlier
+        // failed start goes first).
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let _ = pods.delete(name, &DeleteParams::default()).await;
+        let _ = pods.delete(name, &test_support::kube::now()).await;
         let mut pod_spec = spec.clone();
         pod_spec.node_name = node.map(|n| n.name.clone());
         let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -628,13 +712,89 @@ impl LabKubelet {
         let ip = match (host_network, node) {
             (true, Some(n)) => n.ip,
             _ => {
-                if self.next_host > 250 {
+                let host = self.free_hosts.lock().ok().and_then(|mut f| f.pop_first());
+                let Some(host) = host else {
+                    let _ = pods.delete(name, &test_support::kube::now()).await;
                     bail!("the lab kubelet's pod addresses are used up");
-                }
+                };
                 let [a, b, c] = self.cfg.pod_subnet;
-                Ipv4Addr::new(a, b, c, self.next_host)
+                Ipv4Addr::new(a, b, c, host)
             }
         };
+        // Whatever fails from here gives back what was taken: the address, the network, the
+        // cgroup and the Pod object.
+        let started = self
+            .start_sandbox(
+                name,
+                spec,
+                container,
+                node,
+                host_network,
+                ip,
+                &pod,
+                objects,
+                services,
+                sets,
+            )
+            .await;
+        if started.is_err() {
+            if !host_network && let Ok(mut f) = self.free_hosts.lock() {
+                f.insert(ip.octets()[3]);
+            }
+            let _ = pods.delete(name, &test_support::kube::now()).await;
+        }
+        let (sup, sandbox, facts, process, own_net, cgroup, tokens) = started?;
+        self.seq += 1;
+        self.pods.insert(
+            name.to_owned(),
+            RunPod {
+                owner,
+                revision: revision.to_owned(),
+                node: node.map(|n| n.name.clone()),
+                ip,
+                own_net,
+                cgroup,
+                labels,
+                seq: self.seq,
+                sup,
+                reported: None,
+                sandbox,
+                spec: spec.clone(),
+                facts,
+                container: container.name.clone(),
+                process,
+                tokens_at: std::time::Instant::now(),
+                tokens,
+            },
+        );
+        Ok(())
+    }
+
+    /// Resolves the container, mints its tokens, plugs its network, creates its cgroup and
+    /// starts it; on failure removes the network and cgroup it made.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    async fn start_sandbox(
+        &mut self,
+        name: &str,
+        spec: &PodSpec,
+        container: &k8s_openapi::api::core::v1::Container,
+        node: Option<&LabNode>,
+        host_network: bool,
+        ip: Ipv4Addr,
+        pod: &Pod,
+        objects: &Objects,
+        services: &[Service],
+        sets: &[StatefulSet],
+    ) -> Result<(
+        Supervisor,
+        Sandbox,
+        PodFacts,
+        kubelet::ProcessSpec,
+        Option<(String, String)>,
+        PathBuf,
+        BTreeMap<String, String>,
+    )> {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
         let facts = PodFacts {
             name: name.to_owned(),
             namespace: NAMESPACE.into(),
@@ -642,7 +802,7 @@ impl LabKubelet {
             node: node.map_or_else(|| "lab".into(), |n| n.name.clone()),
             pod_ip: ip.to_string(),
             host_ip: node.map_or(self.cfg.gateway, |n| n.ip).to_string(),
-            labels: labels.clone(),
+            labels,
         };
         let mut process = kubelet::resolve(spec, &facts, &container.name, objects, &lab_binary)?;
         let automount = spec.automount_service_account_token != Some(false);
@@ -681,19 +841,30 @@ impl LabKubelet {
         let (netns, own_net, cgroup) = match node {
             Some(n) if host_network => (n.netns.clone(), None, n.cgroup.clone()),
             _ => {
-                self.next_host += 1;
                 self.next_veth += 1;
                 let netns = format!("{}-{name}", self.cfg.prefix);
                 let veth = format!("{}{}", self.cfg.veth_prefix, self.next_veth);
-                plug(&netns, &veth, ip, &self.cfg)?;
                 let cgroup = match node {
                     Some(n) => n.cgroup.join("kubepods").join(format!("pod{}", facts.uid)),
                     None => Path::new(CGROUP_ROOT).join(&netns),
                 };
+                if let Err(e) = plug(&netns, &veth, ip, &self.cfg) {
+                    unplug(&netns, &veth);
+                    return Err(e);
+                }
                 (netns.clone(), Some((netns, veth)), cgroup)
             }
         };
-        std::fs::create_dir_all(&cgroup)?;
+        let undo = |own_net: &Option<(String, String)>, cgroup: &Path| {
+            if let Some((netns, veth)) = own_net {
+                remove_cgroup(cgroup);
+                unplug(netns, veth);
+            }
+        };
+        if let Err(e) = std::fs::create_dir_all(&cgroup) {
+            undo(&own_net, &cgroup);
+            return Err(e.into());
+        }
         let pod_sc = spec.security_context.clone().unwrap_or_default();
         let sc = container.security_context.clone().unwrap_or_default();
         let sandbox = Sandbox {
@@ -729,34 +900,11 @@ impl LabKubelet {
         let sup = match started {
             Ok(s) => s,
             Err(e) => {
-                if let Some((netns, veth)) = &own_net {
-                    unplug(netns, veth);
-                }
+                undo(&own_net, &cgroup);
                 return Err(e);
             }
         };
-        self.seq += 1;
-        self.pods.insert(
-            name.to_owned(),
-            RunPod {
-                owner,
-                revision: revision.to_owned(),
-                node: node.map(|n| n.name.clone()),
-                ip,
-                own_net,
-                cgroup,
-                labels,
-                seq: self.seq,
-                sup,
-                reported: None,
-                sandbox,
-                spec: spec.clone(),
-                facts,
-                container: container.name.clone(),
-                process,
-            },
-        );
-        Ok(())
+        Ok((sup, sandbox, facts, process, own_net, cgroup, tokens))
     }
 
     /// Projected ServiceAccount tokens for the pod, bound to it, per audience.
@@ -795,13 +943,30 @@ impl LabKubelet {
         Ok(tokens)
     }
 
-    /// Routes every Service with a selector to its ready pods.
-    async fn route(&mut self, services: &[Service], nodes: &[LabNode]) -> Result<()> {
+    /// Routes every Service with a selector to its ready pods; what fails is logged (once per
+    /// distinct error) and tried again next round.
+    async fn route(&mut self, services: &[Service], nodes: &[LabNode]) {
         for s in services {
             let name = s.metadata.name.clone().unwrap_or_default();
-            let Some(spec) = &s.spec else { continue };
+            if let Err(e) = self.route_one(s, nodes).await {
+                let msg = format!("{e:#}");
+                let key = format!("service/{name}");
+                if self.failures.get(&key) != Some(&msg) {
+                    eprintln!("lab kubelet: Service {NAMESPACE}/{name}: {msg}");
+                    self.failures.insert(key, msg);
+                }
+            } else {
+                self.failures.remove(&format!("service/{name}"));
+            }
+        }
+    }
+
+    async fn route_one(&mut self, s: &Service, nodes: &[LabNode]) -> Result<()> {
+        {
+            let name = s.metadata.name.clone().unwrap_or_default();
+            let Some(spec) = &s.spec else { return Ok(()) };
             let Some(selector) = spec.selector.clone().filter(|s| !s.is_empty()) else {
-                continue;
+                return Ok(());
             };
             let endpoints: Vec<IpAddr> = self
                 .pods
@@ -852,9 +1017,17 @@ impl LabKubelet {
                         .with_context(|| format!("the load balancer of {name} on {bind}"))?;
                     tokio::spawn(balance(listener, shared.clone()));
                     self.balancers.insert(name.clone(), shared);
-                    let status = serde_json::json!({"status": {"loadBalancer": {"ingress": [
-                        {"ip": self.cfg.gateway.to_string(),
-                         "ports": [{"port": lb_port, "protocol": "TCP"}]}]}}});
+                }
+                let ingress = serde_json::json!([{"ip": self.cfg.gateway.to_string(),
+                    "ports": [{"port": lb_port, "protocol": "TCP"}]}]);
+                let written = s
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.load_balancer.as_ref())
+                    .and_then(|lb| serde_json::to_value(&lb.ingress).ok());
+                if written.as_ref() != Some(&ingress) {
+                    let status =
+                        serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
                     Api::<Service>::namespaced(self.client.clone(), NAMESPACE)
                         .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
                         .await
@@ -1020,17 +1193,29 @@ impl LabKubelet {
 async fn balance(listener: tokio::net::TcpListener, backends: Arc<Mutex<Vec<SocketAddr>>>) {
     let mut next = 0usize;
     loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
-            continue;
+        let mut inbound = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(_) => {
+                // Out of descriptors, say: the connection waits in the backlog meanwhile.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
-        let target = backends.lock().ok().and_then(|b| {
-            next = next.wrapping_add(1);
-            (!b.is_empty()).then(|| b[next % b.len()])
-        });
-        let Some(target) = target else { continue };
+        next = next.wrapping_add(1);
+        let targets: Vec<SocketAddr> = backends
+            .lock()
+            .map(|b| (0..b.len()).map(|i| b[(next + i) % b.len()]).collect())
+            .unwrap_or_default();
         tokio::spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            // The next backend when one does not answer (it may have just gone).
+            for target in targets {
+                let connect = tokio::net::TcpStream::connect(target);
+                if let Ok(Ok(mut outbound)) =
+                    tokio::time::timeout(Duration::from_secs(2), connect).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    return;
+                }
             }
         });
     }
@@ -1051,6 +1236,8 @@ fn plug(netns: &str, veth: &str, ip: Ipv4Addr, cfg: &Config) -> Result<()> {
         Ok(())
     };
     let peer = format!("{veth}p");
+    // A namespace of this name left by a kubelet that was killed goes first.
+    let _ = Command::new("ip").args(["netns", "del", netns]).output();
     run(&["netns", "add", netns])?;
     run(&["link", "add", veth, "type", "veth", "peer", "name", &peer])?;
     run(&["link", "set", &peer, "netns", netns])?;

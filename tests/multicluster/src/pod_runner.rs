@@ -211,6 +211,29 @@ pub fn refresh_files(
     Ok(updated)
 }
 
+/// Replaces the projected token files of `spec`'s volumes with new tokens from `token`, each
+/// whole (written beside, then renamed over).
+pub fn rewrite_tokens(
+    sandbox: &Sandbox,
+    spec: &ProcessSpec,
+    token: &dyn Fn(&str, i64) -> Result<String>,
+) -> Result<()> {
+    for m in &spec.mounts {
+        let Source::Files { tokens, .. } = &m.source else {
+            continue;
+        };
+        let d = sandbox.dir.join("volumes").join(&m.volume);
+        for (rel, (audience, seconds, mode)) in tokens {
+            let f = d.join(rel);
+            let tmp = f.with_extension("lab-new");
+            std::fs::write(&tmp, token(audience, *seconds)?)?;
+            own(&tmp, *mode, false, sandbox.fs_group)?;
+            std::fs::rename(&tmp, &f)?;
+        }
+    }
+    Ok(())
+}
+
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }

@@ -378,10 +378,19 @@ async fn run(cmd: Cmd) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The lab kubelet proxies the Mesh API's load balancer while it runs commands: two
+    // workers, so neither waits for the other.
+    let built = if matches!(cli.command, Cmd::Kubelet { .. }) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
