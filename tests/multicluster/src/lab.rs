@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::lab_kubelet::remove_cgroup;
 use anyhow::{Context, Result, anyhow, bail};
 use certs::{Ca, LeafSpec, MeshIdentity, Role};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -764,22 +765,7 @@ impl Lab {
                 continue;
             }
             any = true;
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &netns, "nft", "-f", "-"])
-                .stdin(Stdio::piped())
-                .spawn()
-                .context("nft")?;
-            {
-                use std::io::Write;
-                child
-                    .stdin
-                    .take()
-                    .context("nft stdin")?
-                    .write_all(script.as_bytes())?;
-            }
-            if !child.wait()?.success() {
-                bail!("nft in {netns}: {script}");
-            }
+            crate::pod_runner::nft_in(&netns, &script)?;
             if cut {
                 // Established streams too, at once (as a dead link shows after its timeouts).
                 let _ = Command::new("ip")
@@ -1302,26 +1288,6 @@ fn remove_pod(p: &PodState) {
     }
     let _ = ip(&["netns", "del", &p.netns]);
     remove_cgroup(&p.cgroup);
-}
-
-/// Removes a cgroup, first moving out any process still in it.
-fn remove_cgroup(cg: &Path) {
-    if let Ok(entries) = std::fs::read_dir(cg) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                remove_cgroup(&e.path());
-            }
-        }
-    }
-    if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
-        for pid in procs.split_whitespace() {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::remove_dir(cg).is_err() && cg.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {

@@ -104,6 +104,23 @@ struct LabNode {
     bpffs: PathBuf,
 }
 
+/// A pod to start, as its workload controller asks for it.
+struct PodOrder<'a> {
+    name: &'a str,
+    owner: Owner,
+    revision: &'a str,
+    labels: BTreeMap<String, String>,
+    spec: &'a PodSpec,
+    node: Option<&'a LabNode>,
+}
+
+/// What one round read from the API that starting a pod needs.
+struct Round<'a> {
+    objects: &'a Objects,
+    services: &'a [Service],
+    sets: &'a [StatefulSet],
+}
+
 /// Who owns a pod.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Owner {
@@ -244,6 +261,11 @@ impl LabKubelet {
             .list(&ListParams::default())
             .await?
             .items;
+        let round = Round {
+            objects: &objects,
+            services: &services,
+            sets: &sets,
+        };
         let mut retire: Vec<String> = Vec::new();
         self.refresh(&objects);
         self.rotate_tokens().await;
@@ -262,15 +284,15 @@ impl LabKubelet {
                 if !self.pods.contains_key(&pod_name) {
                     let labels = template_labels(&set.spec.as_ref().map(|s| &s.template));
                     self.start(
-                        &pod_name,
-                        Owner::StatefulSet(name.clone()),
-                        &revision,
-                        labels,
-                        &spec,
-                        None,
-                        &objects,
-                        &services,
-                        &sets,
+                        PodOrder {
+                            name: &pod_name,
+                            owner: Owner::StatefulSet(name.clone()),
+                            revision: &revision,
+                            labels,
+                            spec: &spec,
+                            node: None,
+                        },
+                        &round,
                     )
                     .await;
                 }
@@ -325,15 +347,15 @@ impl LabKubelet {
                 let labels = template_labels(&Some(&spec.template));
                 let pod_spec = spec.template.spec.clone().unwrap_or_default();
                 self.start(
-                    &pod_name,
-                    owner.clone(),
-                    &rev,
-                    labels,
-                    &pod_spec,
-                    None,
-                    &objects,
-                    &services,
-                    &sets,
+                    PodOrder {
+                        name: &pod_name,
+                        owner: owner.clone(),
+                        revision: &rev,
+                        labels,
+                        spec: &pod_spec,
+                        node: None,
+                    },
+                    &round,
                 )
                 .await;
             }
@@ -380,15 +402,15 @@ impl LabKubelet {
                         let labels = template_labels(&Some(&spec.template));
                         let pod_spec = spec.template.spec.clone().unwrap_or_default();
                         self.start(
-                            &pod_name,
-                            owner.clone(),
-                            &rev,
-                            labels,
-                            &pod_spec,
-                            Some(node),
-                            &objects,
-                            &services,
-                            &sets,
+                            PodOrder {
+                                name: &pod_name,
+                                owner: owner.clone(),
+                                revision: &rev,
+                                labels,
+                                spec: &pod_spec,
+                                node: Some(node),
+                            },
+                            &round,
                         )
                         .await;
                     }
@@ -640,28 +662,12 @@ impl LabKubelet {
 
     /// Starts a pod; a pod that cannot start is reported (log line naming it, its Pod's
     /// status) and tried again next round.
-    #[allow(clippy::too_many_arguments)]
-    async fn start(
-        &mut self,
-        name: &str,
-        owner: Owner,
-        revision: &str,
-        labels: BTreeMap<String, String>,
-        spec: &PodSpec,
-        node: Option<&LabNode>,
-        objects: &Objects,
-        services: &[Service],
-        sets: &[StatefulSet],
-    ) {
+    async fn start(&mut self, order: PodOrder<'_>, round: &Round<'_>) {
+        let name = order.name;
         if self.terminating.lock().is_ok_and(|t| t.contains(name)) {
             return;
         }
-        match self
-            .try_start(
-                name, owner, revision, labels, spec, node, objects, services, sets,
-            )
-            .await
-        {
+        match self.try_start(order, round).await {
             Ok(()) => {
                 self.failures.remove(name);
             }
@@ -675,19 +681,15 @@ impl LabKubelet {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn try_start(
-        &mut self,
-        name: &str,
-        owner: Owner,
-        revision: &str,
-        labels: BTreeMap<String, String>,
-        spec: &PodSpec,
-        node: Option<&LabNode>,
-        objects: &Objects,
-        services: &[Service],
-        sets: &[StatefulSet],
-    ) -> Result<()> {
+    async fn try_start(&mut self, order: PodOrder<'_>, round: &Round<'_>) -> Result<()> {
+        let PodOrder {
+            name,
+            owner,
+            revision,
+            labels,
+            spec,
+            node,
+        } = order;
         let [container] = spec.containers.as_slice() else {
             bail!("the lab kubelet runs pods of one container");
         };
@@ -724,18 +726,7 @@ impl LabKubelet {
         // Whatever fails from here gives back what was taken: the address, the network, the
         // cgroup and the Pod object.
         let started = self
-            .start_sandbox(
-                name,
-                spec,
-                container,
-                node,
-                host_network,
-                ip,
-                &pod,
-                objects,
-                services,
-                sets,
-            )
+            .start_sandbox(name, spec, container, node, ip, &pod, round)
             .await;
         if started.is_err() {
             if !host_network && let Ok(mut f) = self.free_hosts.lock() {
@@ -772,19 +763,16 @@ impl LabKubelet {
 
     /// Resolves the container, mints its tokens, plugs its network, creates its cgroup and
     /// starts it; on failure removes the network and cgroup it made.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     async fn start_sandbox(
         &mut self,
         name: &str,
         spec: &PodSpec,
         container: &k8s_openapi::api::core::v1::Container,
         node: Option<&LabNode>,
-        host_network: bool,
         ip: Ipv4Addr,
         pod: &Pod,
-        objects: &Objects,
-        services: &[Service],
-        sets: &[StatefulSet],
+        round: &Round<'_>,
     ) -> Result<(
         Supervisor,
         Sandbox,
@@ -794,6 +782,8 @@ impl LabKubelet {
         PathBuf,
         BTreeMap<String, String>,
     )> {
+        let host_network = spec.host_network == Some(true);
+        let (objects, services, sets) = (round.objects, round.services, round.sets);
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let facts = PodFacts {
             name: name.to_owned(),

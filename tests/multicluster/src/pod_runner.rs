@@ -201,14 +201,21 @@ pub fn refresh_files(
             if let Some(parent) = f.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            let tmp = f.with_extension("lab-new");
-            std::fs::write(&tmp, content)?;
-            own(&tmp, *mode, false, sandbox.fs_group)?;
-            std::fs::rename(&tmp, &f)?;
+            replace_file(&f, content, *mode, sandbox.fs_group)?;
         }
         updated.push(m.volume.clone());
     }
     Ok(updated)
+}
+
+/// Replaces `path` whole with `content` (written beside, then renamed over: a reader sees
+/// the old file or the new one).
+fn replace_file(path: &Path, content: &[u8], mode: u32, group: Option<u32>) -> Result<()> {
+    let tmp = path.with_extension("lab-new");
+    std::fs::write(&tmp, content)?;
+    own(&tmp, mode, false, group)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// Replaces the projected token files of `spec`'s volumes with new tokens from `token`, each
@@ -224,11 +231,12 @@ pub fn rewrite_tokens(
         };
         let d = sandbox.dir.join("volumes").join(&m.volume);
         for (rel, (audience, seconds, mode)) in tokens {
-            let f = d.join(rel);
-            let tmp = f.with_extension("lab-new");
-            std::fs::write(&tmp, token(audience, *seconds)?)?;
-            own(&tmp, *mode, false, sandbox.fs_group)?;
-            std::fs::rename(&tmp, &f)?;
+            replace_file(
+                &d.join(rel),
+                token(audience, *seconds)?.as_bytes(),
+                *mode,
+                sandbox.fs_group,
+            )?;
         }
     }
     Ok(())
@@ -680,6 +688,11 @@ pub fn route_service(
         .status();
     // A table of the other kind (nat ↔ filter) is replaced: delete, then add, in one go.
     let script = format!("table ip {table} {{}}\ndelete table ip {table}\n{script}");
+    nft_in(netns, &script)
+}
+
+/// Runs the nftables `script` in network namespace `netns`, as one transaction.
+pub fn nft_in(netns: &str, script: &str) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns, "nft", "-f", "-"])
         .stdin(Stdio::piped())

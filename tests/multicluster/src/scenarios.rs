@@ -193,25 +193,36 @@ pub async fn global_services<A: Cluster, B: Cluster>(
     // shared=false in a: a's clients use both, b's clients only b's.
     until_answered_by(a, "client", SocketAddr::new(private_a, 80), &both).await?;
     until_answered_by(b, "client", SocketAddr::new(private_b, 80), &[&bn]).await?;
-    // b never even learns a's backends of the unshared service.
-    let out = clustermesh(
-        kc,
-        &[
-            "services",
-            "--context",
-            &b.context(),
-            "--service",
-            "demo/private",
-            "-o",
-            "json",
-        ],
-    )
-    .await?;
-    let rows: Value = serde_json::from_str(&out.stdout).with_context(|| out.stderr.clone())?;
-    let a_row = rows
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["cluster"] == an.as_str()))
-        .with_context(|| format!("{rows}"))?;
+    // b never even learns a's backends of the unshared service: once a's export of it has
+    // reached b (b's client answering says nothing about that), its row has none.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (rows, a_row) = loop {
+        let out = clustermesh(
+            kc,
+            &[
+                "services",
+                "--context",
+                &b.context(),
+                "--service",
+                "demo/private",
+                "-o",
+                "json",
+            ],
+        )
+        .await?;
+        let rows: Value = serde_json::from_str(&out.stdout).with_context(|| out.stderr.clone())?;
+        let a_row = rows
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["cluster"] == an.as_str()))
+            .cloned();
+        match a_row {
+            Some(row) => break (rows, row),
+            None if tokio::time::Instant::now() >= deadline => {
+                bail!("{an}'s demo/private never reached {bn}: {rows}")
+            }
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
     ensure!(
         a_row["shared"] == false && a_row["backends"].as_array().is_some_and(Vec::is_empty),
         "{rows}"
