@@ -38,7 +38,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;
 use model::node_state::NodeState;
-use model::status::{ClusterStatus, Phase};
+use model::status::Phase;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -847,38 +847,33 @@ pub async fn look(lab: &Lab) -> Look {
     let peers = lab.state.clusters.len() - 1;
     let mut withdrawn = Vec::new();
     for c in &lab.state.clusters {
-        let etcd: Option<SocketAddr> = lab
-            .etcd_endpoint(&c.name)
-            .await
-            .ok()
-            .and_then(|url| url.trim_start_matches("https://").parse().ok());
-        let answers = match etcd {
-            Some(etcd) => matches!(
+        let answers = match lab.etcd_addr(&c.name).await {
+            Ok(etcd) => matches!(
                 tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(etcd))
                     .await,
                 Ok(Ok(_))
             ),
-            None => false,
+            Err(_) => false,
         };
         if !answers {
             problem(format!("{}'s etcd does not accept connections", c.name));
         }
-        let apiserver = |path: &'static str| {
-            let name = c.name.clone();
-            async move {
-                lab.apiserver_get(&name, path)
-                    .await
-                    .map_err(|e| format!("{e:#}"))
-            }
-        };
-        match apiserver("/readyz").await {
-            Ok(r) if r.starts_with("HTTP/1.1 200") => {}
-            Ok(r) => problem(format!("{}'s apiserver not ready: {}", c.name, body(&r))),
-            Err(e) => problem(format!("{}'s apiserver: {e}", c.name)),
+        // The replica that leads, with its `/status` (read from inside its pod).
+        let leader = lab
+            .apiserver_leader(&c.name)
+            .await
+            .map_err(|e| format!("{}'s apiserver: {e:#}", c.name));
+        match &leader {
+            Ok(r) => match get(r.health, "/readyz").await {
+                Ok(resp) if resp.starts_with("HTTP/1.1 200") => {}
+                Ok(resp) => problem(format!("{}'s apiserver not ready: {}", c.name, body(&resp))),
+                Err(e) => problem(format!("{}'s apiserver: {e}", c.name)),
+            },
+            Err(e) => problem(e.clone()),
         }
-        match apiserver("/status").await.and_then(|r| {
-            serde_json::from_str::<ClusterStatus>(body(&r))
-                .map_err(|e| format!("{}'s apiserver /status: {e}", c.name))
+        match leader.and_then(|r| {
+            r.status
+                .ok_or_else(|| format!("{}'s apiserver: no /status answered", c.name))
         }) {
             Ok(st) => {
                 let ready_peers = st.peers.iter().filter(|p| p.phase == Phase::Ready).count();
@@ -1884,10 +1879,7 @@ async fn exported(lab: &Lab, cluster: &str) -> Result<BTreeMap<String, (Vec<u8>,
                 .collect::<BTreeMap<_, _>>(),
         )
     };
-    match netns {
-        Some(ns) => lab::in_netns(&ns, read).await?,
-        None => read().await,
-    }
+    lab::in_netns(&netns, read).await?
 }
 
 /// Map entries deleted by every node agent so far, by node.
@@ -1984,23 +1976,18 @@ pub async fn fd_exhaustion(dir: &Path, cluster: &str, hold: Duration) -> Result<
         .await
         .map_err(|e| anyhow!("the lab before the fault: {e}"))?;
     let started_us = now_us();
-    let (pid, log, mesh, deletes_before) = {
+    let (pid, log, mesh, health, deletes_before) = {
         let lab = soak.lab.lock().await;
         let leader = lab.apiserver_leader(cluster).await?;
         (
             leader.pid,
             leader.log,
             leader.mesh,
+            leader.health,
             map_deletes(&lab).await?,
         )
     };
-    let metrics = || async {
-        soak.lab
-            .lock()
-            .await
-            .apiserver_get(cluster, "/metrics")
-            .await
-    };
+    let metrics = || async { get(health, "/metrics").await.map_err(|e| anyhow!(e)) };
     let scans = |text: &str| {
         crate::metric_sum(
             body(text),

@@ -520,12 +520,7 @@ impl Lab {
         }
         let kubelet = spawn(
             &[
-                std::env::current_exe()
-                    .ok()
-                    .filter(|p| p.file_name().is_some_and(|n| n == "clustermesh-lab"))
-                    .map_or_else(|| binary("clustermesh-lab"), Ok)?
-                    .display()
-                    .to_string(),
+                binary("clustermesh-lab")?.display().to_string(),
                 "kubelet".into(),
                 "--dir".into(),
                 self.state.dir.display().to_string(),
@@ -539,7 +534,8 @@ impl Lab {
         for n in 1..=nodes {
             self.add_node(name, &format!("{name}-node-{n}")).await?;
         }
-        self.wait_installed(name).await
+        self.until_exporting(name, 0, &format!("{name}'s apiserver to lead and export"))
+            .await
     }
 
     /// The lab kubelet's settings for `cluster` (what `clustermesh-lab kubelet` runs with).
@@ -559,84 +555,58 @@ impl Lab {
         })
     }
 
-    /// Waits until an installed cluster's apiserver leads and exports and its node agents are
-    /// ready.
-    async fn wait_installed(&self, cluster: &str) -> Result<()> {
-        let c = self.cluster(cluster)?.clone();
+    /// Waits until `cluster`'s apiserver leads and exports, with a status document written at
+    /// or after `since` (Unix seconds; 0: any).
+    async fn until_exporting(&self, cluster: &str, since: i64, what: &str) -> Result<()> {
         let client = self.client(cluster).await?;
-        let log = c.dir.join("kubelet.log");
+        let log = self.cluster(cluster)?.dir.join("kubelet.log");
         wait_for(
-            &format!(
-                "{cluster}'s apiserver to lead and export (kubelet log: {})",
-                log.display()
-            ),
+            &format!("{what} (kubelet log: {})", log.display()),
             Duration::from_secs(120),
-            || {
-                let client = client.clone();
-                async move { installed_apiserver_exporting(&client).await }
-            },
+            || async { installed_apiserver_exporting(&client, since).await },
         )
-        .await?;
-        for n in &c.nodes {
-            let addr: SocketAddr = (n.ip, model::node_state::NODE_AGENT_PORT).into();
-            wait_for(
-                &format!(
-                    "node agent of {} to be ready (kubelet log: {})",
-                    n.name,
-                    log.display()
-                ),
-                Duration::from_secs(90),
-                || async move {
-                    test_support::http_get(addr, "/readyz")
-                        .await
-                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-                },
-            )
-            .await?;
-        }
-        Ok(())
+        .await
     }
 
     /// Starts `cluster`'s apiserver again after [`Lab::stop_apiserver`] (its Deployment
     /// scaled back to 2 replicas) and waits until it leads and exports.
     pub async fn start_apiserver(&mut self, cluster: &str) -> Result<()> {
         self.scale_apiserver(cluster, 2).await?;
-        let client = self.client(cluster).await?;
-        wait_for(
+        self.until_exporting(
+            cluster,
+            0,
             &format!("{cluster}'s apiserver to lead and export"),
-            Duration::from_secs(90),
-            || async { installed_apiserver_exporting(&client).await },
         )
         .await
     }
 
-    /// A component's TLS directory (`ca.crt`, `tls.crt`, `tls.key`) as it runs: for an
-    /// installed cluster inside the running pod's volume, else where the lab wrote it.
+    /// A component's TLS directory (`ca.crt`, `tls.crt`, `tls.key`) as it runs: in its pod's
+    /// volume (an apiserver's: a ready replica's).
     pub async fn tls_dir(&self, cluster: &str, which: &TlsDir) -> Result<PathBuf> {
-        let c = self.cluster(cluster)?;
-        let pods = c.dir.join("kubelet/pods");
-        Ok(match which {
-            TlsDir::NodeAgent(n) => pods.join(format!("clustermesh-node-agent-{n}/volumes/tls")),
-            _ => {
-                let pod = self.ready_apiserver_pod(cluster).await?;
-                let volumes = pods.join(pod).join("volumes");
-                match which {
-                    TlsDir::EtcdClient => volumes.join("etcd-tls"),
-                    TlsDir::MeshServer => volumes.join("mesh-tls"),
-                    TlsDir::Peer(p) => volumes.join("peers").join(p),
-                    TlsDir::NodeAgent(_) => unreachable!(),
-                }
+        let pods = self.cluster(cluster)?.dir.join("kubelet/pods");
+        let volume = match which {
+            TlsDir::NodeAgent(n) => {
+                return Ok(pods.join(format!("clustermesh-node-agent-{n}/volumes/tls")));
             }
-        })
+            TlsDir::EtcdClient => PathBuf::from("etcd-tls"),
+            TlsDir::MeshServer => PathBuf::from("mesh-tls"),
+            TlsDir::Peer(p) => Path::new("peers").join(p),
+        };
+        let pod = self.ready_apiserver_pod(cluster).await?;
+        Ok(pods.join(pod).join("volumes").join(volume))
     }
 
-    /// A ready apiserver pod of an installed cluster.
-    async fn ready_apiserver_pod(&self, cluster: &str) -> Result<String> {
+    /// The apiserver's Pods, as the API has them.
+    async fn apiserver_pods(&self, cluster: &str) -> Result<Vec<Pod>> {
         let pods: Api<Pod> = Api::namespaced(self.client(cluster).await?, "kube-system");
         let lp = kube::api::ListParams::default().labels("app=clustermesh-apiserver");
-        pods.list(&lp)
+        Ok(pods.list(&lp).await?.items)
+    }
+
+    /// A ready apiserver pod.
+    async fn ready_apiserver_pod(&self, cluster: &str) -> Result<String> {
+        self.apiserver_pods(cluster)
             .await?
-            .items
             .into_iter()
             .find(|p| {
                 p.status
@@ -648,9 +618,9 @@ impl Lab {
             .ok_or_else(|| anyhow!("no ready apiserver pod in {cluster}"))
     }
 
-    /// etcd's client URL at its pod's address (its server certificate names the pod's DNS
-    /// name and `localhost`, which only its pods resolve: see [`Lab::etcd_reader`]).
-    pub async fn etcd_endpoint(&self, cluster: &str) -> Result<String> {
+    /// etcd's client address: its pod's (its server certificate names the pod's DNS name and
+    /// `localhost`, which only its pods resolve: see [`Lab::etcd_reader`]).
+    pub async fn etcd_addr(&self, cluster: &str) -> Result<SocketAddr> {
         let pods: Api<Pod> = Api::namespaced(self.client(cluster).await?, "kube-system");
         let ip = pods
             .get("clustermesh-etcd-0")
@@ -658,32 +628,33 @@ impl Lab {
             .status
             .and_then(|s| s.pod_ip)
             .ok_or_else(|| anyhow!("etcd of {cluster} has no address yet"))?;
-        Ok(format!("https://{ip}:2379"))
+        Ok(SocketAddr::new(ip.parse()?, 2379))
     }
 
-    /// The apiserver replica that leads (of an installed cluster: the pod whose `/status`,
-    /// read from inside its namespace, says so; else the first that answers).
+    /// The network namespace the lab kubelet gave `pod` of `cluster`.
+    fn pod_netns(&self, cluster: &str, pod: &str) -> Result<String> {
+        let c = self.cluster(cluster)?;
+        Ok(format!("{}-{pod}", kubelet_prefix(self.state.x, c.index)))
+    }
+
+    /// The apiserver replica that leads: of its Pods with an address, the one whose `/status`,
+    /// read from inside its namespace, says so; else the first with a process. With that
+    /// `/status`.
     pub async fn apiserver_leader(&self, cluster: &str) -> Result<Replica> {
         let c = self.cluster(cluster)?;
-        let start = format!(
-            "{}-clustermesh-apiserver-",
-            kubelet_prefix(self.state.x, c.index)
-        );
         let mut replicas = Vec::new();
-        for e in std::fs::read_dir("/run/netns")?.flatten() {
-            let netns = e.file_name().to_string_lossy().into_owned();
-            let Some(pod) =
-                netns.strip_prefix(&format!("{}-", kubelet_prefix(self.state.x, c.index)))
-            else {
+        for p in self.apiserver_pods(cluster).await? {
+            let (Some(name), Some(ip)) = (
+                p.metadata.name,
+                p.status
+                    .and_then(|s| s.pod_ip)
+                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
+            ) else {
                 continue;
             };
-            if !netns.starts_with(&start) {
-                continue;
-            }
-            let pid =
-                std::fs::read_to_string(Path::new(CGROUP_ROOT).join(&netns).join("cgroup.procs"))
-                    .ok()
-                    .and_then(|p| p.split_whitespace().next()?.parse().ok());
+            let netns = self.pod_netns(cluster, &name)?;
+            let pid = procs(&Path::new(CGROUP_ROOT).join(&netns)).first().copied();
+            // `/status` is served to loopback callers only: asked from inside the pod.
             let status = in_netns(&netns, || async {
                 test_support::http_get(([127, 0, 0, 1], 9880).into(), "/status").await
             })
@@ -694,59 +665,28 @@ impl Lab {
                 let body = r.split_once("\r\n\r\n")?.1.to_owned();
                 serde_json::from_str::<model::status::ClusterStatus>(&body).ok()
             });
-            let ip = Api::<Pod>::namespaced(self.client(cluster).await?, "kube-system")
-                .get(pod)
-                .await
-                .ok()
-                .and_then(|p| p.status?.pod_ip?.parse::<IpAddr>().ok());
-            replicas.push((
-                status.as_ref().is_some_and(|s| s.leader),
-                Replica {
-                    name: pod.to_owned(),
-                    netns: Some(netns.clone()),
-                    pid: pid.unwrap_or(0),
-                    log: c.dir.join("kubelet/pods").join(pod).join("apiserver.log"),
-                    mesh: SocketAddr::new(ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 4240),
-                    health: SocketAddr::new(ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 9880),
-                },
-            ));
+            replicas.push(Replica {
+                log: c.dir.join("kubelet/pods").join(&name).join("apiserver.log"),
+                name,
+                netns,
+                pid: pid.unwrap_or(0),
+                mesh: SocketAddr::new(ip, 4240),
+                health: SocketAddr::new(ip, 9880),
+                status,
+            });
         }
-        replicas.sort_by_key(|(leader, r)| (!leader, r.pid == 0));
+        replicas.sort_by_key(|r| (!r.status.as_ref().is_some_and(|s| s.leader), r.pid == 0));
         replicas
             .into_iter()
             .next()
-            .map(|(_, r)| r)
             .ok_or_else(|| anyhow!("no apiserver pod of {cluster}"))
-    }
-
-    /// `GET path` from the apiserver's health port as a process on its host would (its
-    /// `/status` is served to loopback callers only): the leader's, in its pod's namespace,
-    /// on an installed cluster.
-    pub async fn apiserver_get(&self, cluster: &str, path: &str) -> Result<String> {
-        let r = self.apiserver_leader(cluster).await?;
-        let path = path.to_owned();
-        Ok(match r.netns {
-            None => test_support::http_get(r.health, &path).await?,
-            Some(ns) => {
-                in_netns(&ns, move || async move {
-                    test_support::http_get(([127, 0, 0, 1], 9880).into(), &path).await
-                })
-                .await??
-            }
-        })
     }
 
     /// Cuts (or restores) the path from `cluster`'s apiserver pods to its etcd: connections to
     /// etcd's port are reset, existing ones and new ones (nftables in each apiserver pod's
     /// namespace; the rule outlives a restart of the container). Installed clusters only.
     pub async fn cut_apiserver_etcd(&self, cluster: &str, cut: bool) -> Result<()> {
-        let c = self.cluster(cluster)?;
-        let etcd = self.etcd_endpoint(cluster).await?;
-        let etcd: SocketAddr = etcd.trim_start_matches("https://").parse()?;
-        let start = format!(
-            "{}-clustermesh-apiserver-",
-            kubelet_prefix(self.state.x, c.index)
-        );
+        let etcd = self.etcd_addr(cluster).await?;
         let script = if cut {
             format!(
                 "table ip cm_etcd_cut {{}}\ndelete table ip cm_etcd_cut\n\
@@ -758,13 +698,12 @@ impl Lab {
         } else {
             "table ip cm_etcd_cut {}\ndelete table ip cm_etcd_cut\n".to_owned()
         };
-        let mut any = false;
-        for e in std::fs::read_dir("/run/netns")?.flatten() {
-            let netns = e.file_name().to_string_lossy().into_owned();
-            if !netns.starts_with(&start) {
-                continue;
-            }
-            any = true;
+        let pods = self.apiserver_pods(cluster).await?;
+        if pods.is_empty() {
+            bail!("no apiserver pod of {cluster} to cut");
+        }
+        for name in pods.into_iter().filter_map(|p| p.metadata.name) {
+            let netns = self.pod_netns(cluster, &name)?;
             crate::pod_runner::nft_in(&netns, &script)?;
             if cut {
                 // Established streams too, at once (as a dead link shows after its timeouts).
@@ -774,25 +713,18 @@ impl Lab {
                     .output();
             }
         }
-        if !any {
-            bail!("no apiserver pod of {cluster} to cut");
-        }
         Ok(())
     }
 
     /// Where `cluster`'s etcd is read directly, as its apiserver reads it: the endpoint, the
-    /// apiserver's etcd client certificate, and (installed) the etcd pod's namespace to read
-    /// from (its server certificate names `localhost` and its Service, not its address).
-    pub async fn etcd_reader(&self, cluster: &str) -> Result<(String, PathBuf, Option<String>)> {
-        let c = self.cluster(cluster)?;
+    /// apiserver's etcd client certificate, and the etcd pod's namespace to read from (its
+    /// server certificate names `localhost` and its Service, not its address).
+    pub async fn etcd_reader(&self, cluster: &str) -> Result<(String, PathBuf, String)> {
         let tls = self.tls_dir(cluster, &TlsDir::EtcdClient).await?;
         Ok((
             "https://localhost:2379".into(),
             tls,
-            Some(format!(
-                "{}-clustermesh-etcd-0",
-                kubelet_prefix(self.state.x, c.index)
-            )),
+            self.pod_netns(cluster, "clustermesh-etcd-0")?,
         ))
     }
 
@@ -886,7 +818,6 @@ impl Lab {
             pods: 0,
         });
         self.save()?;
-        let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
         let log = c.dir.join("kubelet.log");
         wait_for(
             &format!(
@@ -894,11 +825,7 @@ impl Lab {
                 log.display()
             ),
             Duration::from_secs(120),
-            || async move {
-                test_support::http_get(addr, "/readyz")
-                    .await
-                    .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-            },
+            || agent_ready(ip4),
         )
         .await
     }
@@ -1429,17 +1356,7 @@ impl Lab {
                     .collect()
             }
         };
-        let mut pids = Vec::new();
-        for cg in cgroups {
-            if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
-                pids.extend(
-                    procs
-                        .split_whitespace()
-                        .filter_map(|p| p.parse::<u32>().ok()),
-                );
-            }
-        }
-        Ok(pids)
+        Ok(cgroups.iter().flat_map(|cg| procs(cg)).collect())
     }
 
     /// Waits until the lab kubelet has started `comp` of an installed cluster again and it
@@ -1453,22 +1370,17 @@ impl Lab {
         );
         match comp {
             Component::Etcd => {
-                let url = self.etcd_endpoint(cluster).await?;
-                let addr: SocketAddr = url.trim_start_matches("https://").parse()?;
+                let addr = self.etcd_addr(cluster).await?;
                 wait_for(&what, Duration::from_secs(60), || async move {
                     tokio::net::TcpStream::connect(addr).await.is_ok()
                 })
                 .await
             }
             Component::Apiserver => {
-                let client = self.client(cluster).await?;
                 let since = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)?
                     .as_secs() as i64;
-                wait_for(&what, Duration::from_secs(90), || async {
-                    installed_apiserver_exporting_since(&client, since).await
-                })
-                .await
+                self.until_exporting(cluster, since, &what).await
             }
             Component::NodeAgent(node) => {
                 let ip4 = c
@@ -1477,13 +1389,7 @@ impl Lab {
                     .find(|n| n.name == *node)
                     .map(|n| n.ip)
                     .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
-                let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
-                wait_for(&what, Duration::from_secs(90), || async move {
-                    test_support::http_get(addr, "/readyz")
-                        .await
-                        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-                })
-                .await
+                wait_for(&what, Duration::from_secs(90), || agent_ready(ip4)).await
             }
         }
     }
@@ -1525,7 +1431,6 @@ impl Lab {
             .find(|n| n.name == node)
             .map(|n| n.ip)
             .ok_or_else(|| anyhow!("no node {node} in {cluster}"))?;
-        let addr: SocketAddr = (ip4, model::node_state::NODE_AGENT_PORT).into();
         wait_for(
             &format!(
                 "{node}'s agent to run with {flag} {}",
@@ -1548,11 +1453,7 @@ impl Lab {
                         .ok()
                         .and_then(|p| p.spec?.containers.first()?.args.clone())
                         .unwrap_or_default();
-                    rolled
-                        && args_now.iter().any(|a| a == flag) == on
-                        && test_support::http_get(addr, "/readyz")
-                            .await
-                            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+                    rolled && args_now.iter().any(|a| a == flag) == on && agent_ready(ip4).await
                 }
             },
         )
@@ -1695,16 +1596,18 @@ impl Lab {
 pub struct Replica {
     /// Its replica name (pod name).
     pub name: String,
-    /// Its pod's network namespace (installed clusters).
-    pub netns: Option<String>,
+    /// Its pod's network namespace.
+    pub netns: String,
     /// Its process.
     pub pid: u32,
     /// Its log.
     pub log: PathBuf,
     /// Its Mesh API, reached directly.
     pub mesh: SocketAddr,
-    /// Its health port (`/metrics`, `/readyz`; `/status` from loopback only).
+    /// Its health port (`/metrics`, `/readyz`; `/status` is for loopback callers only).
     pub health: SocketAddr,
+    /// Its `/status`, when it answered.
+    pub status: Option<model::status::ClusterStatus>,
 }
 
 /// How long [`in_netns`] waits for its future.
@@ -1761,16 +1664,10 @@ fn kubelet_prefix(x: u8, index: u8) -> String {
     format!("cm{x}k{index}")
 }
 
-/// Whether an installed cluster's apiserver leads and exports: the leader's status document
-/// (ConfigMap `clustermesh-status`, written by the leader) says so, and that replica's pod
-/// is ready (`/readyz` on its address).
-async fn installed_apiserver_exporting(client: &kube::Client) -> bool {
-    installed_apiserver_exporting_since(client, 0).await
-}
-
-/// [`installed_apiserver_exporting`], with a status document written at or after `since`
-/// (Unix seconds).
-async fn installed_apiserver_exporting_since(client: &kube::Client, since: i64) -> bool {
+/// Whether a cluster's apiserver leads and exports: the leader's status document (ConfigMap
+/// `clustermesh-status`, written by the leader at or after `since`, Unix seconds) says so, and
+/// that replica's pod is ready (`/readyz` on its address).
+async fn installed_apiserver_exporting(client: &kube::Client, since: i64) -> bool {
     use k8s_openapi::api::core::v1::ConfigMap;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
     let Some(status) = cms
@@ -1796,7 +1693,28 @@ async fn installed_apiserver_exporting_since(client: &kube::Client, since: i64) 
     else {
         return false;
     };
-    test_support::http_get((ip, 9880).into(), "/readyz")
+    ready_at((ip, 9880).into()).await
+}
+
+/// The processes directly in cgroup `cg` (none when it is gone).
+fn procs(cg: &Path) -> Vec<u32> {
+    std::fs::read_to_string(cg.join("cgroup.procs"))
+        .map(|p| {
+            p.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `addr` answers `GET /readyz` with 200.
+async fn ready_at(addr: SocketAddr) -> bool {
+    test_support::http_get(addr, "/readyz")
         .await
         .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// Whether the node agent at `ip` is ready (its health port).
+async fn agent_ready(ip: Ipv4Addr) -> bool {
+    ready_at((ip, model::node_state::NODE_AGENT_PORT).into()).await
 }

@@ -121,6 +121,26 @@ struct Round<'a> {
     sets: &'a [StatefulSet],
 }
 
+/// A started pod's container and what it runs in (see [`RunPod`]).
+struct Sandboxed {
+    sup: Supervisor,
+    sandbox: Sandbox,
+    facts: PodFacts,
+    process: kubelet::ProcessSpec,
+    own_net: Option<(String, String)>,
+    cgroup: PathBuf,
+}
+
+/// Projected tokens by audience, as `pod_runner` asks for them.
+fn token_source(tokens: &BTreeMap<String, String>) -> impl Fn(&str, i64) -> Result<String> + '_ {
+    |audience, _| {
+        tokens
+            .get(audience)
+            .cloned()
+            .ok_or_else(|| anyhow!("no token for audience {audience:?}"))
+    }
+}
+
 /// Who owns a pod.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Owner {
@@ -148,9 +168,8 @@ struct RunPod {
     facts: PodFacts,
     container: String,
     process: kubelet::ProcessSpec,
-    /// Its projected tokens (audience → token) and when they were minted: renewed at 80 %
-    /// of their life, as the kubelet rotates them.
-    tokens: BTreeMap<String, String>,
+    /// When its projected tokens were minted: again at 80 % of their life, as the kubelet
+    /// rotates them.
     tokens_at: std::time::Instant,
 }
 
@@ -189,17 +208,16 @@ impl std::fmt::Debug for LabKubelet {
     }
 }
 
-/// Polls until `stop` says so; errors of one round are logged and the next round tries again.
-pub async fn run(cfg: Config, stop: impl Fn() -> bool) -> Result<()> {
+/// Polls until the process is killed (the lab's teardown then removes what its pods had);
+/// errors of one round are logged and the next round tries again.
+pub async fn run(cfg: Config) -> Result<()> {
     let mut k = LabKubelet::new(cfg).await?;
-    while !stop() {
+    loop {
         if let Err(e) = k.reconcile().await {
             eprintln!("lab kubelet: {e:#}");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    k.shutdown().await;
-    Ok(())
 }
 
 impl LabKubelet {
@@ -540,20 +558,10 @@ impl LabKubelet {
                 continue;
             };
             let written = minted.and_then(|tokens| {
-                let token = |audience: &str, _: i64| {
-                    tokens
-                        .get(audience)
-                        .cloned()
-                        .ok_or_else(|| anyhow!("no token for audience {audience:?}"))
-                };
-                crate::pod_runner::rewrite_tokens(&p.sandbox, &p.process, &token)?;
-                Ok(tokens)
+                crate::pod_runner::rewrite_tokens(&p.sandbox, &p.process, &token_source(&tokens))
             });
             match written {
-                Ok(tokens) => {
-                    p.tokens = tokens;
-                    p.tokens_at = std::time::Instant::now();
-                }
+                Ok(()) => p.tokens_at = std::time::Instant::now(),
                 Err(e) => eprintln!("lab kubelet: pod {NAMESPACE}/{name}: rotating tokens: {e:#}"),
             }
         }
@@ -660,8 +668,8 @@ impl LabKubelet {
         hosts
     }
 
-    /// Starts a pod; a pod that cannot start is reported (log line naming it, its Pod's
-    /// status) and tried again next round.
+    /// Starts a pod; a pod that cannot start is reported (a log line naming it and why, once
+    /// per distinct error) and tried again next round.
     async fn start(&mut self, order: PodOrder<'_>, round: &Round<'_>) {
         let name = order.name;
         if self.terminating.lock().is_ok_and(|t| t.contains(name)) {
@@ -734,7 +742,14 @@ impl LabKubelet {
             }
             let _ = pods.delete(name, &test_support::kube::now()).await;
         }
-        let (sup, sandbox, facts, process, own_net, cgroup, tokens) = started?;
+        let Sandboxed {
+            sup,
+            sandbox,
+            facts,
+            process,
+            own_net,
+            cgroup,
+        } = started?;
         self.seq += 1;
         self.pods.insert(
             name.to_owned(),
@@ -755,7 +770,6 @@ impl LabKubelet {
                 container: container.name.clone(),
                 process,
                 tokens_at: std::time::Instant::now(),
-                tokens,
             },
         );
         Ok(())
@@ -763,7 +777,7 @@ impl LabKubelet {
 
     /// Resolves the container, mints its tokens, plugs its network, creates its cgroup and
     /// starts it; on failure removes the network and cgroup it made.
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     async fn start_sandbox(
         &mut self,
         name: &str,
@@ -773,15 +787,7 @@ impl LabKubelet {
         ip: Ipv4Addr,
         pod: &Pod,
         round: &Round<'_>,
-    ) -> Result<(
-        Supervisor,
-        Sandbox,
-        PodFacts,
-        kubelet::ProcessSpec,
-        Option<(String, String)>,
-        PathBuf,
-        BTreeMap<String, String>,
-    )> {
+    ) -> Result<Sandboxed> {
         let host_network = spec.host_network == Some(true);
         let (objects, services, sets) = (round.objects, round.services, round.sets);
         let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -880,13 +886,13 @@ impl LabKubelet {
                 ]
             }),
         };
-        let token = |audience: &str, _: i64| {
-            tokens
-                .get(audience)
-                .cloned()
-                .ok_or_else(|| anyhow!("no token for audience {audience:?}"))
-        };
-        let started = Supervisor::start(&sandbox, &container.name, &process, probe, &token);
+        let started = Supervisor::start(
+            &sandbox,
+            &container.name,
+            &process,
+            probe,
+            &token_source(&tokens),
+        );
         let sup = match started {
             Ok(s) => s,
             Err(e) => {
@@ -894,7 +900,14 @@ impl LabKubelet {
                 return Err(e);
             }
         };
-        Ok((sup, sandbox, facts, process, own_net, cgroup, tokens))
+        Ok(Sandboxed {
+            sup,
+            sandbox,
+            facts,
+            process,
+            own_net,
+            cgroup,
+        })
     }
 
     /// Projected ServiceAccount tokens for the pod, bound to it, per audience.
@@ -1161,20 +1174,6 @@ impl LabKubelet {
                 self.statuses.insert(key, status);
             }
         }
-    }
-
-    /// Stops every pod (SIGTERM, then SIGKILL after a short grace) and removes its sandbox.
-    pub async fn shutdown(&mut self) {
-        let pods = std::mem::take(&mut self.pods);
-        let _ = tokio::task::spawn_blocking(move || {
-            for p in pods.values() {
-                p.sup.terminate(Duration::from_secs(5));
-            }
-            for p in pods.values() {
-                remove_sandbox(p);
-            }
-        })
-        .await;
     }
 }
 

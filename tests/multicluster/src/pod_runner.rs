@@ -135,19 +135,17 @@ pub fn materialize(
                 let _ = std::fs::remove_dir_all(&d);
                 std::fs::create_dir_all(&d)?;
                 own(&d, 0o755, false)?;
-                let put = |rel: &str, content: &[u8], mode: u32| -> Result<()> {
-                    let f = d.join(rel);
-                    if let Some(parent) = f.parent() {
-                        std::fs::create_dir_all(parent)?;
-                    }
-                    std::fs::write(&f, content)?;
-                    own(&f, mode, false)
-                };
+                let group = sandbox.fs_group;
                 for (rel, (content, mode)) in files {
-                    put(rel, content, *mode)?;
+                    replace_file(&d.join(rel), content, *mode, group)?;
                 }
                 for (rel, (audience, seconds, mode)) in tokens {
-                    put(rel, token(audience, *seconds)?.as_bytes(), *mode)?;
+                    replace_file(
+                        &d.join(rel),
+                        token(audience, *seconds)?.as_bytes(),
+                        *mode,
+                        group,
+                    )?;
                 }
                 d
             }
@@ -197,20 +195,19 @@ pub fn refresh_files(
         }
         let d = sandbox.dir.join("volumes").join(&m.volume);
         for (rel, (content, mode)) in files {
-            let f = d.join(rel);
-            if let Some(parent) = f.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            replace_file(&f, content, *mode, sandbox.fs_group)?;
+            replace_file(&d.join(rel), content, *mode, sandbox.fs_group)?;
         }
         updated.push(m.volume.clone());
     }
     Ok(updated)
 }
 
-/// Replaces `path` whole with `content` (written beside, then renamed over: a reader sees
-/// the old file or the new one).
+/// Writes `path` whole with `content` and `mode` (written beside, then renamed over: a reader
+/// sees the old file or the new one), its directory made when missing.
 fn replace_file(path: &Path, content: &[u8], mode: u32, group: Option<u32>) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
     let tmp = path.with_extension("lab-new");
     std::fs::write(&tmp, content)?;
     own(&tmp, mode, false, group)?;
@@ -671,8 +668,9 @@ pub fn route_service(
     } else {
         ("nat", "-100")
     };
+    // A table of the other kind (nat ↔ filter) is replaced: delete, then add, in one go.
     let script = format!(
-        "table ip {table} {{}}\nflush table ip {table}\n\
+        "table ip {table} {{}}\ndelete table ip {table}\n\
          table ip {table} {{\n  chain out {{\n    type {hook} hook output priority {priority}; policy accept;\n    {rule}\n  }}\n}}\n"
     );
     let _ = Command::new("ip")
@@ -686,8 +684,6 @@ pub fn route_service(
             &gateway.to_string(),
         ])
         .status();
-    // A table of the other kind (nat ↔ filter) is replaced: delete, then add, in one go.
-    let script = format!("table ip {table} {{}}\ndelete table ip {table}\n{script}");
     nft_in(netns, &script)
 }
 

@@ -76,17 +76,11 @@ fn etcdctl(endpoint: &str, tls: &Path, args: &[&str]) -> std::process::Output {
 
 /// The certificate in `dir` (PEM): its DER.
 fn cert_der(dir: &Path) -> Vec<u8> {
-    let pem = std::fs::read_to_string(dir.join("tls.crt")).unwrap();
-    let b64: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(dir.join("tls.crt"))
         .unwrap()
+        .to_vec()
 }
 
 /// Every pod as the manifests say: etcd and the apiserver as user 65532 with no capability,
@@ -175,7 +169,7 @@ async fn deploy_s_pods_run_as_the_manifests_say_and_etcd_restarts_with_its_data(
     assert_ne!(ders[0], ders[1], "two agents, two certificates");
 
     // etcd's mTLS, and its restart with the data on its claim.
-    let endpoint = lab.etcd_endpoint("east").await.unwrap();
+    let endpoint = format!("https://{}", lab.etcd_addr("east").await.unwrap());
     let tls = lab.tls_dir("east", &TlsDir::EtcdClient).await.unwrap();
     let put = etcdctl(&endpoint, &tls, &["put", "/lab/kubelet", "ran"]);
     assert!(

@@ -191,7 +191,7 @@ async fn mesh_scenarios_on_the_lab() {
 async fn only_the_apiserver_opens_etcd(lab: &Lab, cluster: &str) {
     let c = lab.cluster(cluster).unwrap();
     let other = if cluster == "east" { "west" } else { "east" };
-    let endpoint = lab.etcd_endpoint(cluster).await.unwrap();
+    let endpoint = format!("https://{}", lab.etcd_addr(cluster).await.unwrap());
     let etcd_tls = lab.tls_dir(cluster, &TlsDir::EtcdClient).await.unwrap();
     let etcd_ca = etcd_tls.join("ca.crt");
     // An admin certificate from the cluster CA, as `clustermesh services` issues it.
@@ -362,7 +362,7 @@ async fn unshared_pods_export_their_identity_not_their_backends(lab: &Lab) {
         .map(|p| p.ip.to_string())
         .collect();
     assert!(!private.is_empty(), "east backs demo/private");
-    let endpoint = lab.etcd_endpoint("west").await.unwrap();
+    let endpoint = format!("https://{}", lab.etcd_addr("west").await.unwrap());
     let tls = lab.tls_dir("west", &TlsDir::EtcdClient).await.unwrap();
     let etcdctl = |args: &[&str]| {
         let out = std::process::Command::new("etcdctl")

@@ -240,7 +240,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Kubelet { dir, cluster } => {
             let lab = Lab::load(&dir)?;
             let cfg = lab.kubelet_config(&cluster)?;
-            multicluster::lab_kubelet::run(cfg, || false).await
+            multicluster::lab_kubelet::run(cfg).await
         }
         Cmd::Up {
             dir,
