@@ -30,6 +30,8 @@
 
 #define MAX_SERVICES 65536
 #define MAX_BACKENDS 262144
+// Weighted services (cluster weights) at most: one CM_GROUPS entry each.
+#define MAX_WEIGHTED (MAX_SERVICES / 16)
 #define MAX_SLOTS (MAX_BACKENDS * 2)
 #define MAX_TIER_SLOTS 256
 #define TIERS 2
@@ -104,7 +106,8 @@ struct svc_val {
 	__u16 healthy[TIERS]; // usable backends per tier as the agent sees them
 	__u16 overprov_pct;   // spill-over factor x100 (140 = 1.4); 0 = all or nothing
 	__u16 min_healthy;    // below this many healthy backends the first tier is skipped
-	__u32 flags;          // SVC_WEIGHTED: CM_GROUPS holds the tier's cluster groups
+	__u16 flags;          // SVC_WEIGHTED: CM_GROUPS[group] holds tier 0's cluster groups
+	__u16 group;          // its CM_GROUPS index when weighted
 	__u32 slot[TIERS][INLINE_SLOTS]; // backend IDs of a tier with count <= INLINE_SLOTS
 };
 
@@ -112,16 +115,12 @@ struct svc_val {
 #define MAX_GROUPS 9 // 8 weighted clusters and the rest
 
 // A weighted tier: its slots grouped by cluster, each group a contiguous range of slots.
+// Only tier 0 is ever weighted.
 struct group {
 	__u16 start;
 	__u16 len;
 	__u16 weight;
 	__u16 healthy;  // usable backends in the group as the agent sees them
-};
-
-struct groups_key {
-	__u32 svc_id;
-	__u32 tier;
 };
 
 struct groups_val {
@@ -239,12 +238,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_SERVICES SEC(".maps");
 
+// Backends by ID: an array, so a connect finds its backend with no hash and in one cache line.
+// The agent reuses an ID only well after nothing references it (a connect that read the ID
+// from a slot just before the agent freed it never meets another backend under it), writes
+// a backend before any slot holds its ID, and changes a live backend only in place, field by
+// field (`state`, `suspect_until`): a program never reads a backend half written. Entry 0 is
+// never a backend; an unused entry is zero (family 0, not active).
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_BACKENDS);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_BACKENDS + 1);
 	__type(key, __u32);
 	__type(value, struct backend);
-	__uint(map_flags, BPF_F_NO_PREALLOC); // written by the agent only: pay for what is used
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_BACKENDS SEC(".maps");
 
@@ -268,12 +272,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_SLOTS SEC(".maps");
 
+// Weighted tiers' cluster groups, by the index in the service's value (an array: no hash on
+// the connect path). Read against the service's own slot count: a stale or reused entry can
+// misplace a draw among that service's backends, never leave them.
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SERVICES);
-	__type(key, struct groups_key);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_WEIGHTED);
+	__type(key, __u32);
 	__type(value, struct groups_val);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_GROUPS SEC(".maps");
 
@@ -701,8 +707,10 @@ static __always_inline int scan(struct pick_ctx *c, __u32 tier, __u32 base, __u3
 static __always_inline int weighted_range(const struct svc_val *svc, __u32 tier, __u32 n,
 					  __u32 *base, __u32 *len)
 {
-	struct groups_key gk = { .svc_id = svc->id, .tier = tier };
-	struct groups_val *gv = bpf_map_lookup_elem(&CM_GROUPS, &gk);
+	if (tier)
+		return 0;
+	__u32 gi = svc->group;
+	struct groups_val *gv = bpf_map_lookup_elem(&CM_GROUPS, &gi);
 	if (!gv)
 		return 0;
 	__u32 total = gv->total;
@@ -1401,7 +1409,8 @@ int cm_getpeername6(struct bpf_sock_addr *ctx) { return reverse6(ctx); }
 
 // The backend a TCP connection goes to, from its remote address (sock_ops sees only the
 // translated address): its ID, or 0 when the address is no backend's.
-static __always_inline int remote_backend(struct bpf_sock_ops *skops, __u32 *id)
+static __always_inline int remote_backend(struct bpf_sock_ops *skops, struct sockaddr_cm *kp,
+					  __u32 *id)
 {
 	struct sockaddr_cm k = {};
 	k.port = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
@@ -1427,6 +1436,7 @@ static __always_inline int remote_backend(struct bpf_sock_ops *skops, __u32 *id)
 	if (!v)
 		return 0;
 	*id = v->id;
+	*kp = k;
 	return 1;
 }
 
@@ -1443,7 +1453,8 @@ int cm_sockops(struct bpf_sock_ops *skops)
 	if (op == BPF_SOCK_OPS_TIMEOUT_INIT && skops->is_fullsock && skops->state != BPF_TCP_SYN_SENT)
 		return 1;
 	__u32 id = 0;
-	if (!remote_backend(skops, &id))
+	struct sockaddr_cm remote;
+	if (!remote_backend(skops, &remote, &id))
 		return 1;
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&CM_CONFIG, &zero);
@@ -1471,7 +1482,8 @@ int cm_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	struct backend *be = bpf_map_lookup_elem(&CM_BACKENDS, &id);
-	if (!be)
+	// The ID still that address's (IDs are reused, long after, for other backends).
+	if (!be || !same_addr(&remote, be->addr, be->port, be->family))
 		return 1;
 	__u64 now = bpf_ktime_get_ns();
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {

@@ -16,8 +16,7 @@ use aya::programs::links::FdLink;
 use aya::{Ebpf, EbpfLoader};
 
 use crate::maps::{
-    self, BackendVal, ConfigVal, GroupsKey, GroupsVal, IpcacheAddr, IpcacheVal, SlotKey, SvcKey,
-    SvcVal,
+    self, BackendVal, ConfigVal, GroupsVal, IpcacheAddr, IpcacheVal, SlotKey, SvcKey, SvcVal,
 };
 
 /// The compiled programs (built from `bpf/sock_lb.c` by build.rs).
@@ -146,12 +145,12 @@ pub struct Datapath {
     dir: PathBuf,
     /// Services: frontend → (ID, counts).
     pub services: HashMap<MapData, SvcKey, SvcVal>,
-    /// Backends: ID → backend.
-    pub backends: HashMap<MapData, u32, BackendVal>,
+    /// Backends: ID → backend (an array; unused entries are zero).
+    pub backends: Array<MapData, BackendVal>,
     /// Slots: (service, tier, slot) → backend ID.
     pub slots: HashMap<MapData, SlotKey, u32>,
-    /// Cluster groups of weighted tiers: (service, tier) → groups.
-    pub groups: HashMap<MapData, GroupsKey, GroupsVal>,
+    /// Cluster groups of weighted tiers, by the index in the service's value (an array).
+    pub groups: Array<MapData, GroupsVal>,
     /// Backend address → ID (for sock_ops).
     pub backend_ids: HashMap<MapData, maps::SockaddrKey, maps::BackendRef>,
     /// IP cache: prefix → identity, cluster.
@@ -204,6 +203,16 @@ fn take<K: aya::Pod, V: aya::Pod>(
         reason: "missing from the object".into(),
     })?;
     HashMap::try_from(map).map_err(|e| Error::Map {
+        map: name,
+        reason: e.to_string(),
+    })
+}
+
+fn take_array<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<Array<MapData, V>, Error> {
+    Array::try_from(take_any(ebpf, name)?).map_err(|e| Error::Map {
         map: name,
         reason: e.to_string(),
     })
@@ -271,9 +280,9 @@ impl Datapath {
             std::fs::create_dir(&record).map_err(io("create", &record))?;
         }
         let services = take(&mut ebpf, maps::SERVICES)?;
-        let backends = take(&mut ebpf, maps::BACKENDS)?;
+        let backends = take_array(&mut ebpf, maps::BACKENDS)?;
         let slots = take(&mut ebpf, maps::SLOTS)?;
-        let groups = take(&mut ebpf, maps::GROUPS)?;
+        let groups = take_array(&mut ebpf, maps::GROUPS)?;
         let backend_ids = take(&mut ebpf, maps::BACKEND_IDS)?;
         let ipcache_map = ebpf.take_map(maps::IPCACHE).ok_or_else(|| Error::Map {
             map: maps::IPCACHE,
@@ -502,6 +511,20 @@ fn check_layout(dir: &Path, sizes: maps::Sizes) -> Result<(), Error> {
                     dir.display(),
                     info.key_size(),
                     info.value_size()
+                ),
+            });
+        }
+        // Hash maps until the datapath v2's array-indexed backends and groups.
+        if [maps::BACKENDS, maps::GROUPS].contains(&name)
+            && !matches!(info.map_type(), Ok(aya::maps::MapType::Array))
+        {
+            return Err(Error::Map {
+                map: name,
+                reason: format!(
+                    "the pinned map under {} is a hash map, this agent's is an array: the \
+                     datapath layout changed between versions; drain the node and remove the \
+                     pins (the directory) before starting this agent",
+                    dir.display()
                 ),
             });
         }

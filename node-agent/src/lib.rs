@@ -18,6 +18,7 @@ pub mod enforce;
 pub mod enroll;
 pub mod flows;
 pub mod health;
+pub mod ids;
 pub mod maps;
 pub mod observe_server;
 pub mod pods;

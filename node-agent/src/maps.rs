@@ -114,7 +114,7 @@ pub const ALL: [&str; 22] = [
 /// slots (8 per service), as the defaults in C.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizes {
-    /// `CM_SERVICES` (and `CM_GROUPS`).
+    /// `CM_SERVICES`; the other sized maps follow from it.
     pub services: u32,
 }
 
@@ -130,9 +130,14 @@ impl Sizes {
     /// Services supported at most (`--max-services`).
     pub const MAX: u32 = 1 << 20;
 
-    /// `CM_BACKENDS` entries.
+    /// Backends at most (`CM_BACKENDS` holds one entry more: ID 0 is never a backend).
     pub fn backends(&self) -> u32 {
         self.services.saturating_mul(4)
+    }
+
+    /// Weighted services at most (`CM_GROUPS` entries): one in 16, at least 64.
+    pub fn weighted(&self) -> u32 {
+        (self.services / 16).max(64)
     }
 
     /// `CM_SLOTS` entries.
@@ -144,8 +149,8 @@ impl Sizes {
     pub fn maps(&self) -> [(&'static str, u32); 5] {
         [
             (SERVICES, self.services),
-            (GROUPS, self.services),
-            (BACKENDS, self.backends()),
+            (GROUPS, self.weighted()),
+            (BACKENDS, self.backends().saturating_add(1)),
             (BACKEND_IDS, self.backends()),
             (SLOTS, self.slots()),
         ]
@@ -166,7 +171,7 @@ pub const LAYOUT: [(&str, u32, u32); 19] = [
     (UDP_FLOWS, 32, 1),
     (SERVICES, 20, SVC_VAL_LEN as u32),
     (BACKEND_IDS, 24, 32),
-    (GROUPS, 8, 80),
+    (GROUPS, 4, 80),
     (BACKENDS, 4, 32),
     (SLOTS, 8, 4),
     (REVNAT, 32, 20),
@@ -262,8 +267,6 @@ pub type SvcKey = [u8; 20];
 /// `struct svc_val`.
 pub type SvcVal = [u8; SVC_VAL_LEN];
 const SVC_VAL_LEN: usize = 20 + 4 * TIERS * INLINE_SLOTS;
-/// `struct groups_key`.
-pub type GroupsKey = [u8; 8];
 /// `struct groups_val`.
 pub type GroupsVal = [u8; 80];
 /// `struct slot_key`.
@@ -300,8 +303,8 @@ pub fn parse_svc_key(k: &SvcKey) -> Option<Frontend> {
     })
 }
 
-/// `svc_val.flags`: the tier's cluster groups are in `CM_GROUPS`.
-pub const SVC_WEIGHTED: u32 = 1;
+/// `svc_val.flags`: tier 0's cluster groups are in `CM_GROUPS[group]`.
+pub const SVC_WEIGHTED: u16 = 1;
 
 /// A service's map value: its ID, backends per tier and how connections are split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -317,7 +320,9 @@ pub struct SvcEntry {
     /// Below this many healthy backends the first tier is skipped.
     pub min_healthy: u16,
     /// [`SVC_WEIGHTED`].
-    pub flags: u32,
+    pub flags: u16,
+    /// Its `CM_GROUPS` index when weighted.
+    pub group: u16,
     /// Backend IDs of each tier whose slots are inline ([`tier_inline`]); zeros past the count.
     pub inline: [[u32; INLINE_SLOTS]; TIERS],
 }
@@ -332,7 +337,8 @@ pub fn svc_val(e: &SvcEntry) -> SvcVal {
     v[10..12].copy_from_slice(&e.healthy[1].to_ne_bytes());
     v[12..14].copy_from_slice(&e.overprov_pct.to_ne_bytes());
     v[14..16].copy_from_slice(&e.min_healthy.to_ne_bytes());
-    v[16..20].copy_from_slice(&e.flags.to_ne_bytes());
+    v[16..18].copy_from_slice(&e.flags.to_ne_bytes());
+    v[18..20].copy_from_slice(&e.group.to_ne_bytes());
     for (i, id) in e.inline.iter().flatten().enumerate() {
         v[20 + 4 * i..24 + 4 * i].copy_from_slice(&id.to_ne_bytes());
     }
@@ -348,7 +354,8 @@ pub fn parse_svc_val(v: &SvcVal) -> SvcEntry {
         healthy: [u16_at(8), u16_at(10)],
         overprov_pct: u16_at(12),
         min_healthy: u16_at(14),
-        flags: u32::from_ne_bytes([v[16], v[17], v[18], v[19]]),
+        flags: u16_at(16),
+        group: u16_at(18),
         inline: std::array::from_fn(|t| {
             std::array::from_fn(|i| {
                 let o = 20 + 4 * (t * INLINE_SLOTS + i);
@@ -369,14 +376,6 @@ pub struct GroupEntry {
     pub weight: u16,
     /// Usable backends in it, as the agent sees them.
     pub healthy: u16,
-}
-
-/// Encodes a groups key.
-pub fn groups_key(svc: u32, tier: u32) -> GroupsKey {
-    let mut k = [0u8; 8];
-    k[..4].copy_from_slice(&svc.to_ne_bytes());
-    k[4..].copy_from_slice(&tier.to_ne_bytes());
-    k
 }
 
 /// Decodes a tier's groups.
@@ -848,9 +847,15 @@ mod tests {
             overprov_pct: 140,
             min_healthy: 1,
             flags: SVC_WEIGHTED,
+            group: 300,
             inline: [[1, 2, 3, 0, 0, 0, 0, 0], [9, 10, 0, 0, 0, 0, 0, 0]],
         };
         assert_eq!(parse_svc_val(&svc_val(&e)), e);
+        assert_eq!(
+            &svc_val(&e)[16..20],
+            &[1, 0, 44, 1],
+            "flags, then the group index"
+        );
         assert_eq!(&svc_val(&e)[20 + 32..20 + 36], &9u32.to_ne_bytes());
         assert!(tier_inline(8) && !tier_inline(9));
         assert_eq!((map_slots(8), map_slots(9)), (0, 9));

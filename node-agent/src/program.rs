@@ -12,10 +12,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use model::service::ServiceName;
 
 use crate::datapath::{Datapath, Error};
+use crate::ids::{self, IdPool};
 use crate::maps::{
     self, BackendEntry, Frontend, GroupEntry, MAX_TIER_SLOTS, Proto, SVC_WEIGHTED, SvcEntry, TIERS,
 };
@@ -134,6 +136,14 @@ pub enum Reason {
         /// The limit.
         capacity: usize,
     },
+    /// The cluster groups map has no room for one more weighted service.
+    #[error(
+        "cluster weights are on {capacity} services already, as many as CM_GROUPS holds (--max-services / 16, at least 64)"
+    )]
+    WeightedFull {
+        /// The limit.
+        capacity: usize,
+    },
     /// The slots map has no room for the service's new slots.
     #[error("{wanted} new slots, {free} free of {capacity} (8 × --max-services)")]
     SlotsFull {
@@ -148,13 +158,14 @@ pub enum Reason {
 
 impl Reason {
     /// Every [`Reason::kind`], for metrics.
-    pub const KINDS: [&'static str; 6] = [
+    pub const KINDS: [&'static str; 7] = [
         "tier_full",
         "duplicate_frontend",
         "services_full",
         "backends_full",
         "slots_full",
         "bad_groups",
+        "weighted_full",
     ];
 
     /// A short name of the reason (a metric label).
@@ -166,6 +177,7 @@ impl Reason {
             Self::BackendsFull { .. } => Self::KINDS[3],
             Self::SlotsFull { .. } => Self::KINDS[4],
             Self::BadGroups { .. } => Self::KINDS[5],
+            Self::WeightedFull { .. } => Self::KINDS[6],
         }
     }
 }
@@ -210,6 +222,8 @@ struct Limits {
     backends: usize,
     slots: usize,
     tier_slots: usize,
+    /// Weighted services.
+    weighted: usize,
 }
 
 impl Limits {
@@ -220,6 +234,7 @@ impl Limits {
         backends: MAX_BACKENDS,
         slots: MAX_SLOTS,
         tier_slots: MAX_TIER_SLOTS,
+        weighted: MAX_SERVICES / 16,
     };
 
     /// The maps as loaded.
@@ -229,6 +244,7 @@ impl Limits {
             backends: sizes.backends() as usize,
             slots: sizes.slots() as usize,
             tier_slots: MAX_TIER_SLOTS,
+            weighted: sizes.weighted() as usize,
         }
     }
 }
@@ -298,12 +314,13 @@ fn plan<'a>(
         }
     }
     // What stays in the maps while the plan is carried out.
-    let (mut used_services, mut used_slots) = (0usize, 0usize);
+    let (mut used_services, mut used_slots, mut used_weighted) = (0usize, 0usize, 0usize);
     for s in &claimants {
         out.desired.insert(s.frontend);
         if let Some(old) = current.get(&s.frontend) {
             used_services += 1;
             used_slots += old.slots();
+            used_weighted += usize::from(!old.groups.is_empty());
             out.used_backends.extend(&old.backends);
         }
     }
@@ -339,6 +356,9 @@ fn plan<'a>(
             })
         } else {
             let new_service = usize::from(old.is_none());
+            let new_weighted = usize::from(
+                !s.balancing.groups.is_empty() && old.is_none_or(|o| o.groups.is_empty()),
+            );
             let new_slots: usize = s
                 .tiers
                 .iter()
@@ -365,6 +385,10 @@ fn plan<'a>(
                     free: limits.slots.saturating_sub(used_slots),
                     capacity: limits.slots,
                 })
+            } else if used_weighted + new_weighted > limits.weighted {
+                Some(Reason::WeightedFull {
+                    capacity: limits.weighted,
+                })
             } else if out.used_backends.len() + new_backends.len() > limits.backends {
                 Some(Reason::BackendsFull {
                     wanted: new_backends.len(),
@@ -374,6 +398,7 @@ fn plan<'a>(
             } else {
                 used_services += new_service;
                 used_slots += new_slots;
+                used_weighted += new_weighted;
                 out.used_backends.extend(new_backends);
                 None
             }
@@ -440,11 +465,46 @@ pub struct Programmer {
     /// What the policy maps hold.
     policy: crate::policy::Tables,
     next_svc: u32,
-    next_backend: u32,
+    /// `CM_BACKENDS` indices.
+    backend_pool: IdPool,
+    /// `CM_GROUPS` indices.
+    group_pool: IdPool,
     batching: bool,
 }
 
-/// Writes `items` into `map` in one batch when the kernel allows, one by one otherwise.
+/// Writes `items` into the map in one batch when the kernel allows; whether it did (else the
+/// caller writes them one by one).
+fn write_batch<K: Copy, V: Copy>(
+    map: &aya::maps::MapData,
+    name: &'static str,
+    items: &[(K, V)],
+    batching: bool,
+) -> bool {
+    use std::os::fd::AsFd;
+    if items.is_empty() {
+        return true;
+    }
+    if !batching || items.len() < 2 {
+        return false;
+    }
+    let keys: Vec<K> = items.iter().map(|(k, _)| *k).collect();
+    let values: Vec<V> = items.iter().map(|(_, v)| *v).collect();
+    match crate::batch::update(map.fd().as_fd(), &keys, &values) {
+        Ok(n) if n == items.len() => return true,
+        Ok(n) => tracing::debug!(
+            map = name,
+            written = n,
+            wanted = items.len(),
+            "partial batch; finishing one by one"
+        ),
+        Err(e) => {
+            tracing::debug!(map = name, error = %e, "batch update unavailable; one by one")
+        }
+    }
+    false
+}
+
+/// Writes `items` into a hash map in one batch when the kernel allows, one by one otherwise.
 fn write_all<K: aya::Pod + Copy, V: aya::Pod + Copy>(
     map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
     name: &'static str,
@@ -452,28 +512,28 @@ fn write_all<K: aya::Pod + Copy, V: aya::Pod + Copy>(
     batching: bool,
 ) -> Result<(), Error> {
     use aya::maps::IterableMap;
-    use std::os::fd::AsFd;
-    if items.is_empty() {
+    if write_batch(map.map(), name, items, batching) {
         return Ok(());
-    }
-    if batching && items.len() > 1 {
-        let keys: Vec<K> = items.iter().map(|(k, _)| *k).collect();
-        let values: Vec<V> = items.iter().map(|(_, v)| *v).collect();
-        match crate::batch::update(map.map().fd().as_fd(), &keys, &values) {
-            Ok(n) if n == items.len() => return Ok(()),
-            Ok(n) => tracing::debug!(
-                map = name,
-                written = n,
-                wanted = items.len(),
-                "partial batch; finishing one by one"
-            ),
-            Err(e) => {
-                tracing::debug!(map = name, error = %e, "batch update unavailable; one by one")
-            }
-        }
     }
     for (k, v) in items {
         map.insert(*k, *v, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// [`write_all`] for an array map (index → value).
+fn write_array<V: aya::Pod + Copy>(
+    map: &mut aya::maps::Array<aya::maps::MapData, V>,
+    name: &'static str,
+    items: &[(u32, V)],
+    batching: bool,
+) -> Result<(), Error> {
+    use aya::maps::IterableMap;
+    if write_batch(map.map(), name, items, batching) {
+        return Ok(());
+    }
+    for (i, v) in items {
+        map.set(*i, *v, 0).map_err(map_err(name))?;
     }
     Ok(())
 }
@@ -502,8 +562,14 @@ impl Programmer {
         let mut backend_ids = HashMap::new();
         let mut by_id = HashMap::new();
         let mut health = HashMap::new();
-        for item in dp.backends.iter() {
-            let (id, v) = item.map_err(map_err(maps::BACKENDS))?;
+        // Every backend has its address → ID entry: the array's entries in use, without
+        // reading the whole array.
+        for item in dp.backend_ids.iter() {
+            let (_, r) = item.map_err(map_err(maps::BACKEND_IDS))?;
+            let (id, _) = maps::parse_backend_ref(&r);
+            let Ok(v) = dp.backends.get(&id, 0) else {
+                continue;
+            };
             if let Some(b) = maps::parse_backend_val(&v) {
                 backend_ids.insert(b.addr, id);
                 by_id.insert(id, b.addr);
@@ -537,7 +603,7 @@ impl Programmer {
             }
             let groups = if entry.flags & SVC_WEIGHTED != 0 {
                 dp.groups
-                    .get(&maps::groups_key(entry.id, 0), 0)
+                    .get(&u32::from(entry.group), 0)
                     .map(|v| {
                         maps::parse_groups_val(&v)
                             .into_iter()
@@ -559,7 +625,25 @@ impl Programmer {
             );
         }
         let next_svc = services.values().map(|s| s.entry.id).max().unwrap_or(0) + 1;
-        let next_backend = backend_ids.values().copied().max().unwrap_or(0) + 1;
+        let now = Instant::now();
+        let sizes = dp.sizes();
+        let backend_pool = IdPool::new(
+            1,
+            sizes.backends(),
+            ids::GRACE,
+            backend_ids.values().copied(),
+            now,
+        );
+        let group_pool = IdPool::new(
+            0,
+            sizes.weighted() - 1,
+            ids::GRACE,
+            services
+                .values()
+                .filter(|s| !s.groups.is_empty())
+                .map(|s| u32::from(s.entry.group)),
+            now,
+        );
         let policy = crate::policy::Tables::learn(&dp)?;
         let mut p = Self {
             dp,
@@ -571,7 +655,8 @@ impl Programmer {
             users: HashMap::new(),
             fronts: HashMap::new(),
             next_svc,
-            next_backend,
+            backend_pool,
+            group_pool,
             batching: true,
         };
         p.index_users();
@@ -651,11 +736,10 @@ impl Programmer {
                 continue;
             };
             let (healthy, groups) = self.healthy_counts(&inst.tiers, &inst.groups);
-            let id = inst.entry.id;
             if !groups.is_empty() {
                 self.dp
                     .groups
-                    .insert(maps::groups_key(id, 0), maps::groups_val(&groups), 0)
+                    .set(u32::from(inst.entry.group), maps::groups_val(&groups), 0)
                     .map_err(map_err(maps::GROUPS))?;
             }
             if healthy != inst.entry.healthy {
@@ -710,9 +794,11 @@ impl Programmer {
             .collect();
         for (addr, id) in unused {
             let _ = self.dp.backend_ids.remove(&maps::sockaddr_key(&addr));
-            if self.dp.backends.remove(&id).is_ok() {
+            // Zeroed (no longer active), and its ID rests before another backend gets it.
+            if self.dp.backends.set(id, [0u8; 32], 0).is_ok() {
                 ops.deletes += 1;
             }
+            self.backend_pool.give(id, Instant::now());
             self.backend_ids.remove(&addr);
             self.health.remove(&addr);
             self.suspects.remove(&addr);
@@ -741,14 +827,12 @@ impl Programmer {
             if self.dp.services.remove(&maps::svc_key(&f)).is_ok() {
                 ops.deletes += 1;
             }
-            if !old.groups.is_empty()
-                && self
-                    .dp
-                    .groups
-                    .remove(&maps::groups_key(old.entry.id, 0))
-                    .is_ok()
-            {
-                ops.deletes += 1;
+            if !old.groups.is_empty() {
+                let g = u32::from(old.entry.group);
+                if self.dp.groups.set(g, [0u8; 80], 0).is_ok() {
+                    ops.deletes += 1;
+                }
+                self.group_pool.give(g, Instant::now());
             }
             for tier in 0..TIERS {
                 if maps::tier_inline(old.entry.counts[tier]) {
@@ -798,8 +882,15 @@ impl Programmer {
             let (id, is_new) = match self.backend_ids.get(addr) {
                 Some(id) => (*id, false),
                 None => {
-                    let id = self.next_backend;
-                    self.next_backend += 1;
+                    // The plan keeps the backends within the map: an ID is there, at worst
+                    // after a freed one's grace period.
+                    let id = self
+                        .backend_pool
+                        .take(Instant::now(), std::thread::sleep)
+                        .ok_or(ProgramError::Map(Error::Map {
+                            map: maps::BACKENDS,
+                            reason: "no free backend ID".into(),
+                        }))?;
                     (id, true)
                 }
             };
@@ -840,7 +931,7 @@ impl Programmer {
             &ref_writes,
             self.batching,
         )?;
-        write_all(
+        write_array(
             &mut self.dp.backends,
             maps::BACKENDS,
             &backend_writes,
@@ -894,14 +985,27 @@ impl Programmer {
                 })
                 .collect();
             let (healthy, group_entries) = self.healthy_counts(&tiers, &groups);
-            let gkey = maps::groups_key(id, 0);
+            let old_group = old.filter(|o| !o.groups.is_empty()).map(|o| o.entry.group);
+            let mut group = 0;
             if !group_entries.is_empty() {
+                group = match old_group {
+                    Some(g) => g,
+                    // The plan keeps weighted services within CM_GROUPS.
+                    None => self
+                        .group_pool
+                        .take(Instant::now(), std::thread::sleep)
+                        .and_then(|g| u16::try_from(g).ok())
+                        .ok_or(ProgramError::Map(Error::Map {
+                            map: maps::GROUPS,
+                            reason: "no free group index".into(),
+                        }))?,
+                };
                 let value = maps::groups_val(&group_entries);
-                if self.dp.groups.get(&gkey, 0).ok() != Some(value) {
-                    group_writes.push((gkey, value));
+                if self.dp.groups.get(&u32::from(group), 0).ok() != Some(value) {
+                    group_writes.push((u32::from(group), value));
                 }
-            } else if old.is_some_and(|o| !o.groups.is_empty()) {
-                group_deletes.push(gkey);
+            } else if let Some(g) = old_group {
+                group_deletes.push(u32::from(g));
             }
             let entry = SvcEntry {
                 id,
@@ -910,6 +1014,7 @@ impl Programmer {
                 overprov_pct: s.balancing.overprov_pct,
                 min_healthy: s.balancing.min_healthy,
                 flags: if groups.is_empty() { 0 } else { SVC_WEIGHTED },
+                group,
                 inline,
             };
             let key = maps::svc_key(frontend);
@@ -940,7 +1045,7 @@ impl Programmer {
             ));
         }
         ops.writes += group_writes.len();
-        write_all(
+        write_array(
             &mut self.dp.groups,
             maps::GROUPS,
             &group_writes,
@@ -960,10 +1065,11 @@ impl Programmer {
                 ops.deletes += 1;
             }
         }
-        for key in group_deletes {
-            if self.dp.groups.remove(&key).is_ok() {
+        for g in group_deletes {
+            if self.dp.groups.set(g, [0u8; 80], 0).is_ok() {
                 ops.deletes += 1;
             }
+            self.group_pool.give(g, Instant::now());
         }
         self.services.extend(installed);
         self.index_users();
@@ -1168,7 +1274,7 @@ impl Programmer {
         }
         self.dp
             .backends
-            .insert(id, new, 0)
+            .set(id, new, 0)
             .map_err(map_err(maps::BACKENDS))?;
         Ok(true)
     }
@@ -1393,6 +1499,47 @@ mod tests {
     }
 
     #[test]
+    fn weighted_services_beyond_the_groups_map_are_refused_alone_and_programmed_ones_keep_theirs() {
+        let limits = Limits {
+            weighted: 1,
+            ..Limits::MAPS
+        };
+        let weighted = |i: u8, name: &str| {
+            let mut s = svc(i, name, [backends(1000 * u16::from(i), 2), vec![]]);
+            s.balancing.groups = vec![(1, 90), (1, 10)];
+            s
+        };
+        let old = weighted(9, "old");
+        let (f, mut inst) = installed(&old, 1);
+        inst.groups = vec![(0, 1, 90), (1, 1, 10)];
+        let current = BTreeMap::from([(f, inst)]);
+        let desired = [
+            weighted(2, "new"),
+            old.clone(),
+            svc(3, "plain", [backends(3000, 1), vec![]]),
+        ];
+        let p = plan(&current, &desired, limits);
+        assert_eq!(
+            accepted(&p),
+            [fe(3), fe(9)],
+            "the programmed one first; unweighted ones fit"
+        );
+        assert_eq!(p.refused.len(), 1);
+        assert_eq!(p.refused[0].frontend, fe(2));
+        assert_eq!(p.refused[0].reason, Reason::WeightedFull { capacity: 1 });
+        assert_eq!(p.refused[0].reason.kind(), "weighted_full");
+        // The programmed one drops its weights: its groups stay while the plan is carried
+        // out, so the new one fits once that is done.
+        let plain = svc(9, "old", [backends(9000, 2), vec![]]);
+        let desired = [weighted(2, "new"), plain.clone()];
+        let p = plan(&current, &desired, limits);
+        assert_eq!(accepted(&p), [fe(9)]);
+        let current = BTreeMap::from([installed(&plain, 1)]);
+        let p = plan(&current, &desired, limits);
+        assert_eq!((accepted(&p), p.refused.len()), (vec![fe(2), fe(9)], 0));
+    }
+
+    #[test]
     fn a_frontend_desired_twice_is_claimed_by_the_first_service_by_name() {
         let web = svc(1, "web", [backends(1000, 1), vec![]]);
         let api = svc(1, "api", [backends(2000, 1), vec![]]);
@@ -1418,6 +1565,7 @@ mod tests {
             backends: 4,
             slots: 6,
             tier_slots: 4,
+            weighted: 1,
         };
         let programmed = svc(9, "old", [backends(9000, 1), vec![]]);
         let current = BTreeMap::from([installed(&programmed, 1)]);
@@ -1501,6 +1649,7 @@ mod tests {
                 backends: 100,
                 slots: 2 * big + 2,
                 tier_slots: 256,
+                weighted: 1,
             },
         );
         assert_eq!(accepted(&p), [fe(1), fe(9)]);
@@ -1521,6 +1670,7 @@ mod tests {
             backends: 1,
             slots: 1,
             tier_slots: 1,
+            weighted: 1,
         };
         let gone = svc(9, "old", [backends(9000, 1), vec![]]);
         let current = BTreeMap::from([installed(&gone, 1)]);

@@ -683,3 +683,118 @@ print(json.dumps({{"first": first, "second": second, "answer": s.recv(64).decode
         "reconnected straight to b2: b2, not b2's service: {v}"
     );
 }
+
+/// The ID of `addr` in `CM_BACKENDS`, read back from the kernel's address → ID map.
+fn backend_id(p: &node_agent::program::Programmer, addr: SocketAddr) -> Option<u32> {
+    let r = p
+        .datapath()
+        .backend_ids
+        .get(&node_agent::maps::sockaddr_key(&addr), 0)
+        .ok()?;
+    Some(node_agent::maps::parse_backend_ref(&r).0)
+}
+
+/// Backends are array entries indexed by ID: a removed backend's entry is zeroed at once, its
+/// ID rests for the grace period before another backend gets it, connects through each
+/// service reach only that service's backends across the reuse, and an agent taking the maps
+/// over learns the IDs in use.
+#[test]
+fn a_backend_id_is_reused_only_after_its_grace_period_and_never_crosses_services() {
+    let node = Node::new();
+    let (a1, a2, b1) = (
+        backend("a-1", "127.0.1.81"),
+        backend("a-2", "127.0.1.82"),
+        backend("b-1", "127.0.1.83"),
+    );
+    let svc = |vip: &str, name: &str, be: SocketAddr| DesiredService {
+        frontend: frontend(vip, Proto::Tcp),
+        service: service(name),
+        tiers: [vec![spec(be, 1)], vec![]],
+        balancing: Default::default(),
+    };
+    let (vip_a, vip_b) = ("127.100.8.1:80", "127.100.8.2:80");
+    let mut p = node.open();
+    p.apply(&[svc(vip_a, "a", a1)]).unwrap();
+    let id1 = backend_id(&p, a1).expect("a-1 has an ID");
+    let freed = std::time::Instant::now();
+    // a-1 replaced by a-2: a-1's entry is zero, a-2 takes a fresh ID (a-1's rests).
+    let ops = p.apply(&[svc(vip_a, "a", a2)]).unwrap();
+    assert_eq!(ops.deletes, 1, "{ops:?}");
+    let id2 = backend_id(&p, a2).unwrap();
+    assert_ne!(id2, id1, "a freed ID is not reused at once");
+    assert_eq!(backend_id(&p, a1), None);
+    let zero = p.datapath().backends.get(&id1, 0).unwrap();
+    assert_eq!(zero, [0u8; 32], "a removed backend's entry is zeroed");
+    // Past the grace period, the next new backend (another service's) gets a-1's ID.
+    std::thread::sleep(node_agent::ids::GRACE.saturating_sub(freed.elapsed()));
+    p.apply(&[svc(vip_a, "a", a2), svc(vip_b, "b", b1)])
+        .unwrap();
+    assert_eq!(backend_id(&p, b1), Some(id1), "rested: reused");
+    let run = node.client(true, "tcp", vip_a.parse().unwrap(), 20);
+    assert_eq!(
+        (
+            run["failures"].as_u64(),
+            counts(&run).into_keys().collect::<Vec<_>>()
+        ),
+        (Some(0), vec!["a-2".to_string()]),
+        "{run}"
+    );
+    let run = node.client(true, "tcp", vip_b.parse().unwrap(), 20);
+    assert_eq!(
+        (
+            run["failures"].as_u64(),
+            counts(&run).into_keys().collect::<Vec<_>>()
+        ),
+        (Some(0), vec!["b-1".to_string()]),
+        "{run}"
+    );
+    // Another agent takes over: the same IDs, nothing rewritten.
+    drop(p);
+    let mut p = node.open();
+    assert_eq!(
+        (backend_id(&p, a2), backend_id(&p, b1)),
+        (Some(id2), Some(id1))
+    );
+    let again = p
+        .apply(&[svc(vip_a, "a", a2), svc(vip_b, "b", b1)])
+        .unwrap();
+    assert_eq!((again.writes, again.deletes), (0, 0), "{again:?}");
+}
+
+/// Pins left by an agent whose backends map was a hash map are refused with what to do,
+/// instead of being misread as an array.
+#[test]
+fn pins_of_the_hash_map_layout_are_refused_with_a_drain_hint() {
+    let node = Node::new();
+    std::fs::create_dir_all(&node.dir).unwrap();
+    let pin = node.dir.join("CM_BACKENDS");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "32",
+            "entries",
+            "262145",
+            "name",
+            "CM_BACKENDS",
+            "flags",
+            "1",
+        ])
+        .output()
+        .expect("bpftool runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = node.open_sized(65_536).unwrap_err().to_string();
+    assert!(
+        e.contains("CM_BACKENDS") && e.contains("hash map") && e.contains("remove the pins"),
+        "{e}"
+    );
+}
