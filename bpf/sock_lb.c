@@ -31,7 +31,7 @@
 #define MAX_SERVICES 65536
 #define MAX_BACKENDS 262144
 // Weighted services (cluster weights) at most: one CM_GROUPS entry each.
-#define MAX_WEIGHTED (MAX_SERVICES / 16)
+#define MAX_WEIGHTED (MAX_SERVICES / 4)
 #define MAX_SLOTS (MAX_BACKENDS * 2)
 #define MAX_TIER_SLOTS 256
 #define TIERS 2

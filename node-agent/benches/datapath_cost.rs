@@ -59,11 +59,15 @@ fn own_services(n: usize, local_port: u16, remote_port: u16) -> Vec<DesiredServi
         .collect()
 }
 
-/// Weighted by cluster (90/10): both backends in one tier, two cluster groups.
-fn weighted(mut svcs: Vec<DesiredService>) -> Vec<DesiredService> {
-    for s in &mut svcs {
-        let [local, remote] = std::mem::take(&mut s.tiers);
-        s.tiers[0] = local.into_iter().chain(remote).collect();
+/// Everything on: the first tier weighted by cluster (90/10: two backends, two cluster
+/// groups), the remote tier behind it with spill-over (1.4), passive health on all three.
+fn weighted(mut svcs: Vec<DesiredService>, local_port: u16) -> Vec<DesiredService> {
+    for (i, s) in svcs.iter_mut().enumerate() {
+        s.tiers[0].push(BackendSpec {
+            addr: SocketAddr::from(([127, 3, (i / 250) as u8, (i % 250 + 1) as u8], local_port)),
+            cluster_id: 3,
+            zone: 0,
+        });
         s.balancing.groups = vec![(1, 90), (1, 10)];
     }
     svcs
@@ -100,6 +104,13 @@ fn services(n: usize, backends: &[SocketAddr]) -> Vec<DesiredService> {
             },
         })
         .collect()
+}
+
+/// Applies `desired`, every service programmed (a refused one would leave the row measuring
+/// something else).
+fn apply_all(p: &mut Programmer, desired: &[DesiredService]) {
+    let ops = p.apply(desired).unwrap();
+    assert!(ops.refused.is_empty(), "refused: {:?}", &ops.refused[..1]);
 }
 
 /// `n` connect()+close to `targets`, round robin.
@@ -287,8 +298,7 @@ fn main() {
     let local_port = listener("0.0.0.0").port();
     let remote_port = listener("0.0.0.0").port();
     for count in [1, 10_000] {
-        p.apply(&own_services(count, local_port, remote_port))
-            .unwrap();
+        apply_all(&mut p, &own_services(count, local_port, remote_port));
         let targets: Vec<SocketAddr> = (0..count).map(vip).collect();
         let label = count.to_string();
         row(
@@ -341,22 +351,30 @@ fn main() {
         p.datapath_mut()
             .update_config(|c| c.flags &= !maps::CFG_NO_PEER_REWRITE)
             .unwrap();
-        p.apply(&weighted(own_services(count, local_port, remote_port)))
-            .unwrap();
+        apply_all(
+            &mut p,
+            &weighted(own_services(count, local_port, remote_port), local_port),
+        );
         row(
-            "cm_connect4, translated connect, cluster weights 90/10",
+            "cm_connect4, translated connect, cluster weights 90/10 and spill-over (all on)",
             &label,
             cost(&[connect4], &targets, n),
         );
-        p.apply(&services(count, &[backend, remote])).unwrap();
+        if count > 100 {
+            row(
+                "cm_connect4, all on, round robin over 100 of them",
+                &label,
+                cost(&[connect4], &targets[..100], n),
+            );
+        }
+        apply_all(&mut p, &services(count, &[backend, remote]));
         row(
             "cm_connect4, translated connect, every service on the same 2 backends (socket storage)",
             &label,
             cost(&[connect4], &targets, n),
         );
     }
-    p.apply(&own_services(10_000, local_port, remote_port))
-        .unwrap();
+    apply_all(&mut p, &own_services(10_000, local_port, remote_port));
     let memlock_10k = memlock(&pins);
     let targets: Vec<SocketAddr> = (0..10_000).map(vip).collect();
     let started = Instant::now();

@@ -135,9 +135,9 @@ impl Sizes {
         self.services.saturating_mul(4)
     }
 
-    /// Weighted services at most (`CM_GROUPS` entries): one in 16, at least 64.
+    /// Weighted services at most (`CM_GROUPS` entries, 80 bytes each): one in 4, at least 64.
     pub fn weighted(&self) -> u32 {
-        (self.services / 16).max(64)
+        (self.services / 4).max(64)
     }
 
     /// `CM_SLOTS` entries.

@@ -138,7 +138,7 @@ pub enum Reason {
     },
     /// The cluster groups map has no room for one more weighted service.
     #[error(
-        "cluster weights are on {capacity} services already, as many as CM_GROUPS holds (--max-services / 16, at least 64)"
+        "cluster weights are on {capacity} services already, as many as CM_GROUPS holds (--max-services / 4, at least 64)"
     )]
     WeightedFull {
         /// The limit.
@@ -234,7 +234,7 @@ impl Limits {
         backends: MAX_BACKENDS,
         slots: MAX_SLOTS,
         tier_slots: MAX_TIER_SLOTS,
-        weighted: MAX_SERVICES / 16,
+        weighted: MAX_SERVICES / 4,
     };
 
     /// The maps as loaded.
