@@ -142,8 +142,42 @@ fn memlock(dir: &Path) -> u64 {
         .sum()
 }
 
-/// An empty `cgroup/connect4` program attached to `cgroup` (the hook's floor), detached and
-/// unpinned on drop.
+/// An empty `cgroup/connect4` program: the hook's floor.
+const EMPTY: &str = "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n\
+    SEC(\"cgroup/connect4\") int empty(struct bpf_sock_addr *ctx) { return 1; }\n\
+    char _license[] SEC(\"license\") = \"GPL\";\n";
+
+/// The memory floor of any socket-LB at many services: the least a translated connect must
+/// read when every connect goes to another service — one cache line for the service (an
+/// array entry found by a multiplicative hash of the address, no probing, no key compare) and,
+/// dependent on it, one line for the backend — and the rewrite. Every connect goes to
+/// `TARGET` (the entries are zero; the index and address still wait for the loads).
+const FLOOR: &str = r#"#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+struct line { __u32 id; __u32 pad[15]; };
+struct be { __u32 ip; __u16 port; __u16 pad; __u32 more[5]; };
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 16384); __type(key, __u32); __type(value, struct line); } FLOOR_SVC SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 65536); __type(key, __u32); __type(value, struct be); } FLOOR_BE SEC(".maps");
+SEC("cgroup/connect4") int floor2(struct bpf_sock_addr *ctx)
+{
+	__u32 ip = ctx->user_ip4;
+	__u32 i = (ip * 2654435761u) >> 18;
+	struct line *s = bpf_map_lookup_elem(&FLOOR_SVC, &i);
+	if (!s)
+		return 1;
+	__u32 j = (s->id + ip * 40503u) & 65535;
+	struct be *b = bpf_map_lookup_elem(&FLOOR_BE, &j);
+	if (!b)
+		return 1;
+	ctx->user_ip4 = b->ip | TARGET_IP;
+	ctx->user_port = b->port | TARGET_PORT;
+	return 1;
+}
+char _license[] SEC("license") = "GPL";
+"#;
+
+/// A `cgroup/connect4` program from C `source` attached to `cgroup`, detached and unpinned on
+/// drop.
 struct EmptyProgram {
     pin: PathBuf,
     cgroup: PathBuf,
@@ -151,22 +185,20 @@ struct EmptyProgram {
 
 impl EmptyProgram {
     fn attach(cgroup: &Path, dir: &Path) -> Self {
-        let src = dir.join("empty.c");
-        let obj = dir.join("empty.o");
-        std::fs::write(
-            &src,
-            "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n\
-             SEC(\"cgroup/connect4\") int empty(struct bpf_sock_addr *ctx) { return 1; }\n\
-             char _license[] SEC(\"license\") = \"GPL\";\n",
-        )
-        .unwrap();
+        Self::attach_source(cgroup, dir, "empty", EMPTY, "")
+    }
+
+    fn attach_source(cgroup: &Path, dir: &Path, name: &str, source: &str, flags: &str) -> Self {
+        let src = dir.join(format!("{name}.c"));
+        let obj = dir.join(format!("{name}.o"));
+        std::fs::write(&src, source).unwrap();
         sh(&format!(
-            "clang -O2 -target bpf -I/usr/include/{}-linux-gnu -c {} -o {}",
+            "clang -O2 -target bpf {flags} -I/usr/include/{}-linux-gnu -c {} -o {}",
             std::env::consts::ARCH,
             src.display(),
             obj.display()
         ));
-        let pin = Path::new("/sys/fs/bpf").join(format!("cmcost-empty-{}", std::process::id()));
+        let pin = Path::new("/sys/fs/bpf").join(format!("cmcost-{name}-{}", std::process::id()));
         sh(&format!(
             "bpftool prog load {} {} type cgroup/connect4 && bpftool cgroup attach {} connect4 pinned {} multi",
             obj.display(),
@@ -265,6 +297,31 @@ fn main() {
             cost(&[id], &[backend], n),
         );
         drop(empty);
+    }
+    // The memory floor: two dependent cache lines and the rewrite, per connect.
+    {
+        let ip = match backend.ip() {
+            std::net::IpAddr::V4(v4) => u32::from_ne_bytes(v4.octets()),
+            std::net::IpAddr::V6(_) => unreachable!("an IPv4 listener"),
+        };
+        let port = u32::from(backend.port().to_be());
+        let floor = EmptyProgram::attach_source(
+            &cgroup,
+            tmp.path(),
+            "floor2",
+            FLOOR,
+            &format!("-g -DTARGET_IP={ip}u -DTARGET_PORT={port}u"),
+        );
+        let id = attached(&cgroup, "floor2");
+        for count in [1, 100, 10_000] {
+            let targets: Vec<SocketAddr> = (0..count).map(vip).collect();
+            row(
+                "floor: two dependent cache lines (service, backend) and the rewrite, round robin over that many addresses",
+                &count.to_string(),
+                cost(&[id], &targets, n),
+            );
+        }
+        drop(floor);
     }
 
     let sizes = std::env::var("CMCOST_MAX_SERVICES")
