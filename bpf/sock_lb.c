@@ -30,8 +30,12 @@
 
 #define MAX_SERVICES 65536
 #define MAX_BACKENDS 262144
-// Weighted services (cluster weights) at most: one CM_GROUPS entry each.
+// Weighted services (cluster weights) at most: one CM_GROUPS entry each (and a quarter more
+// for indices resting after their service went).
 #define MAX_WEIGHTED (MAX_SERVICES / 4)
+#define GROUP_ENTRIES (MAX_WEIGHTED + MAX_WEIGHTED / 4)
+// Backend IDs: the backends, a quarter more for IDs resting after their backend went, and 0.
+#define BACKEND_ENTRIES (MAX_BACKENDS + MAX_BACKENDS / 4 + 1)
 #define MAX_SLOTS (MAX_BACKENDS * 2)
 #define MAX_TIER_SLOTS 256
 #define TIERS 2
@@ -117,16 +121,18 @@ struct svc_val {
 // A weighted tier: its slots grouped by cluster, each group a contiguous range of slots.
 // Only tier 0 is ever weighted.
 struct group {
-	__u16 start;
+	__u8 start;
+	__u8 healthy;   // usable backends in the group as the agent sees them (at most 255)
 	__u16 len;
 	__u16 weight;
-	__u16 healthy;  // usable backends in the group as the agent sees them
 };
 
+// One cache line (the array is mmapable, so its entries start on page boundaries).
 struct groups_val {
 	__u32 n;
 	__u32 total; // sum of the weights of the groups with a healthy backend (0: sum them here)
 	struct group g[MAX_GROUPS];
+	__u16 pad;
 };
 
 struct slot_key {
@@ -243,12 +249,14 @@ struct {
 // from a slot just before the agent freed it never meets another backend under it), writes
 // a backend before any slot holds its ID, and changes a live backend only in place, field by
 // field (`state`, `suspect_until`): a program never reads a backend half written. Entry 0 is
-// never a backend; an unused entry is zero (family 0, not active).
+// never a backend; an unused entry is zero, a removed backend's keeps its address with no
+// state bit (not active) until the ID is reused.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_BACKENDS + 1);
+	__uint(max_entries, BACKEND_ENTRIES);
 	__type(key, __u32);
 	__type(value, struct backend);
+	__uint(map_flags, BPF_F_MMAPABLE); // page-aligned data: a backend never straddles two lines
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_BACKENDS SEC(".maps");
 
@@ -277,9 +285,10 @@ struct {
 // misplace a draw among that service's backends, never leave them.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_WEIGHTED);
+	__uint(max_entries, GROUP_ENTRIES);
 	__type(key, __u32);
 	__type(value, struct groups_val);
+	__uint(map_flags, BPF_F_MMAPABLE); // page-aligned data: an entry is one cache line
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CM_GROUPS SEC(".maps");
 

@@ -685,7 +685,7 @@ pub async fn run(
             }
             Some(ev) = ev_rx.recv() => {
                 metrics.inc(m::EVENTS, &[ev.reason.as_str()]);
-                let addr = lock(&programmer).backend_addr(ev.backend_id);
+                let addr = lock(&programmer).event_backend(ev.backend_id, ev.addr);
                 if let Some(addr) = addr {
                     if ev.reason != HealthReason::Established {
                         tracing::info!(backend = %addr, reason = ev.reason.as_str(), "kernel marked backend suspect; probing it");

@@ -135,9 +135,24 @@ impl Sizes {
         self.services.saturating_mul(4)
     }
 
-    /// Weighted services at most (`CM_GROUPS` entries, 80 bytes each): one in 4, at least 64.
+    /// `CM_BACKENDS` entries: the backends and a quarter more, so that the IDs of removed
+    /// backends can rest ([`crate::ids::GRACE`]) while new ones are programmed, and ID 0.
+    pub fn backend_entries(&self) -> u32 {
+        let b = self.backends();
+        b.saturating_add(b / 4).saturating_add(1)
+    }
+
+    /// Weighted services at most: one in 4, at least 64, at most 49,152 (a group index is 16
+    /// bits wide, and [`Sizes::group_entries`] adds a quarter).
     pub fn weighted(&self) -> u32 {
-        (self.services / 4).max(64)
+        (self.services / 4).clamp(64, 49_152)
+    }
+
+    /// `CM_GROUPS` entries (64 bytes each): the weighted services and a quarter more, for
+    /// the indices resting after their service was removed or unweighted.
+    pub fn group_entries(&self) -> u32 {
+        let w = self.weighted();
+        w + w / 4
     }
 
     /// `CM_SLOTS` entries.
@@ -149,8 +164,8 @@ impl Sizes {
     pub fn maps(&self) -> [(&'static str, u32); 5] {
         [
             (SERVICES, self.services),
-            (GROUPS, self.weighted()),
-            (BACKENDS, self.backends().saturating_add(1)),
+            (GROUPS, self.group_entries()),
+            (BACKENDS, self.backend_entries()),
             (BACKEND_IDS, self.backends()),
             (SLOTS, self.slots()),
         ]
@@ -171,7 +186,7 @@ pub const LAYOUT: [(&str, u32, u32); 19] = [
     (UDP_FLOWS, 32, 1),
     (SERVICES, 20, SVC_VAL_LEN as u32),
     (BACKEND_IDS, 24, 32),
-    (GROUPS, 4, 80),
+    (GROUPS, 4, 64),
     (BACKENDS, 4, 32),
     (SLOTS, 8, 4),
     (REVNAT, 32, 20),
@@ -268,7 +283,7 @@ pub type SvcKey = [u8; 20];
 pub type SvcVal = [u8; SVC_VAL_LEN];
 const SVC_VAL_LEN: usize = 20 + 4 * TIERS * INLINE_SLOTS;
 /// `struct groups_val`.
-pub type GroupsVal = [u8; 80];
+pub type GroupsVal = [u8; 64];
 /// `struct slot_key`.
 pub type SlotKey = [u8; 8];
 /// `struct backend`.
@@ -384,12 +399,12 @@ pub fn parse_groups_val(v: &GroupsVal) -> Vec<GroupEntry> {
     let u16_at = |i: usize| u16::from_ne_bytes([v[i], v[i + 1]]);
     (0..n)
         .map(|i| {
-            let o = 8 + i * 8;
+            let o = 8 + i * 6;
             GroupEntry {
-                start: u16_at(o),
+                start: u16::from(v[o]),
+                healthy: u16::from(v[o + 1]),
                 len: u16_at(o + 2),
                 weight: u16_at(o + 4),
-                healthy: u16_at(o + 6),
             }
         })
         .collect()
@@ -397,7 +412,7 @@ pub fn parse_groups_val(v: &GroupsVal) -> Vec<GroupEntry> {
 
 /// Encodes a tier's groups (at most [`MAX_GROUPS`]; the rest are ignored).
 pub fn groups_val(groups: &[GroupEntry]) -> GroupsVal {
-    let mut v = [0u8; 80];
+    let mut v = [0u8; 64];
     let n = groups.len().min(MAX_GROUPS);
     v[..4].copy_from_slice(&(n as u32).to_ne_bytes());
     // The sum of the weights the kernel draws from (groups with a healthy backend), written
@@ -410,11 +425,13 @@ pub fn groups_val(groups: &[GroupEntry]) -> GroupsVal {
         .sum();
     v[4..8].copy_from_slice(&total.to_ne_bytes());
     for (i, g) in groups.iter().take(n).enumerate() {
-        let o = 8 + i * 8;
-        v[o..o + 2].copy_from_slice(&g.start.to_ne_bytes());
+        // A tier holds at most MAX_TIER_SLOTS (256) backends: a group starts below 256; the
+        // kernel reads `healthy` only as "any", so it saturates.
+        let o = 8 + i * 6;
+        v[o] = u8::try_from(g.start).unwrap_or(u8::MAX);
+        v[o + 1] = u8::try_from(g.healthy).unwrap_or(u8::MAX);
         v[o + 2..o + 4].copy_from_slice(&g.len.to_ne_bytes());
         v[o + 4..o + 6].copy_from_slice(&g.weight.to_ne_bytes());
-        v[o + 6..o + 8].copy_from_slice(&g.healthy.to_ne_bytes());
     }
     v
 }
@@ -486,6 +503,15 @@ pub fn backend_val(b: &BackendEntry) -> BackendVal {
     v[22..24].copy_from_slice(&b.zone.to_ne_bytes());
     v[24..32].copy_from_slice(&b.suspect_until_ns.to_ne_bytes());
     v
+}
+
+/// The same backend retired: no longer active nor with one frontend, its address kept until
+/// its ID is reused (only the state byte differs, so a program reading it meanwhile sees a
+/// whole entry, skipped).
+pub fn retired(v: &BackendVal) -> BackendVal {
+    let mut r = *v;
+    r[19] = 0;
+    r
 }
 
 /// Decodes a backend.
@@ -866,7 +892,7 @@ mod tests {
             healthy: 1,
         }]);
         assert_eq!(&g[..4], &1u32.to_ne_bytes());
-        assert_eq!(&g[8..16], &[2, 0, 3, 0, 90, 0, 1, 0]);
+        assert_eq!(&g[8..14], &[2, 1, 3, 0, 90, 0]);
         assert_eq!(parse_slot_key(&slot_key(9, 1, 255)), (9, 1, 255));
         let b = BackendEntry {
             addr: "10.1.0.5:8080".parse().unwrap(),

@@ -547,6 +547,15 @@ impl std::fmt::Debug for Programmer {
     }
 }
 
+/// Whether a delete failed only because the entry was not there.
+fn not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
     move |e| Error::Map {
         map,
@@ -558,24 +567,53 @@ impl Programmer {
     /// Takes over `dp`, learning the IDs of what an earlier agent programmed (and which
     /// backends each service's slots reference) so that the same desired state rewrites
     /// nothing.
-    pub fn new(dp: Datapath) -> Result<Self, Error> {
+    pub fn new(mut dp: Datapath) -> Result<Self, Error> {
         let mut backend_ids = HashMap::new();
         let mut by_id = HashMap::new();
         let mut health = HashMap::new();
         // Every backend has its address → ID entry: the array's entries in use, without
-        // reading the whole array.
+        // reading the whole array. An entry whose ID holds another address (or none) is a
+        // leftover of an agent stopped between two writes: removed.
+        let mut stale = Vec::new();
         for item in dp.backend_ids.iter() {
-            let (_, r) = item.map_err(map_err(maps::BACKEND_IDS))?;
+            let (k, r) = item.map_err(map_err(maps::BACKEND_IDS))?;
             let (id, _) = maps::parse_backend_ref(&r);
-            let Ok(v) = dp.backends.get(&id, 0) else {
-                continue;
-            };
-            if let Some(b) = maps::parse_backend_val(&v) {
-                backend_ids.insert(b.addr, id);
-                by_id.insert(id, b.addr);
-                health.insert(b.addr, b.healthy);
+            let b = dp
+                .backends
+                .get(&id, 0)
+                .ok()
+                .and_then(|v| maps::parse_backend_val(&v))
+                .filter(|b| maps::sockaddr_key(&b.addr) == k);
+            match b {
+                Some(b) => {
+                    backend_ids.insert(b.addr, id);
+                    by_id.insert(id, b.addr);
+                    health.insert(b.addr, b.healthy);
+                }
+                None => stale.push(k),
             }
         }
+        for k in stale {
+            let _ = dp.backend_ids.remove(&k);
+        }
+        // Any backend a slot references is in use, with or without its address entry (it is
+        // rewritten below): its ID must never be handed to another backend.
+        let mut referenced = |bid: u32,
+                              backend_ids: &mut HashMap<SocketAddr, u32>,
+                              by_id: &mut HashMap<u32, SocketAddr>|
+         -> Option<SocketAddr> {
+            if let Some(a) = by_id.get(&bid) {
+                return Some(*a);
+            }
+            let b = maps::parse_backend_val(&dp.backends.get(&bid, 0).ok()?)?;
+            if backend_ids.contains_key(&b.addr) {
+                return None;
+            }
+            backend_ids.insert(b.addr, bid);
+            by_id.insert(bid, b.addr);
+            health.insert(b.addr, b.healthy);
+            Some(b.addr)
+        };
         let mut services = BTreeMap::new();
         for item in dp.services.iter() {
             let (k, v) = item.map_err(map_err(maps::SERVICES))?;
@@ -595,9 +633,11 @@ impl Programmer {
                             .get(&maps::slot_key(entry.id, tier as u16, slot), 0)
                             .ok()
                     };
-                    if let Some(addr) = bid.and_then(|bid| by_id.get(&bid)) {
-                        backends.insert(*addr);
-                        tiers[tier].push(*addr);
+                    if let Some(addr) =
+                        bid.and_then(|bid| referenced(bid, &mut backend_ids, &mut by_id))
+                    {
+                        backends.insert(addr);
+                        tiers[tier].push(addr);
                     }
                 }
             }
@@ -629,14 +669,14 @@ impl Programmer {
         let sizes = dp.sizes();
         let backend_pool = IdPool::new(
             1,
-            sizes.backends(),
+            sizes.backend_entries() - 1,
             ids::GRACE,
             backend_ids.values().copied(),
             now,
         );
         let group_pool = IdPool::new(
             0,
-            sizes.weighted() - 1,
+            sizes.group_entries() - 1,
             ids::GRACE,
             services
                 .values()
@@ -794,8 +834,12 @@ impl Programmer {
             .collect();
         for (addr, id) in unused {
             let _ = self.dp.backend_ids.remove(&maps::sockaddr_key(&addr));
-            // Zeroed (no longer active), and its ID rests before another backend gets it.
-            if self.dp.backends.set(id, [0u8; 32], 0).is_ok() {
+            // Retired in place (not active), and its ID rests before another backend gets it.
+            if let Ok(v) = self.dp.backends.get(&id, 0)
+                && v != [0u8; 32]
+                && (v == maps::retired(&v)
+                    || self.dp.backends.set(id, maps::retired(&v), 0).is_ok())
+            {
                 ops.deletes += 1;
             }
             self.backend_pool.give(id, Instant::now());
@@ -824,12 +868,19 @@ impl Programmer {
             let Some(old) = self.services.remove(&f) else {
                 continue;
             };
-            if self.dp.services.remove(&maps::svc_key(&f)).is_ok() {
-                ops.deletes += 1;
+            // Its backends' IDs are freed below: only once the service is surely gone.
+            match self.dp.services.remove(&maps::svc_key(&f)) {
+                Ok(()) => ops.deletes += 1,
+                Err(e) if not_found(&e) => {}
+                Err(e) => {
+                    self.services.insert(f, old);
+                    self.index_users();
+                    return Err(map_err(maps::SERVICES)(e).into());
+                }
             }
             if !old.groups.is_empty() {
                 let g = u32::from(old.entry.group);
-                if self.dp.groups.set(g, [0u8; 80], 0).is_ok() {
+                if self.dp.groups.set(g, [0u8; 64], 0).is_ok() {
                     ops.deletes += 1;
                 }
                 self.group_pool.give(g, Instant::now());
@@ -878,27 +929,35 @@ impl Programmer {
         };
         let mut backend_writes = Vec::new();
         let mut ref_writes = Vec::new();
+        // Undone if this step fails: the IDs taken and the index's frontends changed.
+        let mut taken = Vec::new();
+        let mut prev_fronts = Vec::new();
+        let mut failed = None;
         for (addr, spec) in &wanted_backends {
             let (id, is_new) = match self.backend_ids.get(addr) {
                 Some(id) => (*id, false),
-                None => {
-                    // The plan keeps the backends within the map: an ID is there, at worst
-                    // after a freed one's grace period.
-                    let id = self
-                        .backend_pool
-                        .take(Instant::now(), std::thread::sleep)
-                        .ok_or(ProgramError::Map(Error::Map {
+                // The plan keeps the backends within the map, whose quarter of spare IDs
+                // lets removed backends' IDs rest: waiting for one is for a map churned
+                // through that spare within a second.
+                None => match self.backend_pool.take(Instant::now(), std::thread::sleep) {
+                    Some(id) => {
+                        taken.push((*addr, id));
+                        (id, true)
+                    }
+                    None => {
+                        failed = Some(ProgramError::Map(Error::Map {
                             map: maps::BACKENDS,
                             reason: "no free backend ID".into(),
-                        }))?;
-                    (id, true)
-                }
+                        }));
+                        break;
+                    }
+                },
             };
             // The frontend in the index before the flag that makes connect() rely on it.
             let front = one_front(during.get(addr));
             if let Some(f) = front.filter(|f| self.fronts.get(addr) != Some(f)) {
                 ref_writes.push((maps::sockaddr_key(addr), maps::backend_ref(id, Some(f))));
-                self.fronts.insert(*addr, f);
+                prev_fronts.push((*addr, self.fronts.insert(*addr, f)));
             } else if is_new {
                 ref_writes.push((maps::sockaddr_key(addr), maps::backend_ref(id, None)));
             }
@@ -925,18 +984,41 @@ impl Programmer {
         }
         // Address → ID (and one frontend) for sock_ops and getpeername(), then the backends.
         ops.writes += ref_writes.len() + backend_writes.len();
-        write_all(
-            &mut self.dp.backend_ids,
-            maps::BACKEND_IDS,
-            &ref_writes,
-            self.batching,
-        )?;
-        write_array(
-            &mut self.dp.backends,
-            maps::BACKENDS,
-            &backend_writes,
-            self.batching,
-        )?;
+        let written = match failed {
+            Some(e) => Err(e),
+            None => write_all(
+                &mut self.dp.backend_ids,
+                maps::BACKEND_IDS,
+                &ref_writes,
+                self.batching,
+            )
+            .and_then(|()| {
+                write_array(
+                    &mut self.dp.backends,
+                    maps::BACKENDS,
+                    &backend_writes,
+                    self.batching,
+                )
+            })
+            .map_err(ProgramError::from),
+        };
+        if let Err(e) = written {
+            // As if never taken: the next apply writes these backends and their address
+            // entries again (an ID half written rests, then is overwritten whole).
+            let now = Instant::now();
+            for (addr, id) in taken {
+                self.backend_ids.remove(&addr);
+                self.health.remove(&addr);
+                self.backend_pool.give(id, now);
+            }
+            for (addr, prev) in prev_fronts.into_iter().rev() {
+                match prev {
+                    Some(f) => self.fronts.insert(addr, f),
+                    None => self.fronts.remove(&addr),
+                };
+            }
+            return Err(e);
+        }
         // 3. Services: slots (all services), groups, counts, then slots past the counts.
         let mut slot_writes = Vec::new();
         let mut svc_writes = Vec::new();
@@ -944,6 +1026,8 @@ impl Programmer {
         let mut group_deletes = Vec::new();
         let mut stale_slots = Vec::new();
         let mut installed = Vec::new();
+        let mut taken_groups = Vec::new();
+        let mut failed = None;
         for (frontend, s) in &plan.accepted {
             let old = self.services.get(frontend);
             let old_entry = old.map(|i| i.entry);
@@ -990,15 +1074,28 @@ impl Programmer {
             if !group_entries.is_empty() {
                 group = match old_group {
                     Some(g) => g,
-                    // The plan keeps weighted services within CM_GROUPS.
-                    None => self
+                    // The plan keeps weighted services within CM_GROUPS (and its spare
+                    // quarter lets indices rest); Sizes::weighted keeps indices in 16 bits.
+                    None => match self
                         .group_pool
                         .take(Instant::now(), std::thread::sleep)
-                        .and_then(|g| u16::try_from(g).ok())
-                        .ok_or(ProgramError::Map(Error::Map {
-                            map: maps::GROUPS,
-                            reason: "no free group index".into(),
-                        }))?,
+                        .map(|g| (g, u16::try_from(g)))
+                    {
+                        Some((_, Ok(g))) => {
+                            taken_groups.push(u32::from(g));
+                            g
+                        }
+                        other => {
+                            if let Some((g, _)) = other {
+                                self.group_pool.give(g, Instant::now());
+                            }
+                            failed = Some(ProgramError::Map(Error::Map {
+                                map: maps::GROUPS,
+                                reason: "no free group index".into(),
+                            }));
+                            break;
+                        }
+                    },
                 };
                 let value = maps::groups_val(&group_entries);
                 if self.dp.groups.get(&u32::from(group), 0).ok() != Some(value) {
@@ -1045,28 +1142,43 @@ impl Programmer {
             ));
         }
         ops.writes += group_writes.len();
-        write_array(
-            &mut self.dp.groups,
-            maps::GROUPS,
-            &group_writes,
-            self.batching,
-        )?;
         // Every service's new slots before any service's new counts; stale slots after.
         ops.writes += slot_writes.len() + svc_writes.len();
-        write_all(&mut self.dp.slots, maps::SLOTS, &slot_writes, self.batching)?;
-        write_all(
-            &mut self.dp.services,
-            maps::SERVICES,
-            &svc_writes,
-            self.batching,
-        )?;
+        let written = match failed {
+            Some(e) => Err(e),
+            None => write_array(
+                &mut self.dp.groups,
+                maps::GROUPS,
+                &group_writes,
+                self.batching,
+            )
+            .and_then(|()| write_all(&mut self.dp.slots, maps::SLOTS, &slot_writes, self.batching))
+            .and_then(|()| {
+                write_all(
+                    &mut self.dp.services,
+                    maps::SERVICES,
+                    &svc_writes,
+                    self.batching,
+                )
+            })
+            .map_err(ProgramError::from),
+        };
+        if let Err(e) = written {
+            // No service of this apply was recorded as programmed: the group indices it took
+            // go back (resting, in case a service entry was written with one).
+            let now = Instant::now();
+            for g in taken_groups {
+                self.group_pool.give(g, now);
+            }
+            return Err(e);
+        }
         for key in stale_slots {
             if self.dp.slots.remove(&key).is_ok() {
                 ops.deletes += 1;
             }
         }
         for g in group_deletes {
-            if self.dp.groups.set(g, [0u8; 80], 0).is_ok() {
+            if self.dp.groups.set(g, [0u8; 64], 0).is_ok() {
                 ops.deletes += 1;
             }
             self.group_pool.give(g, Instant::now());
@@ -1241,11 +1353,11 @@ impl Programmer {
         maps::parse_backend_val(&value)
     }
 
-    /// The address of backend `id` (from a kernel event), if it is still programmed as that ID.
-    pub fn backend_addr(&self, id: u32) -> Option<SocketAddr> {
-        let value = self.dp.backends.get(&id, 0).ok()?;
-        let b = maps::parse_backend_val(&value)?;
-        (self.backend_ids.get(&b.addr) == Some(&id)).then_some(b.addr)
+    /// The backend a kernel event names by ID and address, if that address is still
+    /// programmed under that ID (IDs are reused for other backends once rested: an event
+    /// queued before the reuse names the old backend, which must not be mistaken for the new).
+    pub fn event_backend(&self, id: u32, addr: SocketAddr) -> Option<SocketAddr> {
+        (self.backend_ids.get(&addr) == Some(&id)).then_some(addr)
     }
 
     /// Whether the agent has marked `addr` healthy (O(1)); `None` when not programmed.

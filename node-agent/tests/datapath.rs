@@ -694,7 +694,7 @@ fn backend_id(p: &node_agent::program::Programmer, addr: SocketAddr) -> Option<u
     Some(node_agent::maps::parse_backend_ref(&r).0)
 }
 
-/// Backends are array entries indexed by ID: a removed backend's entry is zeroed at once, its
+/// Backends are array entries indexed by ID: a removed backend's entry is retired at once, its
 /// ID rests for the grace period before another backend gets it, connects through each
 /// service reach only that service's backends across the reuse, and an agent taking the maps
 /// over learns the IDs in use.
@@ -723,8 +723,13 @@ fn a_backend_id_is_reused_only_after_its_grace_period_and_never_crosses_services
     let id2 = backend_id(&p, a2).unwrap();
     assert_ne!(id2, id1, "a freed ID is not reused at once");
     assert_eq!(backend_id(&p, a1), None);
-    let zero = p.datapath().backends.get(&id1, 0).unwrap();
-    assert_eq!(zero, [0u8; 32], "a removed backend's entry is zeroed");
+    let retired = p.datapath().backends.get(&id1, 0).unwrap();
+    let b = node_agent::maps::parse_backend_val(&retired).unwrap();
+    assert_eq!(
+        (b.addr, b.healthy, b.one_frontend),
+        (a1, false, false),
+        "a removed backend is retired in place: only its state changes until the ID is reused"
+    );
     // Past the grace period, the next new backend (another service's) gets a-1's ID.
     std::thread::sleep(node_agent::ids::GRACE.saturating_sub(freed.elapsed()));
     p.apply(&[svc(vip_a, "a", a2), svc(vip_b, "b", b1)])
@@ -759,6 +764,44 @@ fn a_backend_id_is_reused_only_after_its_grace_period_and_never_crosses_services
         .apply(&[svc(vip_a, "a", a2), svc(vip_b, "b", b1)])
         .unwrap();
     assert_eq!((again.writes, again.deletes), (0, 0), "{again:?}");
+    // An agent stopped between a backend's writes left it without its address entry (and a
+    // stale address entry naming another ID): the next agent still reserves the ID a slot
+    // holds, rewrites the entry, drops the stale one, and a new backend gets another ID.
+    drop(p);
+    {
+        let mut dp = node_agent::datapath::Datapath::open(&node.dir, &node.cgroup).unwrap();
+        dp.backend_ids
+            .remove(&node_agent::maps::sockaddr_key(&a2))
+            .unwrap();
+        dp.backend_ids
+            .insert(
+                node_agent::maps::sockaddr_key(&a1),
+                node_agent::maps::backend_ref(id2 + 100, None),
+                0,
+            )
+            .unwrap();
+    }
+    let mut p = node.open();
+    assert_eq!(backend_id(&p, a2), Some(id2), "rewritten at take-over");
+    assert_eq!(backend_id(&p, a1), None, "the stale entry is gone");
+    let c1 = backend("c-1", "127.0.1.84");
+    p.apply(&[
+        svc(vip_a, "a", a2),
+        svc(vip_b, "b", b1),
+        svc("127.100.8.3:80", "c", c1),
+    ])
+    .unwrap();
+    let c_id = backend_id(&p, c1).unwrap();
+    assert!(c_id != id1 && c_id != id2, "{c_id}");
+    let run = node.client(true, "tcp", vip_a.parse().unwrap(), 20);
+    assert_eq!(
+        (
+            run["failures"].as_u64(),
+            counts(&run).into_keys().collect::<Vec<_>>()
+        ),
+        (Some(0), vec!["a-2".to_string()]),
+        "{run}"
+    );
 }
 
 /// Pins left by an agent whose backends map was a hash map are refused with what to do,
