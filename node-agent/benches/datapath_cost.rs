@@ -4,8 +4,9 @@
 //!   services (each with its own backends: the sockets are marked; with weights; with every
 //!   service on the same two backends: socket storage), round robin over every service and
 //!   over 100 of them, before and after 300,000 connects, against an empty program on the same
-//!   hook; the `sock_ops` program's time per connect; the tax on a connect to a non-service
-//!   address;
+//!   hook, attached alongside through every row (its cost over the same connects: the floor in
+//!   the same seconds); the memory floor of any design (two dependent cache lines per connect);
+//!   the `sock_ops` program's time per connect; the tax on a connect to a non-service address;
 //! - reverse-NAT entries left after 300,000 TCP connects;
 //! - health-probe connects per second and the agent's CPU with 100, 1,000 and 10,000 live
 //!   backends, against the previous design (every backend every 200 ms) run on the same
@@ -132,6 +133,21 @@ fn cost(ids: &[u64], targets: &[SocketAddr], n: usize) -> (f64, f64) {
         runs += r1 - r0;
     }
     (time as f64 / runs.max(1) as f64, runs as f64 / n as f64)
+}
+
+/// [`cost`] of `id` and, over the same connects, of `empty` (an empty program attached to the
+/// same hook: the floor in the same seconds): (ns per run, runs per connect, the empty
+/// program's ns per run).
+fn cost_paired(id: u64, empty: u64, targets: &[SocketAddr], n: usize) -> (f64, f64, Option<f64>) {
+    let (e0, er0) = prog_stats(empty);
+    let (ns, runs) = cost(&[id], targets, n);
+    let (e1, er1) = prog_stats(empty);
+    (ns, runs, Some((e1 - e0) as f64 / (er1 - er0).max(1) as f64))
+}
+
+/// A row without a paired floor.
+fn alone((ns, runs): (f64, f64)) -> (f64, f64, Option<f64>) {
+    (ns, runs, None)
 }
 
 /// Kernel memory of every map pinned in `dir` (`bytes_memlock`, summed).
@@ -280,9 +296,12 @@ fn main() {
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).unwrap();
     let n = 20_000;
     let mut report = String::from("## Datapath v2: the kernel's cost per connect (bpf_stats)\n\n");
-    report.push_str(&format!("{n} sequential connect()+close per row from a process in the node's cgroup, TCP over loopback, in a private network namespace; `run_time_ns / run_cnt` of the program (bpf_stats, which adds its own clock reads: the empty program shows that floor).\n\n| program, state | services | ns per run | runs per connect |\n|---|---|---|---|\n"));
-    let mut row = |what: &str, services: &str, (ns, runs): (f64, f64)| {
-        let line = format!("| {what} | {services} | {ns:.0} | {runs:.1} |\n");
+    report.push_str(&format!("{n} sequential connect()+close per row from a process in the node's cgroup, TCP over loopback, in a private network namespace; `run_time_ns / run_cnt` of the program (bpf_stats, which adds its own clock reads: the empty program shows that floor).\n\n| program, state | services | ns per run | runs per connect | empty program, same connects | difference |\n|---|---|---|---|---|---|\n"));
+    let mut row = |what: &str, services: &str, (ns, runs, floor): (f64, f64, Option<f64>)| {
+        let (f, d) = floor.map_or(("–".to_owned(), "–".to_owned()), |f| {
+            (format!("{f:.0}"), format!("{:.0}", ns - f))
+        });
+        let line = format!("| {what} | {services} | {ns:.0} | {runs:.1} | {f} | {d} |\n");
         eprint!("{line}");
         report.push_str(&line);
     };
@@ -294,7 +313,7 @@ fn main() {
         row(
             "empty connect4 program (baseline)",
             "-",
-            cost(&[id], &[backend], n),
+            alone(cost(&[id], &[backend], n)),
         );
         drop(empty);
     }
@@ -318,11 +337,15 @@ fn main() {
             row(
                 "floor: two dependent cache lines (service, backend) and the rewrite, round robin over that many addresses",
                 &count.to_string(),
-                cost(&[id], &targets, n),
+                alone(cost(&[id], &targets, n)),
             );
         }
         drop(floor);
     }
+    // The empty program stays attached from here on: every row shows its cost over the same
+    // connects (the floor in the same seconds, whatever the machine does meanwhile).
+    let _paired_empty = EmptyProgram::attach(&cgroup, tmp.path());
+    let paired = attached(&cgroup, "empty");
 
     let sizes = std::env::var("CMCOST_MAX_SERVICES")
         .ok()
@@ -361,19 +384,19 @@ fn main() {
         row(
             "cm_connect4, translated connect, round robin over every service",
             &label,
-            cost(&[connect4], &targets, n),
+            cost_paired(connect4, paired, &targets, n),
         );
         if count > 100 {
             row(
                 "cm_connect4, translated connect, round robin over 100 of them",
                 &label,
-                cost(&[connect4], &targets[..100], n),
+                cost_paired(connect4, paired, &targets[..100], n),
             );
         }
         row(
             "cm_sockops (all callbacks), translated connect",
             &label,
-            cost(&[sockops], &targets, n),
+            cost_paired(sockops, paired, &targets, n),
         );
         // Flow events on (the agent's default), the ring drained as the agent does.
         p.datapath_mut()
@@ -382,7 +405,7 @@ fn main() {
         row(
             "cm_connect4, translated connect, round robin over every service, flow events on",
             &label,
-            cost(&[connect4], &targets, n),
+            cost_paired(connect4, paired, &targets, n),
         );
         p.datapath_mut()
             .update_config(|c| c.flags &= !maps::CFG_FLOWS)
@@ -390,7 +413,7 @@ fn main() {
         row(
             "cm_connect4, connect to a non-service address",
             &label,
-            cost(&[connect4], &[backend], n),
+            cost_paired(connect4, paired, &[backend], n),
         );
         p.datapath_mut()
             .update_config(|c| c.flags |= maps::CFG_NO_PEER_REWRITE)
@@ -398,12 +421,12 @@ fn main() {
         row(
             "cm_connect4, translated connect, --tcp-peer-rewrite=false",
             &label,
-            cost(&[connect4], &targets, n),
+            cost_paired(connect4, paired, &targets, n),
         );
         row(
             "cm_sockops (all callbacks), translated connect, --tcp-peer-rewrite=false",
             &label,
-            cost(&[sockops], &targets, n),
+            cost_paired(sockops, paired, &targets, n),
         );
         p.datapath_mut()
             .update_config(|c| c.flags &= !maps::CFG_NO_PEER_REWRITE)
@@ -415,20 +438,20 @@ fn main() {
         row(
             "cm_connect4, translated connect, cluster weights 90/10 and spill-over (all on)",
             &label,
-            cost(&[connect4], &targets, n),
+            cost_paired(connect4, paired, &targets, n),
         );
         if count > 100 {
             row(
                 "cm_connect4, all on, round robin over 100 of them",
                 &label,
-                cost(&[connect4], &targets[..100], n),
+                cost_paired(connect4, paired, &targets[..100], n),
             );
         }
         apply_all(&mut p, &services(count, &[backend, remote]));
         row(
             "cm_connect4, translated connect, every service on the same 2 backends (socket storage)",
             &label,
-            cost(&[connect4], &targets, n),
+            cost_paired(connect4, paired, &targets, n),
         );
     }
     apply_all(&mut p, &own_services(10_000, local_port, remote_port));
@@ -441,7 +464,7 @@ fn main() {
     row(
         "cm_connect4, translated connect, after 300,000 connects",
         "10000",
-        cost(&[connect4], &targets, n),
+        cost_paired(connect4, paired, &targets, n),
     );
     report.push_str(&format!(
         "\nReverse-NAT entries after 300,000 TCP connects: **{revnat}** (before socket storage: one per connect, the LRU map full after 262,144). The 300,000 connects took {:.1} s.\n",

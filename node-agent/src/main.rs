@@ -105,9 +105,11 @@ struct Args {
     #[arg(long, env = env::SYN_TIMEOUT, default_value = "0s", value_parser = telemetry::duration::parse)]
     syn_timeout: Duration,
     /// Services the datapath's maps hold, 1024..=1048576. Sizes them at load time: backends
-    /// 4 and slots 8 per service. The maps the agent writes allocate per entry (26 MiB of
-    /// kernel memory at the default with nothing programmed, +2.3 MiB for 10,000 services,
-    /// measured; see docs/benchmarks.md). Changing it on a node whose maps are pinned needs a
+    /// 4 and slots 8 per service, cluster weights on one service in 4 (at most 49,152). The
+    /// backends and cluster groups are preallocated arrays (180 bytes per service: 11.25 MiB
+    /// at the default); the other maps the agent writes allocate per entry. All the datapath's maps: 78 MiB of
+    /// kernel memory at the default with nothing programmed, +3.7 MiB for 10,000 services
+    /// (measured; see docs/benchmarks.md). Changing it on a node whose maps are pinned needs a
     /// drain (the pins removed first).
     #[arg(long, env = env::MAX_SERVICES, default_value_t = 65_536)]
     max_services: u32,

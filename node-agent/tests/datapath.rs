@@ -735,6 +735,10 @@ fn a_backend_id_is_reused_only_after_its_grace_period_and_never_crosses_services
     p.apply(&[svc(vip_a, "a", a2), svc(vip_b, "b", b1)])
         .unwrap();
     assert_eq!(backend_id(&p, b1), Some(id1), "rested: reused");
+    // A kernel health event about a-1 queued before the reuse names ID and address: it is not
+    // taken for b-1.
+    assert_eq!(p.event_backend(id1, a1), None);
+    assert_eq!(p.event_backend(id1, b1), Some(b1));
     let run = node.client(true, "tcp", vip_a.parse().unwrap(), 20);
     assert_eq!(
         (
