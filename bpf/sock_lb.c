@@ -116,7 +116,11 @@ struct svc_val {
 };
 
 #define SVC_WEIGHTED 1
+// The weighted tier's groups are in the service's own value, where tier 1's inline slots
+// would be (a weighted service has one tier): no CM_GROUPS entry to read.
+#define SVC_GROUPS_INLINE 2
 #define MAX_GROUPS 9 // 8 weighted clusters and the rest
+#define INLINE_GROUPS 4 // in the service's value: 3 weighted clusters and the rest
 
 // A weighted tier: its slots grouped by cluster, each group a contiguous range of slots.
 // Only tier 0 is ever weighted.
@@ -133,6 +137,13 @@ struct groups_val {
 	__u32 total; // sum of the weights of the groups with a healthy backend (0: sum them here)
 	struct group g[MAX_GROUPS];
 	__u16 pad;
+};
+
+// The same, inline in a service's value (SVC_GROUPS_INLINE), in place of tier 1's slots.
+struct groups_inline {
+	__u32 n;
+	__u32 total;
+	struct group g[INLINE_GROUPS];
 };
 
 struct slot_key {
@@ -711,33 +722,27 @@ static __always_inline int scan(struct pick_ctx *c, __u32 tier, __u32 base, __u3
 	return c->has_found;
 }
 
-// A weighted tier: draws a cluster group by weight among the groups with a healthy backend
-// (a dead cluster's weight goes to the others). Returns 0 when no group qualifies.
-static __always_inline int weighted_range(const struct svc_val *svc, __u32 tier, __u32 n,
-					  __u32 *base, __u32 *len)
+// Draws one of `count` (at most `max`) groups by weight among those with a healthy backend
+// (a dead cluster's weight goes to the others): its slot range, checked against the tier's
+// `n` slots. Returns 0 when no group qualifies.
+static __always_inline int draw_group(const struct group *g, __u32 count, __u32 total,
+				      const int max, __u32 n, __u32 *base, __u32 *len)
 {
-	if (tier)
-		return 0;
-	__u32 gi = svc->group;
-	struct groups_val *gv = bpf_map_lookup_elem(&CM_GROUPS, &gi);
-	if (!gv)
-		return 0;
-	__u32 total = gv->total;
 	if (!total) {
-		for (int i = 0; i < MAX_GROUPS; i++) {
-			if (i < gv->n && gv->g[i].healthy)
-				total += gv->g[i].weight;
+		for (int i = 0; i < max; i++) {
+			if (i < count && g[i].healthy)
+				total += g[i].weight;
 		}
 	}
 	if (!total)
 		return 0;
 	__u32 r = bpf_get_prandom_u32() % total;
-	for (int i = 0; i < MAX_GROUPS; i++) {
-		if (i >= gv->n)
+	for (int i = 0; i < max; i++) {
+		if (i >= count)
 			break;
-		__u32 w = gv->g[i].healthy ? gv->g[i].weight : 0;
+		__u32 w = g[i].healthy ? g[i].weight : 0;
 		if (r < w) {
-			__u32 start = gv->g[i].start, l = gv->g[i].len;
+			__u32 start = g[i].start, l = g[i].len;
 			if (l == 0 || start + l > n)
 				return 0;
 			*base = start;
@@ -747,6 +752,23 @@ static __always_inline int weighted_range(const struct svc_val *svc, __u32 tier,
 		r -= w;
 	}
 	return 0;
+}
+
+// A weighted tier (only tier 0 ever is): its groups from the service's value or CM_GROUPS.
+static __always_inline int weighted_range(const struct svc_val *svc, __u32 tier, __u32 n,
+					  __u32 *base, __u32 *len)
+{
+	if (tier)
+		return 0;
+	if (svc->flags & SVC_GROUPS_INLINE) {
+		const struct groups_inline *gi = (const struct groups_inline *)svc->slot[1];
+		return draw_group(gi->g, gi->n, gi->total, INLINE_GROUPS, n, base, len);
+	}
+	__u32 idx = svc->group;
+	struct groups_val *gv = bpf_map_lookup_elem(&CM_GROUPS, &idx);
+	if (!gv)
+		return 0;
+	return draw_group(gv->g, gv->n, gv->total, MAX_GROUPS, n, base, len);
 }
 
 // Whether tier 0 hands this connection to the next tier: below the minimum of healthy
@@ -788,6 +810,9 @@ static __always_inline struct backend *pick(const struct svc_val *svc, struct fl
 		n0 = MAX_TIER_SLOTS;
 	if (n1 > MAX_TIER_SLOTS)
 		n1 = MAX_TIER_SLOTS;
+	// Tier 1's inline slots hold the groups: no tier 1 (the agent never writes one).
+	if (svc->flags & SVC_GROUPS_INLINE)
+		n1 = 0;
 	int found = (n0 && !(n1 && spills(svc, n0)) && try_tier(svc, &c, 0, n0)) ||
 		    (n1 && try_tier(svc, &c, 1, n1)) || (n0 && scan(&c, 0, 0, n0));
 	__u32 id;

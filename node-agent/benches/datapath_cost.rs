@@ -60,16 +60,33 @@ fn own_services(n: usize, local_port: u16, remote_port: u16) -> Vec<DesiredServi
         .collect()
 }
 
-/// Everything on: the first tier weighted by cluster (90/10: two backends, two cluster
-/// groups), the remote tier behind it with spill-over (1.4), passive health on all three.
-fn weighted(mut svcs: Vec<DesiredService>, local_port: u16) -> Vec<DesiredService> {
+/// Weighted by cluster as the agent programs it (weights replace the affinity's tiers: one
+/// tier, a group per cluster), passive health on: two clusters 90/10 (the groups fit in the
+/// service's value), or five clusters 60/10/10/10/10 (a `CM_GROUPS` entry).
+fn weighted(
+    mut svcs: Vec<DesiredService>,
+    local_port: u16,
+    clusters: usize,
+) -> Vec<DesiredService> {
     for (i, s) in svcs.iter_mut().enumerate() {
-        s.tiers[0].push(BackendSpec {
-            addr: SocketAddr::from(([127, 3, (i / 250) as u8, (i % 250 + 1) as u8], local_port)),
-            cluster_id: 3,
-            zone: 0,
-        });
-        s.balancing.groups = vec![(1, 90), (1, 10)];
+        let [local, remote] = std::mem::take(&mut s.tiers);
+        s.tiers[0] = local.into_iter().chain(remote).collect();
+        for c in 3..=clusters {
+            s.tiers[0].push(BackendSpec {
+                addr: SocketAddr::from((
+                    [127, c as u8, (i / 250) as u8, (i % 250 + 1) as u8],
+                    local_port,
+                )),
+                cluster_id: c as u16,
+                zone: 0,
+            });
+        }
+        s.balancing.groups = match clusters {
+            2 => vec![(1, 90), (1, 10)],
+            _ => std::iter::once((1, 60))
+                .chain(std::iter::repeat_n((1, 10), clusters - 1))
+                .collect(),
+        };
     }
     svcs
 }
@@ -431,21 +448,30 @@ fn main() {
         p.datapath_mut()
             .update_config(|c| c.flags &= !maps::CFG_NO_PEER_REWRITE)
             .unwrap();
-        apply_all(
-            &mut p,
-            &weighted(own_services(count, local_port, remote_port), local_port),
-        );
-        row(
-            "cm_connect4, translated connect, cluster weights 90/10 and spill-over (all on)",
-            &label,
-            cost_paired(connect4, paired, &targets, n),
-        );
-        if count > 100 {
-            row(
-                "cm_connect4, all on, round robin over 100 of them",
-                &label,
-                cost_paired(connect4, paired, &targets[..100], n),
+        for (clusters, what) in [
+            (2, "cluster weights 90/10 (groups in the service's value)"),
+            (5, "cluster weights over 5 clusters (a CM_GROUPS entry)"),
+        ] {
+            apply_all(
+                &mut p,
+                &weighted(
+                    own_services(count, local_port, remote_port),
+                    local_port,
+                    clusters,
+                ),
             );
+            row(
+                &format!("cm_connect4, translated connect, {what}"),
+                &label,
+                cost_paired(connect4, paired, &targets, n),
+            );
+            if count > 100 {
+                row(
+                    &format!("cm_connect4, {what}, round robin over 100 of them"),
+                    &label,
+                    cost_paired(connect4, paired, &targets[..100], n),
+                );
+            }
         }
         apply_all(&mut p, &services(count, &[backend, remote]));
         row(

@@ -84,6 +84,15 @@ pub const HANDOFF: &str = "CM_HANDOFF";
 pub const FLOW_SEEN: &str = "CM_FLOW_SEEN";
 /// Groups of one weighted tier at most (`MAX_GROUPS`): 8 weighted clusters and the rest.
 pub const MAX_GROUPS: usize = 9;
+/// Groups a weighted tier keeps in its service's value, where tier 1's slots would be
+/// (`INLINE_GROUPS`): three weighted clusters and the rest.
+pub const INLINE_GROUPS: usize = 4;
+
+/// Whether a weighted service's `groups` live in its value ([`SVC_GROUPS_INLINE`]): few
+/// enough, and no second tier (weights replace affinity, so a weighted service has none).
+pub fn groups_fit_inline(groups: usize, tier1: usize) -> bool {
+    groups <= INLINE_GROUPS && tier1 == 0
+}
 /// Every map the object pins, in the order they are removed.
 pub const ALL: [&str; 22] = [
     HANDOFF,
@@ -318,8 +327,12 @@ pub fn parse_svc_key(k: &SvcKey) -> Option<Frontend> {
     })
 }
 
-/// `svc_val.flags`: tier 0's cluster groups are in `CM_GROUPS[group]`.
+/// `svc_val.flags`: tier 0 is weighted by cluster; its groups are in `CM_GROUPS[group]`
+/// unless [`SVC_GROUPS_INLINE`].
 pub const SVC_WEIGHTED: u16 = 1;
+/// `svc_val.flags`: the groups are in the value, in place of tier 1's inline slots
+/// (`struct groups_inline`: [`groups_inline`]).
+pub const SVC_GROUPS_INLINE: u16 = 2;
 
 /// A service's map value: its ID, backends per tier and how connections are split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -434,6 +447,26 @@ pub fn groups_val(groups: &[GroupEntry]) -> GroupsVal {
         v[o + 4..o + 6].copy_from_slice(&g.weight.to_ne_bytes());
     }
     v
+}
+
+/// Encodes at most [`INLINE_GROUPS`] groups as tier 1's inline slot words of a service value
+/// (`struct groups_inline`: the first 32 bytes of [`groups_val`]).
+pub fn groups_inline(groups: &[GroupEntry]) -> [u32; INLINE_SLOTS] {
+    let v = groups_val(&groups[..groups.len().min(INLINE_GROUPS)]);
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]])
+    })
+}
+
+/// Decodes the groups of [`groups_inline`].
+pub fn parse_groups_inline(words: &[u32; INLINE_SLOTS]) -> Vec<GroupEntry> {
+    let mut v = [0u8; 64];
+    for (i, w) in words.iter().enumerate() {
+        v[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let mut groups = parse_groups_val(&v);
+    groups.truncate(INLINE_GROUPS);
+    groups
 }
 
 /// Encodes a slot key.
@@ -843,6 +876,17 @@ mod tests {
         assert_eq!(parse_groups_val(&v), vec![g(90, 2), g(10, 0), g(5, 1)]);
         let none = groups_val(&[g(90, 0)]);
         assert_eq!(u32::from_ne_bytes([none[4], none[5], none[6], none[7]]), 0);
+        // Inline in a service's value: the same layout's first 32 bytes, four groups at most.
+        let four = [g(90, 2), g(10, 0), g(5, 1), g(0, 3)];
+        let w = groups_inline(&four);
+        assert_eq!((w[0], w[1]), (4, 95));
+        assert_eq!(parse_groups_inline(&w), four);
+        assert_eq!(
+            parse_groups_inline(&groups_inline(&[g(1, 1); 6])).len(),
+            4,
+            "never more than fit"
+        );
+        assert!(groups_fit_inline(4, 0) && !groups_fit_inline(5, 0) && !groups_fit_inline(2, 1));
     }
 
     #[test]

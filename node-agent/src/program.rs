@@ -19,7 +19,8 @@ use model::service::ServiceName;
 use crate::datapath::{Datapath, Error};
 use crate::ids::{self, IdPool};
 use crate::maps::{
-    self, BackendEntry, Frontend, GroupEntry, MAX_TIER_SLOTS, Proto, SVC_WEIGHTED, SvcEntry, TIERS,
+    self, BackendEntry, Frontend, GroupEntry, MAX_TIER_SLOTS, Proto, SVC_GROUPS_INLINE,
+    SVC_WEIGHTED, SvcEntry, TIERS,
 };
 #[cfg(test)]
 use crate::maps::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS};
@@ -261,6 +262,11 @@ struct Installed {
 }
 
 impl Installed {
+    /// Whether it holds a `CM_GROUPS` index (weighted, its groups not inline).
+    fn uses_group_index(&self) -> bool {
+        !self.groups.is_empty() && self.entry.flags & SVC_GROUPS_INLINE == 0
+    }
+
     /// `CM_SLOTS` entries it takes (inline tiers take none).
     fn slots(&self) -> usize {
         self.entry.counts.iter().map(|c| maps::map_slots(*c)).sum()
@@ -320,7 +326,7 @@ fn plan<'a>(
         if let Some(old) = current.get(&s.frontend) {
             used_services += 1;
             used_slots += old.slots();
-            used_weighted += usize::from(!old.groups.is_empty());
+            used_weighted += usize::from(old.uses_group_index());
             out.used_backends.extend(&old.backends);
         }
     }
@@ -357,7 +363,9 @@ fn plan<'a>(
         } else {
             let new_service = usize::from(old.is_none());
             let new_weighted = usize::from(
-                !s.balancing.groups.is_empty() && old.is_none_or(|o| o.groups.is_empty()),
+                !s.balancing.groups.is_empty()
+                    && !maps::groups_fit_inline(s.balancing.groups.len(), s.tiers[1].len())
+                    && old.is_none_or(|o| !o.uses_group_index()),
             );
             let new_slots: usize = s
                 .tiers
@@ -641,7 +649,12 @@ impl Programmer {
                     }
                 }
             }
-            let groups = if entry.flags & SVC_WEIGHTED != 0 {
+            let groups = if entry.flags & SVC_GROUPS_INLINE != 0 {
+                maps::parse_groups_inline(&entry.inline[1])
+                    .into_iter()
+                    .map(|g| (g.start, g.len, g.weight))
+                    .collect()
+            } else if entry.flags & SVC_WEIGHTED != 0 {
                 dp.groups
                     .get(&u32::from(entry.group), 0)
                     .map(|v| {
@@ -680,7 +693,7 @@ impl Programmer {
             ids::GRACE,
             services
                 .values()
-                .filter(|s| !s.groups.is_empty())
+                .filter(|s| s.uses_group_index())
                 .map(|s| u32::from(s.entry.group)),
             now,
         );
@@ -776,15 +789,19 @@ impl Programmer {
                 continue;
             };
             let (healthy, groups) = self.healthy_counts(&inst.tiers, &inst.groups);
+            let mut entry = inst.entry;
+            entry.healthy = healthy;
             if !groups.is_empty() {
-                self.dp
-                    .groups
-                    .set(u32::from(inst.entry.group), maps::groups_val(&groups), 0)
-                    .map_err(map_err(maps::GROUPS))?;
+                if entry.flags & SVC_GROUPS_INLINE != 0 {
+                    entry.inline[1] = maps::groups_inline(&groups);
+                } else {
+                    self.dp
+                        .groups
+                        .set(u32::from(inst.entry.group), maps::groups_val(&groups), 0)
+                        .map_err(map_err(maps::GROUPS))?;
+                }
             }
-            if healthy != inst.entry.healthy {
-                let mut entry = inst.entry;
-                entry.healthy = healthy;
+            if entry != inst.entry {
                 self.dp
                     .services
                     .insert(maps::svc_key(&f), maps::svc_val(&entry), 0)
@@ -1069,9 +1086,17 @@ impl Programmer {
                 })
                 .collect();
             let (healthy, group_entries) = self.healthy_counts(&tiers, &groups);
-            let old_group = old.filter(|o| !o.groups.is_empty()).map(|o| o.entry.group);
+            let old_group = old.filter(|o| o.uses_group_index()).map(|o| o.entry.group);
             let mut group = 0;
-            if !group_entries.is_empty() {
+            let groups_inline = !group_entries.is_empty()
+                && maps::groups_fit_inline(group_entries.len(), usize::from(counts[1]));
+            if groups_inline {
+                // In the value itself: no CM_GROUPS entry to read per connect.
+                inline[1] = maps::groups_inline(&group_entries);
+                if let Some(g) = old_group {
+                    group_deletes.push(u32::from(g));
+                }
+            } else if !group_entries.is_empty() {
                 group = match old_group {
                     Some(g) => g,
                     // The plan keeps weighted services within CM_GROUPS (and its spare
@@ -1110,7 +1135,11 @@ impl Programmer {
                 healthy,
                 overprov_pct: s.balancing.overprov_pct,
                 min_healthy: s.balancing.min_healthy,
-                flags: if groups.is_empty() { 0 } else { SVC_WEIGHTED },
+                flags: match (groups.is_empty(), groups_inline) {
+                    (true, _) => 0,
+                    (false, false) => SVC_WEIGHTED,
+                    (false, true) => SVC_WEIGHTED | SVC_GROUPS_INLINE,
+                },
                 group,
                 inline,
             };
@@ -1616,14 +1645,15 @@ mod tests {
             weighted: 1,
             ..Limits::MAPS
         };
+        // Five groups: more than fit in the service's value, so each takes a CM_GROUPS entry.
         let weighted = |i: u8, name: &str| {
-            let mut s = svc(i, name, [backends(1000 * u16::from(i), 2), vec![]]);
-            s.balancing.groups = vec![(1, 90), (1, 10)];
+            let mut s = svc(i, name, [backends(1000 * u16::from(i), 5), vec![]]);
+            s.balancing.groups = vec![(1, 50), (1, 20), (1, 10), (1, 10), (1, 10)];
             s
         };
         let old = weighted(9, "old");
         let (f, mut inst) = installed(&old, 1);
-        inst.groups = vec![(0, 1, 90), (1, 1, 10)];
+        inst.groups = (0..5).map(|i| (i, 1, 10)).collect();
         let current = BTreeMap::from([(f, inst)]);
         let desired = [
             weighted(2, "new"),
@@ -1649,6 +1679,12 @@ mod tests {
         let current = BTreeMap::from([installed(&plain, 1)]);
         let p = plan(&current, &desired, limits);
         assert_eq!((accepted(&p), p.refused.len()), (vec![fe(2), fe(9)], 0));
+        // Weights over up to four groups live in the service's value: never limited.
+        let mut canary = svc(4, "canary", [backends(4000, 2), vec![]]);
+        canary.balancing.groups = vec![(1, 90), (1, 10)];
+        let desired = [weighted(2, "new"), canary, plain];
+        let p = plan(&current, &desired, limits);
+        assert_eq!((accepted(&p).len(), p.refused.len()), (3, 0));
     }
 
     #[test]

@@ -189,3 +189,72 @@ fn cluster_weights_split_new_connections() {
     assert_eq!(ops.refused.len(), 1);
     assert_eq!(ops.refused[0].reason.kind(), "bad_groups");
 }
+
+/// More cluster groups than fit in the service's value (a `CM_GROUPS` entry) split as the
+/// weights say too, follow health, and a service moves between the two layouts (five groups
+/// → two, which fit inline → five again) without a connection lost or misdirected.
+#[test]
+fn many_cluster_groups_use_the_groups_map_and_move_to_and_from_the_service_value() {
+    let node = Node::new();
+    let mut p = node.open();
+    let names = ["one", "two", "three", "four", "five"];
+    let backends: Vec<SocketAddr> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| backend(n, &format!("127.0.4.{}", 61 + i)))
+        .collect();
+    let vip: SocketAddr = "127.100.9.2:80".parse().unwrap();
+    let weighted = |groups: Vec<(u16, u16)>| DesiredService {
+        frontend: Frontend {
+            addr: vip,
+            proto: Proto::Tcp,
+        },
+        service: None,
+        tiers: [
+            backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| spec(*b, i as u16 + 1))
+                .collect(),
+            vec![],
+        ],
+        balancing: Balancing {
+            overprov_pct: 140,
+            min_healthy: 0,
+            groups,
+        },
+    };
+    let five = vec![(1, 40), (1, 30), (1, 10), (1, 10), (1, 10)];
+    let ops = p.apply(&[weighted(five.clone())]).unwrap();
+    assert!(ops.refused.is_empty(), "{ops:?}");
+    let run = node.client(true, "tcp", vip, N);
+    for (name, want) in names.iter().zip([40.0, 30.0, 10.0, 10.0, 10.0]) {
+        within(
+            &format!("five groups: {name}"),
+            share(&run, name),
+            want,
+            2.0,
+        );
+    }
+    // "one" dead: its 40 goes to the others in proportion (30/60, 10/60 ×3).
+    p.set_health(backends[0], false).unwrap();
+    let run = node.client(true, "tcp", vip, N);
+    assert_eq!(share(&run, "one"), 0.0, "{run}");
+    within("one dead: two", share(&run, "two"), 50.0, 2.0);
+    within("one dead: three", share(&run, "three"), 100.0 / 6.0, 2.0);
+    p.set_health(backends[0], true).unwrap();
+    // Two groups (fit in the value), then five again.
+    let two = vec![(2, 90), (3, 10)];
+    p.apply(&[weighted(two)]).unwrap();
+    let run = node.client(true, "tcp", vip, N);
+    within(
+        "two groups: one and two",
+        share(&run, "one") + share(&run, "two"),
+        90.0,
+        2.0,
+    );
+    p.apply(&[weighted(five)]).unwrap();
+    let run = node.client(true, "tcp", vip, N);
+    within("five again: one", share(&run, "one"), 40.0, 2.0);
+    within("five again: five", share(&run, "five"), 10.0, 2.0);
+}
