@@ -137,9 +137,10 @@ pub enum Reason {
         /// The limit.
         capacity: usize,
     },
-    /// The cluster groups map has no room for one more weighted service.
+    /// The cluster groups map has no room for one more service weighted over five or more
+    /// clusters.
     #[error(
-        "cluster weights are on {capacity} services already, as many as CM_GROUPS holds (--max-services / 4, at least 64)"
+        "cluster weights over five or more cluster groups are on {capacity} services already, as many as CM_GROUPS holds (--max-services / 4, at least 64; up to four groups have no limit)"
     )]
     WeightedFull {
         /// The limit.
