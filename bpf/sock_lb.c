@@ -33,7 +33,7 @@
 // Weighted services (cluster weights) at most: one CM_GROUPS entry each (and a quarter more
 // for indices resting after their service went).
 #define MAX_WEIGHTED (MAX_SERVICES / 4)
-#define GROUP_ENTRIES (MAX_WEIGHTED + MAX_WEIGHTED / 4)
+#define GROUP_ENTRIES (MAX_WEIGHTED + MAX_WEIGHTED / 4 + 1) // index 0 is no group's
 // Backend IDs: the backends, a quarter more for IDs resting after their backend went, and 0.
 #define BACKEND_ENTRIES (MAX_BACKENDS + MAX_BACKENDS / 4 + 1)
 #define MAX_SLOTS (MAX_BACKENDS * 2)

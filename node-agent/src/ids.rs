@@ -15,6 +15,8 @@ pub const GRACE: Duration = Duration::from_secs(1);
 /// A pool of the IDs `first..=last`.
 #[derive(Debug)]
 pub struct IdPool {
+    /// The lowest ID.
+    first: u32,
     /// The lowest ID never handed out.
     next: u32,
     last: u32,
@@ -44,6 +46,7 @@ impl IdPool {
             .map(|id| (id, now))
             .collect();
         Self {
+            first,
             next,
             last,
             resting,
@@ -74,9 +77,11 @@ impl IdPool {
         Some(id)
     }
 
-    /// Gives `id` back at `now`.
+    /// Gives `id` back at `now` (an ID the pool never hands out is ignored).
     pub fn give(&mut self, id: u32, now: Instant) {
-        self.resting.push_back((id, now));
+        if id >= self.first && id < self.next {
+            self.resting.push_back((id, now));
+        }
     }
 
     /// IDs resting.
@@ -108,6 +113,10 @@ mod tests {
         assert_eq!(p.take(t0 + GRACE, |d| waited = Some(d)), Some(2));
         assert_eq!(waited, Some(GRACE / 2));
         assert_eq!(p.take(t0 + 3 * GRACE, NO_WAIT), None, "all taken");
+        // An ID it never handed out is not taken back.
+        p.give(0, t0);
+        p.give(4, t0);
+        assert_eq!(p.resting(), 0);
     }
 
     #[test]

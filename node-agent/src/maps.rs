@@ -158,10 +158,10 @@ impl Sizes {
     }
 
     /// `CM_GROUPS` entries (64 bytes each): the weighted services and a quarter more, for
-    /// the indices resting after their service was removed or unweighted.
+    /// the indices resting after their service was removed or unweighted, and index 0 (none).
     pub fn group_entries(&self) -> u32 {
         let w = self.weighted();
-        w + w / 4
+        w + w / 4 + 1
     }
 
     /// `CM_SLOTS` entries.

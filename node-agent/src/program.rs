@@ -688,8 +688,9 @@ impl Programmer {
             backend_ids.values().copied(),
             now,
         );
+        // Index 0 is never a group's: a value whose `group` is 0 names none.
         let group_pool = IdPool::new(
-            0,
+            1,
             sizes.group_entries() - 1,
             ids::GRACE,
             services
@@ -896,7 +897,7 @@ impl Programmer {
                     return Err(map_err(maps::SERVICES)(e).into());
                 }
             }
-            if !old.groups.is_empty() {
+            if old.uses_group_index() {
                 let g = u32::from(old.entry.group);
                 if self.dp.groups.set(g, [0u8; 64], 0).is_ok() {
                     ops.deletes += 1;

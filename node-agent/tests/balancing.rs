@@ -225,8 +225,27 @@ fn many_cluster_groups_use_the_groups_map_and_move_to_and_from_the_service_value
         },
     };
     let five = vec![(1, 40), (1, 30), (1, 10), (1, 10), (1, 10)];
-    let ops = p.apply(&[weighted(five.clone())]).unwrap();
+    // A canary next to it, its two groups in its own value; then deleted: the five-group
+    // service's CM_GROUPS entry is not touched (the canary never held one).
+    let canary_vip: SocketAddr = "127.100.9.3:80".parse().unwrap();
+    let canary = DesiredService {
+        frontend: Frontend {
+            addr: canary_vip,
+            proto: Proto::Tcp,
+        },
+        tiers: [vec![spec(backends[0], 1), spec(backends[1], 2)], vec![]],
+        balancing: Balancing {
+            overprov_pct: 0,
+            min_healthy: 0,
+            groups: vec![(1, 90), (1, 10)],
+        },
+        service: None,
+    };
+    let ops = p.apply(&[weighted(five.clone()), canary]).unwrap();
     assert!(ops.refused.is_empty(), "{ops:?}");
+    let run = node.client(true, "tcp", canary_vip, N);
+    within("canary: one", share(&run, "one"), 90.0, 2.0);
+    p.apply(&[weighted(five.clone())]).unwrap();
     let run = node.client(true, "tcp", vip, N);
     for (name, want) in names.iter().zip([40.0, 30.0, 10.0, 10.0, 10.0]) {
         within(
