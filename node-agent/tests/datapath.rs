@@ -684,6 +684,17 @@ print(json.dumps({{"first": first, "second": second, "answer": s.recv(64).decode
     );
 }
 
+/// 20 connects through `vip`, every one answered by the backend `name`.
+fn answered_only_by(node: &Node, vip: &str, name: &str) {
+    let run = node.client(true, "tcp", vip.parse().unwrap(), 20);
+    assert_eq!(run["failures"], 0, "{run}");
+    assert_eq!(
+        counts(&run).into_keys().collect::<Vec<_>>(),
+        [name],
+        "{run}"
+    );
+}
+
 /// The ID of `addr` in `CM_BACKENDS`, read back from the kernel's address → ID map.
 fn backend_id(p: &node_agent::program::Programmer, addr: SocketAddr) -> Option<u32> {
     let r = p
@@ -739,24 +750,8 @@ fn a_backend_id_is_reused_only_after_its_grace_period_and_never_crosses_services
     // taken for b-1.
     assert_eq!(p.event_backend(id1, a1), None);
     assert_eq!(p.event_backend(id1, b1), Some(b1));
-    let run = node.client(true, "tcp", vip_a.parse().unwrap(), 20);
-    assert_eq!(
-        (
-            run["failures"].as_u64(),
-            counts(&run).into_keys().collect::<Vec<_>>()
-        ),
-        (Some(0), vec!["a-2".to_string()]),
-        "{run}"
-    );
-    let run = node.client(true, "tcp", vip_b.parse().unwrap(), 20);
-    assert_eq!(
-        (
-            run["failures"].as_u64(),
-            counts(&run).into_keys().collect::<Vec<_>>()
-        ),
-        (Some(0), vec!["b-1".to_string()]),
-        "{run}"
-    );
+    answered_only_by(&node, vip_a, "a-2");
+    answered_only_by(&node, vip_b, "b-1");
     // Another agent takes over: the same IDs, nothing rewritten.
     drop(p);
     let mut p = node.open();
@@ -797,15 +792,7 @@ fn a_backend_id_is_reused_only_after_its_grace_period_and_never_crosses_services
     .unwrap();
     let c_id = backend_id(&p, c1).unwrap();
     assert!(c_id != id1 && c_id != id2, "{c_id}");
-    let run = node.client(true, "tcp", vip_a.parse().unwrap(), 20);
-    assert_eq!(
-        (
-            run["failures"].as_u64(),
-            counts(&run).into_keys().collect::<Vec<_>>()
-        ),
-        (Some(0), vec!["a-2".to_string()]),
-        "{run}"
-    );
+    answered_only_by(&node, vip_a, "a-2");
 }
 
 /// Pins left by an agent whose backends map was a hash map are refused with what to do,
