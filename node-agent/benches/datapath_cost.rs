@@ -211,17 +211,19 @@ char _license[] SEC("license") = "GPL";
 
 /// A `cgroup/connect4` program from C `source` attached to `cgroup`, detached and unpinned on
 /// drop.
-struct EmptyProgram {
+struct BenchProgram {
     pin: PathBuf,
     cgroup: PathBuf,
 }
 
-impl EmptyProgram {
-    fn attach(cgroup: &Path, dir: &Path) -> Self {
-        Self::attach_source(cgroup, dir, "empty", EMPTY, "")
+impl BenchProgram {
+    /// The empty program ([`EMPTY`]).
+    fn empty(cgroup: &Path, dir: &Path) -> Self {
+        Self::attach(cgroup, dir, "empty", EMPTY, "")
     }
 
-    fn attach_source(cgroup: &Path, dir: &Path, name: &str, source: &str, flags: &str) -> Self {
+    /// `source` compiled with clang `flags`; `name` is its program's name.
+    fn attach(cgroup: &Path, dir: &Path, name: &str, source: &str, flags: &str) -> Self {
         let src = dir.join(format!("{name}.c"));
         let obj = dir.join(format!("{name}.o"));
         std::fs::write(&src, source).unwrap();
@@ -246,7 +248,7 @@ impl EmptyProgram {
     }
 }
 
-impl Drop for EmptyProgram {
+impl Drop for BenchProgram {
     fn drop(&mut self) {
         let _ = Command::new("sh")
             .arg("-c")
@@ -325,7 +327,7 @@ fn main() {
 
     // Baseline: an empty program on the same hook, nothing else attached.
     {
-        let empty = EmptyProgram::attach(&cgroup, tmp.path());
+        let empty = BenchProgram::empty(&cgroup, tmp.path());
         let id = attached(&cgroup, "empty");
         row(
             "empty connect4 program (baseline)",
@@ -341,7 +343,7 @@ fn main() {
             std::net::IpAddr::V6(_) => unreachable!("an IPv4 listener"),
         };
         let port = u32::from(backend.port().to_be());
-        let floor = EmptyProgram::attach_source(
+        let floor = BenchProgram::attach(
             &cgroup,
             tmp.path(),
             "floor2",
@@ -361,7 +363,7 @@ fn main() {
     }
     // The empty program stays attached from here on: every row shows its cost over the same
     // connects (the floor in the same seconds, whatever the machine does meanwhile).
-    let _paired_empty = EmptyProgram::attach(&cgroup, tmp.path());
+    let _paired_empty = BenchProgram::empty(&cgroup, tmp.path());
     let paired = attached(&cgroup, "empty");
 
     let sizes = std::env::var("CMCOST_MAX_SERVICES")

@@ -26,6 +26,18 @@ fn key(i: usize) -> String {
 }
 
 /// Collects events until `pred` holds for the list collected so far.
+/// Waits (at most [`WAIT`]) until the session's liveness satisfies `pred`; `what` names it.
+async fn until_liveness(
+    rx: &mut tokio::sync::watch::Receiver<kvstore::session::Liveness>,
+    pred: impl FnMut(&kvstore::session::Liveness) -> bool,
+    what: &str,
+) {
+    tokio::time::timeout(WAIT, rx.wait_for(pred))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"))
+        .unwrap();
+}
+
 async fn collect_until(w: &mut Watcher, pred: impl Fn(&[Event]) -> bool) -> Vec<Event> {
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, async {
@@ -456,21 +468,19 @@ async fn a_hung_etcd_is_reported_unreachable_and_alive_again_when_it_answers() {
     }
     etcd.freeze();
     let thaw = Thaw(&etcd);
-    tokio::time::timeout(
-        WAIT,
-        liveness.wait_for(|l| !matches!(l, kvstore::session::Liveness::Alive)),
+    until_liveness(
+        &mut liveness,
+        |l| !matches!(l, kvstore::session::Liveness::Alive),
+        "liveness reports the hung etcd",
     )
-    .await
-    .expect("liveness reports the hung etcd")
-    .unwrap();
+    .await;
     drop(thaw);
-    tokio::time::timeout(
-        WAIT,
-        liveness.wait_for(|l| *l == kvstore::session::Liveness::Alive),
+    until_liveness(
+        &mut liveness,
+        |l| *l == kvstore::session::Liveness::Alive,
+        "liveness reports the recovery",
     )
-    .await
-    .expect("liveness reports the recovery")
-    .unwrap();
+    .await;
 }
 
 /// Issue 13, case 1: an exporter cut from etcd for longer than its lease TTL. Nothing it
@@ -515,13 +525,12 @@ async fn a_cut_longer_than_the_ttl_deletes_nothing_and_recovers_by_itself() {
     })
     .await;
     // Unreachable first, then — past the TTL — the lease lost.
-    tokio::time::timeout(
-        WAIT,
-        liveness.wait_for(|l| matches!(l, kvstore::session::Liveness::LeaseLost { .. })),
+    until_liveness(
+        &mut liveness,
+        |l| matches!(l, kvstore::session::Liveness::LeaseLost { .. }),
+        "liveness reports the lost lease",
     )
-    .await
-    .expect("liveness reports the lost lease")
-    .unwrap();
+    .await;
     assert_eq!(
         observer
             .list_raw("/clustermesh/v1/state/east/")
@@ -539,13 +548,12 @@ async fn a_cut_longer_than_the_ttl_deletes_nothing_and_recovers_by_itself() {
         (kv.lease != lease && kv.lease != 0).then_some(())
     })
     .await;
-    tokio::time::timeout(
-        WAIT,
-        liveness.wait_for(|l| *l == kvstore::session::Liveness::Alive),
+    until_liveness(
+        &mut liveness,
+        |l| *l == kvstore::session::Liveness::Alive,
+        "liveness reports the recovery",
     )
-    .await
-    .expect("liveness reports the recovery")
-    .unwrap();
+    .await;
     // Not one delete event on the exported prefix during the whole outage.
     let probe = key(999);
     observer.put_raw(&probe, vec![1]).await.unwrap();

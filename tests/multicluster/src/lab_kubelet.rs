@@ -110,8 +110,28 @@ struct PodOrder<'a> {
     owner: Owner,
     revision: &'a str,
     labels: BTreeMap<String, String>,
-    spec: &'a PodSpec,
+    spec: PodSpec,
     node: Option<&'a LabNode>,
+}
+
+impl<'a> PodOrder<'a> {
+    /// A Deployment's or DaemonSet's pod: its template's labels and spec.
+    fn from_template(
+        name: &'a str,
+        owner: Owner,
+        revision: &'a str,
+        template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+        node: Option<&'a LabNode>,
+    ) -> Self {
+        Self {
+            name,
+            owner,
+            revision,
+            labels: template_labels(&Some(template)),
+            spec: template.spec.clone().unwrap_or_default(),
+            node,
+        }
+    }
 }
 
 /// What one round read from the API that starting a pod needs.
@@ -307,7 +327,7 @@ impl LabKubelet {
                             owner: Owner::StatefulSet(name.clone()),
                             revision: &revision,
                             labels,
-                            spec: &spec,
+                            spec,
                             node: None,
                         },
                         &round,
@@ -362,17 +382,8 @@ impl LabKubelet {
             if stateful_ready && new < replicas && total < replicas + surge && !starting {
                 self.seq += 1;
                 let pod_name = format!("{name}-{rev}-{}", self.seq);
-                let labels = template_labels(&Some(&spec.template));
-                let pod_spec = spec.template.spec.clone().unwrap_or_default();
                 self.start(
-                    PodOrder {
-                        name: &pod_name,
-                        owner: owner.clone(),
-                        revision: &rev,
-                        labels,
-                        spec: &pod_spec,
-                        node: None,
-                    },
+                    PodOrder::from_template(&pod_name, owner.clone(), &rev, &spec.template, None),
                     &round,
                 )
                 .await;
@@ -417,17 +428,14 @@ impl LabKubelet {
                     }
                     Some(_) => {}
                     None if stateful_ready => {
-                        let labels = template_labels(&Some(&spec.template));
-                        let pod_spec = spec.template.spec.clone().unwrap_or_default();
                         self.start(
-                            PodOrder {
-                                name: &pod_name,
-                                owner: owner.clone(),
-                                revision: &rev,
-                                labels,
-                                spec: &pod_spec,
-                                node: Some(node),
-                            },
+                            PodOrder::from_template(
+                                &pod_name,
+                                owner.clone(),
+                                &rev,
+                                &spec.template,
+                                Some(node),
+                            ),
                             &round,
                         )
                         .await;
@@ -734,7 +742,7 @@ impl LabKubelet {
         // Whatever fails from here gives back what was taken: the address, the network, the
         // cgroup and the Pod object.
         let started = self
-            .start_sandbox(name, spec, container, node, ip, &pod, round)
+            .start_sandbox(name, &spec, container, node, ip, &pod, round)
             .await;
         if started.is_err() {
             if !host_network && let Ok(mut f) = self.free_hosts.lock() {
